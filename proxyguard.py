@@ -1,0 +1,1542 @@
+#!/usr/bin/env python3
+"""proxyguard.py: carry WireGuard's UDP over one HTTP(S) connection (ProxyGuard, UoTLV/1).
+
+One file, standard library plus `configargparse` (optional: without it, command-line options
+still work). Interoperates byte for byte with the original Go ProxyGuard.
+
+Wire protocol (see README and the ProxyGuard technical document):
+    client -> server   GET <path> HTTP/1.1 / Host / Connection: Upgrade / Upgrade: UoTLV/1
+    server -> client   HTTP/1.1 101 Switching Protocols / Connection: Upgrade / Upgrade: UoTLV/1
+    then, both ways    frames of [2-byte big-endian length][one UDP datagram]
+
+Design
+------
+Blocking sockets and threads. Every tunnel is a `Tunnel`: a byte `Channel` (plain TCP or TLS)
+and a UDP endpoint, joined by two pumps that run in two daemon threads:
+
+    relay_udp_to_tcp   waits for UDP datagrams, drains all that are waiting, and sends them as
+                       length-prefixed frames in one TCP write;
+    relay_tcp_to_udp   reads the TCP stream in large chunks, cuts whole frames out with a
+                       `FrameDecoder`, and sends each as one UDP datagram.
+
+The first pump to stop closes the tunnel: `Tunnel.close()` shuts the TCP socket down (waking a
+blocked recv or sendall) and writes to a wake pipe (waking the UDP pump's select). The thread
+that ran the tunnel joins the other pump before anything is closed, so no thread or socket
+outlives its tunnel, and no stale reader steals datagrams from the next tunnel (the original
+loses 1-4 datagrams after every reconnect that way).
+
+Server: one accept thread; per connection, a thread does the handshake (bounded by a deadline
+and a header-size limit) and then becomes the tunnel's TCP->UDP pump. Each tunnel has its own
+connected UDP socket to WireGuard, so WireGuard sees one source port per client.
+
+Client: one UDP socket on 127.0.0.1:<listen-port> for the whole run. A connector thread waits
+until a datagram is waiting (lazy connect), connects, upgrades, runs one tunnel to its end,
+and reconnects with back-off (1, 2, 4, 8, 10, 10 ... s; never gives up). Datagrams that the
+UDP pump had read when its tunnel died wait in a small bounded queue for the next tunnel;
+datagrams that arrive while no tunnel is up wait in the UDP socket's receive buffer.
+
+TLS: `TLSChannel` keeps OpenSSL single-threaded per connection: an `SSLObject` over two
+`MemoryBIO`s, a lock held only for CPU work, and a second lock that keeps ciphertext in order
+on the wire (OpenSSL does not allow SSL_read and SSL_write on one SSL object from two threads;
+a shared `SSLSocket` corrupts records under load: openssl issues 20446/20622, cpython 137583).
+
+Sections, in order: constants, errors, pure protocol (no I/O), channels (plain and TLS),
+tunnel pumps, server, client, CLI, main(argv).
+"""
+
+import argparse
+import collections
+import errno
+import logging
+import os
+import re
+import select
+import signal
+import socket
+import ssl
+import struct
+import sys
+import threading
+import time
+import urllib.parse
+
+try:  # optional: config files and environment variables (see build_parser)
+    import configargparse
+except ImportError:  # a router without pip: command-line options still work
+    configargparse = None
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("proxyguard")
+
+# =============================================================================================
+# Constants
+# =============================================================================================
+
+PROTOCOL = "UoTLV/1"
+
+# The frame header: the datagram length as an unsigned 16-bit big-endian integer.
+FRAME_HEADER = struct.Struct("!H")
+MAX_FRAME_PAYLOAD = 0xFFFF
+
+# A 2-core router reading a full 1 Gbit/s stream wants few, large reads; 256 KiB holds about
+# 180 WireGuard-sized frames, and is what one recv on loopback typically returns under load.
+TCP_READ_SIZE = 256 * 1024
+
+# How much the UDP pump gathers into one TCP write before sending. Batching many datagrams into
+# one write is the main speed-up over one write per datagram; the cap bounds latency and memory.
+UDP_BATCH_BYTES = 128 * 1024
+
+# Socket buffers asked for (the kernel caps them at net.core.[rw]mem_max). WireGuard bursts
+# handshake plus data; the default ~200 KiB UDP receive buffer drops datagrams in a burst.
+SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+
+# The request head a server accepts. The upgrade request is about 150 bytes; reverse proxies
+# add a few headers (X-Forwarded-*, Via). Beyond this limit: 431.
+MAX_HEAD_BYTES = 16 * 1024
+MAX_HEADER_LINES = 100
+
+# A client has this long to send its request head (slow-loris defence). Also the TLS handshake.
+HANDSHAKE_TIMEOUT = 10.0
+
+# Reconnect waits of the client after a failure, in seconds; the last one repeats forever.
+RETRY_WAITS = (1, 2, 4, 8, 10)
+# A tunnel that lived this long was healthy: the next failure starts the waits over.
+STABLE_TUNNEL_SECONDS = 10.0
+
+# Datagrams read by a dying tunnel's UDP pump that wait for the next tunnel. WireGuard resends
+# handshakes itself; this only has to bridge one reconnect without loss.
+PENDING_DATAGRAMS = 256
+
+DEFAULT_SERVER_LISTEN = "127.0.0.1:51821"
+DEFAULT_SERVER_TO = "127.0.0.1:51820"
+DEFAULT_LISTEN_PORT = 51821
+DEFAULT_FORWARD_PORT = 51820
+DEFAULT_IDLE_TIMEOUT = 60.0
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_USER_AGENT = "proxyguard.py/" + __version__
+
+# Linux socket option numbers that the socket module may lack on old Pythons.
+SO_MARK = getattr(socket, "SO_MARK", 36)
+
+# =============================================================================================
+# Errors
+# =============================================================================================
+
+
+class ProxyGuardError(Exception):
+    """Base of every error this program raises on purpose."""
+
+
+class UsageError(ProxyGuardError):
+    """A bad option or config value: one line for the user, exit status 2."""
+
+
+class FatalError(ProxyGuardError):
+    """A local error that makes running impossible (port taken, no permission): exit status 1."""
+
+
+class HandshakeError(ProxyGuardError):
+    """A request the server refuses: `status` is the HTTP answer, the message its body."""
+
+    def __init__(self, status, message, extra_headers=()):
+        super().__init__(message)
+        self.status = status
+        self.extra_headers = tuple(extra_headers)
+
+
+class UpgradeRefused(ProxyGuardError):
+    """The server answered, but not with a UoTLV/1 upgrade (wrong path, portal, not ProxyGuard).
+
+    The client retries these at the longest wait: they rarely heal in a second.
+    """
+
+
+# =============================================================================================
+# Pure protocol: frames, requests and responses. No I/O here, so tests need no socket.
+# =============================================================================================
+
+
+def encode_frame(datagram):
+    """Return one UoTLV/1 frame for `datagram` (at most 65535 bytes)."""
+    if len(datagram) > MAX_FRAME_PAYLOAD:
+        raise ValueError("datagram of %d bytes does not fit a frame" % len(datagram))
+    return FRAME_HEADER.pack(len(datagram)) + bytes(datagram)
+
+
+class FrameDecoder:
+    """Cut UoTLV/1 frames out of a TCP byte stream that may split them anywhere.
+
+    `feed(data)` returns the list of whole datagrams completed by `data`, in order; a partial
+    frame is kept for the next call. `pending` tells how many bytes are buffered.
+    """
+
+    def __init__(self):
+        self._buffer = bytearray()
+
+    @property
+    def pending(self):
+        return len(self._buffer)
+
+    def feed(self, data):
+        buffer = self._buffer
+        if buffer:
+            buffer += data
+            data = buffer
+        view = memoryview(data)
+        size = len(view)
+        datagrams = []
+        pos = 0
+        while size - pos >= 2:
+            end = pos + 2 + ((view[pos] << 8) | view[pos + 1])
+            if end > size:
+                break
+            datagrams.append(view[pos + 2:end].tobytes())
+            pos = end
+        view.release()
+        if data is buffer:
+            del buffer[:pos]
+        else:
+            buffer += data[pos:]
+        return datagrams
+
+
+def encode_frames(datagrams):
+    """Return the frames of all `datagrams` as one bytes object (one TCP write)."""
+    pack = FRAME_HEADER.pack
+    parts = []
+    for datagram in datagrams:
+        parts.append(pack(len(datagram)))
+        parts.append(datagram)
+    return b"".join(parts)
+
+
+_HTTP_REASONS = {
+    101: "Switching Protocols",
+    400: "Bad Request",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    426: "Upgrade Required",
+    431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
+}
+
+UPGRADE_RESPONSE = (
+    b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: UoTLV/1\r\n\r\n")
+
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_VERSION = re.compile(r"^HTTP/(\d)\.(\d)$")
+
+
+def split_head(buffer):
+    """Split `buffer` after the blank line that ends an HTTP head.
+
+    Returns (head, rest) or None when the head is not complete yet. A bare LF is accepted
+    as a line end, as RFC 9112 section 2.2 allows.
+    """
+    match = _HEAD_END.search(buffer)
+    if match is None:
+        return None
+    return bytes(buffer[:match.end()]), bytes(buffer[match.end():])
+
+
+class HttpHead:
+    """A parsed request or response head: the start line's three parts and the headers.
+
+    Header names are kept lower-case; repeated headers keep every value in order.
+    """
+
+    def __init__(self, start, headers):
+        self.start = start  # (method, target, version) or (version, status, reason)
+        self.headers = headers  # list of (lower-case name, value)
+
+    def get_all(self, name):
+        return [value for key, value in self.headers if key == name]
+
+    def get(self, name, default=None):
+        values = self.get_all(name)
+        return values[0] if values else default
+
+    def tokens(self, name):
+        """The comma-separated tokens of all `name` headers, lower-cased (RFC 9110 5.6.1)."""
+        result = []
+        for value in self.get_all(name):
+            result.extend(token.strip().lower() for token in value.split(",") if token.strip())
+        return result
+
+
+def _parse_head_lines(head, what):
+    """Split a head into its start line and a header list; raise HandshakeError(400)."""
+    try:
+        text = head.decode("latin-1")
+    except UnicodeDecodeError:  # latin-1 decodes every byte; kept for clarity
+        raise HandshakeError(400, "%s is not text" % what)
+    lines = text.split("\n")
+    lines = [line[:-1] if line.endswith("\r") else line for line in lines]
+    while lines and lines[-1] == "":
+        lines.pop()
+    if not lines or not lines[0]:
+        raise HandshakeError(400, "empty %s" % what)
+    if len(lines) - 1 > MAX_HEADER_LINES:
+        raise HandshakeError(431, "more than %d header lines" % MAX_HEADER_LINES)
+    headers = []
+    for line in lines[1:]:
+        if line[:1] in (" ", "\t"):
+            raise HandshakeError(400, "folded header line (obsolete line folding)")
+        name, colon, value = line.partition(":")
+        if not colon or not _TOKEN.match(name):
+            raise HandshakeError(400, "malformed header line %r" % line[:60])
+        if any(ord(ch) < 32 and ch != "\t" or ord(ch) == 127 for ch in value):
+            raise HandshakeError(400, "control character in header %s" % name)
+        headers.append((name.lower(), value.strip(" \t")))
+    return lines[0], headers
+
+
+def parse_request(head):
+    """Parse a request head (bytes through the blank line) into an HttpHead.
+
+    Raises HandshakeError with 400 (malformed) or 505 (not HTTP/1.x).
+    """
+    if head[:1] == b"\x16":
+        raise HandshakeError(400, "this looks like a TLS handshake, but this server speaks plain "
+                                  "HTTP (use http://, or give the server --tls-cert/--tls-key)")
+    if head.startswith(b"PRI * HTTP/2.0"):
+        raise HandshakeError(505, "HTTP/2 cannot carry an Upgrade; use HTTP/1.1")
+    start, headers = _parse_head_lines(head, "request")
+    parts = start.split(" ")
+    if len(parts) != 3 or not all(parts) or not _TOKEN.match(parts[0]):
+        raise HandshakeError(400, "malformed request line %r" % start[:80])
+    method, target, version = parts
+    match = _VERSION.match(version)
+    if not match:
+        raise HandshakeError(400, "malformed HTTP version %r" % version[:20])
+    if match.group(1) != "1":
+        raise HandshakeError(505, "HTTP version %s is not supported; use HTTP/1.1" % version)
+    return HttpHead((method, target, version), headers)
+
+
+def check_upgrade_request(request):
+    """Raise HandshakeError unless `request` asks for a UoTLV/1 upgrade; return None if it does.
+
+    Any path and any Host are accepted, as the original does. Connection may be a token list
+    (`keep-alive, Upgrade`, as some proxies send; RFC 9110 7.6.1): the original rejects that.
+    """
+    method, _target, version = request.start
+    hosts = request.get_all("host")
+    if version == "HTTP/1.1" and len(hosts) != 1:
+        raise HandshakeError(400, "an HTTP/1.1 request needs exactly one Host header")
+    if method != "GET":
+        raise HandshakeError(405, "method %s is not allowed; a UoTLV/1 upgrade is a GET" % method,
+                             [("Allow", "GET")])
+    if request.get("transfer-encoding") is not None or request.get("content-length", "0") != "0":
+        raise HandshakeError(400, "an upgrade request cannot have a body")
+    upgrade_headers = [("Connection", "Upgrade"), ("Upgrade", PROTOCOL)]
+    if "upgrade" not in request.tokens("connection"):
+        raise HandshakeError(
+            426, "the 'Connection' header is not 'Upgrade', got: '%s'"
+            % ", ".join(request.get_all("connection")), upgrade_headers)
+    if PROTOCOL.lower() not in request.tokens("upgrade"):
+        raise HandshakeError(
+            426, "the 'Upgrade' header is not '%s', got: '%s'"
+            % (PROTOCOL, ", ".join(request.get_all("upgrade"))), upgrade_headers)
+
+
+def build_response(status, message="", extra_headers=()):
+    """Return a complete HTTP/1.1 error response with a one-line text body; it closes."""
+    body = (message + "\n").encode("utf-8") if message else b""
+    lines = ["HTTP/1.1 %d %s" % (status, _HTTP_REASONS.get(status, "Error"))]
+    connection = "close"
+    for name, value in extra_headers:
+        if name == "Connection":
+            connection = value + ", close"
+        else:
+            lines.append("%s: %s" % (name, value))
+    lines.append("Connection: " + connection)
+    lines.append("Content-Type: text/plain; charset=utf-8")
+    lines.append("Content-Length: %d" % len(body))
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def build_upgrade_request(host, path, user_agent=DEFAULT_USER_AGENT):
+    """Return the client's upgrade request (the original's bytes, less Accept-Encoding: gzip)."""
+    return ("GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: %s\r\nConnection: Upgrade\r\n"
+            "Upgrade: %s\r\n\r\n" % (path, host, user_agent, PROTOCOL)).encode("latin-1")
+
+
+def parse_response(head):
+    """Parse a response head into an HttpHead; raise UpgradeRefused if it is not HTTP."""
+    try:
+        start, headers = _parse_head_lines(head, "response")
+    except HandshakeError as exc:
+        raise UpgradeRefused("the server's answer is not valid HTTP (%s): not a web server?" % exc)
+    version, _, rest = start.partition(" ")
+    status, _, reason = rest.partition(" ")
+    if not _VERSION.match(version) or not (len(status) == 3 and status.isdigit()):
+        raise UpgradeRefused("the server's answer is not HTTP (%r): not a web server?"
+                             % start[:60])
+    return HttpHead((version, int(status), reason), headers)
+
+
+def check_upgrade_response(response):
+    """Raise UpgradeRefused, naming the likely cause, unless `response` accepts UoTLV/1."""
+    status = response.start[1]
+    got = "HTTP %d %s" % (status, response.start[2])
+    if status == 101:
+        if response.tokens("upgrade") != [PROTOCOL.lower()]:
+            raise UpgradeRefused("the server switched to %r instead of %s: not a ProxyGuard server"
+                                 % (response.get("upgrade", ""), PROTOCOL))
+        if "upgrade" not in response.tokens("connection"):
+            raise UpgradeRefused("the 101 answer lacks 'Connection: Upgrade': a broken proxy?")
+        return
+    if status in (200, 204) or 300 <= status < 400:
+        location = response.get("location")
+        cause = ("a captive portal (log in with a browser) or a web page, not ProxyGuard, at "
+                 "this URL" + (" (redirects to %s)" % location if location else ""))
+    elif status == 404:
+        cause = "wrong path in the URL, or the reverse proxy does not forward it"
+    elif status == 426:
+        cause = "the server wants another upgrade protocol: not a ProxyGuard UoTLV/1 server?"
+    elif status in (401, 403, 407):
+        cause = "access denied by the server or a proxy"
+    elif status in (502, 503, 504):
+        cause = ("the reverse proxy cannot reach the proxyguard server behind it, or the server "
+                 "is full")
+    elif status == 400:
+        cause = "the server or a reverse proxy rejected the request (does it pass Upgrade on?)"
+    else:
+        cause = "not a ProxyGuard server, or a proxy in the way"
+    raise UpgradeRefused("got %s instead of 101 Switching Protocols: %s" % (got, cause))
+
+
+def parse_host_port(text, option, default_host=None):
+    """Parse `host:port` or `[v6]:port` into (host, port); raise UsageError naming `option`."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise UsageError("%s %r: write an IPv6 address as [address]:port" % (option, text))
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            raise UsageError("%s %r: expected HOST:PORT, for example 127.0.0.1:51820"
+                             % (option, text))
+        if ":" in host:
+            raise UsageError("%s %r: write an IPv6 address as [address]:port" % (option, text))
+    if not host:
+        if default_host is None:
+            raise UsageError("%s %r: the host is missing" % (option, text))
+        host = default_host
+    return host, parse_port(port, option)
+
+
+def parse_port(text, option, allow_zero=False):
+    """Return `text` as a port number; raise UsageError naming `option`."""
+    try:
+        port = int(str(text).strip())
+    except ValueError:
+        port = -1
+    if not (0 if allow_zero else 1) <= port <= 65535:
+        raise UsageError("%s %r: not a port number (%d-65535)"
+                         % (option, text, 0 if allow_zero else 1))
+    return port
+
+
+class ServerURL:
+    """The client's `--to` URL: scheme, host, port, the Host header and the request target."""
+
+    def __init__(self, text):
+        text = text.strip()
+        if "://" not in text:
+            raise UsageError("--to %r is not a URL: write http://%s/ (or https://)"
+                             % (text, text.strip("/")))
+        try:
+            parts = urllib.parse.urlsplit(text)
+            port = parts.port
+        except ValueError as exc:
+            raise UsageError("--to %r is not a valid URL: %s" % (text, exc))
+        if parts.scheme not in ("http", "https"):
+            raise UsageError("--to %r: the scheme must be http:// or https://, not %s://"
+                             % (text, parts.scheme))
+        if not parts.hostname:
+            raise UsageError("--to %r: the host is missing" % text)
+        if parts.username is not None:
+            raise UsageError("--to %r: user names in the URL are not supported" % text)
+        self.text = text
+        self.scheme = parts.scheme
+        self.tls = parts.scheme == "https"
+        self.host = parts.hostname
+        self.port = port or (443 if self.tls else 80)
+        # The Host header is the URL's host as written, with its port if one was written.
+        self.host_header = parts.netloc
+        self.target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+
+    def __str__(self):
+        return self.text
+
+
+def format_address(address):
+    """`host:port`, with IPv6 hosts in brackets."""
+    host, port = address[0], address[1]
+    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+
+
+# =============================================================================================
+# Channels: a connected TCP stream, plain or TLS, safe for one reader and one writer thread.
+# =============================================================================================
+
+
+class PlainChannel:
+    """A plain TCP connection as a byte stream.
+
+    Contract (shared by TLSChannel): one thread may block in `recv` while another blocks in
+    `sendall`; `recv` returns b"" at end of stream; `shutdown()` may be called from any thread,
+    any number of times, and wakes both; `close()` only once no thread uses the channel.
+    """
+
+    tls_version = None
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    def recv(self, size):
+        return self.sock.recv(size)
+
+    def sendall(self, data):
+        self.sock.sendall(data)
+
+    def shutdown(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # already shut down, or the peer reset it
+            pass
+
+    def close(self):
+        self.sock.close()
+
+
+class TLSChannel(PlainChannel):
+    """TLS over a blocking TCP socket, safe for one reader and one writer thread.
+
+    An `SSLObject` over two MemoryBIOs; `_tls_lock` guards the SSLObject and both BIOs and is
+    held only for CPU work, never across a blocking socket call; `_send_lock` keeps ciphertext
+    in order on the wire (tls-and-threads.md). The plain socket's timeout applies.
+    """
+
+    def __init__(self, sock, context, server_side, server_hostname=None):
+        super().__init__(sock)
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
+                                     server_hostname=server_hostname)
+        self._tls_lock = threading.Lock()
+        self._send_lock = threading.Lock()
+
+    def handshake(self):
+        """Run the TLS handshake in the calling thread; raises ssl.SSLError or OSError."""
+        while True:
+            try:
+                self._tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._drain_outgoing()
+                self._receive_ciphertext()
+            except ssl.SSLError:
+                self._drain_outgoing()  # the alert tells the peer why
+                raise
+        self._drain_outgoing()
+
+    @property
+    def tls_version(self):
+        return self._tls.version()
+
+    def peer_certificate(self):
+        return self._tls.getpeercert()
+
+    def _receive_ciphertext(self):
+        data = self.sock.recv(TCP_READ_SIZE)
+        with self._tls_lock:
+            if data:
+                self._incoming.write(data)
+            else:
+                self._incoming.write_eof()
+
+    def _drain_outgoing(self):
+        """Send all ciphertext waiting in the outgoing BIO; caller holds `_send_lock` or is
+        the only thread (handshake)."""
+        while True:
+            with self._tls_lock:
+                data = self._outgoing.read()
+            if not data:
+                return
+            self.sock.sendall(data)
+
+    def _flush(self):
+        """Send what the outgoing BIO holds, waiting for the send lock (the writer's path)."""
+        while True:
+            with self._send_lock:
+                self._drain_outgoing()
+            # A reader that found the send lock taken left its bytes for us: look once more.
+            with self._tls_lock:
+                if not self._outgoing.pending:
+                    return
+
+    def _flush_without_waiting(self):
+        """The reader's path: send what a read produced (KeyUpdate answer, alert) unless a
+        writer holds the send lock, in which case that writer sends it after its own bytes."""
+        while self._send_lock.acquire(blocking=False):
+            try:
+                self._drain_outgoing()
+            finally:
+                self._send_lock.release()
+            with self._tls_lock:
+                if not self._outgoing.pending:
+                    return
+
+    def recv(self, size):
+        while True:
+            with self._tls_lock:
+                try:
+                    data = self._tls.read(size)
+                except ssl.SSLWantReadError:
+                    data = None
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    data = b""
+                produced = self._outgoing.pending
+            if produced:
+                self._flush_without_waiting()
+            if data is not None:
+                return data
+            self._receive_ciphertext()
+
+    def sendall(self, data):
+        view = memoryview(data)
+        with self._tls_lock:
+            while view:
+                written = self._tls.write(view)
+                view = view[written:]
+        self._flush()
+
+
+# =============================================================================================
+# Tunnel pumps
+# =============================================================================================
+
+
+def set_socket_buffers(sock):
+    """Ask for large send and receive buffers; the kernel may give less, which is fine."""
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
+        except OSError:
+            pass
+
+
+def prepare_tcp_socket(sock):
+    """TCP_NODELAY: WireGuard carries TCP inside, and Nagle would add tens of milliseconds."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    set_socket_buffers(sock)
+
+
+def receive_waiting_datagrams(sock, first, limit=UDP_BATCH_BYTES):
+    """Return `first` plus every datagram already waiting on `sock`, up to `limit` bytes.
+
+    Returns a list of (datagram, source address).
+    """
+    batch = [first]
+    size = len(first[0])
+    while size < limit:
+        try:
+            item = sock.recvfrom(MAX_FRAME_PAYLOAD + 1, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            break
+        except ConnectionRefusedError:  # ICMP from an earlier send: WireGuard not up yet
+            continue
+        batch.append(item)
+        size += len(item[0])
+    return batch
+
+
+class UdpEndpoint:
+    """WireGuard's side of a tunnel: a UDP socket and where datagrams for WireGuard go.
+
+    Server: a socket of its own per tunnel, connected to WireGuard (`send_to` None). Client:
+    the one socket on 127.0.0.1:<listen-port>, shared by successive tunnels; datagrams go to
+    `send_to` (WireGuard's ListenPort), and a datagram from another port is warned about once.
+    `fileno()` serves select; `receive()` returns the non-empty datagrams waiting now (perhaps
+    none; the original drops empty ones too); `close()` closes the socket if `owned`.
+    """
+
+    def __init__(self, sock, send_to=None, owned=True):
+        self.sock = sock
+        self.send_to = send_to
+        self.owned = owned
+        self.warned_source = None
+
+    @classmethod
+    def connected(cls, address, family):
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            set_socket_buffers(sock)
+            sock.connect(address)
+        except OSError:
+            sock.close()
+            raise
+        return cls(sock)
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def receive(self):
+        try:
+            first = self.sock.recvfrom(MAX_FRAME_PAYLOAD + 1, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError, ConnectionRefusedError):
+            # ConnectionRefused: ICMP after an earlier send, WireGuard restarting; go on.
+            return []
+        batch = receive_waiting_datagrams(self.sock, first)
+        if self.send_to is not None:
+            self._check_sources(batch)
+        return [data for data, _ in batch if data]
+
+    def _check_sources(self, batch):
+        for _, source in batch:
+            if source[1] != self.send_to[1] and source != self.warned_source:
+                self.warned_source = source
+                log.warning("datagrams arrive from %s, but replies go to %s: set ListenPort = "
+                            "%d in WireGuard's [Interface] (or --forward-port to its port)",
+                            format_address(source), format_address(self.send_to),
+                            self.send_to[1])
+
+    def send(self, datagram):
+        try:
+            if self.send_to is None:
+                self.sock.send(datagram)
+            else:
+                self.sock.sendto(datagram, self.send_to)
+        except ConnectionRefusedError:  # ICMP port unreachable: WireGuard restarting
+            pass
+
+    def close(self):
+        if self.owned:
+            self.sock.close()
+
+
+class Tunnel:
+    """One UoTLV/1 tunnel: a channel and a UDP endpoint joined by two pumps.
+
+    `run()` starts relay_udp_to_tcp in a new daemon thread, runs relay_tcp_to_udp in the calling
+    thread, and returns the reason once both have stopped. The first pump to stop calls
+    `close()`, which wakes the other. `run()` then closes the channel, the wake pipe and the
+    endpoint (which keeps a shared socket open, see UdpEndpoint).
+
+    `unsent` receives datagrams the UDP pump had read but could not send (the client queues
+    them for the next tunnel); None drops them.
+    """
+
+    def __init__(self, channel, endpoint, peer, idle_timeout, first_bytes=b"", unsent=None):
+        self.channel = channel
+        self.endpoint = endpoint
+        self.peer = peer
+        self.idle_timeout = idle_timeout
+        self.first_bytes = first_bytes
+        self.unsent = unsent
+        self.close_reason = None
+        self.started = time.monotonic()
+        # Counters: each is written by one pump thread only.
+        self.to_udp_datagrams = self.to_udp_bytes = 0
+        self.to_tcp_datagrams = self.to_tcp_bytes = 0
+        self.oversized = 0
+        self._wake_read, self._wake_write = os.pipe()
+        self._close_lock = threading.Lock()
+
+    def close(self, reason):
+        """Stop both pumps (idempotent, any thread); the first reason given is kept."""
+        with self._close_lock:
+            if self.close_reason is not None:
+                return
+            self.close_reason = reason
+        self.channel.shutdown()
+        try:
+            os.write(self._wake_write, b"x")
+        except OSError:
+            pass
+
+    def run(self):
+        self.channel.sock.settimeout(self.idle_timeout or None)
+        udp_thread = threading.Thread(target=self._pump, args=(self.relay_udp_to_tcp,),
+                                      name="udp->tcp %s" % self.peer, daemon=True)
+        udp_thread.start()
+        try:
+            self._pump(self.relay_tcp_to_udp)
+        finally:
+            udp_thread.join()
+            self.channel.close()
+            os.close(self._wake_read)
+            os.close(self._wake_write)
+            self.endpoint.close()
+        return self.close_reason
+
+    @property
+    def duration(self):
+        return time.monotonic() - self.started
+
+    def summary(self):
+        """One line of figures for the tunnel-down log."""
+        text = ("%.1fs, %d datagrams/%d bytes to WireGuard, %d datagrams/%d bytes from WireGuard"
+                % (self.duration, self.to_udp_datagrams, self.to_udp_bytes,
+                   self.to_tcp_datagrams, self.to_tcp_bytes))
+        if self.oversized:
+            text += ", %d oversized frames dropped" % self.oversized
+        return text
+
+    def _pump(self, relay):
+        """Error boundary of one pump thread: every way out closes the tunnel with a reason."""
+        try:
+            reason = relay()
+        except socket.timeout:
+            reason = "idle for %gs" % self.idle_timeout
+        except (OSError, ssl.SSLError) as exc:
+            reason = describe_os_error(exc)
+        except Exception as exc:  # a bug must still close the tunnel and not kill the process
+            log.exception("tunnel %s: unexpected error", self.peer)
+            reason = "internal error: %r" % exc
+        self.close(reason)
+
+    def relay_tcp_to_udp(self):
+        """Read frames from the channel and send each as one UDP datagram, until EOF."""
+        decoder = FrameDecoder()
+        send = self.endpoint.send
+        data = self.first_bytes
+        while True:
+            for datagram in decoder.feed(data):
+                try:
+                    send(datagram)
+                except OSError as exc:
+                    if exc.errno != errno.EMSGSIZE:
+                        raise
+                    # Too big for one UDP datagram (65508-65535 over IPv4): drop it, go on.
+                    # The original stalls or spins at 100 % CPU here.
+                    if not self.oversized:
+                        log.warning("tunnel %s: dropped a %d-byte frame: too big for one UDP "
+                                    "datagram", self.peer, len(datagram))
+                    self.oversized += 1
+                    continue
+                self.to_udp_datagrams += 1
+                self.to_udp_bytes += len(datagram)
+            if self.close_reason is not None:
+                return self.close_reason
+            data = self.channel.recv(TCP_READ_SIZE)
+            if not data:
+                return "closed by peer" if self.close_reason is None else self.close_reason
+
+    def relay_udp_to_tcp(self):
+        """Wait for datagrams, and send all that are waiting as frames in one channel write."""
+        endpoint, wake = self.endpoint, self._wake_read
+        while self.close_reason is None:
+            readable, _, _ = select.select([endpoint, wake], [], [])
+            if wake in readable:
+                break
+            datagrams = endpoint.receive()
+            if not datagrams:
+                continue
+            try:
+                self.channel.sendall(encode_frames(datagrams))
+            except BaseException:
+                if self.unsent is not None:
+                    self.unsent(datagrams)
+                raise
+            self.to_tcp_datagrams += len(datagrams)
+            self.to_tcp_bytes += sum(map(len, datagrams))
+        return self.close_reason
+
+
+def describe_os_error(exc):
+    """A short reason for a log line: 'connection reset by peer', 'certificate verify failed'."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "TLS certificate not accepted: %s" % (exc.verify_message or exc.reason)
+    if isinstance(exc, ssl.SSLError):
+        return "TLS error: %s" % (exc.reason or exc)
+    if isinstance(exc, socket.timeout):
+        return "timed out"
+    if exc.strerror:
+        return exc.strerror[:1].lower() + exc.strerror[1:]
+    return str(exc) or exc.__class__.__name__
+
+
+# =============================================================================================
+# Server
+# =============================================================================================
+
+
+def read_head(channel, deadline, limit=MAX_HEAD_BYTES):
+    """Read from `channel` until a whole HTTP head arrived; return (head, bytes after it).
+
+    Raises HandshakeError(431) past `limit` bytes, HandshakeError(408) past `deadline`
+    (monotonic time), and ConnectionError when the peer closes first.
+    """
+    buffer = bytearray()
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise HandshakeError(408, "the HTTP head did not arrive in time")
+        channel.sock.settimeout(remaining)
+        try:
+            data = channel.recv(4096)
+        except socket.timeout:
+            continue
+        if not data:
+            raise ConnectionError("closed before the end of the HTTP head (%d bytes)"
+                                  % len(buffer))
+        # Search only the new bytes plus 3 before them for the blank line.
+        start = max(0, len(buffer) - 3)
+        buffer += data
+        parts = split_head(memoryview(buffer)[start:])
+        if parts is not None:
+            head, rest = parts
+            return bytes(buffer[:start]) + head, rest
+        if len(buffer) > limit:
+            raise HandshakeError(431, "the request head is larger than %d bytes" % limit)
+
+
+class Server:
+    """The ProxyGuard server: accepts upgrades on `listen` and tunnels them to WireGuard.
+
+    `serve_forever()` accepts in the calling thread until `stop()`; each connection gets a
+    thread that does the handshake and then runs the tunnel (see Tunnel). `stop()` closes the
+    listening socket and every tunnel, and waits for their threads.
+    """
+
+    def __init__(self, listen, wireguard, idle_timeout=DEFAULT_IDLE_TIMEOUT,
+                 handshake_timeout=HANDSHAKE_TIMEOUT, tls_context_factory=None):
+        self.wireguard_address, self.wireguard_family = resolve_udp(wireguard, "--to")
+        self.idle_timeout = idle_timeout
+        self.handshake_timeout = handshake_timeout
+        self.tls_context_factory = tls_context_factory
+        self.tls_context = tls_context_factory() if tls_context_factory else None
+        self.listener = open_listener(listen)
+        self.address = self.listener.getsockname()
+        self._stopping = False
+        self._lock = threading.Lock()
+        self._connections = {}  # thread -> function that stops it, for stop()
+
+    def reload_tls(self):
+        """Load the certificate again for new connections (SIGHUP); open tunnels go on."""
+        if self.tls_context_factory is None:
+            return
+        try:
+            self.tls_context = self.tls_context_factory()
+        except (OSError, ssl.SSLError, ProxyGuardError) as exc:
+            log.error("certificate reload failed, keeping the old one: %s", exc)
+            return
+        log.info("certificate reloaded for new connections")
+
+    def serve_forever(self):
+        log.info("server listening on %s (%s), forwarding to WireGuard at %s",
+                 format_address(self.address), "https" if self.tls_context else "http",
+                 format_address(self.wireguard_address))
+        while not self._stopping:
+            try:
+                sock, peer = self.listener.accept()
+            except OSError as exc:
+                if self._stopping:
+                    break
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("accept: %s; pausing new connections for 1s", exc.strerror)
+                    time.sleep(1)
+                continue
+            thread = threading.Thread(target=self._handle, args=(sock, peer), daemon=True,
+                                      name="tunnel %s" % format_address(peer))
+            with self._lock:
+                self._connections[thread] = PlainChannel(sock).shutdown
+            thread.start()
+
+    def stop(self):
+        self._stopping = True
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
+        except OSError:
+            pass
+        self.listener.close()
+        with self._lock:
+            connections = dict(self._connections)
+        for stop_connection in connections.values():
+            stop_connection()
+        deadline = time.monotonic() + 5
+        for thread in connections:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _handle(self, sock, peer):
+        """Error boundary of one connection: handshake, then tunnel; always closes `sock`."""
+        peer_text = format_address(peer)
+        tunnel = None
+        try:
+            prepare_tcp_socket(sock)
+            deadline = time.monotonic() + self.handshake_timeout
+            channel = self._open_channel(sock, peer_text, deadline)
+            if channel is None:
+                return
+            parts = self._read_upgrade(channel, peer_text, deadline)
+            if parts is None:
+                return
+            path, first_bytes = parts
+            endpoint = UdpEndpoint.connected(self.wireguard_address, self.wireguard_family)
+            channel.sendall(UPGRADE_RESPONSE)
+            tunnel = Tunnel(channel, endpoint, peer_text, self.idle_timeout, first_bytes)
+            with self._lock:
+                if self._stopping:
+                    tunnel.close("server shutting down")
+                self._connections[threading.current_thread()] = (
+                    lambda: tunnel.close("server shutting down"))
+            log.info("tunnel up: %s, path %s%s", peer_text, path,
+                     ", " + channel.tls_version if channel.tls_version else "")
+            reason = tunnel.run()
+            log.info("tunnel down: %s after %s (%s)", peer_text, tunnel.summary(), reason)
+        except (OSError, ssl.SSLError) as exc:
+            log.info("connection %s: %s", peer_text, describe_os_error(exc))
+        except Exception:
+            log.exception("connection %s: unexpected error", peer_text)
+        finally:
+            with self._lock:
+                self._connections.pop(threading.current_thread(), None)
+            if tunnel is None:
+                sock.close()
+
+    def _open_channel(self, sock, peer_text, deadline):
+        """The channel for `sock`: TLS handshake done if the server speaks HTTPS; or None."""
+        context = self.tls_context
+        if context is None:
+            return PlainChannel(sock)
+        channel = TLSChannel(sock, context, server_side=True)
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            channel.handshake()
+        except socket.timeout:
+            log.info("handshake failed from %s: TLS handshake timed out", peer_text)
+            return None
+        except (OSError, ssl.SSLError) as exc:
+            log.info("handshake failed from %s: %s", peer_text, describe_os_error(exc))
+            return None
+        return channel
+
+    def _read_upgrade(self, channel, peer_text, deadline):
+        """Read and check the upgrade request; answer errors. Returns (path, rest) or None."""
+        try:
+            head, rest = read_head(channel, deadline)
+            request = parse_request(head)
+            check_upgrade_request(request)
+            return request.start[1], rest
+        except HandshakeError as exc:
+            log.info("handshake failed from %s: %d %s", peer_text, exc.status, exc)
+            try:
+                channel.sock.settimeout(1)
+                channel.sendall(build_response(exc.status, str(exc), exc.extra_headers))
+            except (OSError, ssl.SSLError):
+                pass
+            return None
+        except ConnectionError as exc:
+            log.info("handshake failed from %s: %s", peer_text, exc)
+            return None
+
+
+def open_listener(listen):
+    """A listening TCP socket for (host, port); IPv6 `::` also takes IPv4. Raises FatalError."""
+    host, port = listen
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, address = infos[0]
+        return socket.create_server(address, family=family, backlog=512,
+                                    dualstack_ipv6=(family == socket.AF_INET6
+                                                    and address[0] == "::"))
+    except OSError as exc:
+        raise FatalError("cannot listen on %s: %s"
+                         % (format_address(listen), describe_os_error(exc)))
+
+
+def resolve_udp(address, option):
+    """Resolve (host, port) for UDP once; return (sockaddr, family). Raises FatalError."""
+    try:
+        infos = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_DGRAM)
+    except socket.gaierror as exc:
+        raise FatalError("%s %s: cannot resolve: %s" % (option, format_address(address), exc))
+    family, _, _, _, sockaddr = infos[0]
+    return sockaddr, family
+
+
+# =============================================================================================
+# Client
+# =============================================================================================
+
+
+def client_tls_context(ca_file=None, min_version="1.3"):
+    """Verify certificate and host name against the system store (plus `ca_file`); ALPN
+    http/1.1 only, since HTTP/2 has no Upgrade. Raises UsageError for a bad CA file."""
+    context = ssl.create_default_context()
+    if ca_file:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError("--ca-file %r: %s" % (ca_file, describe_os_error(exc)))
+    context.minimum_version = TLS_VERSIONS[min_version]
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+def server_tls_context(cert_file, key_file):
+    """The server's context; `num_tickets = 0` spares the post-handshake ticket traffic.
+    Raises FatalError when the files cannot be loaded."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise FatalError("--tls-cert %r / --tls-key %r: %s"
+                         % (cert_file, key_file, describe_os_error(exc)))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    context.num_tickets = 0
+    return context
+
+
+TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+class Client:
+    """The ProxyGuard client: WireGuard's endpoint on 127.0.0.1, tunnelling to `url`.
+
+    `serve_forever()` runs the connector in the calling thread until `stop()`: wait for a
+    datagram, connect, run a Tunnel to its end, wait, and again (module docstring). Datagrams
+    the tunnel could not send wait in `pending` and go out first on the next tunnel.
+    """
+
+    def __init__(self, url, listen_port=DEFAULT_LISTEN_PORT, forward_port=DEFAULT_FORWARD_PORT,
+                 peer_ips=(), fwmark=-1, tcp_port=0, user_agent=DEFAULT_USER_AGENT,
+                 connect_timeout=DEFAULT_CONNECT_TIMEOUT, idle_timeout=DEFAULT_IDLE_TIMEOUT,
+                 tls_context=None):
+        self.url = url
+        self.peer_ips = list(peer_ips)
+        self.fwmark = fwmark
+        self.tcp_port = tcp_port
+        self.user_agent = user_agent
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.tls_context = tls_context
+        self.pending = collections.deque(maxlen=PENDING_DATAGRAMS)
+        self.tunnels_opened = 0
+        self._addresses = None
+        self._stopping = False
+        self._lock = threading.Lock()
+        self._tunnel = None
+        self._connecting = None
+        if fwmark >= 0:
+            check_fwmark(fwmark)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            set_socket_buffers(sock)
+            sock.bind(("127.0.0.1", listen_port))
+        except OSError as exc:
+            sock.close()
+            raise FatalError("cannot listen on 127.0.0.1:%d (UDP): %s"
+                             % (listen_port, describe_os_error(exc)))
+        self.address = sock.getsockname()
+        self.endpoint = UdpEndpoint(sock, ("127.0.0.1", forward_port), owned=False)
+        self._wake_read, self._wake_write = os.pipe()
+        self._resolve()
+
+    def _resolve(self):
+        """The server's addresses: --peer-ips in order, or DNS once (so reconnects work while
+        the VPN carries DNS). Returns the list, or None after logging why DNS failed."""
+        if self._addresses is None:
+            try:
+                if self.peer_ips:
+                    self._addresses = [resolve_tcp(ip, self.url.port, numeric=True)[0]
+                                       for ip in self.peer_ips]
+                else:
+                    self._addresses = resolve_tcp(self.url.host, self.url.port)
+            except OSError as exc:
+                log.error("cannot resolve %s: %s (trying again on the next connect)",
+                          self.url.host, describe_os_error(exc))
+        return self._addresses
+
+    def serve_forever(self):
+        log.info("client listening on %s (UDP), tunnelling to %s, replies to WireGuard at %s",
+                 format_address(self.address), self.url, format_address(self.endpoint.send_to))
+        failures = 0
+        while self._wait(None if not self.pending else 0) and not self._stopping:
+            try:
+                tunnel = self._open_tunnel()
+            except UpgradeRefused as exc:
+                log.error("upgrade refused by %s: %s", self.url, exc)
+                wait = RETRY_WAITS[-1]
+            except (OSError, ssl.SSLError, ProxyGuardError) as exc:
+                log.warning("cannot connect to %s: %s", self.url, describe_os_error(exc)
+                            if isinstance(exc, OSError) else exc)
+                wait = RETRY_WAITS[min(failures, len(RETRY_WAITS) - 1)]
+            else:
+                reason = tunnel.run()
+                with self._lock:
+                    self._tunnel = None
+                log.info("tunnel down: %s after %s (%s)", tunnel.peer, tunnel.summary(), reason)
+                if tunnel.duration >= STABLE_TUNNEL_SECONDS:
+                    failures = 0
+                    continue
+                wait = RETRY_WAITS[min(failures, len(RETRY_WAITS) - 1)]
+            failures += 1
+            if self._stopping:
+                break
+            log.info("next attempt in %ds, when WireGuard sends", wait)
+            self._sleep(wait)
+
+    def stop(self):
+        with self._lock:
+            self._stopping = True
+            if self._tunnel is not None:
+                self._tunnel.close("client shutting down")
+            if self._connecting is not None:
+                PlainChannel(self._connecting).shutdown()
+        os.write(self._wake_write, b"x")
+
+    def _wait(self, timeout):
+        """Wait until a datagram waits on the UDP socket (lazy connect); False on stop()."""
+        readable, _, _ = select.select([self.endpoint, self._wake_read], [], [], timeout)
+        return self._wake_read not in readable
+
+    def _sleep(self, seconds):
+        select.select([self._wake_read], [], [], seconds)
+
+    def _open_tunnel(self):
+        """Connect, upgrade, send the pending datagrams; return the Tunnel, ready to run."""
+        addresses = self._resolve()
+        if addresses is None:
+            raise ConnectionError("the server's address is unknown")
+        sock, address = self._connect(addresses)
+        try:
+            channel, first_bytes = self._upgrade(sock)
+            if self.pending:
+                channel.sendall(encode_frames(self.pending))
+                self.pending.clear()
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            with self._lock:
+                self._connecting = None
+        peer = "%s (%s)" % (self.url.host_header, format_address(address))
+        tunnel = Tunnel(channel, self.endpoint, peer, self.idle_timeout, first_bytes,
+                        unsent=self.pending.extend)
+        with self._lock:
+            self._tunnel = tunnel
+            if self._stopping:
+                tunnel.close("client shutting down")
+        self.tunnels_opened += 1
+        log.info("tunnel up: %s%s, path %s%s", self.url.scheme, "://" + peer, self.url.target,
+                 ", " + channel.tls_version if channel.tls_version else "")
+        return tunnel
+
+    def _connect(self, addresses):
+        """A TCP connection to the first of `addresses` that answers; (socket, address)."""
+        errors = []
+        for family, address in addresses:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            with self._lock:
+                if self._stopping:
+                    sock.close()
+                    raise ConnectionError("client shutting down")
+                self._connecting = sock
+            try:
+                if self.fwmark >= 0:
+                    sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.fwmark)
+                if self.tcp_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", self.tcp_port))
+                prepare_tcp_socket(sock)
+                sock.settimeout(self.connect_timeout)
+                sock.connect(address)
+                return sock, address
+            except OSError as exc:
+                sock.close()
+                errors.append("%s: %s" % (format_address(address), describe_os_error(exc)))
+        raise ConnectionError("; ".join(errors))
+
+    def _upgrade(self, sock):
+        """TLS (for https://) and the UoTLV/1 upgrade on `sock`: (channel, bytes after 101)."""
+        deadline = time.monotonic() + self.connect_timeout
+        if self.tls_context is not None:
+            channel = TLSChannel(sock, self.tls_context, server_side=False,
+                                 server_hostname=self.url.host)
+            channel.handshake()
+        else:
+            channel = PlainChannel(sock)
+        channel.sendall(build_upgrade_request(self.url.host_header, self.url.target,
+                                              self.user_agent))
+        try:
+            head, rest = read_head(channel, deadline)
+        except HandshakeError as exc:
+            raise ConnectionError("no upgrade answer: %s" % exc)
+        check_upgrade_response(parse_response(head))
+        return channel, rest
+
+
+def resolve_tcp(host, port, numeric=False):
+    """[(family, sockaddr)] for a TCP connection to host:port; raises OSError (gaierror)."""
+    flags = socket.AI_NUMERICHOST if numeric else 0
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=flags)
+    return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+
+
+def check_fwmark(mark):
+    """Fail at start, not at the first connect, when SO_MARK is not allowed."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+    except OSError as exc:
+        raise FatalError("--fwmark %d: %s (it needs Linux and CAP_NET_ADMIN)"
+                         % (mark, describe_os_error(exc)))
+    finally:
+        probe.close()
+
+
+# =============================================================================================
+# CLI: one parser for every mode; command line > config file > environment > defaults
+# =============================================================================================
+
+MODES = ("client", "server")
+ENV_PREFIX = "PROXYGUARD_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+_ParserBase = configargparse.ArgumentParser if configargparse else argparse.ArgumentParser
+
+
+class OptionParser(_ParserBase):
+    """The parser, with argparse's two-line exit replaced by UsageError (main prints one line)."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def build_parser():
+    extra = {}
+    if configargparse:
+        extra = dict(auto_env_var_prefix=ENV_PREFIX, add_env_var_help=True,
+                     add_config_file_help=False,
+                     config_file_parser_class=configargparse.DefaultConfigFileParser)
+    parser = OptionParser(
+        prog="proxyguard.py", description="Carry WireGuard's UDP over one HTTP(S) connection "
+        "(ProxyGuard UoTLV/1). Options also come from a config file (-c, 'key = value') and "
+        "from %s<OPTION> environment variables; the command line wins over the config file, "
+        "which wins over the environment." % ENV_PREFIX,
+        epilog="Examples: proxyguard.py server --listen [::]:443 --to 127.0.0.1:51820 | "
+               "proxyguard.py client --to https://vpn.example.org/proxyguard | "
+               "proxyguard.py -c /etc/proxyguard/client.conf", **extra)
+    add = parser.add_argument
+    if configargparse:
+        add("-c", "--config", is_config_file=True, metavar="FILE",
+            help="config file of 'option = value' lines (see proxyguard.conf.example)")
+    else:
+        add("-c", "--config", metavar="FILE", help="config file (needs configargparse)")
+    add("--mode", choices=MODES, help="run as client or server (required; 'proxyguard.py "
+        "client ...' is short for '--mode client ...')")
+    add("--to", help="client: the server's URL, http(s)://host[:port][/path] (required); "
+        "server: WireGuard's HOST:PORT (default %s)" % DEFAULT_SERVER_TO)
+    add("--listen", metavar="HOST:PORT", default=DEFAULT_SERVER_LISTEN,
+        help="server: where to accept connections, [::]:443 for all (default %(default)s)")
+    add("--listen-port", type=int, default=DEFAULT_LISTEN_PORT, metavar="PORT",
+        help="client: UDP port on 127.0.0.1 that WireGuard's Endpoint names "
+             "(default %(default)s)")
+    add("--forward-port", type=int, default=DEFAULT_FORWARD_PORT, metavar="PORT",
+        help="client: WireGuard's ListenPort on 127.0.0.1, where replies go "
+             "(default %(default)s)")
+    add("--peer-ips", default="", metavar="IP,IP",
+        help="client: the server's IP addresses, tried in order; skips DNS")
+    add("--fwmark", type=int, default=-1, metavar="MARK",
+        help="client: Linux SO_MARK on the TCP socket, so it bypasses the VPN route; needs "
+             "CAP_NET_ADMIN (default -1, off)")
+    add("--tcp-port", type=int, default=0, metavar="PORT",
+        help="client: TCP source port (default 0, any)")
+    add("--user-agent", default=DEFAULT_USER_AGENT, help="client: User-Agent header "
+        "(default %(default)s)")
+    add("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT, metavar="SECONDS",
+        help="client: TCP connect plus TLS and upgrade (default %(default)g)")
+    add("--ca-file", metavar="PEM", help="client: also trust the CAs in this file for https://")
+    add("--tls-min-version", choices=sorted(TLS_VERSIONS), default="1.3",
+        help="client: oldest TLS version accepted (default %(default)s, as the original)")
+    add("--tls-cert", metavar="PEM", help="server: speak HTTPS with this certificate chain "
+        "(reloaded on SIGHUP)")
+    add("--tls-key", metavar="PEM", help="server: the private key for --tls-cert")
+    add("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT, metavar="SECONDS",
+        help="close a tunnel after this long without data from the peer; 0 = never "
+             "(default %(default)g)")
+    add("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT, metavar="SECONDS",
+        help="server: time a new connection has for TLS and its request head "
+             "(default %(default)g)")
+    add("--log-level", choices=LOG_LEVELS, default="info", help="(default %(default)s)")
+    add("--version", action="version", version="proxyguard.py %s (%s)"
+        % (__version__, PROTOCOL))
+    return parser
+
+
+def config_file_keys(argv):
+    """The option names a -c/--config file sets, so the environment cannot override them."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("-c", "--config")
+    path = pre.parse_known_args(argv)[0].config
+    if path is None:
+        return set()
+    try:
+        with open(path) as stream:
+            items = configargparse.DefaultConfigFileParser().parse(stream)
+    except OSError as exc:
+        raise UsageError("-c %r: cannot read the config file: %s"
+                         % (path, describe_os_error(exc)))
+    except configargparse.ConfigFileParserException as exc:
+        raise UsageError("-c %r: %s" % (path, exc))
+    return {key.replace("_", "-").lower() for key in items}
+
+
+def parse_options(argv, environ=None):
+    """Parse and check every option; return the argparse namespace. Raises UsageError."""
+    environ = os.environ if environ is None else environ
+    argv = list(argv)
+    if argv and argv[0] in MODES:
+        argv = ["--mode"] + argv
+    parser = build_parser()
+    if configargparse is None:
+        used = [name for name in environ if name.startswith(ENV_PREFIX)]
+        if used or any(arg in ("-c", "--config") or arg.startswith("--config=")
+                       for arg in argv):
+            raise UsageError("config files and %s* environment variables (%s) need the "
+                             "configargparse package: pip install configargparse, or give "
+                             "every option on the command line"
+                             % (ENV_PREFIX, ", ".join(used) or "-c"))
+        options = parser.parse_args(argv)
+    else:
+        # configargparse ranks the environment above config files; we rank the file higher.
+        in_file = config_file_keys(argv)
+        env = {name: value for name, value in environ.items() if name.startswith(ENV_PREFIX)
+               and name[len(ENV_PREFIX):].replace("_", "-").lower() not in in_file}
+        options = parser.parse_args(argv, env_vars=env)
+    check_options(options)
+    return options
+
+
+def check_options(options):
+    """Mode-dependent checks and conversions; raises UsageError naming the option."""
+    if options.mode is None:
+        raise UsageError("--mode is required: client or server (or 'mode = client' in the "
+                         "config file)")
+    for name in ("idle_timeout", "connect_timeout", "handshake_timeout"):
+        value = getattr(options, name)
+        if not value >= 0 or (value == 0 and name != "idle_timeout"):
+            raise UsageError("--%s %r: must be a positive number of seconds"
+                             % (name.replace("_", "-"), value))
+    if options.mode == "server":
+        options.listen = parse_host_port(options.listen, "--listen", default_host="0.0.0.0")
+        options.to = parse_host_port(options.to or DEFAULT_SERVER_TO, "--to")
+        if bool(options.tls_cert) != bool(options.tls_key):
+            raise UsageError("--tls-cert and --tls-key go together")
+        return
+    if not options.to:
+        raise UsageError("--to is required for the client: the server's URL, for example "
+                         "https://vpn.example.org/proxyguard")
+    options.to = ServerURL(options.to)
+    options.listen_port = parse_port(options.listen_port, "--listen-port")
+    options.forward_port = parse_port(options.forward_port, "--forward-port")
+    options.tcp_port = parse_port(options.tcp_port, "--tcp-port", allow_zero=True)
+    if not -1 <= options.fwmark <= 0xFFFFFFFF:
+        raise UsageError("--fwmark %r: must be -1 (off) or 0-4294967295" % options.fwmark)
+    ips = [ip.strip() for ip in options.peer_ips.split(",") if ip.strip()]
+    for ip in ips:
+        try:
+            socket.getaddrinfo(ip, None, flags=socket.AI_NUMERICHOST)
+        except socket.gaierror:
+            raise UsageError("--peer-ips: %r is not an IP address" % ip)
+    options.peer_ips = ips
+
+
+def build_service(options):
+    """The Server or Client the options describe. Raises UsageError or FatalError."""
+    if options.mode == "server":
+        factory = None
+        if options.tls_cert:
+            def factory():
+                return server_tls_context(options.tls_cert, options.tls_key)
+        return Server(options.listen, options.to, idle_timeout=options.idle_timeout,
+                      handshake_timeout=options.handshake_timeout, tls_context_factory=factory)
+    tls_context = None
+    if options.to.tls:
+        tls_context = client_tls_context(options.ca_file, options.tls_min_version)
+    return Client(options.to, listen_port=options.listen_port,
+                  forward_port=options.forward_port, peer_ips=options.peer_ips,
+                  fwmark=options.fwmark, tcp_port=options.tcp_port,
+                  user_agent=options.user_agent, connect_timeout=options.connect_timeout,
+                  idle_timeout=options.idle_timeout, tls_context=tls_context)
+
+
+# =============================================================================================
+# main
+# =============================================================================================
+
+
+def run_until_signal(service):
+    """Run `service.serve_forever()` in a thread until SIGINT/SIGTERM; SIGHUP reloads TLS.
+
+    Returns 0 after a signal (clean stop), 1 if the service ended by itself (a bug).
+    """
+    stop = threading.Event()
+    signalled = []
+
+    def on_stop(signum, _frame):
+        signalled.append(signum)
+        stop.set()
+
+    def serve():
+        try:
+            service.serve_forever()
+        except Exception:
+            log.exception("the service stopped on an unexpected error")
+        finally:
+            stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGTERM, on_stop)
+        if hasattr(service, "reload_tls") and hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, lambda _signum, _frame: service.reload_tls())
+    thread = threading.Thread(target=serve, name="service", daemon=True)
+    thread.start()
+    stop.wait()
+    if signalled:
+        log.info("stopping on %s", signal.Signals(signalled[0]).name)
+    service.stop()
+    thread.join(5)
+    return 0 if signalled else 1
+
+
+def configure_logging(level):
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+
+
+def main(argv=None):
+    """Run proxyguard.py with `argv` (default sys.argv[1:]); return the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        options = parse_options(argv)
+    except UsageError as exc:
+        print("proxyguard.py: error: %s (see --help)" % exc, file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help and --version print and exit 0
+        return exc.code if isinstance(exc.code, int) else 0
+    configure_logging(options.log_level)
+    try:
+        service = build_service(options)
+    except UsageError as exc:
+        print("proxyguard.py: error: %s" % exc, file=sys.stderr)
+        return 2
+    except FatalError as exc:
+        log.error("%s", exc)
+        return 1
+    return run_until_signal(service)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
