@@ -47,6 +47,7 @@ tunnel pumps, server, client, CLI, main(argv).
 import argparse
 import collections
 import errno
+import ipaddress
 import logging
 import os
 import re
@@ -115,6 +116,8 @@ DEFAULT_FORWARD_PORT = 51820
 DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_USER_AGENT = "proxyguard.py/" + __version__
+# Reverse proxies whose X-Forwarded-For / Forwarded headers the server believes by default.
+DEFAULT_TRUSTED_PROXIES = "127.0.0.0/8,::1"
 
 # Linux socket option numbers that the socket module may lack on old Pythons.
 SO_MARK = getattr(socket, "SO_MARK", 36)
@@ -341,6 +344,62 @@ def check_upgrade_request(request):
         raise HandshakeError(
             426, "the 'Upgrade' header is not '%s', got: '%s'"
             % (PROTOCOL, ", ".join(request.get_all("upgrade"))), upgrade_headers)
+
+
+def parse_networks(text, option):
+    """A comma list of IP networks (`10.0.0.0/8,::1`); raises UsageError naming `option`."""
+    networks = []
+    for item in text.split(","):
+        if item.strip():
+            try:
+                networks.append(ipaddress.ip_network(item.strip(), strict=False))
+            except ValueError:
+                raise UsageError("%s: %r is not an IP address or network" % (option, item))
+    return networks
+
+
+def is_trusted(address, networks):
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:  # "unknown", an obfuscated node name (RFC 7239 6.3)
+        return False
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
+
+
+def _forwarded_node(value):
+    """The address of an RFC 7239 `for=` node or an X-Forwarded-For item, without its port."""
+    value = value.strip().strip('"')
+    if value.startswith("["):
+        return value[1:].partition("]")[0]
+    if value.count(":") == 1:
+        return value.partition(":")[0]
+    return value
+
+
+def forwarded_client(request, peer_ip, trusted):
+    """The real client behind trusted reverse proxies, or None if `peer_ip` is not trusted.
+
+    Walks `Forwarded: for=` (or, without it, `X-Forwarded-For`) from the right, past every
+    trusted proxy: the first untrusted address is the client (a client can forge the left part).
+    """
+    if not is_trusted(peer_ip, trusted):
+        return None
+    chain = []
+    for value in request.get_all("forwarded"):
+        for element in value.split(","):
+            for pair in element.split(";"):
+                key, _, node = pair.strip().partition("=")
+                if key.lower() == "for" and node:
+                    chain.append(_forwarded_node(node))
+    if not chain:
+        for value in request.get_all("x-forwarded-for"):
+            chain.extend(_forwarded_node(item) for item in value.split(",") if item.strip())
+    for address in reversed(chain):
+        if not is_trusted(address, trusted):
+            return address
+    return chain[0] if chain else None
 
 
 def build_response(status, message="", extra_headers=()):
@@ -908,10 +967,12 @@ class Server:
     """
 
     def __init__(self, listen, wireguard, idle_timeout=DEFAULT_IDLE_TIMEOUT,
-                 handshake_timeout=HANDSHAKE_TIMEOUT, tls_context_factory=None):
+                 handshake_timeout=HANDSHAKE_TIMEOUT, tls_context_factory=None,
+                 trusted_proxies=()):
         self.wireguard_address, self.wireguard_family = resolve_udp(wireguard, "--to")
         self.idle_timeout = idle_timeout
         self.handshake_timeout = handshake_timeout
+        self.trusted_proxies = list(trusted_proxies)
         self.tls_context_factory = tls_context_factory
         self.tls_context = tls_context_factory() if tls_context_factory else None
         self.listener = open_listener(listen)
@@ -979,7 +1040,11 @@ class Server:
             parts = self._read_upgrade(channel, peer_text, deadline)
             if parts is None:
                 return
-            path, first_bytes = parts
+            request, first_bytes = parts
+            path = request.start[1]
+            client = forwarded_client(request, peer[0], self.trusted_proxies)
+            if client is not None:
+                peer_text = "%s (via %s)" % (client, peer_text)
             endpoint = UdpEndpoint.connected(self.wireguard_address, self.wireguard_family)
             channel.sendall(UPGRADE_RESPONSE)
             tunnel = Tunnel(channel, endpoint, peer_text, self.idle_timeout, first_bytes)
@@ -1020,12 +1085,12 @@ class Server:
         return channel
 
     def _read_upgrade(self, channel, peer_text, deadline):
-        """Read and check the upgrade request; answer errors. Returns (path, rest) or None."""
+        """Read and check the upgrade request; answer errors. Returns (request, rest) or None."""
         try:
             head, rest = read_head(channel, deadline)
             request = parse_request(head)
             check_upgrade_request(request)
-            return request.start[1], rest
+            return request, rest
         except HandshakeError as exc:
             log.info("handshake failed from %s: %d %s", peer_text, exc.status, exc)
             try:
@@ -1365,6 +1430,9 @@ def build_parser():
     add("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT, metavar="SECONDS",
         help="close a tunnel after this long without data from the peer; 0 = never "
              "(default %(default)g)")
+    add("--trusted-proxies", default=DEFAULT_TRUSTED_PROXIES, metavar="NETS",
+        help="server: reverse proxies whose X-Forwarded-For/Forwarded name the real client in "
+             "logs (default %(default)s; '' trusts none)")
     add("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT, metavar="SECONDS",
         help="server: time a new connection has for TLS and its request head "
              "(default %(default)g)")
@@ -1431,6 +1499,7 @@ def check_options(options):
     if options.mode == "server":
         options.listen = parse_host_port(options.listen, "--listen", default_host="0.0.0.0")
         options.to = parse_host_port(options.to or DEFAULT_SERVER_TO, "--to")
+        options.trusted_proxies = parse_networks(options.trusted_proxies, "--trusted-proxies")
         if bool(options.tls_cert) != bool(options.tls_key):
             raise UsageError("--tls-cert and --tls-key go together")
         return
@@ -1460,7 +1529,8 @@ def build_service(options):
             def factory():
                 return server_tls_context(options.tls_cert, options.tls_key)
         return Server(options.listen, options.to, idle_timeout=options.idle_timeout,
-                      handshake_timeout=options.handshake_timeout, tls_context_factory=factory)
+                      handshake_timeout=options.handshake_timeout, tls_context_factory=factory,
+                      trusted_proxies=options.trusted_proxies)
     tls_context = None
     if options.to.tls:
         tls_context = client_tls_context(options.ca_file, options.tls_min_version)

@@ -426,3 +426,18 @@ def test_parse_host_port():
         with pytest.raises(pg.UsageError) as info:
             pg.parse_host_port(bad, "--to")
         assert "--to" in str(info.value)
+
+
+def test_forwarded_client_walks_past_trusted_proxies():
+    trusted = pg.parse_networks(pg.DEFAULT_TRUSTED_PROXIES, "--trusted-proxies")
+    def client(lines, peer="127.0.0.1"):
+        return pg.forwarded_client(pg.parse_request(request(["Host: a"] + lines)), peer, trusted)
+    assert client(["X-Forwarded-For: 192.0.2.7"]) == "192.0.2.7"
+    assert client(["X-Forwarded-For: 6.6.6.6, 192.0.2.7, 127.0.0.1"]) == "192.0.2.7"
+    assert client(['Forwarded: for="[2001:db8::1]:4711";proto=https']) == "2001:db8::1"
+    assert client(["Forwarded: for=192.0.2.60:3000, for=127.0.0.2",
+                   "X-Forwarded-For: 6.6.6.6"]) == "192.0.2.60"
+    assert client(["X-Forwarded-For: 192.0.2.7"], peer="192.0.2.99") is None
+    assert client([]) is None
+    with pytest.raises(pg.UsageError):
+        pg.parse_networks("10.0.0.0/8,nonsense", "--trusted-proxies")
