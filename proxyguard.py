@@ -45,7 +45,9 @@ tunnel pumps, server, client, CLI, main(argv).
 """
 
 import argparse
+import base64
 import collections
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -116,6 +118,8 @@ DEFAULT_FORWARD_PORT = 51820
 DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_USER_AGENT = "proxyguard.py/" + __version__
+# Open tunnels a server takes by default: two threads each; beyond this a client gets 503.
+DEFAULT_MAX_CLIENTS = 1000
 # Reverse proxies whose X-Forwarded-For / Forwarded headers the server believes by default.
 DEFAULT_TRUSTED_PROXIES = "127.0.0.0/8,::1"
 
@@ -789,16 +793,19 @@ class Tunnel:
     `close()`, which wakes the other. `run()` then closes the channel, the wake pipe and the
     endpoint (which keeps a shared socket open, see UdpEndpoint).
 
-    `unsent` receives datagrams the UDP pump had read but could not send (the client queues
-    them for the next tunnel); None drops them.
+    `greeting` (the server's 101) is sent before either pump starts. `unsent` receives
+    datagrams the UDP pump had read but could not send (the client queues them for the next
+    tunnel); None drops them.
     """
 
-    def __init__(self, channel, endpoint, peer, idle_timeout, first_bytes=b"", unsent=None):
+    def __init__(self, channel, endpoint, peer, idle_timeout, first_bytes=b"", unsent=None,
+                 greeting=b""):
         self.channel = channel
         self.endpoint = endpoint
         self.peer = peer
         self.idle_timeout = idle_timeout
         self.first_bytes = first_bytes
+        self.greeting = greeting
         self.unsent = unsent
         self.close_reason = None
         self.started = time.monotonic()
@@ -822,14 +829,18 @@ class Tunnel:
             pass
 
     def run(self):
-        self.channel.sock.settimeout(self.idle_timeout or None)
-        udp_thread = threading.Thread(target=self._pump, args=(self.relay_udp_to_tcp,),
-                                      name="udp->tcp %s" % self.peer, daemon=True)
-        udp_thread.start()
+        udp_thread = None
         try:
+            self.channel.sock.settimeout(self.idle_timeout or None)
+            if self.greeting:  # the server's 101 goes out before any frame
+                self.channel.sendall(self.greeting)
+            udp_thread = threading.Thread(target=self._pump, args=(self.relay_udp_to_tcp,),
+                                          name="udp->tcp %s" % self.peer, daemon=True)
+            udp_thread.start()
             self._pump(self.relay_tcp_to_udp)
         finally:
-            udp_thread.join()
+            if udp_thread is not None:
+                udp_thread.join()
             self.channel.close()
             os.close(self._wake_read)
             os.close(self._wake_write)
@@ -968,11 +979,13 @@ class Server:
 
     def __init__(self, listen, wireguard, idle_timeout=DEFAULT_IDLE_TIMEOUT,
                  handshake_timeout=HANDSHAKE_TIMEOUT, tls_context_factory=None,
-                 trusted_proxies=()):
+                 trusted_proxies=(), max_clients=DEFAULT_MAX_CLIENTS):
         self.wireguard_address, self.wireguard_family = resolve_udp(wireguard, "--to")
         self.idle_timeout = idle_timeout
         self.handshake_timeout = handshake_timeout
         self.trusted_proxies = list(trusted_proxies)
+        self.max_clients = max_clients
+        self.tunnels_open = 0
         self.tls_context_factory = tls_context_factory
         self.tls_context = tls_context_factory() if tls_context_factory else None
         self.listener = open_listener(listen)
@@ -1045,18 +1058,24 @@ class Server:
             client = forwarded_client(request, peer[0], self.trusted_proxies)
             if client is not None:
                 peer_text = "%s (via %s)" % (client, peer_text)
-            endpoint = UdpEndpoint.connected(self.wireguard_address, self.wireguard_family)
-            channel.sendall(UPGRADE_RESPONSE)
-            tunnel = Tunnel(channel, endpoint, peer_text, self.idle_timeout, first_bytes)
-            with self._lock:
-                if self._stopping:
-                    tunnel.close("server shutting down")
-                self._connections[threading.current_thread()] = (
-                    lambda: tunnel.close("server shutting down"))
-            log.info("tunnel up: %s, path %s%s", peer_text, path,
-                     ", " + channel.tls_version if channel.tls_version else "")
-            reason = tunnel.run()
-            log.info("tunnel down: %s after %s (%s)", peer_text, tunnel.summary(), reason)
+            if not self._admit(channel, peer_text):
+                return
+            try:
+                endpoint = UdpEndpoint.connected(self.wireguard_address, self.wireguard_family)
+                tunnel = Tunnel(channel, endpoint, peer_text, self.idle_timeout, first_bytes,
+                                greeting=UPGRADE_RESPONSE)
+                with self._lock:
+                    if self._stopping:
+                        tunnel.close("server shutting down")
+                    self._connections[threading.current_thread()] = (
+                        lambda: tunnel.close("server shutting down"))
+                log.info("tunnel up: %s, path %s%s", peer_text, path,
+                         ", " + channel.tls_version if channel.tls_version else "")
+                reason = tunnel.run()
+                log.info("tunnel down: %s after %s (%s)", peer_text, tunnel.summary(), reason)
+            finally:
+                with self._lock:
+                    self.tunnels_open -= 1
         except (OSError, ssl.SSLError) as exc:
             log.info("connection %s: %s", peer_text, describe_os_error(exc))
         except Exception:
@@ -1066,6 +1085,26 @@ class Server:
                 self._connections.pop(threading.current_thread(), None)
             if tunnel is None:
                 sock.close()
+
+    def _admit(self, channel, peer_text):
+        """Count a new tunnel in, or answer 503 when --max-clients are open already."""
+        with self._lock:
+            if not self.max_clients or self.tunnels_open < self.max_clients:
+                self.tunnels_open += 1
+                return True
+        self._refuse(channel, peer_text, HandshakeError(
+            503, "the server is full (%d tunnels open); try again later" % self.max_clients,
+            [("Retry-After", "10")]))
+        return False
+
+    def _refuse(self, channel, peer_text, error):
+        """The one error-answer path: log why, send the HTTP answer, and let the caller close."""
+        log.info("handshake failed from %s: %d %s", peer_text, error.status, error)
+        try:
+            channel.sock.settimeout(1)
+            channel.sendall(build_response(error.status, str(error), error.extra_headers))
+        except (OSError, ssl.SSLError):
+            pass
 
     def _open_channel(self, sock, peer_text, deadline):
         """The channel for `sock`: TLS handshake done if the server speaks HTTPS; or None."""
@@ -1092,12 +1131,7 @@ class Server:
             check_upgrade_request(request)
             return request, rest
         except HandshakeError as exc:
-            log.info("handshake failed from %s: %d %s", peer_text, exc.status, exc)
-            try:
-                channel.sock.settimeout(1)
-                channel.sendall(build_response(exc.status, str(exc), exc.extra_headers))
-            except (OSError, ssl.SSLError):
-                pass
+            self._refuse(channel, peer_text, exc)
             return None
         except ConnectionError as exc:
             log.info("handshake failed from %s: %s", peer_text, exc)
@@ -1165,35 +1199,251 @@ def server_tls_context(cert_file, key_file):
 TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
-class Client:
-    """The ProxyGuard client: WireGuard's endpoint on 127.0.0.1, tunnelling to `url`.
+class Dialer:
+    """Opens a UoTLV/1 channel to the server: resolve, connect (perhaps through an HTTP
+    proxy's CONNECT), TLS for https://, then the upgrade. Used by the client for every tunnel
+    and by `check`, which passes `report(step, ok, detail, seconds)` to print each step.
 
-    `serve_forever()` runs the connector in the calling thread until `stop()`: wait for a
-    datagram, connect, run a Tunnel to its end, wait, and again (module docstring). Datagrams
-    the tunnel could not send wait in `pending` and go out first on the next tunnel.
+    Addresses are resolved once and kept (--peer-ips in order, or DNS), so a reconnect works
+    while the VPN carries DNS. `abort()` from another thread wakes a dial in progress.
     """
 
-    def __init__(self, url, listen_port=DEFAULT_LISTEN_PORT, forward_port=DEFAULT_FORWARD_PORT,
-                 peer_ips=(), fwmark=-1, tcp_port=0, user_agent=DEFAULT_USER_AGENT,
-                 connect_timeout=DEFAULT_CONNECT_TIMEOUT, idle_timeout=DEFAULT_IDLE_TIMEOUT,
-                 tls_context=None):
+    def __init__(self, url, proxy=None, peer_ips=(), fwmark=-1, tcp_port=0,
+                 user_agent=DEFAULT_USER_AGENT, connect_timeout=DEFAULT_CONNECT_TIMEOUT,
+                 tls_context=None, report=None):
         self.url = url
+        self.proxy = proxy
         self.peer_ips = list(peer_ips)
         self.fwmark = fwmark
         self.tcp_port = tcp_port
         self.user_agent = user_agent
         self.connect_timeout = connect_timeout
-        self.idle_timeout = idle_timeout
         self.tls_context = tls_context
-        self.pending = collections.deque(maxlen=PENDING_DATAGRAMS)
-        self.tunnels_opened = 0
+        self.report = report
         self._addresses = None
+        self._lock = threading.Lock()
+        self._sock = None
+        self._aborted = False
+
+    def abort(self):
+        with self._lock:
+            self._aborted = True
+            if self._sock is not None:
+                PlainChannel(self._sock).shutdown()
+
+    @contextlib.contextmanager
+    def _step(self, name):
+        """Time one step and tell `report` how it went; `detail` is the step's to fill in."""
+        started = time.monotonic()
+        detail = []
+        try:
+            yield detail
+        except BaseException as exc:
+            if self.report:
+                reason = exc if isinstance(exc, ProxyGuardError) else describe_os_error(exc) \
+                    if isinstance(exc, OSError) else repr(exc)
+                self.report(name, False, "; ".join(detail + [str(reason)]),
+                            time.monotonic() - started)
+            raise
+        if self.report:
+            self.report(name, True, "; ".join(detail), time.monotonic() - started)
+
+    def resolve(self):
+        """[(family, sockaddr)] to connect to: the proxy's, or the server's. Raises OSError."""
+        if self._addresses is None:
+            host, port = (self.proxy.host, self.proxy.port) if self.proxy else (
+                self.url.host, self.url.port)
+            with self._step("resolve") as detail:
+                if self.peer_ips and not self.proxy:
+                    addresses = [resolve_tcp(ip, port, numeric=True)[0] for ip in self.peer_ips]
+                    detail.append("--peer-ips, DNS skipped")
+                else:
+                    addresses = resolve_tcp(host, port)
+                detail.append("%s -> %s" % (host, ", ".join(
+                    format_address(address) for _, address in addresses)))
+            self._addresses = addresses
+        return self._addresses
+
+    def dial(self):
+        """Return (channel, bytes after the 101, peer text); raises OSError, ssl.SSLError,
+        UpgradeRefused or ConnectionError. The channel is open and upgraded."""
+        sock, address = self._connect(self.resolve())
+        try:
+            deadline = time.monotonic() + self.connect_timeout
+            peer = "%s (%s)" % (self.url.host_header, format_address(address))
+            if self.proxy:
+                self._proxy_connect(sock, deadline)
+                peer = "%s (via proxy %s)" % (self.url.host_header, format_address(address))
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            channel = self._tls(sock) if self.tls_context else PlainChannel(sock)
+            return channel, self._upgrade(channel, deadline), peer
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            with self._lock:
+                self._sock = None
+
+    def _connect(self, addresses):
+        """A TCP connection to the first of `addresses` that answers: (socket, address)."""
+        errors = []
+        for family, address in addresses:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            with self._lock:
+                if self._aborted:
+                    sock.close()
+                    raise ConnectionError("stopped")
+                self._sock = sock
+            try:
+                with self._step("connect") as detail:
+                    detail.append(("proxy " if self.proxy else "") + format_address(address))
+                    if self.fwmark >= 0:
+                        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.fwmark)
+                    if self.tcp_port:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0",
+                                   self.tcp_port))
+                    prepare_tcp_socket(sock)
+                    sock.settimeout(self.connect_timeout)
+                    sock.connect(address)
+                return sock, address
+            except OSError as exc:
+                sock.close()
+                errors.append("%s: %s" % (format_address(address), describe_os_error(exc)))
+        raise ConnectionError("; ".join(errors))
+
+    def _proxy_connect(self, sock, deadline):
+        """Ask the HTTP proxy for a tunnel to the server with CONNECT (RFC 9110 9.3.6)."""
+        host = self.peer_ips[0] if self.peer_ips else self.url.host
+        authority = format_address((host, self.url.port))
+        with self._step("proxy") as detail:
+            channel = PlainChannel(sock)
+            channel.sendall(build_connect_request(authority, self.proxy.credentials,
+                                                  self.user_agent))
+            head, rest = read_response_head(channel, deadline)
+            response = parse_response(head)
+            detail.append("CONNECT %s -> HTTP %d %s" % (authority, response.start[1],
+                                                        response.start[2]))
+            check_connect_response(response)
+            if rest:
+                raise UpgradeRefused("the proxy sent data after its 200 answer")
+
+    def _tls(self, sock):
+        with self._step("tls") as detail:
+            channel = TLSChannel(sock, self.tls_context, server_side=False,
+                                 server_hostname=self.url.host)
+            channel.handshake()
+            detail.append(describe_tls(channel))
+        return channel
+
+    def _upgrade(self, channel, deadline):
+        with self._step("upgrade") as detail:
+            channel.sendall(build_upgrade_request(self.url.host_header, self.url.target,
+                                                  self.user_agent))
+            head, rest = read_response_head(channel, deadline)
+            response = parse_response(head)
+            detail.append("GET %s -> %s %d %s" % ((self.url.target,) + response.start))
+            detail.extend("%s: %s" % header for header in response.headers)
+            check_upgrade_response(response)
+        return rest
+
+
+def read_response_head(channel, deadline):
+    """read_head for the client side: a missing answer is a connection error, not a 408."""
+    try:
+        return read_head(channel, deadline)
+    except HandshakeError as exc:
+        raise ConnectionError("no valid answer: %s" % exc)
+
+
+def describe_tls(channel):
+    """'TLSv1.3, CN=vpn.example.org, issuer CN=..., expires ... (in N days)' for check."""
+    cert = channel.peer_certificate() or {}
+    def name(field):
+        return ", ".join("%s=%s" % pair for rdn in cert.get(field, ()) for pair in rdn)
+    text = "%s, subject %s, issuer %s" % (channel.tls_version, name("subject"), name("issuer"))
+    if "notAfter" in cert:
+        expires = ssl.cert_time_to_seconds(cert["notAfter"])
+        text += ", expires %s (in %d days)" % (cert["notAfter"], (expires - time.time()) // 86400)
+    return text
+
+
+class ProxyURL:
+    """An HTTP proxy for CONNECT: `http://[user:pass@]host:port`."""
+
+    def __init__(self, text, option="--proxy"):
+        parts = urllib.parse.urlsplit(text.strip() if "://" in text else "http://" + text.strip())
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise UsageError("%s %r: %s" % (option, text, exc))
+        if parts.scheme != "http" or not parts.hostname:
+            raise UsageError("%s %r: expected http://[user:pass@]host:port" % (option, text))
+        self.host = parts.hostname
+        self.port = port or 3128
+        self.credentials = None
+        if parts.username is not None:
+            self.credentials = "%s:%s" % (urllib.parse.unquote(parts.username),
+                                          urllib.parse.unquote(parts.password or ""))
+        self.text = "http://%s" % format_address((self.host, self.port))
+
+    def __str__(self):
+        return self.text
+
+
+def build_connect_request(authority, credentials=None, user_agent=DEFAULT_USER_AGENT):
+    """The CONNECT request for an HTTP proxy; `credentials` is 'user:pass' for Basic auth."""
+    lines = ["CONNECT %s HTTP/1.1" % authority, "Host: %s" % authority,
+             "User-Agent: %s" % user_agent]
+    if credentials is not None:
+        token = base64.b64encode(credentials.encode("utf-8")).decode("ascii")
+        lines.append("Proxy-Authorization: Basic %s" % token)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def check_connect_response(response):
+    """Raise unless the proxy's answer to CONNECT is 2xx; name the cause."""
+    status = response.start[1]
+    if 200 <= status < 300:
+        return
+    if status == 407:
+        raise UpgradeRefused("the HTTP proxy wants authentication (407): give "
+                             "http://user:password@host:port in --proxy or HTTPS_PROXY")
+    if status == 403:
+        raise UpgradeRefused("the HTTP proxy refuses CONNECT to this host or port (403)")
+    raise ConnectionError("the HTTP proxy answered %d %s to CONNECT" % response.start[1:])
+
+
+def proxy_from_environment(url):
+    """The proxy the environment names for `url` (HTTPS_PROXY or HTTP_PROXY, by scheme, and
+    NO_PROXY), as a ProxyURL, or None. urllib.request implements the conventions."""
+    import urllib.request  # only here: it is slow to import, and only the client needs it
+    proxies = urllib.request.getproxies()
+    text = proxies.get(url.scheme)
+    if not text or urllib.request.proxy_bypass(url.host):
+        return None
+    return ProxyURL(text, option="%s_PROXY" % url.scheme.upper())
+
+
+class Client:
+    """The ProxyGuard client: WireGuard's endpoint on 127.0.0.1, tunnelling to the server.
+
+    `serve_forever()` runs the connector in the calling thread until `stop()`: wait for a
+    datagram, dial, run a Tunnel to its end, wait, and again (module docstring). Datagrams
+    the tunnel could not send wait in `pending` and go out first on the next tunnel.
+    """
+
+    def __init__(self, dialer, listen_port=DEFAULT_LISTEN_PORT,
+                 forward_port=DEFAULT_FORWARD_PORT, idle_timeout=DEFAULT_IDLE_TIMEOUT):
+        self.dialer = dialer
+        self.url = dialer.url
+        self.idle_timeout = idle_timeout
+        self.pending = collections.deque(maxlen=PENDING_DATAGRAMS)
         self._stopping = False
         self._lock = threading.Lock()
         self._tunnel = None
-        self._connecting = None
-        if fwmark >= 0:
-            check_fwmark(fwmark)
+        if dialer.fwmark >= 0:
+            check_fwmark(dialer.fwmark)
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             set_socket_buffers(sock)
@@ -1205,26 +1455,18 @@ class Client:
         self.address = sock.getsockname()
         self.endpoint = UdpEndpoint(sock, ("127.0.0.1", forward_port), owned=False)
         self._wake_read, self._wake_write = os.pipe()
-        self._resolve()
-
-    def _resolve(self):
-        """The server's addresses: --peer-ips in order, or DNS once (so reconnects work while
-        the VPN carries DNS). Returns the list, or None after logging why DNS failed."""
-        if self._addresses is None:
-            try:
-                if self.peer_ips:
-                    self._addresses = [resolve_tcp(ip, self.url.port, numeric=True)[0]
-                                       for ip in self.peer_ips]
-                else:
-                    self._addresses = resolve_tcp(self.url.host, self.url.port)
-            except OSError as exc:
-                log.error("cannot resolve %s: %s (trying again on the next connect)",
-                          self.url.host, describe_os_error(exc))
-        return self._addresses
+        try:
+            dialer.resolve()
+        except OSError as exc:
+            log.error("cannot resolve %s: %s (trying again at each connect)",
+                      dialer.proxy.host if dialer.proxy else self.url.host,
+                      describe_os_error(exc))
 
     def serve_forever(self):
-        log.info("client listening on %s (UDP), tunnelling to %s, replies to WireGuard at %s",
-                 format_address(self.address), self.url, format_address(self.endpoint.send_to))
+        log.info("client listening on %s (UDP), tunnelling to %s%s, replies to WireGuard at %s",
+                 format_address(self.address), self.url,
+                 " via proxy %s" % self.dialer.proxy if self.dialer.proxy else "",
+                 format_address(self.endpoint.send_to))
         failures = 0
         while self._wait(None if not self.pending else 0) and not self._stopping:
             try:
@@ -1256,8 +1498,7 @@ class Client:
             self._stopping = True
             if self._tunnel is not None:
                 self._tunnel.close("client shutting down")
-            if self._connecting is not None:
-                PlainChannel(self._connecting).shutdown()
+        self.dialer.abort()
         os.write(self._wake_write, b"x")
 
     def _wait(self, timeout):
@@ -1269,76 +1510,45 @@ class Client:
         select.select([self._wake_read], [], [], seconds)
 
     def _open_tunnel(self):
-        """Connect, upgrade, send the pending datagrams; return the Tunnel, ready to run."""
-        addresses = self._resolve()
-        if addresses is None:
-            raise ConnectionError("the server's address is unknown")
-        sock, address = self._connect(addresses)
+        """Dial and send the pending datagrams; return the Tunnel, ready to run."""
+        channel, first_bytes, peer = self.dialer.dial()
         try:
-            channel, first_bytes = self._upgrade(sock)
             if self.pending:
                 channel.sendall(encode_frames(self.pending))
                 self.pending.clear()
         except BaseException:
-            sock.close()
+            channel.close()
             raise
-        finally:
-            with self._lock:
-                self._connecting = None
-        peer = "%s (%s)" % (self.url.host_header, format_address(address))
         tunnel = Tunnel(channel, self.endpoint, peer, self.idle_timeout, first_bytes,
                         unsent=self.pending.extend)
         with self._lock:
             self._tunnel = tunnel
             if self._stopping:
                 tunnel.close("client shutting down")
-        self.tunnels_opened += 1
-        log.info("tunnel up: %s%s, path %s%s", self.url.scheme, "://" + peer, self.url.target,
+        log.info("tunnel up: %s, %s%s", peer, self.url,
                  ", " + channel.tls_version if channel.tls_version else "")
         return tunnel
 
-    def _connect(self, addresses):
-        """A TCP connection to the first of `addresses` that answers; (socket, address)."""
-        errors = []
-        for family, address in addresses:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            with self._lock:
-                if self._stopping:
-                    sock.close()
-                    raise ConnectionError("client shutting down")
-                self._connecting = sock
-            try:
-                if self.fwmark >= 0:
-                    sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.fwmark)
-                if self.tcp_port:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", self.tcp_port))
-                prepare_tcp_socket(sock)
-                sock.settimeout(self.connect_timeout)
-                sock.connect(address)
-                return sock, address
-            except OSError as exc:
-                sock.close()
-                errors.append("%s: %s" % (format_address(address), describe_os_error(exc)))
-        raise ConnectionError("; ".join(errors))
 
-    def _upgrade(self, sock):
-        """TLS (for https://) and the UoTLV/1 upgrade on `sock`: (channel, bytes after 101)."""
-        deadline = time.monotonic() + self.connect_timeout
-        if self.tls_context is not None:
-            channel = TLSChannel(sock, self.tls_context, server_side=False,
-                                 server_hostname=self.url.host)
-            channel.handshake()
-        else:
-            channel = PlainChannel(sock)
-        channel.sendall(build_upgrade_request(self.url.host_header, self.url.target,
-                                              self.user_agent))
-        try:
-            head, rest = read_head(channel, deadline)
-        except HandshakeError as exc:
-            raise ConnectionError("no upgrade answer: %s" % exc)
-        check_upgrade_response(parse_response(head))
-        return channel, rest
+def run_check(dialer, out=sys.stdout):
+    """`proxyguard.py check`: dial once, print every step with its timing; 0 if upgraded."""
+    def report(step, ok, detail, seconds):
+        print("%-8s %-4s %7.1f ms  %s" % (step, "ok" if ok else "FAIL", seconds * 1000, detail),
+              file=out, flush=True)
+
+    dialer.report = report
+    print("check    %s%s" % (dialer.url, " via proxy %s" % dialer.proxy if dialer.proxy else ""),
+          file=out)
+    try:
+        channel, _, peer = dialer.dial()
+    except (OSError, ssl.SSLError, ProxyGuardError) as exc:
+        print("result   FAIL: %s" % (describe_os_error(exc) if isinstance(exc, OSError) else exc),
+              file=out)
+        return 1
+    channel.shutdown()
+    channel.close()
+    print("result   ok: %s accepts %s upgrades" % (peer, PROTOCOL), file=out)
+    return 0
 
 
 def resolve_tcp(host, port, numeric=False):
@@ -1364,7 +1574,7 @@ def check_fwmark(mark):
 # CLI: one parser for every mode; command line > config file > environment > defaults
 # =============================================================================================
 
-MODES = ("client", "server")
+MODES = ("client", "server", "check")
 ENV_PREFIX = "PROXYGUARD_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -1398,8 +1608,9 @@ def build_parser():
             help="config file of 'option = value' lines (see proxyguard.conf.example)")
     else:
         add("-c", "--config", metavar="FILE", help="config file (needs configargparse)")
-    add("--mode", choices=MODES, help="run as client or server (required; 'proxyguard.py "
-        "client ...' is short for '--mode client ...')")
+    add("--mode", choices=MODES, help="client, server, or check (try one connection to --to "
+        "and print each step); required. 'proxyguard.py client ...' is short for "
+        "'--mode client ...'")
     add("--to", help="client: the server's URL, http(s)://host[:port][/path] (required); "
         "server: WireGuard's HOST:PORT (default %s)" % DEFAULT_SERVER_TO)
     add("--listen", metavar="HOST:PORT", default=DEFAULT_SERVER_LISTEN,
@@ -1421,6 +1632,9 @@ def build_parser():
         "(default %(default)s)")
     add("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT, metavar="SECONDS",
         help="client: TCP connect plus TLS and upgrade (default %(default)g)")
+    add("--proxy", metavar="URL", help="client: reach the server through this HTTP proxy "
+        "with CONNECT, http://[user:pass@]host:port; 'none' ignores HTTPS_PROXY/HTTP_PROXY "
+        "(default: those variables, honouring NO_PROXY)")
     add("--ca-file", metavar="PEM", help="client: also trust the CAs in this file for https://")
     add("--tls-min-version", choices=sorted(TLS_VERSIONS), default="1.3",
         help="client: oldest TLS version accepted (default %(default)s, as the original)")
@@ -1430,6 +1644,9 @@ def build_parser():
     add("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT, metavar="SECONDS",
         help="close a tunnel after this long without data from the peer; 0 = never "
              "(default %(default)g)")
+    add("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS, metavar="N",
+        help="server: open tunnels at most; the next client gets 503 (default %(default)s, "
+             "0 = no limit)")
     add("--trusted-proxies", default=DEFAULT_TRUSTED_PROXIES, metavar="NETS",
         help="server: reverse proxies whose X-Forwarded-For/Forwarded name the real client in "
              "logs (default %(default)s; '' trusts none)")
@@ -1489,8 +1706,8 @@ def parse_options(argv, environ=None):
 def check_options(options):
     """Mode-dependent checks and conversions; raises UsageError naming the option."""
     if options.mode is None:
-        raise UsageError("--mode is required: client or server (or 'mode = client' in the "
-                         "config file)")
+        raise UsageError("--mode is required: client, server or check (or 'mode = client' in "
+                         "the config file)")
     for name in ("idle_timeout", "connect_timeout", "handshake_timeout"):
         value = getattr(options, name)
         if not value >= 0 or (value == 0 and name != "idle_timeout"):
@@ -1500,12 +1717,15 @@ def check_options(options):
         options.listen = parse_host_port(options.listen, "--listen", default_host="0.0.0.0")
         options.to = parse_host_port(options.to or DEFAULT_SERVER_TO, "--to")
         options.trusted_proxies = parse_networks(options.trusted_proxies, "--trusted-proxies")
+        if options.max_clients < 0:
+            raise UsageError("--max-clients %r: must be 0 (no limit) or more"
+                             % options.max_clients)
         if bool(options.tls_cert) != bool(options.tls_key):
             raise UsageError("--tls-cert and --tls-key go together")
         return
     if not options.to:
-        raise UsageError("--to is required for the client: the server's URL, for example "
-                         "https://vpn.example.org/proxyguard")
+        raise UsageError("--to is required for the %s: the server's URL, for example "
+                         "https://vpn.example.org/proxyguard" % options.mode)
     options.to = ServerURL(options.to)
     options.listen_port = parse_port(options.listen_port, "--listen-port")
     options.forward_port = parse_port(options.forward_port, "--forward-port")
@@ -1530,15 +1750,25 @@ def build_service(options):
                 return server_tls_context(options.tls_cert, options.tls_key)
         return Server(options.listen, options.to, idle_timeout=options.idle_timeout,
                       handshake_timeout=options.handshake_timeout, tls_context_factory=factory,
-                      trusted_proxies=options.trusted_proxies)
+                      trusted_proxies=options.trusted_proxies, max_clients=options.max_clients)
+    return Client(build_dialer(options), listen_port=options.listen_port,
+                  forward_port=options.forward_port, idle_timeout=options.idle_timeout)
+
+
+def build_dialer(options):
+    """The client's (or check's) Dialer. Raises UsageError."""
     tls_context = None
     if options.to.tls:
         tls_context = client_tls_context(options.ca_file, options.tls_min_version)
-    return Client(options.to, listen_port=options.listen_port,
-                  forward_port=options.forward_port, peer_ips=options.peer_ips,
-                  fwmark=options.fwmark, tcp_port=options.tcp_port,
-                  user_agent=options.user_agent, connect_timeout=options.connect_timeout,
-                  idle_timeout=options.idle_timeout, tls_context=tls_context)
+    if options.proxy is None:
+        proxy = proxy_from_environment(options.to)
+    elif options.proxy.lower() in ("", "none", "direct"):
+        proxy = None
+    else:
+        proxy = ProxyURL(options.proxy)
+    return Dialer(options.to, proxy=proxy, peer_ips=options.peer_ips, fwmark=options.fwmark,
+                  tcp_port=options.tcp_port, user_agent=options.user_agent,
+                  connect_timeout=options.connect_timeout, tls_context=tls_context)
 
 
 # =============================================================================================
@@ -1598,6 +1828,8 @@ def main(argv=None):
         return exc.code if isinstance(exc.code, int) else 0
     configure_logging(options.log_level)
     try:
+        if options.mode == "check":
+            return run_check(build_dialer(options))
         service = build_service(options)
     except UsageError as exc:
         print("proxyguard.py: error: %s" % exc, file=sys.stderr)
