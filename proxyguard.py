@@ -808,6 +808,7 @@ class Tunnel:
         self.greeting = greeting
         self.unsent = unsent
         self.close_reason = None
+        self.went_idle = False  # closed by our own idle timeout: a normal end, not a failure
         self.started = time.monotonic()
         # Counters: each is written by one pump thread only.
         self.to_udp_datagrams = self.to_udp_bytes = 0
@@ -865,6 +866,7 @@ class Tunnel:
         try:
             reason = relay()
         except socket.timeout:
+            self.went_idle = True
             reason = "idle for %gs" % self.idle_timeout
         except (OSError, ssl.SSLError) as exc:
             reason = describe_os_error(exc)
@@ -963,8 +965,9 @@ def read_head(channel, deadline, limit=MAX_HEAD_BYTES):
         buffer += data
         parts = split_head(memoryview(buffer)[start:])
         if parts is not None:
-            head, rest = parts
-            return bytes(buffer[:start]) + head, rest
+            head = bytes(buffer[:start]) + parts[0]
+            if len(head) <= limit:
+                return head, parts[1]
         if len(buffer) > limit:
             raise HandshakeError(431, "the request head is larger than %d bytes" % limit)
 
@@ -1483,7 +1486,7 @@ class Client:
                 with self._lock:
                     self._tunnel = None
                 log.info("tunnel down: %s after %s (%s)", tunnel.peer, tunnel.summary(), reason)
-                if tunnel.duration >= STABLE_TUNNEL_SECONDS:
+                if tunnel.went_idle or tunnel.duration >= STABLE_TUNNEL_SECONDS:
                     failures = 0
                     continue
                 wait = RETRY_WAITS[min(failures, len(RETRY_WAITS) - 1)]

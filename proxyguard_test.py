@@ -441,3 +441,423 @@ def test_forwarded_client_walks_past_trusted_proxies():
     assert client([]) is None
     with pytest.raises(pg.UsageError):
         pg.parse_networks("10.0.0.0/8,nonsense", "--trusted-proxies")
+
+
+# =============================================================================================
+# Real processes on loopback: the tunnel
+# =============================================================================================
+
+
+def test_datagrams_come_back_identical_and_in_order(tunnel, echo):
+    server, client = tunnel
+    wireguard = client.wireguard
+    sizes = [1, 1420, 8000, 65507]
+    for i, size in enumerate(sizes):
+        assert wireguard.roundtrip(numbered(i, size)) == numbered(i, size)
+    # A burst, in order.
+    burst = [numbered(i, (1, 1420, 8000)[i % 3]) for i in range(300)]
+    for datagram in burst:
+        wireguard.send(datagram)
+    assert [wireguard.recv() for _ in burst] == burst
+    assert len(echo.sources) == 1
+    assert client.stop() == 0 and server.stop() == 0
+    for proc in (client, server):
+        assert "tunnel down" in proc.log()
+    assert "301 datagrams" in server.log() or "304 datagrams" in server.log()
+
+
+def test_two_clients_stay_separate(tmp_path, echo, procs):
+    server = start_server(tmp_path, echo.port)
+    procs.append(server)
+    url = "http://%s:%d/" % (LOOPBACK, server.port)
+    first, second = start_client(tmp_path, url, name="c1"), start_client(tmp_path, url, name="c2")
+    procs.extend([first, second])
+    for i in range(50):
+        first.wireguard.send(b"first %d" % i)
+        second.wireguard.send(b"second %d" % i)
+    assert [first.wireguard.recv() for _ in range(50)] == [b"first %d" % i for i in range(50)]
+    assert [second.wireguard.recv() for _ in range(50)] == [b"second %d" % i for i in range(50)]
+    # One connected UDP socket per tunnel: WireGuard sees two source ports.
+    assert len(echo.sources) == 2
+    server.wait_log("tunnel up", count=2)
+
+
+def test_server_restart_loses_nothing_sent_after_it(tmp_path, echo, procs):
+    server = start_server(tmp_path, echo.port)
+    procs.append(server)
+    client = start_client(tmp_path, "http://%s:%d/" % (LOOPBACK, server.port))
+    procs.append(client)
+    wireguard = client.wireguard
+    stop_flow = threading.Event()
+
+    def flow():  # traffic that keeps flowing while the server dies
+        i = 0
+        while not stop_flow.is_set():
+            wireguard.send(b"before %d" % i)
+            i += 1
+            time.sleep(0.002)
+
+    assert wireguard.roundtrip(b"hello") == b"hello"
+    flowing = threading.Thread(target=flow)
+    flowing.start()
+    time.sleep(0.3)
+    server.kill()
+    server = start_server(tmp_path, echo.port, port=server.port, name="server2")
+    procs.append(server)
+    stop_flow.set()
+    flowing.join()
+    after = [b"after %d" % i for i in range(200)]
+    for datagram in after:
+        wireguard.send(datagram)
+    got = []
+    deadline = time.monotonic() + 20
+    while len([d for d in got if d.startswith(b"after")]) < len(after):
+        got.append(wireguard.recv(timeout=max(0.1, deadline - time.monotonic())))
+    assert [d for d in got if d.startswith(b"after")] == after
+    client.wait_log("tunnel up", count=2)
+    assert client.popen.poll() is None
+
+
+def test_frames_split_anywhere_and_bytes_with_the_request(tmp_path, echo, procs):
+    """A raw client: the first frame rides in the request's packet; then frames byte by byte."""
+    server = start_server(tmp_path, echo.port)
+    procs.append(server)
+    datagrams = [numbered(i, size) for i, size in enumerate([5, 0, 1420, 3])]
+    with socket.create_connection((LOOPBACK, server.port), timeout=5) as sock:
+        sock.sendall(UPGRADE + pg.encode_frame(datagrams[0]))
+        reply = sock.recv(len(pg.UPGRADE_RESPONSE))
+        assert reply == pg.UPGRADE_RESPONSE
+        for byte in b"".join(pg.encode_frame(d) for d in datagrams[1:]):
+            sock.sendall(bytes([byte]))
+        decoder = pg.FrameDecoder()
+        got = []
+        # The empty datagram reaches the echo, which sends back an empty datagram that is
+        # dropped as the original does; the others come back.
+        while len(got) < 3:
+            got += decoder.feed(sock.recv(65536))
+    assert got == [datagrams[0], datagrams[2], datagrams[3]]
+    assert echo.count == 4
+
+
+@pytest.mark.parametrize("size", [65508, 65535])
+def test_oversized_frame_is_dropped_and_tunnel_goes_on(tmp_path, echo, procs, size):
+    server = start_server(tmp_path, echo.port)
+    procs.append(server)
+    with socket.create_connection((LOOPBACK, server.port), timeout=5) as sock:
+        sock.sendall(UPGRADE)
+        assert sock.recv(75) == pg.UPGRADE_RESPONSE
+        sock.sendall(pg.encode_frame(b"x" * size) + pg.encode_frame(b"after"))
+        decoder = pg.FrameDecoder()
+        got = []
+        while not got:
+            got += decoder.feed(sock.recv(65536))
+        assert got == [b"after"]
+    server.wait_log("dropped a %d-byte frame" % size)
+    server.wait_log("1 oversized frames dropped")
+
+
+def test_idle_timeout_closes_both_sides(tmp_path, echo, procs):
+    server = start_server(tmp_path, echo.port, "--idle-timeout", "1.5")
+    procs.append(server)
+    client = start_client(tmp_path, "http://%s:%d/" % (LOOPBACK, server.port),
+                          "--idle-timeout", "1")
+    procs.append(client)
+    assert client.wireguard.roundtrip(b"ping") == b"ping"
+    client.wait_log("tunnel down", timeout=5)
+    server.wait_log("tunnel down", timeout=5)
+    assert "(idle for 1s)" in client.log()
+    # The next datagram opens a new tunnel at once (an idle close is no failure).
+    assert client.wireguard.roundtrip(b"again") == b"again"
+    client.wait_log("tunnel up", count=2)
+    assert "next attempt" not in client.log()
+
+
+def test_wireguard_restart_does_not_end_the_tunnel(tmp_path, procs):
+    """ICMP port unreachable from a stopped WireGuard must not end the tunnel."""
+    wireguard_port = free_port(socket.SOCK_DGRAM)
+    server = start_server(tmp_path, wireguard_port)
+    procs.append(server)
+    client = start_client(tmp_path, "http://%s:%d/" % (LOOPBACK, server.port))
+    procs.append(client)
+    for i in range(5):  # nothing listens: each send draws ICMP
+        client.wireguard.send(b"lost %d" % i)
+        time.sleep(0.05)
+    server.wait_log("tunnel up")
+    echo = UdpEcho(wireguard_port)
+    try:
+        assert client.wireguard.roundtrip(b"back") == b"back"
+    finally:
+        echo.close()
+    assert "tunnel down" not in server.log()
+    assert client.log().count("tunnel up") == 1
+
+
+def test_client_is_lazy_and_sends_the_request_of_the_original(tmp_path, procs):
+    """No connection before the first datagram; then the request, byte for byte."""
+    with socket.socket() as listener:
+        listener.bind((LOOPBACK, 0))
+        listener.listen()
+        listener.settimeout(1)
+        port = listener.getsockname()[1]
+        client = start_client(tmp_path, "http://localhost:%d/pg?x=1" % port,
+                              "--user-agent", "UA/1")
+        procs.append(client)
+        with pytest.raises(socket.timeout):
+            listener.accept()
+        client.wireguard.send(b"first")
+        listener.settimeout(5)
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(5)
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                head += conn.recv(1)
+            assert head == pg.build_upgrade_request("localhost:%d" % port, "/pg?x=1", "UA/1")
+            # A 101 with other case and a Date header is accepted; the queued datagram follows.
+            conn.sendall(b"HTTP/1.1 101 switching\r\nDate: x\r\nconnection: UPGRADE\r\n"
+                         b"upgrade: uotlv/1\r\n\r\n")
+            decoder = pg.FrameDecoder()
+            got = []
+            while not got:
+                got += decoder.feed(conn.recv(100))
+            assert got == [b"first"]
+            conn.sendall(pg.encode_frame(b"reply"))
+            assert client.wireguard.recv() == b"reply"
+
+
+def test_client_names_captive_portal_and_keeps_retrying(tmp_path, procs):
+    """A portal answers 200 until the user logs in: log why, retry at the longest wait."""
+    with socket.socket() as listener:
+        listener.bind((LOOPBACK, 0))
+        listener.listen()
+        listener.settimeout(5)
+        client = start_client(tmp_path, "http://%s:%d/" % (LOOPBACK, listener.getsockname()[1]))
+        procs.append(client)
+        client.wireguard.send(b"x")
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nlogin")
+        client.wait_log("captive portal")
+        client.wait_log("next attempt in 10s")
+        client.wireguard.send(b"y")
+        listener.settimeout(15)
+        conn, _ = listener.accept()  # it came back by itself, after the wait
+        conn.close()
+    assert client.popen.poll() is None
+    assert client.stop() == 0
+
+
+def test_reconnect_waits_grow_and_are_logged(tmp_path, procs):
+    port = free_port()
+    client = start_client(tmp_path, "http://%s:%d/" % (LOOPBACK, port), "--connect-timeout", "1")
+    procs.append(client)
+    client.wireguard.send(b"x")
+    client.wait_log("next attempt in 1s")
+    client.wireguard.send(b"x")
+    client.wait_log("next attempt in 2s", timeout=5)
+    assert "connection refused" in client.log()
+
+
+# =============================================================================================
+# The server's answers to bad requests
+# =============================================================================================
+
+
+@pytest.fixture
+def server(tmp_path, echo, procs):
+    proc = start_server(tmp_path, echo.port, "--handshake-timeout", "1")
+    procs.append(proc)
+    return proc
+
+
+@pytest.mark.parametrize("data,status", [
+    (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", b"426"),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", b"426"),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: UoTLV/1\r\n\r\n", b"405"),
+    (b"GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: UoTLV/1\r\n\r\n", b"400"),
+    (b"hello\r\n\r\n", b"400"),
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"505"),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"y" * 20000 + b"\r\n\r\n", b"431"),
+], ids=["no-upgrade", "websocket", "post", "no-host", "garbage", "http2", "huge-header"])
+def test_bad_requests_get_an_http_answer_and_a_close(server, data, status):
+    answer = raw_exchange(server.port, data)
+    assert answer.startswith(b"HTTP/1.1 " + status + b" ")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert body.endswith(b"\n") and b"Content-Length: %d" % len(body) in head
+    if status == b"426":
+        assert b"\r\nUpgrade: UoTLV/1\r\n" in head
+    if status == b"405":
+        assert b"\r\nAllow: GET\r\n" in head
+    assert server.popen.poll() is None
+
+
+def test_browser_and_requests_see_426(server):
+    requests = pytest.importorskip("requests")
+    response = requests.get("http://%s:%d/anything" % (LOOPBACK, server.port), timeout=5)
+    assert response.status_code == 426
+    assert response.headers["Upgrade"] == "UoTLV/1"
+    assert "'Connection' header is not 'Upgrade'" in response.text
+    response = requests.post("http://%s:%d/" % (LOOPBACK, server.port), timeout=5)
+    assert response.status_code == 405 and response.headers["Allow"] == "GET"
+
+
+def test_slow_handshake_is_closed_at_the_deadline(server):
+    with socket.create_connection((LOOPBACK, server.port), timeout=5) as sock:
+        started = time.monotonic()
+        sock.sendall(b"GET / HT")
+        answer = sock.recv(1000)
+        elapsed = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert 0.8 < elapsed < 3
+    server.wait_log("408")
+
+
+def test_connection_token_list_is_accepted(server):
+    with socket.create_connection((LOOPBACK, server.port), timeout=5) as sock:
+        sock.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\n"
+                     b"Upgrade: UoTLV/1\r\n\r\n")
+        assert sock.recv(100) == pg.UPGRADE_RESPONSE
+
+
+def test_max_clients_answers_503_and_keeps_tunnels(tmp_path, echo, procs):
+    server = start_server(tmp_path, echo.port, "--max-clients", "1")
+    procs.append(server)
+    with socket.create_connection((LOOPBACK, server.port), timeout=5) as first:
+        first.sendall(UPGRADE)
+        assert first.recv(75) == pg.UPGRADE_RESPONSE
+        answer = raw_exchange(server.port, UPGRADE)
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 10" in answer
+        first.sendall(pg.encode_frame(b"still here"))
+        assert pg.FrameDecoder().feed(first.recv(100)) == [b"still here"]
+
+
+# =============================================================================================
+# Command line, config file, environment, exit status
+# =============================================================================================
+
+
+def run_cli(*args, env=None, timeout=20):
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PROXYGUARD_")}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, SCRIPT] + list(args), capture_output=True, text=True,
+                          env=full_env, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_precedence_command_line_then_config_file_then_environment(tmp_path):
+    conf = tmp_path / "client.conf"
+    conf.write_text("mode = client\nto = http://file.example/\nlisten-port = 1111\n")
+    env = {"PROXYGUARD_TO": "http://env.example/", "PROXYGUARD_LISTEN_PORT": "2222",
+           "PROXYGUARD_FORWARD_PORT": "3333", "PROXYGUARD_IDLE_TIMEOUT": "7"}
+    options = pg.parse_options(["-c", str(conf)], environ=env)
+    assert options.mode == "client"
+    assert options.to.host == "file.example"      # file beats environment
+    assert options.listen_port == 1111
+    assert options.forward_port == 3333           # environment beats default
+    assert options.idle_timeout == 7.0
+    options = pg.parse_options(["-c", str(conf), "--listen-port", "4444", "--to",
+                                "http://cli.example/"], environ=env)
+    assert (options.listen_port, options.to.host) == (4444, "cli.example")
+    options = pg.parse_options(["server"], environ={"PROXYGUARD_LISTEN": "[::]:443"})
+    assert options.listen == ("::", 443) and options.to == ("127.0.0.1", 51820)
+
+
+def test_config_file_alone_runs_a_client(tmp_path, echo, procs):
+    server = start_server(tmp_path, echo.port)
+    procs.append(server)
+    wireguard = WireGuardStandIn()
+    listen_port = free_port(socket.SOCK_DGRAM)
+    conf = tmp_path / "client.conf"
+    conf.write_text("# a client\nmode = client\nto = http://%s:%d/pg\nlisten-port = %d\n"
+                    "forward-port = %d\n" % (LOOPBACK, server.port, listen_port, wireguard.port))
+    client = Proc(tmp_path, ["-c", str(conf)])
+    procs.append(client)
+    wireguard.endpoint = (LOOPBACK, listen_port)
+    assert wireguard.roundtrip(b"from a config file") == b"from a config file"
+
+
+def test_example_config_file_is_valid():
+    options = pg.parse_options(["-c", os.path.join(HERE, "proxyguard.conf.example")], environ={})
+    assert options.mode == "client" and options.to.host == "vpn.example.org"
+
+
+@pytest.mark.parametrize("args,text", [
+    (["client", "--to", "vpn.example.org:443"], "--to 'vpn.example.org:443' is not a URL: "
+                                               "write http://vpn.example.org:443/"),
+    (["client"], "--to is required"),
+    ([], "--mode is required"),
+    (["client", "--to", "http://x/", "--listen-port", "abc"], "--listen-port"),
+    (["client", "--to", "http://x/", "--listen-port", "70000"], "--listen-port 70000"),
+    (["client", "--to", "http://x/", "--peer-ips", "1.2.3.4,nope"], "'nope'"),
+    (["server", "--listen", "0.0.0.0"], "--listen '0.0.0.0'"),
+    (["server", "--idle-timeout", "-1"], "--idle-timeout"),
+    (["server", "--tls-cert", "x.pem"], "--tls-cert and --tls-key"),
+    (["sever"], "unrecognized arguments: sever"),
+    (["-c", "/nonexistent.conf"], "/nonexistent.conf"),
+])
+def test_bad_values_exit_2_with_one_clear_line(args, text):
+    result = run_cli(*args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and text in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_environment_value_names_the_variable():
+    result = run_cli("server", env={"PROXYGUARD_IDLE_TIMEOUT": "soon"})
+    assert result.returncode == 2 and "idle-timeout" in result.stderr
+
+
+def test_port_taken_exits_1_and_sigterm_exits_0(tmp_path, echo, procs):
+    server = start_server(tmp_path, echo.port)
+    procs.append(server)
+    result = run_cli("server", "--listen", "%s:%d" % (LOOPBACK, server.port))
+    assert result.returncode == 1
+    assert "cannot listen on 127.0.0.1:%d: address already in use" % server.port in result.stderr
+    assert server.stop(signal.SIGTERM) == 0
+    assert "stopping on SIGTERM" in server.log()
+
+
+def test_sigint_exits_0_with_tunnels_closed(tunnel):
+    server, client = tunnel
+    assert client.wireguard.roundtrip(b"x") == b"x"
+    assert client.stop(signal.SIGINT) == 0
+    server.wait_log("tunnel down")
+    assert server.stop(signal.SIGINT) == 0
+
+
+def test_help_and_version():
+    result = run_cli("--help")
+    assert result.returncode == 0 and "PROXYGUARD_LISTEN_PORT" in result.stdout
+    result = run_cli("--version")
+    assert result.returncode == 0 and pg.__version__ in result.stdout
+
+
+def test_runs_without_configargparse(tmp_path, echo, procs):
+    """A router without pip: command-line options work; -c and env vars say what they need."""
+    blocker = tmp_path / "sitecustomize.py"
+    blocker.write_text("import sys\nsys.modules['configargparse'] = None\n")
+    env = {"PYTHONPATH": str(tmp_path)}
+    result = run_cli("server", "-c", "x.conf", env=env)
+    assert result.returncode == 2 and "need the configargparse package" in result.stderr
+    result = run_cli("server", env=dict(env, PROXYGUARD_LISTEN="127.0.0.1:1"))
+    assert result.returncode == 2 and "PROXYGUARD_LISTEN" in result.stderr
+    server = start_server(tmp_path, echo.port)
+    procs.append(server)
+    client = start_client(tmp_path, "http://%s:%d/" % (LOOPBACK, server.port))
+    procs.append(client)
+    server2 = Proc(tmp_path, ["server", "--listen", "%s:%d" % (LOOPBACK, free_port()),
+                              "--to", "%s:%d" % (LOOPBACK, echo.port)], env=env)
+    procs.append(server2)
+    assert "configargparse" not in server2.log()
+    assert client.wireguard.roundtrip(b"stdlib") == b"stdlib"
+
+
+def test_code_runs_on_python_39():
+    vermin = pytest.importorskip("vermin")
+    result = subprocess.run([sys.executable, "-c", "import sys, vermin; sys.argv[0] = 'vermin'; "
+                             "sys.exit(vermin.main())", "--no-tips", "--violations",
+                             "--target=3.9-", "--eval-annotations", SCRIPT],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Minimum required versions: 3." in result.stdout, result.stdout
