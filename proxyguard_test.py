@@ -9,6 +9,7 @@ client. Only loopback addresses are used.
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import struct
@@ -861,3 +862,19 @@ def test_code_runs_on_python_39():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Minimum required versions: 3." in result.stdout, result.stdout
+
+
+def test_readme_and_example_config_document_every_option():
+    with open(os.path.join(HERE, "README.md")) as f:
+        readme = f.read()
+    with open(os.path.join(HERE, "proxyguard.conf.example")) as f:
+        example = f.read()
+    for action in pg.build_parser()._actions:
+        long_names = [name for name in action.option_strings if name.startswith("--")]
+        if not long_names or long_names[0] in ("--help", "--version", "--config"):
+            continue
+        name = long_names[0]
+        assert "| `%s`" % name in readme, name
+        env = "PROXYGUARD_" + name[2:].upper().replace("-", "_")
+        assert "`%s`" % env in readme, env
+        assert re.search(r"^(# )?%s =" % re.escape(name[2:]), example, re.M), name
