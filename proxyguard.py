@@ -923,12 +923,36 @@ class Tunnel:
         return self.close_reason
 
 
+# What a failed TLS handshake most likely means, for the one-line error (issue: "says why").
+_CERTIFICATE_HINTS = (
+    ("expired", " (renew the server's certificate, or check this machine's clock)"),
+    ("not yet valid", " (check this machine's clock)"),
+    ("local issuer", " (unknown CA: a private CA needs --ca-file; a captive portal's "
+                     "certificate fails until you log in)"),
+    ("self-signed", " (unknown CA: a private CA needs --ca-file)"),
+    ("hostname mismatch", " (the URL's host is not in the certificate)"),
+    ("ip address mismatch", " (the URL's address is not in the certificate)"),
+)
+_TLS_HINTS = {
+    "TLSV1_ALERT_PROTOCOL_VERSION": " (the server does not offer TLS 1.3: enable it, for nginx "
+                                    "add TLSv1.3 to ssl_protocols, or use --tls-min-version 1.2)",
+    "UNSUPPORTED_PROTOCOL": " (the server offers only old TLS versions: --tls-min-version 1.2?)",
+    "WRONG_VERSION_NUMBER": " (not TLS: is the server plain http://?)",
+    "HTTP_REQUEST": " (plain HTTP sent to a TLS port: use https://)",
+    "NO_APPLICATION_PROTOCOL": " (the server does not offer HTTP/1.1 over ALPN)",
+    "UNEXPECTED_EOF_WHILE_READING": " (the server closed the connection during TLS)",
+}
+
+
 def describe_os_error(exc):
     """A short reason for a log line: 'connection reset by peer', 'certificate verify failed'."""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return "TLS certificate not accepted: %s" % (exc.verify_message or exc.reason)
+        message = exc.verify_message or str(exc.reason)
+        hint = next((hint for key, hint in _CERTIFICATE_HINTS if key in message.lower()), "")
+        return "TLS certificate not accepted: %s%s" % (message, hint)
     if isinstance(exc, ssl.SSLError):
-        return "TLS error: %s" % (exc.reason or exc)
+        reason = exc.reason or str(exc)
+        return "TLS handshake failed: %s%s" % (reason, _TLS_HINTS.get(reason, ""))
     if isinstance(exc, socket.timeout):
         return "timed out"
     if exc.strerror:
@@ -963,6 +987,10 @@ def read_head(channel, deadline, limit=MAX_HEAD_BYTES):
         # Search only the new bytes plus 3 before them for the blank line.
         start = max(0, len(buffer) - 3)
         buffer += data
+        if buffer[:1] == b"\x16":
+            # A TLS record never starts an HTTP head: hand it to the parser now, which says
+            # so, rather than wait for the deadline while the TLS peer waits for us.
+            return bytes(buffer), b""
         parts = split_head(memoryview(buffer)[start:])
         if parts is not None:
             head = bytes(buffer[:start]) + parts[0]
@@ -1477,7 +1505,10 @@ class Client:
             except UpgradeRefused as exc:
                 log.error("upgrade refused by %s: %s", self.url, exc)
                 wait = RETRY_WAITS[-1]
-            except (OSError, ssl.SSLError, ProxyGuardError) as exc:
+            except ssl.SSLError as exc:  # a captive portal's certificate fails until login
+                log.error("cannot connect to %s: %s", self.url, describe_os_error(exc))
+                wait = RETRY_WAITS[-1]
+            except (OSError, ProxyGuardError) as exc:
                 log.warning("cannot connect to %s: %s", self.url, describe_os_error(exc)
                             if isinstance(exc, OSError) else exc)
                 wait = RETRY_WAITS[min(failures, len(RETRY_WAITS) - 1)]

@@ -878,3 +878,300 @@ def test_readme_and_example_config_document_every_option():
         env = "PROXYGUARD_" + name[2:].upper().replace("-", "_")
         assert "`%s`" % env in readme, env
         assert re.search(r"^(# )?%s =" % re.escape(name[2:]), example, re.M), name
+
+
+# =============================================================================================
+# TLS: certificates made here with openssl; the server's own HTTPS; the client's checks
+# =============================================================================================
+
+
+def make_certificates(directory, name="server", hosts=("localhost", "127.0.0.1"), ca=None):
+    """A test CA (unless `ca` is given) and a server certificate for `hosts`, with openssl.
+
+    Returns a dict with the paths: ca, ca_key, cert, key.
+    """
+    directory = str(directory)
+    run = lambda *args: subprocess.run(["openssl"] + list(args), check=True, cwd=directory,
+                                       capture_output=True, timeout=60)
+    if ca is None:
+        ca = {"ca": os.path.join(directory, "ca.pem"), "ca_key": os.path.join(directory, "ca.key")}
+        run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-keyout", ca["ca_key"], "-out", ca["ca"], "-days", "2",
+            "-subj", "/CN=proxyguard.py test CA")
+    key, cert = (os.path.join(directory, name + suffix) for suffix in (".key", ".pem"))
+    san = ",".join(("IP:" if host[0].isdigit() or ":" in host else "DNS:") + host
+                   for host in hosts)
+    ext = os.path.join(directory, name + ".ext")
+    with open(ext, "w") as f:
+        f.write("subjectAltName=%s\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n"
+                "extendedKeyUsage=serverAuth\nsubjectKeyIdentifier=hash\n"
+                "authorityKeyIdentifier=keyid,issuer\n" % san)
+    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", key, "-out", name + ".csr", "-subj", "/CN=%s" % hosts[0])
+    run("x509", "-req", "-in", name + ".csr", "-CA", ca["ca"], "-CAkey", ca["ca_key"],
+        "-set_serial", str(int.from_bytes(os.urandom(8), "big")), "-out", cert, "-days", "2",
+        "-extfile", ext)
+    return dict(ca, cert=cert, key=key)
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory):
+    return make_certificates(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture
+def tls_server(tmp_path, echo, procs, certs):
+    proc = start_server(tmp_path, echo.port, "--tls-cert", certs["cert"], "--tls-key",
+                        certs["key"])
+    procs.append(proc)
+    return proc
+
+
+def test_tls_end_to_end(tmp_path, tls_server, procs, certs):
+    client = start_client(tmp_path, "https://localhost:%d/pg" % tls_server.port,
+                          "--ca-file", certs["ca"])
+    procs.append(client)
+    for i, size in enumerate([1, 1420, 8000, 65507]):
+        assert client.wireguard.roundtrip(numbered(i, size)) == numbered(i, size)
+    burst = [numbered(i, 1 + i * 7 % 1420) for i in range(500)]
+    for datagram in burst:
+        client.wireguard.send(datagram)
+    assert [client.wireguard.recv() for _ in burst] == burst
+    tls_server.wait_log("TLSv1.3")
+    client.wait_log("TLSv1.3")
+
+
+def test_check_reports_each_step(tls_server, certs):
+    result = run_cli("check", "--to", "https://localhost:%d/x" % tls_server.port,
+                     "--ca-file", certs["ca"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    for step in ("resolve  ok", "connect  ok", "tls      ok", "upgrade  ok", "result   ok"):
+        assert step in out, out
+    assert ("TLSv1.3, subject commonName=localhost, issuer commonName=proxyguard.py test CA, "
+            "expires") in out
+    assert "GET /x -> HTTP/1.1 101 Switching Protocols" in out
+    result = run_cli("check", "--to", "https://localhost:%d/x" % tls_server.port)
+    assert result.returncode == 1
+    assert "tls      FAIL" in result.stdout and "--ca-file" in result.stdout
+
+
+@pytest.mark.parametrize("url_host,extra,text", [
+    ("localhost", [], "unable to get local issuer certificate (unknown CA"),
+    ("wrong.example", ["--peer-ips", "127.0.0.1"], "Hostname mismatch"),
+    ("localhost", ["PLAIN"], "WRONG_VERSION_NUMBER (not TLS: is the server plain http://?)"),
+])
+def test_tls_failures_say_why_and_retry_at_the_longest_wait(tmp_path, echo, procs, certs,
+                                                            tls_server, url_host, extra, text):
+    port = tls_server.port
+    if extra == ["PLAIN"]:
+        plain = start_server(tmp_path, echo.port, name="plain")
+        procs.append(plain)
+        port, extra = plain.port, ["--ca-file", certs["ca"]]
+    elif extra:
+        extra = extra + ["--ca-file", certs["ca"]]
+    client = start_client(tmp_path, "https://%s:%d/" % (url_host, port), *extra)
+    procs.append(client)
+    client.wireguard.send(b"x")
+    client.wait_log("next attempt in 10s")
+    assert text in client.log()
+    assert client.popen.poll() is None
+
+
+def test_tls_12_only_front_end_needs_tls_min_version(tmp_path, procs, certs):
+    """A front end without TLS 1.3 (Debian 12 nginx's default): one clear line, and the
+    option that fixes it."""
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certs["cert"], certs["key"])
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    listener = socket.create_server((LOOPBACK, 0))
+    port = listener.getsockname()[1]
+    served = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                with context.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(4096)
+                    tls.sendall(pg.UPGRADE_RESPONSE)
+                    served.append(tls.version())
+                    tls.recv(4096)
+            except (OSError, ssl.SSLError):
+                pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        result = run_cli("check", "--to", "https://localhost:%d/" % port, "--ca-file", certs["ca"])
+        assert result.returncode == 1
+        assert "TLS 1.3" in result.stdout and "--tls-min-version 1.2" in result.stdout
+        result = run_cli("check", "--to", "https://localhost:%d/" % port, "--ca-file", certs["ca"],
+                         "--tls-min-version", "1.2")
+        assert result.returncode == 0, result.stdout
+        assert served == ["TLSv1.2"]
+    finally:
+        listener.close()
+
+
+def test_sighup_reloads_the_certificate_and_keeps_tunnels(tmp_path, echo, procs, certs):
+    import ssl
+    live = {"cert": str(tmp_path / "live.pem"), "key": str(tmp_path / "live.key")}
+    for kind in ("cert", "key"):
+        with open(certs[kind], "rb") as src, open(live[kind], "wb") as dst:
+            dst.write(src.read())
+    server = start_server(tmp_path, echo.port, "--tls-cert", live["cert"], "--tls-key",
+                          live["key"])
+    procs.append(server)
+    client = start_client(tmp_path, "https://localhost:%d/" % server.port, "--ca-file", certs["ca"])
+    procs.append(client)
+    assert client.wireguard.roundtrip(b"before") == b"before"
+
+    def served_serial():
+        context = ssl.create_default_context(cafile=certs["ca"])
+        with socket.create_connection((LOOPBACK, server.port), timeout=5) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                return tls.getpeercert()["serialNumber"]
+
+    first = served_serial()
+    renewed = make_certificates(tmp_path, name="renewed", ca=certs)
+    for kind in ("cert", "key"):
+        with open(renewed[kind], "rb") as src, open(live[kind] + ".new", "wb") as dst:
+            dst.write(src.read())
+        os.replace(live[kind] + ".new", live[kind])
+    server.popen.send_signal(signal.SIGHUP)
+    server.wait_log("certificate reloaded")
+    assert served_serial() != first
+    assert client.wireguard.roundtrip(b"after") == b"after"   # the open tunnel lives on
+    assert client.log().count("tunnel up") == 1
+    with open(live["key"], "w") as f:
+        f.write("broken")
+    server.popen.send_signal(signal.SIGHUP)
+    server.wait_log("certificate reload failed, keeping the old one")
+    assert served_serial() != first and server.popen.poll() is None
+
+
+def test_server_certificate_that_does_not_load_exits_1(tmp_path, certs):
+    result = run_cli("server", "--listen", "127.0.0.1:%d" % free_port(),
+                     "--tls-cert", certs["cert"], "--tls-key", str(tmp_path / "missing.key"))
+    assert result.returncode == 1 and "--tls-key" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Two threads on one TLS connection (tls-and-threads.md): 100 tunnels, thousands of frames
+# each way at once, every byte checked. PROXYGUARD_TEST_NAIVE_TLS=1 swaps in a shared
+# SSLSocket (the naive design) to show that this test catches its record corruption.
+# ---------------------------------------------------------------------------------------------
+
+
+class NaiveSSLSocketChannel(pg.PlainChannel):
+    """The design tls-and-threads.md warns against: one SSLSocket, read and written by two
+    threads at once. Only for PROXYGUARD_TEST_NAIVE_TLS=1."""
+
+    @classmethod
+    def open(cls, sock, context, server_side):
+        return cls(context.wrap_socket(sock, server_side=server_side,
+                                       server_hostname=None if server_side else "localhost"))
+
+
+def open_tls_pair(listener, certs, naive):
+    import ssl
+    client_context = pg.client_tls_context(certs["ca"])
+    server_context = pg.server_tls_context(certs["cert"], certs["key"])
+    server_context.num_tickets = 2  # tickets are post-handshake traffic: make it harder
+    raw_client = socket.create_connection(listener.getsockname())
+    raw_server, _ = listener.accept()
+    for sock in (raw_client, raw_server):
+        sock.settimeout(30)
+    result = {}
+
+    def server_side():
+        if naive:
+            result["server"] = NaiveSSLSocketChannel.open(raw_server, server_context, True)
+        else:
+            channel = pg.TLSChannel(raw_server, server_context, server_side=True)
+            channel.handshake()
+            result["server"] = channel
+
+    thread = threading.Thread(target=server_side)
+    thread.start()
+    if naive:
+        client = NaiveSSLSocketChannel.open(raw_client, client_context, False)
+    else:
+        client = pg.TLSChannel(raw_client, client_context, server_side=False,
+                               server_hostname="localhost")
+        client.handshake()
+    thread.join()
+    return client, result["server"]
+
+
+def pump_both_ways(channel, frames_out, expected_in, errors):
+    """A writer thread sends `frames_out` while this thread reads and checks `expected_in`."""
+    def write():
+        try:
+            for frame in frames_out:
+                channel.sendall(frame)
+        except Exception as exc:
+            errors.append("write: %r" % exc)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    decoder = pg.FrameDecoder()
+    got = 0
+    try:
+        while got < len(expected_in):
+            data = channel.recv(65536)
+            if not data:
+                errors.append("read: early EOF after %d frames" % got)
+                break
+            for datagram in decoder.feed(data):
+                if datagram != expected_in[got]:
+                    errors.append("read: frame %d differs" % got)
+                    return
+                got += 1
+    except Exception as exc:
+        errors.append("read: %r" % exc)
+    finally:
+        writer.join()
+
+
+@pytest.mark.timeout(240)
+def test_tls_two_threads_per_connection_never_corrupt(certs):
+    import random
+    naive = os.environ.get("PROXYGUARD_TEST_NAIVE_TLS") == "1"
+    rng = random.Random(1)
+    tunnels, frames_each_way, concurrent = 100, 2000, 10
+    payload = os.urandom(1420)
+    failures = []
+    listener = socket.create_server((LOOPBACK, 0))
+    try:
+        for batch in range(tunnels // concurrent):
+            threads = []
+            for _ in range(concurrent):
+                client, server = open_tls_pair(listener, certs, naive)
+                up = [payload[:rng.randint(1, 1420)] for _ in range(frames_each_way)]
+                down = [payload[:rng.randint(1, 1420)] for _ in range(frames_each_way)]
+                errors = []
+                for channel, out, expect in ((client, up, down), (server, down, up)):
+                    frames = [pg.encode_frame(d) for d in out]
+                    threads.append(threading.Thread(target=pump_both_ways,
+                                                    args=(channel, frames, expect, errors)))
+                threads[-1].errors = errors
+                threads[-1].channels = (client, server)
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(120)
+            for thread in threads[1::2]:
+                if thread.errors:
+                    failures.append(thread.errors[0])
+                for channel in thread.channels:
+                    channel.shutdown()
+                    channel.close()
+    finally:
+        listener.close()
+    assert not failures, "%d of %d TLS connections failed: %s" % (
+        len(failures), tunnels, sorted(set(failures))[:5])
