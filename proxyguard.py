@@ -82,9 +82,10 @@ PROTOCOL = "UoTLV/1"
 FRAME_HEADER = struct.Struct("!H")
 MAX_FRAME_PAYLOAD = 0xFFFF
 
-# A 2-core router reading a full 1 Gbit/s stream wants few, large reads; 256 KiB holds about
-# 180 WireGuard-sized frames, and is what one recv on loopback typically returns under load.
-TCP_READ_SIZE = 256 * 1024
+# Few, large TCP reads: 64 KiB holds about 45 WireGuard-sized frames. Not larger: a bytes
+# object over glibc's 128 KiB mmap threshold costs an mmap/munmap pair on every read
+# (measured with strace under load), which slows both throughput and round trips.
+TCP_READ_SIZE = 64 * 1024
 
 # How much the UDP pump gathers into one TCP write before sending. Batching many datagrams into
 # one write is the main speed-up over one write per datagram; the cap bounds latency and memory.
@@ -120,6 +121,9 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_USER_AGENT = "proxyguard.py/" + __version__
 # Open tunnels a server takes by default: two threads each; beyond this a client gets 503.
 DEFAULT_MAX_CLIENTS = 1000
+# Connections still in their handshake beyond --max-clients tunnels: each holds a thread until
+# its handshake deadline, so a flood of silent connections is refused from here on.
+MAX_HANDSHAKING = 256
 # Reverse proxies whose X-Forwarded-For / Forwarded headers the server believes by default.
 DEFAULT_TRUSTED_PROXIES = "127.0.0.0/8,::1"
 
@@ -235,6 +239,8 @@ UPGRADE_RESPONSE = (
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _VERSION = re.compile(r"^HTTP/(\d)\.(\d)$")
+# A request target is visible ASCII (RFC 9112 3.2); this also keeps the logged path clean.
+_TARGET = re.compile(r"^[\x21-\x7e]+$")
 
 
 def split_head(buffer):
@@ -316,6 +322,8 @@ def parse_request(head):
     if len(parts) != 3 or not all(parts) or not _TOKEN.match(parts[0]):
         raise HandshakeError(400, "malformed request line %r" % start[:80])
     method, target, version = parts
+    if not _TARGET.match(target):
+        raise HandshakeError(400, "malformed request target %r" % target[:80])
     match = _VERSION.match(version)
     if not match:
         raise HandshakeError(400, "malformed HTTP version %r" % version[:20])
@@ -337,7 +345,8 @@ def check_upgrade_request(request):
     if method != "GET":
         raise HandshakeError(405, "method %s is not allowed; a UoTLV/1 upgrade is a GET" % method,
                              [("Allow", "GET")])
-    if request.get("transfer-encoding") is not None or request.get("content-length", "0") != "0":
+    if request.get("transfer-encoding") is not None or any(
+            length != "0" for length in request.get_all("content-length")):
         raise HandshakeError(400, "an upgrade request cannot have a body")
     upgrade_headers = [("Connection", "Upgrade"), ("Upgrade", PROTOCOL)]
     if "upgrade" not in request.tokens("connection"):
@@ -702,6 +711,21 @@ def prepare_tcp_socket(sock):
     set_socket_buffers(sock)
 
 
+def wait_readable(files, timeout=None):
+    """Wait until one of `files` (objects with fileno(), or fds) is readable; return those.
+
+    poll, not select: select fails for descriptor numbers of 1024 and more.
+    """
+    poller = select.poll()
+    by_fd = {}
+    for item in files:
+        fd = item if isinstance(item, int) else item.fileno()
+        by_fd[fd] = item
+        poller.register(fd, select.POLLIN)
+    events = poller.poll(None if timeout is None else timeout * 1000)
+    return [by_fd[fd] for fd, _ in events]
+
+
 def receive_waiting_datagrams(sock, first, limit=UDP_BATCH_BYTES):
     """Return `first` plus every datagram already waiting on `sock`, up to `limit` bytes.
 
@@ -724,18 +748,28 @@ def receive_waiting_datagrams(sock, first, limit=UDP_BATCH_BYTES):
 class UdpEndpoint:
     """WireGuard's side of a tunnel: a UDP socket and where datagrams for WireGuard go.
 
-    Server: a socket of its own per tunnel, connected to WireGuard (`send_to` None). Client:
-    the one socket on 127.0.0.1:<listen-port>, shared by successive tunnels; datagrams go to
-    `send_to` (WireGuard's ListenPort), and a datagram from another port is warned about once.
-    `fileno()` serves select; `receive()` returns the non-empty datagrams waiting now (perhaps
-    none; the original drops empty ones too); `close()` closes the socket if `owned`.
+    Server (`shared` false): a socket of its own per tunnel, connected to WireGuard. `receive()`
+    blocks in recv; `wake()` shuts the socket down, which makes a blocked recv return at once
+    (defined for connected UDP sockets), and `close()` closes it.
+
+    Client (`shared` true): the one socket on 127.0.0.1:<listen-port>, used by one tunnel after
+    another, so it must not be shut down. Datagrams go to `send_to` (WireGuard's ListenPort);
+    a datagram from another port is warned about once. `receive()` waits in select on the
+    socket and a wake pipe; `wake()` writes the pipe; `rearm()` empties it for the next tunnel.
+
+    `receive()` returns the non-empty datagrams waiting (perhaps none, after a wake or an empty
+    datagram, which the original drops too); the caller checks why it was woken.
     """
 
-    def __init__(self, sock, send_to=None, owned=True):
+    def __init__(self, sock, send_to=None, shared=False):
         self.sock = sock
         self.send_to = send_to
-        self.owned = owned
+        self.shared = shared
         self.warned_source = None
+        self._wake_read = self._wake_write = None
+        if shared:
+            self._wake_read, self._wake_write = os.pipe()
+            os.set_blocking(self._wake_read, False)
 
     @classmethod
     def connected(cls, address, family):
@@ -753,7 +787,12 @@ class UdpEndpoint:
 
     def receive(self):
         try:
-            first = self.sock.recvfrom(MAX_FRAME_PAYLOAD + 1, socket.MSG_DONTWAIT)
+            if self.shared:
+                if self._wake_read in wait_readable([self.sock, self._wake_read]):
+                    return []
+                first = self.sock.recvfrom(MAX_FRAME_PAYLOAD + 1, socket.MSG_DONTWAIT)
+            else:
+                first = self.sock.recvfrom(MAX_FRAME_PAYLOAD + 1)
         except (BlockingIOError, InterruptedError, ConnectionRefusedError):
             # ConnectionRefused: ICMP after an earlier send, WireGuard restarting; go on.
             return []
@@ -780,8 +819,27 @@ class UdpEndpoint:
         except ConnectionRefusedError:  # ICMP port unreachable: WireGuard restarting
             pass
 
+    def wake(self):
+        """Make a blocked (or the next) `receive()` return; any thread."""
+        try:
+            if self.shared:
+                os.write(self._wake_write, b"x")
+            else:
+                self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def rearm(self):
+        """Forget earlier wakes before the next tunnel uses the shared socket."""
+        try:
+            while os.read(self._wake_read, 512):
+                pass
+        except BlockingIOError:
+            pass
+
     def close(self):
-        if self.owned:
+        """Close a tunnel's own socket; the shared socket lives as long as the client."""
+        if not self.shared:
             self.sock.close()
 
 
@@ -790,8 +848,8 @@ class Tunnel:
 
     `run()` starts relay_udp_to_tcp in a new daemon thread, runs relay_tcp_to_udp in the calling
     thread, and returns the reason once both have stopped. The first pump to stop calls
-    `close()`, which wakes the other. `run()` then closes the channel, the wake pipe and the
-    endpoint (which keeps a shared socket open, see UdpEndpoint).
+    `close()`, which shuts the channel down and wakes the endpoint, so the other returns too.
+    `run()` then closes the channel and the endpoint (a shared one stays open, see UdpEndpoint).
 
     `greeting` (the server's 101) is sent before either pump starts. `unsent` receives
     datagrams the UDP pump had read but could not send (the client queues them for the next
@@ -814,7 +872,6 @@ class Tunnel:
         self.to_udp_datagrams = self.to_udp_bytes = 0
         self.to_tcp_datagrams = self.to_tcp_bytes = 0
         self.oversized = 0
-        self._wake_read, self._wake_write = os.pipe()
         self._close_lock = threading.Lock()
 
     def close(self, reason):
@@ -824,10 +881,7 @@ class Tunnel:
                 return
             self.close_reason = reason
         self.channel.shutdown()
-        try:
-            os.write(self._wake_write, b"x")
-        except OSError:
-            pass
+        self.endpoint.wake()
 
     def run(self):
         udp_thread = None
@@ -835,16 +889,15 @@ class Tunnel:
             self.channel.sock.settimeout(self.idle_timeout or None)
             if self.greeting:  # the server's 101 goes out before any frame
                 self.channel.sendall(self.greeting)
-            udp_thread = threading.Thread(target=self._pump, args=(self.relay_udp_to_tcp,),
-                                          name="udp->tcp %s" % self.peer, daemon=True)
-            udp_thread.start()
+            thread = threading.Thread(target=self._pump, args=(self.relay_udp_to_tcp,),
+                                      name="udp->tcp %s" % self.peer, daemon=True)
+            thread.start()
+            udp_thread = thread
             self._pump(self.relay_tcp_to_udp)
         finally:
             if udp_thread is not None:
                 udp_thread.join()
             self.channel.close()
-            os.close(self._wake_read)
-            os.close(self._wake_write)
             self.endpoint.close()
         return self.close_reason
 
@@ -904,12 +957,9 @@ class Tunnel:
 
     def relay_udp_to_tcp(self):
         """Wait for datagrams, and send all that are waiting as frames in one channel write."""
-        endpoint, wake = self.endpoint, self._wake_read
+        receive = self.endpoint.receive
         while self.close_reason is None:
-            readable, _, _ = select.select([endpoint, wake], [], [])
-            if wake in readable:
-                break
-            datagrams = endpoint.receive()
+            datagrams = receive()
             if not datagrams:
                 continue
             try:
@@ -1050,11 +1100,32 @@ class Server:
                     log.error("accept: %s; pausing new connections for 1s", exc.strerror)
                     time.sleep(1)
                 continue
-            thread = threading.Thread(target=self._handle, args=(sock, peer), daemon=True,
-                                      name="tunnel %s" % format_address(peer))
-            with self._lock:
+            self._start_connection(sock, peer)
+
+    def _start_connection(self, sock, peer):
+        """Give the connection its thread, unless too many are open or no thread can start:
+        a flood of silent connections must not take the server down (a thread limit such as
+        systemd's TasksMax makes Thread.start raise)."""
+        thread = threading.Thread(target=self._handle, args=(sock, peer), daemon=True,
+                                  name="tunnel %s" % format_address(peer))
+        with self._lock:
+            full = (self.max_clients
+                    and len(self._connections) >= self.max_clients + MAX_HANDSHAKING)
+            if not full:
                 self._connections[thread] = PlainChannel(sock).shutdown
+        if full:
+            log.warning("connection %s refused: %d connections open already",
+                        format_address(peer), len(self._connections))
+            refuse_without_waiting(sock, 503, "the server is full; try again later")
+            return
+        try:
             thread.start()
+        except RuntimeError as exc:
+            with self._lock:
+                self._connections.pop(thread, None)
+            log.error("connection %s refused: cannot start a thread (%s)",
+                      format_address(peer), exc)
+            refuse_without_waiting(sock, 503, "the server is out of resources; try again later")
 
     def stop(self):
         self._stopping = True
@@ -1069,7 +1140,8 @@ class Server:
             stop_connection()
         deadline = time.monotonic() + 5
         for thread in connections:
-            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():  # one registered but not started yet cannot be joined
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     def _handle(self, sock, peer):
         """Error boundary of one connection: handshake, then tunnel; always closes `sock`."""
@@ -1167,6 +1239,17 @@ class Server:
         except ConnectionError as exc:
             log.info("handshake failed from %s: %s", peer_text, exc)
             return None
+
+
+def refuse_without_waiting(sock, status, message):
+    """Answer `status` if the socket takes it at once, and close: for the accept thread, which
+    must never block on one client."""
+    try:
+        sock.setblocking(False)
+        sock.send(build_response(status, message, [("Retry-After", "10")]))
+    except OSError:
+        pass
+    sock.close()
 
 
 def open_listener(listen):
@@ -1484,7 +1567,7 @@ class Client:
             raise FatalError("cannot listen on 127.0.0.1:%d (UDP): %s"
                              % (listen_port, describe_os_error(exc)))
         self.address = sock.getsockname()
-        self.endpoint = UdpEndpoint(sock, ("127.0.0.1", forward_port), owned=False)
+        self.endpoint = UdpEndpoint(sock, ("127.0.0.1", forward_port), shared=True)
         self._wake_read, self._wake_write = os.pipe()
         try:
             dialer.resolve()
@@ -1537,11 +1620,10 @@ class Client:
 
     def _wait(self, timeout):
         """Wait until a datagram waits on the UDP socket (lazy connect); False on stop()."""
-        readable, _, _ = select.select([self.endpoint, self._wake_read], [], [], timeout)
-        return self._wake_read not in readable
+        return self._wake_read not in wait_readable([self.endpoint, self._wake_read], timeout)
 
     def _sleep(self, seconds):
-        select.select([self._wake_read], [], [], seconds)
+        wait_readable([self._wake_read], seconds)
 
     def _open_tunnel(self):
         """Dial and send the pending datagrams; return the Tunnel, ready to run."""
@@ -1553,6 +1635,7 @@ class Client:
         except BaseException:
             channel.close()
             raise
+        self.endpoint.rearm()
         tunnel = Tunnel(channel, self.endpoint, peer, self.idle_timeout, first_bytes,
                         unsent=self.pending.extend)
         with self._lock:

@@ -1175,3 +1175,11 @@ def test_tls_two_threads_per_connection_never_corrupt(certs):
         listener.close()
     assert not failures, "%d of %d TLS connections failed: %s" % (
         len(failures), tunnels, sorted(set(failures))[:5])
+
+
+def test_conflicting_lengths_and_control_characters_are_refused():
+    good = ["Host: a", "Connection: Upgrade", "Upgrade: UoTLV/1"]
+    assert refusal(request(good + ["Content-Length: 0", "Content-Length: 5"])).status == 400
+    check(request(good + ["Content-Length: 0"]))
+    assert refusal(b"GET /\x1b[2Jx HTTP/1.1\r\nHost: a\r\n\r\n").status == 400
+    assert refusal(b"GET /\xff HTTP/1.1\r\nHost: a\r\n\r\n").status == 400
