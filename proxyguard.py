@@ -163,6 +163,11 @@ class UpgradeRefused(ProxyGuardError):
     """
 
 
+class ServerUnavailable(UpgradeRefused):
+    """A 502/503/504: a reverse proxy cannot reach the proxyguard server behind it (restarting,
+    down) or the server is full. Retried at the normal back-off: it often heals in a second."""
+
+
 # =============================================================================================
 # Pure protocol: frames, requests and responses. No I/O here, so tests need no socket.
 # =============================================================================================
@@ -473,8 +478,9 @@ def check_upgrade_response(response):
     elif status in (401, 403, 407):
         cause = "access denied by the server or a proxy"
     elif status in (502, 503, 504):
-        cause = ("the reverse proxy cannot reach the proxyguard server behind it, or the server "
-                 "is full")
+        raise ServerUnavailable("got %s instead of 101 Switching Protocols: the reverse proxy "
+                                "cannot reach the proxyguard server behind it, or the server "
+                                "is full" % got)
     elif status == 400:
         cause = "the server or a reverse proxy rejected the request (does it pass Upgrade on?)"
     else:
@@ -867,7 +873,7 @@ class Tunnel:
         self.unsent = unsent
         self.close_reason = None
         self.went_idle = False  # closed by our own idle timeout: a normal end, not a failure
-        self.started = time.monotonic()
+        self.last_sent = self.started = time.monotonic()  # last datagram towards the peer
         # Counters: each is written by one pump thread only.
         self.to_udp_datagrams = self.to_udp_bytes = 0
         self.to_tcp_datagrams = self.to_tcp_bytes = 0
@@ -951,7 +957,16 @@ class Tunnel:
                 self.to_udp_bytes += len(datagram)
             if self.close_reason is not None:
                 return self.close_reason
-            data = self.channel.recv(TCP_READ_SIZE)
+            try:
+                data = self.channel.recv(TCP_READ_SIZE)
+            except socket.timeout:
+                # Idle means no data either way. Traffic towards the peer keeps the tunnel:
+                # with PersistentKeepalive on the client only, the server never answers, and
+                # a peer-only rule would reconnect (and change WireGuard's endpoint) each time.
+                if time.monotonic() - self.last_sent < self.idle_timeout:
+                    data = b""
+                    continue
+                raise
             if not data:
                 return "closed by peer" if self.close_reason is None else self.close_reason
 
@@ -964,10 +979,13 @@ class Tunnel:
                 continue
             try:
                 self.channel.sendall(encode_frames(datagrams))
-            except BaseException:
+            except BaseException as exc:
                 if self.unsent is not None:
                     self.unsent(datagrams)
+                if isinstance(exc, socket.timeout):
+                    return "the peer read nothing for %gs" % self.idle_timeout
                 raise
+            self.last_sent = time.monotonic()
             self.to_tcp_datagrams += len(datagrams)
             self.to_tcp_bytes += sum(map(len, datagrams))
         return self.close_reason
@@ -1438,7 +1456,7 @@ class Dialer:
             response = parse_response(head)
             detail.append("CONNECT %s -> HTTP %d %s" % (authority, response.start[1],
                                                         response.start[2]))
-            check_connect_response(response)
+            check_connect_response(response, self.proxy.credentials is not None)
             if rest:
                 raise UpgradeRefused("the proxy sent data after its 200 answer")
 
@@ -1515,14 +1533,16 @@ def build_connect_request(authority, credentials=None, user_agent=DEFAULT_USER_A
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def check_connect_response(response):
+def check_connect_response(response, sent_credentials=False):
     """Raise unless the proxy's answer to CONNECT is 2xx; name the cause."""
     status = response.start[1]
     if 200 <= status < 300:
         return
-    if status == 407:
-        raise UpgradeRefused("the HTTP proxy wants authentication (407): give "
-                             "http://user:password@host:port in --proxy or HTTPS_PROXY")
+    if status in (401, 407):  # tinyproxy 1.11 answers a wrong password with 401 (its issue 532)
+        if sent_credentials:
+            raise UpgradeRefused("the HTTP proxy refused the user name or password (%d)" % status)
+        raise UpgradeRefused("the HTTP proxy wants authentication (%d): give "
+                             "http://user:password@host:port in --proxy or HTTPS_PROXY" % status)
     if status == 403:
         raise UpgradeRefused("the HTTP proxy refuses CONNECT to this host or port (403)")
     raise ConnectionError("the HTTP proxy answered %d %s to CONNECT" % response.start[1:])
@@ -1585,6 +1605,9 @@ class Client:
         while self._wait(None if not self.pending else 0) and not self._stopping:
             try:
                 tunnel = self._open_tunnel()
+            except ServerUnavailable as exc:
+                log.warning("cannot connect to %s: %s", self.url, exc)
+                wait = RETRY_WAITS[min(failures, len(RETRY_WAITS) - 1)]
             except UpgradeRefused as exc:
                 log.error("upgrade refused by %s: %s", self.url, exc)
                 wait = RETRY_WAITS[-1]
@@ -1759,7 +1782,7 @@ def build_parser():
         "(reloaded on SIGHUP)")
     add("--tls-key", metavar="PEM", help="server: the private key for --tls-cert")
     add("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT, metavar="SECONDS",
-        help="close a tunnel after this long without data from the peer; 0 = never "
+        help="close a tunnel after this long without data either way; 0 = never "
              "(default %(default)g)")
     add("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS, metavar="N",
         help="server: open tunnels at most; the next client gets 503 (default %(default)s, "

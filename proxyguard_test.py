@@ -2157,3 +2157,24 @@ def _catch(function, errors):
         function()
     except BaseException as exc:  # noqa: B902 - reported by the test thread
         errors.append(exc)
+
+
+def test_one_way_traffic_keeps_a_tunnel_open(tmp_path, procs):
+    """Keepalives from the client only (the server's WireGuard never answers them): data
+    towards the peer counts, so the client does not reconnect every idle timeout."""
+    sink_port = free_port(socket.SOCK_DGRAM)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink:
+        sink.bind((LOOPBACK, sink_port))
+        sink.settimeout(5)
+        server = start_server(tmp_path, sink_port, "--idle-timeout", "1.5")
+        procs.append(server)
+        client = start_client(tmp_path, "http://%s:%d/" % (LOOPBACK, server.port),
+                              "--idle-timeout", "1")
+        procs.append(client)
+        for i in range(12):
+            client.wireguard.send(b"keepalive %d" % i)
+            assert sink.recvfrom(100)[0] == b"keepalive %d" % i
+            time.sleep(0.25)
+    assert "tunnel down" not in client.log() + server.log()
+    client.wait_log("tunnel down", timeout=5)   # silence both ways: now it closes
+    assert "(idle for 1s)" in client.log()
