@@ -49,6 +49,7 @@ import base64
 import collections
 import contextlib
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -1885,9 +1886,8 @@ def build_service(options):
     """The Server or Client the options describe. Raises UsageError or FatalError."""
     if options.mode == "server":
         factory = None
-        if options.tls_cert:
-            def factory():
-                return server_tls_context(options.tls_cert, options.tls_key)
+        if options.tls_cert:  # a factory, so that SIGHUP can load the files again
+            factory = functools.partial(server_tls_context, options.tls_cert, options.tls_key)
         return Server(options.listen, options.to, idle_timeout=options.idle_timeout,
                       handshake_timeout=options.handshake_timeout, tls_context_factory=factory,
                       trusted_proxies=options.trusted_proxies, max_clients=options.max_clients)

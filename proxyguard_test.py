@@ -13,6 +13,7 @@ import os
 import random
 import re
 import select
+import shutil
 import signal
 import socket
 import ssl
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from urllib.parse import quote
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -136,11 +138,35 @@ def start_server(tmp_path, wireguard_port, *extra, port=None, name="server"):
     return proc
 
 
-def start_client(tmp_path, url, *extra, name="client"):
+PROXY_ENV_NAMES = ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "ALL_PROXY")
+
+
+def no_proxy_env():
+    """Environment entries that hide any proxy of the machine running the tests (CI behind a
+    corporate proxy would otherwise send our loopback tunnels to it). Empty counts as unset."""
+    env = {}
+    for name in PROXY_ENV_NAMES:
+        env[name] = env[name.lower()] = ""
+    return env
+
+
+def which_or_skip(program, package):
+    path = shutil.which(program) or shutil.which(program, path="/usr/sbin:/usr/bin:/sbin:/bin")
+    if path is None:
+        pytest.skip("%s is not installed (apt-get install %s)" % (program, package))
+    return path
+
+
+def start_client(tmp_path, url, *extra, name="client", env=None):
+    """A client whose WireGuard is a WireGuardStandIn; proxy variables cleared unless `env`
+    sets them."""
     listen_port = free_port(socket.SOCK_DGRAM)
     wireguard = WireGuardStandIn()
+    full_env = no_proxy_env()
+    full_env.update(env or {})
     proc = Proc(tmp_path, ["client", "--to", url, "--listen-port", str(listen_port),
-                           "--forward-port", str(wireguard.port)] + list(extra), name=name)
+                           "--forward-port", str(wireguard.port)] + list(extra), name=name,
+                env=full_env)
     wireguard.endpoint = (LOOPBACK, listen_port)
     proc.wireguard = wireguard
     return proc
@@ -840,6 +866,7 @@ def test_connection_token_list_is_accepted(server):
 
 def run_cli(*args, env=None, timeout=20):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PROXYGUARD_")}
+    full_env.update(no_proxy_env())
     full_env.update(env or {})
     return subprocess.run([sys.executable, SCRIPT] + list(args), capture_output=True, text=True,
                           env=full_env, timeout=timeout, stdin=subprocess.DEVNULL)
@@ -955,7 +982,7 @@ def test_runs_without_configargparse(tmp_path, echo, procs):
 
 
 def test_code_runs_on_python_39():
-    vermin = pytest.importorskip("vermin")
+    pytest.importorskip("vermin")
     result = subprocess.run([sys.executable, "-c", "import sys, vermin; sys.argv[0] = 'vermin'; "
                              "sys.exit(vermin.main())", "--no-tips", "--violations",
                              "--target=3.9-", "--eval-annotations", SCRIPT],
@@ -985,20 +1012,29 @@ def test_readme_and_example_config_document_every_option():
 # =============================================================================================
 
 
-def make_certificates(directory, name="server", hosts=("localhost", "127.0.0.1"), ca=None):
-    """A test CA (unless `ca` is given) and a server certificate for `hosts`, with openssl.
+class Certificates:
+    """Paths: ca (for --ca-file) and ca_key; cert and key (the server's); pem (certificate, CA
+    and key in one file, as HAProxy's `crt` wants)."""
 
-    Returns a dict with the paths: ca, ca_key, cert, key.
-    """
+    def __init__(self, **paths):
+        self.__dict__.update(paths)
+
+
+def make_certificates(directory, name="server", hosts=("localhost", "127.0.0.1"), ca=None):
+    """A test CA (unless `ca`, a Certificates, is given) and a server certificate for `hosts`,
+    made with openssl; returns a Certificates."""
     directory = str(directory)
-    run = lambda *args: subprocess.run(["openssl"] + list(args), check=True, cwd=directory,
+    openssl = which_or_skip("openssl", "openssl")
+    run = lambda *args: subprocess.run([openssl] + list(args), check=True, cwd=directory,
                                        capture_output=True, timeout=60)
     if ca is None:
-        ca = {"ca": os.path.join(directory, "ca.pem"), "ca_key": os.path.join(directory, "ca.key")}
+        ca = Certificates(ca=os.path.join(directory, "ca.pem"),
+                          ca_key=os.path.join(directory, "ca.key"))
         run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-nodes", "-keyout", ca["ca_key"], "-out", ca["ca"], "-days", "2",
+            "-nodes", "-keyout", ca.ca_key, "-out", ca.ca, "-days", "2",
             "-subj", "/CN=proxyguard.py test CA")
-    key, cert = (os.path.join(directory, name + suffix) for suffix in (".key", ".pem"))
+    key, cert, pem = (os.path.join(directory, name + suffix)
+                      for suffix in (".key", ".pem", "-with-key.pem"))
     san = ",".join(("IP:" if host[0].isdigit() or ":" in host else "DNS:") + host
                    for host in hosts)
     ext = os.path.join(directory, name + ".ext")
@@ -1008,10 +1044,14 @@ def make_certificates(directory, name="server", hosts=("localhost", "127.0.0.1")
                 "authorityKeyIdentifier=keyid,issuer\n" % san)
     run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
         "-keyout", key, "-out", name + ".csr", "-subj", "/CN=%s" % hosts[0])
-    run("x509", "-req", "-in", name + ".csr", "-CA", ca["ca"], "-CAkey", ca["ca_key"],
+    run("x509", "-req", "-in", name + ".csr", "-CA", ca.ca, "-CAkey", ca.ca_key,
         "-set_serial", str(int.from_bytes(os.urandom(8), "big")), "-out", cert, "-days", "2",
         "-extfile", ext)
-    return dict(ca, cert=cert, key=key)
+    with open(pem, "w") as combined:
+        for path in (cert, ca.ca, key):
+            with open(path) as part:
+                combined.write(part.read())
+    return Certificates(ca=ca.ca, ca_key=ca.ca_key, cert=cert, key=key, pem=pem)
 
 
 @pytest.fixture(scope="session")
@@ -1021,15 +1061,16 @@ def certs(tmp_path_factory):
 
 @pytest.fixture
 def tls_server(tmp_path, echo, procs, certs):
-    proc = start_server(tmp_path, echo.port, "--tls-cert", certs["cert"], "--tls-key",
-                        certs["key"])
+    proc = start_server(tmp_path, echo.port, "--tls-cert", certs.cert, "--tls-key",
+                        certs.key)
     procs.append(proc)
+    proc.url = "https://localhost:%d/proxyguard" % proc.port
     return proc
 
 
 def test_tls_end_to_end(tmp_path, tls_server, procs, certs):
     client = start_client(tmp_path, "https://localhost:%d/pg" % tls_server.port,
-                          "--ca-file", certs["ca"])
+                          "--ca-file", certs.ca)
     procs.append(client)
     for i, size in enumerate([1, 1420, 8000, 65507]):
         assert client.wireguard.roundtrip(numbered(i, size)) == numbered(i, size)
@@ -1043,7 +1084,7 @@ def test_tls_end_to_end(tmp_path, tls_server, procs, certs):
 
 def test_check_reports_each_step(tls_server, certs):
     result = run_cli("check", "--to", "https://localhost:%d/x" % tls_server.port,
-                     "--ca-file", certs["ca"])
+                     "--ca-file", certs.ca)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     for step in ("resolve  ok", "connect  ok", "tls      ok", "upgrade  ok", "result   ok"):
@@ -1067,9 +1108,9 @@ def test_tls_failures_say_why_and_retry_at_the_longest_wait(tmp_path, echo, proc
     if extra == ["PLAIN"]:
         plain = start_server(tmp_path, echo.port, name="plain")
         procs.append(plain)
-        port, extra = plain.port, ["--ca-file", certs["ca"]]
+        port, extra = plain.port, ["--ca-file", certs.ca]
     elif extra:
-        extra = extra + ["--ca-file", certs["ca"]]
+        extra = extra + ["--ca-file", certs.ca]
     client = start_client(tmp_path, "https://%s:%d/" % (url_host, port), *extra)
     procs.append(client)
     client.wireguard.send(b"x")
@@ -1081,9 +1122,8 @@ def test_tls_failures_say_why_and_retry_at_the_longest_wait(tmp_path, echo, proc
 def test_tls_12_only_front_end_needs_tls_min_version(tmp_path, procs, certs):
     """A front end without TLS 1.3 (Debian 12 nginx's default): one clear line, and the
     option that fixes it."""
-    import ssl
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(certs["cert"], certs["key"])
+    context.load_cert_chain(certs.cert, certs.key)
     context.maximum_version = ssl.TLSVersion.TLSv1_2
     listener = socket.create_server((LOOPBACK, 0))
     port = listener.getsockname()[1]
@@ -1106,10 +1146,10 @@ def test_tls_12_only_front_end_needs_tls_min_version(tmp_path, procs, certs):
 
     threading.Thread(target=serve, daemon=True).start()
     try:
-        result = run_cli("check", "--to", "https://localhost:%d/" % port, "--ca-file", certs["ca"])
+        result = run_cli("check", "--to", "https://localhost:%d/" % port, "--ca-file", certs.ca)
         assert result.returncode == 1
         assert "TLS 1.3" in result.stdout and "--tls-min-version 1.2" in result.stdout
-        result = run_cli("check", "--to", "https://localhost:%d/" % port, "--ca-file", certs["ca"],
+        result = run_cli("check", "--to", "https://localhost:%d/" % port, "--ca-file", certs.ca,
                          "--tls-min-version", "1.2")
         assert result.returncode == 0, result.stdout
         assert served == ["TLSv1.2"]
@@ -1118,20 +1158,19 @@ def test_tls_12_only_front_end_needs_tls_min_version(tmp_path, procs, certs):
 
 
 def test_sighup_reloads_the_certificate_and_keeps_tunnels(tmp_path, echo, procs, certs):
-    import ssl
     live = {"cert": str(tmp_path / "live.pem"), "key": str(tmp_path / "live.key")}
     for kind in ("cert", "key"):
-        with open(certs[kind], "rb") as src, open(live[kind], "wb") as dst:
+        with open(getattr(certs, kind), "rb") as src, open(live[kind], "wb") as dst:
             dst.write(src.read())
     server = start_server(tmp_path, echo.port, "--tls-cert", live["cert"], "--tls-key",
                           live["key"])
     procs.append(server)
-    client = start_client(tmp_path, "https://localhost:%d/" % server.port, "--ca-file", certs["ca"])
+    client = start_client(tmp_path, "https://localhost:%d/" % server.port, "--ca-file", certs.ca)
     procs.append(client)
     assert client.wireguard.roundtrip(b"before") == b"before"
 
     def served_serial():
-        context = ssl.create_default_context(cafile=certs["ca"])
+        context = ssl.create_default_context(cafile=certs.ca)
         with socket.create_connection((LOOPBACK, server.port), timeout=5) as raw:
             with context.wrap_socket(raw, server_hostname="localhost") as tls:
                 return tls.getpeercert()["serialNumber"]
@@ -1139,7 +1178,7 @@ def test_sighup_reloads_the_certificate_and_keeps_tunnels(tmp_path, echo, procs,
     first = served_serial()
     renewed = make_certificates(tmp_path, name="renewed", ca=certs)
     for kind in ("cert", "key"):
-        with open(renewed[kind], "rb") as src, open(live[kind] + ".new", "wb") as dst:
+        with open(getattr(renewed, kind), "rb") as src, open(live[kind] + ".new", "wb") as dst:
             dst.write(src.read())
         os.replace(live[kind] + ".new", live[kind])
     server.popen.send_signal(signal.SIGHUP)
@@ -1156,7 +1195,7 @@ def test_sighup_reloads_the_certificate_and_keeps_tunnels(tmp_path, echo, procs,
 
 def test_server_certificate_that_does_not_load_exits_1(tmp_path, certs):
     result = run_cli("server", "--listen", "127.0.0.1:%d" % free_port(),
-                     "--tls-cert", certs["cert"], "--tls-key", str(tmp_path / "missing.key"))
+                     "--tls-cert", certs.cert, "--tls-key", str(tmp_path / "missing.key"))
     assert result.returncode == 1 and "--tls-key" in result.stderr
 
 
@@ -1178,9 +1217,8 @@ class NaiveSSLSocketChannel(pg.PlainChannel):
 
 
 def open_tls_pair(listener, certs, naive):
-    import ssl
-    client_context = pg.client_tls_context(certs["ca"])
-    server_context = pg.server_tls_context(certs["cert"], certs["key"])
+    client_context = pg.client_tls_context(certs.ca)
+    server_context = pg.server_tls_context(certs.cert, certs.key)
     server_context.num_tickets = 2  # tickets are post-handshake traffic: make it harder
     raw_client = socket.create_connection(listener.getsockname())
     raw_server, _ = listener.accept()
@@ -2178,3 +2216,665 @@ def test_one_way_traffic_keeps_a_tunnel_open(tmp_path, procs):
     assert "tunnel down" not in client.log() + server.log()
     client.wait_log("tunnel down", timeout=5)   # silence both ways: now it closes
     assert "(idle for 1s)" in client.log()
+
+
+# =============================================================================================
+# Behind real reverse proxies (Apache httpd, nginx, HAProxy) and through an HTTP proxy with
+# CONNECT (tinyproxy). Each front end runs in the foreground from a config rendered into
+# tmp_path, on a 127.0.0.1 port, in a process group of its own: no system service, nothing in
+# /etc. TLS ends at the front end; the client trusts the test CA with --ca-file:
+#     WireGuardStandIn -> client --https--> front end --http--> server -> UdpEcho, and back.
+# A test skips only when its proxy is not installed (CI installs them all).
+# =============================================================================================
+
+APACHE_MODULES = "/usr/lib/apache2/modules"
+
+# Datagram sizes sent through every front end: tiny, WireGuard-sized, larger than a TLS record
+# (16 KiB), and the largest UDP payload over IPv4.
+SIZES = [1, 32, 148, 576, 1280, 1420, 4096, 16384, 20000, 65507]
+
+# The front end's idle timeout in the idle tests: short, so the test is fast.
+SHORT_TIMEOUT = 3
+# The client's reconnect waits are 1, 2, 4, 8, 10 s, and a refused upgrade (503) waits 10 s:
+# a datagram may wait that long for its tunnel.
+RECONNECT_BOUND = 30
+
+# =============================================================================================
+# Front ends: a config template, rendered and run as a foreground process group of its own
+# =============================================================================================
+
+
+def render(template, values):
+    """Replace every @NAME@ in `template` with values[NAME]; a placeholder left over is a bug."""
+    text = template
+    for name, value in values.items():
+        text = text.replace("@%s@" % name, str(value))
+    leftover = re.findall(r"@[A-Z_]+@", text)
+    assert not leftover, "unfilled placeholders %s" % leftover
+    return text
+
+
+class FrontEnd:
+    """A proxy program run in the foreground from a rendered config in `directory`.
+
+    `port` is where it listens; `log()` returns its output plus every *.log file it wrote in
+    its directory; `stop()` ends its whole process group (workers included).
+    """
+
+    def __init__(self, name, directory, argv, port, config_path):
+        self.name = name
+        self.directory = directory
+        self.port = port
+        self.config_path = config_path
+        self.output_path = directory / "output.txt"
+        self._output = open(self.output_path, "w")
+        self.popen = subprocess.Popen(argv, cwd=str(directory), stdin=subprocess.DEVNULL,
+                                      stdout=self._output, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+
+    def log(self):
+        parts = [self.output_path.read_text(errors="replace")]
+        for path in sorted(self.directory.glob("*.log")):
+            parts.append("--- %s\n%s" % (path.name, path.read_text(errors="replace")))
+        return "\n".join(parts)
+
+    def wait_listening(self, timeout=20):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                break
+            try:
+                socket.create_connection((LOOPBACK, self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("%s did not listen on %s:%d (exit %r); config %s:\n%s\nlog:\n%s"
+                             % (self.name, LOOPBACK, self.port, self.popen.poll(),
+                                self.config_path, self.config_path.read_text(), self.log()))
+
+    def stop(self):
+        """SIGTERM the process group, SIGKILL it if it lingers; safe to call twice."""
+        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.popen.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.popen.wait(wait)
+            except subprocess.TimeoutExpired:
+                continue
+            try:  # the leader is gone; workers of the group may not be
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            break
+        self._output.close()
+
+
+@pytest.fixture
+def front_ends(procs):
+    """Front ends to stop at teardown, whatever happened; tests append FrontEnd objects.
+
+    The proxyguard processes go first: with their tunnels closed, Apache's workers stop at
+    once instead of after Apache's own grace period."""
+    started = []
+    yield started
+    for proc in procs:
+        proc.kill()
+    for front_end in started:
+        front_end.stop()
+
+
+@pytest.fixture
+def echoes():
+    """A factory of extra UdpEcho servers, all closed at teardown."""
+    made = []
+
+    def make():
+        made.append(UdpEcho())
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.close()
+
+
+def require(kind):
+    """The path of PROGRAMS[kind]'s program; skip the test if it (or a module) is missing."""
+    program = PROGRAMS[kind]
+    binary = which_or_skip(program["binary"], program["package"])
+    for path in program.get("needs", ()):
+        if not os.path.exists(path):
+            pytest.skip("%s is missing (apt-get install %s)" % (path, program["package"]))
+    return binary
+
+
+def start_front_end(front_ends, tmp_path, kind, values):
+    """Render PROGRAMS[kind]'s template with `values` (plus DIR, PORT and user lines) into a
+    directory of its own under tmp_path, start it, and wait until it listens."""
+    program = PROGRAMS[kind]
+    binary = require(kind)
+    directory = tmp_path / ("%s-%d" % (kind, time.monotonic_ns()))
+    directory.mkdir()
+    os.chmod(directory, 0o755)  # workers that drop root to nobody write temp files here
+    port = free_port()
+    full = {"DIR": directory, "PORT": port, "LOOPBACK": LOOPBACK,
+            "USER": program["user"] if os.geteuid() == 0 else ""}
+    full.update(values)
+    config_path = directory / program["config"]
+    config_path.write_text(render(program["template"], full))
+    argv = [binary] + [render(arg, {"CONF": config_path, "DIR": directory})
+                       for arg in program["argv"]]
+    front_end = FrontEnd(kind, directory, argv, port, config_path)
+    front_ends.append(front_end)
+    front_end.wait_listening()
+    return front_end
+
+
+# --- Apache httpd 2.4 (>= 2.4.47 for upgrade= on mod_proxy_http) -------------------------------
+
+APACHE_TEMPLATE = """\
+# proxyguard behind Apache httpd: TLS here, plain HTTP to the proxyguard server.
+ServerRoot "@DIR@"
+ServerName localhost
+PidFile "@DIR@/apache.pid"
+DefaultRuntimeDir "@DIR@"
+ErrorLog "@DIR@/apache-error.log"
+LogLevel warn
+@USER@
+LoadModule mpm_event_module @MODULES@/mod_mpm_event.so
+LoadModule authz_core_module @MODULES@/mod_authz_core.so
+LoadModule proxy_module @MODULES@/mod_proxy.so
+LoadModule proxy_http_module @MODULES@/mod_proxy_http.so
+LoadModule ssl_module @MODULES@/mod_ssl.so
+LoadModule socache_shmcb_module @MODULES@/mod_socache_shmcb.so
+SSLSessionCache "shmcb:@DIR@/ssl_scache(512000)"
+LogFormat "%h %t \\"%r\\" %>s %D" short
+CustomLog "@DIR@/apache-access.log" short
+
+# An upgraded (101) tunnel is closed after max(Timeout, ProxyTimeout) seconds without data
+# either way: both must be short for a short idle timeout. Defaults: Timeout 60 (Debian's
+# apache2.conf sets 300), ProxyTimeout = Timeout.
+Timeout @TIMEOUT@
+ProxyTimeout @TIMEOUT@
+
+Listen @LOOPBACK@:@PORT@
+<VirtualHost @LOOPBACK@:@PORT@>
+    SSLEngine on
+    SSLCertificateFile "@CERT@"
+    SSLCertificateKeyFile "@KEY@"
+    SSLProtocol -all +TLSv1.2 +TLSv1.3
+    # mod_proxy_http (>= 2.4.47) tunnels an Upgrade only for the protocols named here.
+    # X-Forwarded-For is added by default (ProxyAddHeaders On).
+    ProxyPass "/proxyguard" "http://@BACKEND@/proxyguard" upgrade=UoTLV/1
+</VirtualHost>
+"""
+
+# --- nginx -----------------------------------------------------------------------------------
+
+NGINX_TEMPLATE = """\
+# proxyguard behind nginx: TLS here, plain HTTP/1.1 with Upgrade to the proxyguard server.
+daemon off;
+worker_processes 1;
+pid @DIR@/nginx.pid;
+error_log @DIR@/nginx-error.log info;
+@USER@
+events { worker_connections 256; }
+http {
+    access_log @DIR@/nginx-access.log;
+    client_body_temp_path @DIR@/client_body;
+    proxy_temp_path @DIR@/proxy;
+    fastcgi_temp_path @DIR@/fastcgi;
+    uwsgi_temp_path @DIR@/uwsgi;
+    scgi_temp_path @DIR@/scgi;
+
+    server {
+        listen @LOOPBACK@:@PORT@ ssl;
+        server_name localhost;
+        ssl_certificate @CERT@;
+        ssl_certificate_key @KEY@;
+        # Debian 12's nginx 1.22 offers only TLS 1.2 unless TLSv1.3 is named here, and the
+        # proxyguard client wants TLS 1.3 by default (--tls-min-version).
+        ssl_protocols TLSv1.2 TLSv1.3;
+
+        location /proxyguard {
+            proxy_pass http://@BACKEND@;
+            proxy_http_version 1.1;                  # HTTP/1.0 (the default) has no Upgrade
+            proxy_set_header Upgrade $http_upgrade;  # hop-by-hop: nginx drops them otherwise
+            proxy_set_header Connection "upgrade";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            # The upgraded tunnel closes after proxy_read_timeout without data (default 60s).
+            proxy_read_timeout @TIMEOUT@s;
+            proxy_send_timeout @TIMEOUT@s;
+        }
+    }
+}
+"""
+
+# --- HAProxy ---------------------------------------------------------------------------------
+
+HAPROXY_TEMPLATE = """\
+# proxyguard behind HAProxy: TLS here, HTTP mode, one or more proxyguard servers.
+global
+    maxconn 256
+    log stderr format short local0 info
+
+defaults
+    mode http
+    log global
+    option httplog
+    option forwardfor               # X-Forwarded-For: the real client, for the server's log
+    timeout connect 5s
+    timeout client 30s              # before the upgrade
+    timeout server 30s
+    timeout tunnel @TIMEOUT@s       # after the 101: the tunnel's idle timeout
+    timeout client-fin 5s
+    timeout server-fin 5s
+
+frontend https_in
+    bind @LOOPBACK@:@PORT@ ssl crt @PEM@ alpn http/1.1 ssl-min-ver TLSv1.2
+    default_backend proxyguard
+
+backend proxyguard
+    balance leastconn               # tunnels are long-lived: count them, not requests
+    option redispatch 1             # a refused connect goes to another server
+    retries 3
+    # Health check: a plain GET of the path; a live proxyguard server answers 426.
+    option httpchk
+    http-check send meth GET uri /proxyguard ver HTTP/1.1 hdr Host localhost
+    http-check expect status 426
+@SERVERS@
+"""
+
+# --- tinyproxy (an HTTP proxy with CONNECT, as in a corporate network) -------------------------
+
+TINYPROXY_TEMPLATE = """\
+Port @PORT@
+Listen @LOOPBACK@
+Timeout 600
+MaxClients 50
+LogLevel Info
+Allow 127.0.0.1
+DisableViaHeader Yes
+@USER@
+@AUTH@
+"""
+
+PROGRAMS = {
+    "apache": dict(binary="apache2", package="apache2", config="apache.conf",
+                   template=APACHE_TEMPLATE, argv=["-f", "@CONF@", "-DFOREGROUND"],
+                   user="User nobody\nGroup nogroup",
+                   needs=[os.path.join(APACHE_MODULES, "mod_proxy_http.so")]),
+    "nginx": dict(binary="nginx", package="nginx", config="nginx.conf",
+                  template=NGINX_TEMPLATE,
+                  argv=["-p", "@DIR@", "-c", "@CONF@", "-e", "@DIR@/nginx-error.log"],
+                  user="user nobody nogroup;"),
+    "haproxy": dict(binary="haproxy", package="haproxy", config="haproxy.cfg",
+                    template=HAPROXY_TEMPLATE, argv=["-db", "-f", "@CONF@"], user=""),
+    "tinyproxy": dict(binary="tinyproxy", package="tinyproxy", config="tinyproxy.conf",
+                      template=TINYPROXY_TEMPLATE, argv=["-d", "-c", "@CONF@"],
+                      user="User nobody\nGroup nogroup"),
+}
+
+REVERSE_PROXIES = ["apache", "nginx", "haproxy"]
+
+
+def start_reverse_proxy(front_ends, tmp_path, kind, certs, backend_ports, timeout=60):
+    """Start Apache, nginx or HAProxy with TLS on a new port, in front of the proxyguard
+    servers on `backend_ports` (Apache and nginx take one), tunnels idle-closed at `timeout`."""
+    values = {"CERT": certs.cert, "KEY": certs.key, "PEM": certs.pem, "TIMEOUT": timeout,
+              "MODULES": APACHE_MODULES, "BACKEND": "%s:%d" % (LOOPBACK, backend_ports[0]),
+              "SERVERS": "\n".join(
+                  "    server pg%d %s:%d check inter 500ms fall 1 rise 1" % (i, LOOPBACK, port)
+                  for i, port in enumerate(backend_ports, 1))}
+    if kind != "haproxy":
+        assert len(backend_ports) == 1, "%s is set up with one backend here" % kind
+    return start_front_end(front_ends, tmp_path, kind, values)
+
+
+def start_tinyproxy(front_ends, tmp_path, auth=None):
+    values = {"AUTH": "BasicAuth %s %s" % auth if auth else ""}
+    return start_front_end(front_ends, tmp_path, "tinyproxy", values)
+
+
+# =============================================================================================
+# Clients and traffic
+# =============================================================================================
+
+
+def front_url(front_end):
+    return "https://localhost:%d/proxyguard" % front_end.port
+
+
+def exchange_datagrams(client, first=0, rounds=2, timeout=RECONNECT_BOUND):
+    """Send SIZES `rounds` times as one burst of numbered datagrams; assert every echo comes
+    back byte-identical and in order. Returns the next unused number."""
+    sent = []
+    for round_ in range(rounds):
+        for size in SIZES:
+            datagram = numbered(first + len(sent), size)
+            client.wireguard.send(datagram)
+            sent.append(datagram)
+    got = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(got) < len(sent):
+            got.append(client.wireguard.recv(max(0.1, deadline - time.monotonic())))
+    except socket.timeout:
+        pass
+    summary = [(d[:4].hex(), len(d)) for d in got]
+    assert len(got) == len(sent), ("%d of %d datagrams came back: %s\nclient log:\n%s"
+                                   % (len(got), len(sent), summary, client.log()))
+    for index, (want, have) in enumerate(zip(sent, got)):
+        assert have == want, ("datagram %d: got #%s (%d bytes), want #%s (%d bytes)"
+                              % (index, have[:4].hex(), len(have), want[:4].hex(), len(want)))
+    return first + len(sent)
+
+
+def ping(client, index, timeout=RECONNECT_BOUND):
+    """One small numbered datagram there and back."""
+    datagram = numbered(index, 100)
+    client.wireguard.send(datagram)
+    assert client.wireguard.recv(timeout) == datagram
+
+
+def tunnel_up_lines(server):
+    return [line for line in server.log().splitlines() if "tunnel up:" in line]
+
+
+# =============================================================================================
+# 1 + 3: through each reverse proxy; the server logs the real client from X-Forwarded-For
+# =============================================================================================
+
+
+@pytest.mark.parametrize("kind", REVERSE_PROXIES)
+def test_tunnel_through_reverse_proxy(kind, tmp_path, certs, echo, procs, front_ends):
+    require(kind)
+    server = start_server(tmp_path, echo.port)
+    procs.append(server)
+    front_end = start_reverse_proxy(front_ends, tmp_path, kind, certs, [server.port])
+    client = start_client(tmp_path, front_url(front_end), "--ca-file", certs.ca)
+    procs.append(client)
+
+    exchange_datagrams(client, rounds=3)
+
+    client.wait_log("tunnel up")
+    assert "TLSv1.3" in client.log(), "the client should speak TLS 1.3 to %s:\n%s" % (
+        kind, client.log())
+    # The TCP peer is the proxy on loopback (trusted by default); the client it names in
+    # X-Forwarded-For is shown first.
+    server.wait_log("tunnel up: 127.0.0.1 (via 127.0.0.1:")
+    lines = tunnel_up_lines(server)
+    assert len(lines) == 1, lines
+    assert re.search(r"tunnel up: 127\.0\.0\.1 \(via 127\.0\.0\.1:\d+\), path /proxyguard",
+                     lines[0]), lines
+
+
+@pytest.mark.parametrize("kind", REVERSE_PROXIES)
+def test_no_forwarded_client_when_proxy_not_trusted(kind, tmp_path, certs, echo, procs,
+                                                    front_ends):
+    """--trusted-proxies '' : the X-Forwarded-For header is ignored, the peer is logged as is."""
+    require(kind)
+    server = start_server(tmp_path, echo.port, "--trusted-proxies", "")
+    procs.append(server)
+    front_end = start_reverse_proxy(front_ends, tmp_path, kind, certs, [server.port])
+    client = start_client(tmp_path, front_url(front_end), "--ca-file", certs.ca)
+    procs.append(client)
+    ping(client, 1)
+    server.wait_log("tunnel up:")
+    lines = tunnel_up_lines(server)
+    assert "(via" not in lines[0] and re.search(r"tunnel up: 127\.0\.0\.1:\d+, path", lines[0])
+
+
+def run_check(url, *extra, env=None):
+    """`proxyguard.py check --to URL ...`: (exit status, output)."""
+    result = run_cli("check", "--to", url, *extra, env=env, timeout=60)
+    return result.returncode, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("kind", REVERSE_PROXIES)
+def test_check_mode_through_reverse_proxy(kind, tmp_path, certs, echo, procs, front_ends):
+    """`check` upgrades through the proxy; with the proxyguard server down it names the cause."""
+    require(kind)
+    server = start_server(tmp_path, echo.port)
+    procs.append(server)
+    front_end = start_reverse_proxy(front_ends, tmp_path, kind, certs, [server.port])
+    status, output = run_check(front_url(front_end), "--ca-file", certs.ca)
+    assert status == 0 and "result   ok" in output and "TLSv1.3" in output, output
+    server.stop()
+    time.sleep(1.5)  # HAProxy's health check marks the server down (inter 500ms, fall 1)
+    status, output = run_check(front_url(front_end), "--ca-file", certs.ca)
+    assert status == 1, output
+    assert re.search(r"\b50[234]\b", output) and "cannot reach" in output, output
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("kind", REVERSE_PROXIES)
+def test_server_restart_behind_reverse_proxy(kind, tmp_path, certs, echo, procs, front_ends):
+    """The proxyguard server behind the proxy restarts: the client's tunnel ends, its upgrades
+    get 502/503 while the server is down, and traffic resumes once it is back; datagrams
+    WireGuard sent during the outage wait in the client's UDP buffer and arrive."""
+    require(kind)
+    server = start_server(tmp_path, echo.port)
+    procs.append(server)
+    front_end = start_reverse_proxy(front_ends, tmp_path, kind, certs, [server.port])
+    client = start_client(tmp_path, front_url(front_end), "--ca-file", certs.ca)
+    procs.append(client)
+    following = exchange_datagrams(client, rounds=1)
+
+    assert server.stop() == 0
+    client.wait_log("tunnel down", timeout=20)
+    outage = [numbered(following + i, 200) for i in range(10)]
+    for datagram in outage:
+        client.wireguard.send(datagram)
+    client.wait_log("cannot reach", timeout=20)  # the proxy's 502/503, named in the log
+    restarted = start_server(tmp_path, echo.port, port=server.port, name="server-again")
+    procs.append(restarted)
+
+    for datagram in outage:
+        assert client.wireguard.recv(RECONNECT_BOUND) == datagram
+    exchange_datagrams(client, first=following + len(outage), rounds=1)
+    restarted.wait_log("tunnel up: 127.0.0.1 (via 127.0.0.1:")
+
+
+# =============================================================================================
+# 2: a tunnel idle past the proxy's timeout: the client reconnects, nothing sent after is lost
+# =============================================================================================
+
+
+@pytest.mark.parametrize("kind", REVERSE_PROXIES)
+def test_idle_past_proxy_timeout_reconnects_without_loss(kind, tmp_path, certs, echo, procs,
+                                                         front_ends):
+    require(kind)
+    server = start_server(tmp_path, echo.port)
+    procs.append(server)
+    front_end = start_reverse_proxy(front_ends, tmp_path, kind, certs, [server.port],
+                                    timeout=SHORT_TIMEOUT)
+    client = start_client(tmp_path, front_url(front_end), "--ca-file", certs.ca)
+    procs.append(client)
+
+    following = exchange_datagrams(client, rounds=1)
+    started_idle = time.monotonic()
+    # The proxy closes the idle tunnel, both ways: the client sees it end...
+    client.wait_log("tunnel down", timeout=SHORT_TIMEOUT + 20)
+    idle = time.monotonic() - started_idle
+    assert idle >= SHORT_TIMEOUT - 0.5, "closed after %.1fs, before the proxy's timeout" % idle
+    # ... and so does the server (no half-open tunnel left behind the proxy).
+    server.wait_log("tunnel down", timeout=10)
+    time.sleep(1.5)  # well past the timeout; the client has nothing to send yet
+
+    # Everything sent from now on arrives, in order: the client reconnects on demand.
+    following = exchange_datagrams(client, first=following, rounds=2)
+    client.wait_log("tunnel up", count=2)
+    server.wait_log("tunnel up:", count=2)
+
+    # And once more, to show the new tunnel also carries on after a second idle period.
+    client.wait_log("tunnel down", timeout=SHORT_TIMEOUT + 20, count=2)
+    exchange_datagrams(client, first=following, rounds=1)
+    client.wait_log("tunnel up", count=3)
+
+
+# =============================================================================================
+# 4: HAProxy in front of two proxyguard servers: spread, and fail over on SIGKILL
+# =============================================================================================
+
+
+@pytest.mark.timeout(180)
+def test_haproxy_spreads_tunnels_and_fails_over(tmp_path, certs, echoes, procs, front_ends):
+    require("haproxy")
+    echo_a, echo_b = echoes(), echoes()
+    server_a = start_server(tmp_path, echo_a.port, name="server-a")
+    procs.append(server_a)
+    server_b = start_server(tmp_path, echo_b.port, name="server-b")
+    procs.append(server_b)
+    front_end = start_reverse_proxy(front_ends, tmp_path, "haproxy", certs,
+                                    [server_a.port, server_b.port], timeout=120)
+    clients = []
+    for i in range(4):
+        client = start_client(tmp_path, front_url(front_end), "--ca-file", certs.ca,
+                              name="client-%d" % i)
+        procs.append(client)
+        clients.append(client)
+
+    # One at a time, so leastconn sees the tunnels already up; the echo that answers tells
+    # which server carries each client.
+    on_a, on_b = [], []
+    for index, client in enumerate(clients):
+        before = echo_a.count, echo_b.count
+        ping(client, index)
+        client.wait_log("tunnel up")
+        if echo_a.count > before[0]:
+            on_a.append(client)
+        else:
+            assert echo_b.count > before[1]
+            on_b.append(client)
+    assert on_a and on_b, "leastconn put all tunnels on one server: %d on A, %d on B" % (
+        len(on_a), len(on_b))
+    assert len(tunnel_up_lines(server_a)) == len(on_a)
+    assert len(tunnel_up_lines(server_b)) == len(on_b)
+    assert all("(via 127.0.0.1:" in line
+               for line in tunnel_up_lines(server_a) + tunnel_up_lines(server_b))
+
+    server_a.popen.send_signal(signal.SIGKILL)
+    server_a.popen.wait(10)
+    for client in on_a:  # HAProxy closes their side when the server's side resets
+        client.wait_log("tunnel down", timeout=20)
+
+    # Traffic resumes for every client; A's clients now go to B.
+    before_b = echo_b.count
+    for index, client in enumerate(clients):
+        exchange_datagrams(client, first=100 + 100 * index, rounds=1, timeout=RECONNECT_BOUND + 15)
+    assert echo_b.count - before_b == len(clients) * len(SIZES)
+    server_b.wait_log("tunnel up:", count=len(clients), timeout=5)
+    for client in on_a:
+        client.wait_log("tunnel up", count=2, timeout=5)
+    for client in on_b:  # their tunnels were never touched
+        assert client.log().count("tunnel down") == 0, client.log()
+    assert re.search(r"Server proxyguard/pg1 is DOWN", front_end.log()), front_end.log()
+
+
+# =============================================================================================
+# 5: an HTTP proxy with CONNECT (tinyproxy), as in a corporate network
+# =============================================================================================
+
+
+def test_tinyproxy_connect_reaches_the_server(tmp_path, echo, procs, front_ends):
+    """The test rig itself, without the client's --proxy: a raw CONNECT through tinyproxy
+    reaches a plain proxyguard server and upgrades; BasicAuth tinyproxy answers 407."""
+    require("tinyproxy")
+    server = start_server(tmp_path, echo.port)
+    procs.append(server)
+    for auth, want in ((None, b" 200 "), (("user", "secret"), b" 407 ")):
+        proxy = start_tinyproxy(front_ends, tmp_path, auth)
+        with socket.create_connection((LOOPBACK, proxy.port), timeout=10) as sock:
+            authority = "%s:%d" % (LOOPBACK, server.port)
+            sock.sendall(("CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n"
+                          % (authority, authority)).encode())
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                chunk = sock.recv(4096)
+                assert chunk, answer
+                answer += chunk
+            assert want in answer.split(b"\r\n")[0], answer
+            if auth is None:
+                sock.sendall(b"GET /proxyguard HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                             b"Upgrade: UoTLV/1\r\n\r\n")
+                assert sock.recv(4096).startswith(b"HTTP/1.1 101 ")
+
+
+@pytest.mark.parametrize("auth", [None, ("user", "s3cret.pw-1")], ids=["open", "basic-auth"])
+def test_client_through_connect_proxy(auth, tmp_path, certs, tls_server, procs, front_ends):
+    proxy = start_tinyproxy(front_ends, tmp_path, auth)
+    credentials = ""
+    if auth:
+        credentials = "%s:%s@" % (quote(auth[0], safe=""), quote(auth[1], safe=""))
+    client = start_client(tmp_path, tls_server.url, "--ca-file", certs.ca,
+                          "--proxy", "http://%s%s:%d" % (credentials, LOOPBACK, proxy.port))
+    procs.append(client)
+    exchange_datagrams(client, rounds=2)
+    tls_server.wait_log("tunnel up:")
+    assert re.search(r"CONNECT localhost:%d" % tls_server.port, proxy.log()), proxy.log()
+
+
+def wait_for_pattern(proc, pattern, timeout=15):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not re.search(pattern, proc.log()):
+        time.sleep(0.1)
+    return proc.log()
+
+
+@pytest.mark.parametrize("credentials,status", [("user:wrong@", "40[17]"), ("", "407")],
+                         ids=["wrong-password", "no-credentials"])
+def test_client_proxy_auth_failure_is_a_clear_error(credentials, status, tmp_path, certs,
+                                                    tls_server, procs, front_ends):
+    """A refused proxy login names the proxy and the status. Debian 12's tinyproxy 1.11.1
+    answers a wrong password with 401, not 407 (tinyproxy issue 532), no credentials with 407."""
+    proxy = start_tinyproxy(front_ends, tmp_path, ("user", "right"))
+    client = start_client(tmp_path, tls_server.url, "--ca-file", certs.ca,
+                          "--proxy", "http://%s%s:%d" % (credentials, LOOPBACK, proxy.port))
+    procs.append(client)
+    client.wireguard.send(numbered(1, 100))
+    text = wait_for_pattern(client, r"\b%s\b" % status)
+    assert re.search(r"\b%s\b" % status, text), text
+    failure = [line for line in text.splitlines() if re.search(r"\b%s\b" % status, line)][0]
+    assert re.search(r"\bproxy\b", failure.replace("/proxyguard", ""), re.I), failure
+    assert client.popen.poll() is None, "the client should keep trying, not exit"
+    assert "tunnel up:" not in tls_server.log()
+
+
+@pytest.mark.parametrize("scheme", ["https", "http"])
+def test_client_uses_proxy_from_environment(scheme, tmp_path, certs, echo, procs, front_ends):
+    """HTTPS_PROXY for an https:// server, HTTP_PROXY for an http:// one (both CONNECT)."""
+    extra = ["--tls-cert", certs.cert, "--tls-key", certs.key] if scheme == "https" else []
+    server = start_server(tmp_path, echo.port, *extra)
+    procs.append(server)
+    proxy = start_tinyproxy(front_ends, tmp_path)
+    proxy_url = "http://%s:%d" % (LOOPBACK, proxy.port)
+    name = "%s_PROXY" % scheme.upper()
+    client = start_client(tmp_path, "%s://localhost:%d/proxyguard" % (scheme, server.port),
+                          "--ca-file", certs.ca, env={name: proxy_url, name.lower(): proxy_url})
+    procs.append(client)
+    exchange_datagrams(client, rounds=1)
+    assert "CONNECT localhost:%d" % server.port in proxy.log(), proxy.log()
+    server.wait_log("tunnel up:")
+
+
+def test_no_proxy_bypasses_the_environment_proxy(tmp_path, certs, tls_server, procs):
+    dead = "http://%s:%d" % (LOOPBACK, free_port())  # nothing listens: using it would fail
+    env = {"HTTPS_PROXY": dead, "https_proxy": dead,
+           "NO_PROXY": "localhost,127.0.0.1", "no_proxy": "localhost,127.0.0.1"}
+    client = start_client(tmp_path, tls_server.url, "--ca-file", certs.ca, env=env)
+    procs.append(client)
+    exchange_datagrams(client, rounds=1)
+    assert "via proxy" not in client.log(), client.log()
+
+
+def test_proxy_none_ignores_the_environment_proxy(tmp_path, certs, tls_server, procs):
+    dead = "http://%s:%d" % (LOOPBACK, free_port())
+    client = start_client(tmp_path, tls_server.url, "--ca-file", certs.ca, "--proxy", "none",
+                          env={"HTTPS_PROXY": dead, "https_proxy": dead})
+    procs.append(client)
+    exchange_datagrams(client, rounds=1)
+    assert "via proxy" not in client.log(), client.log()
