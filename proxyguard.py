@@ -130,6 +130,9 @@ DEFAULT_TRUSTED_PROXIES = "127.0.0.0/8,::1"
 
 # Linux socket option numbers that the socket module may lack on old Pythons.
 SO_MARK = getattr(socket, "SO_MARK", 36)
+TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
+TCP_INFO = getattr(socket, "TCP_INFO", 11)
+TCP_STATE_CLOSE = 7  # tcpi_state after the kernel gave up on a connection (include/net/tcp_states.h)
 
 # =============================================================================================
 # Errors
@@ -151,10 +154,11 @@ class FatalError(ProxyGuardError):
 class HandshakeError(ProxyGuardError):
     """A request the server refuses: `status` is the HTTP answer, the message its body."""
 
-    def __init__(self, status, message, extra_headers=()):
+    def __init__(self, status, message, extra_headers=(), routine=False):
         super().__init__(message)
         self.status = status
         self.extra_headers = tuple(extra_headers)
+        self.routine = routine  # a plain GET (health check, browser): logged at debug only
 
 
 class UpgradeRefused(ProxyGuardError):
@@ -358,7 +362,8 @@ def check_upgrade_request(request):
     if "upgrade" not in request.tokens("connection"):
         raise HandshakeError(
             426, "the 'Connection' header is not 'Upgrade', got: '%s'"
-            % ", ".join(request.get_all("connection")), upgrade_headers)
+            % ", ".join(request.get_all("connection")), upgrade_headers,
+            routine=not request.get_all("upgrade"))
     if PROTOCOL.lower() not in request.tokens("upgrade"):
         raise HandshakeError(
             426, "the 'Upgrade' header is not '%s', got: '%s'"
@@ -894,6 +899,15 @@ class Tunnel:
         udp_thread = None
         try:
             self.channel.sock.settimeout(self.idle_timeout or None)
+            if self.idle_timeout:
+                # Data sent counts as activity only once the peer acknowledged it: into a
+                # dead path, sends still succeed into the kernel's buffer, and without this
+                # both sides would wait for the kernel's retransmissions (about 15 minutes).
+                try:
+                    self.channel.sock.setsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT,
+                                                 int(self.idle_timeout * 1000))
+                except OSError:  # not Linux: the peer's silence still ends the tunnel
+                    pass
             if self.greeting:  # the server's 101 goes out before any frame
                 self.channel.sendall(self.greeting)
             thread = threading.Thread(target=self._pump, args=(self.relay_udp_to_tcp,),
@@ -925,15 +939,21 @@ class Tunnel:
         """Error boundary of one pump thread: every way out closes the tunnel with a reason."""
         try:
             reason = relay()
-        except socket.timeout:
-            self.went_idle = True
-            reason = "idle for %gs" % self.idle_timeout
         except (OSError, ssl.SSLError) as exc:
-            reason = describe_os_error(exc)
+            if is_socket_timeout(exc):
+                self.went_idle = True
+                reason = "idle for %gs" % self.idle_timeout
+            elif exc.errno == errno.ETIMEDOUT:
+                reason = self._path_down()
+            else:
+                reason = describe_os_error(exc)
         except Exception as exc:  # a bug must still close the tunnel and not kill the process
             log.exception("tunnel %s: unexpected error", self.peer)
             reason = "internal error: %r" % exc
         self.close(reason)
+
+    def _path_down(self):
+        return "path down: data unacknowledged for %gs" % self.idle_timeout
 
     def relay_tcp_to_udp(self):
         """Read frames from the channel and send each as one UDP datagram, until EOF."""
@@ -960,15 +980,19 @@ class Tunnel:
                 return self.close_reason
             try:
                 data = self.channel.recv(TCP_READ_SIZE)
-            except socket.timeout:
+            except socket.timeout as exc:
                 # Idle means no data either way. Traffic towards the peer keeps the tunnel:
                 # with PersistentKeepalive on the client only, the server never answers, and
                 # a peer-only rule would reconnect (and change WireGuard's endpoint) each time.
-                if time.monotonic() - self.last_sent < self.idle_timeout:
+                if is_socket_timeout(exc) and (
+                        time.monotonic() - self.last_sent < self.idle_timeout):
                     data = b""
                     continue
                 raise
             if not data:
+                if self.close_reason is None and tcp_gave_up(self.channel.sock):
+                    # The other pump took the socket's ETIMEDOUT; this one sees only the end.
+                    return self._path_down()
                 return "closed by peer" if self.close_reason is None else self.close_reason
 
     def relay_udp_to_tcp(self):
@@ -983,7 +1007,7 @@ class Tunnel:
             except BaseException as exc:
                 if self.unsent is not None:
                     self.unsent(datagrams)
-                if isinstance(exc, socket.timeout):
+                if is_socket_timeout(exc):
                     return "the peer read nothing for %gs" % self.idle_timeout
                 raise
             self.last_sent = time.monotonic()
@@ -1011,6 +1035,21 @@ _TLS_HINTS = {
     "NO_APPLICATION_PROTOCOL": " (the server does not offer HTTP/1.1 over ALPN)",
     "UNEXPECTED_EOF_WHILE_READING": " (the server closed the connection during TLS)",
 }
+
+
+def is_socket_timeout(exc):
+    """True for a socket's own timeout (settimeout), not the kernel's ETIMEDOUT: since Python
+    3.10 both are TimeoutError, told apart by errno (None for the socket's own)."""
+    return isinstance(exc, socket.timeout) and exc.errno is None
+
+
+def tcp_gave_up(sock):
+    """True if the kernel aborted the connection (TCP_USER_TIMEOUT, retransmissions), which a
+    reader sees as a plain end of stream once another thread took the error."""
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 1)[0] == TCP_STATE_CLOSE
+    except OSError:
+        return False
 
 
 def describe_os_error(exc):
@@ -1221,7 +1260,8 @@ class Server:
 
     def _refuse(self, channel, peer_text, error):
         """The one error-answer path: log why, send the HTTP answer, and let the caller close."""
-        log.info("handshake failed from %s: %d %s", peer_text, error.status, error)
+        log.log(logging.DEBUG if error.routine else logging.INFO,
+                "handshake failed from %s: %d %s", peer_text, error.status, error)
         try:
             channel.sock.settimeout(1)
             channel.sendall(build_response(error.status, str(error), error.extra_headers))

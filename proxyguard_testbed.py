@@ -1,0 +1,930 @@
+#!/usr/bin/env python3
+"""proxyguard_testbed.py: an end-to-end test bed for proxyguard.py with real userspace WireGuard.
+
+Two network namespaces made for one run, a client host and a server host, joined by a veth
+pair whose /30 exists only inside them. UDP between the two hosts is dropped by iptables, so
+WireGuard can only reach its peer through proxyguard.py's TCP connection:
+
+    client netns                                           server netns
+    wireguard-go (wgc, ListenPort 51820,                   wireguard-go (wgs, ListenPort 51820)
+      Endpoint 127.0.0.1:51821)                                 ^ UDP on lo
+        | UDP on lo                                             |
+    proxyguard.py client --listen-port 51821  ==TCP/veth==>  proxyguard.py server
+      --forward-port 51820 --to http://10.213.7.2:8080/         --listen 0.0.0.0:8080
+                                                                --to 127.0.0.1:51820
+    tunnel address 10.214.7.1  <------- WireGuard ------->  tunnel address 10.214.7.2
+
+With front_end="nginx" the proxyguard server listens on 127.0.0.1:8080 only, behind nginx on
+10.213.7.2:8443 (TLS, certificate for that IP from a test CA made here with openssl), and the
+client goes to https://10.213.7.2:8443/proxyguard with --ca-file:
+
+    proxyguard.py client ==HTTPS/veth==> nginx --HTTP/1.1 Upgrade, lo--> proxyguard.py server
+
+Every address is inside the two namespaces (and 127.0.0.1 inside each): nothing leaves them.
+Fixed addresses and ports are fine because each run has namespaces of its own; the names that
+are shared by the whole machine (namespace names, and wireguard-go's UAPI socket
+/var/run/wireguard/<ifname>.sock) carry a per-run tag.
+
+Use:
+    reason = WireGuardBed.unavailable()      # None, or why the bed cannot run here
+    with WireGuardBed(workdir, idle_timeout=5) as bed:   # everything up and tunnel checked
+        bed.ping()                           # {"sent", "received", "rtt_ms": [...]}
+        bed.wait_ping(timeout=30)            # seconds until the first reply, or None
+        bed.transfer(nbytes=50 << 20)        # sha-checked bulk TCP through WireGuard
+        bed.set_mtu(1280); bed.throughput(seconds=5)   # Mbit/s for an MTU study
+        bed.kill_pg_server(); bed.start_pg_server()    # faults, see the methods
+
+The traffic tools (ping, TCP source and sink) are this same file run as a program inside a
+namespace: `ip netns exec NS python3 proxyguard_testbed.py ping|wait-ping|sink|source ...`, one JSON line out.
+
+The MTU study, from a shell (as root; --tls puts nginx in front):
+    python3 proxyguard_testbed.py mtu [--mtus 1280,1320,1360,1380,1400,1420] [--seconds 5]
+                                      [--runs 3] [--tls]
+
+Needs root, iproute2, iptables, wireguard-go, wireguard-tools (wg) and /dev/net/tun; the
+nginx front end also nginx and openssl.
+"""
+
+import argparse
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# proxyguard.py to test: $PROXYGUARD_SCRIPT, else the one beside this file.
+DEFAULT_PROXYGUARD = os.environ.get("PROXYGUARD_SCRIPT") or os.path.join(HERE, "proxyguard.py")
+
+VETH_CLIENT_IP = "10.213.7.1"
+VETH_SERVER_IP = "10.213.7.2"
+VETH_PREFIX = 30
+WG_CLIENT_IP = "10.214.7.1"
+WG_SERVER_IP = "10.214.7.2"
+WG_PREFIX = 30
+WG_PORT = 51820  # ListenPort of both WireGuards (each in its own namespace)
+PG_CLIENT_PORT = 51821  # proxyguard client's UDP port = the client WireGuard's Endpoint
+PG_SERVER_PORT = 8080  # proxyguard server's TCP port on the server host
+NGINX_PORT = 8443  # front_end="nginx": its TLS port on the server host (the server: 127.0.0.1)
+SINK_PORT = 5201  # TCP bulk receiver on the server's tunnel address
+
+WG_RUN_DIR = "/var/run/wireguard"
+TOOLS = ("ip", "iptables", "wg", "wireguard-go")
+FRONT_END_TOOLS = {None: (), "nginx": ("nginx", "openssl")}
+
+# front_end="nginx": TLS ends here, HTTP/1.1 with Upgrade to the proxyguard server on lo. Run in
+# the foreground; every path in the bed's workdir (nothing read from or written to /etc, /var).
+NGINX_CONF = """\
+daemon off;
+worker_processes 1;
+# Workers as root: the bed's workdir may be private to root (pytest's tmp_path is).
+user root root;
+pid {dir}/nginx.pid;
+error_log stderr info;
+events {{ worker_connections 256; }}
+http {{
+    access_log {dir}/access.log;
+    client_body_temp_path {dir}/client_body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    server {{
+        listen {listen} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;  # the client wants TLS 1.3 by default
+        location /proxyguard {{
+            proxy_pass http://{backend};
+            proxy_http_version 1.1;                  # 1.0 (the default) has no Upgrade
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_read_timeout 3600s;                # the upgraded tunnel's idle timeout
+            proxy_send_timeout 3600s;
+        }}
+    }}
+}}
+"""
+
+_counter = itertools.count()
+
+# proxyguard.py's log line when a tunnel ends (see Tunnel.summary).
+TUNNEL_DOWN = re.compile(r"tunnel down: .* after ([\d.]+)s, (\d+) datagrams/(\d+) bytes to "
+                         r"WireGuard, (\d+) datagrams/(\d+) bytes from WireGuard.*\((.*)\)$",
+                         re.MULTILINE)
+
+
+class BedError(Exception):
+    """The bed could not be set up or a tool failed."""
+
+
+# =============================================================================================
+# The bed
+# =============================================================================================
+
+
+class WireGuardBed:
+    """Two namespaces, two wireguard-go, proxyguard client and server; see the module doc.
+
+    `idle_timeout` goes to both proxyguard processes (None: their default). `client_keepalive`
+    is the client WireGuard's PersistentKeepalive (so the tunnel heals by itself);
+    `server_keepalive` the server's (0 = off, the usual server setting). `front_end="nginx"`
+    puts the proxyguard server behind nginx with TLS (see the module doc). `log` gets progress
+    lines.
+    """
+
+    def __init__(self, workdir, idle_timeout=None, client_keepalive=1, server_keepalive=0,
+                 mtu=None, proxyguard=DEFAULT_PROXYGUARD, python=sys.executable,
+                 pg_extra=(), front_end=None, log=None):
+        if front_end not in FRONT_END_TOOLS:
+            raise ValueError("front_end must be one of %s" % list(FRONT_END_TOOLS))
+        self.workdir = str(workdir)
+        os.makedirs(self.workdir, exist_ok=True)
+        self.front_end = front_end
+        # The TCP port the client connects to on the server host (the one cut_path drops).
+        self.public_port = NGINX_PORT if front_end else PG_SERVER_PORT
+        self.ca_file = None  # the test CA, with a front end
+        self.idle_timeout = idle_timeout
+        self.client_keepalive = client_keepalive
+        self.server_keepalive = server_keepalive
+        self.mtu = mtu
+        self.proxyguard = proxyguard
+        self.python = python
+        self.pg_extra = list(pg_extra)
+        self.log = log or (lambda text: None)
+        # Fixed width, so two runs' tags never collide: 5 digits of the pid, 2 of a counter.
+        tag = "%05d%02d" % (os.getpid() % 100000, next(_counter) % 100)
+        self.tag = tag
+        self.ns_client = "pgbed-c" + tag
+        self.ns_server = "pgbed-s" + tag
+        self.veth_client = "vpc" + tag  # names at most 15 characters
+        self.veth_server = "vps" + tag
+        self.wg_client = "wgc" + tag
+        self.wg_server = "wgs" + tag
+        self.procs = {}  # name -> Popen (only processes this bed started)
+        self._logs = {}  # name -> open log file
+        self._namespaces = []
+        self._cut = False
+        self.keys = {}
+
+    # ----------------------------------------------------------------------------- checks
+
+    @staticmethod
+    def unavailable(front_end=None):
+        """None if the bed (with `front_end`) can run here, else the reason (for pytest.skip)."""
+        if os.geteuid() != 0:
+            return "needs root (network namespaces, iptables, wireguard-go)"
+        missing = [tool for tool in TOOLS + FRONT_END_TOOLS[front_end]
+                   if shutil.which(tool) is None]
+        if missing:
+            return ("missing tools: %s (Debian: apt-get install iproute2 iptables wireguard-go "
+                    "wireguard-tools%s)" % (", ".join(missing),
+                                           " nginx openssl" if front_end else ""))
+        if not os.path.exists("/dev/net/tun"):
+            return "no /dev/net/tun (wireguard-go needs a TUN device)"
+        probe = "pgbed-probe%d" % os.getpid()
+        result = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True,
+                                timeout=10)
+        if result.returncode != 0:
+            return "cannot create a network namespace: %s" % result.stderr.strip()
+        try:
+            result = subprocess.run(["ip", "netns", "exec", probe, "iptables", "-S"],
+                                    capture_output=True, text=True, timeout=10)
+            if result.returncode != 0:
+                return "iptables does not work in a namespace: %s" % result.stderr.strip()
+        finally:
+            subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=10)
+        return None
+
+    # ----------------------------------------------------------------------------- helpers
+
+    def sh(self, *cmd, ns=None, check=True, timeout=15, input=None):
+        """Run a command (in namespace `ns`) and return its stdout; BedError if it fails."""
+        argv = (["ip", "netns", "exec", ns] if ns else []) + [str(c) for c in cmd]
+        try:
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                                    input=input)
+        except subprocess.TimeoutExpired:
+            raise BedError("timed out after %ss: %s" % (timeout, " ".join(argv)))
+        if check and result.returncode != 0:
+            raise BedError("%s: exit %d: %s" % (" ".join(argv), result.returncode,
+                                                 (result.stderr or result.stdout).strip()))
+        return result.stdout
+
+    def spawn(self, name, ns, argv, env=None):
+        """Start a long-running process in `ns`, its output in workdir/<name>.log (appended)."""
+        argv = [str(arg) for arg in argv]
+        if name in self.procs and self.procs[name].poll() is None:
+            raise BedError("%s is already running" % name)
+        path = os.path.join(self.workdir, name + ".log")
+        log_file = open(path, "a")
+        log_file.write("==== %s start: %s\n" % (time.strftime("%H:%M:%S"), " ".join(argv)))
+        log_file.flush()
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        proc = subprocess.Popen(["ip", "netns", "exec", ns] + argv,
+                                stdin=subprocess.DEVNULL, stdout=log_file,
+                                stderr=subprocess.STDOUT, env=full_env,
+                                start_new_session=True)
+        old = self._logs.pop(name, None)
+        if old:
+            old.close()
+        self.procs[name] = proc
+        self._logs[name] = log_file
+        return proc
+
+    def send_signal(self, name, sig=signal.SIGKILL, timeout=10, group=False):
+        """Send `sig` to our process `name` (by its PID; with `group`, to its whole process
+        group, e.g. nginx and its workers) and wait for it to end."""
+        proc = self.procs.get(name)
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            # Every process here starts a session of its own: its PID is its group's ID, and
+            # cannot be reused while the process is not yet reaped.
+            kill = (lambda s: os.killpg(proc.pid, s)) if group else proc.send_signal
+            kill(sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                kill(signal.SIGKILL)
+                proc.wait(5)
+        return proc.returncode
+
+    def log_text(self, name):
+        path = os.path.join(self.workdir, name + ".log")
+        try:
+            with open(path) as stream:
+                return stream.read()
+        except OSError:
+            return ""
+
+    def wait_log(self, name, text, timeout=10, count=1):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.log_text(name).count(text) >= count:
+                return
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise BedError("%r not seen %d times in %s.log within %ss:\n%s"
+                       % (text, count, name, timeout, self.log_text(name)[-3000:]))
+
+    def agent(self, ns, *args, timeout=60):
+        """Run this file as a traffic tool in `ns`; return its JSON answer."""
+        out = self.sh(self.python, os.path.abspath(__file__), *args, ns=ns, timeout=timeout)
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        if not lines:
+            raise BedError("agent %s printed no answer: %r" % (args, out))
+        return json.loads(lines[-1])
+
+    # ----------------------------------------------------------------------------- setup
+
+    def __enter__(self):
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def start(self):
+        t0 = time.monotonic()
+        self._make_network()
+        self._make_keys()
+        # proxyguard first: WireGuard's first handshake is lost if nothing listens yet on
+        # 127.0.0.1:51821, and the retry comes only 5 s later (REKEY_TIMEOUT).
+        self.start_pg_server()
+        if self.front_end:
+            self._make_certificates()
+            self.start_front_end()
+        self.start_pg_client()
+        self.start_wireguard("server")
+        self.start_wireguard("client")
+        seconds = self.wait_ping(timeout=20)
+        if seconds is None:
+            raise BedError("the WireGuard tunnel did not come up in 20 s\n" + self.diagnose())
+        self.log("bed %s up in %.1fs (first ping after %.2fs)"
+                 % (self.tag, time.monotonic() - t0, seconds))
+
+    def _make_network(self):
+        for ns in (self.ns_client, self.ns_server):
+            self.sh("ip", "netns", "add", ns)
+            self._namespaces.append(ns)
+            self.sh("ip", "link", "set", "lo", "up", ns=ns)
+        self.sh("ip", "link", "add", self.veth_client, "netns", self.ns_client, "type", "veth",
+                "peer", "name", self.veth_server, "netns", self.ns_server)
+        for ns, dev, ip in ((self.ns_client, self.veth_client, VETH_CLIENT_IP),
+                            (self.ns_server, self.veth_server, VETH_SERVER_IP)):
+            self.sh("ip", "addr", "add", "%s/%d" % (ip, VETH_PREFIX), "dev", dev, ns=ns)
+            self.sh("ip", "link", "set", dev, "up", ns=ns)
+            # Only TCP may cross between the hosts: WireGuard must go through proxyguard.
+            self.sh("iptables", "-A", "OUTPUT", "-o", dev, "-p", "udp", "-j", "DROP", ns=ns)
+            self.sh("iptables", "-A", "INPUT", "-i", dev, "-p", "udp", "-j", "DROP", ns=ns)
+
+    def _make_keys(self):
+        for side in ("client", "server"):
+            private = self.sh("wg", "genkey").strip()
+            public = self.sh("wg", "pubkey", input=private + "\n").strip()
+            path = os.path.join(self.workdir, "%s.key" % side)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as stream:
+                stream.write(private + "\n")
+            self.keys[side] = (path, public)
+
+    def _make_certificates(self):
+        """A test CA (self.ca_file) and a certificate for the server's veth address (IP SAN):
+        workdir/tls/{ca,server}.{pem,key}."""
+        directory = os.path.join(self.workdir, "tls")
+        os.makedirs(directory, exist_ok=True)
+        path = lambda name: os.path.join(directory, name)
+        ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        self.sh("openssl", "req", "-x509", *ec, "-keyout", path("ca.key"), "-out", path("ca.pem"),
+                "-days", "2", "-subj", "/CN=proxyguard test bed CA", timeout=60)
+        with open(path("server.ext"), "w") as stream:
+            stream.write("subjectAltName=IP:%s\nbasicConstraints=CA:FALSE\n"
+                         "keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n"
+                         % VETH_SERVER_IP)
+        self.sh("openssl", "req", *ec, "-keyout", path("server.key"), "-out", path("server.csr"),
+                "-subj", "/CN=%s" % VETH_SERVER_IP, timeout=60)
+        self.sh("openssl", "x509", "-req", "-in", path("server.csr"), "-CA", path("ca.pem"),
+                "-CAkey", path("ca.key"), "-set_serial", random.getrandbits(63) + 1,
+                "-days", "2", "-extfile", path("server.ext"), "-out", path("server.pem"),
+                timeout=60)
+        self.ca_file = path("ca.pem")
+
+    def start_front_end(self):
+        """Start nginx (front_end="nginx") in the server namespace, configured from scratch in
+        workdir/nginx; its output in workdir/nginx.log."""
+        directory = os.path.join(self.workdir, "nginx")
+        os.makedirs(directory, exist_ok=True)
+        tls = os.path.join(self.workdir, "tls")
+        conf = os.path.join(directory, "nginx.conf")
+        with open(conf, "w") as stream:
+            stream.write(NGINX_CONF.format(
+                dir=directory, listen="%s:%d" % (VETH_SERVER_IP, NGINX_PORT),
+                cert=os.path.join(tls, "server.pem"), key=os.path.join(tls, "server.key"),
+                backend="127.0.0.1:%d" % PG_SERVER_PORT))
+        starts = self.log_text("nginx").count("==== ") + 1
+        self.spawn("nginx", self.ns_server, ["nginx", "-p", directory, "-c", conf, "-e", "stderr"])
+        # Logged once the listening socket is bound (nginx exits if it cannot bind).
+        self.wait_log("nginx", "start worker process", count=starts)
+
+    def kill_front_end(self, sig=signal.SIGKILL, timeout=5):
+        """Signal nginx's whole process group (master and workers) and wait for the master
+        (SIGKILL to the group after `timeout`)."""
+        return self.send_signal("nginx", sig, timeout=timeout, group=True)
+
+    def _side(self, side):
+        if side == "client":
+            return self.ns_client, self.wg_client, WG_CLIENT_IP, "server"
+        return self.ns_server, self.wg_server, WG_SERVER_IP, "client"
+
+    def start_wireguard(self, side):
+        """Start wireguard-go on `side` ("client"/"server") and configure it from scratch."""
+        ns, ifname, ip, other = self._side(side)
+        name = "wg-" + side
+        with contextlib.suppress(FileNotFoundError):  # stale socket of a killed wireguard-go
+            os.unlink(os.path.join(WG_RUN_DIR, ifname + ".sock"))
+        env = {"WG_PROCESS_FOREGROUND": "1", "LOG_LEVEL": "error",
+               # Only old releases refuse to run on Linux without it; harmless otherwise.
+               "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
+        self.spawn(name, ns, ["wireguard-go", "-f", ifname], env=env)
+        deadline = time.monotonic() + 10
+        sock_path = os.path.join(WG_RUN_DIR, ifname + ".sock")
+        while not os.path.exists(sock_path):
+            if self.procs[name].poll() is not None or time.monotonic() > deadline:
+                raise BedError("wireguard-go %s did not start:\n%s"
+                               % (ifname, self.log_text(name)))
+            time.sleep(0.05)
+        key_path, _ = self.keys[side]
+        peer_public = self.keys[other][1]
+        peer_ip = WG_SERVER_IP if side == "client" else WG_CLIENT_IP
+        args = ["wg", "set", ifname, "listen-port", WG_PORT, "private-key", key_path,
+                "peer", peer_public, "allowed-ips", peer_ip + "/32"]
+        keepalive = self.client_keepalive if side == "client" else self.server_keepalive
+        if keepalive:
+            args += ["persistent-keepalive", keepalive]
+        if side == "client":
+            args += ["endpoint", "127.0.0.1:%d" % PG_CLIENT_PORT]
+        self.sh(*args, ns=ns)
+        self.sh("ip", "addr", "add", "%s/%d" % (ip, WG_PREFIX), "dev", ifname, ns=ns)
+        if self.mtu:
+            self.sh("ip", "link", "set", "dev", ifname, "mtu", self.mtu, ns=ns)
+        self.sh("ip", "link", "set", ifname, "up", ns=ns)
+
+    def kill_wireguard(self, side, sig=signal.SIGKILL):
+        return self.send_signal("wg-" + side, sig)
+
+    def restart_wireguard(self, side):
+        """Kill wireguard-go on `side`, start it again and reconfigure it (same keys)."""
+        self.kill_wireguard(side)
+        ns, ifname, _, _ = self._side(side)
+        deadline = time.monotonic() + 5  # the TUN device goes with its last fd
+        while ifname in self.sh("ip", "-o", "link", "show", ns=ns, check=False):
+            if time.monotonic() > deadline:
+                raise BedError("%s still exists after wireguard-go died" % ifname)
+            time.sleep(0.05)
+        self.start_wireguard(side)
+
+    def start_pg_server(self, wait=True):
+        listen = "%s:%d" % ("127.0.0.1" if self.front_end else "0.0.0.0", PG_SERVER_PORT)
+        argv = [self.python, self.proxyguard, "server", "--listen", listen,
+                "--to", "127.0.0.1:%d" % WG_PORT] + self._pg_options()
+        self.spawn("pg-server", self.ns_server, argv)
+        if wait:
+            self.wait_log("pg-server", "listening on",
+                          count=self.log_text("pg-server").count("==== ") or 1)
+
+    def start_pg_client(self, wait=True):
+        if self.front_end:
+            to = ["--to", "https://%s:%d/proxyguard" % (VETH_SERVER_IP, NGINX_PORT),
+                  "--ca-file", self.ca_file]
+        else:
+            to = ["--to", "http://%s:%d/" % (VETH_SERVER_IP, PG_SERVER_PORT)]
+        argv = [self.python, self.proxyguard, "client"] + to + [
+            "--listen-port", PG_CLIENT_PORT, "--forward-port", WG_PORT] + self._pg_options()
+        self.spawn("pg-client", self.ns_client, argv)
+        if wait:
+            self.wait_log("pg-client", "listening on",
+                          count=self.log_text("pg-client").count("==== ") or 1)
+
+    def _pg_options(self):
+        options = list(self.pg_extra)
+        if self.idle_timeout is not None:
+            options += ["--idle-timeout", self.idle_timeout]
+        return options
+
+    def kill_pg_server(self, sig=signal.SIGKILL):
+        return self.send_signal("pg-server", sig)
+
+    def kill_pg_client(self, sig=signal.SIGKILL):
+        return self.send_signal("pg-client", sig)
+
+    def _cut_rules(self):
+        return [("INPUT", "-p", "tcp", "--dport", self.public_port, "-j", "DROP"),
+                ("OUTPUT", "-p", "tcp", "--sport", self.public_port, "-j", "DROP")]
+
+    def cut_path(self):
+        """Drop the TCP port the client connects to on the server host (proxyguard's, or
+        nginx's with a front end), both ways (a silent black hole)."""
+        for chain, *rule in self._cut_rules():
+            self.sh("iptables", "-I", chain, *rule, ns=self.ns_server)
+        self._cut = True
+
+    def restore_path(self):
+        for chain, *rule in self._cut_rules():
+            self.sh("iptables", "-D", chain, *rule, ns=self.ns_server)
+        self._cut = False
+
+    def set_mtu(self, mtu):
+        """Set the MTU of both WireGuard interfaces (kept across WireGuard restarts)."""
+        self.mtu = mtu
+        for ns, ifname in ((self.ns_client, self.wg_client), (self.ns_server, self.wg_server)):
+            self.sh("ip", "link", "set", "dev", ifname, "mtu", mtu, ns=ns)
+
+    def set_veth_mtu(self, mtu):
+        """Set the MTU of the path between the hosts (the TCP that carries WireGuard)."""
+        for ns, dev in ((self.ns_client, self.veth_client), (self.ns_server, self.veth_server)):
+            self.sh("ip", "link", "set", "dev", dev, "mtu", mtu, ns=ns)
+
+    # ----------------------------------------------------------------------------- traffic
+
+    def ping(self, count=5, interval=0.2, timeout=2.0):
+        """ICMP echo from the client's tunnel address to the server's, through WireGuard."""
+        return self.agent(self.ns_client, "ping", WG_SERVER_IP, "--count", count,
+                          "--interval", interval, "--timeout", timeout,
+                          timeout=count * interval + timeout + 15)
+
+    def wait_ping(self, timeout=30.0, interval=0.2):
+        """Ping every `interval` s until a reply; seconds until it came (from the call), or
+        None after `timeout`. The agent's start-up time is counted in."""
+        t0 = time.monotonic()
+        answer = self.agent(self.ns_client, "wait-ping", WG_SERVER_IP, "--timeout", timeout,
+                            "--interval", interval, timeout=timeout + 15)
+        return time.monotonic() - t0 if answer["ok"] else None
+
+    def start_sink(self, port=SINK_PORT, timeout=120):
+        """A TCP receiver on the server's tunnel address (background); see finish_sink."""
+        proc = subprocess.Popen(["ip", "netns", "exec", self.ns_server, self.python,
+                                 os.path.abspath(__file__), "sink", WG_SERVER_IP, str(port),
+                                 "--timeout", str(timeout)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        self.procs["sink-%d" % port] = proc
+        line = proc.stdout.readline()
+        if "READY" not in line:
+            proc.kill()
+            raise BedError("sink did not start: %r %s" % (line, proc.stderr.read()))
+        return proc
+
+    def start_source(self, nbytes=None, seconds=None, port=SINK_PORT, seed=1, timeout=120):
+        args = [self.python, os.path.abspath(__file__), "source", WG_SERVER_IP, str(port),
+                "--seed", str(seed), "--timeout", str(timeout)]
+        if nbytes is not None:
+            args += ["--bytes", str(nbytes)]
+        if seconds is not None:
+            args += ["--seconds", str(seconds)]
+        proc = subprocess.Popen(["ip", "netns", "exec", self.ns_client] + args,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        self.procs["source-%d" % port] = proc
+        return proc
+
+    @staticmethod
+    def finish(proc, timeout):
+        """Wait for an agent process; its JSON answer (or {"error": ...})."""
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            return {"error": "timed out after %ss" % timeout, "stderr": err[-2000:]}
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            return {"error": "exit %s" % proc.returncode, "stderr": err[-2000:]}
+        return json.loads(lines[-1])
+
+    def transfer(self, nbytes=50 << 20, seed=1, timeout=120):
+        """Send `nbytes` of seeded random data over TCP through WireGuard, client -> server.
+
+        Returns {"sent": source answer, "received": sink answer, "mbit_s": receiver's rate,
+        "sha_ok": both SHA-256 equal}.
+        """
+        sink = self.start_sink(timeout=timeout)
+        source = self.start_source(nbytes=nbytes, seed=seed, timeout=timeout)
+        sent = self.finish(source, timeout + 10)
+        received = self.finish(sink, timeout + 10)
+        return self._result(sent, received)
+
+    def throughput(self, seconds=5.0, mtu=None, timeout=60):
+        """Mbit/s of one TCP stream through WireGuard for `seconds` (optionally at `mtu`)."""
+        if mtu is not None:
+            self.set_mtu(mtu)
+        sink = self.start_sink(timeout=timeout)
+        source = self.start_source(seconds=seconds, timeout=timeout)
+        sent = self.finish(source, timeout + 10)
+        received = self.finish(sink, timeout + 10)
+        result = self._result(sent, received)
+        if not result["sha_ok"]:
+            raise BedError("timed transfer damaged: %s" % result)
+        return result["mbit_s"]
+
+    def measure_mtu(self, mtus, seconds=3.0, runs=3):
+        """{mtu: [Mbit/s of each run]} for each WireGuard MTU in `mtus` (one TCP stream,
+        `seconds` each). Figures on a shared 2-core machine vary by tens of percent between
+        runs: compare medians of several runs. The MTU is left at the last value."""
+        figures = {}
+        for mtu in mtus:
+            self.set_mtu(mtu)
+            figures[mtu] = [self.throughput(seconds=seconds) for _ in range(runs)]
+        return figures
+
+    @staticmethod
+    def _result(sent, received):
+        ok = ("error" not in sent and "error" not in received
+              and sent.get("sha256") == received.get("sha256")
+              and sent.get("bytes") == received.get("bytes"))
+        seconds = received.get("seconds") or 0
+        mbit = received.get("bytes", 0) * 8 / seconds / 1e6 if seconds else 0.0
+        return {"sent": sent, "received": received, "sha_ok": ok, "mbit_s": mbit}
+
+    # ----------------------------------------------------------------------------- reports
+
+    def tunnels_up(self, side):
+        return self.log_text("pg-" + side).count("tunnel up")
+
+    def tunnel_summaries(self, side):
+        """The figures of every 'tunnel down' line of proxyguard on `side`: a list of dicts
+        with seconds, to_wg_datagrams, to_wg_bytes, from_wg_datagrams, from_wg_bytes, reason."""
+        found = []
+        for match in TUNNEL_DOWN.finditer(self.log_text("pg-" + side)):
+            found.append(dict(seconds=float(match.group(1)),
+                              to_wg_datagrams=int(match.group(2)),
+                              to_wg_bytes=int(match.group(3)),
+                              from_wg_datagrams=int(match.group(4)),
+                              from_wg_bytes=int(match.group(5)), reason=match.group(6)))
+        return found
+
+    def udp_counters(self, side):
+        """The kernel's UDP counters in `side`'s namespace (/proc/net/snmp): InDatagrams,
+        RcvbufErrors (datagrams dropped because a socket's receive buffer was full), ..."""
+        ns = self.ns_client if side == "client" else self.ns_server
+        lines = [line.split() for line in self.sh("cat", "/proc/net/snmp", ns=ns).splitlines()
+                 if line.startswith("Udp:")]
+        return dict(zip(lines[0][1:], map(int, lines[1][1:])))
+
+    def udp_socket_drops(self, side):
+        """{"address:port": datagrams dropped} for each UDP socket in `side`'s namespace
+        (/proc/net/udp): 0.0.0.0:51820 is WireGuard's, 127.0.0.1:51821 proxyguard client's,
+        127.0.0.1:<other> a proxyguard server tunnel's."""
+        ns = self.ns_client if side == "client" else self.ns_server
+        drops = {}
+        for line in self.sh("cat", "/proc/net/udp", ns=ns).splitlines()[1:]:
+            fields = line.split()
+            address, port = fields[1].split(":")
+            ip = socket.inet_ntoa(struct.pack("<I", int(address, 16)))
+            drops["%s:%d" % (ip, int(port, 16))] = int(fields[-1])
+        return drops
+
+    def wg_transfer(self, side):
+        """(received bytes, sent bytes) of `side`'s WireGuard peer, as `wg show transfer`."""
+        ns, ifname, _, _ = self._side(side)
+        fields = self.sh("wg", "show", ifname, "transfer", ns=ns).split()
+        return int(fields[1]), int(fields[2])
+
+    def diagnose(self):
+        """wg show on both sides and the tails of every log, for a failure message."""
+        parts = []
+        for ns, ifname in ((self.ns_client, self.wg_client), (self.ns_server, self.wg_server)):
+            with contextlib.suppress(Exception):
+                parts.append("== wg show %s\n%s" % (ifname, self.sh("wg", "show", ifname, ns=ns,
+                                                                     check=False)))
+        for name in sorted(self.procs):
+            if name.startswith(("pg-", "wg-", "nginx")):
+                parts.append("== %s.log (tail)\n%s" % (name, self.log_text(name)[-2500:]))
+        return "\n".join(parts)
+
+    # ----------------------------------------------------------------------------- teardown
+
+    def close(self):
+        """Kill every process this bed started (by process group: each started a session of
+        its own, so nginx's workers go too), delete its namespaces and sockets."""
+        if self.front_end:  # SIGTERM first: nginx's master then reaps its workers itself
+            with contextlib.suppress(Exception):
+                self.kill_front_end(signal.SIGTERM)
+        for name, proc in list(self.procs.items()):
+            if proc.poll() is None:  # not reaped: its PID (= group ID) is still ours
+                with contextlib.suppress(OSError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(Exception):
+                    proc.wait(5)
+        for log_file in self._logs.values():
+            with contextlib.suppress(OSError):
+                log_file.close()
+        self._logs.clear()
+        for ns in reversed(self._namespaces):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=15)
+        self._namespaces = []
+        for ifname in (self.wg_client, self.wg_server):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(WG_RUN_DIR, ifname + ".sock"))
+
+
+# =============================================================================================
+# Traffic tools: this file as a program inside a namespace
+# =============================================================================================
+
+
+def _checksum(data):
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
+class Pinger:
+    """ICMP echo over a raw socket (root); replies matched by identifier and sequence."""
+
+    def __init__(self, destination):
+        self.destination = destination
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        self.ident = (os.getpid() ^ random.getrandbits(16)) & 0xFFFF
+        self.sent = {}  # sequence -> monotonic send time
+
+    def send(self, sequence):
+        payload = struct.pack("!d", time.monotonic()) + b"proxyguard-wgbed" * 3
+        header = struct.pack("!BBHHH", 8, 0, 0, self.ident, sequence & 0xFFFF)
+        packet = struct.pack("!BBHHH", 8, 0, _checksum(header + payload), self.ident,
+                             sequence & 0xFFFF) + payload
+        self.sent[sequence & 0xFFFF] = time.monotonic()
+        try:
+            self.sock.sendto(packet, (self.destination, 0))
+        except OSError:  # no route while the interface is down: counts as lost
+            pass
+
+    def receive(self, timeout):
+        """(sequence, rtt seconds) of one of our replies within `timeout`, or None."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            self.sock.settimeout(remaining)
+            try:
+                data, _ = self.sock.recvfrom(65535)
+            except socket.timeout:
+                return None
+            header_len = (data[0] & 0x0F) * 4
+            icmp_type, _, _, ident, sequence = struct.unpack(
+                "!BBHHH", data[header_len:header_len + 8])
+            if icmp_type == 0 and ident == self.ident and sequence in self.sent:
+                return sequence, time.monotonic() - self.sent[sequence]
+
+
+def tool_ping(args):
+    pinger = Pinger(args.destination)
+    rtts = []
+    received = set()
+    for sequence in range(args.count):
+        pinger.send(sequence)
+        deadline = time.monotonic() + (args.interval if sequence < args.count - 1
+                                       else args.timeout)
+        while True:
+            reply = pinger.receive(max(0.0, deadline - time.monotonic()))
+            if reply is None:
+                break
+            if reply[0] not in received:
+                received.add(reply[0])
+                rtts.append(reply[1] * 1000)
+            if len(received) == args.count:
+                break
+    return {"sent": args.count, "received": len(received), "rtt_ms": [round(r, 3) for r in rtts]}
+
+
+def tool_wait_ping(args):
+    pinger = Pinger(args.destination)
+    t0 = time.monotonic()
+    sequence = 0
+    while time.monotonic() - t0 < args.timeout:
+        pinger.send(sequence)
+        sequence += 1
+        reply = pinger.receive(min(args.interval, max(0.0, args.timeout - (time.monotonic() - t0))))
+        if reply is not None:
+            return {"ok": True, "seconds": round(time.monotonic() - t0, 3), "sent": sequence}
+        # receive() returns early only on a reply, so each round is one interval long
+    return {"ok": False, "seconds": round(time.monotonic() - t0, 3), "sent": sequence}
+
+
+def tool_sink(args):
+    listener = socket.create_server((args.address, args.port), reuse_port=False)
+    listener.settimeout(args.timeout)
+    print("READY", flush=True)
+    conn, _ = listener.accept()
+    listener.close()
+    conn.settimeout(args.timeout)
+    digest = hashlib.sha256()
+    total = 0
+    first = None
+    buffer = bytearray(1 << 20)
+    view = memoryview(buffer)
+    while True:
+        n = conn.recv_into(buffer)
+        if not n:
+            break
+        if first is None:
+            first = time.monotonic()
+        digest.update(view[:n])
+        total += n
+    end = time.monotonic()
+    conn.close()
+    return {"bytes": total, "sha256": digest.hexdigest(),
+            "seconds": round(end - first, 4) if first else 0}
+
+
+def tool_source(args):
+    rng = random.Random(args.seed)
+    block = 1 << 20
+    digest = hashlib.sha256()
+    deadline = time.monotonic() + args.timeout
+    sock = None
+    while sock is None:  # the sink may still be starting
+        try:
+            sock = socket.create_connection((args.address, args.port), timeout=10)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    sock.settimeout(args.timeout)
+    t0 = time.monotonic()
+    total = 0
+    while True:
+        if args.bytes is not None:
+            size = min(block, args.bytes - total)
+            if size <= 0:
+                break
+        else:
+            if time.monotonic() - t0 >= args.seconds:
+                break
+            size = block
+        data = rng.randbytes(size)
+        sock.sendall(data)
+        digest.update(data)
+        total += size
+    sock.shutdown(socket.SHUT_WR)
+    sock.recv(1)  # wait for the sink to close: everything arrived
+    sock.close()
+    return {"bytes": total, "sha256": digest.hexdigest(),
+            "seconds": round(time.monotonic() - t0, 4)}
+
+
+# =============================================================================================
+# The MTU study: this file as a program, from a shell
+# =============================================================================================
+
+
+def run_mtu_study(args):
+    """Build a bed (plain, or nginx with TLS in front), measure TCP throughput through WireGuard
+    at each MTU, print a table; the bed is torn down on any exit (Ctrl-C and SIGTERM too)."""
+    reason = WireGuardBed.unavailable(args.front_end)
+    if reason:
+        print("cannot run the bed here: %s" % reason, file=sys.stderr)
+        return 2
+    # SIGTERM ends the study like Ctrl-C does: through the finally below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    workdir = args.workdir or tempfile.mkdtemp(prefix="pgbed-mtu-")
+    log = lambda text: print(text, file=sys.stderr, flush=True)
+    bed = WireGuardBed(workdir, front_end=args.front_end, log=log)
+    ok = False
+    try:
+        bed.start()
+        print("WireGuard TCP throughput through proxyguard.py (%s), one stream, %gs a run, "
+              "%d run(s) per MTU" % ("nginx with TLS in front" if args.front_end else "plain HTTP",
+                                    args.seconds, args.runs), flush=True)
+        print("%6s  %14s  %s" % ("MTU", "median Mbit/s", "runs (Mbit/s)"), flush=True)
+        for mtu in args.mtus:
+            runs = bed.measure_mtu([mtu], seconds=args.seconds, runs=args.runs)[mtu]
+            print("%6d  %14.1f  %s" % (mtu, statistics.median(runs),
+                                       " ".join("%.1f" % value for value in runs)), flush=True)
+        ok = True
+    except KeyboardInterrupt:
+        log("interrupted: tearing the bed down")
+        return 130
+    except BedError as exc:
+        log("bed error: %s\n%s" % (exc, bed.diagnose()))
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop the cleanup
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        bed.close()
+        if ok and not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+        elif not ok:
+            log("logs kept in %s" % workdir)
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="wgbed: traffic tools (run inside a netns by the bed) and the MTU study "
+                    "(`mtu`, run as root from a shell)")
+    sub = parser.add_subparsers(dest="tool", required=True)
+    p = sub.add_parser("mtu", help="TCP throughput through WireGuard+proxyguard per MTU")
+    p.add_argument("--mtus", default="1280,1320,1360,1380,1400,1420",
+                   type=lambda text: [int(item) for item in text.split(",") if item.strip()],
+                   help="WireGuard MTUs, comma-separated (default %(default)s)")
+    p.add_argument("--seconds", type=float, default=5.0, help="length of a run (default 5)")
+    p.add_argument("--runs", type=int, default=3, help="runs per MTU (default 3)")
+    p.add_argument("--tls", dest="front_end", action="store_const", const="nginx",
+                   help="put nginx with TLS in front of the proxyguard server")
+    p.add_argument("--workdir", help="keep the bed's logs here (default: a temporary directory, "
+                                     "removed after a successful run)")
+    p = sub.add_parser("ping")
+    p.add_argument("destination")
+    p.add_argument("--count", type=int, default=5)
+    p.add_argument("--interval", type=float, default=0.2)
+    p.add_argument("--timeout", type=float, default=2.0)
+    p = sub.add_parser("wait-ping")
+    p.add_argument("destination")
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--interval", type=float, default=0.2)
+    for name in ("sink", "source"):
+        p = sub.add_parser(name)
+        p.add_argument("address")
+        p.add_argument("port", type=int)
+        p.add_argument("--timeout", type=float, default=120.0)
+        if name == "source":
+            p.add_argument("--bytes", type=int)
+            p.add_argument("--seconds", type=float, default=5.0)
+            p.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.tool == "mtu":
+        return run_mtu_study(args)
+    tool = {"ping": tool_ping, "wait-ping": tool_wait_ping, "sink": tool_sink,
+            "source": tool_source}[args.tool]
+    print(json.dumps(tool(args)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
