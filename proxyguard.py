@@ -782,6 +782,9 @@ class UdpEndpoint:
         if shared:
             self._wake_read, self._wake_write = os.pipe()
             os.set_blocking(self._wake_read, False)
+            self._poller = select.poll()
+            self._poller.register(sock, select.POLLIN)
+            self._poller.register(self._wake_read, select.POLLIN)
 
     @classmethod
     def connected(cls, address, family):
@@ -800,7 +803,7 @@ class UdpEndpoint:
     def receive(self):
         try:
             if self.shared:
-                if self._wake_read in wait_readable([self.sock, self._wake_read]):
+                if any(fd == self._wake_read for fd, _ in self._poller.poll()):
                     return []
                 first = self.sock.recvfrom(MAX_FRAME_PAYLOAD + 1, socket.MSG_DONTWAIT)
             else:
@@ -898,7 +901,7 @@ class Tunnel:
     def run(self):
         udp_thread = None
         try:
-            self.channel.sock.settimeout(self.idle_timeout or None)
+            set_idle_timeout(self.channel.sock, self.idle_timeout)
             if self.idle_timeout:
                 # Data sent counts as activity only once the peer acknowledged it: into a
                 # dead path, sends still succeed into the kernel's buffer, and without this
@@ -980,7 +983,7 @@ class Tunnel:
                 return self.close_reason
             try:
                 data = self.channel.recv(TCP_READ_SIZE)
-            except socket.timeout as exc:
+            except OSError as exc:
                 # Idle means no data either way. Traffic towards the peer keeps the tunnel:
                 # with PersistentKeepalive on the client only, the server never answers, and
                 # a peer-only rule would reconnect (and change WireGuard's endpoint) each time.
@@ -1037,9 +1040,37 @@ _TLS_HINTS = {
 }
 
 
+def set_idle_timeout(sock, seconds):
+    """Make recv and send on the blocking `sock` fail after `seconds` of waiting (0: never).
+
+    The kernel's SO_RCVTIMEO/SO_SNDTIMEO, not settimeout(): a Python socket with a timeout
+    polls before every recv and send, one more system call and GIL hand-off per frame batch
+    (measured: part of the round trip). Falls back to settimeout where the options fail.
+    """
+    sock.settimeout(None)
+    if not seconds:
+        return
+    whole = int(seconds)
+    micro = int((seconds - whole) * 1000000)
+    # struct timeval is two native longs, or two 64-bit fields on 32-bit systems with a
+    # 64-bit time_t: the kernel refuses the wrong size, so try both.
+    for layout in ("ll", "qq"):
+        try:
+            value = struct.pack(layout, whole, micro)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+            return
+        except (OSError, struct.error):
+            continue
+    sock.settimeout(seconds)
+
+
 def is_socket_timeout(exc):
-    """True for a socket's own timeout (settimeout), not the kernel's ETIMEDOUT: since Python
-    3.10 both are TimeoutError, told apart by errno (None for the socket's own)."""
+    """True for a timeout of our own (set_idle_timeout), not the kernel's ETIMEDOUT: a blocking
+    socket's SO_RCVTIMEO gives EAGAIN; settimeout gives TimeoutError without errno (since
+    Python 3.10 the kernel's ETIMEDOUT is a TimeoutError too, with its errno)."""
+    if isinstance(exc, BlockingIOError):
+        return True
     return isinstance(exc, socket.timeout) and exc.errno is None
 
 
