@@ -1474,7 +1474,9 @@ class Dialer:
         sock, address = self._connect(self.resolve())
         try:
             deadline = time.monotonic() + self.connect_timeout
-            peer = "%s (%s)" % (self.url.host_header, format_address(address))
+            peer = self.url.host_header
+            if peer != format_address(address):  # a name: say which address answered
+                peer += " (%s)" % format_address(address)
             if self.proxy:
                 self._proxy_connect(sock, deadline)
                 peer = "%s (via proxy %s)" % (self.url.host_header, format_address(address))

@@ -249,8 +249,8 @@ class Processes:
                 pass
 
 
-def free_port(kind):
-    """A port free on 127.0.0.1 for both TCP and UDP right now (the tests' approach)."""
+def free_port(kind=socket.SOCK_STREAM):
+    """A port free on 127.0.0.1 for both TCP and UDP right now (the tests use it too)."""
     while True:
         with socket.socket(socket.AF_INET, kind) as probe:
             probe.bind((LOOPBACK, 0))

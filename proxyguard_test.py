@@ -29,7 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import proxyguard as pg
-from proxyguard_testbed import WG_PORT, WireGuardBed
+from proxyguard_bench import free_port
+from proxyguard_testbed import VETH_CLIENT_IP, WG_PORT, WireGuardBed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "proxyguard.py")
@@ -41,21 +42,6 @@ pytestmark = pytest.mark.timeout(60)
 # =============================================================================================
 # Helpers: ports, a UDP echo, proxyguard processes, a WireGuard stand-in
 # =============================================================================================
-
-
-def free_port(kind=socket.SOCK_STREAM):
-    """A port that is free on 127.0.0.1 for both TCP and UDP right now."""
-    while True:
-        with socket.socket(socket.AF_INET, kind) as probe:
-            probe.bind((LOOPBACK, 0))
-            port = probe.getsockname()[1]
-        other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
-        with socket.socket(socket.AF_INET, other) as check:
-            try:
-                check.bind((LOOPBACK, port))
-            except OSError:
-                continue
-        return port
 
 
 class UdpEcho:
@@ -2988,37 +2974,74 @@ def test_ping_and_50mb_bulk_transfer(bed, report):
                             100.0 * (client_tx - server_rx) / client_tx, drops, WG_PORT))
 
 
+@pytest.fixture
+def nginx_bed(tmp_path, request):
+    """The usual bed with nginx in front of the proxyguard server: TLS from the client to
+    nginx on the server host's veth address, HTTP/1.1 Upgrade from nginx to 127.0.0.1."""
+    reason = WireGuardBed.unavailable(front_end="nginx")
+    if reason is not None:
+        skip_or_fail("the WireGuard test bed with nginx cannot run here: %s" % reason)
+    return make_bed(tmp_path, request, front_end="nginx")
+
+
+def test_ping_and_50mb_bulk_transfer_behind_nginx_tls(nginx_bed, report):
+    bed = nginx_bed
+    answer = assert_pings(bed, count=20)
+    report("behind nginx (TLS): ping through WireGuard+proxyguard: 20/20 answered, rtt median "
+           "%.2f ms, max %.2f ms" % (median(answer["rtt_ms"]), max(answer["rtt_ms"])))
+    nbytes = 50 << 20
+    result = bed.transfer(nbytes=nbytes, timeout=120)
+    assert result["sha_ok"], "%s\n%s" % (result, bed.diagnose())
+    assert result["received"]["bytes"] == nbytes
+    report("  50 MiB over TCP inside WireGuard, through nginx with TLS: SHA-256 equal, "
+           "%.1f Mbit/s (%.2f s)" % (result["mbit_s"], result["received"]["seconds"]))
+    # One tunnel, over TLS to nginx; the server trusts nginx (127.0.0.1, the default
+    # --trusted-proxies) and logs the real client from X-Forwarded-For.
+    assert bed.tunnels_up("client") == 1, bed.log_text("pg-client")
+    assert re.search(r"tunnel up: .*https://.*, TLSv1\.[23]", bed.log_text("pg-client")), \
+        bed.log_text("pg-client")
+    server_log = bed.log_text("pg-server")
+    assert "(via " in server_log, server_log
+    assert re.search(r"tunnel up: %s \(via 127\.0\.0\.1:\d+\)" % re.escape(VETH_CLIENT_IP),
+                     server_log), server_log
+    assert_pings(bed, count=5)
+
+
 # =============================================================================================
 # 2. Faults: each heals by itself, within a bound
 # =============================================================================================
 
 
-def test_pg_server_sigkill_during_transfer_recovers(fault_bed, report):
-    bed = fault_bed
-    nbytes = 40 << 20
+def restart_during_transfer(bed, report, side, bound, seed):
+    """SIGKILL proxyguard's `side` ("server" or "client") in the middle of a 40 MiB TCP transfer
+    inside WireGuard, start it again 0.5 s later: ping answers within `bound` seconds, and the
+    transfer (the same TCP connection inside WireGuard) completes with the same SHA-256."""
     sink = bed.start_sink(timeout=120)
-    source = bed.start_source(nbytes=nbytes, seed=2, timeout=120)
+    source = bed.start_source(nbytes=40 << 20, seed=seed, timeout=120)
     time.sleep(1.5)  # the transfer is running
     assert source.poll() is None, "the transfer ended before the fault; make it longer"
-    bed.kill_pg_server(signal.SIGKILL)
-    time.sleep(0.5)
+    getattr(bed, "kill_pg_" + side)(signal.SIGKILL)
+    time.sleep(0.5)  # WireGuard keeps sending meanwhile
     t0 = time.monotonic()
-    bed.start_pg_server()
-    seconds = bed.wait_ping(timeout=BOUND_PG_SERVER_RESTART + 10)
+    getattr(bed, "start_pg_" + side)()
+    seconds = bed.wait_ping(timeout=bound + 10)
     total = time.monotonic() - t0
     assert seconds is not None, "no ping answer %ss after the restart\n%s" % (
-        BOUND_PG_SERVER_RESTART + 10, bed.diagnose())
-    report("proxyguard server SIGKILLed mid-transfer, restarted after 0.5 s: ping answered "
-           "%.2f s after the restart (bound %d s)" % (total, BOUND_PG_SERVER_RESTART))
-    assert total <= BOUND_PG_SERVER_RESTART, bed.diagnose()
-    # The TCP connection inside WireGuard survived the outage: same bytes, same hash.
+        bound + 10, bed.diagnose())
+    report("proxyguard %s SIGKILLed mid-transfer, restarted after 0.5 s: ping answered %.2f s "
+           "after the restart (bound %d s)" % (side, total, bound))
+    assert total <= bound, bed.diagnose()
     sent = bed.finish(source, 130)
     received = bed.finish(sink, 130)
     result = bed._result(sent, received)
     assert result["sha_ok"], "%s\n%s" % (result, bed.diagnose())
-    report("  the 40 MiB transfer across the kill completed intact in %.1f s"
+    report("  the 40 MiB transfer across the restart completed intact in %.1f s"
            % received["seconds"])
-    assert bed.tunnels_up("client") >= 2
+
+
+def test_pg_server_sigkill_during_transfer_recovers(fault_bed, report):
+    restart_during_transfer(fault_bed, report, "server", BOUND_PG_SERVER_RESTART, seed=2)
+    assert fault_bed.tunnels_up("client") >= 2
 
 
 def test_path_cut_longer_than_idle_timeout_recovers(fault_bed, report):
@@ -3040,8 +3063,8 @@ def test_path_cut_longer_than_idle_timeout_recovers(fault_bed, report):
     bed.restore_path()
     seconds = bed.wait_ping(timeout=BOUND_PATH_RESTORED + 15)
     assert seconds is not None, "no ping answer after the path came back\n" + bed.diagnose()
-    report("path cut (TCP port dropped) for %.1f s > idle timeout %d s: both sides closed on "
-           "idle; ping answered %.2f s after restore (bound %d s)"
+    report("path cut (TCP port dropped) for %.1f s > idle timeout %d s: both sides closed the "
+           "tunnel; ping answered %.2f s after restore (bound %d s)"
            % (cut_seconds, IDLE, seconds, BOUND_PATH_RESTORED))
     assert seconds <= BOUND_PATH_RESTORED, bed.diagnose()
     assert_pings(bed, count=5)
@@ -3063,28 +3086,7 @@ def test_wireguard_server_restart_recovers(fault_bed, report):
 
 
 def test_pg_client_restart_while_wireguard_sends_recovers(fault_bed, report):
-    bed = fault_bed
-    nbytes = 40 << 20
-    sink = bed.start_sink(timeout=120)
-    source = bed.start_source(nbytes=nbytes, seed=3, timeout=120)
-    time.sleep(1.5)
-    assert source.poll() is None, "the transfer ended before the fault; make it longer"
-    bed.kill_pg_client(signal.SIGKILL)
-    time.sleep(0.5)  # WireGuard keeps sending into a closed port
-    t0 = time.monotonic()
-    bed.start_pg_client()
-    seconds = bed.wait_ping(timeout=BOUND_PG_CLIENT_RESTART + 10)
-    total = time.monotonic() - t0
-    assert seconds is not None, "no ping answer after the client restart\n" + bed.diagnose()
-    report("proxyguard client SIGKILLed mid-transfer, restarted after 0.5 s: ping answered "
-           "%.2f s after the restart (bound %d s)" % (total, BOUND_PG_CLIENT_RESTART))
-    assert total <= BOUND_PG_CLIENT_RESTART, bed.diagnose()
-    sent = bed.finish(source, 130)
-    received = bed.finish(sink, 130)
-    result = bed._result(sent, received)
-    assert result["sha_ok"], "%s\n%s" % (result, bed.diagnose())
-    report("  the 40 MiB transfer across the client restart completed intact in %.1f s"
-           % received["seconds"])
+    restart_during_transfer(fault_bed, report, "client", BOUND_PG_CLIENT_RESTART, seed=3)
 
 
 def test_pg_server_down_12s_recovers_after_backoff(fault_bed, report):
