@@ -20,10 +20,15 @@ and a UDP endpoint, joined by two pumps that run in two daemon threads:
                        `FrameDecoder`, and sends each as one UDP datagram.
 
 The first pump to stop closes the tunnel: `Tunnel.close()` shuts the TCP socket down (waking a
-blocked recv or sendall) and writes to a wake pipe (waking the UDP pump's select). The thread
-that ran the tunnel joins the other pump before anything is closed, so no thread or socket
-outlives its tunnel, and no stale reader steals datagrams from the next tunnel (the original
-loses 1-4 datagrams after every reconnect that way).
+blocked recv or sendall) and wakes the UDP endpoint (a shutdown of the server's own connected
+UDP socket; a wake pipe beside the client's shared one). The thread that ran the tunnel joins
+the other pump before anything is closed, so no thread or socket outlives its tunnel, and no
+stale reader steals datagrams from the next tunnel (the original loses 1-4 datagrams after
+every reconnect that way).
+
+Idle timeout: tunnel sockets stay blocking, with the kernel's SO_RCVTIMEO/SO_SNDTIMEO (a Python
+timeout would poll before every call) and TCP_USER_TIMEOUT. A tunnel closes when no data
+crossed either way for --idle-timeout, where data sent counts only once acknowledged.
 
 Server: one accept thread; per connection, a thread does the handshake (bounded by a deadline
 and a header-size limit) and then becomes the tunnel's TCP->UDP pump. Each tunnel has its own
