@@ -61,11 +61,14 @@ class UdpEcho:
         while True:
             try:
                 data, source = self.sock.recvfrom(70000)
-                self.sources.add(source)
                 self.count += 1
+                self.record(data, source)
                 self.sock.sendto(data, source)
             except OSError:
                 return
+
+    def record(self, data, source):
+        self.sources.add(source)
 
     def close(self):
         self.sock.close()
@@ -2047,29 +2050,18 @@ def test_max_clients_silent_connections_do_not_keep_slots(limited_server):
 # =============================================================================================
 
 
-class FloodingWireGuard:
+class FloodingWireGuard(UdpEcho):
     """Stands in for WireGuard behind the server: echoes every datagram, remembers where each
     tunnel's datagrams come from (by a tag the test sends), and can flood one of them."""
 
     def __init__(self):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-        self.sock.bind((LOOPBACK, 0))
-        self.port = self.sock.getsockname()[1]
+        super().__init__()
         self.sources = {}
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
 
-    def _run(self):
-        while True:
-            try:
-                data, source = self.sock.recvfrom(70000)
-                if data.startswith(b"TAG:"):
-                    self.sources[data[4:]] = source
-                self.sock.sendto(data, source)
-            except OSError:
-                return
+    def record(self, data, source):
+        if data.startswith(b"TAG:"):
+            self.sources[data[4:]] = source
 
     def source(self, tag, timeout=5.0):
         deadline = time.monotonic() + timeout
@@ -2094,9 +2086,6 @@ class FloodingWireGuard:
                 if ahead > 0:
                     time.sleep(ahead)
         return sent
-
-    def close(self):
-        self.sock.close()
 
 
 @pytest.mark.timeout(120)
