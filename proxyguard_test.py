@@ -737,6 +737,21 @@ def test_wireguard_restart_does_not_end_the_tunnel(tmp_path, procs):
     assert client.log().count("tunnel up") == 1
 
 
+def test_client_warns_once_when_wireguard_lacks_listen_port(tunnel):
+    """WireGuard without ListenPort sends from a random port, but replies go to --forward-port:
+    one warning that says what to set; the datagrams still go through."""
+    _, client = tunnel
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stray:
+        stray.bind((LOOPBACK, 0))
+        for i in range(5):
+            stray.sendto(b"stray %d" % i, client.wireguard.endpoint)
+            assert client.wireguard.recv() == b"stray %d" % i   # replies go to forward-port
+    client.wait_log("set ListenPort = %d" % client.wireguard.port)
+    assert client.log().count("set ListenPort") == 1
+    assert client.wireguard.roundtrip(b"from ListenPort") == b"from ListenPort"
+    assert client.log().count("set ListenPort") == 1
+
+
 def test_client_is_lazy_and_sends_the_request_of_the_original(tmp_path, procs):
     """No connection before the first datagram; then the request, byte for byte."""
     with socket.socket() as listener:
