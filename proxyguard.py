@@ -137,7 +137,8 @@ DEFAULT_TRUSTED_PROXIES = "127.0.0.0/8,::1"
 SO_MARK = getattr(socket, "SO_MARK", 36)
 TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
 TCP_INFO = getattr(socket, "TCP_INFO", 11)
-TCP_STATE_CLOSE = 7  # tcpi_state after the kernel gave up on a connection (include/net/tcp_states.h)
+# tcpi_state after the kernel gave up on a connection (include/net/tcp_states.h)
+TCP_STATE_CLOSE = 7
 
 # =============================================================================================
 # Errors
@@ -954,7 +955,7 @@ class Tunnel:
             elif exc.errno == errno.ETIMEDOUT:
                 reason = self._path_down()
             else:
-                reason = describe_os_error(exc)
+                reason = describe_error(exc)
         except Exception as exc:  # a bug must still close the tunnel and not kill the process
             log.exception("tunnel %s: unexpected error", self.peer)
             reason = "internal error: %r" % exc
@@ -1088,8 +1089,9 @@ def tcp_gave_up(sock):
         return False
 
 
-def describe_os_error(exc):
-    """A short reason for a log line: 'connection reset by peer', 'certificate verify failed'."""
+def describe_error(exc):
+    """A short reason for a log line: 'connection reset by peer', 'certificate verify failed';
+    any other exception (ours, for one) by its message."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         message = exc.verify_message or str(exc.reason)
         hint = next((hint for key, hint in _CERTIFICATE_HINTS if key in message.lower()), "")
@@ -1099,8 +1101,9 @@ def describe_os_error(exc):
         return "TLS handshake failed: %s%s" % (reason, _TLS_HINTS.get(reason, ""))
     if isinstance(exc, socket.timeout):
         return "timed out"
-    if exc.strerror:
-        return exc.strerror[:1].lower() + exc.strerror[1:]
+    strerror = getattr(exc, "strerror", None)
+    if strerror:
+        return strerror[:1].lower() + strerror[1:]
     return str(exc) or exc.__class__.__name__
 
 
@@ -1274,7 +1277,7 @@ class Server:
                 with self._lock:
                     self.tunnels_open -= 1
         except (OSError, ssl.SSLError) as exc:
-            log.info("connection %s: %s", peer_text, describe_os_error(exc))
+            log.info("connection %s: %s", peer_text, describe_error(exc))
         except Exception:
             log.exception("connection %s: unexpected error", peer_text)
         finally:
@@ -1317,7 +1320,7 @@ class Server:
             log.info("handshake failed from %s: TLS handshake timed out", peer_text)
             return None
         except (OSError, ssl.SSLError) as exc:
-            log.info("handshake failed from %s: %s", peer_text, describe_os_error(exc))
+            log.info("handshake failed from %s: %s", peer_text, describe_error(exc))
             return None
         return channel
 
@@ -1358,7 +1361,7 @@ def open_listener(listen):
                                                     and address[0] == "::"))
     except OSError as exc:
         raise FatalError("cannot listen on %s: %s"
-                         % (format_address(listen), describe_os_error(exc)))
+                         % (format_address(listen), describe_error(exc)))
 
 
 def resolve_udp(address, option):
@@ -1384,7 +1387,7 @@ def client_tls_context(ca_file=None, min_version="1.3"):
         try:
             context.load_verify_locations(cafile=ca_file)
         except (OSError, ssl.SSLError) as exc:
-            raise UsageError("--ca-file %r: %s" % (ca_file, describe_os_error(exc)))
+            raise UsageError("--ca-file %r: %s" % (ca_file, describe_error(exc)))
     context.minimum_version = TLS_VERSIONS[min_version]
     context.set_alpn_protocols(["http/1.1"])
     return context
@@ -1398,7 +1401,7 @@ def server_tls_context(cert_file, key_file):
         context.load_cert_chain(cert_file, key_file)
     except (OSError, ssl.SSLError) as exc:
         raise FatalError("--tls-cert %r / --tls-key %r: %s"
-                         % (cert_file, key_file, describe_os_error(exc)))
+                         % (cert_file, key_file, describe_error(exc)))
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
     context.num_tickets = 0
@@ -1449,9 +1452,7 @@ class Dialer:
             yield detail
         except BaseException as exc:
             if self.report:
-                reason = exc if isinstance(exc, ProxyGuardError) else describe_os_error(exc) \
-                    if isinstance(exc, OSError) else repr(exc)
-                self.report(name, False, "; ".join(detail + [str(reason)]),
+                self.report(name, False, "; ".join(detail + [describe_error(exc)]),
                             time.monotonic() - started)
             raise
         if self.report:
@@ -1520,7 +1521,7 @@ class Dialer:
                 return sock, address
             except OSError as exc:
                 sock.close()
-                errors.append("%s: %s" % (format_address(address), describe_os_error(exc)))
+                errors.append("%s: %s" % (format_address(address), describe_error(exc)))
         raise ConnectionError("; ".join(errors))
 
     def _proxy_connect(self, sock, deadline):
@@ -1664,7 +1665,7 @@ class Client:
         except OSError as exc:
             sock.close()
             raise FatalError("cannot listen on 127.0.0.1:%d (UDP): %s"
-                             % (listen_port, describe_os_error(exc)))
+                             % (listen_port, describe_error(exc)))
         self.address = sock.getsockname()
         self.endpoint = UdpEndpoint(sock, ("127.0.0.1", forward_port), shared=True)
         self._wake_read, self._wake_write = os.pipe()
@@ -1673,7 +1674,7 @@ class Client:
         except OSError as exc:
             log.error("cannot resolve %s: %s (trying again at each connect)",
                       dialer.proxy.host if dialer.proxy else self.url.host,
-                      describe_os_error(exc))
+                      describe_error(exc))
 
     def serve_forever(self):
         log.info("client listening on %s (UDP), tunnelling to %s%s, replies to WireGuard at %s",
@@ -1691,11 +1692,10 @@ class Client:
                 log.error("upgrade refused by %s: %s", self.url, exc)
                 wait = RETRY_WAITS[-1]
             except ssl.SSLError as exc:  # a captive portal's certificate fails until login
-                log.error("cannot connect to %s: %s", self.url, describe_os_error(exc))
+                log.error("cannot connect to %s: %s", self.url, describe_error(exc))
                 wait = RETRY_WAITS[-1]
             except (OSError, ProxyGuardError) as exc:
-                log.warning("cannot connect to %s: %s", self.url, describe_os_error(exc)
-                            if isinstance(exc, OSError) else exc)
+                log.warning("cannot connect to %s: %s", self.url, describe_error(exc))
                 wait = RETRY_WAITS[min(failures, len(RETRY_WAITS) - 1)]
             else:
                 reason = tunnel.run()
@@ -1761,8 +1761,7 @@ def run_check(dialer, out=sys.stdout):
     try:
         channel, _, peer = dialer.dial()
     except (OSError, ssl.SSLError, ProxyGuardError) as exc:
-        print("result   FAIL: %s" % (describe_os_error(exc) if isinstance(exc, OSError) else exc),
-              file=out)
+        print("result   FAIL: %s" % describe_error(exc), file=out)
         return 1
     channel.shutdown()
     channel.close()
@@ -1784,7 +1783,7 @@ def check_fwmark(mark):
         probe.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
     except OSError as exc:
         raise FatalError("--fwmark %d: %s (it needs Linux and CAP_NET_ADMIN)"
-                         % (mark, describe_os_error(exc)))
+                         % (mark, describe_error(exc)))
     finally:
         probe.close()
 
@@ -1890,7 +1889,7 @@ def config_file_keys(argv):
             items = configargparse.DefaultConfigFileParser().parse(stream)
     except OSError as exc:
         raise UsageError("-c %r: cannot read the config file: %s"
-                         % (path, describe_os_error(exc)))
+                         % (path, describe_error(exc)))
     except configargparse.ConfigFileParserException as exc:
         raise UsageError("-c %r: %s" % (path, exc))
     return {key.replace("_", "-").lower() for key in items}

@@ -2578,6 +2578,22 @@ def ping(client, index, timeout=RECONNECT_BOUND):
     assert client.wireguard.recv(timeout) == datagram
 
 
+def server_behind_proxy(kind, tmp_path, certs, echo, procs, front_ends, *server_args,
+                        timeout=60, with_client=True):
+    """A proxyguard server behind the reverse proxy `kind` (tunnel idle timeout `timeout`) and,
+    unless `with_client` is false, a client through it: (server, front_end, client or None)."""
+    require(kind)
+    server = start_server(tmp_path, echo.port, *server_args)
+    procs.append(server)
+    front_end = start_reverse_proxy(front_ends, tmp_path, kind, certs, [server.port],
+                                    timeout=timeout)
+    client = None
+    if with_client:
+        client = start_client(tmp_path, front_url(front_end), "--ca-file", certs.ca)
+        procs.append(client)
+    return server, front_end, client
+
+
 def tunnel_up_lines(server):
     return [line for line in server.log().splitlines() if "tunnel up:" in line]
 
@@ -2589,12 +2605,8 @@ def tunnel_up_lines(server):
 
 @pytest.mark.parametrize("kind", REVERSE_PROXIES)
 def test_tunnel_through_reverse_proxy(kind, tmp_path, certs, echo, procs, front_ends):
-    require(kind)
-    server = start_server(tmp_path, echo.port)
-    procs.append(server)
-    front_end = start_reverse_proxy(front_ends, tmp_path, kind, certs, [server.port])
-    client = start_client(tmp_path, front_url(front_end), "--ca-file", certs.ca)
-    procs.append(client)
+    server, front_end, client = server_behind_proxy(
+        kind, tmp_path, certs, echo, procs, front_ends)
 
     exchange_datagrams(client, rounds=3)
 
@@ -2614,12 +2626,8 @@ def test_tunnel_through_reverse_proxy(kind, tmp_path, certs, echo, procs, front_
 def test_no_forwarded_client_when_proxy_not_trusted(kind, tmp_path, certs, echo, procs,
                                                     front_ends):
     """--trusted-proxies '' : the X-Forwarded-For header is ignored, the peer is logged as is."""
-    require(kind)
-    server = start_server(tmp_path, echo.port, "--trusted-proxies", "")
-    procs.append(server)
-    front_end = start_reverse_proxy(front_ends, tmp_path, kind, certs, [server.port])
-    client = start_client(tmp_path, front_url(front_end), "--ca-file", certs.ca)
-    procs.append(client)
+    server, front_end, client = server_behind_proxy(
+        kind, tmp_path, certs, echo, procs, front_ends, "--trusted-proxies", "")
     ping(client, 1)
     server.wait_log("tunnel up:")
     lines = tunnel_up_lines(server)
@@ -2635,10 +2643,8 @@ def run_check(url, *extra, env=None):
 @pytest.mark.parametrize("kind", REVERSE_PROXIES)
 def test_check_mode_through_reverse_proxy(kind, tmp_path, certs, echo, procs, front_ends):
     """`check` upgrades through the proxy; with the proxyguard server down it names the cause."""
-    require(kind)
-    server = start_server(tmp_path, echo.port)
-    procs.append(server)
-    front_end = start_reverse_proxy(front_ends, tmp_path, kind, certs, [server.port])
+    server, front_end, _ = server_behind_proxy(
+        kind, tmp_path, certs, echo, procs, front_ends, with_client=False)
     status, output = run_check(front_url(front_end), "--ca-file", certs.ca)
     assert status == 0 and "result   ok" in output and "TLSv1.3" in output, output
     server.stop()
@@ -2654,12 +2660,8 @@ def test_server_restart_behind_reverse_proxy(kind, tmp_path, certs, echo, procs,
     """The proxyguard server behind the proxy restarts: the client's tunnel ends, its upgrades
     get 502/503 while the server is down, and traffic resumes once it is back; datagrams
     WireGuard sent during the outage wait in the client's UDP buffer and arrive."""
-    require(kind)
-    server = start_server(tmp_path, echo.port)
-    procs.append(server)
-    front_end = start_reverse_proxy(front_ends, tmp_path, kind, certs, [server.port])
-    client = start_client(tmp_path, front_url(front_end), "--ca-file", certs.ca)
-    procs.append(client)
+    server, front_end, client = server_behind_proxy(
+        kind, tmp_path, certs, echo, procs, front_ends)
     following = exchange_datagrams(client, rounds=1)
 
     assert server.stop() == 0
@@ -2685,13 +2687,8 @@ def test_server_restart_behind_reverse_proxy(kind, tmp_path, certs, echo, procs,
 @pytest.mark.parametrize("kind", REVERSE_PROXIES)
 def test_idle_past_proxy_timeout_reconnects_without_loss(kind, tmp_path, certs, echo, procs,
                                                          front_ends):
-    require(kind)
-    server = start_server(tmp_path, echo.port)
-    procs.append(server)
-    front_end = start_reverse_proxy(front_ends, tmp_path, kind, certs, [server.port],
-                                    timeout=SHORT_TIMEOUT)
-    client = start_client(tmp_path, front_url(front_end), "--ca-file", certs.ca)
-    procs.append(client)
+    server, front_end, client = server_behind_proxy(
+        kind, tmp_path, certs, echo, procs, front_ends, timeout=SHORT_TIMEOUT)
 
     following = exchange_datagrams(client, rounds=1)
     started_idle = time.monotonic()
