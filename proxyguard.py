@@ -68,6 +68,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from http import HTTPStatus
 
 try:  # optional: config files and environment variables (see build_parser)
     import configargparse
@@ -113,6 +114,12 @@ HANDSHAKE_TIMEOUT = 10.0
 RETRY_WAITS = (1, 2, 4, 8, 10)
 # A tunnel that lived this long was healthy: the next failure starts the waits over.
 STABLE_TUNNEL_SECONDS = 10.0
+# A 503's Retry-After is honoured up to this many seconds: a front end that asks for an hour
+# must not keep a VPN down that long (RFC 9110 10.2.3 lets the client decide).
+MAX_RETRY_AFTER = 300
+
+# The server's error answer gets this long to leave, after the handshake deadline if need be.
+REFUSAL_SEND_SECONDS = 1.0
 
 # Datagrams read by a dying tunnel's UDP pump that wait for the next tunnel. WireGuard resends
 # handshakes itself; this only has to bridge one reconnect without loss.
@@ -136,9 +143,6 @@ DEFAULT_TRUSTED_PROXIES = "127.0.0.0/8,::1"
 # Linux socket option numbers that the socket module may lack on old Pythons.
 SO_MARK = getattr(socket, "SO_MARK", 36)
 TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
-TCP_INFO = getattr(socket, "TCP_INFO", 11)
-# tcpi_state after the kernel gave up on a connection (include/net/tcp_states.h)
-TCP_STATE_CLOSE = 7
 
 # =============================================================================================
 # Errors
@@ -176,7 +180,12 @@ class UpgradeRefused(ProxyGuardError):
 
 class ServerUnavailable(UpgradeRefused):
     """A 502/503/504: a reverse proxy cannot reach the proxyguard server behind it (restarting,
-    down) or the server is full. Retried at the normal back-off: it often heals in a second."""
+    down) or the server is full. Retried at the normal back-off, or after `retry_after` seconds
+    when the answer carried a Retry-After header: it often heals in a second."""
+
+    def __init__(self, message, retry_after=None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 # =============================================================================================
@@ -184,11 +193,16 @@ class ServerUnavailable(UpgradeRefused):
 # =============================================================================================
 
 
-def encode_frame(datagram):
-    """Return one UoTLV/1 frame for `datagram` (at most 65535 bytes)."""
+def frame_header(datagram):
+    """The 2-byte length prefix of `datagram`; ValueError past 65535 bytes."""
     if len(datagram) > MAX_FRAME_PAYLOAD:
         raise ValueError("datagram of %d bytes does not fit a frame" % len(datagram))
-    return FRAME_HEADER.pack(len(datagram)) + bytes(datagram)
+    return FRAME_HEADER.pack(len(datagram))
+
+
+def encode_frame(datagram):
+    """Return one UoTLV/1 frame for `datagram` (at most 65535 bytes)."""
+    return frame_header(datagram) + bytes(datagram)
 
 
 class FrameDecoder:
@@ -229,25 +243,14 @@ class FrameDecoder:
 
 
 def encode_frames(datagrams):
-    """Return the frames of all `datagrams` as one bytes object (one TCP write)."""
-    pack = FRAME_HEADER.pack
+    """Return the frames of all `datagrams` as one bytes object (one TCP write); ValueError
+    for a datagram over 65535 bytes, as encode_frame."""
     parts = []
     for datagram in datagrams:
-        parts.append(pack(len(datagram)))
+        parts.append(frame_header(datagram))
         parts.append(datagram)
     return b"".join(parts)
 
-
-_HTTP_REASONS = {
-    101: "Switching Protocols",
-    400: "Bad Request",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    426: "Upgrade Required",
-    431: "Request Header Fields Too Large",
-    503: "Service Unavailable",
-    505: "HTTP Version Not Supported",
-}
 
 UPGRADE_RESPONSE = (
     b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: UoTLV/1\r\n\r\n")
@@ -269,6 +272,39 @@ def split_head(buffer):
     if match is None:
         return None
     return bytes(buffer[:match.end()]), bytes(buffer[match.end():])
+
+
+class HeadReader:
+    """Collect the bytes of an HTTP head as they arrive; no I/O.
+
+    `feed(data)` returns None while the head is incomplete, then (head, bytes after it). It
+    raises HandshakeError(431) once more than `limit` bytes came without a complete head. A
+    first byte of 0x16 (a TLS record: a TLS client on a plain port) is returned at once as the
+    head, so the parser says so now rather than at the deadline while the TLS peer waits.
+    """
+
+    def __init__(self, limit=MAX_HEAD_BYTES):
+        self.limit = limit
+        self._buffer = bytearray()
+
+    @property
+    def received(self):
+        return len(self._buffer)
+
+    def feed(self, data):
+        buffer = self._buffer
+        start = max(0, len(buffer) - 3)  # the blank line may straddle the old and new bytes
+        buffer += data
+        if buffer[:1] == b"\x16":
+            return bytes(buffer), b""
+        parts = split_head(memoryview(buffer)[start:])
+        if parts is not None:
+            head = bytes(buffer[:start]) + parts[0]
+            if len(head) <= self.limit:
+                return head, parts[1]
+        if len(buffer) > self.limit:
+            raise HandshakeError(431, "the request head is larger than %d bytes" % self.limit)
+        return None
 
 
 class HttpHead:
@@ -435,7 +471,7 @@ def forwarded_client(request, peer_ip, trusted):
 def build_response(status, message="", extra_headers=()):
     """Return a complete HTTP/1.1 error response with a one-line text body; it closes."""
     body = (message + "\n").encode("utf-8") if message else b""
-    lines = ["HTTP/1.1 %d %s" % (status, _HTTP_REASONS.get(status, "Error"))]
+    lines = ["HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase)]
     connection = "close"
     for name, value in extra_headers:
         if name == "Connection":
@@ -492,12 +528,30 @@ def check_upgrade_response(response):
     elif status in (502, 503, 504):
         raise ServerUnavailable("got %s instead of 101 Switching Protocols: the reverse proxy "
                                 "cannot reach the proxyguard server behind it, or the server "
-                                "is full" % got)
+                                "is full" % got,
+                                retry_after=parse_retry_after(response.get("retry-after")))
     elif status == 400:
         cause = "the server or a reverse proxy rejected the request (does it pass Upgrade on?)"
     else:
         cause = "not a ProxyGuard server, or a proxy in the way"
     raise UpgradeRefused("got %s instead of 101 Switching Protocols: %s" % (got, cause))
+
+
+def parse_retry_after(value):
+    """Seconds from a Retry-After header (delay-seconds or an HTTP date, RFC 9110 10.2.3), at
+    most MAX_RETRY_AFTER; None when absent or unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        seconds = int(value)
+    else:
+        import email.utils  # only here: a date form is rare, and the import costs start-up
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, OverflowError):
+            return None
+    return min(max(0.0, float(seconds)), MAX_RETRY_AFTER)
 
 
 def parse_host_port(text, option, default_host=None):
@@ -573,6 +627,96 @@ def format_address(address):
 
 
 # =============================================================================================
+# Policies: deadlines, the idle clock, the back-off. No I/O: tests drive them with a fake clock,
+# and the socket code only carries out what they decide.
+# =============================================================================================
+
+
+class Deadline:
+    """One moment by which a whole multi-step operation must end (a handshake: TCP connect,
+    proxy CONNECT, TLS, the HTTP upgrade).
+
+    Every blocking socket call of the operation is armed with `timeout()`, the time left, so
+    the operation ends at the deadline however the peer trickles its bytes (a per-call timeout
+    restarts at every byte: a ClientHello sent a byte at a time then lasts for hours).
+    """
+
+    def __init__(self, seconds, clock=time.monotonic):
+        self.seconds = seconds
+        self.clock = clock
+        self.at = clock() + seconds
+
+    def remaining(self):
+        return self.at - self.clock()
+
+    def timeout(self):
+        """The time left, for settimeout(); raises socket.timeout once it has passed."""
+        left = self.remaining()
+        if left <= 0:
+            raise socket.timeout("timed out after %gs" % self.seconds)
+        return left
+
+
+class IdleClock:
+    """When a tunnel has been idle for `timeout` seconds (0: never): no data either way.
+
+    Both pumps `touch()` it when data crosses (received from the peer, or sent and, through
+    TCP_USER_TIMEOUT, acknowledged). The reader waits at most `remaining()` and, woken early,
+    waits again for what is left, so the tunnel closes `timeout` after the last data, not
+    anywhere up to twice that (a fixed receive timeout restarts at every wait).
+    """
+
+    def __init__(self, timeout, clock=time.monotonic):
+        self.timeout = timeout
+        self.clock = clock
+        self.last = clock()
+
+    def touch(self):
+        self.last = self.clock()
+
+    def remaining(self):
+        """Seconds until idle (<= 0: idle now); None when there is no idle timeout."""
+        if not self.timeout:
+            return None
+        return self.last + self.timeout - self.clock()
+
+    def expired(self):
+        remaining = self.remaining()
+        return remaining is not None and remaining <= 0
+
+
+class Backoff:
+    """The client's reconnect waits: 1, 2, 4, 8, 10, 10 ... s after consecutive failures.
+
+    `failed()` returns the next wait (or the server's Retry-After, when it sent one);
+    `refused()` the longest wait, for what rarely heals in a second (a portal, a wrong URL, a
+    certificate); `tunnel_ended(lived, idle)` starts over after a tunnel that was healthy
+    (lived `stable` seconds, or ended by our own idle timeout) and returns 0, else counts a
+    failure.
+    """
+
+    def __init__(self, waits=RETRY_WAITS, stable=STABLE_TUNNEL_SECONDS):
+        self.waits = tuple(waits)
+        self.stable = stable
+        self.failures = 0
+
+    def failed(self, retry_after=None):
+        wait = self.waits[min(self.failures, len(self.waits) - 1)]
+        self.failures += 1
+        return wait if retry_after is None else retry_after
+
+    def refused(self):
+        self.failures += 1
+        return self.waits[-1]
+
+    def tunnel_ended(self, lived, went_idle=False):
+        if went_idle or lived >= self.stable:
+            self.failures = 0
+            return 0
+        return self.failed()
+
+
+# =============================================================================================
 # Channels: a connected TCP stream, plain or TLS, safe for one reader and one writer thread.
 # =============================================================================================
 
@@ -583,17 +727,25 @@ class PlainChannel:
     Contract (shared by TLSChannel): one thread may block in `recv` while another blocks in
     `sendall`; `recv` returns b"" at end of stream; `shutdown()` may be called from any thread,
     any number of times, and wakes both; `close()` only once no thread uses the channel.
+
+    While `deadline` (a Deadline) is set, during a handshake, every socket call is armed with
+    the time left and raises socket.timeout once it has passed. A tunnel clears it.
     """
 
     tls_version = None
 
-    def __init__(self, sock):
+    def __init__(self, sock, deadline=None):
         self.sock = sock
+        self.deadline = deadline
 
     def recv(self, size):
+        if self.deadline is not None:
+            self.sock.settimeout(self.deadline.timeout())
         return self.sock.recv(size)
 
     def sendall(self, data):
+        if self.deadline is not None:
+            self.sock.settimeout(self.deadline.timeout())
         self.sock.sendall(data)
 
     def shutdown(self):
@@ -611,11 +763,12 @@ class TLSChannel(PlainChannel):
 
     An `SSLObject` over two MemoryBIOs; `_tls_lock` guards the SSLObject and both BIOs and is
     held only for CPU work, never across a blocking socket call; `_send_lock` keeps ciphertext
-    in order on the wire (tls-and-threads.md). The plain socket's timeout applies.
+    in order on the wire (tls-and-threads.md). The deadline arms every socket call, the TLS
+    handshake's included, as in PlainChannel.
     """
 
-    def __init__(self, sock, context, server_side, server_hostname=None):
-        super().__init__(sock)
+    def __init__(self, sock, context, server_side, server_hostname=None, deadline=None):
+        super().__init__(sock, deadline)
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
@@ -624,7 +777,8 @@ class TLSChannel(PlainChannel):
         self._send_lock = threading.Lock()
 
     def handshake(self):
-        """Run the TLS handshake in the calling thread; raises ssl.SSLError or OSError."""
+        """Run the TLS handshake in the calling thread; raises OSError (ssl.SSLError,
+        socket.timeout at the deadline)."""
         while True:
             try:
                 self._tls.do_handshake()
@@ -645,7 +799,7 @@ class TLSChannel(PlainChannel):
         return self._tls.getpeercert()
 
     def _receive_ciphertext(self):
-        data = self.sock.recv(TCP_READ_SIZE)
+        data = PlainChannel.recv(self, TCP_READ_SIZE)
         with self._tls_lock:
             if data:
                 self._incoming.write(data)
@@ -660,7 +814,7 @@ class TLSChannel(PlainChannel):
                 data = self._outgoing.read()
             if not data:
                 return
-            self.sock.sendall(data)
+            PlainChannel.sendall(self, data)
 
     def _flush(self):
         """Send what the outgoing BIO holds, waiting for the send lock (the writer's path)."""
@@ -724,24 +878,11 @@ def set_socket_buffers(sock):
 
 
 def prepare_tcp_socket(sock):
-    """TCP_NODELAY: WireGuard carries TCP inside, and Nagle would add tens of milliseconds."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    """TCP_NODELAY: WireGuard carries TCP inside, and Nagle would add tens of milliseconds.
+    (A socketpair in the tests is no TCP socket: it takes the buffers only.)"""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     set_socket_buffers(sock)
-
-
-def wait_readable(files, timeout=None):
-    """Wait until one of `files` (objects with fileno(), or fds) is readable; return those.
-
-    poll, not select: select fails for descriptor numbers of 1024 and more.
-    """
-    poller = select.poll()
-    by_fd = {}
-    for item in files:
-        fd = item if isinstance(item, int) else item.fileno()
-        by_fd[fd] = item
-        poller.register(fd, select.POLLIN)
-    events = poller.poll(None if timeout is None else timeout * 1000)
-    return [by_fd[fd] for fd, _ in events]
 
 
 def receive_waiting_datagrams(sock, first, limit=UDP_BATCH_BYTES):
@@ -764,33 +905,47 @@ def receive_waiting_datagrams(sock, first, limit=UDP_BATCH_BYTES):
 
 
 class UdpEndpoint:
-    """WireGuard's side of a tunnel: a UDP socket and where datagrams for WireGuard go.
+    """WireGuard's side of a tunnel: a UDP socket, and where datagrams for WireGuard go.
 
-    Server (`shared` false): a socket of its own per tunnel, connected to WireGuard. `receive()`
-    blocks in recv; `wake()` shuts the socket down, which makes a blocked recv return at once
-    (defined for connected UDP sockets), and `close()` closes it.
-
-    Client (`shared` true): the one socket on 127.0.0.1:<listen-port>, used by one tunnel after
-    another, so it must not be shut down. Datagrams go to `send_to` (WireGuard's ListenPort);
-    a datagram from another port is warned about once. `receive()` waits in select on the
-    socket and a wake pipe; `wake()` writes the pipe; `rearm()` empties it for the next tunnel.
-
-    `receive()` returns the non-empty datagrams waiting (perhaps none, after a wake or an empty
-    datagram, which the original drops too); the caller checks why it was woken.
+    Contract for Tunnel: `receive()` blocks until datagrams wait or `wake()` is called (any
+    thread), and returns the non-empty datagrams waiting (perhaps none: after a wake, or an
+    empty datagram, which the original drops too; the caller checks why it was woken);
+    `send(datagram)` sends one; `release()` is called once the tunnel is done with it.
+    An ICMP port unreachable (WireGuard restarting) is no error either way.
+    Subclasses say how to wait for the first datagram, where replies go, and how to wake.
     """
 
-    def __init__(self, sock, send_to=None, shared=False):
+    def __init__(self, sock):
         self.sock = sock
-        self.send_to = send_to
-        self.shared = shared
-        self.warned_source = None
-        self._wake_read = self._wake_write = None
-        if shared:
-            self._wake_read, self._wake_write = os.pipe()
-            os.set_blocking(self._wake_read, False)
-            self._poller = select.poll()
-            self._poller.register(sock, select.POLLIN)
-            self._poller.register(self._wake_read, select.POLLIN)
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def receive(self):
+        try:
+            first = self._receive_first()
+        except (BlockingIOError, InterruptedError, ConnectionRefusedError):
+            return []
+        if first is None:
+            return []
+        batch = receive_waiting_datagrams(self.sock, first)
+        self._check_sources(batch)
+        return [data for data, _ in batch if data]
+
+    def send(self, datagram):
+        try:
+            self._send(datagram)
+        except ConnectionRefusedError:  # ICMP port unreachable: WireGuard restarting
+            pass
+
+    def _check_sources(self, batch):
+        pass
+
+
+class TunnelUdpEndpoint(UdpEndpoint):
+    """The server's UDP socket for one tunnel, connected to WireGuard (so WireGuard sees one
+    source port per client). `wake()` shuts it down, which makes a blocked recv return at once
+    (defined for connected UDP sockets); `release()` closes it."""
 
     @classmethod
     def connected(cls, address, family):
@@ -803,24 +958,77 @@ class UdpEndpoint:
             raise
         return cls(sock)
 
-    def fileno(self):
-        return self.sock.fileno()
+    def _receive_first(self):
+        return self.sock.recvfrom(MAX_FRAME_PAYLOAD + 1)
 
-    def receive(self):
+    def _send(self, datagram):
+        self.sock.send(datagram)
+
+    def wake(self):
         try:
-            if self.shared:
-                if any(fd == self._wake_read for fd, _ in self._poller.poll()):
-                    return []
-                first = self.sock.recvfrom(MAX_FRAME_PAYLOAD + 1, socket.MSG_DONTWAIT)
-            else:
-                first = self.sock.recvfrom(MAX_FRAME_PAYLOAD + 1)
-        except (BlockingIOError, InterruptedError, ConnectionRefusedError):
-            # ConnectionRefused: ICMP after an earlier send, WireGuard restarting; go on.
-            return []
-        batch = receive_waiting_datagrams(self.sock, first)
-        if self.send_to is not None:
-            self._check_sources(batch)
-        return [data for data, _ in batch if data]
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def release(self):
+        self.sock.close()
+
+
+class SharedUdpEndpoint(UdpEndpoint):
+    """The client's one UDP socket on 127.0.0.1:<listen-port>, used by one tunnel after
+    another for the whole run, so it is never shut down: it waits in poll beside a wake pipe.
+
+    Replies go to `send_to` (WireGuard's ListenPort); a datagram from another port is warned
+    about once. `wait()` serves the client's connector (lazy connect, back-off sleeps); `wake()`
+    ends any wait and `rearm()` forgets earlier wakes; `close()` at the end of the client.
+    """
+
+    def __init__(self, sock, send_to):
+        super().__init__(sock)
+        self.send_to = send_to
+        self.warned_source = None
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
+        self._close_lock = threading.Lock()  # a late wake() must not write to a reused fd
+        # poll, not select: select fails for descriptor numbers of 1024 and more.
+        self._wake_poller = select.poll()
+        self._wake_poller.register(self._wake_read, select.POLLIN)
+        self._poller = select.poll()
+        self._poller.register(sock, select.POLLIN)
+        self._poller.register(self._wake_read, select.POLLIN)
+
+    @classmethod
+    def bind(cls, listen_port, forward_port):
+        """The socket on 127.0.0.1:listen_port; raises FatalError (port taken)."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            set_socket_buffers(sock)
+            sock.bind(("127.0.0.1", listen_port))
+        except OSError as exc:
+            sock.close()
+            raise FatalError("cannot listen on 127.0.0.1:%d (UDP): %s"
+                             % (listen_port, describe_error(exc)))
+        return cls(sock, ("127.0.0.1", forward_port))
+
+    @property
+    def address(self):
+        return self.sock.getsockname()
+
+    def wait(self, timeout=None, for_datagram=True):
+        """Wait until a datagram waits (True) or a wake or `timeout` (seconds) comes (False).
+        With `for_datagram` false, only a wake or the timeout ends the wait (a sleep)."""
+        poller = self._poller if for_datagram else self._wake_poller
+        events = poller.poll(None if timeout is None else timeout * 1000)
+        return bool(events) and all(fd != self._wake_read for fd, _ in events)
+
+    def _receive_first(self):
+        if not self.wait():
+            return None
+        return self.sock.recvfrom(MAX_FRAME_PAYLOAD + 1, socket.MSG_DONTWAIT)
+
+    def _send(self, datagram):
+        self.sock.sendto(datagram, self.send_to)
 
     def _check_sources(self, batch):
         for _, source in batch:
@@ -831,37 +1039,32 @@ class UdpEndpoint:
                             format_address(source), format_address(self.send_to),
                             self.send_to[1])
 
-    def send(self, datagram):
-        try:
-            if self.send_to is None:
-                self.sock.send(datagram)
-            else:
-                self.sock.sendto(datagram, self.send_to)
-        except ConnectionRefusedError:  # ICMP port unreachable: WireGuard restarting
-            pass
-
     def wake(self):
-        """Make a blocked (or the next) `receive()` return; any thread."""
-        try:
-            if self.shared:
+        with self._close_lock:
+            if self._wake_write is None:  # closed: nobody waits any more
+                return
+            try:
                 os.write(self._wake_write, b"x")
-            else:
-                self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+            except BlockingIOError:  # the pipe is full of wakes: woken either way
+                pass
 
     def rearm(self):
-        """Forget earlier wakes before the next tunnel uses the shared socket."""
+        """Forget earlier wakes before the next wait or tunnel."""
         try:
             while os.read(self._wake_read, 512):
                 pass
         except BlockingIOError:
             pass
 
+    def release(self):
+        """The next tunnel uses the socket: nothing to close."""
+
     def close(self):
-        """Close a tunnel's own socket; the shared socket lives as long as the client."""
-        if not self.shared:
+        with self._close_lock:
             self.sock.close()
+            os.close(self._wake_read)
+            os.close(self._wake_write)
+            self._wake_write = None
 
 
 class Tunnel:
@@ -870,25 +1073,26 @@ class Tunnel:
     `run()` starts relay_udp_to_tcp in a new daemon thread, runs relay_tcp_to_udp in the calling
     thread, and returns the reason once both have stopped. The first pump to stop calls
     `close()`, which shuts the channel down and wakes the endpoint, so the other returns too.
-    `run()` then closes the channel and the endpoint (a shared one stays open, see UdpEndpoint).
+    `run()` then closes the channel and releases the endpoint.
 
-    `greeting` (the server's 101) is sent before either pump starts. `unsent` receives
-    datagrams the UDP pump had read but could not send (the client queues them for the next
-    tunnel); None drops them.
+    `idle` (an IdleClock) decides when the tunnel is idle; both pumps feed it. `greeting` (the
+    server's 101) is sent before either pump starts. `unsent` receives datagrams the UDP pump
+    had read but could not send (the client queues them for the next tunnel); None drops them.
     """
 
-    def __init__(self, channel, endpoint, peer, idle_timeout, first_bytes=b"", unsent=None,
+    def __init__(self, channel, endpoint, peer, idle, first_bytes=b"", unsent=None,
                  greeting=b""):
         self.channel = channel
         self.endpoint = endpoint
         self.peer = peer
-        self.idle_timeout = idle_timeout
+        self.idle = idle
         self.first_bytes = first_bytes
         self.greeting = greeting
         self.unsent = unsent
         self.close_reason = None
         self.went_idle = False  # closed by our own idle timeout: a normal end, not a failure
-        self.last_sent = self.started = time.monotonic()  # last datagram towards the peer
+        self.path_down = False  # the kernel gave up on unacknowledged data (TCP_USER_TIMEOUT)
+        self.started = time.monotonic()
         # Counters: each is written by one pump thread only.
         self.to_udp_datagrams = self.to_udp_bytes = 0
         self.to_tcp_datagrams = self.to_tcp_bytes = 0
@@ -907,15 +1111,19 @@ class Tunnel:
     def run(self):
         udp_thread = None
         try:
-            set_idle_timeout(self.channel.sock, self.idle_timeout)
-            if self.idle_timeout:
+            sock = self.channel.sock
+            self.channel.deadline = None  # the handshake is over: the idle clock rules now
+            sock.settimeout(None)
+            timeout = self.idle.timeout
+            set_socket_timeout(sock, socket.SO_RCVTIMEO, timeout)
+            set_socket_timeout(sock, socket.SO_SNDTIMEO, timeout)
+            if timeout:
                 # Data sent counts as activity only once the peer acknowledged it: into a
                 # dead path, sends still succeed into the kernel's buffer, and without this
                 # both sides would wait for the kernel's retransmissions (about 15 minutes).
                 try:
-                    self.channel.sock.setsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT,
-                                                 int(self.idle_timeout * 1000))
-                except OSError:  # not Linux: the peer's silence still ends the tunnel
+                    sock.setsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT, int(timeout * 1000))
+                except OSError:  # not Linux, or no TCP: the peer's silence still ends it
                     pass
             if self.greeting:  # the server's 101 goes out before any frame
                 self.channel.sendall(self.greeting)
@@ -928,7 +1136,9 @@ class Tunnel:
             if udp_thread is not None:
                 udp_thread.join()
             self.channel.close()
-            self.endpoint.close()
+            self.endpoint.release()
+        if self.path_down:  # whichever pump saw the kernel's ETIMEDOUT, that is the cause
+            self.close_reason = "path down: data unacknowledged for %gs" % self.idle.timeout
         return self.close_reason
 
     @property
@@ -948,26 +1158,21 @@ class Tunnel:
         """Error boundary of one pump thread: every way out closes the tunnel with a reason."""
         try:
             reason = relay()
-        except (OSError, ssl.SSLError) as exc:
-            if is_socket_timeout(exc):
-                self.went_idle = True
-                reason = "idle for %gs" % self.idle_timeout
-            elif exc.errno == errno.ETIMEDOUT:
-                reason = self._path_down()
-            else:
-                reason = describe_error(exc)
+        except OSError as exc:
+            # ETIMEDOUT is the kernel giving up (TCP_USER_TIMEOUT); only one pump sees it, the
+            # other sees a plain end of stream, so run() gives this reason precedence.
+            self.path_down = exc.errno == errno.ETIMEDOUT
+            reason = describe_error(exc)
         except Exception as exc:  # a bug must still close the tunnel and not kill the process
             log.exception("tunnel %s: unexpected error", self.peer)
             reason = "internal error: %r" % exc
         self.close(reason)
 
-    def _path_down(self):
-        return "path down: data unacknowledged for %gs" % self.idle_timeout
-
     def relay_tcp_to_udp(self):
-        """Read frames from the channel and send each as one UDP datagram, until EOF."""
+        """Read frames from the channel and send each as one UDP datagram, until EOF or idle."""
         decoder = FrameDecoder()
         send = self.endpoint.send
+        touch = self.idle.touch
         data = self.first_bytes
         while True:
             for datagram in decoder.feed(data):
@@ -990,23 +1195,27 @@ class Tunnel:
             try:
                 data = self.channel.recv(TCP_READ_SIZE)
             except OSError as exc:
-                # Idle means no data either way. Traffic towards the peer keeps the tunnel:
-                # with PersistentKeepalive on the client only, the server never answers, and
-                # a peer-only rule would reconnect (and change WireGuard's endpoint) each time.
-                if is_socket_timeout(exc) and (
-                        time.monotonic() - self.last_sent < self.idle_timeout):
-                    data = b""
-                    continue
-                raise
+                if not is_socket_timeout(exc):
+                    raise
+                # Woken by the receive timeout: idle only if no data crossed either way
+                # meanwhile. Traffic towards the peer keeps the tunnel: with PersistentKeepalive
+                # on the client only, the server never answers, and a peer-only rule (the
+                # original's) would reconnect, and change WireGuard's endpoint, every time.
+                remaining = self.idle.remaining()
+                if remaining <= 0:
+                    self.went_idle = True
+                    return "idle for %gs" % self.idle.timeout
+                set_socket_timeout(self.channel.sock, socket.SO_RCVTIMEO, remaining)
+                data = b""
+                continue
             if not data:
-                if self.close_reason is None and tcp_gave_up(self.channel.sock):
-                    # The other pump took the socket's ETIMEDOUT; this one sees only the end.
-                    return self._path_down()
                 return "closed by peer" if self.close_reason is None else self.close_reason
+            touch()
 
     def relay_udp_to_tcp(self):
         """Wait for datagrams, and send all that are waiting as frames in one channel write."""
         receive = self.endpoint.receive
+        touch = self.idle.touch
         while self.close_reason is None:
             datagrams = receive()
             if not datagrams:
@@ -1017,9 +1226,9 @@ class Tunnel:
                 if self.unsent is not None:
                     self.unsent(datagrams)
                 if is_socket_timeout(exc):
-                    return "the peer read nothing for %gs" % self.idle_timeout
+                    return "the peer read nothing for %gs" % self.idle.timeout
                 raise
-            self.last_sent = time.monotonic()
+            touch()
             self.to_tcp_datagrams += len(datagrams)
             self.to_tcp_bytes += sum(map(len, datagrams))
         return self.close_reason
@@ -1046,47 +1255,36 @@ _TLS_HINTS = {
 }
 
 
-def set_idle_timeout(sock, seconds):
-    """Make recv and send on the blocking `sock` fail after `seconds` of waiting (0: never).
+def set_socket_timeout(sock, option, seconds):
+    """Make recv (SO_RCVTIMEO) or send (SO_SNDTIMEO) on the blocking `sock` fail with EAGAIN
+    after `seconds` of waiting (0: never).
 
-    The kernel's SO_RCVTIMEO/SO_SNDTIMEO, not settimeout(): a Python socket with a timeout
-    polls before every recv and send, one more system call and GIL hand-off per frame batch
-    (measured: part of the round trip). Falls back to settimeout where the options fail.
+    The kernel's options, not settimeout(): a Python socket with a timeout polls before every
+    recv and send, one more system call and GIL hand-off per frame batch (measured: part of
+    the round trip). Falls back to settimeout where the options fail (not Linux).
     """
-    sock.settimeout(None)
-    if not seconds:
-        return
     whole = int(seconds)
     micro = int((seconds - whole) * 1000000)
+    if seconds and not (whole or micro):
+        micro = 1  # a zero timeval means "never": round a tiny remainder up, not down
     # struct timeval is two native longs, or two 64-bit fields on 32-bit systems with a
     # 64-bit time_t: the kernel refuses the wrong size, so try both.
     for layout in ("ll", "qq"):
         try:
-            value = struct.pack(layout, whole, micro)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+            sock.setsockopt(socket.SOL_SOCKET, option, struct.pack(layout, whole, micro))
             return
         except (OSError, struct.error):
             continue
-    sock.settimeout(seconds)
+    sock.settimeout(seconds or None)
 
 
 def is_socket_timeout(exc):
-    """True for a timeout of our own (set_idle_timeout), not the kernel's ETIMEDOUT: a blocking
-    socket's SO_RCVTIMEO gives EAGAIN; settimeout gives TimeoutError without errno (since
-    Python 3.10 the kernel's ETIMEDOUT is a TimeoutError too, with its errno)."""
+    """True for a timeout of our own (set_socket_timeout), not the kernel's ETIMEDOUT: a
+    blocking socket's SO_RCVTIMEO gives EAGAIN; settimeout gives TimeoutError without errno
+    (since Python 3.10 the kernel's ETIMEDOUT is a TimeoutError too, with its errno)."""
     if isinstance(exc, BlockingIOError):
         return True
     return isinstance(exc, socket.timeout) and exc.errno is None
-
-
-def tcp_gave_up(sock):
-    """True if the kernel aborted the connection (TCP_USER_TIMEOUT, retransmissions), which a
-    reader sees as a plain end of stream once another thread took the error."""
-    try:
-        return sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 1)[0] == TCP_STATE_CLOSE
-    except OSError:
-        return False
 
 
 def describe_error(exc):
@@ -1112,76 +1310,82 @@ def describe_error(exc):
 # =============================================================================================
 
 
-def read_head(channel, deadline, limit=MAX_HEAD_BYTES):
+def read_head(channel, limit=MAX_HEAD_BYTES):
     """Read from `channel` until a whole HTTP head arrived; return (head, bytes after it).
 
-    Raises HandshakeError(431) past `limit` bytes, HandshakeError(408) past `deadline`
-    (monotonic time), and ConnectionError when the peer closes first.
+    The channel's deadline bounds the whole read. Raises HandshakeError(431) past `limit`
+    bytes, HandshakeError(408) at the deadline, and ConnectionError when the peer closes first.
     """
-    buffer = bytearray()
+    reader = HeadReader(limit)
     while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise HandshakeError(408, "the HTTP head did not arrive in time")
-        channel.sock.settimeout(remaining)
         try:
             data = channel.recv(4096)
         except socket.timeout:
-            continue
+            raise HandshakeError(408, "the HTTP head did not arrive in time (%d bytes came)"
+                                 % reader.received)
         if not data:
             raise ConnectionError("closed before the end of the HTTP head (%d bytes)"
-                                  % len(buffer))
-        # Search only the new bytes plus 3 before them for the blank line.
-        start = max(0, len(buffer) - 3)
-        buffer += data
-        if buffer[:1] == b"\x16":
-            # A TLS record never starts an HTTP head: hand it to the parser now, which says
-            # so, rather than wait for the deadline while the TLS peer waits for us.
-            return bytes(buffer), b""
-        parts = split_head(memoryview(buffer)[start:])
+                                  % reader.received)
+        parts = reader.feed(data)
         if parts is not None:
-            head = bytes(buffer[:start]) + parts[0]
-            if len(head) <= limit:
-                return head, parts[1]
-        if len(buffer) > limit:
-            raise HandshakeError(431, "the request head is larger than %d bytes" % limit)
+            return parts
+
+
+class Connection:
+    """One accepted connection on the server: its socket, its thread, and its tunnel once
+    admitted. The server's load is derived from its set of these."""
+
+    def __init__(self, sock, peer):
+        self.sock = sock
+        self.peer = peer
+        self.thread = None
+        self.tunnel = None
+        self.admitted = False  # counts against --max-clients from admission to the end
 
 
 class Server:
-    """The ProxyGuard server: accepts upgrades on `listen` and tunnels them to WireGuard.
+    """The ProxyGuard server: accepts upgrades on `listener` and tunnels them to WireGuard.
 
     `serve_forever()` accepts in the calling thread until `stop()`; each connection gets a
-    thread that does the handshake and then runs the tunnel (see Tunnel). `stop()` closes the
-    listening socket and every tunnel, and waits for their threads.
+    thread that runs `handle()`: the handshake within one Deadline of `handshake_timeout`, then
+    the tunnel (see Tunnel). `stop()` closes the listening socket and every connection, and
+    waits for their threads. `Server.open()` makes the listening socket from the options;
+    tests give a listener of their own, or call `handle()` with one end of a socketpair.
     """
 
-    def __init__(self, listen, wireguard, idle_timeout=DEFAULT_IDLE_TIMEOUT,
-                 handshake_timeout=HANDSHAKE_TIMEOUT, tls_context_factory=None,
-                 trusted_proxies=(), max_clients=DEFAULT_MAX_CLIENTS):
-        self.wireguard_address, self.wireguard_family = resolve_udp(wireguard, "--to")
+    def __init__(self, listener, wireguard_address, wireguard_family=socket.AF_INET,
+                 idle_timeout=DEFAULT_IDLE_TIMEOUT, handshake_timeout=HANDSHAKE_TIMEOUT,
+                 tls_context=None, trusted_proxies=(), max_clients=DEFAULT_MAX_CLIENTS):
+        self.listener = listener
+        self.address = listener.getsockname() if listener is not None else None
+        self.wireguard_address = wireguard_address
+        self.wireguard_family = wireguard_family
         self.idle_timeout = idle_timeout
         self.handshake_timeout = handshake_timeout
+        self.tls_context = tls_context  # replaced by a SIGHUP reload for new connections
         self.trusted_proxies = list(trusted_proxies)
         self.max_clients = max_clients
-        self.tunnels_open = 0
-        self.tls_context_factory = tls_context_factory
-        self.tls_context = tls_context_factory() if tls_context_factory else None
-        self.listener = open_listener(listen)
-        self.address = self.listener.getsockname()
         self._stopping = False
         self._lock = threading.Lock()
-        self._connections = {}  # thread -> function that stops it, for stop()
+        self._connections = set()
 
-    def reload_tls(self):
-        """Load the certificate again for new connections (SIGHUP); open tunnels go on."""
-        if self.tls_context_factory is None:
-            return
-        try:
-            self.tls_context = self.tls_context_factory()
-        except (OSError, ssl.SSLError, ProxyGuardError) as exc:
-            log.error("certificate reload failed, keeping the old one: %s", exc)
-            return
-        log.info("certificate reloaded for new connections")
+    @classmethod
+    def open(cls, listen, wireguard, **options):
+        """Resolve WireGuard's address and listen on `listen`; raises FatalError."""
+        address, family = resolve_udp(wireguard, "--to")
+        return cls(open_listener(listen), address, family, **options)
+
+    def tunnels_open(self):
+        with self._lock:
+            return sum(1 for connection in self._connections if connection.admitted)
+
+    def reload(self, options):
+        """SIGHUP: load the certificate files again for new connections; open tunnels go on.
+        Returns what was reloaded; raises FatalError, keeping the old certificate."""
+        if self.tls_context is None:
+            return []
+        self.tls_context = server_tls_context(options.tls_cert, options.tls_key)
+        return ["certificate %s" % options.tls_cert]
 
     def serve_forever(self):
         log.info("server listening on %s (%s), forwarding to WireGuard at %s",
@@ -1197,146 +1401,139 @@ class Server:
                     log.error("accept: %s; pausing new connections for 1s", exc.strerror)
                     time.sleep(1)
                 continue
-            self._start_connection(sock, peer)
+            self.start_connection(sock, peer)
 
-    def _start_connection(self, sock, peer):
+    def start_connection(self, sock, peer):
         """Give the connection its thread, unless too many are open or no thread can start:
         a flood of silent connections must not take the server down (a thread limit such as
-        systemd's TasksMax makes Thread.start raise)."""
-        thread = threading.Thread(target=self._handle, args=(sock, peer), daemon=True,
-                                  name="tunnel %s" % format_address(peer))
+        systemd's TasksMax makes Thread.start raise). Never blocks: the accept thread calls it."""
+        connection = Connection(sock, peer)
+        connection.thread = threading.Thread(target=self.handle, args=(connection,),
+                                             daemon=True, name="tunnel %s" % format_address(peer))
         with self._lock:
             full = (self.max_clients
                     and len(self._connections) >= self.max_clients + MAX_HANDSHAKING)
             if not full:
-                self._connections[thread] = PlainChannel(sock).shutdown
+                self._connections.add(connection)
         if full:
             log.warning("connection %s refused: %d connections open already",
                         format_address(peer), len(self._connections))
             refuse_without_waiting(sock, 503, "the server is full; try again later")
             return
         try:
-            thread.start()
+            connection.thread.start()
         except RuntimeError as exc:
             with self._lock:
-                self._connections.pop(thread, None)
+                self._connections.discard(connection)
             log.error("connection %s refused: cannot start a thread (%s)",
                       format_address(peer), exc)
             refuse_without_waiting(sock, 503, "the server is out of resources; try again later")
 
     def stop(self):
         self._stopping = True
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
-        except OSError:
-            pass
-        self.listener.close()
+        if self.listener is not None:
+            try:
+                self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
+            except OSError:
+                pass
+            self.listener.close()
         with self._lock:
-            connections = dict(self._connections)
-        for stop_connection in connections.values():
-            stop_connection()
-        deadline = time.monotonic() + 5
-        for thread in connections:
-            if thread.is_alive():  # one registered but not started yet cannot be joined
-                thread.join(max(0.0, deadline - time.monotonic()))
+            connections = list(self._connections)
+        for connection in connections:
+            self._stop_connection(connection)
+        deadline = Deadline(5)
+        for connection in connections:
+            # A thread registered but not started yet cannot be joined.
+            if connection.thread is not None and connection.thread.is_alive():
+                connection.thread.join(max(0.0, deadline.remaining()))
 
-    def _handle(self, sock, peer):
-        """Error boundary of one connection: handshake, then tunnel; always closes `sock`."""
+    @staticmethod
+    def _stop_connection(connection):
+        if connection.tunnel is not None:
+            connection.tunnel.close("server shutting down")
+        else:  # in its handshake: wake its blocked recv
+            PlainChannel(connection.sock).shutdown()
+
+    def handle(self, connection):
+        """Error boundary of one connection: handshake, then tunnel; always closes the socket.
+
+        Every refusal is a HandshakeError raised anywhere in the handshake and answered here,
+        in one place; any other error of the handshake is logged with its reason.
+        """
+        with self._lock:
+            self._connections.add(connection)  # already there when start_connection ran it
+        sock, peer = connection.sock, connection.peer
         peer_text = format_address(peer)
-        tunnel = None
+        channel = None
         try:
             prepare_tcp_socket(sock)
-            deadline = time.monotonic() + self.handshake_timeout
-            channel = self._open_channel(sock, peer_text, deadline)
-            if channel is None:
-                return
-            parts = self._read_upgrade(channel, peer_text, deadline)
-            if parts is None:
-                return
-            request, first_bytes = parts
-            path = request.start[1]
+            deadline = Deadline(self.handshake_timeout)
+            channel = self._open_channel(sock, deadline)
+            head, first_bytes = read_head(channel)
+            request = parse_request(head)
+            check_upgrade_request(request)
             client = forwarded_client(request, peer[0], self.trusted_proxies)
             if client is not None:
                 peer_text = "%s (via %s)" % (client, peer_text)
-            if not self._admit(channel, peer_text):
-                return
-            try:
-                endpoint = UdpEndpoint.connected(self.wireguard_address, self.wireguard_family)
-                tunnel = Tunnel(channel, endpoint, peer_text, self.idle_timeout, first_bytes,
-                                greeting=UPGRADE_RESPONSE)
-                with self._lock:
-                    if self._stopping:
-                        tunnel.close("server shutting down")
-                    self._connections[threading.current_thread()] = (
-                        lambda: tunnel.close("server shutting down"))
-                log.info("tunnel up: %s, path %s%s", peer_text, path,
-                         ", " + channel.tls_version if channel.tls_version else "")
-                reason = tunnel.run()
-                log.info("tunnel down: %s after %s (%s)", peer_text, tunnel.summary(), reason)
-            finally:
-                with self._lock:
-                    self.tunnels_open -= 1
-        except (OSError, ssl.SSLError) as exc:
-            log.info("connection %s: %s", peer_text, describe_error(exc))
+            self._admit(connection)
+            self._run_tunnel(connection, channel, peer_text, request.start[1], first_bytes)
+        except HandshakeError as exc:
+            self._refuse(channel, peer_text, exc)
+        except OSError as exc:
+            log.info("%s %s: %s", "tunnel" if connection.tunnel else "handshake failed from",
+                     peer_text, describe_error(exc))
         except Exception:
             log.exception("connection %s: unexpected error", peer_text)
         finally:
             with self._lock:
-                self._connections.pop(threading.current_thread(), None)
-            if tunnel is None:
-                sock.close()
+                self._connections.discard(connection)
+            sock.close()
 
-    def _admit(self, channel, peer_text):
-        """Count a new tunnel in, or answer 503 when --max-clients are open already."""
-        with self._lock:
-            if not self.max_clients or self.tunnels_open < self.max_clients:
-                self.tunnels_open += 1
-                return True
-        self._refuse(channel, peer_text, HandshakeError(
-            503, "the server is full (%d tunnels open); try again later" % self.max_clients,
-            [("Retry-After", "10")]))
-        return False
-
-    def _refuse(self, channel, peer_text, error):
-        """The one error-answer path: log why, send the HTTP answer, and let the caller close."""
-        log.log(logging.DEBUG if error.routine else logging.INFO,
-                "handshake failed from %s: %d %s", peer_text, error.status, error)
-        try:
-            channel.sock.settimeout(1)
-            channel.sendall(build_response(error.status, str(error), error.extra_headers))
-        except (OSError, ssl.SSLError):
-            pass
-
-    def _open_channel(self, sock, peer_text, deadline):
-        """The channel for `sock`: TLS handshake done if the server speaks HTTPS; or None."""
+    def _open_channel(self, sock, deadline):
+        """The channel for `sock`: TLS handshake done if the server speaks HTTPS."""
         context = self.tls_context
         if context is None:
-            return PlainChannel(sock)
-        channel = TLSChannel(sock, context, server_side=True)
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
+            return PlainChannel(sock, deadline)
+        channel = TLSChannel(sock, context, server_side=True, deadline=deadline)
         try:
             channel.handshake()
         except socket.timeout:
-            log.info("handshake failed from %s: TLS handshake timed out", peer_text)
-            return None
-        except (OSError, ssl.SSLError) as exc:
-            log.info("handshake failed from %s: %s", peer_text, describe_error(exc))
-            return None
+            raise ConnectionError("TLS handshake timed out (%gs)" % deadline.seconds)
         return channel
 
-    def _read_upgrade(self, channel, peer_text, deadline):
-        """Read and check the upgrade request; answer errors. Returns (request, rest) or None."""
+    def _admit(self, connection):
+        """Count a new tunnel in, or refuse with 503 when --max-clients are open already."""
+        with self._lock:
+            admitted = sum(1 for other in self._connections if other.admitted)
+            connection.admitted = not self.max_clients or admitted < self.max_clients
+        if not connection.admitted:
+            raise HandshakeError(
+                503, "the server is full (%d tunnels open); try again later" % self.max_clients,
+                [("Retry-After", "10")])
+
+    def _run_tunnel(self, connection, channel, peer_text, path, first_bytes):
+        endpoint = TunnelUdpEndpoint.connected(self.wireguard_address, self.wireguard_family)
+        tunnel = Tunnel(channel, endpoint, peer_text, IdleClock(self.idle_timeout), first_bytes,
+                        greeting=UPGRADE_RESPONSE)
+        with self._lock:
+            connection.tunnel = tunnel
+            if self._stopping:
+                tunnel.close("server shutting down")
+        log.info("tunnel up: %s, path %s%s", peer_text, path,
+                 ", " + channel.tls_version if channel.tls_version else "")
+        reason = tunnel.run()
+        log.info("tunnel down: %s after %s (%s)", peer_text, tunnel.summary(), reason)
+
+    @staticmethod
+    def _refuse(channel, peer_text, error):
+        """The one error-answer path: log why and send the HTTP answer; the caller closes."""
+        log.log(logging.DEBUG if error.routine else logging.INFO,
+                "handshake failed from %s: %d %s", peer_text, error.status, error)
         try:
-            head, rest = read_head(channel, deadline)
-            request = parse_request(head)
-            check_upgrade_request(request)
-            return request, rest
-        except HandshakeError as exc:
-            self._refuse(channel, peer_text, exc)
-            return None
-        except ConnectionError as exc:
-            log.info("handshake failed from %s: %s", peer_text, exc)
-            return None
+            channel.deadline = Deadline(REFUSAL_SEND_SECONDS)  # the handshake's may be over
+            channel.sendall(build_response(error.status, str(error), error.extra_headers))
+        except OSError:
+            pass
 
 
 def refuse_without_waiting(sock, status, message):
@@ -1475,20 +1672,26 @@ class Dialer:
         return self._addresses
 
     def dial(self):
-        """Return (channel, bytes after the 101, peer text); raises OSError, ssl.SSLError,
-        UpgradeRefused or ConnectionError. The channel is open and upgraded."""
-        sock, address = self._connect(self.resolve())
+        """Return (channel, bytes after the 101, peer text); raises OSError (ssl.SSLError,
+        ConnectionError, socket.timeout) or UpgradeRefused. The channel is open and upgraded.
+
+        One Deadline of `connect_timeout` bounds the whole: the TCP connects (the time left
+        is shared among the addresses still to try), the proxy's CONNECT, TLS, the upgrade.
+        """
+        deadline = Deadline(self.connect_timeout)
+        sock, address = self._connect(self.resolve(), deadline)
         try:
-            deadline = time.monotonic() + self.connect_timeout
             peer = self.url.host_header
             if peer != format_address(address):  # a name: say which address answered
                 peer += " (%s)" % format_address(address)
             if self.proxy:
                 self._proxy_connect(sock, deadline)
                 peer = "%s (via proxy %s)" % (self.url.host_header, format_address(address))
-            sock.settimeout(max(0.001, deadline - time.monotonic()))
-            channel = self._tls(sock) if self.tls_context else PlainChannel(sock)
-            return channel, self._upgrade(channel, deadline), peer
+            if self.tls_context:
+                channel = self._tls(sock, deadline)
+            else:
+                channel = PlainChannel(sock, deadline)
+            return channel, self._upgrade(channel), peer
         except BaseException:
             sock.close()
             raise
@@ -1496,10 +1699,10 @@ class Dialer:
             with self._lock:
                 self._sock = None
 
-    def _connect(self, addresses):
+    def _connect(self, addresses, deadline):
         """A TCP connection to the first of `addresses` that answers: (socket, address)."""
         errors = []
-        for family, address in addresses:
+        for index, (family, address) in enumerate(addresses):
             sock = socket.socket(family, socket.SOCK_STREAM)
             with self._lock:
                 if self._aborted:
@@ -1516,7 +1719,9 @@ class Dialer:
                         sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0",
                                    self.tcp_port))
                     prepare_tcp_socket(sock)
-                    sock.settimeout(self.connect_timeout)
+                    # An address that does not answer gets its share of the time left, so
+                    # the next ones are still tried within --connect-timeout.
+                    sock.settimeout(deadline.timeout() / (len(addresses) - index))
                     sock.connect(address)
                 return sock, address
             except OSError as exc:
@@ -1529,10 +1734,10 @@ class Dialer:
         host = self.peer_ips[0] if self.peer_ips else self.url.host
         authority = format_address((host, self.url.port))
         with self._step("proxy") as detail:
-            channel = PlainChannel(sock)
+            channel = PlainChannel(sock, deadline)
             channel.sendall(build_connect_request(authority, self.proxy.credentials,
                                                   self.user_agent))
-            head, rest = read_response_head(channel, deadline)
+            head, rest = read_response_head(channel)
             response = parse_response(head)
             detail.append("CONNECT %s -> HTTP %d %s" % (authority, response.start[1],
                                                         response.start[2]))
@@ -1540,19 +1745,19 @@ class Dialer:
             if rest:
                 raise UpgradeRefused("the proxy sent data after its 200 answer")
 
-    def _tls(self, sock):
+    def _tls(self, sock, deadline):
         with self._step("tls") as detail:
             channel = TLSChannel(sock, self.tls_context, server_side=False,
-                                 server_hostname=self.url.host)
+                                 server_hostname=self.url.host, deadline=deadline)
             channel.handshake()
             detail.append(describe_tls(channel))
         return channel
 
-    def _upgrade(self, channel, deadline):
+    def _upgrade(self, channel):
         with self._step("upgrade") as detail:
             channel.sendall(build_upgrade_request(self.url.host_header, self.url.target,
                                                   self.user_agent))
-            head, rest = read_response_head(channel, deadline)
+            head, rest = read_response_head(channel)
             response = parse_response(head)
             detail.append("GET %s -> %s %d %s" % ((self.url.target,) + response.start))
             detail.extend("%s: %s" % header for header in response.headers)
@@ -1560,10 +1765,10 @@ class Dialer:
         return rest
 
 
-def read_response_head(channel, deadline):
+def read_response_head(channel):
     """read_head for the client side: a missing answer is a connection error, not a 408."""
     try:
-        return read_head(channel, deadline)
+        return read_head(channel)
     except HandshakeError as exc:
         raise ConnectionError("no valid answer: %s" % exc)
 
@@ -1643,74 +1848,87 @@ class Client:
     """The ProxyGuard client: WireGuard's endpoint on 127.0.0.1, tunnelling to the server.
 
     `serve_forever()` runs the connector in the calling thread until `stop()`: wait for a
-    datagram, dial, run a Tunnel to its end, wait, and again (module docstring). Datagrams
-    the tunnel could not send wait in `pending` and go out first on the next tunnel.
+    datagram, dial, run a Tunnel to its end, wait as `backoff` says, and again (module
+    docstring). Datagrams the tunnel could not send wait in `pending` and go out first on the
+    next tunnel. `Client.open()` binds the UDP socket from the options; tests give their own
+    SharedUdpEndpoint. The endpoint is closed when serve_forever returns.
     """
 
-    def __init__(self, dialer, listen_port=DEFAULT_LISTEN_PORT,
-                 forward_port=DEFAULT_FORWARD_PORT, idle_timeout=DEFAULT_IDLE_TIMEOUT):
+    def __init__(self, dialer, endpoint, idle_timeout=DEFAULT_IDLE_TIMEOUT, backoff=None):
         self.dialer = dialer
         self.url = dialer.url
+        self.endpoint = endpoint
+        self.address = endpoint.address
         self.idle_timeout = idle_timeout
+        self.backoff = backoff or Backoff()
         self.pending = collections.deque(maxlen=PENDING_DATAGRAMS)
         self._stopping = False
         self._lock = threading.Lock()
         self._tunnel = None
+
+    @classmethod
+    def open(cls, dialer, listen_port=DEFAULT_LISTEN_PORT, forward_port=DEFAULT_FORWARD_PORT,
+             idle_timeout=DEFAULT_IDLE_TIMEOUT):
+        """Check --fwmark, bind the UDP socket, resolve the server once; raises FatalError."""
         if dialer.fwmark >= 0:
             check_fwmark(dialer.fwmark)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            set_socket_buffers(sock)
-            sock.bind(("127.0.0.1", listen_port))
-        except OSError as exc:
-            sock.close()
-            raise FatalError("cannot listen on 127.0.0.1:%d (UDP): %s"
-                             % (listen_port, describe_error(exc)))
-        self.address = sock.getsockname()
-        self.endpoint = UdpEndpoint(sock, ("127.0.0.1", forward_port), shared=True)
-        self._wake_read, self._wake_write = os.pipe()
+        endpoint = SharedUdpEndpoint.bind(listen_port, forward_port)
         try:
             dialer.resolve()
         except OSError as exc:
             log.error("cannot resolve %s: %s (trying again at each connect)",
-                      dialer.proxy.host if dialer.proxy else self.url.host,
+                      dialer.proxy.host if dialer.proxy else dialer.url.host,
                       describe_error(exc))
+        return cls(dialer, endpoint, idle_timeout)
+
+    def reload(self, options):
+        """SIGHUP: load the TLS settings (--ca-file) again for the next connection."""
+        if not self.url.tls:
+            return []
+        self.dialer.tls_context = client_tls_context(options.ca_file, options.tls_min_version)
+        return ["TLS settings" + (" (--ca-file %s)" % options.ca_file if options.ca_file
+                                  else "")]
 
     def serve_forever(self):
         log.info("client listening on %s (UDP), tunnelling to %s%s, replies to WireGuard at %s",
                  format_address(self.address), self.url,
                  " via proxy %s" % self.dialer.proxy if self.dialer.proxy else "",
                  format_address(self.endpoint.send_to))
-        failures = 0
-        while self._wait(None if not self.pending else 0) and not self._stopping:
-            try:
-                tunnel = self._open_tunnel()
-            except ServerUnavailable as exc:
-                log.warning("cannot connect to %s: %s", self.url, exc)
-                wait = RETRY_WAITS[min(failures, len(RETRY_WAITS) - 1)]
-            except UpgradeRefused as exc:
-                log.error("upgrade refused by %s: %s", self.url, exc)
-                wait = RETRY_WAITS[-1]
-            except ssl.SSLError as exc:  # a captive portal's certificate fails until login
-                log.error("cannot connect to %s: %s", self.url, describe_error(exc))
-                wait = RETRY_WAITS[-1]
-            except (OSError, ProxyGuardError) as exc:
-                log.warning("cannot connect to %s: %s", self.url, describe_error(exc))
-                wait = RETRY_WAITS[min(failures, len(RETRY_WAITS) - 1)]
-            else:
-                reason = tunnel.run()
-                with self._lock:
-                    self._tunnel = None
-                log.info("tunnel down: %s after %s (%s)", tunnel.peer, tunnel.summary(), reason)
-                if tunnel.went_idle or tunnel.duration >= STABLE_TUNNEL_SECONDS:
-                    failures = 0
-                    continue
-                wait = RETRY_WAITS[min(failures, len(RETRY_WAITS) - 1)]
-            failures += 1
-            if self._stopping:
-                break
-            log.info("next attempt in %ds, when WireGuard sends", wait)
-            self._sleep(wait)
+        try:
+            while True:
+                self.endpoint.rearm()  # forget the last tunnel's wakes; stop() wakes after this
+                if self._stopping or not (self.pending or self.endpoint.wait()):
+                    break
+                wait = self._connect_and_run()
+                if self._stopping:
+                    break
+                if wait:
+                    log.info("next attempt in %gs, when WireGuard sends", wait)
+                    self.endpoint.wait(wait, for_datagram=False)
+        finally:
+            self.endpoint.close()
+
+    def _connect_and_run(self):
+        """One attempt: dial, run the tunnel to its end. Returns the wait before the next."""
+        try:
+            tunnel = self._open_tunnel()
+        except ServerUnavailable as exc:
+            log.warning("cannot connect to %s: %s", self.url, exc)
+            return self.backoff.failed(exc.retry_after)
+        except UpgradeRefused as exc:
+            log.error("upgrade refused by %s: %s", self.url, exc)
+            return self.backoff.refused()
+        except ssl.SSLError as exc:  # a captive portal's certificate fails until login
+            log.error("cannot connect to %s: %s", self.url, describe_error(exc))
+            return self.backoff.refused()
+        except (OSError, ProxyGuardError) as exc:
+            log.warning("cannot connect to %s: %s", self.url, describe_error(exc))
+            return self.backoff.failed()
+        reason = tunnel.run()
+        with self._lock:
+            self._tunnel = None
+        log.info("tunnel down: %s after %s (%s)", tunnel.peer, tunnel.summary(), reason)
+        return self.backoff.tunnel_ended(tunnel.duration, tunnel.went_idle)
 
     def stop(self):
         with self._lock:
@@ -1718,14 +1936,7 @@ class Client:
             if self._tunnel is not None:
                 self._tunnel.close("client shutting down")
         self.dialer.abort()
-        os.write(self._wake_write, b"x")
-
-    def _wait(self, timeout):
-        """Wait until a datagram waits on the UDP socket (lazy connect); False on stop()."""
-        return self._wake_read not in wait_readable([self.endpoint, self._wake_read], timeout)
-
-    def _sleep(self, seconds):
-        wait_readable([self._wake_read], seconds)
+        self.endpoint.wake()
 
     def _open_tunnel(self):
         """Dial and send the pending datagrams; return the Tunnel, ready to run."""
@@ -1737,8 +1948,7 @@ class Client:
         except BaseException:
             channel.close()
             raise
-        self.endpoint.rearm()
-        tunnel = Tunnel(channel, self.endpoint, peer, self.idle_timeout, first_bytes,
+        tunnel = Tunnel(channel, self.endpoint, peer, IdleClock(self.idle_timeout), first_bytes,
                         unsent=self.pending.extend)
         with self._lock:
             self._tunnel = tunnel
@@ -1760,7 +1970,7 @@ def run_check(dialer, out=sys.stdout):
           file=out)
     try:
         channel, _, peer = dialer.dial()
-    except (OSError, ssl.SSLError, ProxyGuardError) as exc:
+    except (OSError, ProxyGuardError) as exc:
         print("result   FAIL: %s" % describe_error(exc), file=out)
         return 1
     channel.shutdown()
@@ -1962,14 +2172,15 @@ def check_options(options):
 def build_service(options):
     """The Server or Client the options describe. Raises UsageError or FatalError."""
     if options.mode == "server":
-        factory = None
-        if options.tls_cert:  # a factory, so that SIGHUP can load the files again
-            factory = functools.partial(server_tls_context, options.tls_cert, options.tls_key)
-        return Server(options.listen, options.to, idle_timeout=options.idle_timeout,
-                      handshake_timeout=options.handshake_timeout, tls_context_factory=factory,
-                      trusted_proxies=options.trusted_proxies, max_clients=options.max_clients)
-    return Client(build_dialer(options), listen_port=options.listen_port,
-                  forward_port=options.forward_port, idle_timeout=options.idle_timeout)
+        tls_context = None
+        if options.tls_cert:
+            tls_context = server_tls_context(options.tls_cert, options.tls_key)
+        return Server.open(options.listen, options.to, idle_timeout=options.idle_timeout,
+                           handshake_timeout=options.handshake_timeout, tls_context=tls_context,
+                           trusted_proxies=options.trusted_proxies,
+                           max_clients=options.max_clients)
+    return Client.open(build_dialer(options), listen_port=options.listen_port,
+                       forward_port=options.forward_port, idle_timeout=options.idle_timeout)
 
 
 def build_dialer(options):
@@ -1993,39 +2204,84 @@ def build_dialer(options):
 # =============================================================================================
 
 
-def run_until_signal(service):
-    """Run `service.serve_forever()` in a thread until SIGINT/SIGTERM; SIGHUP reloads TLS.
+# SIGINT and SIGTERM stop the service; SIGHUP reloads what can change while tunnels run.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+HANDLED_SIGNALS = STOP_SIGNALS + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
 
-    Returns 0 after a signal (clean stop), 1 if the service ended by itself (a bug).
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold SIGINT, SIGTERM and SIGHUP pending, in this thread and every thread it starts,
+    until `run_until_signal` takes them with sigwait; restore the mask at the end.
+
+    Why: a process-directed signal goes to any thread that does not block it. Caught by a
+    tunnel thread, Python only flags it for the main thread, which sleeps on in a lock wait
+    and never runs the handler (the "SIGTERM ignored at start" bug). Held from before the
+    service starts, a signal however early waits for sigwait instead of being lost.
     """
-    stop = threading.Event()
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX: Python's handlers do the work
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+    try:
+        yield
+    finally:
+        # A stop signal still pending (a second SIGTERM during shutdown) must not kill the
+        # process once unblocked: ignore it while the mask is restored.
+        previous = [(signum, signal.signal(signum, signal.SIG_IGN)) for signum in STOP_SIGNALS]
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for signum, handler in previous:
+            signal.signal(signum, handler)
+
+
+def run_until_signal(service, reload=None):
+    """Run `service.serve_forever()` in this thread until SIGINT/SIGTERM; call `reload()` on
+    SIGHUP. Call it inside `signals_held()`; a daemon thread waits for the signals.
+
+    Returns 0 after a stop signal (clean stop), 1 if the service ended by itself (a bug).
+    """
     signalled = []
 
-    def on_stop(signum, _frame):
-        signalled.append(signum)
-        stop.set()
+    def wait_for_signals():
+        while True:
+            signum = signal.sigwait(HANDLED_SIGNALS)
+            if signum in STOP_SIGNALS:
+                signalled.append(signum)
+                log.info("stopping on %s", signal.Signals(signum).name)
+                service.stop()
+                return
+            if reload is not None:
+                reload()
 
-    def serve():
-        try:
-            service.serve_forever()
-        except Exception:
-            log.exception("the service stopped on an unexpected error")
-        finally:
-            stop.set()
+    waiter = threading.Thread(target=wait_for_signals, name="signals", daemon=True)
+    waiter.start()
+    try:
+        service.serve_forever()
+    except Exception:
+        log.exception("the service stopped on an unexpected error")
+    if not signalled:
+        return 1
+    waiter.join()  # stop() ends when every tunnel has closed and logged its end
+    return 0
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, on_stop)
-        signal.signal(signal.SIGTERM, on_stop)
-        if hasattr(service, "reload_tls") and hasattr(signal, "SIGHUP"):
-            signal.signal(signal.SIGHUP, lambda _signum, _frame: service.reload_tls())
-    thread = threading.Thread(target=serve, name="service", daemon=True)
-    thread.start()
-    stop.wait()
-    if signalled:
-        log.info("stopping on %s", signal.Signals(signalled[0]).name)
-    service.stop()
-    thread.join(5)
-    return 0 if signalled else 1
+
+def reload_settings(service, argv):
+    """SIGHUP: read the options again (the config file may have changed) and apply what can
+    change under running tunnels: the log level and the TLS files. Logs one line; on any error
+    the running settings stay."""
+    try:
+        options = parse_options(argv)
+        done = service.reload(options)
+    except ProxyGuardError as exc:
+        log.error("SIGHUP: reload failed, the running settings stay: %s", exc)
+        return
+    level = getattr(logging, options.log_level.upper())
+    if level != log.getEffectiveLevel():
+        logging.getLogger().setLevel(level)
+        log.setLevel(logging.NOTSET)
+        done.append("log level %s" % options.log_level)
+    log.info("SIGHUP: reloaded %s; other options change on restart",
+             ", ".join(done) if done else "nothing that changed")
 
 
 def configure_logging(level):
@@ -2044,17 +2300,22 @@ def main(argv=None):
     except SystemExit as exc:  # --help and --version print and exit 0
         return exc.code if isinstance(exc.code, int) else 0
     configure_logging(options.log_level)
-    try:
-        if options.mode == "check":
+    if options.mode == "check":
+        try:
             return run_check(build_dialer(options))
-        service = build_service(options)
-    except UsageError as exc:
-        print("proxyguard.py: error: %s" % exc, file=sys.stderr)
-        return 2
-    except FatalError as exc:
-        log.error("%s", exc)
-        return 1
-    return run_until_signal(service)
+        except UsageError as exc:
+            print("proxyguard.py: error: %s" % exc, file=sys.stderr)
+            return 2
+    with signals_held():
+        try:
+            service = build_service(options)
+        except UsageError as exc:
+            print("proxyguard.py: error: %s" % exc, file=sys.stderr)
+            return 2
+        except FatalError as exc:
+            log.error("%s", exc)
+            return 1
+        return run_until_signal(service, functools.partial(reload_settings, service, argv))
 
 
 if __name__ == "__main__":

@@ -1194,14 +1194,14 @@ def test_sighup_reloads_the_certificate_and_keeps_tunnels(tmp_path, echo, procs,
             dst.write(src.read())
         os.replace(live[kind] + ".new", live[kind])
     server.popen.send_signal(signal.SIGHUP)
-    server.wait_log("certificate reloaded")
+    server.wait_log("SIGHUP: reloaded certificate")
     assert served_serial() != first
     assert client.wireguard.roundtrip(b"after") == b"after"   # the open tunnel lives on
     assert client.log().count("tunnel up") == 1
     with open(live["key"], "w") as f:
         f.write("broken")
     server.popen.send_signal(signal.SIGHUP)
-    server.wait_log("certificate reload failed, keeping the old one")
+    server.wait_log("SIGHUP: reload failed, the running settings stay")
     assert served_serial() != first and server.popen.poll() is None
 
 
