@@ -9,6 +9,7 @@ client. Only loopback addresses are used.
 
 import collections
 import concurrent.futures
+import logging
 import os
 import random
 import re
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from http import HTTPStatus
 from urllib.parse import quote
 
 import pytest
@@ -603,6 +605,356 @@ def test_forwarded_client_walks_past_trusted_proxies():
     assert client([]) is None
     with pytest.raises(pg.UsageError):
         pg.parse_networks("10.0.0.0/8,nonsense", "--trusted-proxies")
+
+
+# =============================================================================================
+# Policies with a fake clock: the deadline, the idle clock, the back-off, the head reader
+# =============================================================================================
+
+
+class FakeClock:
+    """A monotonic clock that moves only when the test says."""
+
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+def test_deadline_arms_each_call_with_the_time_left_and_then_times_out():
+    clock = FakeClock()
+    deadline = pg.Deadline(10, clock)
+    for elapsed, left in [(0, 10), (3, 7), (6.5, 0.5), (0.4, 0.1)]:
+        clock.advance(elapsed)
+        assert deadline.timeout() == pytest.approx(left)
+    clock.advance(0.1)
+    with pytest.raises(socket.timeout, match="after 10s"):
+        deadline.timeout()
+    assert deadline.remaining() == pytest.approx(0)
+
+
+def test_idle_clock_counts_from_the_last_data_either_way():
+    clock = FakeClock()
+    idle = pg.IdleClock(60, clock)
+    steps = [  # (advance, touch, remaining after)
+        (59, False, 1), (0.5, True, 60), (30, False, 30), (29.9, True, 60), (60, False, 0)]
+    for advance, touch, remaining in steps:
+        clock.advance(advance)
+        if touch:
+            idle.touch()
+        assert idle.remaining() == pytest.approx(remaining)
+    assert idle.expired()
+    never = pg.IdleClock(0, clock)
+    clock.advance(10 ** 6)
+    assert never.remaining() is None and not never.expired()
+
+
+def test_backoff_grows_starts_over_and_honours_retry_after():
+    backoff = pg.Backoff()
+    assert [backoff.failed() for _ in range(7)] == [1, 2, 4, 8, 10, 10, 10]
+    assert backoff.tunnel_ended(lived=10.0) == 0          # a stable tunnel: start over
+    assert backoff.failed() == 1
+    assert backoff.tunnel_ended(lived=0.5) == 2           # a tunnel that died at once counts
+    assert backoff.refused() == 10                         # a portal, a wrong URL
+    assert backoff.failed() == 8                           # ... counted as a failure too
+    assert backoff.tunnel_ended(lived=0.1, went_idle=True) == 0
+    assert backoff.failed(retry_after=3) == 3              # the server's Retry-After wins
+    assert backoff.failed() == 2                           # ... and still counts a failure
+
+
+@pytest.mark.parametrize("value, seconds", [
+    (None, None), ("10", 10), (" 0 ", 0), ("86400", pg.MAX_RETRY_AFTER), ("soon", None),
+    ("-5", None), ("Wed, 21 Oct 2015 07:28:00 GMT", 0)])
+def test_retry_after_is_read_and_bounded(value, seconds):
+    assert pg.parse_retry_after(value) == seconds
+
+
+def test_a_503_with_retry_after_says_how_long_to_wait():
+    response = pg.parse_response(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 7\r\n\r\n")
+    with pytest.raises(pg.ServerUnavailable) as caught:
+        pg.check_upgrade_response(response)
+    assert caught.value.retry_after == 7
+
+
+@pytest.mark.parametrize("split", range(1, len(UPGRADE) + 4))
+def test_head_reader_finds_the_head_split_anywhere(split):
+    data = UPGRADE + b"\x00\x01x"
+    reader = pg.HeadReader()
+    first = reader.feed(data[:split])
+    if first is None:
+        assert split < len(UPGRADE)
+        assert reader.feed(data[split:]) == (UPGRADE, b"\x00\x01x")
+    else:  # the head ended in the first part: what followed it is handed back, not lost
+        assert first == (UPGRADE, data[len(UPGRADE):split])
+
+
+def test_head_reader_limits_and_tls_sniff():
+    reader = pg.HeadReader(limit=100)
+    assert reader.feed(b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 14) is None
+    with pytest.raises(pg.HandshakeError) as caught:
+        reader.feed(b"X: y\r\n")
+    assert caught.value.status == 431
+    assert pg.HeadReader().feed(b"\x16\x03\x01\x02") == (b"\x16\x03\x01\x02", b"")
+
+
+def test_encode_frames_refuses_what_does_not_fit_as_encode_frame_does():
+    assert pg.encode_frames([b"a", b""]) == b"\x00\x01a\x00\x00"
+    with pytest.raises(ValueError):
+        pg.encode_frames([b"a", b"x" * 65536])
+
+
+# =============================================================================================
+# In-process: Server, Tunnel and Client over socketpairs and loopback sockets, no subprocess
+# =============================================================================================
+
+
+def serve_socketpair(server, peer=(LOOPBACK, 40000)):
+    """Our end of a socketpair whose other end `server.handle` serves in a thread, as if
+    accepted from `peer`; returns (socket, thread)."""
+    ours, theirs = socket.socketpair()
+    thread = threading.Thread(target=server.handle, args=(pg.Connection(theirs, peer),),
+                              daemon=True)
+    thread.start()
+    return ours, thread
+
+
+def read_frames(sock, decoder, count, timeout=5.0):
+    """Read until `decoder` has cut `count` datagrams out of the stream; return them."""
+    datagrams = []
+    deadline = time.monotonic() + timeout
+    while len(datagrams) < count:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        chunk = sock.recv(65536)
+        assert chunk, "closed after %d of %d datagrams" % (len(datagrams), count)
+        datagrams.extend(decoder.feed(chunk))
+    return datagrams
+
+
+def test_server_handles_a_socketpair_in_process(echo):
+    server = pg.Server(None, (LOOPBACK, echo.port), idle_timeout=30, handshake_timeout=5)
+    sock, thread = serve_socketpair(server)
+    datagrams = [numbered(i, size) for i, size in enumerate((1, 1420, 65507))]
+    sock.sendall(UPGRADE + b"".join(pg.encode_frame(d) for d in datagrams))
+    reader = pg.HeadReader()
+    parts = None
+    while parts is None:
+        sock.settimeout(5)
+        parts = reader.feed(sock.recv(4096))
+    assert parts[0] == pg.UPGRADE_RESPONSE
+    decoder = pg.FrameDecoder()
+    assert decoder.feed(parts[1]) + read_frames(sock, decoder, 3 - len(decoder.feed(b""))) \
+        == datagrams
+    assert server.tunnels_open() == 1
+    sock.close()
+    thread.join(5)
+    assert not thread.is_alive() and server.tunnels_open() == 0
+
+
+@pytest.mark.parametrize("data, status", [
+    (b"POST / HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 426),
+    (b"\x00\x01garbage\r\n\r\n", 400)])
+def test_server_refuses_in_one_place_in_process(data, status, caplog):
+    server = pg.Server(None, (LOOPBACK, 9), handshake_timeout=5)
+    sock, thread = serve_socketpair(server)
+    sock.sendall(data)
+    answer, how = read_answer(sock, time.monotonic() + 5)
+    thread.join(5)
+    assert status_of(answer) == status and how == "eof" and not thread.is_alive()
+    assert answer.split(b"\r\n")[0].endswith(HTTPStatus(status).phrase.encode())
+
+
+def tls_client_hello():
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+# A slow-loris trickles one byte at this interval: a per-call timeout restarts at every byte,
+# so without one deadline for the whole handshake the connection would last the whole trickle
+# (a 517-byte ClientHello: 26 s here).
+TRICKLE_INTERVAL = 0.05
+DEADLINE = 0.5
+DEADLINE_TOLERANCE = 1.5  # thread wake-ups on a loaded 2-core machine
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_trickled_handshake_ends_at_the_one_deadline(tls, certs):
+    context = pg.server_tls_context(certs.cert, certs.key) if tls else None
+    server = pg.Server(None, (LOOPBACK, 9), handshake_timeout=DEADLINE, tls_context=context)
+    # A ClientHello, or a head that never ends
+    data = tls_client_hello() if tls else UPGRADE[:-2] + b"X-Pad: " + b"a" * 200
+    assert len(data) * TRICKLE_INTERVAL > 3 * (DEADLINE + DEADLINE_TOLERANCE)
+    started = time.monotonic()
+    sock, thread = serve_socketpair(server)
+    for byte in data:
+        try:
+            sock.send(bytes([byte]))
+        except OSError:
+            break
+        thread.join(TRICKLE_INTERVAL)  # paces the trickle; returns at once when it ends
+        if not thread.is_alive():
+            break
+    thread.join(10)
+    elapsed = time.monotonic() - started
+    assert not thread.is_alive()
+    assert DEADLINE <= elapsed < DEADLINE + DEADLINE_TOLERANCE
+    answer, _ = read_answer(sock, time.monotonic() + 2)
+    if not tls:
+        assert status_of(answer) == 408
+
+
+def blackhole_listeners(count):
+    """Listeners on 127.0.0.1, 127.0.0.2 ... (one port) whose accept queue is full, so a
+    connect to them hangs (SYNs dropped): addresses that do not answer, on loopback."""
+    listeners, fillers = [], []
+    port = 0
+    for index in range(count):
+        listener = socket.socket()
+        listener.bind(("127.0.0.%d" % (index + 1), port))
+        port = listener.getsockname()[1]
+        listener.listen(0)
+        listeners.append(listener)
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(listener.getsockname())
+            fillers.append(filler)
+    probe = socket.socket()
+    probe.settimeout(0.3)
+    with pytest.raises(socket.timeout):  # the queue is full: the black hole works
+        probe.connect(listeners[0].getsockname())
+    probe.close()
+    return port, listeners + fillers
+
+
+def test_connect_timeout_bounds_all_addresses_together():
+    port, sockets = blackhole_listeners(2)
+    try:
+        dialer = pg.Dialer(pg.ServerURL("http://vpn.example.org:%d/" % port),
+                           peer_ips=["127.0.0.1", "127.0.0.2"], connect_timeout=1.0)
+        started = time.monotonic()
+        with pytest.raises(ConnectionError) as caught:
+            dialer.dial()
+        elapsed = time.monotonic() - started
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert "127.0.0.1" in str(caught.value) and "127.0.0.2" in str(caught.value)
+    assert 0.9 <= elapsed < 1.6  # each address got its share, not the whole second each
+
+
+def test_tunnel_closes_at_the_idle_timeout_after_the_last_data_either_way():
+    """Data only towards the peer at 0.6 s, idle timeout 1 s: closed at 1.6 s, not at 2 s
+    (a receive timeout that restarts at every wait counts from the last recv instead)."""
+    timeout = 1.0
+    ours, theirs = socket.socketpair()
+    wireguard = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    wireguard.bind((LOOPBACK, 0))
+    endpoint = pg.TunnelUdpEndpoint.connected(wireguard.getsockname(), socket.AF_INET)
+    tunnel = pg.Tunnel(pg.PlainChannel(theirs), endpoint, "test", pg.IdleClock(timeout),
+                       greeting=b"go")
+    result = []
+    thread = threading.Thread(target=lambda: result.append(tunnel.run()), daemon=True)
+    thread.start()
+    ours.settimeout(5)
+    assert ours.recv(2) == b"go"  # the tunnel runs
+    thread.join(0.6 * timeout)  # let part of the timeout pass with no data (scenario, no sync)
+    wireguard.sendto(b"keepalive", endpoint.sock.getsockname())
+    assert read_frames(ours, pg.FrameDecoder(), 1) == [b"keepalive"]
+    last_data = time.monotonic()
+    assert ours.recv(100) == b""  # the tunnel closed
+    closed_after = time.monotonic() - last_data
+    thread.join(5)
+    assert result == ["idle for 1s"]
+    assert timeout - 0.1 <= closed_after < timeout + 0.3
+    for sock in (ours, wireguard):
+        sock.close()
+
+
+def open_fds():
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_client_and_server_in_process_close_every_socket_and_thread(echo):
+    threads_before, fds_before = threading.active_count(), open_fds()
+    server = pg.Server.open((LOOPBACK, 0), (LOOPBACK, echo.port), idle_timeout=30)
+    server_thread = threading.Thread(target=server.serve_forever, daemon=True)
+    server_thread.start()
+    dialer = pg.Dialer(pg.ServerURL("http://%s:%d/" % server.address))
+    wireguard = WireGuardStandIn()
+    client = pg.Client.open(dialer, listen_port=0, forward_port=wireguard.port)
+    wireguard.endpoint = client.address
+    client_thread = threading.Thread(target=client.serve_forever, daemon=True)
+    client_thread.start()
+    for size in (1, 1420, 65507):
+        datagram = numbered(size, size)
+        assert wireguard.roundtrip(datagram) == datagram
+    assert server.tunnels_open() == 1
+    client.stop()
+    server.stop()
+    client_thread.join(5)
+    server_thread.join(5)
+    wireguard.sock.close()
+    assert not client_thread.is_alive() and not server_thread.is_alive()
+    assert wait_until(lambda: threading.active_count() == threads_before, 5)
+    assert open_fds() == fds_before  # the client's UDP socket and its wake pipe too
+
+
+def wait_until(predicate, timeout, interval=0.01):
+    """Poll `predicate` until it is true or `timeout` passes; return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+def test_client_honours_retry_after_of_a_full_server(caplog):
+    """A 503 with Retry-After: 3 makes the client wait 3 s (not its 1 s back-off), and
+    stop() ends that wait at once."""
+    listener = socket.create_server((LOOPBACK, 0))
+    answered = threading.Event()
+
+    def full_server():
+        conn, _ = listener.accept()
+        with conn:
+            read_answer_head(conn)
+            conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 3\r\n"
+                         b"Content-Length: 0\r\n\r\n")
+        answered.set()
+
+    threading.Thread(target=full_server, daemon=True).start()
+    dialer = pg.Dialer(pg.ServerURL("http://%s:%d/" % listener.getsockname()))
+    wireguard = WireGuardStandIn()
+    client = pg.Client.open(dialer, listen_port=0, forward_port=wireguard.port)
+    wireguard.endpoint = client.address
+    thread = threading.Thread(target=client.serve_forever, daemon=True)
+    with caplog.at_level(logging.INFO, logger="proxyguard"):
+        thread.start()
+        wireguard.send(b"handshake")
+        assert answered.wait(5)
+        assert wait_until(lambda: "next attempt in 3s" in caplog.text, 5), caplog.text
+        stopped = time.monotonic()
+        client.stop()
+        thread.join(5)
+    assert not thread.is_alive() and time.monotonic() - stopped < 1.0
+    listener.close()
+    wireguard.sock.close()
+
+
+def read_answer_head(sock):
+    reader = pg.HeadReader()
+    sock.settimeout(5)
+    while reader.feed(sock.recv(4096)) is None:
+        pass
 
 
 # =============================================================================================
