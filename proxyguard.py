@@ -1379,15 +1379,100 @@ def resolve_udp(address, option):
 # =============================================================================================
 
 
+# The most a certificate, key or CA file may hold (the system CA bundle is about 200 KiB).
+MAX_PEM_FILE_BYTES = 10 * 1024 * 1024
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+_PEM_ANY_CERTIFICATE = re.compile(rb"-----BEGIN (TRUSTED |X509 )?CERTIFICATE-----")
+_PEM_PRIVATE_KEY = re.compile(rb"-----BEGIN ([A-Z0-9]+ )?PRIVATE KEY-----")
+_PEM_ENCRYPTED_KEY = re.compile(rb"-----BEGIN ENCRYPTED PRIVATE KEY-----|Proc-Type: *4, *ENCRYPTED")
+
+
+def load_tls_files(context, error, cert_file=None, key_file=None, ca_file=None):
+    """Load `cert_file` and `key_file` (the key may be in `cert_file`), or the CA certificates
+    in `ca_file`, into `context`. Checks step by step, so that a failure raises `error`
+    (UsageError or FatalError) with one line naming the option, the file and the problem,
+    not OpenSSL's 'PEM lib'."""
+    cert_option = "--tls-cert %r" % cert_file
+    key_option = "--tls-key %r" % key_file if key_file else cert_option
+
+    def read(option, path):
+        try:
+            with open(path, "rb") as stream:
+                data = stream.read(MAX_PEM_FILE_BYTES + 1)
+        except OSError as exc:
+            raise error("%s: %s" % (option, describe_error(exc)))
+        if len(data) > MAX_PEM_FILE_BYTES:
+            raise error("%s: over %d MiB, not a PEM file"
+                        % (option, MAX_PEM_FILE_BYTES // (1024 * 1024)))
+        return data
+
+    def no_certificate(option, data, what="certificate"):
+        if _PEM_ANY_CERTIFICATE.search(data):
+            return damaged(option)
+        hint = " (it looks like DER: convert it with openssl x509 -inform der)" if (
+            data[:1] == b"\x30") else ""
+        return error("%s: no PEM %s in the file%s" % (option, what, hint))
+
+    def damaged(option):  # OpenSSL only says 'PEM lib' or 'no start line'
+        return error("%s: a certificate in the file is damaged (cut short, or not valid "
+                     "base64 or DER)" % option)
+
+    def words(exc):  # '[X509: KEY_VALUES_MISMATCH] key values mismatch (_ssl.c:3926)'
+        return re.sub(r"^\[[^]]*\] | \(_ssl\.c:\d+\)$", "", str(exc))
+
+    if ca_file:
+        option = "--ca-file %r" % ca_file
+        data = read(option, ca_file)
+        if not _PEM_ANY_CERTIFICATE.search(data):
+            raise no_certificate(option, data, "CA certificate")
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except ssl.SSLError:
+            raise damaged(option)
+        except OSError as exc:  # the file went away under us
+            raise error("%s: %s" % (option, describe_error(exc)))
+    if not cert_file:
+        return
+    data = read(cert_option, cert_file)
+    blocks = _PEM_CERTIFICATE.findall(data)
+    if not blocks:
+        raise no_certificate(cert_option, data)
+    try:  # a throwaway store, to tell a damaged certificate from a damaged key
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(
+            cadata=b"\n".join(blocks).decode("ascii"))
+    except (ssl.SSLError, ValueError):
+        raise damaged(cert_option)
+    key_data = read(key_option, key_file) if key_file else data
+    if not _PEM_PRIVATE_KEY.search(key_data):
+        raise error("%s: no private key in the file%s" % (key_option, "" if key_file else
+                    " (give the key with --tls-key)"))
+    encrypted = error("%s: the private key is encrypted; give it without a passphrase "
+                      "(openssl pkey -in KEY -out PLAIN_KEY)" % key_option)
+    if _PEM_ENCRYPTED_KEY.search(key_data):
+        raise encrypted
+
+    def no_passphrase():  # never let OpenSSL ask on the terminal (SIGHUP in a service)
+        raise encrypted
+
+    try:
+        context.load_cert_chain(cert_file, key_file, password=no_passphrase)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise error("%s does not match the certificate in %s" % (key_option, cert_option))
+        if exc.reason in ("EE_KEY_TOO_SMALL", "CA_KEY_TOO_SMALL", "CA_MD_TOO_WEAK"):
+            raise error("%s: OpenSSL refuses it as too weak (%s): use RSA 2048 or more, or "
+                        "EC, signed with SHA-256" % (cert_option, words(exc)))
+        raise error("%s: cannot load the private key (%s)" % (key_option, words(exc) if (
+            exc.reason) else "damaged, or in a format OpenSSL cannot read"))
+    except OSError as exc:  # a file went away under us
+        raise error("%s / %s: %s" % (cert_option, key_option, describe_error(exc)))
+
+
 def client_tls_context(ca_file=None, min_version="1.3"):
     """Verify certificate and host name against the system store (plus `ca_file`); ALPN
     http/1.1 only, since HTTP/2 has no Upgrade. Raises UsageError for a bad CA file."""
     context = ssl.create_default_context()
-    if ca_file:
-        try:
-            context.load_verify_locations(cafile=ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise UsageError("--ca-file %r: %s" % (ca_file, describe_error(exc)))
+    load_tls_files(context, UsageError, ca_file=ca_file)
     context.minimum_version = TLS_VERSIONS[min_version]
     context.set_alpn_protocols(["http/1.1"])
     return context
@@ -1395,13 +1480,9 @@ def client_tls_context(ca_file=None, min_version="1.3"):
 
 def server_tls_context(cert_file, key_file):
     """The server's context; `num_tickets = 0` spares the post-handshake ticket traffic.
-    Raises FatalError when the files cannot be loaded."""
+    Raises FatalError, naming the file and the problem, when the files cannot be loaded."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        context.load_cert_chain(cert_file, key_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise FatalError("--tls-cert %r / --tls-key %r: %s"
-                         % (cert_file, key_file, describe_error(exc)))
+    load_tls_files(context, FatalError, cert_file=cert_file, key_file=key_file)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
     context.num_tickets = 0

@@ -1211,6 +1211,90 @@ def test_server_certificate_that_does_not_load_exits_1(tmp_path, certs):
     assert result.returncode == 1 and "--tls-key" in result.stderr
 
 
+@pytest.fixture(scope="session")
+def bad_tls_files(tmp_path_factory, certs):
+    """Files that look like certificates or keys and are not, or do not belong together."""
+    directory = tmp_path_factory.mktemp("bad-tls")
+    openssl = which_or_skip("openssl", "openssl")
+    run = lambda *args: subprocess.run([openssl] + list(args), check=True, capture_output=True,
+                                       timeout=60)
+    paths = {"other": make_certificates(directory, name="other", ca=certs)}
+    for name, text in [("empty", ""), ("text", "not a certificate\n")]:
+        paths[name] = str(directory / name)
+        with open(paths[name], "w") as f:
+            f.write(text)
+    with open(certs.cert) as f:
+        pem = f.read()
+    paths["cut"] = str(directory / "cut.pem")
+    with open(paths["cut"], "w") as f:
+        f.write(pem[:len(pem) // 2])
+    paths["garbled"] = str(directory / "garbled.pem")
+    with open(paths["garbled"], "w") as f:
+        lines = pem.splitlines()
+        f.write("\n".join(lines[:2] + ["!!!!" + lines[2][4:]] + lines[3:]) + "\n")
+    paths["der"] = str(directory / "cert.der")
+    run("x509", "-in", certs.cert, "-outform", "der", "-out", paths["der"])
+    paths["encrypted"] = str(directory / "encrypted.key")
+    run("pkey", "-in", certs.key, "-aes256", "-passout", "pass:secret", "-out",
+        paths["encrypted"])
+    return paths
+
+
+@pytest.mark.parametrize("cert,key,text", [
+    ("/etc/passwd", "key", "--tls-cert '/etc/passwd': no PEM certificate in the file"),
+    ("empty", "key", "--tls-cert '{empty}': no PEM certificate in the file"),
+    ("der", "key", "--tls-cert '{der}': no PEM certificate in the file (it looks like DER"),
+    ("cut", "key", "--tls-cert '{cut}': a certificate in the file is damaged"),
+    ("garbled", "key", "--tls-cert '{garbled}': a certificate in the file is damaged"),
+    ("{missing}", "key", "--tls-cert '{missing}': no such file or directory"),
+    ("cert", "/etc/passwd", "--tls-key '/etc/passwd': no private key in the file"),
+    ("cert", "cert", "--tls-key '{cert}': no private key in the file"),
+    ("cert", "{missing}", "--tls-key '{missing}': no such file or directory"),
+    ("cert", "/", "--tls-key '/': is a directory"),
+    ("cert", "encrypted", "--tls-key '{encrypted}': the private key is encrypted"),
+    ("cert", "other_key", "--tls-key '{other_key}' does not match the certificate in "
+                          "--tls-cert '{cert}'"),
+])
+def test_tls_files_that_do_not_load_say_which_and_why(tmp_path, certs, bad_tls_files, cert,
+                                                      key, text):
+    paths = dict(bad_tls_files, cert=certs.cert, key=certs.key,
+                 other_key=bad_tls_files["other"].key, missing=str(tmp_path / "missing.pem"))
+    name = lambda value: paths.get(value, value).format(**paths)
+    with pytest.raises(pg.FatalError) as info:
+        pg.server_tls_context(name(cert), name(key))
+    assert str(info.value).startswith(text.format(**paths)), str(info.value)
+
+
+@pytest.mark.parametrize("ca,text", [
+    ("/etc/passwd", "--ca-file '/etc/passwd': no PEM CA certificate in the file"),
+    ("key", "--ca-file '{key}': no PEM CA certificate in the file"),
+    ("der", "--ca-file '{der}': no PEM CA certificate in the file (it looks like DER"),
+    ("garbled", "--ca-file '{garbled}': a certificate in the file is damaged"),
+    ("{missing}", "--ca-file '{missing}': no such file or directory"),
+])
+def test_ca_file_that_does_not_load_says_why(tmp_path, certs, bad_tls_files, ca, text):
+    paths = dict(bad_tls_files, key=certs.key, missing=str(tmp_path / "missing.pem"))
+    with pytest.raises(pg.UsageError) as info:
+        pg.client_tls_context(paths.get(ca, ca).format(**paths))
+    assert str(info.value).startswith(text.format(**paths)), str(info.value)
+
+
+def test_tls_files_that_load(certs):
+    pg.server_tls_context(certs.pem, certs.key)  # chain, CA and key in one file
+    pg.client_tls_context(certs.ca)
+    pg.client_tls_context(certs.pem)  # a key beside the certificates does no harm
+
+
+def test_server_certificate_error_is_one_line_and_exit_1(tmp_path, certs, bad_tls_files,
+                                                        caplog):
+    code = pg.main(["server", "--listen", "127.0.0.1:%d" % free_port(), "--tls-cert", certs.cert,
+                    "--tls-key", bad_tls_files["other"].key])
+    assert code == 1
+    assert [record.getMessage() for record in caplog.records] == [
+        "--tls-key %r does not match the certificate in --tls-cert %r"
+        % (bad_tls_files["other"].key, certs.cert)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Two threads on one TLS connection (tls-and-threads.md): 100 tunnels, thousands of frames
 # each way at once, every byte checked. PROXYGUARD_TEST_NAIVE_TLS=1 swaps in a shared
