@@ -503,6 +503,8 @@ def check_upgrade_response(response):
 def parse_host_port(text, option, default_host=None):
     """Parse `host:port` or `[v6]:port` into (host, port); raise UsageError naming `option`."""
     text = text.strip()
+    if "://" in text:
+        raise UsageError("%s %r: expected HOST:PORT, not a URL" % (option, text))
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
         if not sep:
@@ -533,6 +535,14 @@ def parse_port(text, option, allow_zero=False):
     return port
 
 
+def encode_target(text):
+    """`text` (a URL's path and query) as a valid request target: what HTTP does not allow
+    in one (spaces, controls, non-ASCII as UTF-8, `"<>\\^`{|}`, a `%` without two hex digits)
+    is percent-encoded; %XX escapes and reserved characters stay as written."""
+    text = re.sub(r"%(?![0-9A-Fa-f]{2})", "%25", text)
+    return urllib.parse.quote(text, safe="/?:@!$&'()*+,;=[]%")
+
+
 class ServerURL:
     """The client's `--to` URL: scheme, host, port, the Host header and the request target."""
 
@@ -541,6 +551,9 @@ class ServerURL:
         if "://" not in text:
             raise UsageError("--to %r is not a URL: write http://%s/ (or https://)"
                              % (text, text.strip("/")))
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
+            # urlsplit would drop tabs and line breaks without a word
+            raise UsageError("--to %r: control characters are not allowed in a URL" % text)
         try:
             parts = urllib.parse.urlsplit(text)
             port = parts.port
@@ -553,14 +566,27 @@ class ServerURL:
             raise UsageError("--to %r: the host is missing" % text)
         if parts.username is not None:
             raise UsageError("--to %r: user names in the URL are not supported" % text)
+        if port == 0:
+            raise UsageError("--to %r: port 0 is not a port to connect to (1-65535)" % text)
+        host = parts.hostname
+        # The Host header is the URL's host as written, with its port if one was written.
+        host_header = parts.netloc
+        if not host_header.isascii():  # an international name: its IDNA (xn--) form
+            try:
+                host = host.encode("idna").decode("ascii")
+            except UnicodeError as exc:
+                raise UsageError("--to %r: not a valid host name: %s" % (text, exc))
+            host_header = host + (":%d" % port if port is not None else "")
+        if " " in host_header:
+            raise UsageError("--to %r: a space in the host" % text)
         self.text = text
         self.scheme = parts.scheme
         self.tls = parts.scheme == "https"
-        self.host = parts.hostname
+        self.host = host
         self.port = port or (443 if self.tls else 80)
-        # The Host header is the URL's host as written, with its port if one was written.
-        self.host_header = parts.netloc
-        self.target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        self.host_header = host_header
+        self.target = encode_target((parts.path or "/")
+                                    + ("?" + parts.query if parts.query else ""))
 
     def __str__(self):
         return self.text
@@ -1672,6 +1698,9 @@ class ProxyURL:
             raise UsageError("%s %r: %s" % (option, text, exc))
         if parts.scheme != "http" or not parts.hostname:
             raise UsageError("%s %r: expected http://[user:pass@]host:port" % (option, text))
+        if port == 0:
+            raise UsageError("%s %r: port 0 is not a port to connect to (1-65535)"
+                             % (option, text))
         self.host = parts.hostname
         self.port = port or 3128
         self.credentials = None

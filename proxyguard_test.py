@@ -590,6 +590,45 @@ def test_parse_host_port():
         assert "--to" in str(info.value)
 
 
+@pytest.mark.parametrize("url,target", [
+    ("http://h/a b", "/a%20b"),
+    ("http://h/%41%zz%/\u00fc?q=a b&x=\"<>`{|}\\^",
+     "/%41%25zz%25/%C3%BC?q=a%20b&x=%22%3C%3E%60%7B%7C%7D%5C%5E"),
+    ("http://h/a;b=c/@:!$&'()*+,;=?[]~-._", "/a;b=c/@:!$&'()*+,;=?[]~-._"),
+    ("http://h?x=1", "/?x=1"),
+])
+def test_server_url_target_is_a_valid_request_target(url, target):
+    """What a request target cannot hold is percent-encoded; %XX and reserved stay."""
+    url = pg.ServerURL(url)
+    assert url.target == target
+    assert re.match(r"^[\x21-\x7e]+$", url.target)
+    request = pg.parse_request(pg.build_upgrade_request(url.host_header, url.target))
+    assert request.start == ("GET", target, "HTTP/1.1")
+    pg.check_upgrade_request(request)
+
+
+def test_server_url_international_host_goes_out_as_idna():
+    url = pg.ServerURL("https://b\u00fccher.example:8443/pg")
+    assert (url.host, url.host_header, url.port) == (
+        "xn--bcher-kva.example", "xn--bcher-kva.example:8443", 8443)
+    pg.parse_request(pg.build_upgrade_request(url.host_header, url.target))
+
+
+@pytest.mark.parametrize("make,text", [
+    (lambda: pg.ServerURL("http://127.0.0.1:0/"), "--to 'http://127.0.0.1:0/': port 0"),
+    (lambda: pg.ServerURL("http://a b/"), "a space in the host"),
+    (lambda: pg.ServerURL("http://h/a\tb"), "control characters"),
+    (lambda: pg.ServerURL("http://h/a\r\nX: 1"), "control characters"),
+    (lambda: pg.ProxyURL("http://proxy:0"), "--proxy 'http://proxy:0': port 0"),
+    (lambda: pg.parse_host_port("http://0.0.0.0:443", "--listen"),
+     "--listen 'http://0.0.0.0:443': expected HOST:PORT, not a URL"),
+])
+def test_urls_and_addresses_that_cannot_work_are_refused(make, text):
+    with pytest.raises(pg.UsageError) as info:
+        make()
+    assert text in str(info.value)
+
+
 def test_forwarded_client_walks_past_trusted_proxies():
     trusted = pg.parse_networks(pg.DEFAULT_TRUSTED_PROXIES, "--trusted-proxies")
     def client(lines, peer="127.0.0.1"):
