@@ -1906,6 +1906,19 @@ MODES = ("client", "server", "check")
 ENV_PREFIX = "PROXYGUARD_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
+# Bounds of the time options, in seconds, with their words for errors and --help. They go
+# into socket timeouts: SO_RCVTIMEO/SO_SNDTIMEO (a timeval) and TCP_USER_TIMEOUT (milliseconds
+# in a 32-bit int, so 24.8 days at most), and Python's own; a day and an hour stay far below.
+TIMEOUT_BOUNDS = {
+    "idle_timeout": (0.001, 86400.0, "0 (never) or 0.001 to 86400 seconds (1 day)"),
+    "connect_timeout": (0.001, 3600.0, "0.001 to 3600 seconds (1 hour)"),
+    "handshake_timeout": (0.001, 3600.0, "0.001 to 3600 seconds (1 hour)"),
+}
+# Two threads per tunnel: far beyond what a system's thread limit allows.
+MAX_CLIENTS_BOUND = 100000
+# setsockopt passes an int option as a C int: a mark must fit in 31 bits.
+MAX_FWMARK = 0x7FFFFFFF
+
 _ParserBase = configargparse.ArgumentParser if configargparse else argparse.ArgumentParser
 
 
@@ -1914,6 +1927,17 @@ class OptionParser(_ParserBase):
 
     def error(self, message):
         raise UsageError(message)
+
+
+def fwmark_value(text):
+    """--fwmark: decimal, or hexadecimal as `wg` shows it (0xca6c)."""
+    text = text.strip()
+    for base in (10, 0):
+        try:
+            return int(text, base)
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError("%r: not a number (decimal, or hex as 0xca6c)" % text)
 
 
 def build_parser():
@@ -1951,15 +1975,15 @@ def build_parser():
              "(default %(default)s)")
     add("--peer-ips", default="", metavar="IP,IP",
         help="client: the server's IP addresses, tried in order; skips DNS")
-    add("--fwmark", type=int, default=-1, metavar="MARK",
-        help="client: Linux SO_MARK on the TCP socket, so it bypasses the VPN route; needs "
-             "CAP_NET_ADMIN (default -1, off)")
+    add("--fwmark", type=fwmark_value, default=-1, metavar="MARK",
+        help="client: Linux SO_MARK on the TCP socket, so it bypasses the VPN route, 0 to "
+             "0x7fffffff, decimal or hex; needs CAP_NET_ADMIN (default -1, off)")
     add("--tcp-port", type=int, default=0, metavar="PORT",
         help="client: TCP source port (default 0, any)")
     add("--user-agent", default=DEFAULT_USER_AGENT, help="client: User-Agent header "
         "(default %(default)s)")
     add("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT, metavar="SECONDS",
-        help="client: TCP connect plus TLS and upgrade (default %(default)g)")
+        help="client: TCP connect plus TLS and upgrade, at most 3600 (default %(default)g)")
     add("--proxy", metavar="URL", help="client: reach the server through this HTTP proxy "
         "with CONNECT, http://[user:pass@]host:port; 'none' ignores HTTPS_PROXY/HTTP_PROXY "
         "(default: those variables, honouring NO_PROXY)")
@@ -1970,16 +1994,16 @@ def build_parser():
         "(reloaded on SIGHUP)")
     add("--tls-key", metavar="PEM", help="server: the private key for --tls-cert")
     add("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT, metavar="SECONDS",
-        help="close a tunnel after this long without data either way; 0 = never "
-             "(default %(default)g)")
+        help="close a tunnel after this long without data either way, at most 86400; "
+             "0 = never (default %(default)g)")
     add("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS, metavar="N",
-        help="server: open tunnels at most; the next client gets 503 (default %(default)s, "
-             "0 = no limit)")
+        help="server: open tunnels at most (up to %d); the next client gets 503 (default "
+             "%%(default)s, 0 = no limit)" % MAX_CLIENTS_BOUND)
     add("--trusted-proxies", default=DEFAULT_TRUSTED_PROXIES, metavar="NETS",
         help="server: reverse proxies whose X-Forwarded-For/Forwarded name the real client in "
              "logs (default %(default)s; '' trusts none)")
     add("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT, metavar="SECONDS",
-        help="server: time a new connection has for TLS and its request head "
+        help="server: time a new connection has for TLS and its request head, at most 3600 "
              "(default %(default)g)")
     add("--log-level", choices=LOG_LEVELS, default="info", help="(default %(default)s)")
     add("--version", action="version", version="proxyguard.py %s (%s)"
@@ -2036,18 +2060,22 @@ def check_options(options):
     if options.mode is None:
         raise UsageError("--mode is required: client, server or check (or 'mode = client' in "
                          "the config file)")
-    for name in ("idle_timeout", "connect_timeout", "handshake_timeout"):
-        value = getattr(options, name)
-        if not value >= 0 or (value == 0 and name != "idle_timeout"):
-            raise UsageError("--%s %r: must be a positive number of seconds"
-                             % (name.replace("_", "-"), value))
+    for name, (low, high, words) in TIMEOUT_BOUNDS.items():
+        value = getattr(options, name)  # inf and nan fail both comparisons
+        if not (low <= value <= high or (value == 0 and name == "idle_timeout")):
+            shown = repr(value)[:-2] if repr(value).endswith(".0") else repr(value)
+            raise UsageError("--%s %s: must be %s" % (name.replace("_", "-"), shown, words))
     if options.mode == "server":
         options.listen = parse_host_port(options.listen, "--listen", default_host="0.0.0.0")
-        options.to = parse_host_port(options.to or DEFAULT_SERVER_TO, "--to")
+        to = options.to or DEFAULT_SERVER_TO
+        if "://" in to:
+            raise UsageError("--to %r: the server's --to is WireGuard's HOST:PORT, for example "
+                             "%s, not a URL (a URL is the client's --to)" % (to, DEFAULT_SERVER_TO))
+        options.to = parse_host_port(to, "--to")
         options.trusted_proxies = parse_networks(options.trusted_proxies, "--trusted-proxies")
-        if options.max_clients < 0:
-            raise UsageError("--max-clients %r: must be 0 (no limit) or more"
-                             % options.max_clients)
+        if not 0 <= options.max_clients <= MAX_CLIENTS_BOUND:
+            raise UsageError("--max-clients %r: must be 0 (no limit) or up to %d"
+                             % (options.max_clients, MAX_CLIENTS_BOUND))
         if bool(options.tls_cert) != bool(options.tls_key):
             raise UsageError("--tls-cert and --tls-key go together")
         return
@@ -2058,15 +2086,36 @@ def check_options(options):
     options.listen_port = parse_port(options.listen_port, "--listen-port")
     options.forward_port = parse_port(options.forward_port, "--forward-port")
     options.tcp_port = parse_port(options.tcp_port, "--tcp-port", allow_zero=True)
-    if not -1 <= options.fwmark <= 0xFFFFFFFF:
-        raise UsageError("--fwmark %r: must be -1 (off) or 0-4294967295" % options.fwmark)
+    if options.mode == "client" and options.listen_port == options.forward_port:
+        raise UsageError("--listen-port %d and --forward-port %d are one port: the client would "
+                         "send WireGuard's traffic back to itself (--listen-port is WireGuard's "
+                         "Endpoint, --forward-port its ListenPort)"
+                         % (options.listen_port, options.forward_port))
+    if not (options.fwmark == -1 or 0 <= options.fwmark <= MAX_FWMARK):
+        raise UsageError("--fwmark %r: must be -1 (off) or 0 to %d (0x%x)"
+                         % (options.fwmark, MAX_FWMARK, MAX_FWMARK))
+    check_header_value(options.user_agent, "--user-agent")
     ips = [ip.strip() for ip in options.peer_ips.split(",") if ip.strip()]
     for ip in ips:
-        try:
-            socket.getaddrinfo(ip, None, flags=socket.AI_NUMERICHOST)
-        except socket.gaierror:
+        try:  # strict: getaddrinfo would read 1.2.3 as 1.2.0.3
+            ipaddress.ip_address(ip)
+        except ValueError:
             raise UsageError("--peer-ips: %r is not an IP address" % ip)
     options.peer_ips = ips
+
+
+def check_header_value(text, option):
+    """Refuse what cannot go into an HTTP header as written: control characters (a line
+    break would inject headers) and characters beyond latin-1. Raises UsageError."""
+    bad = next((ch for ch in text if ord(ch) < 32 or 127 <= ord(ch) < 160), None)
+    if bad is not None:
+        raise UsageError("%s %r: control character %r not allowed in an HTTP header"
+                         % (option, text, bad))
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        raise UsageError("%s %r: only ASCII or latin-1 characters can go into an HTTP header"
+                         % (option, text))
 
 
 def build_service(options):

@@ -974,6 +974,13 @@ def test_example_config_file_is_valid():
     (["server", "--tls-cert", "x.pem"], "--tls-cert and --tls-key"),
     (["sever"], "unrecognized arguments: sever"),
     (["-c", "/nonexistent.conf"], "/nonexistent.conf"),
+    (["client", "--to", "http://x/", "--idle-timeout", "inf"], "--idle-timeout inf: must be"),
+    (["client", "--to", "http://x/", "--user-agent", "a\r\nX-Injected: 1"],
+     "--user-agent 'a\\r\\nX-Injected: 1': control character"),
+    (["server", "--to", "http://127.0.0.1:5000"], "--to 'http://127.0.0.1:5000': the server's "
+                                                  "--to is WireGuard's HOST:PORT"),
+    (["client", "--to", "https://x/", "--ca-file", "/etc/passwd"],
+     "--ca-file '/etc/passwd': no PEM CA certificate in the file"),
 ])
 def test_bad_values_exit_2_with_one_clear_line(args, text):
     result = run_cli(*args)
@@ -986,6 +993,74 @@ def test_bad_values_exit_2_with_one_clear_line(args, text):
 def test_bad_environment_value_names_the_variable():
     result = run_cli("server", env={"PROXYGUARD_IDLE_TIMEOUT": "soon"})
     assert result.returncode == 2 and "idle-timeout" in result.stderr
+
+
+CLIENT = ["client", "--to", "http://x/"]
+
+
+@pytest.mark.parametrize("args,text", [
+    # timeouts: they go into socket timeouts (OverflowError at the first datagram before)
+    (CLIENT + ["--idle-timeout", "inf"], "--idle-timeout inf: must be 0 (never) or 0.001 to "
+                                         "86400 seconds (1 day)"),
+    (CLIENT + ["--idle-timeout", "1e20"], "--idle-timeout 1e+20: must be"),
+    (CLIENT + ["--idle-timeout", "nan"], "--idle-timeout nan: must be"),
+    (CLIENT + ["--idle-timeout", "86401"], "--idle-timeout 86401: must be"),
+    (CLIENT + ["--idle-timeout", "0.0001"], "--idle-timeout 0.0001: must be"),  # 0 ms: never
+    (CLIENT + ["--connect-timeout", "inf"], "--connect-timeout inf: must be 0.001 to 3600 "
+                                            "seconds (1 hour)"),
+    (["check", "--to", "http://x/", "--connect-timeout", "1e10"],
+     "--connect-timeout 10000000000: must"),
+    (["server", "--handshake-timeout", "inf"], "--handshake-timeout inf: must be"),
+    (["server", "--handshake-timeout", "3601"], "--handshake-timeout 3601: must be"),
+    # the client would feed its own replies back to itself
+    (CLIENT + ["--listen-port", "51820"], "--listen-port 51820 and --forward-port 51820 are "
+                                          "one port"),
+    # header injection, or a UnicodeEncodeError at the first connect
+    (CLIENT + ["--user-agent", "a\r\nX-Injected: 1"], "--user-agent 'a\\r\\nX-Injected: 1': "
+                                                     "control character '\\r'"),
+    (CLIENT + ["--user-agent", "a\x00b"], "control character '\\x00'"),
+    (CLIENT + ["--user-agent", "a\x85b"], "control character '\\x85'"),
+    (CLIENT + ["--user-agent", "\u043a\u043e\u0442"], "only ASCII or latin-1 characters"),
+    (["client", "--to", "http://127.0.0.1:0/"], "--to 'http://127.0.0.1:0/': port 0"),
+    # getaddrinfo reads 1.2.3 as 1.2.0.3
+    (CLIENT + ["--peer-ips", "1.2.3"], "--peer-ips: '1.2.3' is not an IP address"),
+    (CLIENT + ["--peer-ips", "192.0.2.1,0x7f.1"], "--peer-ips: '0x7f.1' is not an IP address"),
+    # the server's --to is not a URL: no IPv6 hint
+    (["server", "--to", "http://127.0.0.1:5000"], "--to 'http://127.0.0.1:5000': the server's "
+                                                  "--to is WireGuard's HOST:PORT, for example "
+                                                  "127.0.0.1:51820, not a URL"),
+    (["server", "--listen", "https://0.0.0.0:443"], "--listen 'https://0.0.0.0:443': expected "
+                                                    "HOST:PORT, not a URL"),
+    (["server", "--max-clients", "100001"], "--max-clients 100001: must be 0 (no limit) or up "
+                                            "to 100000"),
+    # setsockopt takes a C int: 2**31 and more died with a TypeError at start
+    (CLIENT + ["--fwmark", "4294967295"], "--fwmark 4294967295: must be -1 (off) or 0 to "
+                                          "2147483647"),
+    (CLIENT + ["--fwmark", "0x80000000"], "--fwmark 2147483648: must be"),
+    (CLIENT + ["--fwmark", "mark"], "argument --fwmark: 'mark': not a number"),
+])
+def test_values_that_would_fail_later_are_refused_at_start(args, text):
+    with pytest.raises(pg.UsageError) as info:
+        pg.parse_options(args, environ={})
+    assert text in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_values_at_the_edges_are_accepted():
+    options = pg.parse_options(CLIENT + [
+        "--idle-timeout", "0", "--connect-timeout", "3600", "--fwmark", "0xca6c",
+        "--listen-port", "1", "--forward-port", "65535",
+        "--peer-ips", "192.0.2.1, 2001:db8::1", "--user-agent", "Mozilla/5.0 (caf\u00e9)"],
+        environ={})
+    assert (options.idle_timeout, options.connect_timeout, options.fwmark) == (0, 3600, 51820)
+    assert options.peer_ips == ["192.0.2.1", "2001:db8::1"]
+    assert pg.parse_options(CLIENT + ["--fwmark", "2147483647"], environ={}).fwmark == 2**31 - 1
+    assert pg.parse_options(["check", "--to", "http://x/", "--listen-port", "51820"],
+                            environ={}).mode == "check"  # check listens on no UDP port
+    options = pg.parse_options(["server", "--idle-timeout", "86400", "--handshake-timeout",
+                                "0.5", "--max-clients", "100000"], environ={})
+    assert (options.idle_timeout, options.handshake_timeout, options.max_clients) == (
+        86400, 0.5, 100000)
 
 
 def test_port_taken_exits_1_and_sigterm_exits_0(tmp_path, echo, procs):
