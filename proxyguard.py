@@ -557,6 +557,8 @@ def parse_retry_after(value):
 def parse_host_port(text, option, default_host=None):
     """Parse `host:port` or `[v6]:port` into (host, port); raise UsageError naming `option`."""
     text = text.strip()
+    if "://" in text:
+        raise UsageError("%s %r: expected HOST:PORT, not a URL" % (option, text))
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
         if not sep:
@@ -587,6 +589,14 @@ def parse_port(text, option, allow_zero=False):
     return port
 
 
+def encode_target(text):
+    """`text` (a URL's path and query) as a valid request target: what HTTP does not allow
+    in one (spaces, controls, non-ASCII as UTF-8, `"<>\\^`{|}`, a `%` without two hex digits)
+    is percent-encoded; %XX escapes and reserved characters stay as written."""
+    text = re.sub(r"%(?![0-9A-Fa-f]{2})", "%25", text)
+    return urllib.parse.quote(text, safe="/?:@!$&'()*+,;=[]%")
+
+
 class ServerURL:
     """The client's `--to` URL: scheme, host, port, the Host header and the request target."""
 
@@ -595,6 +605,9 @@ class ServerURL:
         if "://" not in text:
             raise UsageError("--to %r is not a URL: write http://%s/ (or https://)"
                              % (text, text.strip("/")))
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
+            # urlsplit would drop tabs and line breaks without a word
+            raise UsageError("--to %r: control characters are not allowed in a URL" % text)
         try:
             parts = urllib.parse.urlsplit(text)
             port = parts.port
@@ -607,14 +620,27 @@ class ServerURL:
             raise UsageError("--to %r: the host is missing" % text)
         if parts.username is not None:
             raise UsageError("--to %r: user names in the URL are not supported" % text)
+        if port == 0:
+            raise UsageError("--to %r: port 0 is not a port to connect to (1-65535)" % text)
+        host = parts.hostname
+        # The Host header is the URL's host as written, with its port if one was written.
+        host_header = parts.netloc
+        if not host_header.isascii():  # an international name: its IDNA (xn--) form
+            try:
+                host = host.encode("idna").decode("ascii")
+            except UnicodeError as exc:
+                raise UsageError("--to %r: not a valid host name: %s" % (text, exc))
+            host_header = host + (":%d" % port if port is not None else "")
+        if " " in host_header:
+            raise UsageError("--to %r: a space in the host" % text)
         self.text = text
         self.scheme = parts.scheme
         self.tls = parts.scheme == "https"
-        self.host = parts.hostname
+        self.host = host
         self.port = port or (443 if self.tls else 80)
-        # The Host header is the URL's host as written, with its port if one was written.
-        self.host_header = parts.netloc
-        self.target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        self.host_header = host_header
+        self.target = encode_target((parts.path or "/")
+                                    + ("?" + parts.query if parts.query else ""))
 
     def __str__(self):
         return self.text
@@ -1576,15 +1602,100 @@ def resolve_udp(address, option):
 # =============================================================================================
 
 
+# The most a certificate, key or CA file may hold (the system CA bundle is about 200 KiB).
+MAX_PEM_FILE_BYTES = 10 * 1024 * 1024
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+_PEM_ANY_CERTIFICATE = re.compile(rb"-----BEGIN (TRUSTED |X509 )?CERTIFICATE-----")
+_PEM_PRIVATE_KEY = re.compile(rb"-----BEGIN ([A-Z0-9]+ )?PRIVATE KEY-----")
+_PEM_ENCRYPTED_KEY = re.compile(rb"-----BEGIN ENCRYPTED PRIVATE KEY-----|Proc-Type: *4, *ENCRYPTED")
+
+
+def load_tls_files(context, error, cert_file=None, key_file=None, ca_file=None):
+    """Load `cert_file` and `key_file` (the key may be in `cert_file`), or the CA certificates
+    in `ca_file`, into `context`. Checks step by step, so that a failure raises `error`
+    (UsageError or FatalError) with one line naming the option, the file and the problem,
+    not OpenSSL's 'PEM lib'."""
+    cert_option = "--tls-cert %r" % cert_file
+    key_option = "--tls-key %r" % key_file if key_file else cert_option
+
+    def read(option, path):
+        try:
+            with open(path, "rb") as stream:
+                data = stream.read(MAX_PEM_FILE_BYTES + 1)
+        except OSError as exc:
+            raise error("%s: %s" % (option, describe_error(exc)))
+        if len(data) > MAX_PEM_FILE_BYTES:
+            raise error("%s: over %d MiB, not a PEM file"
+                        % (option, MAX_PEM_FILE_BYTES // (1024 * 1024)))
+        return data
+
+    def no_certificate(option, data, what="certificate"):
+        if _PEM_ANY_CERTIFICATE.search(data):
+            return damaged(option)
+        hint = " (it looks like DER: convert it with openssl x509 -inform der)" if (
+            data[:1] == b"\x30") else ""
+        return error("%s: no PEM %s in the file%s" % (option, what, hint))
+
+    def damaged(option):  # OpenSSL only says 'PEM lib' or 'no start line'
+        return error("%s: a certificate in the file is damaged (cut short, or not valid "
+                     "base64 or DER)" % option)
+
+    def words(exc):  # '[X509: KEY_VALUES_MISMATCH] key values mismatch (_ssl.c:3926)'
+        return re.sub(r"^\[[^]]*\] | \(_ssl\.c:\d+\)$", "", str(exc))
+
+    if ca_file:
+        option = "--ca-file %r" % ca_file
+        data = read(option, ca_file)
+        if not _PEM_ANY_CERTIFICATE.search(data):
+            raise no_certificate(option, data, "CA certificate")
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except ssl.SSLError:
+            raise damaged(option)
+        except OSError as exc:  # the file went away under us
+            raise error("%s: %s" % (option, describe_error(exc)))
+    if not cert_file:
+        return
+    data = read(cert_option, cert_file)
+    blocks = _PEM_CERTIFICATE.findall(data)
+    if not blocks:
+        raise no_certificate(cert_option, data)
+    try:  # a throwaway store, to tell a damaged certificate from a damaged key
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(
+            cadata=b"\n".join(blocks).decode("ascii"))
+    except (ssl.SSLError, ValueError):
+        raise damaged(cert_option)
+    key_data = read(key_option, key_file) if key_file else data
+    if not _PEM_PRIVATE_KEY.search(key_data):
+        raise error("%s: no private key in the file%s" % (key_option, "" if key_file else
+                    " (give the key with --tls-key)"))
+    encrypted = error("%s: the private key is encrypted; give it without a passphrase "
+                      "(openssl pkey -in KEY -out PLAIN_KEY)" % key_option)
+    if _PEM_ENCRYPTED_KEY.search(key_data):
+        raise encrypted
+
+    def no_passphrase():  # never let OpenSSL ask on the terminal (SIGHUP in a service)
+        raise encrypted
+
+    try:
+        context.load_cert_chain(cert_file, key_file, password=no_passphrase)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise error("%s does not match the certificate in %s" % (key_option, cert_option))
+        if exc.reason in ("EE_KEY_TOO_SMALL", "CA_KEY_TOO_SMALL", "CA_MD_TOO_WEAK"):
+            raise error("%s: OpenSSL refuses it as too weak (%s): use RSA 2048 or more, or "
+                        "EC, signed with SHA-256" % (cert_option, words(exc)))
+        raise error("%s: cannot load the private key (%s)" % (key_option, words(exc) if (
+            exc.reason) else "damaged, or in a format OpenSSL cannot read"))
+    except OSError as exc:  # a file went away under us
+        raise error("%s / %s: %s" % (cert_option, key_option, describe_error(exc)))
+
+
 def client_tls_context(ca_file=None, min_version="1.3"):
     """Verify certificate and host name against the system store (plus `ca_file`); ALPN
     http/1.1 only, since HTTP/2 has no Upgrade. Raises UsageError for a bad CA file."""
     context = ssl.create_default_context()
-    if ca_file:
-        try:
-            context.load_verify_locations(cafile=ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise UsageError("--ca-file %r: %s" % (ca_file, describe_error(exc)))
+    load_tls_files(context, UsageError, ca_file=ca_file)
     context.minimum_version = TLS_VERSIONS[min_version]
     context.set_alpn_protocols(["http/1.1"])
     return context
@@ -1592,13 +1703,9 @@ def client_tls_context(ca_file=None, min_version="1.3"):
 
 def server_tls_context(cert_file, key_file):
     """The server's context; `num_tickets = 0` spares the post-handshake ticket traffic.
-    Raises FatalError when the files cannot be loaded."""
+    Raises FatalError, naming the file and the problem, when the files cannot be loaded."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        context.load_cert_chain(cert_file, key_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise FatalError("--tls-cert %r / --tls-key %r: %s"
-                         % (cert_file, key_file, describe_error(exc)))
+    load_tls_files(context, FatalError, cert_file=cert_file, key_file=key_file)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
     context.num_tickets = 0
@@ -1796,6 +1903,9 @@ class ProxyURL:
             raise UsageError("%s %r: %s" % (option, text, exc))
         if parts.scheme != "http" or not parts.hostname:
             raise UsageError("%s %r: expected http://[user:pass@]host:port" % (option, text))
+        if port == 0:
+            raise UsageError("%s %r: port 0 is not a port to connect to (1-65535)"
+                             % (option, text))
         self.host = parts.hostname
         self.port = port or 3128
         self.credentials = None
@@ -2006,6 +2116,19 @@ MODES = ("client", "server", "check")
 ENV_PREFIX = "PROXYGUARD_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
+# Bounds of the time options, in seconds, with their words for errors and --help. They go
+# into socket timeouts: SO_RCVTIMEO/SO_SNDTIMEO (a timeval) and TCP_USER_TIMEOUT (milliseconds
+# in a 32-bit int, so 24.8 days at most), and Python's own; a day and an hour stay far below.
+TIMEOUT_BOUNDS = {
+    "idle_timeout": (0.001, 86400.0, "0 (never) or 0.001 to 86400 seconds (1 day)"),
+    "connect_timeout": (0.001, 3600.0, "0.001 to 3600 seconds (1 hour)"),
+    "handshake_timeout": (0.001, 3600.0, "0.001 to 3600 seconds (1 hour)"),
+}
+# Two threads per tunnel: far beyond what a system's thread limit allows.
+MAX_CLIENTS_BOUND = 100000
+# setsockopt passes an int option as a C int: a mark must fit in 31 bits.
+MAX_FWMARK = 0x7FFFFFFF
+
 _ParserBase = configargparse.ArgumentParser if configargparse else argparse.ArgumentParser
 
 
@@ -2014,6 +2137,17 @@ class OptionParser(_ParserBase):
 
     def error(self, message):
         raise UsageError(message)
+
+
+def fwmark_value(text):
+    """--fwmark: decimal, or hexadecimal as `wg` shows it (0xca6c)."""
+    text = text.strip()
+    for base in (10, 0):
+        try:
+            return int(text, base)
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError("%r: not a number (decimal, or hex as 0xca6c)" % text)
 
 
 def build_parser():
@@ -2051,15 +2185,15 @@ def build_parser():
              "(default %(default)s)")
     add("--peer-ips", default="", metavar="IP,IP",
         help="client: the server's IP addresses, tried in order; skips DNS")
-    add("--fwmark", type=int, default=-1, metavar="MARK",
-        help="client: Linux SO_MARK on the TCP socket, so it bypasses the VPN route; needs "
-             "CAP_NET_ADMIN (default -1, off)")
+    add("--fwmark", type=fwmark_value, default=-1, metavar="MARK",
+        help="client: Linux SO_MARK on the TCP socket, so it bypasses the VPN route, 0 to "
+             "0x7fffffff, decimal or hex; needs CAP_NET_ADMIN (default -1, off)")
     add("--tcp-port", type=int, default=0, metavar="PORT",
         help="client: TCP source port (default 0, any)")
     add("--user-agent", default=DEFAULT_USER_AGENT, help="client: User-Agent header "
         "(default %(default)s)")
     add("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT, metavar="SECONDS",
-        help="client: TCP connect plus TLS and upgrade (default %(default)g)")
+        help="client: TCP connect plus TLS and upgrade, at most 3600 (default %(default)g)")
     add("--proxy", metavar="URL", help="client: reach the server through this HTTP proxy "
         "with CONNECT, http://[user:pass@]host:port; 'none' ignores HTTPS_PROXY/HTTP_PROXY "
         "(default: those variables, honouring NO_PROXY)")
@@ -2070,16 +2204,16 @@ def build_parser():
         "(reloaded on SIGHUP)")
     add("--tls-key", metavar="PEM", help="server: the private key for --tls-cert")
     add("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT, metavar="SECONDS",
-        help="close a tunnel after this long without data either way; 0 = never "
-             "(default %(default)g)")
+        help="close a tunnel after this long without data either way, at most 86400; "
+             "0 = never (default %(default)g)")
     add("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS, metavar="N",
-        help="server: open tunnels at most; the next client gets 503 (default %(default)s, "
-             "0 = no limit)")
+        help="server: open tunnels at most (up to %d); the next client gets 503 (default "
+             "%%(default)s, 0 = no limit)" % MAX_CLIENTS_BOUND)
     add("--trusted-proxies", default=DEFAULT_TRUSTED_PROXIES, metavar="NETS",
         help="server: reverse proxies whose X-Forwarded-For/Forwarded name the real client in "
              "logs (default %(default)s; '' trusts none)")
     add("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT, metavar="SECONDS",
-        help="server: time a new connection has for TLS and its request head "
+        help="server: time a new connection has for TLS and its request head, at most 3600 "
              "(default %(default)g)")
     add("--log-level", choices=LOG_LEVELS, default="info", help="(default %(default)s)")
     add("--version", action="version", version="proxyguard.py %s (%s)"
@@ -2136,18 +2270,22 @@ def check_options(options):
     if options.mode is None:
         raise UsageError("--mode is required: client, server or check (or 'mode = client' in "
                          "the config file)")
-    for name in ("idle_timeout", "connect_timeout", "handshake_timeout"):
-        value = getattr(options, name)
-        if not value >= 0 or (value == 0 and name != "idle_timeout"):
-            raise UsageError("--%s %r: must be a positive number of seconds"
-                             % (name.replace("_", "-"), value))
+    for name, (low, high, words) in TIMEOUT_BOUNDS.items():
+        value = getattr(options, name)  # inf and nan fail both comparisons
+        if not (low <= value <= high or (value == 0 and name == "idle_timeout")):
+            shown = repr(value)[:-2] if repr(value).endswith(".0") else repr(value)
+            raise UsageError("--%s %s: must be %s" % (name.replace("_", "-"), shown, words))
     if options.mode == "server":
         options.listen = parse_host_port(options.listen, "--listen", default_host="0.0.0.0")
-        options.to = parse_host_port(options.to or DEFAULT_SERVER_TO, "--to")
+        to = options.to or DEFAULT_SERVER_TO
+        if "://" in to:
+            raise UsageError("--to %r: the server's --to is WireGuard's HOST:PORT, for example "
+                             "%s, not a URL (a URL is the client's --to)" % (to, DEFAULT_SERVER_TO))
+        options.to = parse_host_port(to, "--to")
         options.trusted_proxies = parse_networks(options.trusted_proxies, "--trusted-proxies")
-        if options.max_clients < 0:
-            raise UsageError("--max-clients %r: must be 0 (no limit) or more"
-                             % options.max_clients)
+        if not 0 <= options.max_clients <= MAX_CLIENTS_BOUND:
+            raise UsageError("--max-clients %r: must be 0 (no limit) or up to %d"
+                             % (options.max_clients, MAX_CLIENTS_BOUND))
         if bool(options.tls_cert) != bool(options.tls_key):
             raise UsageError("--tls-cert and --tls-key go together")
         return
@@ -2158,15 +2296,36 @@ def check_options(options):
     options.listen_port = parse_port(options.listen_port, "--listen-port")
     options.forward_port = parse_port(options.forward_port, "--forward-port")
     options.tcp_port = parse_port(options.tcp_port, "--tcp-port", allow_zero=True)
-    if not -1 <= options.fwmark <= 0xFFFFFFFF:
-        raise UsageError("--fwmark %r: must be -1 (off) or 0-4294967295" % options.fwmark)
+    if options.mode == "client" and options.listen_port == options.forward_port:
+        raise UsageError("--listen-port %d and --forward-port %d are one port: the client would "
+                         "send WireGuard's traffic back to itself (--listen-port is WireGuard's "
+                         "Endpoint, --forward-port its ListenPort)"
+                         % (options.listen_port, options.forward_port))
+    if not (options.fwmark == -1 or 0 <= options.fwmark <= MAX_FWMARK):
+        raise UsageError("--fwmark %r: must be -1 (off) or 0 to %d (0x%x)"
+                         % (options.fwmark, MAX_FWMARK, MAX_FWMARK))
+    check_header_value(options.user_agent, "--user-agent")
     ips = [ip.strip() for ip in options.peer_ips.split(",") if ip.strip()]
     for ip in ips:
-        try:
-            socket.getaddrinfo(ip, None, flags=socket.AI_NUMERICHOST)
-        except socket.gaierror:
+        try:  # strict: getaddrinfo would read 1.2.3 as 1.2.0.3
+            ipaddress.ip_address(ip)
+        except ValueError:
             raise UsageError("--peer-ips: %r is not an IP address" % ip)
     options.peer_ips = ips
+
+
+def check_header_value(text, option):
+    """Refuse what cannot go into an HTTP header as written: control characters (a line
+    break would inject headers) and characters beyond latin-1. Raises UsageError."""
+    bad = next((ch for ch in text if ord(ch) < 32 or 127 <= ord(ch) < 160), None)
+    if bad is not None:
+        raise UsageError("%s %r: control character %r not allowed in an HTTP header"
+                         % (option, text, bad))
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        raise UsageError("%s %r: only ASCII or latin-1 characters can go into an HTTP header"
+                         % (option, text))
 
 
 def build_service(options):

@@ -592,6 +592,45 @@ def test_parse_host_port():
         assert "--to" in str(info.value)
 
 
+@pytest.mark.parametrize("url,target", [
+    ("http://h/a b", "/a%20b"),
+    ("http://h/%41%zz%/\u00fc?q=a b&x=\"<>`{|}\\^",
+     "/%41%25zz%25/%C3%BC?q=a%20b&x=%22%3C%3E%60%7B%7C%7D%5C%5E"),
+    ("http://h/a;b=c/@:!$&'()*+,;=?[]~-._", "/a;b=c/@:!$&'()*+,;=?[]~-._"),
+    ("http://h?x=1", "/?x=1"),
+])
+def test_server_url_target_is_a_valid_request_target(url, target):
+    """What a request target cannot hold is percent-encoded; %XX and reserved stay."""
+    url = pg.ServerURL(url)
+    assert url.target == target
+    assert re.match(r"^[\x21-\x7e]+$", url.target)
+    request = pg.parse_request(pg.build_upgrade_request(url.host_header, url.target))
+    assert request.start == ("GET", target, "HTTP/1.1")
+    pg.check_upgrade_request(request)
+
+
+def test_server_url_international_host_goes_out_as_idna():
+    url = pg.ServerURL("https://b\u00fccher.example:8443/pg")
+    assert (url.host, url.host_header, url.port) == (
+        "xn--bcher-kva.example", "xn--bcher-kva.example:8443", 8443)
+    pg.parse_request(pg.build_upgrade_request(url.host_header, url.target))
+
+
+@pytest.mark.parametrize("make,text", [
+    (lambda: pg.ServerURL("http://127.0.0.1:0/"), "--to 'http://127.0.0.1:0/': port 0"),
+    (lambda: pg.ServerURL("http://a b/"), "a space in the host"),
+    (lambda: pg.ServerURL("http://h/a\tb"), "control characters"),
+    (lambda: pg.ServerURL("http://h/a\r\nX: 1"), "control characters"),
+    (lambda: pg.ProxyURL("http://proxy:0"), "--proxy 'http://proxy:0': port 0"),
+    (lambda: pg.parse_host_port("http://0.0.0.0:443", "--listen"),
+     "--listen 'http://0.0.0.0:443': expected HOST:PORT, not a URL"),
+])
+def test_urls_and_addresses_that_cannot_work_are_refused(make, text):
+    with pytest.raises(pg.UsageError) as info:
+        make()
+    assert text in str(info.value)
+
+
 def test_forwarded_client_walks_past_trusted_proxies():
     trusted = pg.parse_networks(pg.DEFAULT_TRUSTED_PROXIES, "--trusted-proxies")
     def client(lines, peer="127.0.0.1"):
@@ -1287,6 +1326,13 @@ def test_example_config_file_is_valid():
     (["server", "--tls-cert", "x.pem"], "--tls-cert and --tls-key"),
     (["sever"], "unrecognized arguments: sever"),
     (["-c", "/nonexistent.conf"], "/nonexistent.conf"),
+    (["client", "--to", "http://x/", "--idle-timeout", "inf"], "--idle-timeout inf: must be"),
+    (["client", "--to", "http://x/", "--user-agent", "a\r\nX-Injected: 1"],
+     "--user-agent 'a\\r\\nX-Injected: 1': control character"),
+    (["server", "--to", "http://127.0.0.1:5000"], "--to 'http://127.0.0.1:5000': the server's "
+                                                  "--to is WireGuard's HOST:PORT"),
+    (["client", "--to", "https://x/", "--ca-file", "/etc/passwd"],
+     "--ca-file '/etc/passwd': no PEM CA certificate in the file"),
 ])
 def test_bad_values_exit_2_with_one_clear_line(args, text):
     result = run_cli(*args)
@@ -1299,6 +1345,74 @@ def test_bad_values_exit_2_with_one_clear_line(args, text):
 def test_bad_environment_value_names_the_variable():
     result = run_cli("server", env={"PROXYGUARD_IDLE_TIMEOUT": "soon"})
     assert result.returncode == 2 and "idle-timeout" in result.stderr
+
+
+CLIENT = ["client", "--to", "http://x/"]
+
+
+@pytest.mark.parametrize("args,text", [
+    # timeouts: they go into socket timeouts (OverflowError at the first datagram before)
+    (CLIENT + ["--idle-timeout", "inf"], "--idle-timeout inf: must be 0 (never) or 0.001 to "
+                                         "86400 seconds (1 day)"),
+    (CLIENT + ["--idle-timeout", "1e20"], "--idle-timeout 1e+20: must be"),
+    (CLIENT + ["--idle-timeout", "nan"], "--idle-timeout nan: must be"),
+    (CLIENT + ["--idle-timeout", "86401"], "--idle-timeout 86401: must be"),
+    (CLIENT + ["--idle-timeout", "0.0001"], "--idle-timeout 0.0001: must be"),  # 0 ms: never
+    (CLIENT + ["--connect-timeout", "inf"], "--connect-timeout inf: must be 0.001 to 3600 "
+                                            "seconds (1 hour)"),
+    (["check", "--to", "http://x/", "--connect-timeout", "1e10"],
+     "--connect-timeout 10000000000: must"),
+    (["server", "--handshake-timeout", "inf"], "--handshake-timeout inf: must be"),
+    (["server", "--handshake-timeout", "3601"], "--handshake-timeout 3601: must be"),
+    # the client would feed its own replies back to itself
+    (CLIENT + ["--listen-port", "51820"], "--listen-port 51820 and --forward-port 51820 are "
+                                          "one port"),
+    # header injection, or a UnicodeEncodeError at the first connect
+    (CLIENT + ["--user-agent", "a\r\nX-Injected: 1"], "--user-agent 'a\\r\\nX-Injected: 1': "
+                                                     "control character '\\r'"),
+    (CLIENT + ["--user-agent", "a\x00b"], "control character '\\x00'"),
+    (CLIENT + ["--user-agent", "a\x85b"], "control character '\\x85'"),
+    (CLIENT + ["--user-agent", "\u043a\u043e\u0442"], "only ASCII or latin-1 characters"),
+    (["client", "--to", "http://127.0.0.1:0/"], "--to 'http://127.0.0.1:0/': port 0"),
+    # getaddrinfo reads 1.2.3 as 1.2.0.3
+    (CLIENT + ["--peer-ips", "1.2.3"], "--peer-ips: '1.2.3' is not an IP address"),
+    (CLIENT + ["--peer-ips", "192.0.2.1,0x7f.1"], "--peer-ips: '0x7f.1' is not an IP address"),
+    # the server's --to is not a URL: no IPv6 hint
+    (["server", "--to", "http://127.0.0.1:5000"], "--to 'http://127.0.0.1:5000': the server's "
+                                                  "--to is WireGuard's HOST:PORT, for example "
+                                                  "127.0.0.1:51820, not a URL"),
+    (["server", "--listen", "https://0.0.0.0:443"], "--listen 'https://0.0.0.0:443': expected "
+                                                    "HOST:PORT, not a URL"),
+    (["server", "--max-clients", "100001"], "--max-clients 100001: must be 0 (no limit) or up "
+                                            "to 100000"),
+    # setsockopt takes a C int: 2**31 and more died with a TypeError at start
+    (CLIENT + ["--fwmark", "4294967295"], "--fwmark 4294967295: must be -1 (off) or 0 to "
+                                          "2147483647"),
+    (CLIENT + ["--fwmark", "0x80000000"], "--fwmark 2147483648: must be"),
+    (CLIENT + ["--fwmark", "mark"], "argument --fwmark: 'mark': not a number"),
+])
+def test_values_that_would_fail_later_are_refused_at_start(args, text):
+    with pytest.raises(pg.UsageError) as info:
+        pg.parse_options(args, environ={})
+    assert text in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_values_at_the_edges_are_accepted():
+    options = pg.parse_options(CLIENT + [
+        "--idle-timeout", "0", "--connect-timeout", "3600", "--fwmark", "0xca6c",
+        "--listen-port", "1", "--forward-port", "65535",
+        "--peer-ips", "192.0.2.1, 2001:db8::1", "--user-agent", "Mozilla/5.0 (caf\u00e9)"],
+        environ={})
+    assert (options.idle_timeout, options.connect_timeout, options.fwmark) == (0, 3600, 51820)
+    assert options.peer_ips == ["192.0.2.1", "2001:db8::1"]
+    assert pg.parse_options(CLIENT + ["--fwmark", "2147483647"], environ={}).fwmark == 2**31 - 1
+    assert pg.parse_options(["check", "--to", "http://x/", "--listen-port", "51820"],
+                            environ={}).mode == "check"  # check listens on no UDP port
+    options = pg.parse_options(["server", "--idle-timeout", "86400", "--handshake-timeout",
+                                "0.5", "--max-clients", "100000"], environ={})
+    assert (options.idle_timeout, options.handshake_timeout, options.max_clients) == (
+        86400, 0.5, 100000)
 
 
 def test_port_taken_exits_1_and_sigterm_exits_0(tmp_path, echo, procs):
@@ -1561,6 +1675,90 @@ def test_server_certificate_that_does_not_load_exits_1(tmp_path, certs):
     result = run_cli("server", "--listen", "127.0.0.1:%d" % free_port(),
                      "--tls-cert", certs.cert, "--tls-key", str(tmp_path / "missing.key"))
     assert result.returncode == 1 and "--tls-key" in result.stderr
+
+
+@pytest.fixture(scope="session")
+def bad_tls_files(tmp_path_factory, certs):
+    """Files that look like certificates or keys and are not, or do not belong together."""
+    directory = tmp_path_factory.mktemp("bad-tls")
+    openssl = which_or_skip("openssl", "openssl")
+    run = lambda *args: subprocess.run([openssl] + list(args), check=True, capture_output=True,
+                                       timeout=60)
+    paths = {"other": make_certificates(directory, name="other", ca=certs)}
+    for name, text in [("empty", ""), ("text", "not a certificate\n")]:
+        paths[name] = str(directory / name)
+        with open(paths[name], "w") as f:
+            f.write(text)
+    with open(certs.cert) as f:
+        pem = f.read()
+    paths["cut"] = str(directory / "cut.pem")
+    with open(paths["cut"], "w") as f:
+        f.write(pem[:len(pem) // 2])
+    paths["garbled"] = str(directory / "garbled.pem")
+    with open(paths["garbled"], "w") as f:
+        lines = pem.splitlines()
+        f.write("\n".join(lines[:2] + ["!!!!" + lines[2][4:]] + lines[3:]) + "\n")
+    paths["der"] = str(directory / "cert.der")
+    run("x509", "-in", certs.cert, "-outform", "der", "-out", paths["der"])
+    paths["encrypted"] = str(directory / "encrypted.key")
+    run("pkey", "-in", certs.key, "-aes256", "-passout", "pass:secret", "-out",
+        paths["encrypted"])
+    return paths
+
+
+@pytest.mark.parametrize("cert,key,text", [
+    ("/etc/passwd", "key", "--tls-cert '/etc/passwd': no PEM certificate in the file"),
+    ("empty", "key", "--tls-cert '{empty}': no PEM certificate in the file"),
+    ("der", "key", "--tls-cert '{der}': no PEM certificate in the file (it looks like DER"),
+    ("cut", "key", "--tls-cert '{cut}': a certificate in the file is damaged"),
+    ("garbled", "key", "--tls-cert '{garbled}': a certificate in the file is damaged"),
+    ("{missing}", "key", "--tls-cert '{missing}': no such file or directory"),
+    ("cert", "/etc/passwd", "--tls-key '/etc/passwd': no private key in the file"),
+    ("cert", "cert", "--tls-key '{cert}': no private key in the file"),
+    ("cert", "{missing}", "--tls-key '{missing}': no such file or directory"),
+    ("cert", "/", "--tls-key '/': is a directory"),
+    ("cert", "encrypted", "--tls-key '{encrypted}': the private key is encrypted"),
+    ("cert", "other_key", "--tls-key '{other_key}' does not match the certificate in "
+                          "--tls-cert '{cert}'"),
+])
+def test_tls_files_that_do_not_load_say_which_and_why(tmp_path, certs, bad_tls_files, cert,
+                                                      key, text):
+    paths = dict(bad_tls_files, cert=certs.cert, key=certs.key,
+                 other_key=bad_tls_files["other"].key, missing=str(tmp_path / "missing.pem"))
+    name = lambda value: paths.get(value, value).format(**paths)
+    with pytest.raises(pg.FatalError) as info:
+        pg.server_tls_context(name(cert), name(key))
+    assert str(info.value).startswith(text.format(**paths)), str(info.value)
+
+
+@pytest.mark.parametrize("ca,text", [
+    ("/etc/passwd", "--ca-file '/etc/passwd': no PEM CA certificate in the file"),
+    ("key", "--ca-file '{key}': no PEM CA certificate in the file"),
+    ("der", "--ca-file '{der}': no PEM CA certificate in the file (it looks like DER"),
+    ("garbled", "--ca-file '{garbled}': a certificate in the file is damaged"),
+    ("{missing}", "--ca-file '{missing}': no such file or directory"),
+])
+def test_ca_file_that_does_not_load_says_why(tmp_path, certs, bad_tls_files, ca, text):
+    paths = dict(bad_tls_files, key=certs.key, missing=str(tmp_path / "missing.pem"))
+    with pytest.raises(pg.UsageError) as info:
+        pg.client_tls_context(paths.get(ca, ca).format(**paths))
+    assert str(info.value).startswith(text.format(**paths)), str(info.value)
+
+
+def test_tls_files_that_load(certs):
+    pg.server_tls_context(certs.pem, certs.key)  # chain, CA and key in one file
+    pg.client_tls_context(certs.ca)
+    pg.client_tls_context(certs.pem)  # a key beside the certificates does no harm
+
+
+def test_server_certificate_error_is_one_line_and_exit_1(tmp_path, certs, bad_tls_files,
+                                                        caplog):
+    code = pg.main(["server", "--listen", "127.0.0.1:%d" % free_port(), "--tls-cert", certs.cert,
+                    "--tls-key", bad_tls_files["other"].key])
+    assert code == 1
+    assert [record.getMessage() for record in caplog.records] == [
+        "--tls-key %r does not match the certificate in --tls-cert %r"
+        % (bad_tls_files["other"].key, certs.cert)]
 
 
 # ---------------------------------------------------------------------------------------------
