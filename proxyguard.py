@@ -26,27 +26,48 @@ the other pump before anything is closed, so no thread or socket outlives its tu
 stale reader steals datagrams from the next tunnel (the original loses 1-4 datagrams after
 every reconnect that way).
 
-Idle timeout: tunnel sockets stay blocking, with the kernel's SO_RCVTIMEO/SO_SNDTIMEO (a Python
-timeout would poll before every call) and TCP_USER_TIMEOUT. A tunnel closes when no data
-crossed either way for --idle-timeout, where data sent counts only once acknowledged.
+Time and state decide in small pure objects, which tests drive with a fake clock; the socket
+code only carries out what they say:
+    Deadline    one moment for a whole handshake: every socket call of it (TCP connect, proxy
+                CONNECT, TLS, the HTTP head) is armed with the time left, so a peer that trickles
+                bytes cannot stretch it;
+    IdleClock   the time of the last data either way: both pumps touch it; the TCP->UDP pump
+                waits in recv with the kernel's SO_RCVTIMEO and, woken early, waits again for
+                what is left, so a tunnel closes --idle-timeout after its last data;
+    Backoff     the client's reconnect waits;
+    HeadReader  the request-head reader, with its size limit and TLS sniff.
+Tunnel sockets stay blocking (a Python timeout would poll before every call); sent data counts
+only once acknowledged (TCP_USER_TIMEOUT = idle timeout), and only the kernel's ETIMEDOUT means
+"path down".
 
-Server: one accept thread; per connection, a thread does the handshake (bounded by a deadline
-and a header-size limit) and then becomes the tunnel's TCP->UDP pump. Each tunnel has its own
-connected UDP socket to WireGuard, so WireGuard sees one source port per client.
+Server: one accept thread; per connection, a thread does the handshake (one Deadline, a
+header-size limit, every refusal raised as HandshakeError and answered in one place) and then
+becomes the tunnel's TCP->UDP pump. Each tunnel has its own connected UDP socket to WireGuard
+(TunnelUdpEndpoint), so WireGuard sees one source port per client. The load (--max-clients) is
+counted from one set of connections.
 
-Client: one UDP socket on 127.0.0.1:<listen-port> for the whole run. A connector thread waits
+Client: one UDP socket on 127.0.0.1:<listen-port> for the whole run (SharedUdpEndpoint). The
+connector waits
 until a datagram is waiting (lazy connect), connects, upgrades, runs one tunnel to its end,
 and reconnects with back-off (1, 2, 4, 8, 10, 10 ... s; never gives up). Datagrams that the
 UDP pump had read when its tunnel died wait in a small bounded queue for the next tunnel;
 datagrams that arrive while no tunnel is up wait in the UDP socket's receive buffer.
+
+Signals: SIGINT, SIGTERM and SIGHUP are blocked from before the service starts, in every
+thread, and one thread takes them with sigwait: a signal caught by any other thread would only
+be flagged for a main thread asleep in a lock, and never acted on. SIGHUP reads the options
+again and reloads the log level and TLS files; tunnels go on.
+
+Classes take their sockets and policies as arguments (`Server.open`, `Client.open` make them
+from the options), so tests run Server, Client and Tunnel in-process over socketpairs.
 
 TLS: `TLSChannel` keeps OpenSSL single-threaded per connection: an `SSLObject` over two
 `MemoryBIO`s, a lock held only for CPU work, and a second lock that keeps ciphertext in order
 on the wire (OpenSSL does not allow SSL_read and SSL_write on one SSL object from two threads;
 a shared `SSLSocket` corrupts records under load: openssl issues 20446/20622, cpython 137583).
 
-Sections, in order: constants, errors, pure protocol (no I/O), channels (plain and TLS),
-tunnel pumps, server, client, CLI, main(argv).
+Sections, in order: constants, errors, pure protocol (no I/O), policies (no I/O), channels
+(plain and TLS), tunnel pumps, server, client, CLI, main(argv).
 """
 
 import argparse
