@@ -237,6 +237,20 @@ CASE_LIMIT = HANDSHAKE_TIMEOUT + MARGIN
 # =============================================================================================
 
 
+def wait_until(predicate, timeout, what, interval=0.02):
+    """Poll `predicate` until it returns something true, and return that; AssertionError naming
+    `what` after `timeout` seconds. For conditions no event announces (a counter, a socket
+    state): tests wait on what happens, never for a fixed time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("%s: not within %gs" % (what, timeout))
+        time.sleep(interval)
+
+
 def proc_stats(pid):
     """Threads, open fds and RSS (KiB) of process `pid`, from /proc."""
     with open("/proc/%d/status" % pid) as stream:
@@ -245,6 +259,26 @@ def proc_stats(pid):
     rss = int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1))
     fds = len(os.listdir("/proc/%d/fd" % pid))
     return {"threads": threads, "fds": fds, "rss_kib": rss}
+
+
+def udp_counters():
+    """The kernel's UDP counters (/proc/net/snmp): InDatagrams, NoPorts, RcvbufErrors, ..."""
+    with open("/proc/net/snmp") as stream:
+        lines = [line.split() for line in stream if line.startswith("Udp:")]
+    return dict(zip(lines[0][1:], map(int, lines[1][1:])))
+
+
+def udp_drops(address):
+    """Datagrams the kernel dropped on the IPv4 UDP socket bound to `address` (ip, port) since
+    it was made (its receive buffer was full): the last column of /proc/net/udp."""
+    ip, port = address
+    local = "%08X:%04X" % (struct.unpack("<I", socket.inet_aton(ip))[0], port)
+    with open("/proc/net/udp") as stream:
+        for line in stream.readlines()[1:]:
+            fields = line.split()
+            if fields[1] == local:
+                return int(fields[-1])
+    raise AssertionError("no UDP socket bound to %s:%d" % address)
 
 
 def wait_for_stats(pid, threads, fds, timeout=20.0):
@@ -657,12 +691,12 @@ def test_server_restart_loses_nothing_sent_after_it(tmp_path, echo, procs):
         while not stop_flow.is_set():
             wireguard.send(b"before %d" % i)
             i += 1
-            time.sleep(0.002)
+            time.sleep(0.002)  # pacing: a steady flow, not a flood
 
     assert wireguard.roundtrip(b"hello") == b"hello"
     flowing = threading.Thread(target=flow)
     flowing.start()
-    time.sleep(0.3)
+    wait_until(lambda: echo.count >= 1 + 50, 10, "the flow reaching WireGuard")
     server.kill()
     server = start_server(tmp_path, echo.port, port=server.port, name="server2")
     procs.append(server)
@@ -724,10 +758,15 @@ def test_wireguard_restart_does_not_end_the_tunnel(tmp_path, procs):
     procs.append(server)
     client = start_client(tmp_path, "http://%s:%d/" % (LOOPBACK, server.port))
     procs.append(client)
+    no_ports = udp_counters()["NoPorts"]
     for i in range(5):  # nothing listens: each send draws ICMP
         client.wireguard.send(b"lost %d" % i)
-        time.sleep(0.05)
+        time.sleep(0.05)  # pacing: one at a time, so each meets the closed port on its own
     server.wait_log("tunnel up")
+    # All five have reached the closed port (this count is the machine's: other traffic can
+    # only make the wait shorter, and then a late one would come back below instead of "back").
+    wait_until(lambda: udp_counters()["NoPorts"] >= no_ports + 5, 10,
+               "the datagrams reaching the closed port")
     echo = UdpEcho(wireguard_port)
     try:
         assert client.wireguard.roundtrip(b"back") == b"back"
@@ -1774,16 +1813,20 @@ def test_thread_exhaustion_does_not_kill_the_server(tmp_path, echo, procs):
     original = resource.prlimit(pid, resource.RLIMIT_AS)
     # Only the soft limit: raising a lowered hard limit again needs CAP_SYS_RESOURCE.
     resource.prlimit(pid, resource.RLIMIT_AS, (limit, original[1]))
+    threads_before = proc_stats(pid)["threads"]
     silent = []
     try:
         for _ in range(80):
             silent.append(socket.create_connection((LOOPBACK, server.port), timeout=5))
-        time.sleep(0.5)
+        server.wait_log("cannot start a thread")  # the limit is reached (and the server lives)
         alive_during = server.popen.poll() is None
         for sock in silent:
             sock.close()
         silent = []
-        time.sleep(HANDSHAKE_TIMEOUT + 0.5)
+        # The handshake threads end (at once on the end of stream, at the latest at the deadline).
+        wait_until(lambda: (server.popen.poll() is not None
+                            or proc_stats(pid)["threads"] <= threads_before),
+                   HANDSHAKE_TIMEOUT + MARGIN, "the server's handshake threads ending")
         assert alive_during and server.popen.poll() is None, server.log()[-3000:]
         good.check(tag=71)
         resource.prlimit(pid, resource.RLIMIT_AS, original)
@@ -2049,7 +2092,11 @@ def test_max_clients_silent_connections_do_not_keep_slots(limited_server):
     port = limited_server.port
     silent = [socket.create_connection((LOOPBACK, port), timeout=5) for _ in range(6)]
     try:
-        time.sleep(HANDSHAKE_TIMEOUT + 1)
+        # The server drops each at the handshake deadline (or refuses it at once).
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT + MARGIN
+        for sock in silent:
+            _, ended = read_answer(sock, deadline)
+            assert ended != "hung", "a silent connection outlived the handshake deadline"
         tunnels = [open_when_a_slot_frees(port, timeout=MARGIN) for _ in range(3)]
         refused_with_503(port)
         for i, tunnel in enumerate(tunnels):
@@ -2099,7 +2146,7 @@ class FloodingWireGuard(UdpEcho):
             if i % 1000 == 999:
                 ahead = started + seconds * (i + 1) / count - time.monotonic()
                 if ahead > 0:
-                    time.sleep(ahead)
+                    time.sleep(ahead)  # pacing: the flood is spread over `seconds`
         return sent
 
 
@@ -2144,9 +2191,15 @@ def test_udp_flood_into_a_slow_reader_keeps_rss_bounded_and_recovers(tmp_path, p
         watcher.start()
         flood_started = time.monotonic()
         count, size = 60000, 1400
+        roundtrips_before = len(good_roundtrips)
         sent = wireguard.flood(target, count=count, size=size, seconds=3.0)
         flood_seconds = time.monotonic() - flood_started
-        time.sleep(max(0.0, 4.0 - flood_seconds))  # the reader stays away a while longer
+        # The reader stays away until the kernel drops datagrams on the flooded tunnel's UDP
+        # socket (the server is blocked on the TCP send) and the good tunnel has round-tripped
+        # meanwhile.
+        wait_until(lambda: (udp_drops(target) > 0
+                            and len(good_roundtrips) >= roundtrips_before + 3 or errors),
+                   30, "datagrams dropped on the flooded tunnel's UDP socket")
         peak_during_stall = max(rss_samples) if rss_samples else proc_stats(pid)["rss_kib"]
 
         # The reader catches up: drain until quiet for a second.
@@ -2210,7 +2263,7 @@ def test_one_way_traffic_keeps_a_tunnel_open(tmp_path, procs):
         for i in range(12):
             client.wireguard.send(b"keepalive %d" % i)
             assert sink.recvfrom(100)[0] == b"keepalive %d" % i
-            time.sleep(0.25)
+            time.sleep(0.25)  # pacing: a keepalive every 0.25 s, for 3 s > the idle timeouts
     assert "tunnel down" not in client.log() + server.log()
     client.wait_log("tunnel down", timeout=5)   # silence both ways: now it closes
     assert "(idle for 1s)" in client.log()
@@ -2648,7 +2701,9 @@ def test_check_mode_through_reverse_proxy(kind, tmp_path, certs, echo, procs, fr
     status, output = run_check(front_url(front_end), "--ca-file", certs.ca)
     assert status == 0 and "result   ok" in output and "TLSv1.3" in output, output
     server.stop()
-    time.sleep(1.5)  # HAProxy's health check marks the server down (inter 500ms, fall 1)
+    if kind == "haproxy":  # its health check marks the server down (inter 500ms, fall 1)
+        wait_until(lambda: "Server proxyguard/pg1 is DOWN" in front_end.log(), 10,
+                   "HAProxy marking the stopped server down")
     status, output = run_check(front_url(front_end), "--ca-file", certs.ca)
     assert status == 1, output
     assert re.search(r"\b50[234]\b", output) and "cannot reach" in output, output
@@ -2698,7 +2753,8 @@ def test_idle_past_proxy_timeout_reconnects_without_loss(kind, tmp_path, certs, 
     assert idle >= SHORT_TIMEOUT - 0.5, "closed after %.1fs, before the proxy's timeout" % idle
     # ... and so does the server (no half-open tunnel left behind the proxy).
     server.wait_log("tunnel down", timeout=10)
-    time.sleep(1.5)  # well past the timeout; the client has nothing to send yet
+    # The client has nothing to send yet, so no new tunnel: it reconnects on demand only.
+    assert client.log().count("tunnel up") == 1, client.log()
 
     # Everything sent from now on arrives, in order: the client reconnects on demand.
     following = exchange_datagrams(client, first=following, rounds=2)
@@ -2889,6 +2945,11 @@ BOUND_PG_CLIENT_RESTART = 10  # new client connects at the first datagram
 BOUND_PATH_RESTORED = 30  # a SYN retry (1,3,7 s) or connect timeout 10 s + back-off <= 10 s
 BOUND_WG_SERVER_RESTART = 30  # WireGuard re-handshakes 15 s after unanswered data (5+10 s)
 
+# The restart-during-transfer tests: the fault comes once the receiver has FAULT_AT bytes, and
+# the transfer must carry FAULT_AT more after it; the sender stops then (at most TRANSFER_CAP).
+FAULT_AT = 4 << 20
+TRANSFER_CAP = 1 << 30
+
 
 @pytest.fixture
 def report(capsys):
@@ -3014,30 +3075,40 @@ def test_ping_and_50mb_bulk_transfer_behind_nginx_tls(nginx_bed, report):
 
 
 def restart_during_transfer(bed, report, side, bound, seed):
-    """SIGKILL proxyguard's `side` ("server" or "client") in the middle of a 40 MiB TCP transfer
-    inside WireGuard, start it again 0.5 s later: ping answers within `bound` seconds, and the
-    transfer (the same TCP connection inside WireGuard) completes with the same SHA-256."""
+    """SIGKILL proxyguard's `side` ("server" or "client") in the middle of a TCP transfer inside
+    WireGuard, start it again once WireGuard has sent into the gap: ping answers within `bound`
+    seconds, and the transfer (the same TCP connection inside WireGuard) goes on and completes
+    with the same SHA-256. The fault comes on progress (the receiver has FAULT_AT bytes), and
+    the sender goes on until told to stop, after the fault: mid-transfer at any machine speed."""
     sink = bed.start_sink(timeout=120)
-    source = bed.start_source(nbytes=40 << 20, seed=seed, timeout=120)
-    time.sleep(1.5)  # the transfer is running
-    assert source.poll() is None, "the transfer ended before the fault; make it longer"
+    source = bed.start_source(nbytes=TRANSFER_CAP, seed=seed, timeout=120, until_stopped=True)
+    bed.wait_received(FAULT_AT, timeout=30, source=source)
+    assert source.poll() is None, "the source ended before the fault"
+    sent_by_wireguard = bed.wg_transfer("client")[1]
     getattr(bed, "kill_pg_" + side)(signal.SIGKILL)
-    time.sleep(0.5)  # WireGuard keeps sending meanwhile
+    at_fault = bed.received()
+    # WireGuard keeps sending meanwhile: wait until it has sent into the gap.
+    wait_until(lambda: bed.wg_transfer("client")[1] > sent_by_wireguard, 10,
+               "the client's WireGuard sending after the fault")
     t0 = time.monotonic()
     getattr(bed, "start_pg_" + side)()
     seconds = bed.wait_ping(timeout=bound + 10)
     total = time.monotonic() - t0
     assert seconds is not None, "no ping answer %ss after the restart\n%s" % (
         bound + 10, bed.diagnose())
-    report("proxyguard %s SIGKILLed mid-transfer, restarted after 0.5 s: ping answered %.2f s "
-           "after the restart (bound %d s)" % (side, total, bound))
+    report("proxyguard %s SIGKILLed mid-transfer (at %.1f MiB received), restarted once "
+           "WireGuard sent into the gap: ping answered %.2f s after the restart (bound %d s)"
+           % (side, at_fault / 2**20, total, bound))
     assert total <= bound, bed.diagnose()
+    # The same TCP connection carries data again after the fault; then the sender stops.
+    bed.wait_received(at_fault + FAULT_AT, timeout=60, source=source)
+    assert source.poll() is None, "the source ended by itself: raise TRANSFER_CAP"
     sent = bed.finish(source, 130)
     received = bed.finish(sink, 130)
     result = bed._result(sent, received)
     assert result["sha_ok"], "%s\n%s" % (result, bed.diagnose())
-    report("  the 40 MiB transfer across the restart completed intact in %.1f s"
-           % received["seconds"])
+    report("  the transfer across the restart completed intact: %.1f MiB in %.1f s"
+           % (received["bytes"] / 2**20, received["seconds"]))
 
 
 def test_pg_server_sigkill_during_transfer_recovers(fault_bed, report):
@@ -3059,7 +3130,9 @@ def test_path_cut_longer_than_idle_timeout_recovers(fault_bed, report):
         assert re.search(r"\((idle for %gs|path down: data unacknowledged for %gs|closed by "
                          r"peer)\)" % (IDLE, IDLE), bed.log_text(side)), bed.log_text(side)
     assert "unacknowledged" in bed.log_text("pg-client") + bed.log_text("pg-server")
-    time.sleep(max(0.0, 2 * IDLE - (time.monotonic() - cut_at)))  # cut for twice the timeout
+    # The client (WireGuard keeps sending) dials again: the path comes back while a connection
+    # attempt of its own is lost in the cut.
+    wait_until(lambda: bed.cut_syns() >= 1, 15, "the client reconnecting into the cut")
     cut_seconds = time.monotonic() - cut_at
     bed.restore_path()
     seconds = bed.wait_ping(timeout=BOUND_PATH_RESTORED + 15)
@@ -3090,21 +3163,24 @@ def test_pg_client_restart_while_wireguard_sends_recovers(fault_bed, report):
     restart_during_transfer(fault_bed, report, "client", BOUND_PG_CLIENT_RESTART, seed=3)
 
 
-def test_pg_server_down_12s_recovers_after_backoff(fault_bed, report):
+def test_pg_server_down_longer_than_backoff_recovers(fault_bed, report):
     """The server is away longer than the first back-off waits (1, 2, 4 s): the client keeps
     trying, at most 10 s apart, and the tunnel comes back without any restart of WireGuard."""
     bed = fault_bed
     assert_pings(bed, count=3)
     bed.kill_pg_server(signal.SIGKILL)
-    time.sleep(12)
+    killed = time.monotonic()
+    # Refused after the waits of 1, 2 and 4 s: the client's next wait is the 8 s one.
+    bed.wait_log("pg-client", "next attempt in 8s", timeout=30)
+    away = time.monotonic() - killed
     refused = bed.log_text("pg-client").count("cannot connect")
     t0 = time.monotonic()
     bed.start_pg_server()
     seconds = bed.wait_ping(timeout=25)
     assert seconds is not None, bed.diagnose()
     total = time.monotonic() - t0
-    report("proxyguard server away 12 s (%d refused connects meanwhile): ping answered %.2f s "
-           "after its restart (bound 12 s: longest back-off 10 s)" % (refused, total))
+    report("proxyguard server away %.1f s (%d refused connects meanwhile): ping answered %.2f s "
+           "after its restart (bound 12 s: longest back-off 10 s)" % (away, refused, total))
     assert refused >= 2, bed.log_text("pg-client")
     assert total <= 12, bed.diagnose()
 
@@ -3150,13 +3226,23 @@ def test_idle_one_way_keepalive_tunnel_stays_up(tmp_path, request, report):
     way: one tunnel, no back-off, traffic answers at once."""
     bed = make_bed(tmp_path, request, idle_timeout=IDLE, client_keepalive=1,
                    server_keepalive=0)
-    time.sleep(4 * IDLE)  # WireGuard idle apart from the client's keepalives
+    # WireGuard idle apart from the client's keepalives (one a second, 32 bytes each), until
+    # the server's WireGuard has had enough of them to span two idle timeouts (or the tunnel
+    # went down: then the asserts below say so).
+    keepalives = 2 * IDLE + 2
+    received = bed.wg_transfer("server")[0]
+    idle_from = time.monotonic()
+    wait_until(lambda: (bed.wg_transfer("server")[0] >= received + 32 * keepalives
+                        or "tunnel down" in bed.log_text("pg-client")),
+               4 * keepalives, "%d keepalives through the tunnel" % keepalives)
+    idle = time.monotonic() - idle_from
     seconds = bed.wait_ping(timeout=20, interval=0.1)
     log = bed.log_text("pg-client")
-    report("idle %d s, --idle-timeout %d, keepalive on the client only: %d tunnel(s) opened, "
-           "first ping answered after %s s" % (4 * IDLE, IDLE, bed.tunnels_up("client"),
+    report("idle %.1f s, --idle-timeout %d, keepalive on the client only: %d tunnel(s) opened, "
+           "first ping answered after %s s" % (idle, IDLE, bed.tunnels_up("client"),
                                                "%.2f" % seconds if seconds is not None
                                                else "never"))
     assert "next attempt in" not in log, log
+    assert "tunnel down" not in log, log
     assert bed.tunnels_up("client") == 1, log
     assert seconds is not None and seconds < 2.0, bed.diagnose()
