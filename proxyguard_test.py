@@ -9,6 +9,8 @@ client. Only loopback addresses are used.
 
 import collections
 import concurrent.futures
+import contextlib
+import json
 import os
 import random
 import re
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from urllib.parse import quote
 
 import pytest
@@ -30,13 +33,38 @@ from hypothesis import strategies as st
 
 import proxyguard as pg
 from proxyguard_bench import free_port
-from proxyguard_testbed import VETH_CLIENT_IP, WG_PORT, WireGuardBed
+from proxyguard_testbed import (NETNS_DIR, VETH_CLIENT_IP, WG_PORT, WG_RUN_DIR, WireGuardBed,
+                                 process_start_ticks, remove_stale_beds)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "proxyguard.py")
 LOOPBACK = "127.0.0.1"
 
 pytestmark = pytest.mark.timeout(60)
+
+# The `slow` marker: real servers (the WireGuard bed, Apache, nginx, HAProxy, tinyproxy), the
+# corpus, floods and other long tests. `python3 -m pytest -q -m "not slow" proxyguard_test.py`
+# runs the rest in under a minute; without -m everything runs. A test module cannot register a
+# marker (only conftest.py, an ini file or a plugin can, and this repository has none by
+# design); -m selects on unregistered markers all the same, so only pytest's "unknown mark"
+# warning for this one is silenced here. (Hence no --strict-markers.)
+warnings.filterwarnings("ignore", r"Unknown pytest\.mark\.slow\b", pytest.PytestUnknownMarkWarning)
+
+
+def _end_session_on_sigterm(signum, frame):
+    """SIGTERM (`timeout 150 pytest ...`, a cancelled CI job) ends the session as Ctrl-C does:
+    pytest then runs the fixtures' finalisers, which take down the WireGuard bed's namespaces
+    and processes, the front ends and the proxyguard processes. A second SIGTERM while that
+    runs is ignored (SIGKILL still works; the bed's processes die with it, see the bed)."""
+    if not _end_session_on_sigterm.received:
+        _end_session_on_sigterm.received = True
+        pytest.exit("stopped by SIGTERM: cleaning up", returncode=128 + signal.SIGTERM)
+
+
+_end_session_on_sigterm.received = False
+if (threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
+    signal.signal(signal.SIGTERM, _end_session_on_sigterm)
 
 
 # =============================================================================================
@@ -824,6 +852,7 @@ def test_client_is_lazy_and_sends_the_request_of_the_original(tmp_path, procs):
             assert client.wireguard.recv() == b"reply"
 
 
+@pytest.mark.slow
 def test_client_names_captive_portal_and_keeps_retrying(tmp_path, procs):
     """A portal answers 200 until the user logs in: log why, retry at the longest wait."""
     with socket.socket() as listener:
@@ -1328,6 +1357,7 @@ def pump_both_ways(channel, frames_out, expected_in, errors):
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.slow
 def test_tls_two_threads_per_connection_never_corrupt(certs):
     import random
     naive = os.environ.get("PROXYGUARD_TEST_NAIVE_TLS") == "1"
@@ -1712,6 +1742,7 @@ def test_corpus_is_big_and_varied():
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.slow
 def test_bad_handshakes_are_refused_and_the_good_tunnel_survives(server, good_tunnel):
     cases = build_corpus()
     random.Random(7).shuffle(cases)  # mix slow and fast cases in every batch
@@ -1996,6 +2027,7 @@ def one_tunnel(port, index, mode="echo"):
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.slow
 def test_thousand_tunnels_in_a_row_leak_nothing(server, good_tunnel):
     pid = server.popen.pid
     for i in range(30):  # warm up: imports, allocator arenas, thread stack cache
@@ -2151,6 +2183,7 @@ class FloodingWireGuard(UdpEcho):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_udp_flood_into_a_slow_reader_keeps_rss_bounded_and_recovers(tmp_path, procs):
     """WireGuard floods a tunnel whose TCP client reads nothing for several seconds: the server's
     send to TCP blocks, the kernel drops datagrams on the tunnel's UDP socket (as UDP may), the
@@ -2657,6 +2690,7 @@ def tunnel_up_lines(server):
 
 
 @pytest.mark.parametrize("kind", REVERSE_PROXIES)
+@pytest.mark.slow
 def test_tunnel_through_reverse_proxy(kind, tmp_path, certs, echo, procs, front_ends):
     server, front_end, client = server_behind_proxy(
         kind, tmp_path, certs, echo, procs, front_ends)
@@ -2676,6 +2710,7 @@ def test_tunnel_through_reverse_proxy(kind, tmp_path, certs, echo, procs, front_
 
 
 @pytest.mark.parametrize("kind", REVERSE_PROXIES)
+@pytest.mark.slow
 def test_no_forwarded_client_when_proxy_not_trusted(kind, tmp_path, certs, echo, procs,
                                                     front_ends):
     """--trusted-proxies '' : the X-Forwarded-For header is ignored, the peer is logged as is."""
@@ -2694,6 +2729,7 @@ def run_check(url, *extra, env=None):
 
 
 @pytest.mark.parametrize("kind", REVERSE_PROXIES)
+@pytest.mark.slow
 def test_check_mode_through_reverse_proxy(kind, tmp_path, certs, echo, procs, front_ends):
     """`check` upgrades through the proxy; with the proxyguard server down it names the cause."""
     server, front_end, _ = server_behind_proxy(
@@ -2711,6 +2747,7 @@ def test_check_mode_through_reverse_proxy(kind, tmp_path, certs, echo, procs, fr
 
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("kind", REVERSE_PROXIES)
+@pytest.mark.slow
 def test_server_restart_behind_reverse_proxy(kind, tmp_path, certs, echo, procs, front_ends):
     """The proxyguard server behind the proxy restarts: the client's tunnel ends, its upgrades
     get 502/503 while the server is down, and traffic resumes once it is back; datagrams
@@ -2740,6 +2777,7 @@ def test_server_restart_behind_reverse_proxy(kind, tmp_path, certs, echo, procs,
 
 
 @pytest.mark.parametrize("kind", REVERSE_PROXIES)
+@pytest.mark.slow
 def test_idle_past_proxy_timeout_reconnects_without_loss(kind, tmp_path, certs, echo, procs,
                                                          front_ends):
     server, front_end, client = server_behind_proxy(
@@ -2773,6 +2811,7 @@ def test_idle_past_proxy_timeout_reconnects_without_loss(kind, tmp_path, certs, 
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.slow
 def test_haproxy_spreads_tunnels_and_fails_over(tmp_path, certs, echoes, procs, front_ends):
     require("haproxy")
     echo_a, echo_b = echoes(), echoes()
@@ -2831,6 +2870,7 @@ def test_haproxy_spreads_tunnels_and_fails_over(tmp_path, certs, echoes, procs, 
 # =============================================================================================
 
 
+@pytest.mark.slow
 def test_tinyproxy_connect_reaches_the_server(tmp_path, echo, procs, front_ends):
     """The test rig itself, without the client's --proxy: a raw CONNECT through tinyproxy
     reaches a plain proxyguard server and upgrades; BasicAuth tinyproxy answers 407."""
@@ -2856,6 +2896,7 @@ def test_tinyproxy_connect_reaches_the_server(tmp_path, echo, procs, front_ends)
 
 
 @pytest.mark.parametrize("auth", [None, ("user", "s3cret.pw-1")], ids=["open", "basic-auth"])
+@pytest.mark.slow
 def test_client_through_connect_proxy(auth, tmp_path, certs, tls_server, procs, front_ends):
     proxy = start_tinyproxy(front_ends, tmp_path, auth)
     credentials = ""
@@ -2878,6 +2919,7 @@ def wait_for_pattern(proc, pattern, timeout=15):
 
 @pytest.mark.parametrize("credentials,status", [("user:wrong@", "40[17]"), ("", "407")],
                          ids=["wrong-password", "no-credentials"])
+@pytest.mark.slow
 def test_client_proxy_auth_failure_is_a_clear_error(credentials, status, tmp_path, certs,
                                                     tls_server, procs, front_ends):
     """A refused proxy login names the proxy and the status. Debian 12's tinyproxy 1.11.1
@@ -2896,6 +2938,7 @@ def test_client_proxy_auth_failure_is_a_clear_error(credentials, status, tmp_pat
 
 
 @pytest.mark.parametrize("scheme", ["https", "http"])
+@pytest.mark.slow
 def test_client_uses_proxy_from_environment(scheme, tmp_path, certs, echo, procs, front_ends):
     """HTTPS_PROXY for an https:// server, HTTP_PROXY for an http:// one (both CONNECT)."""
     extra = ["--tls-cert", certs.cert, "--tls-key", certs.key] if scheme == "https" else []
@@ -3005,6 +3048,7 @@ def median(values):
 # =============================================================================================
 
 
+@pytest.mark.slow
 def test_ping_and_50mb_bulk_transfer(bed, report):
     answer = assert_pings(bed, count=20)
     report("ping through WireGuard+proxyguard: 20/20 answered, rtt median %.2f ms, max %.2f ms"
@@ -3046,6 +3090,7 @@ def nginx_bed(tmp_path, request):
     return make_bed(tmp_path, request, front_end="nginx")
 
 
+@pytest.mark.slow
 def test_ping_and_50mb_bulk_transfer_behind_nginx_tls(nginx_bed, report):
     bed = nginx_bed
     answer = assert_pings(bed, count=20)
@@ -3111,11 +3156,13 @@ def restart_during_transfer(bed, report, side, bound, seed):
            % (received["bytes"] / 2**20, received["seconds"]))
 
 
+@pytest.mark.slow
 def test_pg_server_sigkill_during_transfer_recovers(fault_bed, report):
     restart_during_transfer(fault_bed, report, "server", BOUND_PG_SERVER_RESTART, seed=2)
     assert fault_bed.tunnels_up("client") >= 2
 
 
+@pytest.mark.slow
 def test_path_cut_longer_than_idle_timeout_recovers(fault_bed, report):
     bed = fault_bed
     assert_pings(bed, count=3)
@@ -3144,6 +3191,7 @@ def test_path_cut_longer_than_idle_timeout_recovers(fault_bed, report):
     assert_pings(bed, count=5)
 
 
+@pytest.mark.slow
 def test_wireguard_server_restart_recovers(fault_bed, report):
     bed = fault_bed
     assert_pings(bed, count=3)
@@ -3159,10 +3207,12 @@ def test_wireguard_server_restart_recovers(fault_bed, report):
     assert_pings(bed, count=5)
 
 
+@pytest.mark.slow
 def test_pg_client_restart_while_wireguard_sends_recovers(fault_bed, report):
     restart_during_transfer(fault_bed, report, "client", BOUND_PG_CLIENT_RESTART, seed=3)
 
 
+@pytest.mark.slow
 def test_pg_server_down_longer_than_backoff_recovers(fault_bed, report):
     """The server is away longer than the first back-off waits (1, 2, 4 s): the client keeps
     trying, at most 10 s apart, and the tunnel comes back without any restart of WireGuard."""
@@ -3185,6 +3235,7 @@ def test_pg_server_down_longer_than_backoff_recovers(fault_bed, report):
     assert total <= 12, bed.diagnose()
 
 
+@pytest.mark.slow
 def test_pg_server_sigterm_restart_recovers(fault_bed, report):
     """A clean stop (SIGTERM) and restart, as a service manager does on upgrade."""
     bed = fault_bed
@@ -3205,6 +3256,7 @@ def test_pg_server_sigterm_restart_recovers(fault_bed, report):
 # =============================================================================================
 
 
+@pytest.mark.slow
 def test_mtu_throughput_method(bed, report):
     figures = bed.measure_mtu((1280, 1420, 8920), seconds=2, runs=1)
     for mtu, values in figures.items():
@@ -3219,6 +3271,7 @@ def test_mtu_throughput_method(bed, report):
 # =============================================================================================
 
 
+@pytest.mark.slow
 def test_idle_one_way_keepalive_tunnel_stays_up(tmp_path, request, report):
     """Only the client's WireGuard sends keepalives (the usual setup). The original counts
     only data from the peer, so its client closes such a tunnel every idle timeout and opens
@@ -3246,3 +3299,163 @@ def test_idle_one_way_keepalive_tunnel_stays_up(tmp_path, request, report):
     assert "tunnel down" not in log, log
     assert bed.tunnels_up("client") == 1, log
     assert seconds is not None and seconds < 2.0, bed.diagnose()
+
+
+# =============================================================================================
+# 4. A run killed by a time limit (SIGTERM) or by SIGKILL leaves no bed behind
+# =============================================================================================
+
+# A test file for an inner pytest run: the usual `bed` fixture, held up until SIGTERM comes.
+HOLD_BED_TEST = """\
+import json, os, sys, threading
+sys.path.insert(0, {here!r})
+from proxyguard_test import bed  # noqa: F401 (the fixture; the import installs the handler)
+
+
+def test_hold_the_bed(bed):
+    with open({out!r} + ".tmp", "w") as stream:
+        json.dump({{"namespaces": [bed.ns_client, bed.ns_server],
+                    "pids": [proc.pid for proc in bed.procs.values()]}}, stream)
+    os.replace({out!r} + ".tmp", {out!r})
+    threading.Event().wait(120)  # until the outer test's SIGTERM
+"""
+
+# A bed in a process of its own that prints what it made, then waits to be killed.
+HOLD_BED_SCRIPT = """\
+import json, sys
+sys.path.insert(0, {here!r})
+from proxyguard_testbed import WireGuardBed
+bed = WireGuardBed({workdir!r})
+bed.start()
+print(json.dumps({{"namespaces": [bed.ns_client, bed.ns_server], "tag": bed.tag,
+                   "pids": [proc.pid for proc in bed.procs.values()]}}), flush=True)
+sys.stdin.read()  # until the outer test's SIGKILL
+"""
+
+
+def bed_or_skip():
+    reason = WireGuardBed.unavailable()
+    if reason is not None:
+        skip_or_fail("the WireGuard test bed cannot run here: %s" % reason)
+
+
+def process_alive(pid):
+    return process_start_ticks(pid) is not None  # a zombie is dead
+
+
+def namespaces_left(names):
+    return [name for name in names if os.path.exists(os.path.join(NETNS_DIR, name))]
+
+
+@pytest.mark.slow
+def test_sigterm_to_pytest_takes_the_bed_down(tmp_path):
+    """`timeout 150 pytest ...` sends SIGTERM: the fixtures' finalisers still run, so the bed's
+    namespaces and processes go (without the handler, pytest dies at once and leaves them)."""
+    bed_or_skip()
+    out = str(tmp_path / "bed.json")
+    test_file = tmp_path / "test_hold.py"
+    test_file.write_text(HOLD_BED_TEST.format(here=HERE, out=out))
+    log_path = tmp_path / "inner.log"
+    with open(log_path, "w") as log:
+        inner = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-s", "-p",
+                                  "no:cacheprovider", "--timeout", "150", "--basetemp",
+                                  str(tmp_path / "inner"), str(test_file)],
+                                 cwd=str(tmp_path), stdin=subprocess.DEVNULL, stdout=log,
+                                 stderr=subprocess.STDOUT)
+    made = {"namespaces": []}
+    try:
+        wait_until(lambda: os.path.exists(out) or inner.poll() is not None, 45,
+                   "the inner run's bed coming up")
+        assert os.path.exists(out), log_path.read_text()
+        with open(out) as stream:
+            made = json.load(stream)
+        assert namespaces_left(made["namespaces"]) == made["namespaces"]
+        inner.send_signal(signal.SIGTERM)
+        status = inner.wait(30)
+        output = log_path.read_text()
+        assert status == 128 + signal.SIGTERM, output
+        assert "stopped by SIGTERM" in output, output
+        assert namespaces_left(made["namespaces"]) == [], output
+        assert [pid for pid in made["pids"] if process_alive(pid)] == [], output
+    finally:
+        if inner.poll() is None:
+            inner.kill()
+            inner.wait(10)
+        remove_stale_beds()  # the inner run is gone: whatever it left is stale now
+
+
+@pytest.mark.slow
+def test_sigkill_bed_processes_die_and_the_next_bed_removes_the_rest(tmp_path):
+    """SIGKILL to the process that made a bed: its processes die with it (parent-death
+    signal); the namespaces cannot go then, so the next bed start removes them (and the
+    wireguard-go sockets), because the run that made them is gone."""
+    bed_or_skip()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_BED_SCRIPT.format(
+        here=HERE, workdir=str(tmp_path / "bed"))], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    made = {"namespaces": []}
+    try:
+        line = holder.stdout.readline()  # the bed is up (or the holder failed)
+        assert line.startswith("{"), line + holder.stdout.read()
+        made = json.loads(line)
+        sockets = [os.path.join(WG_RUN_DIR, "wg%s%s.sock" % (side, made["tag"]))
+                   for side in "cs"]
+        assert all(os.path.exists(path) for path in sockets), sockets
+        holder.kill()
+        holder.wait(10)
+        wait_until(lambda: not any(process_alive(pid) for pid in made["pids"]), 10,
+                   "the bed's processes dying with the process that started them")
+        assert namespaces_left(made["namespaces"]) == made["namespaces"]
+        removed = remove_stale_beds()
+        assert set(made["namespaces"]) <= set(removed), removed
+        assert namespaces_left(made["namespaces"]) == []
+        assert not any(os.path.exists(path) for path in sockets), sockets
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(10)
+        remove_stale_beds()
+
+
+def test_stale_bed_namespaces_are_removed_only_for_dead_runs():
+    """Namespaces named for a run that is gone (a dead pid; a live pid started at another time:
+    the pid was reused; the older name format with the pid modulo 100000) are removed with the
+    processes left in them; the namespaces of live runs are not touched."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        skip_or_fail("needs root and iproute2 (network namespaces)")
+    finished = subprocess.Popen([sys.executable, "-c", ""])
+    finished.wait()
+    dead = finished.pid  # reaped: no process has this pid now (barring reuse within the test)
+    me, started = os.getpid(), process_start_ticks(os.getpid())
+    live_residues = {int(entry) % 100000 for entry in os.listdir("/proc") if entry.isdigit()}
+    old_dead = next(n for n in range(10000, 100000) if n not in live_residues)
+    stale = ["pgbed-c%07d%02d-%d" % (dead, 99, 12345),
+             "pgbed-s%07d%02d-%d" % (me, 97, started + 1),
+             "pgbed-c%05d%02d" % (old_dead, 96)]
+    live = ["pgbed-s%07d%02d-%d" % (me, 98, started), "pgbed-probe%d" % me]
+    made, leftover = [], None
+    wg_socket = os.path.join(WG_RUN_DIR, "wgc%07d%02d.sock" % (dead, 99))
+    try:
+        for name in stale + live:
+            subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True,
+                           timeout=15)
+            made.append(name)
+        os.makedirs(WG_RUN_DIR, exist_ok=True)
+        open(wg_socket, "w").close()  # stands in for a killed wireguard-go's socket
+        leftover = subprocess.Popen(["ip", "netns", "exec", stale[0], "sleep", "infinity"])
+        wait_until(lambda: str(leftover.pid) in subprocess.run(
+            ["ip", "netns", "pids", stale[0]], capture_output=True, text=True).stdout, 10,
+            "the leftover process entering its namespace")
+        removed = remove_stale_beds()
+        assert set(stale) <= set(removed) and not set(live) & set(removed), removed
+        assert namespaces_left(stale) == [] and namespaces_left(live) == live
+        assert leftover.wait(10) == -signal.SIGKILL
+        assert not os.path.exists(wg_socket)
+    finally:
+        if leftover is not None and leftover.poll() is None:
+            leftover.kill()
+            leftover.wait(10)
+        for name in made:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=15)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(wg_socket)

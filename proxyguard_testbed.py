@@ -147,7 +147,7 @@ _BED_NAME = re.compile(r"^pgbed-(?:[cs](?P<pid>\d{7})(?P<n>\d{2})-(?P<start>\d+)
                        r"|[cs](?P<pid5>\d{5})(?P<n5>\d{2})|probe(?P<probe>\d+))$")
 
 
-def _start_ticks(pid):
+def process_start_ticks(pid):
     """Start time of process `pid` (clock ticks after boot, /proc/PID/stat field 22), or None if
     there is no such process or it is a zombie (dead, not yet reaped)."""
     try:
@@ -164,20 +164,21 @@ def _run_is_alive(match):
     """Whether the run that named a namespace (a _BED_NAME match) may still be running."""
     if match.group("pid") is not None:
         # Alive only if the same process: a dead run's pid may be reused by any other.
-        return _start_ticks(int(match.group("pid"))) == int(match.group("start"))
+        return process_start_ticks(int(match.group("pid"))) == int(match.group("start"))
     if match.group("probe") is not None:
-        return _start_ticks(int(match.group("probe"))) is not None
+        return process_start_ticks(int(match.group("probe"))) is not None
     # Older names have the pid modulo 100000 only: alive if any live process could be it.
     low = int(match.group("pid5"))
-    return any(int(entry) % 100000 == low and _start_ticks(int(entry)) is not None
+    return any(int(entry) % 100000 == low and process_start_ticks(int(entry)) is not None
                for entry in os.listdir("/proc") if entry.isdigit())
 
 
 def remove_stale_beds(timeout=10):
     """Remove what runs that are gone left behind (a run killed with SIGKILL cannot clean up):
-    their pgbed-* namespaces (with the veth pair and iptables rules inside), the processes
-    still in them, their wireguard-go sockets. Beds of live runs (other users of this machine
-    may be running tests right now) are left alone. Returns the namespaces removed."""
+    their pgbed-* namespaces, the processes still in them, their wireguard-go sockets. The veth
+    pair, the TUN devices and the iptables rules exist only inside the namespaces and go with
+    them. Beds of live runs (other users of this machine may be running tests right now) are
+    left alone. Returns the namespaces removed."""
     try:
         names = sorted(os.listdir(NETNS_DIR))
     except FileNotFoundError:
@@ -193,7 +194,7 @@ def remove_stale_beds(timeout=10):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
         deadline = time.monotonic() + timeout
-        while any(_start_ticks(int(pid)) is not None for pid in pids):
+        while any(process_start_ticks(int(pid)) is not None for pid in pids):
             if time.monotonic() > deadline:
                 raise BedError("processes %s in stale namespace %s do not die" % (pids, name))
             time.sleep(0.02)  # polling for a condition (the processes are gone), with a deadline
@@ -208,14 +209,6 @@ def remove_stale_beds(timeout=10):
             for ifname in ("wgc" + tag, "wgs" + tag):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(WG_RUN_DIR, ifname + ".sock"))
-    # Interfaces of dead runs outside any namespace (a veth pair is made straight into the
-    # namespaces, so normally there are none).
-    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True,
-                           timeout=15).stdout
-    for ifname, pid in re.findall(r"^\d+: ((?:vpc|vps|wgc|wgs)(\d{7})\d{2})[@:]", links, re.M):
-        if _start_ticks(int(pid)) is None:
-            subprocess.run(["ip", "link", "del", ifname], capture_output=True, timeout=15)
-            removed.append(ifname)
     return removed
 
 
@@ -258,7 +251,7 @@ class WireGuardBed:
         # later run can tell the namespaces of a dead run (see remove_stale_beds).
         tag = "%07d%02d" % (os.getpid(), next(_counter) % 100)
         self.tag = tag
-        owner = "%s-%d" % (tag, _start_ticks(os.getpid()))
+        owner = "%s-%d" % (tag, process_start_ticks(os.getpid()))
         self.ns_client = "pgbed-c" + owner
         self.ns_server = "pgbed-s" + owner
         self.veth_client = "vpc" + tag  # names at most 15 characters
