@@ -2217,7 +2217,7 @@ def test_udp_flood_into_a_slow_reader_keeps_rss_bounded_and_recovers(tmp_path, p
                 assert good.roundtrip(datagram, timeout=10) == datagram
                 good_roundtrips.append(time.monotonic() - t0)
                 i += 1
-                stop.wait(0.2)
+                stop.wait(0.2)  # pacing: a round trip every 0.2 s
 
         errors = []
         watcher = threading.Thread(target=_catch, args=(watch, errors), daemon=True)
