@@ -1,6 +1,7 @@
 """Tests of proxyguard.py: pure protocol tests first, then real processes on loopback.
 
 Run: python3 -m pytest -q proxyguard_test.py  (every test has a time bound: pytest-timeout)
+The quick part, under a minute: python3 -m pytest -q -m "not slow" proxyguard_test.py
 
 The process tests start `python3 proxyguard.py` as subprocesses, with a UDP echo thread standing
 in for WireGuard behind the server and a UDP socket standing in for WireGuard in front of the

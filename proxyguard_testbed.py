@@ -41,8 +41,12 @@ The MTU study, from a shell (as root; --tls puts nginx in front):
     python3 proxyguard_testbed.py mtu [--mtus 1280,1320,1360,1380,1400,1420] [--seconds 5]
                                       [--runs 3] [--tls]
 
-Needs root, iproute2, iptables, wireguard-go, wireguard-tools (wg) and /dev/net/tun; the
-nginx front end also nginx and openssl.
+Needs root, iproute2, iptables, wireguard-go, wireguard-tools (wg), setpriv (util-linux) and
+/dev/net/tun; the nginx front end also nginx and openssl.
+
+Nothing outlives its run: every process of the bed dies with the process that started it
+(parent-death signal), and a bed starting removes the namespaces of runs that are gone
+(remove_stale_beds; namespace names carry the creator's pid and start time).
 """
 
 import argparse
@@ -274,8 +278,8 @@ class WireGuardBed:
         missing = [tool for tool in TOOLS + FRONT_END_TOOLS[front_end]
                    if shutil.which(tool) is None]
         if missing:
-            return ("missing tools: %s (Debian: apt-get install iproute2 iptables wireguard-go "
-                    "wireguard-tools%s)" % (", ".join(missing),
+            return ("missing tools: %s (Debian: apt-get install iproute2 iptables util-linux "
+                    "wireguard-go wireguard-tools%s)" % (", ".join(missing),
                                            " nginx openssl" if front_end else ""))
         if not os.path.exists("/dev/net/tun"):
             return "no /dev/net/tun (wireguard-go needs a TUN device)"
