@@ -41,8 +41,12 @@ The MTU study, from a shell (as root; --tls puts nginx in front):
     python3 proxyguard_testbed.py mtu [--mtus 1280,1320,1360,1380,1400,1420] [--seconds 5]
                                       [--runs 3] [--tls]
 
-Needs root, iproute2, iptables, wireguard-go, wireguard-tools (wg) and /dev/net/tun; the
-nginx front end also nginx and openssl.
+Needs root, iproute2, iptables, wireguard-go, wireguard-tools (wg), setpriv (util-linux) and
+/dev/net/tun; the nginx front end also nginx and openssl.
+
+Nothing outlives its run: every process of the bed dies with the process that started it
+(parent-death signal), and a bed starting removes the namespaces of runs that are gone
+(remove_stale_beds; namespace names carry the creator's pid and start time).
 """
 
 import argparse
@@ -53,6 +57,7 @@ import json
 import os
 import random
 import re
+import select
 import shutil
 import signal
 import socket
@@ -80,7 +85,11 @@ NGINX_PORT = 8443  # front_end="nginx": its TLS port on the server host (the ser
 SINK_PORT = 5201  # TCP bulk receiver on the server's tunnel address
 
 WG_RUN_DIR = "/var/run/wireguard"
-TOOLS = ("ip", "iptables", "wg", "wireguard-go")
+NETNS_DIR = "/var/run/netns"
+# setpriv (util-linux): every process of the bed gets --pdeathsig KILL, so it dies with the
+# process that started it (a test run killed by a time limit leaves no wireguard-go behind).
+TOOLS = ("ip", "iptables", "wg", "wireguard-go", "setpriv")
+DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "KILL"]
 FRONT_END_TOOLS = {None: (), "nginx": ("nginx", "openssl")}
 
 # front_end="nginx": TLS ends here, HTTP/1.1 with Upgrade to the proxyguard server on lo. Run in
@@ -133,6 +142,81 @@ class BedError(Exception):
 
 
 # =============================================================================================
+# Leftovers of dead runs
+# =============================================================================================
+
+# Namespace names: pgbed-{c,s}<pid:7><counter:2>-<start ticks of pid> (this version),
+# pgbed-{c,s}<pid % 100000:5><counter:2> (older versions) and pgbed-probe<pid> (unavailable()).
+_BED_NAME = re.compile(r"^pgbed-(?:[cs](?P<pid>\d{7})(?P<n>\d{2})-(?P<start>\d+)"
+                       r"|[cs](?P<pid5>\d{5})(?P<n5>\d{2})|probe(?P<probe>\d+))$")
+
+
+def process_start_ticks(pid):
+    """Start time of process `pid` (clock ticks after boot, /proc/PID/stat field 22), or None if
+    there is no such process or it is a zombie (dead, not yet reaped)."""
+    try:
+        with open("/proc/%d/stat" % pid) as stream:
+            fields = stream.read().rpartition(")")[2].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def _run_is_alive(match):
+    """Whether the run that named a namespace (a _BED_NAME match) may still be running."""
+    if match.group("pid") is not None:
+        # Alive only if the same process: a dead run's pid may be reused by any other.
+        return process_start_ticks(int(match.group("pid"))) == int(match.group("start"))
+    if match.group("probe") is not None:
+        return process_start_ticks(int(match.group("probe"))) is not None
+    # Older names have the pid modulo 100000 only: alive if any live process could be it.
+    low = int(match.group("pid5"))
+    return any(int(entry) % 100000 == low and process_start_ticks(int(entry)) is not None
+               for entry in os.listdir("/proc") if entry.isdigit())
+
+
+def remove_stale_beds(timeout=10):
+    """Remove what runs that are gone left behind (a run killed with SIGKILL cannot clean up):
+    their pgbed-* namespaces, the processes still in them, their wireguard-go sockets. The veth
+    pair, the TUN devices and the iptables rules exist only inside the namespaces and go with
+    them. Beds of live runs (other users of this machine may be running tests right now) are
+    left alone. Returns the namespaces removed."""
+    try:
+        names = sorted(os.listdir(NETNS_DIR))
+    except FileNotFoundError:
+        return []
+    removed = []
+    for name in names:
+        match = _BED_NAME.match(name)
+        if match is None or _run_is_alive(match):
+            continue
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True,
+                              timeout=15).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while any(process_start_ticks(int(pid)) is not None for pid in pids):
+            if time.monotonic() > deadline:
+                raise BedError("processes %s in stale namespace %s do not die" % (pids, name))
+            time.sleep(0.02)  # polling for a condition (the processes are gone), with a deadline
+        result = subprocess.run(["ip", "netns", "del", name], capture_output=True, text=True,
+                                timeout=15)
+        if result.returncode != 0 and os.path.exists(os.path.join(NETNS_DIR, name)):
+            continue  # another run removing the same leftovers got there first, or in use
+        removed.append(name)
+        tag = (match.group("pid") or match.group("pid5") or "") + (
+            match.group("n") or match.group("n5") or "")
+        if tag:
+            for ifname in ("wgc" + tag, "wgs" + tag):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(WG_RUN_DIR, ifname + ".sock"))
+    return removed
+
+
+# =============================================================================================
 # The bed
 # =============================================================================================
 
@@ -166,11 +250,14 @@ class WireGuardBed:
         self.python = python
         self.pg_extra = list(pg_extra)
         self.log = log or (lambda text: None)
-        # Fixed width, so two runs' tags never collide: 5 digits of the pid, 2 of a counter.
-        tag = "%05d%02d" % (os.getpid() % 100000, next(_counter) % 100)
+        # Fixed width, so two runs' tags never collide: the pid (7 digits: pid_max is at most
+        # 2^22), 2 of a counter. The namespace names also carry the process's start time, so a
+        # later run can tell the namespaces of a dead run (see remove_stale_beds).
+        tag = "%07d%02d" % (os.getpid(), next(_counter) % 100)
         self.tag = tag
-        self.ns_client = "pgbed-c" + tag
-        self.ns_server = "pgbed-s" + tag
+        owner = "%s-%d" % (tag, process_start_ticks(os.getpid()))
+        self.ns_client = "pgbed-c" + owner
+        self.ns_server = "pgbed-s" + owner
         self.veth_client = "vpc" + tag  # names at most 15 characters
         self.veth_server = "vps" + tag
         self.wg_client = "wgc" + tag
@@ -191,8 +278,8 @@ class WireGuardBed:
         missing = [tool for tool in TOOLS + FRONT_END_TOOLS[front_end]
                    if shutil.which(tool) is None]
         if missing:
-            return ("missing tools: %s (Debian: apt-get install iproute2 iptables wireguard-go "
-                    "wireguard-tools%s)" % (", ".join(missing),
+            return ("missing tools: %s (Debian: apt-get install iproute2 iptables util-linux "
+                    "wireguard-go wireguard-tools%s)" % (", ".join(missing),
                                            " nginx openssl" if front_end else ""))
         if not os.path.exists("/dev/net/tun"):
             return "no /dev/net/tun (wireguard-go needs a TUN device)"
@@ -236,7 +323,7 @@ class WireGuardBed:
         log_file.flush()
         full_env = dict(os.environ)
         full_env.update(env or {})
-        proc = subprocess.Popen(["ip", "netns", "exec", ns] + argv,
+        proc = subprocess.Popen(DIE_WITH_PARENT + ["ip", "netns", "exec", ns] + argv,
                                 stdin=subprocess.DEVNULL, stdout=log_file,
                                 stderr=subprocess.STDOUT, env=full_env,
                                 start_new_session=True)
@@ -308,6 +395,8 @@ class WireGuardBed:
 
     def start(self):
         t0 = time.monotonic()
+        for name in remove_stale_beds():
+            self.log("removed %s, left behind by a run that is gone" % name)
         self._make_network()
         self._make_keys()
         # proxyguard first: WireGuard's first handshake is lost if nothing listens yet on
@@ -480,8 +569,19 @@ class WireGuardBed:
         return self.send_signal("pg-client", sig)
 
     def _cut_rules(self):
+        # Inserted in this order, each at the top: new connections' SYNs are dropped (and
+        # counted, see cut_syns) by the last rule.
         return [("INPUT", "-p", "tcp", "--dport", self.public_port, "-j", "DROP"),
-                ("OUTPUT", "-p", "tcp", "--sport", self.public_port, "-j", "DROP")]
+                ("OUTPUT", "-p", "tcp", "--sport", self.public_port, "-j", "DROP"),
+                ("INPUT", "-p", "tcp", "--dport", self.public_port, "--syn", "-j", "DROP")]
+
+    def cut_syns(self):
+        """Connection attempts (SYNs, retries included) dropped by the cut so far."""
+        table = self.sh("iptables", "-nvxL", "INPUT", ns=self.ns_server)
+        for line in table.splitlines():
+            if "flags:0x17/0x02" in line and "dpt:%d" % self.public_port in line:
+                return int(line.split()[0])
+        raise BedError("the cut's SYN rule is missing:\n" + table)
 
     def cut_path(self):
         """Drop the TCP port the client connects to on the server host (proxyguard's, or
@@ -523,12 +623,15 @@ class WireGuardBed:
         return time.monotonic() - t0 if answer["ok"] else None
 
     def start_sink(self, port=SINK_PORT, timeout=120):
-        """A TCP receiver on the server's tunnel address (background); see finish_sink."""
-        proc = subprocess.Popen(["ip", "netns", "exec", self.ns_server, self.python,
-                                 os.path.abspath(__file__), "sink", WG_SERVER_IP, str(port),
-                                 "--timeout", str(timeout)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+        """A TCP receiver on the server's tunnel address (background); see finish. The bytes it
+        has received so far: received(port)."""
+        progress = os.path.join(self.workdir, "sink-%d.progress" % port)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(progress)
+        proc = subprocess.Popen(DIE_WITH_PARENT + [
+            "ip", "netns", "exec", self.ns_server, self.python, os.path.abspath(__file__),
+            "sink", WG_SERVER_IP, str(port), "--timeout", str(timeout), "--progress", progress],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         self.procs["sink-%d" % port] = proc
         line = proc.stdout.readline()
         if "READY" not in line:
@@ -536,14 +639,43 @@ class WireGuardBed:
             raise BedError("sink did not start: %r %s" % (line, proc.stderr.read()))
         return proc
 
-    def start_source(self, nbytes=None, seconds=None, port=SINK_PORT, seed=1, timeout=120):
+    def received(self, port=SINK_PORT):
+        """Bytes the sink on `port` has received so far (updated every 256 KiB)."""
+        try:
+            with open(os.path.join(self.workdir, "sink-%d.progress" % port)) as stream:
+                return int(stream.read() or 0)
+        except FileNotFoundError:
+            return 0
+
+    def wait_received(self, nbytes, timeout=30, port=SINK_PORT, source=None):
+        """Wait until the sink on `port` has received at least `nbytes`; BedError after
+        `timeout` seconds, or if `source` (its sender) has ended before."""
+        deadline = time.monotonic() + timeout
+        while self.received(port) < nbytes:
+            if source is not None and source.poll() is not None:
+                raise BedError("the source ended (exit %s) after %d of %d bytes received"
+                               % (source.returncode, self.received(port), nbytes))
+            if time.monotonic() > deadline:
+                raise BedError("the sink received %d of %d bytes in %ss\n%s"
+                               % (self.received(port), nbytes, timeout, self.diagnose()))
+            time.sleep(0.02)  # polling the sink's count, with a deadline
+        return self.received(port)
+
+    def start_source(self, nbytes=None, seconds=None, port=SINK_PORT, seed=1, timeout=120,
+                     until_stopped=False):
+        """A TCP sender to the sink (background); see finish. `until_stopped`: it sends until
+        finish(proc) closes its stdin (at most `nbytes` if given), so it cannot end before a
+        fault however fast the machine is."""
         args = [self.python, os.path.abspath(__file__), "source", WG_SERVER_IP, str(port),
                 "--seed", str(seed), "--timeout", str(timeout)]
         if nbytes is not None:
             args += ["--bytes", str(nbytes)]
         if seconds is not None:
             args += ["--seconds", str(seconds)]
-        proc = subprocess.Popen(["ip", "netns", "exec", self.ns_client] + args,
+        if until_stopped:
+            args += ["--until-eof"]
+        proc = subprocess.Popen(DIE_WITH_PARENT + ["ip", "netns", "exec", self.ns_client] + args,
+                                stdin=subprocess.PIPE if until_stopped else subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
         self.procs["source-%d" % port] = proc
@@ -776,6 +908,13 @@ def tool_wait_ping(args):
     return {"ok": False, "seconds": round(time.monotonic() - t0, 3), "sent": sequence}
 
 
+def _write_progress(path, total):
+    """Replace the file at `path` with the byte count `total` (read by WireGuardBed.received)."""
+    with open(path + ".tmp", "w") as stream:
+        stream.write("%d\n" % total)
+    os.replace(path + ".tmp", path)
+
+
 def tool_sink(args):
     listener = socket.create_server((args.address, args.port), reuse_port=False)
     listener.settimeout(args.timeout)
@@ -788,6 +927,7 @@ def tool_sink(args):
     first = None
     buffer = bytearray(1 << 20)
     view = memoryview(buffer)
+    reported = 0
     while True:
         n = conn.recv_into(buffer)
         if not n:
@@ -796,7 +936,12 @@ def tool_sink(args):
             first = time.monotonic()
         digest.update(view[:n])
         total += n
+        if args.progress and total - reported >= 256 << 10:
+            _write_progress(args.progress, total)
+            reported = total
     end = time.monotonic()
+    if args.progress:
+        _write_progress(args.progress, total)
     conn.close()
     return {"bytes": total, "sha256": digest.hexdigest(),
             "seconds": round(end - first, 4) if first else 0}
@@ -819,10 +964,15 @@ def tool_source(args):
     t0 = time.monotonic()
     total = 0
     while True:
+        if args.until_eof and select.select([sys.stdin], [], [], 0)[0]:
+            if not os.read(sys.stdin.fileno(), 4096):
+                break  # the one who started us says: enough
         if args.bytes is not None:
             size = min(block, args.bytes - total)
             if size <= 0:
                 break
+        elif args.until_eof:
+            size = block
         else:
             if time.monotonic() - t0 >= args.seconds:
                 break
@@ -913,7 +1063,11 @@ def main(argv=None):
         p.add_argument("address")
         p.add_argument("port", type=int)
         p.add_argument("--timeout", type=float, default=120.0)
+        if name == "sink":
+            p.add_argument("--progress", help="keep the byte count received so far in this file")
         if name == "source":
+            p.add_argument("--until-eof", action="store_true",
+                           help="send until stdin ends (--bytes: at most that many)")
             p.add_argument("--bytes", type=int)
             p.add_argument("--seconds", type=float, default=5.0)
             p.add_argument("--seed", type=int, default=1)
