@@ -3175,8 +3175,11 @@ def test_idle_one_way_keepalive_tunnel_stays_up(tmp_path, request, report):
 # =============================================================================================
 
 GO_SOURCE = os.path.join(HERE, "..", "shared", "reference", "proxyguard-go-2.0.0")
-PAIRINGS = [("py", "go"), ("go", "py")]  # (client, server)
-INTEROP_TRANSPORTS = ["plain", "nginx"]
+# (client, server, transport): plain HTTP; TLS ended by nginx in front of the server; the py
+# server's own TLS (--tls-cert; the original's server has none).
+INTEROP_CASES = [("py", "go", "plain"), ("py", "go", "nginx"),
+                 ("go", "py", "plain"), ("go", "py", "nginx"), ("go", "py", "tls")]
+INTEROP_IDS = ["%s-client-%s-server-%s" % case for case in INTEROP_CASES]
 # The original's client waits 1, 2, 4 ... s after a failed tunnel before it reconnects.
 INTEROP_RECOVERY_BOUND = 15.0
 # Datagrams the original's client may lose on one reconnect (the spec saw 1-4).
@@ -3228,9 +3231,12 @@ class RecordingEcho(UdpEcho):
         self.received.append(data)
 
 
-def start_interop_server(impl, tmp_path, go_binaries, wireguard_port, port=None, name="server"):
+def start_interop_server(impl, tmp_path, go_binaries, wireguard_port, *extra, port=None,
+                         name="server"):
+    """A server of either implementation; `extra` options are for the py server only."""
     if impl == "py":
-        return start_server(tmp_path, wireguard_port, port=port, name=name)
+        return start_server(tmp_path, wireguard_port, *extra, port=port, name=name)
+    assert not extra, extra
     port = port or free_port()
     proc = GoProc(tmp_path, [go_binaries["server"], "-listen", "%s:%d" % (LOOPBACK, port),
                              "-to", "%s:%d" % (LOOPBACK, wireguard_port)],
@@ -3265,16 +3271,22 @@ def start_interop_client(impl, tmp_path, go_binaries, url, ca=None, wireguard=No
 
 
 class InteropRig:
-    """client -> [nginx with TLS] -> server -> RecordingEcho, of the given implementations; the
-    server and the client can be restarted in place (same ports, same WireGuard)."""
+    """client -> [nginx with TLS] -> server -> RecordingEcho, of the given implementations
+    ("py" or "go"); the server and the client can be restarted in place (same ports, same
+    WireGuard)."""
 
-    def __init__(self, pairing, transport, tmp_path, go_binaries, procs, front_ends, certs):
-        self.client_impl, self.server_impl = pairing
-        self.transport = transport
+    def __init__(self, case, tmp_path, go_binaries, procs, front_ends, certs):
+        self.client_impl, self.server_impl, self.transport = case
         self.tmp_path, self.go_binaries, self.procs = tmp_path, go_binaries, procs
         self.echo = RecordingEcho()
+        self.server_args = []
+        if self.transport == "tls":
+            assert self.server_impl == "py", "the original's server has no TLS of its own"
+            self.server_args = ["--tls-cert", certs.cert, "--tls-key", certs.key]
         self.server = self._start_server()
-        if transport == "nginx":
+        if self.transport == "tls":
+            self.url, self.ca = "https://localhost:%d/proxyguard" % self.server.port, certs.ca
+        elif self.transport == "nginx":
             require("nginx")
             self.front_end = start_reverse_proxy(front_ends, tmp_path, "nginx", certs,
                                                  [self.server.port])
@@ -3286,7 +3298,7 @@ class InteropRig:
 
     def _start_server(self, port=None, name="server"):
         server = start_interop_server(self.server_impl, self.tmp_path, self.go_binaries,
-                                      self.echo.port, port=port, name=name)
+                                      self.echo.port, *self.server_args, port=port, name=name)
         self.procs.append(server)
         return server
 
@@ -3322,12 +3334,11 @@ class InteropRig:
 
 @pytest.fixture
 def interop_rig(tmp_path, go_binaries, procs, front_ends, certs):
-    """make(pairing, transport) -> an InteropRig, closed at teardown."""
+    """make((client, server, transport)) -> an InteropRig, closed at teardown."""
     made = []
 
-    def make(pairing, transport):
-        made.append(InteropRig(pairing, transport, tmp_path, go_binaries, procs, front_ends,
-                               certs))
+    def make(case):
+        made.append(InteropRig(case, tmp_path, go_binaries, procs, front_ends, certs))
         return made[-1]
 
     yield make
@@ -3451,17 +3462,13 @@ def wireguard_sized(count, seed):
     return [rng.choice([32, 92, 148, 576, 1280, 1420]) for _ in range(count)]
 
 
-PAIRING_IDS = ["py-client-go-server", "go-client-py-server"]
-
-
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("transport", INTEROP_TRANSPORTS)
-@pytest.mark.parametrize("pairing", PAIRINGS, ids=PAIRING_IDS)
-def test_original_interop_every_size_both_ways(pairing, transport, interop_rig):
+@pytest.mark.parametrize("case", INTEROP_CASES, ids=INTEROP_IDS)
+def test_original_interop_every_size_both_ways(case, interop_rig):
     """Every size from 1 to 65507 bytes, one at a time, then 1,000 WireGuard-sized datagrams
     16 in flight: byte-identical and in order at WireGuard behind the server (client to
     server) and at WireGuard in front of the client (server to client)."""
-    rig = interop_rig(pairing, transport)
+    rig = interop_rig(case)
     traffic = rig.traffic
     traffic.windowed("sizes", interop_sizes(), window=1)
     traffic.windowed("burst", wireguard_sized(1000, seed=1))
@@ -3470,8 +3477,11 @@ def test_original_interop_every_size_both_ways(pairing, transport, interop_rig):
     assert rig.echo.received == sent  # client -> server -> WireGuard
     assert traffic.got == sent        # WireGuard -> server -> client -> WireGuard
     assert len(rig.echo.sources) == 1
-    if transport == "nginx" and rig.client_impl == "py":
+    # The TLS version, as our side logs it (the original's client accepts TLS 1.3 only).
+    if rig.client_impl == "py" and rig.transport != "plain":
         rig.client.wait_log("TLSv1.3")
+    elif rig.transport == "tls":
+        rig.server.wait_log("TLSv1.3")
 
 
 def restart_under_traffic(rig, side, report):
@@ -3507,8 +3517,8 @@ def restart_under_traffic(rig, side, report):
         flowing.join()
     traffic.windowed("recovered", interop_sizes(seed=5, count=8) + wireguard_sized(300, seed=2))
     lost = traffic.check()
-    report("%s client, %s server, %s: %s restart: first reply after %.2f s; lost: %d in "
-           "flight at the kill, %d sent after the restart, 0 of %d after recovery"
+    report("%s client, %s server, %s: %s restart: first reply after %.2f s; lost: %d sent "
+           "before it was ready, %d sent after, 0 of %d after recovery"
            % (rig.client_impl, rig.server_impl, rig.transport, side, seconds,
               len(lost.get("during", ())), len(lost.get("after", ())),
               sum(1 for p, _ in traffic.sent if p == "recovered")))
@@ -3517,15 +3527,14 @@ def restart_under_traffic(rig, side, report):
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("transport", INTEROP_TRANSPORTS)
-@pytest.mark.parametrize("pairing", PAIRINGS, ids=PAIRING_IDS)
-def test_original_interop_server_restart_under_traffic(pairing, transport, interop_rig,
+@pytest.mark.parametrize("case", INTEROP_CASES, ids=INTEROP_IDS)
+def test_original_interop_server_restart_under_traffic(case, interop_rig,
                                                        interop_report):
     """SIGKILL the server (the Go one under a py client, the py one under a Go client) while
     WireGuard keeps sending, and start it again at once: traffic resumes on its own. The py
     client loses nothing sent after the new server listens; the Go client may lose a few
     datagrams as it reconnects (its stale reader), never more than GO_RECONNECT_LOSS."""
-    rig = interop_rig(pairing, transport)
+    rig = interop_rig(case)
     seconds, lost = restart_under_traffic(rig, "server", interop_report)
     after = lost.get("after", [])
     if rig.client_impl == "py":
@@ -3536,22 +3545,21 @@ def test_original_interop_server_restart_under_traffic(pairing, transport, inter
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("transport", INTEROP_TRANSPORTS)
-@pytest.mark.parametrize("pairing", PAIRINGS, ids=PAIRING_IDS)
-def test_original_interop_client_restart_under_traffic(pairing, transport, interop_rig,
+@pytest.mark.parametrize("case", INTEROP_CASES, ids=INTEROP_IDS)
+def test_original_interop_client_restart_under_traffic(case, interop_rig,
                                                        interop_report):
     """SIGKILL the client while WireGuard keeps sending, start it again on the same ports:
     the server takes the new tunnel, and a fresh client of either implementation loses
     nothing sent after it is ready."""
-    rig = interop_rig(pairing, transport)
+    rig = interop_rig(case)
     seconds, lost = restart_under_traffic(rig, "client", interop_report)
     assert lost.get("after", []) == [], (lost, rig.logs())
     assert len(rig.echo.sources) == 2
 
 
-@pytest.mark.parametrize("transport", INTEROP_TRANSPORTS)
+@pytest.mark.parametrize("transport", ["plain", "nginx"])
 def test_original_interop_check_mode_against_the_go_server(transport, interop_rig):
     """`proxyguard.py check` upgrades at the original's server, directly and through nginx."""
-    rig = interop_rig(("py", "go"), transport)
+    rig = interop_rig(("py", "go", transport))
     status, output = run_check(rig.url, *(["--ca-file", rig.ca] if rig.ca else []))
     assert status == 0 and "result   ok" in output, output
