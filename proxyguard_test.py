@@ -3245,18 +3245,20 @@ def start_interop_server(impl, tmp_path, go_binaries, wireguard_port, *extra, po
     return proc
 
 
-def start_interop_client(impl, tmp_path, go_binaries, url, ca=None, wireguard=None,
+def start_interop_client(impl, tmp_path, go_binaries, url, *extra, ca=None, wireguard=None,
                          listen_port=None, name="client"):
     """A client of either implementation in front of `wireguard` (a new WireGuardStandIn unless
-    given: a restarted client keeps its WireGuard and its ports). `ca`: the CA to trust."""
+    given: a restarted client keeps its WireGuard and its ports). `ca`: the CA to trust;
+    `extra` options are for the py client only."""
     listen_port = listen_port or free_port(socket.SOCK_DGRAM)
     wireguard = wireguard or WireGuardStandIn()
     env = no_proxy_env()
     if impl == "py":
         proc = Proc(tmp_path, ["client", "--to", url, "--listen-port", str(listen_port),
                                "--forward-port", str(wireguard.port)]
-                    + (["--ca-file", ca] if ca else []), name=name, env=env)
+                    + (["--ca-file", ca] if ca else []) + list(extra), name=name, env=env)
     else:
+        assert not extra, extra
         if ca:
             env["SSL_CERT_FILE"] = ca  # Go's crypto/x509 reads its roots from here on Linux
         proc = GoProc(tmp_path, [go_binaries["client"], "-to", url,
@@ -3275,14 +3277,15 @@ class InteropRig:
     ("py" or "go"); the server and the client can be restarted in place (same ports, same
     WireGuard)."""
 
-    def __init__(self, case, tmp_path, go_binaries, procs, front_ends, certs):
+    def __init__(self, case, tmp_path, go_binaries, procs, front_ends, certs, server_args=(),
+                 client_args=()):
         self.client_impl, self.server_impl, self.transport = case
         self.tmp_path, self.go_binaries, self.procs = tmp_path, go_binaries, procs
         self.echo = RecordingEcho()
-        self.server_args = []
+        self.server_args, self.client_args = list(server_args), list(client_args)
         if self.transport == "tls":
             assert self.server_impl == "py", "the original's server has no TLS of its own"
-            self.server_args = ["--tls-cert", certs.cert, "--tls-key", certs.key]
+            self.server_args += ["--tls-cert", certs.cert, "--tls-key", certs.key]
         self.server = self._start_server()
         if self.transport == "tls":
             self.url, self.ca = "https://localhost:%d/proxyguard" % self.server.port, certs.ca
@@ -3304,7 +3307,8 @@ class InteropRig:
 
     def _start_client(self, old=None, name="client"):
         client = start_interop_client(
-            self.client_impl, self.tmp_path, self.go_binaries, self.url, ca=self.ca,
+            self.client_impl, self.tmp_path, self.go_binaries, self.url, *self.client_args,
+            ca=self.ca,
             wireguard=old and old.wireguard, listen_port=old and old.listen_port, name=name)
         self.procs.append(client)
         return client
@@ -3334,11 +3338,13 @@ class InteropRig:
 
 @pytest.fixture
 def interop_rig(tmp_path, go_binaries, procs, front_ends, certs):
-    """make((client, server, transport)) -> an InteropRig, closed at teardown."""
+    """make((client, server, transport), server_args=(), client_args=()) -> an InteropRig,
+    closed at teardown."""
     made = []
 
-    def make(case):
-        made.append(InteropRig(case, tmp_path, go_binaries, procs, front_ends, certs))
+    def make(case, **options):
+        made.append(InteropRig(case, tmp_path, go_binaries, procs, front_ends, certs,
+                               **options))
         return made[-1]
 
     yield make
@@ -3563,3 +3569,36 @@ def test_original_interop_check_mode_against_the_go_server(transport, interop_ri
     rig = interop_rig(("py", "go", transport))
     status, output = run_check(rig.url, *(["--ca-file", rig.ca] if rig.ca else []))
     assert status == 0 and "result   ok" in output, output
+
+
+@pytest.mark.parametrize("case", [("py", "go", "plain"), ("go", "py", "plain")],
+                         ids=["py-client-idle-closes", "py-server-idle-closes"])
+def test_original_interop_our_idle_close_then_traffic_resumes(case, interop_rig,
+                                                              interop_report):
+    """Our side closes an idle tunnel (--idle-timeout 1); the next datagrams open a new one.
+    Our client loses nothing; the original's client notices the close, waits its 2 s and may
+    lose a datagram or two to its stale reader, then carries everything again."""
+    idle = ["--idle-timeout", "1"]
+    rig = interop_rig(case, **({"client_args": idle} if case[0] == "py" else
+                               {"server_args": idle}))
+    traffic = rig.traffic
+    traffic.windowed("before", [148, 1420, 65507])
+    ours = rig.client if rig.client_impl == "py" else rig.server
+    ours.wait_log("tunnel down", timeout=10)
+    if rig.client_impl == "py":
+        traffic.windowed("after", wireguard_sized(100, seed=3))
+        rig.client.wait_log("tunnel up", count=2)
+    else:
+        start = time.monotonic()
+        while not traffic.wait(lambda: traffic.replies["probe"] >= 1, 0.1):
+            assert time.monotonic() < start + INTEROP_RECOVERY_BOUND, rig.logs()
+            traffic.send("probe", 148)
+        rig.server.wait_log("tunnel up", count=2)
+        interop_report("go client after the py server's idle close: a datagram every 0.1 s "
+                       "got its first reply after %.2f s; %d of them lost"
+                       % (time.monotonic() - start, len(traffic.check().get("probe", []))))
+        traffic.windowed("after", wireguard_sized(100, seed=3))
+    lost = traffic.check()
+    assert set(lost) <= {"probe"}, (lost, rig.logs())
+    assert len(lost.get("probe", [])) <= GO_RECONNECT_LOSS, (lost, rig.logs())
+    assert len(rig.echo.sources) == 2
