@@ -3165,7 +3165,8 @@ def test_idle_one_way_keepalive_tunnel_stays_up(tmp_path, request, report):
 # =============================================================================================
 # Interoperation with the original: ProxyGuard 2.0.0 (Go), built here from its source in
 # ../shared/reference/proxyguard-go-2.0.0 (read-only: the build goes to a temp dir). Real
-# processes on loopback, either pairing, over plain HTTP and behind nginx terminating TLS:
+# processes on loopback, either pairing, over plain HTTP, behind nginx terminating TLS, and
+# (Go client only) to the py server's own TLS; the Go client trusts the test CA by SSL_CERT_FILE:
 #     WireGuardStandIn -> py client ==> Go server -> UdpEcho, and back
 #     WireGuardStandIn -> Go client ==> py server -> UdpEcho, and back
 # The original's client loses 1-4 datagrams when it reconnects (a stale reader of the old
@@ -3208,7 +3209,7 @@ def go_binaries(tmp_path_factory):
 
 class GoProc(Proc):
     """A process of the original (argv: its binary and flags), otherwise a Proc: a log file to
-    search, wait_log, kill. The original ignores SIGTERM, so stop() is not for it."""
+    search, wait_log, kill. (The original does not handle SIGTERM: it dies at once.)"""
 
     def __init__(self, tmp_path, argv, ready, name, env=None):
         self.log_path = tmp_path / ("%s-%d.log" % (name, time.monotonic_ns()))
@@ -3216,7 +3217,11 @@ class GoProc(Proc):
         self.args = list(argv)
         self.popen = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=self.log_file,
                                       stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})))
-        self.wait_log(ready)
+        try:
+            self.wait_log(ready)
+        except BaseException:
+            self.kill()
+            raise
 
 
 class RecordingEcho(UdpEcho):
