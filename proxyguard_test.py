@@ -4095,3 +4095,453 @@ def test_stale_bed_namespaces_are_removed_only_for_dead_runs():
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=15)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(wg_socket)
+
+
+# =============================================================================================
+# Interoperation with the original: ProxyGuard 2.0.0 (Go), built here from its source in
+# ../shared/reference/proxyguard-go-2.0.0 (read-only: the build goes to a temp dir). Real
+# processes on loopback, either pairing, over plain HTTP, behind nginx terminating TLS, and
+# (Go client only) to the py server's own TLS; the Go client trusts the test CA by SSL_CERT_FILE:
+#     WireGuardStandIn -> py client ==> Go server -> UdpEcho, and back
+#     WireGuardStandIn -> Go client ==> py server -> UdpEcho, and back
+# The original's client loses 1-4 datagrams when it reconnects (a stale reader of the old
+# tunnel still owns its UDP socket): where the Go client reconnects, a few lost datagrams are
+# allowed; whatever arrives must be byte-identical and in order, and traffic after recovery
+# must be complete.
+# =============================================================================================
+
+GO_SOURCE = os.path.join(HERE, "..", "shared", "reference", "proxyguard-go-2.0.0")
+# (client, server, transport): plain HTTP; TLS ended by nginx in front of the server; the py
+# server's own TLS (--tls-cert; the original's server has none).
+INTEROP_CASES = [("py", "go", "plain"), ("py", "go", "nginx"),
+                 ("go", "py", "plain"), ("go", "py", "nginx"), ("go", "py", "tls")]
+INTEROP_IDS = ["%s-client-%s-server-%s" % case for case in INTEROP_CASES]
+# The original's client waits 1, 2, 4 ... s after a failed tunnel before it reconnects.
+INTEROP_RECOVERY_BOUND = 15.0
+# Datagrams the original's client may lose on one reconnect (the spec saw 1-4).
+GO_RECONNECT_LOSS = 4
+
+
+@pytest.fixture(scope="session")
+def go_binaries(tmp_path_factory):
+    """{"client": path, "server": path} of the original, built from GO_SOURCE into a temp dir,
+    offline, writing nothing into the source tree."""
+    go = which_or_skip("go", "golang-go")
+    if not os.path.isfile(os.path.join(GO_SOURCE, "go.mod")):
+        skip_or_fail("the original's source is missing: %s" % os.path.normpath(GO_SOURCE))
+    out = tmp_path_factory.mktemp("proxyguard-go")
+    env = dict(os.environ, GOFLAGS="-mod=mod -buildvcs=false", GOPROXY="off",
+               GOCACHE=str(out / "cache"), GOPATH=str(out / "gopath"), GOTOOLCHAIN="local",
+               CGO_ENABLED="0")
+    result = subprocess.run([go, "build", "-o", str(out / "bin") + os.sep, "./cmd/..."],
+                            cwd=GO_SOURCE, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, "go build failed:\n" + result.stdout + result.stderr
+    binaries = {side: str(out / "bin" / ("proxyguard-" + side)) for side in ("client", "server")}
+    for path in binaries.values():
+        assert os.access(path, os.X_OK), path
+    return binaries
+
+
+class GoProc(Proc):
+    """A process of the original (argv: its binary and flags), otherwise a Proc: a log file to
+    search, wait_log, kill. (The original does not handle SIGTERM: it dies at once.)"""
+
+    def __init__(self, tmp_path, argv, ready, name, env=None):
+        self.log_path = tmp_path / ("%s-%d.log" % (name, time.monotonic_ns()))
+        self.log_file = open(self.log_path, "w")
+        self.args = list(argv)
+        self.popen = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=self.log_file,
+                                      stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})))
+        try:
+            self.wait_log(ready)
+        except BaseException:
+            self.kill()
+            raise
+
+
+class RecordingEcho(UdpEcho):
+    """A UdpEcho that keeps every datagram it got, in order: what the server sent WireGuard."""
+
+    def __init__(self):
+        self.received = []
+        super().__init__()
+
+    def record(self, data, source):
+        super().record(data, source)
+        self.received.append(data)
+
+
+def start_interop_server(impl, tmp_path, go_binaries, wireguard_port, *extra, port=None,
+                         name="server"):
+    """A server of either implementation; `extra` options are for the py server only."""
+    if impl == "py":
+        return start_server(tmp_path, wireguard_port, *extra, port=port, name=name)
+    assert not extra, extra
+    port = port or free_port()
+    proc = GoProc(tmp_path, [go_binaries["server"], "-listen", "%s:%d" % (LOOPBACK, port),
+                             "-to", "%s:%d" % (LOOPBACK, wireguard_port)],
+                  ready="listening on", name="go-" + name)
+    proc.port = port
+    return proc
+
+
+def start_interop_client(impl, tmp_path, go_binaries, url, *extra, ca=None, wireguard=None,
+                         listen_port=None, name="client"):
+    """A client of either implementation in front of `wireguard` (a new WireGuardStandIn unless
+    given: a restarted client keeps its WireGuard and its ports). `ca`: the CA to trust;
+    `extra` options are for the py client only."""
+    listen_port = listen_port or free_port(socket.SOCK_DGRAM)
+    wireguard = wireguard or WireGuardStandIn()
+    env = no_proxy_env()
+    if impl == "py":
+        proc = Proc(tmp_path, ["client", "--to", url, "--listen-port", str(listen_port),
+                               "--forward-port", str(wireguard.port)]
+                    + (["--ca-file", ca] if ca else []) + list(extra), name=name, env=env)
+    else:
+        assert not extra, extra
+        if ca:
+            env["SSL_CERT_FILE"] = ca  # Go's crypto/x509 reads its roots from here on Linux
+        proc = GoProc(tmp_path, [go_binaries["client"], "-to", url,
+                                 "-listen-port", str(listen_port),
+                                 "-forward-port", str(wireguard.port),
+                                 "-peer-ips", LOOPBACK],
+                      ready="waiting for traffic", name="go-" + name, env=env)
+    wireguard.endpoint = (LOOPBACK, listen_port)
+    proc.wireguard = wireguard
+    proc.listen_port = listen_port
+    return proc
+
+
+class InteropRig:
+    """client -> [nginx with TLS] -> server -> RecordingEcho, of the given implementations
+    ("py" or "go"); the server and the client can be restarted in place (same ports, same
+    WireGuard)."""
+
+    def __init__(self, case, tmp_path, go_binaries, procs, front_ends, certs, server_args=(),
+                 client_args=()):
+        self.client_impl, self.server_impl, self.transport = case
+        self.tmp_path, self.go_binaries, self.procs = tmp_path, go_binaries, procs
+        self.echo = RecordingEcho()
+        self.server_args, self.client_args = list(server_args), list(client_args)
+        if self.transport == "tls":
+            assert self.server_impl == "py", "the original's server has no TLS of its own"
+            self.server_args += ["--tls-cert", certs.cert, "--tls-key", certs.key]
+        self.server = self._start_server()
+        if self.transport == "tls":
+            self.url, self.ca = "https://localhost:%d/proxyguard" % self.server.port, certs.ca
+        elif self.transport == "nginx":
+            require("nginx")
+            self.front_end = start_reverse_proxy(front_ends, tmp_path, "nginx", certs,
+                                                 [self.server.port])
+            self.url, self.ca = front_url(self.front_end), certs.ca
+        else:
+            self.url, self.ca = "http://%s:%d/proxyguard" % (LOOPBACK, self.server.port), None
+        self.client = self._start_client()
+        self.traffic = Traffic(self.client.wireguard)
+
+    def _start_server(self, port=None, name="server"):
+        server = start_interop_server(self.server_impl, self.tmp_path, self.go_binaries,
+                                      self.echo.port, *self.server_args, port=port, name=name)
+        self.procs.append(server)
+        return server
+
+    def _start_client(self, old=None, name="client"):
+        client = start_interop_client(
+            self.client_impl, self.tmp_path, self.go_binaries, self.url, *self.client_args,
+            ca=self.ca,
+            wireguard=old and old.wireguard, listen_port=old and old.listen_port, name=name)
+        self.procs.append(client)
+        return client
+
+    def restart(self, side):
+        """SIGKILL the server or the client and start it again on the same ports; returns the
+        monotonic time at which the new one is ready."""
+        if side == "server":
+            self.server.kill()
+            self.server = self._start_server(port=self.server.port, name="server-again")
+        else:
+            self.client.kill()
+            self.client = self._start_client(old=self.client, name="client-again")
+        return time.monotonic()
+
+    def logs(self):
+        parts = ["%s %s log:\n%s" % (self.client_impl, "client", self.client.log()),
+                 "%s %s log:\n%s" % (self.server_impl, "server", self.server.log())]
+        if self.transport == "nginx":
+            parts.append("nginx log:\n" + self.front_end.log())
+        return "\n".join(parts)
+
+    def close(self):
+        self.traffic.close()
+        self.echo.close()
+
+
+@pytest.fixture
+def interop_rig(tmp_path, go_binaries, procs, front_ends, certs):
+    """make((client, server, transport), server_args=(), client_args=()) -> an InteropRig,
+    closed at teardown."""
+    made = []
+
+    def make(case, **options):
+        made.append(InteropRig(case, tmp_path, go_binaries, procs, front_ends, certs,
+                               **options))
+        return made[-1]
+
+    yield make
+    for rig in made:
+        rig.close()
+
+
+class Traffic:
+    """Numbered datagrams sent through a client's WireGuardStandIn, each tagged with a phase;
+    a thread collects every reply. check() matches the replies against what was sent: each
+    reply must be a datagram sent, byte for byte, in the order sent; the ones missing are lost
+    and counted per phase."""
+
+    def __init__(self, wireguard):
+        self.wireguard = wireguard
+        self.sent = []  # (phase, datagram), in send order
+        self.got = []
+        self.phase_of = {}
+        self.replies = collections.Counter()  # phase -> replies seen
+        self.changed = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._collect, daemon=True)
+        self._thread.start()
+
+    def _collect(self):
+        sock = self.wireguard.sock
+        sock.settimeout(0.1)
+        while not self._closed:
+            try:
+                data = sock.recvfrom(70000)[0]
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with self.changed:
+                self.got.append(data)
+                self.replies[self.phase_of.get(data)] += 1
+                self.changed.notify_all()
+
+    def close(self):
+        self._closed = True
+        self._thread.join(5)
+
+    def send(self, phase, size):
+        with self.changed:
+            datagram = numbered(len(self.sent), size)
+            self.sent.append((phase, datagram))
+            self.phase_of[datagram] = phase
+        self.wireguard.send(datagram)
+        return datagram
+
+    def wait(self, predicate, timeout):
+        """Wait until predicate() holds (called with the lock held); False on timeout."""
+        with self.changed:
+            return self.changed.wait_for(predicate, timeout)
+
+    def windowed(self, phase, sizes, window=16, window_bytes=70000, timeout=20):
+        """Send a datagram of each size with at most `window` datagrams and `window_bytes`
+        unanswered (one bigger datagram alone), and wait for every reply: for a phase that
+        must lose nothing. The bound in bytes matters: the original leaves its UDP receive
+        buffers at the kernel's default (208 KiB here, three 64 KiB datagrams)."""
+        first = self.replies[phase]
+        for count, size in enumerate(sizes):
+            def room():
+                answered = self.replies[phase] - first
+                waiting = sizes[answered:count]
+                return not waiting or (len(waiting) < window
+                                       and sum(waiting) + size <= window_bytes)
+            assert self.wait(room, timeout), self.describe(phase)
+            self.send(phase, size)
+        assert self.wait(lambda: self.replies[phase] - first >= len(sizes), timeout), \
+            self.describe(phase)
+
+    def check(self):
+        """{phase: [indices lost]}; fails unless every reply is a datagram sent, in order."""
+        position = 0
+        lost = collections.defaultdict(list)
+        with self.changed:
+            got, sent = list(self.got), list(self.sent)
+        for number, reply in enumerate(got):
+            start = position
+            while position < len(sent) and sent[position][1] != reply:
+                position += 1
+            assert position < len(sent), (
+                "reply %d (#%s, %d bytes) was not sent, or came out of order or twice"
+                % (number, reply[:4].hex(), len(reply)))
+            for index in range(start, position):
+                lost[sent[index][0]].append(index)
+            position += 1
+        for index in range(position, len(sent)):
+            lost[sent[index][0]].append(index)
+        return dict(lost)
+
+    def describe(self, phase):
+        return "phase %s: %d sent, %d replies" % (
+            phase, sum(1 for p, _ in self.sent if p == phase), self.replies[phase])
+
+
+@pytest.fixture
+def interop_report(capsys):
+    """interop_report(text): print one measured figure to the terminal, past pytest's capture."""
+
+    def write(text):
+        with capsys.disabled():
+            print("\ninterop: " + text)
+
+    return write
+
+
+def interop_sizes(seed=20251203, count=24):
+    """Datagram sizes from 1 to 65507 (the largest UDP payload over IPv4): the edges of
+    WireGuard's packets, of TLS records (16 KiB) and of the 2-byte length, then random ones."""
+    rng = random.Random(seed)
+    return ([1, 2, 3, 4, 32, 92, 148, 576, 1280, 1420, 1500, 4096, 16383, 16384, 16385, 20000,
+             32768, 65000, 65506, 65507] + [rng.randint(1, 65507) for _ in range(count)])
+
+
+def wireguard_sized(count, seed):
+    """`count` sizes as WireGuard sends them: keepalives, handshakes, MTU-sized packets."""
+    rng = random.Random(seed)
+    return [rng.choice([32, 92, 148, 576, 1280, 1420]) for _ in range(count)]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("case", INTEROP_CASES, ids=INTEROP_IDS)
+def test_original_interop_every_size_both_ways(case, interop_rig):
+    """Every size from 1 to 65507 bytes, one at a time, then 1,000 WireGuard-sized datagrams
+    16 in flight: byte-identical and in order at WireGuard behind the server (client to
+    server) and at WireGuard in front of the client (server to client)."""
+    rig = interop_rig(case)
+    traffic = rig.traffic
+    traffic.windowed("sizes", interop_sizes(), window=1)
+    traffic.windowed("burst", wireguard_sized(1000, seed=1))
+    assert traffic.check() == {}, rig.logs()
+    sent = [datagram for _, datagram in traffic.sent]
+    assert rig.echo.received == sent  # client -> server -> WireGuard
+    assert traffic.got == sent        # WireGuard -> server -> client -> WireGuard
+    assert len(rig.echo.sources) == 1
+    # The TLS version, as our side logs it (the original's client accepts TLS 1.3 only).
+    if rig.client_impl == "py" and rig.transport != "plain":
+        rig.client.wait_log("TLSv1.3")
+    elif rig.transport == "tls":
+        rig.server.wait_log("TLSv1.3")
+
+
+def restart_under_traffic(rig, side, report):
+    """Traffic flows (a 148-byte datagram every 20 ms) while `side` is SIGKILLed and started
+    again; returns (seconds from the restart to the first reply to a datagram sent after it,
+    {phase: lost indices})."""
+    traffic = rig.traffic
+    traffic.windowed("warm-up", [148, 1420, 65507, 1420, 32])
+    phase = ["during"]
+    stop = threading.Event()
+
+    def flow():
+        while not stop.is_set():
+            traffic.send(phase[0], 148)
+            stop.wait(0.02)
+
+    flowing = threading.Thread(target=flow)
+    flowing.start()
+    try:
+        # The fault comes on progress: once the tunnel has carried part of the flow.
+        assert traffic.wait(lambda: traffic.replies["during"] >= 25, 20), rig.logs()
+        ready = rig.restart(side)
+        phase[0] = "after"
+        recovered = traffic.wait(lambda: traffic.replies["after"] >= 1, INTEROP_RECOVERY_BOUND)
+        seconds = time.monotonic() - ready
+        assert recovered, "no reply %.1f s after the %s restart\n%s" % (seconds, side,
+                                                                         rig.logs())
+        # A little more flow after recovery, then a last check with every size.
+        target = traffic.replies["after"] + 25
+        assert traffic.wait(lambda: traffic.replies["after"] >= target, 20), rig.logs()
+    finally:
+        stop.set()
+        flowing.join()
+    traffic.windowed("recovered", interop_sizes(seed=5, count=8) + wireguard_sized(300, seed=2))
+    lost = traffic.check()
+    report("%s client, %s server, %s: %s restart: first reply after %.2f s; lost: %d sent "
+           "before it was ready, %d sent after, 0 of %d after recovery"
+           % (rig.client_impl, rig.server_impl, rig.transport, side, seconds,
+              len(lost.get("during", ())), len(lost.get("after", ())),
+              sum(1 for p, _ in traffic.sent if p == "recovered")))
+    assert not lost.get("warm-up") and not lost.get("recovered"), (lost, rig.logs())
+    return seconds, lost
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("case", INTEROP_CASES, ids=INTEROP_IDS)
+def test_original_interop_server_restart_under_traffic(case, interop_rig,
+                                                       interop_report):
+    """SIGKILL the server (the Go one under a py client, the py one under a Go client) while
+    WireGuard keeps sending, and start it again at once: traffic resumes on its own. The py
+    client loses nothing sent after the new server listens; the Go client may lose a few
+    datagrams as it reconnects (its stale reader), never more than GO_RECONNECT_LOSS."""
+    rig = interop_rig(case)
+    seconds, lost = restart_under_traffic(rig, "server", interop_report)
+    after = lost.get("after", [])
+    if rig.client_impl == "py":
+        assert after == [], (lost, rig.logs())
+    else:
+        assert len(after) <= GO_RECONNECT_LOSS, (lost, rig.logs())
+    assert len(rig.echo.sources) == 2  # a new tunnel, a new UDP socket towards WireGuard
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("case", INTEROP_CASES, ids=INTEROP_IDS)
+def test_original_interop_client_restart_under_traffic(case, interop_rig,
+                                                       interop_report):
+    """SIGKILL the client while WireGuard keeps sending, start it again on the same ports:
+    the server takes the new tunnel, and a fresh client of either implementation loses
+    nothing sent after it is ready."""
+    rig = interop_rig(case)
+    seconds, lost = restart_under_traffic(rig, "client", interop_report)
+    assert lost.get("after", []) == [], (lost, rig.logs())
+    assert len(rig.echo.sources) == 2
+
+
+@pytest.mark.parametrize("transport", ["plain", "nginx"])
+def test_original_interop_check_mode_against_the_go_server(transport, interop_rig):
+    """`proxyguard.py check` upgrades at the original's server, directly and through nginx."""
+    rig = interop_rig(("py", "go", transport))
+    status, output = run_check(rig.url, *(["--ca-file", rig.ca] if rig.ca else []))
+    assert status == 0 and "result   ok" in output, output
+
+
+@pytest.mark.parametrize("case", [("py", "go", "plain"), ("go", "py", "plain")],
+                         ids=["py-client-idle-closes", "py-server-idle-closes"])
+def test_original_interop_our_idle_close_then_traffic_resumes(case, interop_rig,
+                                                              interop_report):
+    """Our side closes an idle tunnel (--idle-timeout 1); the next datagrams open a new one.
+    Our client loses nothing; the original's client notices the close, waits its 2 s and may
+    lose a datagram or two to its stale reader, then carries everything again."""
+    idle = ["--idle-timeout", "1"]
+    rig = interop_rig(case, **({"client_args": idle} if case[0] == "py" else
+                               {"server_args": idle}))
+    traffic = rig.traffic
+    traffic.windowed("before", [148, 1420, 65507])
+    ours = rig.client if rig.client_impl == "py" else rig.server
+    ours.wait_log("tunnel down", timeout=10)
+    if rig.client_impl == "py":
+        traffic.windowed("after", wireguard_sized(100, seed=3))
+        rig.client.wait_log("tunnel up", count=2)
+    else:
+        start = time.monotonic()
+        while not traffic.wait(lambda: traffic.replies["probe"] >= 1, 0.1):
+            assert time.monotonic() < start + INTEROP_RECOVERY_BOUND, rig.logs()
+            traffic.send("probe", 148)
+        seconds = time.monotonic() - start
+        rig.server.wait_log("tunnel up", count=2)
+        traffic.windowed("after", wireguard_sized(100, seed=3))
+    lost = traffic.check()
+    if rig.client_impl == "go":
+        interop_report("go client after the py server's idle close: a datagram every 0.1 s "
+                       "got its first reply after %.2f s; %d of %d lost"
+                       % (seconds, len(lost.get("probe", [])), traffic.replies["probe"]
+                          + len(lost.get("probe", []))))
+    assert set(lost) <= {"probe"}, (lost, rig.logs())
+    assert len(lost.get("probe", [])) <= GO_RECONNECT_LOSS, (lost, rig.logs())
+    assert len(rig.echo.sources) == 2
