@@ -4116,6 +4116,10 @@ GO_SOURCE = os.path.join(HERE, "..", "shared", "reference", "proxyguard-go-2.0.0
 INTEROP_CASES = [("py", "go", "plain"), ("py", "go", "nginx"),
                  ("go", "py", "plain"), ("go", "py", "nginx"), ("go", "py", "tls")]
 INTEROP_IDS = ["%s-client-%s-server-%s" % case for case in INTEROP_CASES]
+# Every pairing over plain HTTP is in the quick run (`-m "not slow"`); the rest is slow.
+INTEROP_PARAMS = [pytest.param(case, id=name,
+                               marks=() if case[2] == "plain" else pytest.mark.slow)
+                  for case, name in zip(INTEROP_CASES, INTEROP_IDS)]
 # The original's client waits 1, 2, 4 ... s after a failed tunnel before it reconnects.
 INTEROP_RECOVERY_BOUND = 15.0
 # Datagrams the original's client may lose on one reconnect (the spec saw 1-4).
@@ -4409,7 +4413,7 @@ def wireguard_sized(count, seed):
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("case", INTEROP_CASES, ids=INTEROP_IDS)
+@pytest.mark.parametrize("case", INTEROP_PARAMS)
 def test_original_interop_every_size_both_ways(case, interop_rig):
     """Every size from 1 to 65507 bytes, one at a time, then 1,000 WireGuard-sized datagrams
     16 in flight: byte-identical and in order at WireGuard behind the server (client to
@@ -4472,6 +4476,7 @@ def restart_under_traffic(rig, side, report):
     return seconds, lost
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("case", INTEROP_CASES, ids=INTEROP_IDS)
 def test_original_interop_server_restart_under_traffic(case, interop_rig,
@@ -4490,6 +4495,7 @@ def test_original_interop_server_restart_under_traffic(case, interop_rig,
     assert len(rig.echo.sources) == 2  # a new tunnel, a new UDP socket towards WireGuard
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("case", INTEROP_CASES, ids=INTEROP_IDS)
 def test_original_interop_client_restart_under_traffic(case, interop_rig,
@@ -4503,6 +4509,7 @@ def test_original_interop_client_restart_under_traffic(case, interop_rig,
     assert len(rig.echo.sources) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transport", ["plain", "nginx"])
 def test_original_interop_check_mode_against_the_go_server(transport, interop_rig):
     """`proxyguard.py check` upgrades at the original's server, directly and through nginx."""
@@ -4511,6 +4518,7 @@ def test_original_interop_check_mode_against_the_go_server(transport, interop_ri
     assert status == 0 and "result   ok" in output, output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [("py", "go", "plain"), ("go", "py", "plain")],
                          ids=["py-client-idle-closes", "py-server-idle-closes"])
 def test_original_interop_our_idle_close_then_traffic_resumes(case, interop_rig,
