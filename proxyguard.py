@@ -1208,7 +1208,8 @@ class Tunnel:
         except OSError as exc:
             # ETIMEDOUT is the kernel giving up (TCP_USER_TIMEOUT); only one pump sees it, the
             # other sees a plain end of stream, so run() gives this reason precedence.
-            self.path_down = exc.errno == errno.ETIMEDOUT
+            if exc.errno == errno.ETIMEDOUT:
+                self.path_down = True
             reason = describe_error(exc)
         except Exception as exc:  # a bug must still close the tunnel and not kill the process
             log.exception("tunnel %s: unexpected error", self.peer)
@@ -2031,7 +2032,8 @@ class Client:
                 if self._stopping or not (self.pending or self.endpoint.wait()):
                     break
                 wait = self._connect_and_run()
-                if self._stopping:
+                self.endpoint.rearm()  # the tunnel's own wake must not cut the wait short
+                if self._stopping:  # stop() sets this before it wakes: no wake is lost
                     break
                 if wait:
                     log.info("next attempt in %gs, when WireGuard sends", wait)
@@ -2458,7 +2460,6 @@ def reload_settings(service, argv):
     level = getattr(logging, options.log_level.upper())
     if level != log.getEffectiveLevel():
         logging.getLogger().setLevel(level)
-        log.setLevel(logging.NOTSET)
         done.append("log level %s" % options.log_level)
     log.info("SIGHUP: reloaded %s; other options change on restart",
              ", ".join(done) if done else "nothing that changed")

@@ -1087,6 +1087,39 @@ def test_client_honours_retry_after_of_a_full_server(caplog):
     wireguard.sock.close()
 
 
+def test_client_waits_its_backoff_after_a_tunnel_that_died_at_once(caplog):
+    """A tunnel the server closes at once is a failure: the next connection waits 1 s. (The
+    dying tunnel's own wake of the UDP endpoint once cut that wait to nothing.)"""
+    listener = socket.create_server((LOOPBACK, 0))
+    accepted = []
+
+    def short_lived_server():
+        for _ in range(2):
+            conn, _ = listener.accept()
+            accepted.append(time.monotonic())
+            with conn:
+                read_answer_head(conn)
+                conn.sendall(pg.UPGRADE_RESPONSE)
+
+    threading.Thread(target=short_lived_server, daemon=True).start()
+    wireguard = WireGuardStandIn()
+    client = pg.Client.open(pg.Dialer(pg.ServerURL("http://%s:%d/" % listener.getsockname())),
+                            listen_port=0, forward_port=wireguard.port)
+    wireguard.endpoint = client.address
+    thread = threading.Thread(target=client.serve_forever, daemon=True)
+    with caplog.at_level(logging.INFO, logger="proxyguard"):
+        thread.start()
+        wireguard.send(b"first")
+        wait_until(lambda: "next attempt in 1s" in caplog.text, 5, "a 1 s wait logged")
+        wireguard.send(b"second")  # at once: the client must still wait out its second
+        wait_until(lambda: len(accepted) == 2, 5, "the second connection")
+        client.stop()
+        thread.join(5)
+    listener.close()
+    wireguard.sock.close()
+    assert accepted[1] - accepted[0] >= 0.95
+
+
 def read_answer_head(sock):
     reader = pg.HeadReader()
     sock.settimeout(5)
