@@ -17,6 +17,7 @@ import os
 import random
 import re
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -1345,6 +1346,55 @@ def test_reconnect_waits_grow_and_are_logged(tmp_path, procs):
     client.wireguard.send(b"x")
     client.wait_log("next attempt in 2s", timeout=5)
     assert "connection refused" in client.log()
+
+
+def readme_section(title):
+    with open(os.path.join(HERE, "README.md")) as f:
+        text = f.read()
+    start = text.index("## " + title)
+    end = text.find("\n## ", start + 3)
+    return text[start:end if end >= 0 else None]
+
+
+def readme_commands(section):
+    """The `python3 proxyguard.py ...` lines of a README section's sh blocks, as argument
+    lists for proxyguard.py (comments dropped)."""
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", section, re.S):
+        for line in block.splitlines():
+            words = shlex.split(line, comments=True)
+            if words[:2] == ["python3", "proxyguard.py"]:
+                commands.append(words[2:])
+    return commands
+
+
+def test_quick_start_runs_as_written(tmp_path, procs):
+    """The README's Quick start, literally: (1) starts a server with the defaults, and the
+    command that proves it prints the success line the README quotes."""
+    section = readme_section("Quick start")
+    server_args, check_args = readme_commands(section)[:2]
+    assert server_args == ["server"] and check_args[0] == "check"
+    server = Proc(tmp_path, server_args, name="quick-start")
+    procs.append(server)
+    result = run_cli(*check_args)
+    success = re.search(r"ends with `(result {3}ok: [^`]+)`", section).group(1)
+    assert result.returncode == 0 and success in result.stdout, result.stdout + result.stderr
+    server.wait_log("tunnel down")
+    assert "tunnel up" in server.log()
+    assert server.stop() == 0
+
+
+def test_ci_runs_the_tests_with_debians_python_alone():
+    """.ci/run makes its venv from Debian's /usr/bin/python3 and leaves no other Python on
+    PATH, so a Python of the machine cannot hide what a stock Debian refuses (PEP 668)."""
+    if os.environ.get("CI", "").lower() not in ("1", "true", "yes"):
+        pytest.skip("checks the CI environment (CI=true bash .ci/run)")
+    assert sys.prefix != sys.base_prefix, "not in a virtual environment: %s" % sys.prefix
+    assert os.path.realpath(sys.base_prefix) == "/usr", sys.base_prefix
+    pythons = {os.path.realpath(path) for directory in os.environ["PATH"].split(os.pathsep)
+               for path in [os.path.join(directory, "python3")] if os.path.exists(path)}
+    assert pythons <= {os.path.realpath(sys.executable), "/usr/bin/python3.%d"
+                       % sys.version_info[1]}, pythons
 
 
 # =============================================================================================
