@@ -2401,7 +2401,8 @@ def signals_held():
     and never runs the handler (the "SIGTERM ignored at start" bug). Held from before the
     service starts, a signal however early waits for sigwait instead of being lost.
     """
-    if not hasattr(signal, "pthread_sigmask"):  # not POSIX: Python's handlers do the work
+    if (not hasattr(signal, "pthread_sigmask")  # not POSIX: Python's handlers do the work
+            or threading.current_thread() is not threading.main_thread()):  # a test's thread
         yield
         return
     old = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
