@@ -164,6 +164,10 @@ DEFAULT_TRUSTED_PROXIES = "127.0.0.0/8,::1"
 # Linux socket option numbers that the socket module may lack on old Pythons.
 SO_MARK = getattr(socket, "SO_MARK", 36)
 TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
+IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
+# struct sock_extended_err (linux/errqueue.h): ee_errno, origin, type, code, pad, info, data.
+EXTENDED_ERROR = struct.Struct("=IBBBBII")
 
 # =============================================================================================
 # Errors
@@ -190,6 +194,14 @@ class HandshakeError(ProxyGuardError):
         self.status = status
         self.extra_headers = tuple(extra_headers)
         self.routine = routine  # a plain GET (health check, browser): logged at debug only
+
+
+class ClosedEarly(ConnectionError):
+    """The peer closed before the end of its HTTP head; `received` bytes came."""
+
+    def __init__(self, received):
+        super().__init__("closed before the end of the HTTP head (%s)" % plural(received, "byte"))
+        self.received = received
 
 
 class UpgradeRefused(ProxyGuardError):
@@ -273,9 +285,16 @@ def encode_frames(datagrams):
     return b"".join(parts)
 
 
+def plural(count, word):
+    """'1 datagram', '2 datagrams', '0 days': the one place log lines count things."""
+    return "%d %s%s" % (count, word, "" if count == 1 else "s")
+
+
 UPGRADE_RESPONSE = (
     b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: UoTLV/1\r\n\r\n")
 
+# The first byte of a TLS handshake record (0x16) and of a TLS alert record (0x15).
+TLS_RECORD_STARTS = (b"\x16", b"\x15")
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _VERSION = re.compile(r"^HTTP/(\d)\.(\d)$")
@@ -300,12 +319,14 @@ class HeadReader:
 
     `feed(data)` returns None while the head is incomplete, then (head, bytes after it). It
     raises HandshakeError(431) once more than `limit` bytes came without a complete head. A
-    first byte of 0x16 (a TLS record: a TLS client on a plain port) is returned at once as the
-    head, so the parser says so now rather than at the deadline while the TLS peer waits.
+    first byte in `sniff` (0x16, a TLS record: a TLS client on a plain port) is returned at
+    once as the head, so the parser says so now rather than at the deadline while the TLS
+    peer waits. The client sniffs a TLS alert (0x15) too: a TLS port's answer to plain HTTP.
     """
 
-    def __init__(self, limit=MAX_HEAD_BYTES):
+    def __init__(self, limit=MAX_HEAD_BYTES, sniff=(b"\x16",)):
         self.limit = limit
+        self.sniff = sniff
         self._buffer = bytearray()
 
     @property
@@ -316,7 +337,7 @@ class HeadReader:
         buffer = self._buffer
         start = max(0, len(buffer) - 3)  # the blank line may straddle the old and new bytes
         buffer += data
-        if buffer[:1] == b"\x16":
+        if buffer[:1] in self.sniff:
             return bytes(buffer), b""
         parts = split_head(memoryview(buffer)[start:])
         if parts is not None:
@@ -525,8 +546,31 @@ def parse_response(head):
     return HttpHead((version, int(status), reason), headers)
 
 
-def check_upgrade_response(response):
-    """Raise UpgradeRefused, naming the likely cause, unless `response` accepts UoTLV/1."""
+# A refusal's body the client reads (within its connect deadline) to show the server's words.
+MAX_BODY_SHOWN = 512
+# What a TLS port says to a plain HTTP request in its 400: nginx ("The plain HTTP request was
+# sent to HTTPS port"), Go's net/http ("Client sent an HTTP request to an HTTPS server."),
+# proxyguard.py's own server.
+_PLAIN_TO_TLS_PORT = re.compile(rb"HTTPS (port|server)|speaks HTTPS")
+USE_HTTPS_HINT = "is the server https://? (use https:// in --to)"
+
+
+def body_line(response, body):
+    """The server's own reason in a one-line text/plain body (ours: 'the server is full ...'),
+    or None: an HTML error page says nothing a log line could show."""
+    content_type = response.get("content-type", "text/plain").lower()
+    if not content_type.startswith("text/plain"):
+        return None
+    text = body.decode("utf-8", "replace").strip()
+    lines = text.splitlines()
+    if len(lines) != 1 or any(ord(ch) < 32 or ord(ch) == 127 for ch in lines[0]):
+        return None
+    return lines[0][:200]
+
+
+def check_upgrade_response(response, body=b""):
+    """Raise UpgradeRefused, naming the likely cause, unless `response` accepts UoTLV/1.
+    `body` is the start of a refusal's body (at most MAX_BODY_SHOWN bytes), if any came."""
     status = response.start[1]
     got = "HTTP %d %s" % (status, response.start[2])
     if status == 101:
@@ -547,10 +591,19 @@ def check_upgrade_response(response):
     elif status in (401, 403, 407):
         cause = "access denied by the server or a proxy"
     elif status in (502, 503, 504):
-        raise ServerUnavailable("got %s instead of 101 Switching Protocols: the reverse proxy "
-                                "cannot reach the proxyguard server behind it, or the server "
-                                "is full" % got,
-                                retry_after=parse_retry_after(response.get("retry-after")))
+        retry_after = parse_retry_after(response.get("retry-after"))
+        reason = body_line(response, body) if status == 503 else None
+        if reason is not None:  # a full server says so itself (issue "The first ten minutes")
+            cause = "the server says %r" % reason
+        else:
+            cause = ("the reverse proxy cannot reach the proxyguard server behind it, or the "
+                     "server is full")
+        if retry_after is not None:
+            cause += "; it asks to retry after %gs" % retry_after
+        raise ServerUnavailable("got %s instead of 101 Switching Protocols: %s" % (got, cause),
+                                retry_after=retry_after)
+    elif status == 400 and _PLAIN_TO_TLS_PORT.search(body):
+        cause = "the port speaks HTTPS: " + USE_HTTPS_HINT
     elif status == 400:
         cause = "the server or a reverse proxy rejected the request (does it pass Upgrade on?)"
     else:
@@ -924,6 +977,12 @@ def set_socket_buffers(sock):
             pass
 
 
+def buffer_sizes(sock):
+    """'receive 425984, send 425984': the socket's buffers as the kernel granted them."""
+    return "receive %d, send %d" % (sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+                                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+
+
 def prepare_tcp_socket(sock):
     """TCP_NODELAY: WireGuard carries TCP inside, and Nagle would add tens of milliseconds.
     (A socketpair in the tests is no TCP socket: it takes the buffers only.)"""
@@ -932,10 +991,11 @@ def prepare_tcp_socket(sock):
     set_socket_buffers(sock)
 
 
-def receive_waiting_datagrams(sock, first, limit=UDP_BATCH_BYTES):
+def receive_waiting_datagrams(sock, first, limit=UDP_BATCH_BYTES, refused=None):
     """Return `first` plus every datagram already waiting on `sock`, up to `limit` bytes.
 
-    Returns a list of (datagram, source address).
+    Returns a list of (datagram, source address). `refused()` is called for an ICMP port
+    unreachable that an earlier send brought back.
     """
     batch = [first]
     size = len(first[0])
@@ -945,6 +1005,8 @@ def receive_waiting_datagrams(sock, first, limit=UDP_BATCH_BYTES):
         except (BlockingIOError, InterruptedError):
             break
         except ConnectionRefusedError:  # ICMP from an earlier send: WireGuard not up yet
+            if refused is not None:
+                refused()
             continue
         batch.append(item)
         size += len(item[0])
@@ -958,12 +1020,15 @@ class UdpEndpoint:
     thread), and returns the non-empty datagrams waiting (perhaps none: after a wake, or an
     empty datagram, which the original drops too; the caller checks why it was woken);
     `send(datagram)` sends one; `release()` is called once the tunnel is done with it.
-    An ICMP port unreachable (WireGuard restarting) is no error either way.
+    An ICMP port unreachable (WireGuard down or restarting) is no error either way: it is
+    warned about once (`refused_message()`), and again only after WireGuard answered
+    (`_check_sources` says when), never per datagram.
     Subclasses say how to wait for the first datagram, where replies go, and how to wake.
     """
 
     def __init__(self, sock):
         self.sock = sock
+        self.refused = False  # warned that nothing listens; cleared when WireGuard answers
 
     def fileno(self):
         return self.sock.fileno()
@@ -971,28 +1036,40 @@ class UdpEndpoint:
     def receive(self):
         try:
             first = self._receive_first()
-        except (BlockingIOError, InterruptedError, ConnectionRefusedError):
+        except (BlockingIOError, InterruptedError):
+            return []
+        except ConnectionRefusedError:
+            self._nothing_listens()
             return []
         if first is None:
             return []
-        batch = receive_waiting_datagrams(self.sock, first)
+        batch = receive_waiting_datagrams(self.sock, first, refused=self._nothing_listens)
         self._check_sources(batch)
         return [data for data, _ in batch if data]
 
     def send(self, datagram):
         try:
             self._send(datagram)
-        except ConnectionRefusedError:  # ICMP port unreachable: WireGuard restarting
-            pass
+        except ConnectionRefusedError:  # ICMP port unreachable: WireGuard down or restarting
+            self._nothing_listens()
+
+    def _nothing_listens(self):
+        # The server swallowed these without a word (issue "The first ten minutes").
+        if not self.refused:
+            self.refused = True
+            log.warning("%s", self.refused_message())
 
     def _check_sources(self, batch):
-        pass
+        self.refused = False  # WireGuard answered: warn again if it goes away
 
 
 class TunnelUdpEndpoint(UdpEndpoint):
     """The server's UDP socket for one tunnel, connected to WireGuard (so WireGuard sees one
     source port per client). `wake()` shuts it down, which makes a blocked recv return at once
-    (defined for connected UDP sockets); `release()` closes it."""
+    (defined for connected UDP sockets); `release()` closes it. `label` names the tunnel in
+    its warning."""
+
+    label = "a tunnel"
 
     @classmethod
     def connected(cls, address, family):
@@ -1003,7 +1080,13 @@ class TunnelUdpEndpoint(UdpEndpoint):
         except OSError:
             sock.close()
             raise
-        return cls(sock)
+        endpoint = cls(sock)
+        endpoint.destination = address
+        return endpoint
+
+    def refused_message(self):
+        return ("%s: nothing listens on %s (--to): is WireGuard up?"
+                % (self.label, format_address(self.destination)))
 
     def _receive_first(self):
         return self.sock.recvfrom(MAX_FRAME_PAYLOAD + 1)
@@ -1052,10 +1135,15 @@ class SharedUdpEndpoint(UdpEndpoint):
         try:
             set_socket_buffers(sock)
             sock.bind(("127.0.0.1", listen_port))
+            # Linux tells an unconnected UDP socket of an ICMP port unreachable only with
+            # IP_RECVERR (udp(7)): how the client learns that nothing listens on
+            # --forward-port. The errors then wait in a queue that wait() drains.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
         except OSError as exc:
             sock.close()
             raise FatalError("cannot listen on 127.0.0.1:%d (UDP): %s"
-                             % (listen_port, describe_error(exc)))
+                             % (listen_port, describe_bind_error(exc, listen_port, "udp")))
         return cls(sock, ("127.0.0.1", forward_port))
 
     @property
@@ -1066,8 +1154,31 @@ class SharedUdpEndpoint(UdpEndpoint):
         """Wait until a datagram waits (True) or a wake or `timeout` (seconds) comes (False).
         With `for_datagram` false, only a wake or the timeout ends the wait (a sleep)."""
         poller = self._poller if for_datagram else self._wake_poller
-        events = poller.poll(None if timeout is None else timeout * 1000)
-        return bool(events) and all(fd != self._wake_read for fd, _ in events)
+        deadline = None if timeout is None else Deadline(timeout)
+        while True:
+            events = poller.poll(None if deadline is None
+                                 else max(0.0, deadline.remaining()) * 1000)
+            if not events or any(fd == self._wake_read for fd, _ in events):
+                return False
+            # Only POLLERR: a queued error polls true until read. Anything else (a pending
+            # error without a queue) is for the caller's recvfrom to raise, as before.
+            if any(mask & select.POLLIN for _, mask in events) or not self._read_errors():
+                return True
+
+    def _read_errors(self):
+        """Drain the socket's error queue (IP_RECVERR); a port unreachable there means that
+        nothing listens on --forward-port. Returns whether there was anything to read."""
+        read = False
+        while True:
+            try:
+                _, ancillary, _, _ = self.sock.recvmsg(1, 512, MSG_ERRQUEUE | socket.MSG_DONTWAIT)
+            except OSError:  # empty (EAGAIN), or no error queue on this system
+                return read
+            read = True
+            for _, _, data in ancillary:
+                if (len(data) >= EXTENDED_ERROR.size
+                        and EXTENDED_ERROR.unpack_from(data)[0] == errno.ECONNREFUSED):
+                    self._nothing_listens()
 
     def _receive_first(self):
         if not self.wait():
@@ -1077,8 +1188,14 @@ class SharedUdpEndpoint(UdpEndpoint):
     def _send(self, datagram):
         self.sock.sendto(datagram, self.send_to)
 
+    def refused_message(self):
+        return ("nothing listens on %s (--forward-port): is WireGuard up, with ListenPort = %d?"
+                % (format_address(self.send_to), self.send_to[1]))
+
     def _check_sources(self, batch):
         for _, source in batch:
+            if source == self.send_to:  # something listens there again
+                self.refused = False
             if source[1] != self.send_to[1] and source != self.warned_source:
                 self.warned_source = source
                 log.warning("datagrams arrive from %s, but replies go to %s: set ListenPort = "
@@ -1172,6 +1289,9 @@ class Tunnel:
                     sock.setsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT, int(timeout * 1000))
                 except OSError:  # not Linux, or no TCP: the peer's silence still ends it
                     pass
+            if log.isEnabledFor(logging.DEBUG):  # what the kernel granted of what we asked
+                log.debug("tunnel %s: socket buffers (asked %d): TCP %s; UDP %s", self.peer,
+                          SOCKET_BUFFER_BYTES, buffer_sizes(sock), buffer_sizes(self.endpoint.sock))
             if self.greeting:  # the server's 101 goes out before any frame
                 self.channel.sendall(self.greeting)
             thread = threading.Thread(target=self._pump, args=(self.relay_udp_to_tcp,),
@@ -1194,11 +1314,12 @@ class Tunnel:
 
     def summary(self):
         """One line of figures for the tunnel-down log."""
-        text = ("%.1fs, %d datagrams/%d bytes to WireGuard, %d datagrams/%d bytes from WireGuard"
-                % (self.duration, self.to_udp_datagrams, self.to_udp_bytes,
-                   self.to_tcp_datagrams, self.to_tcp_bytes))
+        text = ("%.1fs, %s/%s to WireGuard, %s/%s from WireGuard"
+                % (self.duration, plural(self.to_udp_datagrams, "datagram"),
+                   plural(self.to_udp_bytes, "byte"), plural(self.to_tcp_datagrams, "datagram"),
+                   plural(self.to_tcp_bytes, "byte")))
         if self.oversized:
-            text += ", %d oversized frames dropped" % self.oversized
+            text += ", %s dropped" % plural(self.oversized, "oversized frame")
         return text
 
     def _pump(self, relay):
@@ -1335,12 +1456,40 @@ def is_socket_timeout(exc):
     return isinstance(exc, socket.timeout) and exc.errno is None
 
 
+def describe_bind_error(exc, port, protocol):
+    """Why a bind failed, with what to do, in one line: the port taken (and how to find who
+    has it), a privileged port, an address this machine lacks. socket.create_server's own
+    text ('... (while attempting to bind on address ...)') repeats the address."""
+    if exc.errno == errno.EADDRINUSE:
+        return ("the port is taken by another process (find it with: ss -l%snp 'sport = :%d')"
+                % ("t" if protocol == "tcp" else "u", port))
+    if exc.errno == errno.EACCES and port < 1024:
+        return ("permission denied: a port below 1024 needs root or CAP_NET_BIND_SERVICE "
+                "(proxyguard@.service: AmbientCapabilities=CAP_NET_BIND_SERVICE), or use a "
+                "port above 1023")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "no interface of this machine has this address"
+    if exc.errno and not isinstance(exc, socket.gaierror):
+        return os.strerror(exc.errno)[:1].lower() + os.strerror(exc.errno)[1:]
+    return describe_error(exc)
+
+
 def describe_error(exc):
     """A short reason for a log line: 'connection reset by peer', 'certificate verify failed';
     any other exception (ours, for one) by its message."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         message = exc.verify_message or str(exc.reason)
-        hint = next((hint for key, hint in _CERTIFICATE_HINTS if key in message.lower()), "")
+        key, hint = next(((key, hint) for key, hint in _CERTIFICATE_HINTS
+                          if key in message.lower()), (None, ""))
+        # The Dialer adds what it knows: the --ca-file tried (then "a private CA needs
+        # --ca-file" is wrong advice), and in check the names the certificate holds.
+        ca_file = getattr(exc, "ca_file", None)
+        if ca_file and key in ("local issuer", "self-signed"):
+            hint = (" (the certificate is not signed by a CA in --ca-file %s nor the system "
+                    "store)" % ca_file)
+        names = getattr(exc, "certificate_names", None)
+        if names and key in ("hostname mismatch", "ip address mismatch"):
+            hint = hint[:-1] + ", which names: %s)" % names
         return "TLS certificate not accepted: %s%s" % (message, hint)
     if isinstance(exc, ssl.SSLError):
         reason = exc.reason or str(exc)
@@ -1358,13 +1507,14 @@ def describe_error(exc):
 # =============================================================================================
 
 
-def read_head(channel, limit=MAX_HEAD_BYTES):
+def read_head(channel, limit=MAX_HEAD_BYTES, sniff=(b"\x16",)):
     """Read from `channel` until a whole HTTP head arrived; return (head, bytes after it).
 
     The channel's deadline bounds the whole read. Raises HandshakeError(431) past `limit`
-    bytes, HandshakeError(408) at the deadline, and ConnectionError when the peer closes first.
+    bytes, HandshakeError(408) at the deadline, and ClosedEarly when the peer closes first.
+    `sniff`: see HeadReader.
     """
-    reader = HeadReader(limit)
+    reader = HeadReader(limit, sniff)
     while True:
         try:
             data = channel.recv(4096)
@@ -1372,8 +1522,7 @@ def read_head(channel, limit=MAX_HEAD_BYTES):
             raise HandshakeError(408, "the HTTP head did not arrive in time (%d bytes came)"
                                  % reader.received)
         if not data:
-            raise ConnectionError("closed before the end of the HTTP head (%d bytes)"
-                                  % reader.received)
+            raise ClosedEarly(reader.received)
         parts = reader.feed(data)
         if parts is not None:
             return parts
@@ -1436,8 +1585,10 @@ class Server:
         return ["certificate %s" % options.tls_cert]
 
     def serve_forever(self):
-        log.info("server listening on %s (%s), forwarding to WireGuard at %s",
+        scope = listen_scope(self.listener)
+        log.info("server listening on %s (%s%s), forwarding to WireGuard at %s",
                  format_address(self.address), "https" if self.tls_context else "http",
+                 "; " + scope if scope else "",
                  format_address(self.wireguard_address))
         while not self._stopping:
             try:
@@ -1464,8 +1615,8 @@ class Server:
             if not full:
                 self._connections.add(connection)
         if full:
-            log.warning("connection %s refused: %d connections open already",
-                        format_address(peer), len(self._connections))
+            log.warning("connection %s refused: %s open already",
+                        format_address(peer), plural(len(self._connections), "connection"))
             refuse_without_waiting(sock, 503, "the server is full; try again later")
             return
         try:
@@ -1519,14 +1670,15 @@ class Server:
             channel = self._open_channel(sock, deadline)
             head, first_bytes = read_head(channel)
             request = parse_request(head)
+            log.debug("request from %s: %s", peer_text, head_line(head))
             check_upgrade_request(request)
             client = forwarded_client(request, peer[0], self.trusted_proxies)
             if client is not None:
                 peer_text = "%s (via %s)" % (client, peer_text)
             self._admit(connection)
             self._run_tunnel(connection, channel, peer_text, request.start[1], first_bytes)
-        except HandshakeError as exc:
-            self._refuse(channel, peer_text, exc)
+        except HandshakeError as exc:  # before the channel is up, the answer goes out plain
+            self._refuse(channel or PlainChannel(sock), peer_text, exc)
         except OSError as exc:
             log.info("%s %s: %s", "tunnel" if connection.tunnel else "handshake failed from",
                      peer_text, describe_error(exc))
@@ -1547,6 +1699,12 @@ class Server:
             channel.handshake()
         except socket.timeout:
             raise ConnectionError("TLS handshake timed out (%gs)" % deadline.seconds)
+        except ssl.SSLError as exc:
+            if exc.reason != "HTTP_REQUEST":
+                raise
+            # Plain HTTP to this TLS port: OpenSSL closes without a byte, which a client
+            # cannot tell from a crash. Say it in plain HTTP, as nginx and Go's server do.
+            raise HandshakeError(400, "plain HTTP request sent to this HTTPS port: use https://")
         return channel
 
     def _admit(self, connection):
@@ -1556,11 +1714,13 @@ class Server:
             connection.admitted = not self.max_clients or admitted < self.max_clients
         if not connection.admitted:
             raise HandshakeError(
-                503, "the server is full (%d tunnels open); try again later" % self.max_clients,
+                503, "the server is full (%s open); try again later"
+                % plural(self.max_clients, "tunnel"),
                 [("Retry-After", "10")])
 
     def _run_tunnel(self, connection, channel, peer_text, path, first_bytes):
         endpoint = TunnelUdpEndpoint.connected(self.wireguard_address, self.wireguard_family)
+        endpoint.label = "tunnel %s" % peer_text
         tunnel = Tunnel(channel, endpoint, peer_text, IdleClock(self.idle_timeout), first_bytes,
                         greeting=UPGRADE_RESPONSE)
         with self._lock:
@@ -1606,7 +1766,20 @@ def open_listener(listen):
                                                     and address[0] == "::"))
     except OSError as exc:
         raise FatalError("cannot listen on %s: %s"
-                         % (format_address(listen), describe_error(exc)))
+                         % (format_address(listen), describe_bind_error(exc, port, "tcp")))
+
+
+def listen_scope(sock):
+    """What a wildcard address that `sock` is bound to takes, '' for any other: `--listen
+    :443` binds every interface without a word otherwise (issue "The first ten minutes")."""
+    host = sock.getsockname()[0]
+    if host == "0.0.0.0":
+        return "all interfaces, IPv4 only"
+    if host == "::":
+        if sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
+            return "all interfaces, IPv6 only"
+        return "all interfaces, IPv6 and IPv4"
+    return ""
 
 
 def resolve_udp(address, option):
@@ -1715,9 +1888,11 @@ def load_tls_files(context, error, cert_file=None, key_file=None, ca_file=None):
 
 def client_tls_context(ca_file=None, min_version="1.3"):
     """Verify certificate and host name against the system store (plus `ca_file`); ALPN
-    http/1.1 only, since HTTP/2 has no Upgrade. Raises UsageError for a bad CA file."""
+    http/1.1 only, since HTTP/2 has no Upgrade. Raises UsageError for a bad CA file.
+    `context.ca_file` remembers the file, for the error when a certificate fails."""
     context = ssl.create_default_context()
     load_tls_files(context, UsageError, ca_file=ca_file)
+    context.ca_file = ca_file
     context.minimum_version = TLS_VERSIONS[min_version]
     context.set_alpn_protocols(["http/1.1"])
     return context
@@ -1735,6 +1910,9 @@ def server_tls_context(cert_file, key_file):
 
 
 TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+# OpenSSL's verify codes of a certificate whose names do not include the URL's host.
+X509_HOSTNAME_MISMATCH = 62
+X509_IP_ADDRESS_MISMATCH = 64
 
 
 class Dialer:
@@ -1777,12 +1955,17 @@ class Dialer:
         try:
             yield detail
         except BaseException as exc:
-            if self.report:
-                self.report(name, False, "; ".join(detail + [describe_error(exc)]),
-                            time.monotonic() - started)
+            self._reported(name, False, "; ".join(detail + [describe_error(exc)]), started)
             raise
+        self._reported(name, True, "; ".join(detail), started)
+
+    def _reported(self, name, ok, detail, started):
+        seconds = time.monotonic() - started
         if self.report:
-            self.report(name, True, "; ".join(detail), time.monotonic() - started)
+            self.report(name, ok, detail, seconds)
+        # The client's steps at debug level, one line each: every address tried, TLS, the
+        # upgrade's answer (issue "The first ten minutes": debug added almost nothing).
+        log.debug("%s %s in %.1f ms: %s", name, "ok" if ok else "failed", seconds * 1000, detail)
 
     def resolve(self):
         """[(family, sockaddr)] to connect to: the proxy's, or the server's. Raises OSError."""
@@ -1817,7 +2000,7 @@ class Dialer:
                 self._proxy_connect(sock, deadline)
                 peer = "%s (via proxy %s)" % (self.url.host_header, format_address(address))
             if self.tls_context:
-                channel = self._tls(sock, deadline)
+                channel = self._tls(sock, deadline, (sock.family, address))
             else:
                 channel = PlainChannel(sock, deadline)
             return channel, self._upgrade(channel), peer
@@ -1874,32 +2057,114 @@ class Dialer:
             if rest:
                 raise UpgradeRefused("the proxy sent data after its 200 answer")
 
-    def _tls(self, sock, deadline):
+    def _tls(self, sock, deadline, address):
         with self._step("tls") as detail:
             channel = TLSChannel(sock, self.tls_context, server_side=False,
                                  server_hostname=self.url.host, deadline=deadline)
-            channel.handshake()
+            try:
+                channel.handshake()
+            except ssl.SSLCertVerificationError as exc:
+                # What describe_error needs to name the cause: the --ca-file that was tried,
+                # and (check only: it costs a second connection) the names the certificate
+                # holds, which a failed handshake does not give away.
+                exc.ca_file = getattr(self.tls_context, "ca_file", None)
+                if self.report and exc.verify_code in (X509_HOSTNAME_MISMATCH,
+                                                       X509_IP_ADDRESS_MISMATCH):
+                    exc.certificate_names = self._certificate_names(address, deadline)
+                raise
             detail.append(describe_tls(channel))
         return channel
 
+    def _certificate_names(self, address, deadline):
+        """The names (subjectAltName) in the server's certificate, read over a second
+        connection to `address` that checks the chain but not the host name; None if that
+        fails. For `check` only, to show what a name mismatch is a mismatch with."""
+        context = client_tls_context(getattr(self.tls_context, "ca_file", None))
+        context.minimum_version = self.tls_context.minimum_version
+        context.check_hostname = False
+        report, self.report = self.report, None  # not a step of its own in check's output
+        sock = None
+        try:
+            sock, _ = self._connect([address], deadline)
+            if self.proxy:
+                self._proxy_connect(sock, deadline)
+            channel = TLSChannel(sock, context, server_side=False,
+                                 server_hostname=self.url.host, deadline=deadline)
+            channel.handshake()
+            return certificate_names(channel.peer_certificate())
+        except (OSError, ProxyGuardError):
+            return None
+        finally:
+            self.report = report
+            if sock is not None:
+                sock.close()
+
     def _upgrade(self, channel):
+        plain = not channel.tls_version
         with self._step("upgrade") as detail:
-            channel.sendall(build_upgrade_request(self.url.host_header, self.url.target,
-                                                  self.user_agent))
-            head, rest = read_response_head(channel)
+            request = build_upgrade_request(self.url.host_header, self.url.target,
+                                            self.user_agent)
+            log.debug("upgrade request: %s", head_line(request))
+            channel.sendall(request)
+            try:
+                head, rest = read_response_head(channel)
+            except ClosedEarly as exc:
+                # A TLS port may close on a plain request without a byte (OpenSSL's
+                # HTTP_REQUEST; HAProxy, a Python server): the likeliest cause over http://.
+                if plain and exc.received == 0:
+                    raise ConnectionError("closed without an answer (0 bytes): " + USE_HTTPS_HINT)
+                raise
+            if plain and head[:1] in TLS_RECORD_STARTS:  # a TLS alert or handshake record
+                raise UpgradeRefused("the server answered in TLS, not HTTP: " + USE_HTTPS_HINT)
             response = parse_response(head)
+            log.debug("upgrade response: %s", head_line(head))
             detail.append("GET %s -> %s %d %s" % ((self.url.target,) + response.start))
             detail.extend("%s: %s" % header for header in response.headers)
-            check_upgrade_response(response)
+            body = b"" if response.start[1] == 101 else read_body(channel, response, rest)
+            check_upgrade_response(response, body)
         return rest
 
 
 def read_response_head(channel):
-    """read_head for the client side: a missing answer is a connection error, not a 408."""
+    """read_head for the client side: a missing answer is a connection error, not a 408; a
+    TLS alert comes back at once as the head."""
     try:
-        return read_head(channel)
+        return read_head(channel, sniff=TLS_RECORD_STARTS)
     except HandshakeError as exc:
         raise ConnectionError("no valid answer: %s" % exc)
+
+
+def head_line(head):
+    """An HTTP head on one log line: 'GET / HTTP/1.1 | Host: x | ...'."""
+    return " | ".join(head.decode("latin-1").strip().splitlines())
+
+
+def read_body(channel, response, rest, limit=MAX_BODY_SHOWN):
+    """The start of a refusal's body, at most `limit` bytes of its Content-Length, within the
+    channel's deadline; what came when the peer closes or the time is up. Never raises: the
+    status says what matters, the body only adds the server's words."""
+    length = response.get("content-length", "")
+    if not length.isdigit() or response.get("transfer-encoding") is not None:
+        return b""
+    wanted = min(int(length), limit)
+    body = bytearray(rest[:wanted])
+    while len(body) < wanted:
+        try:
+            data = channel.recv(wanted - len(body))
+        except OSError:
+            break
+        if not data:
+            break
+        body += data
+    return bytes(body)
+
+
+def certificate_names(cert):
+    """'localhost, 127.0.0.1': the DNS names and IP addresses of a decoded certificate's
+    subjectAltName (what a host name is checked against)."""
+    names = [value for kind, value in (cert or {}).get("subjectAltName", ())
+             if kind in ("DNS", "IP Address")]
+    return ", ".join(names) if names else "no DNS or IP names"
 
 
 def describe_tls(channel):
@@ -1910,7 +2175,8 @@ def describe_tls(channel):
     text = "%s, subject %s, issuer %s" % (channel.tls_version, name("subject"), name("issuer"))
     if "notAfter" in cert:
         expires = ssl.cert_time_to_seconds(cert["notAfter"])
-        text += ", expires %s (in %d days)" % (cert["notAfter"], (expires - time.time()) // 86400)
+        text += ", expires %s (in %s)" % (cert["notAfter"],
+                                          plural((expires - time.time()) // 86400, "day"))
     return text
 
 
@@ -2043,25 +2309,36 @@ class Client:
 
     def _connect_and_run(self):
         """One attempt: dial, run the tunnel to its end. Returns the wait before the next."""
+        log.debug("connecting to %s%s", self.url, " (after %s in a row)"
+                  % plural(self.backoff.failures, "failure") if self.backoff.failures else "")
         try:
             tunnel = self._open_tunnel()
-        except ServerUnavailable as exc:
-            log.warning("cannot connect to %s: %s", self.url, exc)
-            return self.backoff.failed(exc.retry_after)
-        except UpgradeRefused as exc:
-            log.error("upgrade refused by %s: %s", self.url, exc)
-            return self.backoff.refused()
-        except ssl.SSLError as exc:  # a captive portal's certificate fails until login
-            log.error("cannot connect to %s: %s", self.url, describe_error(exc))
-            return self.backoff.refused()
         except (OSError, ProxyGuardError) as exc:
-            log.warning("cannot connect to %s: %s", self.url, describe_error(exc))
-            return self.backoff.failed()
+            return self._dial_failed(exc)
         reason = tunnel.run()
         with self._lock:
             self._tunnel = None
         log.info("tunnel down: %s after %s (%s)", tunnel.peer, tunnel.summary(), reason)
         return self.backoff.tunnel_ended(tunnel.duration, tunnel.went_idle)
+
+    def _dial_failed(self, exc):
+        """Log why a dial failed, once; return the wait before the next."""
+        if self._stopping:
+            # stop() aborted the dial: no failure to warn about (a SIGTERM during a connect
+            # logged "cannot connect to ...: stopped").
+            log.debug("connecting to %s ended by stop: %s", self.url, describe_error(exc))
+            return 0
+        if isinstance(exc, ServerUnavailable):
+            log.warning("cannot connect to %s: %s", self.url, exc)
+            return self.backoff.failed(exc.retry_after)
+        if isinstance(exc, UpgradeRefused):
+            log.error("upgrade refused by %s: %s", self.url, exc)
+            return self.backoff.refused()
+        if isinstance(exc, ssl.SSLError):  # a captive portal's certificate fails until login
+            log.error("cannot connect to %s: %s", self.url, describe_error(exc))
+            return self.backoff.refused()
+        log.warning("cannot connect to %s: %s", self.url, describe_error(exc))
+        return self.backoff.failed()
 
     def stop(self):
         with self._lock:
@@ -2466,9 +2743,23 @@ def reload_settings(service, argv):
              ", ".join(done) if done else "nothing that changed")
 
 
+def logging_to_journal(stream=sys.stderr, environ=os.environ):
+    """True when `stream` is systemd's journal: JOURNAL_STREAM names its device and inode
+    (systemd.exec(5)), and the journal stamps each line itself."""
+    try:
+        if stream.isatty():
+            return False
+        status = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):  # closed, or no file (a test's StringIO)
+        return False
+    return environ.get("JOURNAL_STREAM", "") == "%d:%d" % (status.st_dev, status.st_ino)
+
+
 def configure_logging(level):
+    # Under systemd, a timestamp of our own doubles the journal's on every line.
+    stamp = "" if logging_to_journal() else "%(asctime)s "
     logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
+                        format=stamp + "%(levelname)s %(message)s")
 
 
 def main(argv=None):

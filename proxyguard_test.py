@@ -11,6 +11,7 @@ client. Only loopback addresses are used.
 import collections
 import concurrent.futures
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -1607,7 +1608,9 @@ def test_port_taken_exits_1_and_sigterm_exits_0(tmp_path, echo, procs):
     procs.append(server)
     result = run_cli("server", "--listen", "%s:%d" % (LOOPBACK, server.port))
     assert result.returncode == 1
-    assert "cannot listen on 127.0.0.1:%d: address already in use" % server.port in result.stderr
+    assert ("cannot listen on 127.0.0.1:%d: the port is taken by another process (find it "
+            "with: ss -ltnp 'sport = :%d')" % (server.port, server.port)) in result.stderr
+    assert "while attempting" not in result.stderr  # the address is said once, not twice
     assert server.stop(signal.SIGTERM) == 0
     assert "stopping on SIGTERM" in server.log()
 
@@ -1820,6 +1823,7 @@ def test_check_reports_each_step(tls_server, certs):
         assert step in out, out
     assert ("TLSv1.3, subject commonName=localhost, issuer commonName=proxyguard.py test CA, "
             "expires") in out
+    assert "(in 1 day)" in out  # the test certificates last 2 days: not "in 1 days"
     assert "GET /x -> HTTP/1.1 101 Switching Protocols" in out
     result = run_cli("check", "--to", "https://localhost:%d/x" % tls_server.port)
     assert result.returncode == 1
@@ -4680,3 +4684,335 @@ def test_original_interop_our_idle_close_then_traffic_resumes(case, interop_rig,
     assert set(lost) <= {"probe"}, (lost, rig.logs())
     assert len(lost.get("probe", [])) <= GO_RECONNECT_LOSS, (lost, rig.logs())
     assert len(rig.echo.sources) == 2
+
+
+# =============================================================================================
+# Messages: what a user sees in the first ten minutes (issue "The first ten minutes"): where the
+# server listens, a port taken, http:// to a TLS port, a full server, certificates, WireGuard
+# not up, debug lines, journald, plurals, a stop during a connect
+# =============================================================================================
+
+
+class QuietListener:
+    """A TCP socket bound to a wildcard address but never listening, so nothing is exposed
+    beyond loopback: enough for the server's start line. accept() waits for stop()."""
+
+    def __init__(self, family, host, v6only=None):
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        if v6only is not None:
+            self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+        self.sock.bind((host, 0))
+        self.closed = threading.Event()
+
+    def getsockname(self):
+        return self.sock.getsockname()
+
+    def getsockopt(self, *args):
+        return self.sock.getsockopt(*args)
+
+    def accept(self):
+        self.closed.wait(10)
+        raise OSError(errno.EBADF, "closed")
+
+    def shutdown(self, how):
+        self.closed.set()
+
+    def close(self):
+        self.closed.set()
+        self.sock.close()
+
+
+@pytest.mark.parametrize("family, host, v6only, scope", [
+    (socket.AF_INET, "0.0.0.0", None, " (http; all interfaces, IPv4 only), "),
+    (socket.AF_INET6, "::", 0, " (http; all interfaces, IPv6 and IPv4), "),
+    (socket.AF_INET6, "::", 1, " (http; all interfaces, IPv6 only), "),
+    (socket.AF_INET, LOOPBACK, None, " (http), ")])
+def test_start_line_says_which_interfaces_a_wildcard_takes(family, host, v6only, scope, caplog):
+    """`--listen :23041` (an empty host is 0.0.0.0) binds every interface: the start line says
+    so, and what [::] takes."""
+    try:
+        listener = QuietListener(family, host, v6only)
+    except OSError as exc:
+        pytest.skip("no %s here: %s" % (host, exc))
+    server = pg.Server(listener, (LOOPBACK, 9))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    with caplog.at_level(logging.INFO, logger="proxyguard"):
+        thread.start()
+        wait_until(lambda: "server listening on" in caplog.text, 5, "the start line")
+        address = pg.format_address(listener.getsockname()[:2])
+        server.stop()
+        thread.join(5)
+    assert "server listening on %s%sforwarding" % (address, scope) in caplog.text
+
+
+def test_client_udp_port_taken_says_how_to_find_the_other_process():
+    taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    taken.bind((LOOPBACK, 0))
+    port = taken.getsockname()[1]
+    try:
+        result = run_cli("client", "--to", "http://127.0.0.1:9/", "--listen-port", str(port))
+    finally:
+        taken.close()
+    assert result.returncode == 1
+    assert ("cannot listen on 127.0.0.1:%d (UDP): the port is taken by another process (find "
+            "it with: ss -lunp 'sport = :%d')" % (port, port)) in result.stderr
+
+
+def test_bind_errors_say_what_to_do():
+    denied = PermissionError(errno.EACCES, "Permission denied")
+    text = pg.describe_bind_error(denied, 443, "tcp")
+    assert "CAP_NET_BIND_SERVICE" in text and "a port above 1023" in text
+    assert pg.describe_bind_error(denied, 8443, "tcp") == "permission denied"
+    with pytest.raises(pg.FatalError) as caught:  # TEST-NET-1: on no machine, nothing is sent
+        pg.open_listener(("192.0.2.1", 0))
+    assert str(caught.value) == ("cannot listen on 192.0.2.1:0: no interface of this machine "
+                                 "has this address")
+
+
+def run_with_journal_stream(*args):
+    """Run proxyguard.py with stderr on a pipe that JOURNAL_STREAM names, as systemd does for
+    the journal; return (exit status, stderr)."""
+    read_end, write_end = os.pipe()
+    status = os.fstat(write_end)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROXYGUARD_")}
+    env["JOURNAL_STREAM"] = "%d:%d" % (status.st_dev, status.st_ino)
+    proc = subprocess.Popen([sys.executable, SCRIPT] + list(args), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=write_end, env=env)
+    os.close(write_end)
+    with os.fdopen(read_end) as stream:
+        err = stream.read()
+    return proc.wait(20), err
+
+
+def test_no_timestamp_of_our_own_in_the_journal(tmp_path, echo, procs):
+    server = start_server(tmp_path, echo.port)
+    procs.append(server)
+    listen = "%s:%d" % (LOOPBACK, server.port)
+    status, err = run_with_journal_stream("server", "--listen", listen)
+    assert status == 1 and err.startswith("ERROR cannot listen on %s: " % listen), err
+    result = run_cli("server", "--listen", listen)  # not the journal: a timestamp first
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ERROR cannot listen", result.stderr)
+
+
+def serve_answer(answer):
+    """A one-connection server on loopback that reads the request head, sends `answer` and
+    closes; returns its URL's host:port."""
+    listener = socket.create_server((LOOPBACK, 0))
+
+    def serve():
+        with listener:
+            conn, _ = listener.accept()
+            with conn:
+                read_answer_head(conn)
+                conn.sendall(answer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return "%s:%d" % listener.getsockname()
+
+
+NGINX_PLAIN_TO_HTTPS = (
+    b"HTTP/1.1 400 Bad Request\r\nServer: nginx/1.22.1\r\nContent-Type: text/html\r\n"
+    b"Content-Length: 255\r\nConnection: close\r\n\r\n<html>\r\n<head><title>400 The plain "
+    b"HTTP request was sent to HTTPS port</title></head>\r\n<body>\r\n<center><h1>400 Bad "
+    b"Request</h1></center>\r\n<center>The plain HTTP request was sent to HTTPS port</center>"
+    b"\r\n<hr><center>nginx/1.22.1</center>\r\n</body>\r\n</html>\r\n")
+
+
+@pytest.mark.parametrize("answer, error, text", [
+    (b"", ConnectionError, "closed without an answer (0 bytes): is the server https://? "
+                           "(use https:// in --to)"),
+    (b"\x15\x03\x03\x00\x02\x02\x46", pg.UpgradeRefused,  # a TLS alert: protocol_version
+     "the server answered in TLS, not HTTP: is the server https://? (use https:// in --to)"),
+    (NGINX_PLAIN_TO_HTTPS, pg.UpgradeRefused,
+     "got HTTP 400 Bad Request instead of 101 Switching Protocols: the port speaks HTTPS: is "
+     "the server https://? (use https:// in --to)"),
+], ids=["closed", "tls-alert", "nginx-400"])
+def test_http_url_to_a_tls_port_says_use_https(answer, error, text):
+    dialer = pg.Dialer(pg.ServerURL("http://%s/" % serve_answer(answer)))
+    with pytest.raises(error) as caught:
+        dialer.dial()
+    assert pg.describe_error(caught.value) == text
+
+
+def test_check_with_http_to_our_tls_server_says_use_https(tls_server):
+    result = run_cli("check", "--to", "http://localhost:%d/x" % tls_server.port)
+    assert result.returncode == 1
+    assert ("result   FAIL: got HTTP 400 Bad Request instead of 101 Switching Protocols: the "
+            "port speaks HTTPS: is the server https://? (use https:// in --to)") in result.stdout
+    tls_server.wait_log("400 plain HTTP request sent to this HTTPS port: use https://")
+
+
+def test_a_full_server_says_so_and_how_long_to_wait(echo):
+    server = pg.Server.open((LOOPBACK, 0), (LOOPBACK, echo.port), max_clients=1)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        first = RawTunnel(server.address[1])
+        dialer = pg.Dialer(pg.ServerURL("http://%s:%d/" % server.address))
+        with pytest.raises(pg.ServerUnavailable) as caught:
+            dialer.dial()
+        first.close()
+    finally:
+        server.stop()
+        thread.join(5)
+    assert str(caught.value) == (
+        "got HTTP 503 Service Unavailable instead of 101 Switching Protocols: the server says "
+        "'the server is full (1 tunnel open); try again later'; it asks to retry after 10s")
+    assert caught.value.retry_after == 10
+
+
+@pytest.mark.parametrize("head, body, cause", [
+    (b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\n\r\n", b"no backend\n",
+     "the reverse proxy cannot reach the proxyguard server behind it, or the server is full"),
+    (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/html\r\n\r\n",
+     b"<html><body>503</body></html>\n",
+     "the reverse proxy cannot reach the proxyguard server behind it, or the server is full"),
+    (b"HTTP/1.1 503 Service Unavailable\r\n\r\n", b"",
+     "the reverse proxy cannot reach the proxyguard server behind it, or the server is full"),
+    (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n\r\n",
+     b"down for maintenance until 10:00\n", "the server says 'down for maintenance until 10:00'"),
+])
+def test_unavailable_shows_the_servers_one_line_only(head, body, cause):
+    with pytest.raises(pg.ServerUnavailable) as caught:
+        pg.check_upgrade_response(pg.parse_response(head), body)
+    assert str(caught.value).endswith("instead of 101 Switching Protocols: " + cause)
+
+
+def test_certificate_errors_name_the_ca_file_and_the_names_held(tls_server, certs,
+                                                               tmp_path_factory):
+    other = make_certificates(tmp_path_factory.mktemp("other-ca"))
+    url = "https://localhost:%d/" % tls_server.port
+    result = run_cli("check", "--to", url, "--ca-file", other.ca)
+    assert result.returncode == 1
+    assert ("unable to get local issuer certificate (the certificate is not signed by a CA in "
+            "--ca-file %s nor the system store)" % other.ca) in result.stdout
+    assert "needs --ca-file" not in result.stdout
+    result = run_cli("check", "--to", "https://wrong.example:%d/" % tls_server.port,
+                     "--peer-ips", LOOPBACK, "--ca-file", certs.ca)
+    assert result.returncode == 1
+    assert ("Hostname mismatch, certificate is not valid for 'wrong.example'. (the URL's host "
+            "is not in the certificate, which names: localhost, 127.0.0.1)") in result.stdout
+    assert result.stdout.count("connect  ok") == 1  # the second look is no step of its own
+
+
+def test_wireguard_not_listening_is_warned_once_per_outage(tmp_path, procs):
+    """Nothing on --to: the server says so once per tunnel, not per datagram, and again once
+    WireGuard answered and went away."""
+    port = free_port(socket.SOCK_DGRAM)
+    server = start_server(tmp_path, port)
+    procs.append(server)
+    warning = "nothing listens on 127.0.0.1:%d (--to): is WireGuard up?" % port
+    tunnel = RawTunnel(server.port)
+    for index in range(20):
+        tunnel.send(numbered(index, 100))
+    server.wait_log(warning)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as wireguard:  # WireGuard comes up
+        wireguard.bind((LOOPBACK, port))
+        tunnel.send(b"up")
+        wireguard.settimeout(5)
+        data, source = wireguard.recvfrom(100)  # the datagram after the 20
+        wireguard.sendto(data, source)
+        assert tunnel.recv() == b"up"
+    assert server.log().count(warning) == 1
+    tunnel.send(b"down again")
+    server.wait_log(warning, count=2)
+    assert "WARNING tunnel 127.0.0.1:" in server.log()
+    tunnel.close()
+
+
+def test_client_warns_once_when_nothing_listens_on_forward_port(tunnel, echo):
+    _, client = tunnel
+    wireguard = client.wireguard
+    assert wireguard.roundtrip(b"hello") == b"hello"
+    forward_port = wireguard.port
+    wireguard.sock.close()  # WireGuard goes away; the replies find nothing on --forward-port
+    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    other.bind((LOOPBACK, 0))
+    sent = echo.count
+    for index in range(20):
+        other.sendto(numbered(index, 100), wireguard.endpoint)
+    warning = ("nothing listens on 127.0.0.1:%d (--forward-port): is WireGuard up, with "
+               "ListenPort = %d?" % (forward_port, forward_port))
+    client.wait_log(warning)
+    wait_until(lambda: echo.count == sent + 20, 5, "the 20 datagrams echoed")
+    back = WireGuardStandIn.__new__(WireGuardStandIn)  # WireGuard back on its port
+    back.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    back.sock.bind((LOOPBACK, forward_port))
+    back.endpoint = wireguard.endpoint
+    assert back.roundtrip(b"back") == b"back"  # every earlier reply went out before this one
+    assert client.log().count(warning) == 1
+    back.sock.close()
+    other.close()
+
+
+def test_debug_shows_each_step_heads_and_buffers(echo, caplog):
+    server = pg.Server.open((LOOPBACK, 0), (LOOPBACK, echo.port))
+    server_thread = threading.Thread(target=server.serve_forever, daemon=True)
+    wireguard = WireGuardStandIn()
+    client = pg.Client.open(pg.Dialer(pg.ServerURL("http://%s:%d/pg" % server.address)),
+                            listen_port=0, forward_port=wireguard.port)
+    wireguard.endpoint = client.address
+    client_thread = threading.Thread(target=client.serve_forever, daemon=True)
+    with caplog.at_level(logging.DEBUG, logger="proxyguard"):
+        server_thread.start()
+        client_thread.start()
+        assert wireguard.roundtrip(b"x") == b"x"
+        wait_until(lambda: caplog.text.count("socket buffers") == 2, 5, "both buffer lines")
+        client.stop()
+        server.stop()
+        client_thread.join(5)
+        server_thread.join(5)
+    wireguard.sock.close()
+    text = caplog.text
+    assert "connecting to http://%s:%d/pg" % server.address in text
+    assert re.search(r"connect ok in [\d.]+ ms: 127\.0\.0\.1:%d" % server.address[1], text)
+    assert "upgrade request: GET /pg HTTP/1.1 | Host: 127.0.0.1:%d | User-Agent: " \
+        % server.address[1] in text
+    assert "upgrade response: HTTP/1.1 101 Switching Protocols | Connection: Upgrade" in text
+    assert "request from 127.0.0.1:" in text
+    assert re.search(r"socket buffers \(asked 4194304\): TCP receive \d+, send \d+; UDP "
+                     r"receive \d+, send \d+", text)
+
+
+def test_counts_are_singular_for_one():
+    assert [pg.plural(n, "datagram") for n in (0, 1, 2)] == [
+        "0 datagrams", "1 datagram", "2 datagrams"]
+    ours, theirs = socket.socketpair()
+    tunnel = pg.Tunnel(pg.PlainChannel(ours), None, "test", pg.IdleClock(0))
+    tunnel.to_udp_datagrams, tunnel.to_udp_bytes = 1, 1
+    tunnel.to_tcp_datagrams, tunnel.to_tcp_bytes, tunnel.oversized = 2, 1420, 1
+    assert tunnel.summary().endswith("s, 1 datagram/1 byte to WireGuard, 2 datagrams/1420 "
+                                     "bytes from WireGuard, 1 oversized frame dropped")
+    ours.close()
+    theirs.close()
+
+
+def test_stop_during_a_connect_logs_no_warning(caplog):
+    """SIGTERM while the client waits for the server's answer: stop() aborts the dial, which is
+    no failure to warn about."""
+    listener = socket.create_server((LOOPBACK, 0))
+    accepted = threading.Event()
+    held = []
+
+    def silent_server():
+        conn, _ = listener.accept()
+        held.append(conn)
+        accepted.set()
+
+    threading.Thread(target=silent_server, daemon=True).start()
+    wireguard = WireGuardStandIn()
+    client = pg.Client.open(pg.Dialer(pg.ServerURL("http://%s:%d/" % listener.getsockname())),
+                            listen_port=0, forward_port=wireguard.port)
+    wireguard.endpoint = client.address
+    thread = threading.Thread(target=client.serve_forever, daemon=True)
+    with caplog.at_level(logging.DEBUG, logger="proxyguard"):
+        thread.start()
+        wireguard.send(b"handshake")
+        assert accepted.wait(5)
+        client.stop()
+        thread.join(5)
+    assert not thread.is_alive()
+    assert "ended by stop" in caplog.text
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    for sock in held + [listener, wireguard.sock]:
+        sock.close()
