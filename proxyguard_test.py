@@ -1461,7 +1461,7 @@ def test_example_config_file_is_valid():
     (["server", "--listen", "0.0.0.0"], "--listen '0.0.0.0'"),
     (["server", "--idle-timeout", "-1"], "--idle-timeout"),
     (["server", "--tls-cert", "x.pem"], "--tls-cert and --tls-key"),
-    (["sever"], "unrecognized arguments: sever"),
+    (["sever"], "unknown mode 'sever': did you mean 'server'?"),
     (["-c", "/nonexistent.conf"], "/nonexistent.conf"),
     (["client", "--to", "http://x/", "--idle-timeout", "inf"], "--idle-timeout inf: must be"),
     (["client", "--to", "http://x/", "--user-agent", "a\r\nX-Injected: 1"],
