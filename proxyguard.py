@@ -2416,6 +2416,32 @@ MODES = ("client", "server", "check")
 ENV_PREFIX = "PROXYGUARD_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
+# Which mode each option is for, by its long name; an option not listed is for every mode.
+# `check` tries the client's connection, so it takes the client's options: a client's config
+# file can be checked as it is. parse_options refuses an option of another mode given on the
+# command line, and one set in a config file or the environment unless it holds its default
+# (the shipped example file sets both modes' defaults). --help's "client:" words come from here.
+OPTION_MODES = {
+    "listen": ("server",), "tls-cert": ("server",), "tls-key": ("server",),
+    "max-clients": ("server",), "trusted-proxies": ("server",),
+    "handshake-timeout": ("server",),
+    "listen-port": ("client",), "forward-port": ("client",), "peer-ips": ("client",),
+    "fwmark": ("client",), "tcp-port": ("client",), "user-agent": ("client",),
+    "connect-timeout": ("client",), "proxy": ("client",), "ca-file": ("client",),
+    "tls-min-version": ("client",),
+    "idle-timeout": ("client", "server"),
+}
+# What the user likely meant when an option is in the wrong mode.
+MODE_HINTS = {
+    ("listen", "client"): "the client's UDP port is --listen-port",
+    ("listen-port", "server"): "the server listens on --listen HOST:PORT",
+}
+# PROXYGUARD_* variables that are not options: read by proxyguard's own test and bench tools,
+# never warned about.
+NOT_OPTION_VARIABLES = ("PROXYGUARD_TEST_", "PROXYGUARD_SCRIPT")
+INSTALL_CONFIGARGPARSE = ("apt install python3-configargparse (Debian, Ubuntu), or pip install "
+                          "configargparse in a venv")
+
 # Bounds of the time options, in seconds, with their words for errors and --help. They go
 # into socket timeouts: SO_RCVTIMEO/SO_SNDTIMEO (a timeval) and TCP_USER_TIMEOUT (milliseconds
 # in a 32-bit int, so 24.8 days at most), and Python's own; a day and an hour stay far below.
@@ -2439,6 +2465,13 @@ class OptionParser(_ParserBase):
         raise UsageError(message)
 
 
+class CommandLineParser(argparse.ArgumentParser):
+    """The same options, command line only, no defaults: which options the command line gives."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
 def fwmark_value(text):
     """--fwmark: decimal, or hexadecimal as `wg` shows it (0xca6c)."""
     text = text.strip()
@@ -2450,118 +2483,306 @@ def fwmark_value(text):
     raise argparse.ArgumentTypeError("%r: not a number (decimal, or hex as 0xca6c)" % text)
 
 
-def build_parser():
+def choice_in(choices):
+    """A choice in any case (--log-level DEBUG, mode = Client); anything else as written, for
+    argparse's 'invalid choice'."""
+    def choice(text):
+        word = text.strip().lower()
+        return word if word in choices else text
+    return choice
+
+
+def close_match(word, candidates):
+    """The candidate `word` most likely misspells, or None."""
+    import difflib  # only for a mistake's hint
+    found = difflib.get_close_matches(word, list(candidates), n=1)
+    return found[0] if found else None
+
+
+def build_parser(command_line_only=False):
+    """The parser of every option. command_line_only: plain argparse, no --help, --version,
+    config file or environment, and no defaults (parse_options' first pass)."""
+    usage = ("%%(prog)s {%s} [options]\n       %%(prog)s -c FILE [options]" % ",".join(MODES))
     extra = {}
-    if configargparse:
+    if configargparse and not command_line_only:
         extra = dict(auto_env_var_prefix=ENV_PREFIX, add_env_var_help=True,
                      add_config_file_help=False,
                      config_file_parser_class=configargparse.DefaultConfigFileParser)
-    parser = OptionParser(
-        prog="proxyguard.py", description="Carry WireGuard's UDP over one HTTP(S) connection "
+    parser_class = CommandLineParser if command_line_only else OptionParser
+    parser = parser_class(
+        prog="proxyguard.py", usage=usage, add_help=not command_line_only,
+        description="Carry WireGuard's UDP over one HTTP(S) connection "
         "(ProxyGuard UoTLV/1). Options also come from a config file (-c, 'key = value') and "
         "from %s<OPTION> environment variables; the command line wins over the config file, "
-        "which wins over the environment." % ENV_PREFIX,
+        "which wins over the environment. An option of another mode is refused (check takes "
+        "the client's)." % ENV_PREFIX,
         epilog="Examples: proxyguard.py server --listen [::]:443 --to 127.0.0.1:51820 | "
                "proxyguard.py client --to https://vpn.example.org/proxyguard | "
                "proxyguard.py -c /etc/proxyguard/client.conf", **extra)
-    add = parser.add_argument
-    if configargparse:
+
+    def add(*names, **kwargs):
+        modes = OPTION_MODES.get(names[-1][2:])
+        if modes:
+            kwargs["help"] = "%s: %s" % (", ".join(modes), kwargs["help"])
+        return parser.add_argument(*names, **kwargs)
+
+    if configargparse and not command_line_only:
         add("-c", "--config", is_config_file=True, metavar="FILE",
             help="config file of 'option = value' lines (see proxyguard.conf.example)")
     else:
-        add("-c", "--config", metavar="FILE", help="config file (needs configargparse)")
-    add("--mode", choices=MODES, help="client, server, or check (try one connection to --to "
-        "and print each step); required. 'proxyguard.py client ...' is short for "
-        "'--mode client ...'")
+        add("-c", "--config", metavar="FILE",
+            help="config file (needs configargparse: %s)" % INSTALL_CONFIGARGPARSE)
+    add("--mode", type=choice_in(MODES), choices=MODES, help="client, server, or check (try one "
+        "connection to --to and print each step; takes the client's options); required. "
+        "'proxyguard.py client ...' is short for '--mode client ...'")
     add("--to", help="client: the server's URL, http(s)://host[:port][/path] (required); "
         "server: WireGuard's HOST:PORT (default %s)" % DEFAULT_SERVER_TO)
     add("--listen", metavar="HOST:PORT", default=DEFAULT_SERVER_LISTEN,
-        help="server: where to accept connections, [::]:443 for all (default %(default)s)")
+        help="where to accept connections, [::]:443 for all (default %(default)s)")
     add("--listen-port", type=int, default=DEFAULT_LISTEN_PORT, metavar="PORT",
-        help="client: UDP port on 127.0.0.1 that WireGuard's Endpoint names "
-             "(default %(default)s)")
+        help="UDP port on 127.0.0.1 that WireGuard's Endpoint names (default %(default)s)")
     add("--forward-port", type=int, default=DEFAULT_FORWARD_PORT, metavar="PORT",
-        help="client: WireGuard's ListenPort on 127.0.0.1, where replies go "
-             "(default %(default)s)")
+        help="WireGuard's ListenPort on 127.0.0.1, where replies go (default %(default)s)")
     add("--peer-ips", default="", metavar="IP,IP",
-        help="client: the server's IP addresses, tried in order; skips DNS")
+        help="the server's IP addresses, tried in order; skips DNS")
     add("--fwmark", type=fwmark_value, default=-1, metavar="MARK",
-        help="client: Linux SO_MARK on the TCP socket, so it bypasses the VPN route, 0 to "
+        help="Linux SO_MARK on the TCP socket, so it bypasses the VPN route, 0 to "
              "0x7fffffff, decimal or hex; needs CAP_NET_ADMIN (default -1, off)")
     add("--tcp-port", type=int, default=0, metavar="PORT",
-        help="client: TCP source port (default 0, any)")
-    add("--user-agent", default=DEFAULT_USER_AGENT, help="client: User-Agent header "
+        help="TCP source port (default 0, any)")
+    add("--user-agent", default=DEFAULT_USER_AGENT, help="User-Agent header "
         "(default %(default)s)")
     add("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT, metavar="SECONDS",
-        help="client: TCP connect plus TLS and upgrade, at most 3600 (default %(default)g)")
-    add("--proxy", metavar="URL", help="client: reach the server through this HTTP proxy "
+        help="TCP connect plus TLS and upgrade, at most 3600 (default %(default)g)")
+    add("--proxy", metavar="URL", help="reach the server through this HTTP proxy "
         "with CONNECT, http://[user:pass@]host:port; 'none' ignores HTTPS_PROXY/HTTP_PROXY "
         "(default: those variables, honouring NO_PROXY)")
-    add("--ca-file", metavar="PEM", help="client: also trust the CAs in this file for https://")
-    add("--tls-min-version", choices=sorted(TLS_VERSIONS), default="1.3",
-        help="client: oldest TLS version accepted (default %(default)s, as the original)")
-    add("--tls-cert", metavar="PEM", help="server: speak HTTPS with this certificate chain "
+    add("--ca-file", metavar="PEM", help="also trust the CAs in this file for https://")
+    add("--tls-min-version", type=choice_in(TLS_VERSIONS), choices=sorted(TLS_VERSIONS),
+        default="1.3",
+        help="oldest TLS version accepted (default %(default)s, as the original)")
+    add("--tls-cert", metavar="PEM", help="speak HTTPS with this certificate chain "
         "(reloaded on SIGHUP)")
-    add("--tls-key", metavar="PEM", help="server: the private key for --tls-cert")
+    add("--tls-key", metavar="PEM", help="the private key for --tls-cert")
     add("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT, metavar="SECONDS",
         help="close a tunnel after this long without data either way, at most 86400; "
              "0 = never (default %(default)g)")
     add("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS, metavar="N",
-        help="server: open tunnels at most (up to %d); the next client gets 503 (default "
+        help="open tunnels at most (up to %d); the next client gets 503 (default "
              "%%(default)s, 0 = no limit)" % MAX_CLIENTS_BOUND)
     add("--trusted-proxies", default=DEFAULT_TRUSTED_PROXIES, metavar="NETS",
-        help="server: reverse proxies whose X-Forwarded-For/Forwarded name the real client in "
+        help="reverse proxies whose X-Forwarded-For/Forwarded name the real client in "
              "logs (default %(default)s; '' trusts none)")
     add("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT, metavar="SECONDS",
-        help="server: time a new connection has for TLS and its request head, at most 3600 "
+        help="time a new connection has for TLS and its request head, at most 3600 "
              "(default %(default)g)")
-    add("--log-level", choices=LOG_LEVELS, default="info", help="(default %(default)s)")
-    add("--version", action="version", version="proxyguard.py %s (%s)"
-        % (__version__, PROTOCOL))
+    add("--log-level", type=choice_in(LOG_LEVELS), choices=LOG_LEVELS, default="info",
+        help="(default %(default)s)")
+    if command_line_only:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+    else:
+        add("--version", action="version", version="proxyguard.py %s (%s; Python %d.%d.%d)"
+            % ((__version__, PROTOCOL) + tuple(sys.version_info[:3])))
     return parser
 
 
-def config_file_keys(argv):
-    """The option names a -c/--config file sets, so the environment cannot override them."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("-c", "--config")
-    path = pre.parse_known_args(argv)[0].config
-    if path is None:
-        return set()
+def settable_options(parser):
+    """{long name without dashes: action} of the options a config file or variable can set."""
+    return {action.option_strings[-1][2:]: action for action in parser._actions
+            if action.option_strings and action.option_strings[-1].startswith("--")
+            and action.dest not in ("help", "version", "config")}
+
+
+def env_name(key):
+    return ENV_PREFIX + key.upper().replace("-", "_")
+
+
+class Source:
+    """Where a value that is not on the command line came from, for error messages."""
+
+    def __init__(self, where, key, value):
+        self.where, self.key, self.value = where, key, value
+
+    def __str__(self):
+        return self.where
+
+
+def mode_word_first(argv):
+    """'client ...' is '--mode client ...'; a misspelt first word gets a suggestion."""
+    if not argv or argv[0].startswith("-"):
+        return argv
+    word = argv[0].lower()
+    if word in MODES:
+        return ["--mode", word] + argv[1:]
+    guess = close_match(word, MODES)
+    raise UsageError("unknown mode %r: %s" % (argv[0], "did you mean %r?" % guess if guess else
+                                              "the first word is client, server or check"))
+
+
+def config_file_settings(path, names):
+    """{dest: Source} of the file's lines. Keys as on the command line without the dashes, in
+    any case, '_' for '-'. Raises UsageError naming the file and the line."""
     try:
         with open(path) as stream:
-            items = configargparse.DefaultConfigFileParser().parse(stream)
+            lines = stream.readlines()
     except OSError as exc:
         raise UsageError("-c %r: cannot read the config file: %s"
                          % (path, describe_error(exc)))
-    except configargparse.ConfigFileParserException as exc:
-        raise UsageError("-c %r: %s" % (path, exc))
-    return {key.replace("_", "-").lower() for key in items}
+    except UnicodeDecodeError as exc:
+        raise UsageError("-c %r: cannot read the config file: not UTF-8 text (%s)" % (path, exc))
+    settings = {}
+    syntax = configargparse.DefaultConfigFileParser()
+    for number, line in enumerate(lines, 1):
+        where = "config file %s, line %d" % (path, number)
+        try:  # one line at a time, for its number
+            items = syntax.parse([line])
+        except configargparse.ConfigFileParserException:
+            raise UsageError("%s: %r is not 'option = value'" % (where, line.strip()))
+        for written, value in items.items():
+            key = written.lstrip("-").replace("_", "-").lower()
+            if key not in names:
+                guess = close_match(key, names)
+                raise UsageError("%s: unknown option %r%s" % (where, written, (
+                    " (did you mean '%s'?)" % guess) if guess else ""))
+            if isinstance(value, list):  # 'key = [a, b]'
+                value = ",".join(str(part) for part in value)
+            settings[names[key].dest] = Source(where, key, value)
+    return settings
+
+
+def environment_settings(environ, names):
+    """({dest: Source} of the PROXYGUARD_<OPTION> variables, in any case, and a warning for
+    each other PROXYGUARD_* variable, with the variable it likely misspells)."""
+    settings, warnings = {}, []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name.startswith(NOT_OPTION_VARIABLES):
+            continue
+        key = name[len(ENV_PREFIX):].replace("_", "-").lower()
+        if key in names:
+            settings[names[key].dest] = Source("environment variable %s" % name, key,
+                                               environ[name])
+            continue
+        guess = close_match(key, names)
+        warnings.append("%s is not an option's variable and is ignored%s" % (name, (
+            " (did you mean %s?)" % env_name(guess)) if guess else ""))
+    return settings, warnings
+
+
+def explain_parse_error(message, names, sources):
+    """argparse's message, with where a value came from, and a suggestion for a misspelling."""
+    found = re.match(r"argument (?:-\w/)?--([\w-]+): (.*)$", message)
+    if found:
+        key, rest = found.groups()
+        choice = re.match(r"invalid choice: '([^']*)'", rest)
+        guess = close_match(choice.group(1).lower(), names[key].choices) \
+            if choice and key in names else None
+        if guess:
+            message += "; did you mean '%s'?" % guess
+            rest += "; did you mean '%s'?" % guess
+        source = sources.get(names[key].dest) if key in names else None
+        if source is None:
+            return message
+        if source.where.startswith("environment"):
+            return "%s (--%s): %s" % (source, key, rest)
+        return "%s: %s: %s" % (source, source.key, rest)
+    found = re.match(r"unrecognized arguments: (.*)$", message)
+    if found:
+        hints = []
+        for word in found.group(1).split():
+            if word.lower() in MODES:
+                hints.append("the mode goes first: proxyguard.py %s ..." % word.lower())
+            elif word.startswith("--"):
+                guess = close_match(word[2:].split("=")[0], names)
+                if guess:
+                    hints.append("%s: did you mean --%s?" % (word, guess))
+        if hints:
+            message += " (%s)" % "; ".join(hints)
+    return message
+
+
+def name_source(exc, options):
+    """A check's UsageError naming --option, prefixed with the config file line or variable
+    the option came from, if it came from one."""
+    found = re.match(r"--([\w-]+)", str(exc))
+    source = getattr(options, "sources", {}).get(found.group(1).replace("-", "_")) \
+        if found else None
+    return "%s: %s" % (source, exc) if source else str(exc)
+
+
+def check_option_modes(options, parser, on_command_line, sources):
+    """Refuse an option of another mode: on the command line always, from a config file or
+    the environment unless it holds its default (a shared file's, the example file's)."""
+    mode = "client" if options.mode == "check" else options.mode
+    for key, action in settable_options(parser).items():
+        modes = OPTION_MODES.get(key)
+        if not modes or mode in modes:
+            continue
+        if action.dest in on_command_line:
+            source = None
+        elif action.dest in sources and getattr(options, action.dest) != action.default:
+            source = sources[action.dest]
+        else:
+            continue
+        hint = MODE_HINTS.get((key, options.mode))
+        if options.mode == "check":
+            hint = "check takes the client's options"
+        raise UsageError("%s--%s is a %s option: %s would ignore it%s" % (
+            "%s: " % source if source else "", key, " and ".join(modes),
+            "check" if options.mode == "check" else "the " + options.mode,
+            " (%s)" % hint if hint else ""))
 
 
 def parse_options(argv, environ=None):
-    """Parse and check every option; return the argparse namespace. Raises UsageError."""
+    """Parse and check every option; return the argparse namespace, with `warnings` (lines
+    for the log: unknown PROXYGUARD_* variables) and `sources` (dest: where a value that is
+    not on the command line came from). Raises UsageError; its `warnings` too."""
     environ = os.environ if environ is None else environ
-    argv = list(argv)
-    if argv and argv[0] in MODES:
-        argv = ["--mode"] + argv
     parser = build_parser()
-    if configargparse is None:
-        used = [name for name in environ if name.startswith(ENV_PREFIX)]
-        if used or any(arg in ("-c", "--config") or arg.startswith("--config=")
-                       for arg in argv):
+    names = settable_options(parser)
+    env_settings, warnings = environment_settings(environ, names)
+    sources = {}
+    try:
+        argv = mode_word_first(list(argv))
+        # First the command line alone: what it gives, and its own errors as argparse words them.
+        try:
+            given, _ = build_parser(command_line_only=True).parse_known_args(argv)
+        except UsageError as exc:
+            raise UsageError(explain_parse_error(str(exc), names, {}))
+        asks = any(arg in ("-h", "--help", "--version") for arg in argv)
+        path = getattr(given, "config", None)
+        if configargparse is None and (env_settings or path is not None):
+            used = sorted(env_name(source.key) for source in env_settings.values())
             raise UsageError("config files and %s* environment variables (%s) need the "
-                             "configargparse package: pip install configargparse, or give "
-                             "every option on the command line"
-                             % (ENV_PREFIX, ", ".join(used) or "-c"))
-        options = parser.parse_args(argv)
-    else:
-        # configargparse ranks the environment above config files; we rank the file higher.
-        in_file = config_file_keys(argv)
-        env = {name: value for name, value in environ.items() if name.startswith(ENV_PREFIX)
-               and name[len(ENV_PREFIX):].replace("_", "-").lower() not in in_file}
-        options = parser.parse_args(argv, env_vars=env)
-    check_options(options)
+                             "configargparse package: %s; or give every option on the "
+                             "command line" % (ENV_PREFIX, ", ".join(used) or "-c",
+                                               INSTALL_CONFIGARGPARSE))
+        # The file wins over the environment (configargparse ranks them the other way): both
+        # go in as variables, the file's replacing the environment's; neither over the
+        # command line.
+        sources.update(env_settings)
+        if path is not None and not asks:
+            sources.update(config_file_settings(path, names))
+        for dest in vars(given):
+            sources.pop(dest, None)
+        try:
+            if configargparse is None:
+                options = parser.parse_args(argv)
+            else:
+                options = parser.parse_args(argv, config_file_contents="", env_vars={
+                    env_name(source.key): source.value for source in sources.values()})
+        except UsageError as exc:
+            raise UsageError(explain_parse_error(str(exc), names, sources))
+        options.sources, options.warnings = sources, warnings
+        if options.mode is not None:
+            check_option_modes(options, parser, set(vars(given)), sources)
+        try:
+            check_options(options)
+        except UsageError as exc:
+            raise UsageError(name_source(exc, options))
+    except UsageError as exc:
+        exc.warnings = warnings
+        raise
     return options
 
 
@@ -2768,22 +2989,26 @@ def main(argv=None):
     try:
         options = parse_options(argv)
     except UsageError as exc:
+        for warning in getattr(exc, "warnings", ()):  # a misspelt variable may be the cause
+            print("proxyguard.py: warning: %s" % warning, file=sys.stderr)
         print("proxyguard.py: error: %s (see --help)" % exc, file=sys.stderr)
         return 2
     except SystemExit as exc:  # --help and --version print and exit 0
         return exc.code if isinstance(exc.code, int) else 0
     configure_logging(options.log_level)
+    for warning in options.warnings:
+        log.warning("%s", warning)
     if options.mode == "check":
         try:
             return run_check(build_dialer(options))
         except UsageError as exc:
-            print("proxyguard.py: error: %s" % exc, file=sys.stderr)
+            print("proxyguard.py: error: %s" % name_source(exc, options), file=sys.stderr)
             return 2
     with signals_held():
         try:
             service = build_service(options)
         except UsageError as exc:
-            print("proxyguard.py: error: %s" % exc, file=sys.stderr)
+            print("proxyguard.py: error: %s" % name_source(exc, options), file=sys.stderr)
             return 2
         except FatalError as exc:
             log.error("%s", exc)

@@ -1512,7 +1512,7 @@ def test_example_config_file_is_valid():
     (["server", "--listen", "0.0.0.0"], "--listen '0.0.0.0'"),
     (["server", "--idle-timeout", "-1"], "--idle-timeout"),
     (["server", "--tls-cert", "x.pem"], "--tls-cert and --tls-key"),
-    (["sever"], "unrecognized arguments: sever"),
+    (["sever"], "unknown mode 'sever': did you mean 'server'?"),
     (["-c", "/nonexistent.conf"], "/nonexistent.conf"),
     (["client", "--to", "http://x/", "--idle-timeout", "inf"], "--idle-timeout inf: must be"),
     (["client", "--to", "http://x/", "--user-agent", "a\r\nX-Injected: 1"],
@@ -1701,6 +1701,9 @@ def test_runs_without_configargparse(tmp_path, echo, procs):
     env = {"PYTHONPATH": str(tmp_path)}
     result = run_cli("server", "-c", "x.conf", env=env)
     assert result.returncode == 2 and "need the configargparse package" in result.stderr
+    # Debian's python3 refuses 'pip install' outside a venv (PEP 668): the package first
+    assert "apt install python3-configargparse (Debian, Ubuntu), or pip install " \
+           "configargparse in a venv" in result.stderr
     result = run_cli("server", env=dict(env, PROXYGUARD_LISTEN="127.0.0.1:1"))
     assert result.returncode == 2 and "PROXYGUARD_LISTEN" in result.stderr
     server = start_server(tmp_path, echo.port)
@@ -1737,6 +1740,178 @@ def test_readme_and_example_config_document_every_option():
         env = "PROXYGUARD_" + name[2:].upper().replace("-", "_")
         assert "`%s`" % env in readme, env
         assert re.search(r"^(# )?%s =" % re.escape(name[2:]), example, re.M), name
+
+
+def test_config_file_keys_in_any_spelling_and_a_misspelt_one_named_with_its_line(tmp_path):
+    """A typo'd key said 'unrecognized arguments: --listen_port=23051 --forwad-port=23052',
+    naming neither the file nor the line, and refused listen_port, the variable's spelling."""
+    conf = tmp_path / "client.conf"
+    conf.write_text("mode = client\nto = http://x/\nlisten_port = 23051\nForward_Port: 23052\n"
+                    "--tcp-port 23053\n")
+    options = pg.parse_options(["-c", str(conf)], environ={})
+    assert (options.listen_port, options.forward_port, options.tcp_port) == (23051, 23052, 23053)
+    conf.write_text("mode = client\nto = http://x/\n# a comment\nlisten_port = 23051\n"
+                    "forwad-port = 23052\n")
+    with pytest.raises(pg.UsageError) as info:
+        pg.parse_options(["-c", str(conf)], environ={})
+    assert str(info.value) == ("config file %s, line 5: unknown option 'forwad-port' (did you "
+                               "mean 'forward-port'?)" % conf)
+    conf.write_text("mode = client\nwhatever = 1\n")
+    with pytest.raises(pg.UsageError, match=r"line 2: unknown option 'whatever'$"):
+        pg.parse_options(["-c", str(conf)], environ={})
+
+
+@pytest.mark.parametrize("args,file_text,env,text", [
+    # argparse's type errors named --listen-port for a value the user set elsewhere
+    (CLIENT, "", {"PROXYGUARD_LISTEN_PORT": "abc"},
+     "environment variable PROXYGUARD_LISTEN_PORT (--listen-port): invalid int value: 'abc'"),
+    (CLIENT, "mode = client\nlisten-port = abc\n", {},
+     "config file {conf}, line 2: listen-port: invalid int value: 'abc'"),
+    ([], "", {"PROXYGUARD_MODE": "sevrer"},
+     "environment variable PROXYGUARD_MODE (--mode): invalid choice: 'sevrer' (choose from "),
+    # and so did the checks after parsing
+    (CLIENT, "", {"PROXYGUARD_IDLE_TIMEOUT": "inf"},
+     "environment variable PROXYGUARD_IDLE_TIMEOUT: --idle-timeout inf: must be 0 (never)"),
+    (["client"], "\nto = vpn.example.org:443\n", {},
+     "config file {conf}, line 2: --to 'vpn.example.org:443' is not a URL"),
+    # the command line's own values keep their words
+    (CLIENT + ["--listen-port", "abc"], "listen-port = 1\n", {},
+     "argument --listen-port: invalid int value: 'abc'"),
+])
+def test_values_from_a_file_or_the_environment_name_where_they_came_from(tmp_path, args,
+                                                                        file_text, env, text):
+    conf = tmp_path / "c.conf"
+    conf.write_text(file_text)
+    with pytest.raises(pg.UsageError) as info:
+        pg.parse_options(args + ["-c", str(conf)], environ=env)
+    assert str(info.value).startswith(text.format(conf=conf)), str(info.value)
+
+
+def test_a_file_failing_later_names_the_variable():
+    """--ca-file is loaded after parsing: its error names the variable it came from."""
+    result = run_cli("check", "--to", "https://x/", env={"PROXYGUARD_CA_FILE": "/etc/passwd"})
+    assert result.returncode == 2
+    assert ("error: environment variable PROXYGUARD_CA_FILE: --ca-file '/etc/passwd': no PEM CA "
+            "certificate") in result.stderr
+
+
+def test_unknown_proxyguard_variables_are_warned_about_with_a_suggestion(monkeypatch, capsys):
+    """A typo'd PROXYGUARD_LISTENPORT was silently ignored; the test tools' own variables are
+    not options and get no warning; an option's variable may be in any case."""
+    options = pg.parse_options(["server"], environ={
+        "PROXYGUARD_LISTENPORT": "1", "PROXYGUARD_Listen": "[::]:443", "PROXYGUARD_XYZZY": "",
+        "PROXYGUARD_TEST_NAIVE_TLS": "1", "PROXYGUARD_SCRIPT": "/x", "HOME": "/root"})
+    assert options.listen == ("::", 443)
+    assert options.warnings == [
+        "PROXYGUARD_LISTENPORT is not an option's variable and is ignored (did you mean "
+        "PROXYGUARD_LISTEN_PORT?)",
+        "PROXYGUARD_XYZZY is not an option's variable and is ignored"]
+    # before a usage error too, where the misspelling may be the cause
+    for name in list(os.environ):
+        if name.startswith("PROXYGUARD_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("PROXYGUARD_TOO", "http://x/")
+    assert pg.main(["client"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "proxyguard.py: warning: PROXYGUARD_TOO is not an option's variable and is ignored "
+        "(did you mean PROXYGUARD_TO?)",
+        "proxyguard.py: error: --to is required for the client: the server's URL, for example "
+        "https://vpn.example.org/proxyguard (see --help)"]
+
+
+def test_mode_and_choices_in_any_case_and_misspellings_get_a_suggestion(tmp_path):
+    options = pg.parse_options(["Client", "--to", "http://x/", "--log-level", "DEBUG",
+                                "--tls-min-version", "1.2"], environ={})
+    assert (options.mode, options.log_level, options.tls_min_version) == ("client", "debug",
+                                                                          "1.2")
+    assert pg.parse_options([], environ={"PROXYGUARD_MODE": "Server"}).mode == "server"
+    conf = tmp_path / "c.conf"
+    conf.write_text("Mode = CHECK\nto = http://x/\nlog-level = Warning\n")
+    options = pg.parse_options(["-c", str(conf)], environ={})
+    assert (options.mode, options.log_level) == ("check", "warning")
+    for args, text in [
+            (["clinet"], "unknown mode 'clinet': did you mean 'client'?"),
+            (["vpn"], "unknown mode 'vpn': the first word is client, server or check"),
+            (["--mode", "Sevrer"], "argument --mode: invalid choice: 'Sevrer' (choose from "),
+            (["--mode", "Sevrer"], "; did you mean 'server'?"),
+            (["server", "--log-level", "debgu"], "; did you mean 'debug'?"),
+            (["--to", "http://x/", "client"], "unrecognized arguments: client (the mode goes "
+                                               "first: proxyguard.py client ...)"),
+            (["server", "--forwad-port", "1"], "unrecognized arguments: --forwad-port 1 "
+                                               "(--forwad-port: did you mean --forward-port?)")]:
+        with pytest.raises(pg.UsageError) as info:
+            pg.parse_options(args, environ={})
+        assert text in str(info.value), (args, str(info.value))
+
+
+SHARED_DEFAULTS = ("listen = 127.0.0.1:51821\nmax-clients = 1000\nlisten-port = 51821\n"
+                   "connect-timeout = 10\ntls-min-version = 1.3\nidle-timeout = 60\n")
+
+
+@pytest.mark.parametrize("args,env,file_text,text", [
+    (CLIENT + ["--listen", "[::]:443"], {}, "",
+     "--listen is a server option: the client would ignore it (the client's UDP port is "
+     "--listen-port)"),
+    (CLIENT + ["--tls-cert", "c.pem"], {}, "", "--tls-cert is a server option: the client "
+                                               "would ignore it"),
+    (CLIENT + ["--max-clients", "1000"], {}, "", "--max-clients is a server option"),
+    (["server", "--listen-port", "51821"], {}, "",
+     "--listen-port is a client option: the server would ignore it (the server listens on "
+     "--listen HOST:PORT)"),
+    (["server", "--proxy", "none"], {}, "", "--proxy is a client option: the server would"),
+    (["check", "--to", "http://x/", "--handshake-timeout", "5"], {}, "",
+     "--handshake-timeout is a server option: check would ignore it (check takes the "
+     "client's options)"),
+    # from the environment: refused when it would change something
+    (["server"], {"PROXYGUARD_PROXY": "http://proxy.example:3128"}, "",
+     "environment variable PROXYGUARD_PROXY: --proxy is a client option: the server would"),
+])
+def test_options_of_another_mode_are_refused(tmp_path, args, env, file_text, text):
+    """They were silently ignored: 'client --listen [::]:443' ran a client on 51821."""
+    conf = tmp_path / "c.conf"
+    conf.write_text(file_text)
+    with pytest.raises(pg.UsageError) as info:
+        pg.parse_options(args + ["-c", str(conf)], environ=env)
+    assert str(info.value).startswith(text.format(conf=conf)), str(info.value)
+
+
+def test_options_of_another_mode_at_their_defaults_pass_from_a_file_or_the_environment(
+        tmp_path):
+    """A file shared by both modes (as proxyguard.conf.example) may hold the other mode's
+    defaults; check takes every client option, so a client's file can be checked as it is."""
+    conf = tmp_path / "shared.conf"
+    conf.write_text(SHARED_DEFAULTS + "forward-port = 51820\nfwmark = -1\n")
+    env = {"PROXYGUARD_HANDSHAKE_TIMEOUT": "10", "PROXYGUARD_TCP_PORT": "0"}
+    assert pg.parse_options(CLIENT + ["-c", str(conf)], environ=env).mode == "client"
+    assert pg.parse_options(["server", "-c", str(conf)], environ=env).mode == "server"
+    conf.write_text("mode = client\nto = http://x/\nlisten-port = 5000\nidle-timeout = 30\n"
+                    "fwmark = 0xca6c\n")
+    assert pg.parse_options(["check", "-c", str(conf)], environ={}).mode == "check"
+    conf.write_text(SHARED_DEFAULTS + "max-clients = 50\n")  # that one would change something
+    with pytest.raises(pg.UsageError) as info:
+        pg.parse_options(CLIENT + ["-c", str(conf)], environ={})
+    assert str(info.value) == ("config file %s, line 7: --max-clients is a server option: the "
+                               "client would ignore it" % conf)
+
+
+def test_usage_and_version_show_the_modes_and_python(capsys):
+    assert pg.main(["--version"]) == 0
+    assert capsys.readouterr().out == "proxyguard.py %s (UoTLV/1; Python %d.%d.%d)\n" % (
+        (pg.__version__,) + tuple(sys.version_info[:3]))
+    assert pg.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: proxyguard.py {client,server,check} [options]\n"
+                          "       proxyguard.py -c FILE [options]\n")
+    assert re.search(r"--max-clients N\s+server: open tunnels", out)
+    assert re.search(r"--idle-timeout SECONDS\s+client, server: close a tunnel", out)
+
+
+def test_readme_mode_column_is_the_option_modes_table():
+    with open(os.path.join(HERE, "README.md")) as f:
+        rows = re.findall(r"^\| `(--[\w-]+)`[^|]*\|[^|]*\|[^|]*\| ([^|]+?) \|", f.read(), re.M)
+    documented = {name[2:]: modes for name, modes in rows}
+    for key, action in pg.settable_options(pg.build_parser()).items():
+        assert documented[key] == ", ".join(pg.OPTION_MODES.get(key, ("all",))), key
 
 
 # =============================================================================================
