@@ -1030,27 +1030,47 @@ def open_fds():
     return set(os.listdir("/proc/self/fd"))
 
 
+@contextlib.contextmanager
+def running_server(wireguard_port, **options):
+    """A pg.Server on a free loopback port, serving in a thread; stopped and joined at exit."""
+    server = pg.Server.open((LOOPBACK, 0), (LOOPBACK, wireguard_port), **options)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        thread.join(5)
+        assert not thread.is_alive()
+
+
+@contextlib.contextmanager
+def running_client(url):
+    """A pg.Client for `url` in a thread, with a WireGuardStandIn in front of it; yields
+    (client, wireguard); stopped and joined at exit (stopping twice is harmless)."""
+    wireguard = WireGuardStandIn()
+    client = pg.Client.open(pg.Dialer(pg.ServerURL(url)), listen_port=0,
+                            forward_port=wireguard.port)
+    wireguard.endpoint = client.address
+    thread = threading.Thread(target=client.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield client, wireguard
+    finally:
+        client.stop()
+        thread.join(5)
+        wireguard.sock.close()
+        assert not thread.is_alive()
+
+
 def test_client_and_server_in_process_close_every_socket_and_thread(echo):
     threads_before, fds_before = threading.active_count(), open_fds()
-    server = pg.Server.open((LOOPBACK, 0), (LOOPBACK, echo.port), idle_timeout=30)
-    server_thread = threading.Thread(target=server.serve_forever, daemon=True)
-    server_thread.start()
-    dialer = pg.Dialer(pg.ServerURL("http://%s:%d/" % server.address))
-    wireguard = WireGuardStandIn()
-    client = pg.Client.open(dialer, listen_port=0, forward_port=wireguard.port)
-    wireguard.endpoint = client.address
-    client_thread = threading.Thread(target=client.serve_forever, daemon=True)
-    client_thread.start()
-    for size in (1, 1420, 65507):
-        datagram = numbered(size, size)
-        assert wireguard.roundtrip(datagram) == datagram
-    assert server.tunnels_open() == 1
-    client.stop()
-    server.stop()
-    client_thread.join(5)
-    server_thread.join(5)
-    wireguard.sock.close()
-    assert not client_thread.is_alive() and not server_thread.is_alive()
+    with running_server(echo.port, idle_timeout=30) as server:
+        with running_client("http://%s:%d/" % server.address) as (_, wireguard):
+            for size in (1, 1420, 65507):
+                datagram = numbered(size, size)
+                assert wireguard.roundtrip(datagram) == datagram
+            assert server.tunnels_open() == 1
     wait_until(lambda: threading.active_count() == threads_before, 5,
                "threads back to the start value")
     assert open_fds() == fds_before  # the client's UDP socket and its wake pipe too
@@ -1071,22 +1091,15 @@ def test_client_honours_retry_after_of_a_full_server(caplog):
         answered.set()
 
     threading.Thread(target=full_server, daemon=True).start()
-    dialer = pg.Dialer(pg.ServerURL("http://%s:%d/" % listener.getsockname()))
-    wireguard = WireGuardStandIn()
-    client = pg.Client.open(dialer, listen_port=0, forward_port=wireguard.port)
-    wireguard.endpoint = client.address
-    thread = threading.Thread(target=client.serve_forever, daemon=True)
+    url = "http://%s:%d/" % listener.getsockname()
     with caplog.at_level(logging.INFO, logger="proxyguard"):
-        thread.start()
-        wireguard.send(b"handshake")
-        assert answered.wait(5)
-        wait_until(lambda: "next attempt in 3s" in caplog.text, 5, "a 3 s wait logged")
-        stopped = time.monotonic()
-        client.stop()
-        thread.join(5)
-    assert not thread.is_alive() and time.monotonic() - stopped < 1.0
+        with running_client(url) as (client, wireguard):
+            wireguard.send(b"handshake")
+            assert answered.wait(5)
+            wait_until(lambda: "next attempt in 3s" in caplog.text, 5, "a 3 s wait logged")
+            stopped = time.monotonic()
+        assert time.monotonic() - stopped < 1.0  # stop() ended the 3 s wait at once
     listener.close()
-    wireguard.sock.close()
 
 
 def test_client_waits_its_backoff_after_a_tunnel_that_died_at_once(caplog):
@@ -1104,21 +1117,14 @@ def test_client_waits_its_backoff_after_a_tunnel_that_died_at_once(caplog):
                 conn.sendall(pg.UPGRADE_RESPONSE)
 
     threading.Thread(target=short_lived_server, daemon=True).start()
-    wireguard = WireGuardStandIn()
-    client = pg.Client.open(pg.Dialer(pg.ServerURL("http://%s:%d/" % listener.getsockname())),
-                            listen_port=0, forward_port=wireguard.port)
-    wireguard.endpoint = client.address
-    thread = threading.Thread(target=client.serve_forever, daemon=True)
+    url = "http://%s:%d/" % listener.getsockname()
     with caplog.at_level(logging.INFO, logger="proxyguard"):
-        thread.start()
-        wireguard.send(b"first")
-        wait_until(lambda: "next attempt in 1s" in caplog.text, 5, "a 1 s wait logged")
-        wireguard.send(b"second")  # at once: the client must still wait out its second
-        wait_until(lambda: len(accepted) == 2, 5, "the second connection")
-        client.stop()
-        thread.join(5)
+        with running_client(url) as (_, wireguard):
+            wireguard.send(b"first")
+            wait_until(lambda: "next attempt in 1s" in caplog.text, 5, "a 1 s wait logged")
+            wireguard.send(b"second")  # at once: the client must still wait out its second
+            wait_until(lambda: len(accepted) == 2, 5, "the second connection")
     listener.close()
-    wireguard.sock.close()
     assert accepted[1] - accepted[0] >= 0.95
 
 
@@ -5127,23 +5133,11 @@ def test_client_warns_once_when_nothing_listens_on_forward_port(tunnel, echo):
 
 
 def test_debug_shows_each_step_heads_and_buffers(echo, caplog):
-    server = pg.Server.open((LOOPBACK, 0), (LOOPBACK, echo.port))
-    server_thread = threading.Thread(target=server.serve_forever, daemon=True)
-    wireguard = WireGuardStandIn()
-    client = pg.Client.open(pg.Dialer(pg.ServerURL("http://%s:%d/pg" % server.address)),
-                            listen_port=0, forward_port=wireguard.port)
-    wireguard.endpoint = client.address
-    client_thread = threading.Thread(target=client.serve_forever, daemon=True)
-    with caplog.at_level(logging.DEBUG, logger="proxyguard"):
-        server_thread.start()
-        client_thread.start()
+    with caplog.at_level(logging.DEBUG, logger="proxyguard"), \
+            running_server(echo.port) as server, \
+            running_client("http://%s:%d/pg" % server.address) as (_, wireguard):
         assert wireguard.roundtrip(b"x") == b"x"
         wait_until(lambda: caplog.text.count("socket buffers") == 2, 5, "both buffer lines")
-        client.stop()
-        server.stop()
-        client_thread.join(5)
-        server_thread.join(5)
-    wireguard.sock.close()
     text = caplog.text
     assert "connecting to http://%s:%d/pg" % server.address in text
     assert re.search(r"connect ok in [\d.]+ ms: 127\.0\.0\.1:%d" % server.address[1], text)
@@ -5181,19 +5175,11 @@ def test_stop_during_a_connect_logs_no_warning(caplog):
         accepted.set()
 
     threading.Thread(target=silent_server, daemon=True).start()
-    wireguard = WireGuardStandIn()
-    client = pg.Client.open(pg.Dialer(pg.ServerURL("http://%s:%d/" % listener.getsockname())),
-                            listen_port=0, forward_port=wireguard.port)
-    wireguard.endpoint = client.address
-    thread = threading.Thread(target=client.serve_forever, daemon=True)
     with caplog.at_level(logging.DEBUG, logger="proxyguard"):
-        thread.start()
-        wireguard.send(b"handshake")
-        assert accepted.wait(5)
-        client.stop()
-        thread.join(5)
-    assert not thread.is_alive()
+        with running_client("http://%s:%d/" % listener.getsockname()) as (_, wireguard):
+            wireguard.send(b"handshake")
+            assert accepted.wait(5)
     assert "ended by stop" in caplog.text
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
-    for sock in held + [listener, wireguard.sock]:
+    for sock in held + [listener]:
         sock.close()
