@@ -989,7 +989,7 @@ def compare(sides, summary, options, ping_size):
         ratio = None
         if a is not None and b is not None and better:
             num, den = (a, b) if better == "higher" else (b, a)
-            ratio = num / den if den else None
+            ratio = num / den if den else (1.0 if num == den else None)  # 0 and 0: a tie
         rows.append({"figure": figure, "unit": unit, "better": better, "values": values,
                      "ratio": ratio, "note": note_,
                      "ratio_of": ("%s/%s" % (ours.short, theirs.short)
@@ -1007,6 +1007,9 @@ def compare(sides, summary, options, ping_size):
         lambda side: pick(side, "ping", "plain", ping_size, "p50_us"))
     row("rtt p99 %d B" % ping_size, "µs", "lower",
         lambda side: pick(side, "ping", "plain", ping_size, "p99_us"))
+    row("rtt min %d B" % ping_size, "µs", "lower",
+        lambda side: pick(side, "ping", "plain", ping_size, "min_us"),
+        "the least disturbed by other load")
     for size in sizes:
         row("CPU s per GB, %d B" % size, "s", "lower",
             lambda side, size=size: pick(side, "load", "plain", size, "cpu_s_per_gb"),
