@@ -1268,14 +1268,16 @@ def main(argv=None):
                                                               "tls" if tls else "plain"))
                 setups.append(Setup(procs, echo, side, tls, workdir))
         for run in range(options.runs):
-            # Alternate the order, so that neither side always runs first (or after the other).
+            # Test by test, each on every setup in turn, so that what is compared is measured
+            # seconds apart; the order alternates, so neither side always goes first.
             order = setups if run % 2 == 0 else setups[::-1]
-            for index, setup in enumerate(order):
-                tag = "run %d/%d %s %s" % (run + 1, options.runs, setup.impl.label,
-                                           setup.transport)
-                entries += measure(setup, options, tests, run, tag, ping_size,
-                                   direct=index == 0,
-                                   tunnels=not (options.against and setup.tls))
+            for test in tests:
+                for index, setup in enumerate(order):
+                    tag = "run %d/%d %s %s" % (run + 1, options.runs, setup.impl.label,
+                                               setup.transport)
+                    entries += measure(setup, options, [test], run, tag, ping_size,
+                                       direct=index == 0,
+                                       tunnels=not (options.against and setup.tls))
         for setup in setups:
             setup.stop()
     except KeyboardInterrupt:
