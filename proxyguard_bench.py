@@ -22,7 +22,27 @@ Measurements, one table line each:
                bench that do the UoTLV/1 upgrade and framing by hand, each passing a few round
                trips; then the server's RSS and threads, and the CPU (and scheduler wake-ups)
                of server and client while everything sits idle for IDLE seconds: ~0 means no
-               polling.
+               polling. "closed in": until the server's descriptors are back to before.
+
+Side by side (--against): the same measurements of a second implementation, with the same echo
+and bench socket, alternating between the two in each of --runs rounds (and the order between
+rounds), then a table of medians with the ratio of each figure, put so that above 1 means
+proxyguard.py did better:
+
+    --against go       the original Go ProxyGuard 2.0.0, built offline from
+                       ../shared/reference/proxyguard-go-2.0.0 (beside this file's folder) into a
+                       cache under the temp dir that is reused while source and go are unchanged,
+                       or taken from --go-bin DIR. Plain HTTP only: its server has no TLS, so TLS
+                       is measured for ours alone. Its UDP sockets keep the kernel's default
+                       buffers, so the load window is 64 (see AGAINST_GO_WINDOW). Without the
+                       source or go, one line says so and proxyguard.py is measured alone.
+    --against PYTHON   proxyguard.py run by another interpreter (vs --python): what the
+                       interpreter alone changes.
+
+    Figures: one-way datagrams/s and loss at each --size; round trip p50/p99 (ping); CPU
+    seconds (client + server, user+sys) per GB of payload relayed (both directions); TLS
+    datagrams/s and TLS/plain; scheduler wake-ups and CPU of server + client with --tunnels
+    tunnels idle for --idle seconds; server RSS per tunnel.
 
 Examples:
     python3 proxyguard_bench.py                         # plain, 1420 bytes, about 10 s
@@ -30,6 +50,8 @@ Examples:
     python3 proxyguard_bench.py --tls --runs 3          # medians of 3 runs
     python3 proxyguard_bench.py --tunnels 500           # tunnel count: RSS and idle CPU
     python3 proxyguard_bench.py --json > bench.json
+    python3 proxyguard_bench.py --against go            # vs the original, 5 rounds, ~3 min
+    python3 proxyguard_bench.py --against /usr/bin/python3 --python python3.11  # interpreters
 
 Numbers on loopback are indicative: all four processes (bench, client, server, echo) share the
 machine's cores, so a 2-core box measures contention as much as proxyguard. The `gen` CPU
@@ -39,6 +61,7 @@ column tells whether the bench itself was the bottleneck.
 import argparse
 import contextlib
 import ctypes
+import hashlib
 import json
 import os
 import platform
@@ -91,6 +114,11 @@ def proc_status(pid):
             if key in ("VmRSS", "Threads"):
                 result[key] = int(value.split()[0])
     return result.get("VmRSS", 0), result.get("Threads", 0)
+
+
+def proc_fds(pid):
+    """How many file descriptors `pid` has open (sockets included)."""
+    return len(os.listdir("/proc/%d/fd" % pid))
 
 
 def proc_sched(pid):
@@ -296,15 +324,18 @@ def make_certificates(workdir):
 
 
 class Setup:
-    """echo <- server <- client <- bench socket, running for one transport (plain or TLS)."""
+    """echo <- server <- client <- bench socket, running for one implementation and transport."""
 
-    def __init__(self, procs, echo, script, tls, workdir, server_args=(), client_args=()):
+    def __init__(self, procs, echo, impl, tls, workdir, server_args=(), client_args=()):
         self.procs = procs
         self.echo = echo
+        self.impl = impl
         self.tls = tls
         self.ca_file = None
         server_extra, client_extra = list(server_args), list(client_args)
         if tls:
+            if not impl.tls:
+                raise RuntimeError("%s has no TLS server" % impl.label)
             self.ca_file, cert, key = make_certificates(workdir)
             server_extra += ["--tls-cert", cert, "--tls-key", key]
             client_extra += ["--ca-file", self.ca_file]
@@ -316,12 +347,11 @@ class Setup:
         forward_port = self.sock.getsockname()[1]
         for attempt in range(3):  # a free port can be taken between probe and bind
             self.server_port = free_port(socket.SOCK_STREAM)
-            self.server = procs.spawn("server", [
-                sys.executable, script, "server", "--listen",
+            self.server = procs.spawn(impl.key + "-server", impl.server_argv(
                 "%s:%d" % (LOOPBACK, self.server_port),
-                "--to", "%s:%d" % (LOOPBACK, echo.port)] + server_extra)
+                "%s:%d" % (LOOPBACK, echo.port)) + server_extra)
             try:
-                procs.wait_log(self.server, "listening on")
+                procs.wait_log(self.server, impl.server_ready)
                 break
             except RuntimeError:
                 procs.stop(self.server)
@@ -330,12 +360,10 @@ class Setup:
         self.url = "%s://%s:%d/bench" % ("https" if tls else "http", LOOPBACK, self.server_port)
         for attempt in range(3):
             self.listen_port = free_port(socket.SOCK_DGRAM)
-            self.client = procs.spawn("client", [
-                sys.executable, script, "client", "--to", self.url,
-                "--listen-port", str(self.listen_port),
-                "--forward-port", str(forward_port)] + client_extra)
+            self.client = procs.spawn(impl.key + "-client", impl.client_argv(
+                self.url, self.listen_port, forward_port) + client_extra)
             try:
-                procs.wait_log(self.client, "listening on")
+                procs.wait_log(self.client, impl.client_ready)
                 break
             except RuntimeError:
                 procs.stop(self.client)
@@ -373,6 +401,168 @@ class Setup:
         self.procs.stop(self.server)
         self.sock.close()
         self.direct.close()
+
+
+# =============================================================================================
+# The implementations under test: proxyguard.py, and the original for --against
+# =============================================================================================
+
+REFERENCE = os.path.join(HERE, "..", "shared", "reference", "proxyguard-go-2.0.0")
+GO_PROGRAMS = ("proxyguard-server", "proxyguard-client")
+
+# Run by the interpreter under test: what it is, and whether libpython is a shared library in
+# it. Debian's python3 says Py_ENABLE_SHARED=1 (it ships a libpython) yet its executable links
+# the interpreter in statically, which is faster: the mapping tells the truth.
+INTERPRETER_PROBE = """\
+import json, platform, sys, sysconfig
+with open('/proc/self/maps') as stream:
+    mapped = 'libpython' in stream.read()
+print(json.dumps({'executable': sys.executable, 'version': platform.python_version(),
+                  'implementation': platform.python_implementation(),
+                  'enable_shared': sysconfig.get_config_var('Py_ENABLE_SHARED'),
+                  'libpython_shared': mapped}))
+"""
+
+
+class NoReference(Exception):
+    """The original cannot be run here (no source, no go, or the build failed)."""
+
+
+def run_text(argv, **kwargs):
+    """stdout of `argv` as text; RuntimeError with its output if it fails."""
+    result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, timeout=600, **kwargs)
+    text = result.stdout.decode(errors="replace").strip()
+    if result.returncode:
+        raise RuntimeError("%s failed (status %d): %s" % (" ".join(argv), result.returncode, text))
+    return text
+
+
+class PythonSide:
+    """proxyguard.py at `script`, run by the interpreter `python`."""
+
+    tls = True
+    server_ready = client_ready = "listening on"
+
+    def __init__(self, script, python, key="py", label="proxyguard.py", short="py"):
+        self.script, self.python, self.key = script, python, key
+        self.label, self.short = label, short  # short: in the ratio's name, "py/Go"
+        self.info = json.loads(run_text([python, "-c", INTERPRETER_PROBE]))
+
+    def interpreter(self):
+        """Short name of the interpreter: 'Python 3.11.2 static' or '... shared'."""
+        return "Python %s %s" % (self.info["version"],
+                                 "shared" if self.info["libpython_shared"] else "static")
+
+    def describe(self):
+        info = self.info
+        return "%s: %s, %s %s, Py_ENABLE_SHARED=%s, libpython %s" % (
+            self.label, info["executable"], info["implementation"], info["version"],
+            info["enable_shared"],
+            "shared (mapped from a .so)" if info["libpython_shared"] else "linked statically")
+
+    def server_argv(self, listen, to):
+        return [self.python, self.script, "server", "--listen", listen, "--to", to]
+
+    def client_argv(self, url, listen_port, forward_port):
+        return [self.python, self.script, "client", "--to", url,
+                "--listen-port", str(listen_port), "--forward-port", str(forward_port)]
+
+
+class GoSide:
+    """The original ProxyGuard: proxyguard-server and proxyguard-client in `bindir`.
+
+    Its server has no TLS (a plain http.Server on a TCP listener), and it leaves its UDP
+    sockets at the kernel's default buffer sizes.
+    """
+
+    key = "go"
+    short = "Go"
+    tls = False
+    server_ready = "listening on"
+    client_ready = "waiting for traffic"
+
+    def __init__(self, bindir, go_version):
+        self.bindir, self.go_version = bindir, go_version
+        version = run_text([os.path.join(bindir, "proxyguard-server"), "-version"])
+        self.version = version.split()[-1] if version else "?"
+        self.label = "Go %s" % self.version
+
+    def describe(self):
+        return "%s: %s, built with %s" % (self.label, self.bindir, self.go_version)
+
+    def server_argv(self, listen, to):
+        return [os.path.join(self.bindir, "proxyguard-server"), "-listen", listen, "-to", to]
+
+    def client_argv(self, url, listen_port, forward_port):
+        return [os.path.join(self.bindir, "proxyguard-client"), "-to", url,
+                "-listen-port", str(listen_port), "-forward-port", str(forward_port)]
+
+
+def go_version_of(binary):
+    """The Go release a binary was built with (`go version FILE`), or 'go ?'."""
+    if shutil.which("go") is None:
+        return "go ?"
+    try:
+        return run_text(["go", "version", binary]).split()[-1]
+    except (RuntimeError, OSError, subprocess.TimeoutExpired):
+        return "go ?"
+
+
+def build_go(source):
+    """Build the original from `source` into a cache under the temp dir; return the bin dir.
+
+    The cache's name is a hash of the source files and `go version`, so a second run reuses the
+    binaries and a changed source or toolchain builds afresh. Offline: the module has no
+    dependencies, and GOPROXY=off keeps go from looking for any.
+    """
+    if not os.path.isfile(os.path.join(source, "go.mod")):
+        raise NoReference("no reference source at %s" % os.path.normpath(source))
+    if shutil.which("go") is None:
+        raise NoReference("no go command to build %s" % os.path.normpath(source))
+    go_version = run_text(["go", "version"])
+    digest = hashlib.sha256(go_version.encode())
+    for root, dirs, files in os.walk(source):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            digest.update(os.path.relpath(path, source).encode() + b"\0")
+            with open(path, "rb") as stream:
+                digest.update(stream.read())
+    cache = os.path.join(tempfile.gettempdir(), "proxyguard_bench-go-" + digest.hexdigest()[:16])
+    bindir = os.path.join(cache, "bin")
+    if all(os.access(os.path.join(bindir, name), os.X_OK) for name in GO_PROGRAMS):
+        return bindir, go_version.split()[2]
+    os.makedirs(cache, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix="bin-", dir=cache)
+    note("building the original from %s into %s" % (os.path.normpath(source), cache))
+    env = dict(os.environ, GOFLAGS="-mod=mod", GOPROXY="off", GOTOOLCHAIN="local",
+               GOCACHE=os.path.join(cache, "gocache"), CGO_ENABLED="0")
+    try:
+        run_text(["go", "build", "-o", staging + os.sep, "./cmd/..."], cwd=source, env=env)
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise NoReference("building the original failed: %s" % exc)
+    try:
+        os.rename(staging, bindir)  # atomic: a concurrent bench sees all or nothing
+    except OSError:  # another bench was quicker
+        shutil.rmtree(staging, ignore_errors=True)
+    return bindir, go_version.split()[2]
+
+
+def against_side(options):
+    """The implementation named by --against: GoSide, or PythonSide for an interpreter path."""
+    if options.against != "go":
+        return PythonSide(options.proxyguard, options.against, key="py2")
+    if options.go_bin:
+        for name in GO_PROGRAMS:
+            if not os.access(os.path.join(options.go_bin, name), os.X_OK):
+                raise NoReference("no %s in %s" % (name, options.go_bin))
+        bindir = options.go_bin
+        go_version = go_version_of(os.path.join(bindir, "proxyguard-server"))
+    else:
+        bindir, go_version = build_go(REFERENCE)
+    return GoSide(bindir, go_version)
 
 
 # =============================================================================================
@@ -515,6 +705,8 @@ def windowed_load(setup, size, window, duration, stall_timeout=0.2):
     rt_rate = received_in_time / elapsed
     one_way = (echo_after[0] - echo_before[0]) / elapsed
     cpu = {name: cpu_after[name] - cpu_before[name] for name in cpu_before}
+    # Payload relayed in the time measured, both directions (client -> echo and back).
+    relayed = (echo_after[0] - echo_before[0] + received_in_time) * size
     result = {
         "seconds": elapsed, "sent": sent, "received": received,
         "echo_received": echo_final[0] - echo_before[0],
@@ -528,6 +720,8 @@ def windowed_load(setup, size, window, duration, stall_timeout=0.2):
         "cpu_pct": {name: 100.0 * value / elapsed for name, value in cpu.items()},
         "cpu_us_per_rt": {name: (1e6 * cpu[name] / received_in_time if received_in_time
                                  else None) for name in ("client", "server")},
+        "relayed_bytes": relayed,
+        "cpu_s_per_gb": (cpu["client"] + cpu["server"]) / (relayed / 1e9) if relayed else None,
     }
     return result
 
@@ -616,6 +810,7 @@ def many_tunnels(setup, count, size, rounds, idle_seconds):
     server_pid, client_pid = setup.server.pid, setup.client.pid
     setup.wait_tunnel()  # the real client's tunnel is up too
     rss_before, threads_before = proc_status(server_pid)
+    fds_before = proc_fds(server_pid)
     ssl_context = None
     if setup.tls:
         ssl_context = ssl.create_default_context(cafile=setup.ca_file)
@@ -645,12 +840,12 @@ def many_tunnels(setup, count, size, rounds, idle_seconds):
         for sock in tunnels:
             with contextlib.suppress(OSError):
                 sock.close()
-    # How fast the server lets go of the tunnels (threads back to where they were).
+    # How fast the server lets go of the tunnels (its descriptors back to where they were: a
+    # measure for any server, where the thread count is one only for a thread per tunnel).
     started = time.perf_counter()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        _, threads_now = proc_status(server_pid)
-        if threads_now <= threads_before:
+        if proc_fds(server_pid) <= fds_before:
             break
         time.sleep(0.02)
     teardown_seconds = time.perf_counter() - started
@@ -758,6 +953,127 @@ def format_line(entry):
 HEADER = "%-8s %-6s %5s %5s  %s" % ("test", "via", "size", "W/N", "result")
 
 
+def compare(sides, summary, options, ping_size):
+    """The --against figures, side by side: a list of rows (dicts, medians of the runs).
+
+    Each row has the figure's value for each side (None where not measured), whether higher or
+    lower is better, and `ratio`: ours/theirs when higher is better, theirs/ours when lower
+    is, so that a ratio above 1 always means proxyguard.py (the first side) did better.
+    """
+    ours, theirs = sides[0], sides[1]
+    medians = {(entry["side"], entry["test"], entry["transport"], entry["size"]):
+               entry["result"] for entry in summary}
+
+    def pick(side, test, transport, size, *path):
+        value = medians.get((side.key, test, transport, size))
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        return value
+
+    def idle_sum(side, key):
+        idle = pick(side, "tunnels", "plain", options.size[0], "idle")
+        if not idle or any(key not in idle[name] for name in ("server", "client")):
+            return None
+        return idle["server"][key] + idle["client"][key]
+
+    def tls_share(side):
+        plain = pick(side, "load", "plain", options.size[0], "one_way_per_s")
+        tls = pick(side, "load", "tls", options.size[0], "one_way_per_s")
+        return tls / plain if plain and tls is not None else None
+
+    rows = []
+
+    def row(figure, unit, better, value_of, note_=""):
+        values = {side.key: value_of(side) for side in sides}
+        a, b = values[ours.key], values[theirs.key]
+        ratio = None
+        if a is not None and b is not None and better:
+            num, den = (a, b) if better == "higher" else (b, a)
+            ratio = num / den if den else (1.0 if num == den else None)  # 0 and 0: a tie
+        rows.append({"figure": figure, "unit": unit, "better": better, "values": values,
+                     "ratio": ratio, "note": note_,
+                     "ratio_of": ("%s/%s" % (ours.short, theirs.short)
+                                  if better == "higher" else
+                                  "%s/%s" % (theirs.short, ours.short))})
+
+    sizes = options.size
+    for size in sizes:
+        row("one-way %d B, dgram/s" % size, "k", "higher",
+            lambda side, size=size: pick(side, "load", "plain", size, "one_way_per_s"))
+    for size in sizes:
+        row("  loss %d B" % size, "%", None,
+            lambda side, size=size: pick(side, "load", "plain", size, "loss_pct"))
+    row("rtt p50 %d B" % ping_size, "µs", "lower",
+        lambda side: pick(side, "ping", "plain", ping_size, "p50_us"))
+    row("rtt p99 %d B" % ping_size, "µs", "lower",
+        lambda side: pick(side, "ping", "plain", ping_size, "p99_us"))
+    row("rtt min %d B" % ping_size, "µs", "lower",
+        lambda side: pick(side, "ping", "plain", ping_size, "min_us"),
+        "the least disturbed by other load")
+    for size in sizes:
+        row("CPU s per GB, %d B" % size, "s", "lower",
+            lambda side, size=size: pick(side, "load", "plain", size, "cpu_s_per_gb"),
+            "client+server, user+sys")
+    row("TLS one-way %d B, dgram/s" % sizes[0], "k", "higher",
+        lambda side: pick(side, "load", "tls", sizes[0], "one_way_per_s"))
+    row("TLS / plain, one-way %d B" % sizes[0], "x", "higher", tls_share, "target >= 0.75")
+    row("idle %gs, %d tunnels: wake-ups" % (options.idle, options.tunnels), "n", "lower",
+        lambda side: idle_sum(side, "wakeups"), "server+client")
+    row("idle %gs: CPU ms" % options.idle, "ms", "lower",
+        lambda side: idle_sum(side, "sched_cpu_ms"), "server+client")
+    # Shown, not compared: a garbage-collected heap (Go's) may absorb the tunnels in memory
+    # it already holds from the load, so its RSS growth swings between runs.
+    row("server RSS per tunnel, KiB", "KiB", None,
+        lambda side: pick(side, "tunnels", "plain", options.size[0],
+                          "server_rss_kib_per_tunnel"), "not compared: GC heaps swing")
+    # A figure neither side has (a test left out by --tests) is no row.
+    return [entry for entry in rows if any(v is not None for v in entry["values"].values())]
+
+
+def fmt_value(value, unit, side):
+    if value is None:
+        return "no TLS" if not side.tls else "-"
+    if unit == "k":
+        return "%.1f k" % (value / 1000)
+    if unit == "µs":
+        return "%.0f µs" % value
+    if unit == "s":
+        return "%.1f s" % value
+    if unit == "%":
+        return "%.2f %%" % value
+    if unit == "x":
+        return "%.2f" % value
+    if unit == "n":
+        return "%.0f" % value
+    if unit == "ms":
+        return "%.1f ms" % value
+    return "%.0f %s" % (value, unit)
+
+
+def format_comparison(rows, sides):
+    """The side-by-side table: figure, each side, ratio, and which way is better."""
+    width = max(14, *(len(side.label) for side in sides))
+    lines = ["%-30s %*s %*s  %6s  %s" % ("figure", width, sides[0].label, width, sides[1].label,
+                                         "ratio", "(ratio; better)")]
+    for entry in rows:
+        ratio = "%5.2f×" % entry["ratio"] if entry["ratio"] is not None else "     -"
+        if entry["better"] is None:  # loss, RSS: shown, not compared
+            how = "lower is better"
+        elif None in entry["values"].values():
+            how = "%s is better" % entry["better"]
+        else:
+            how = "%s; %s is better" % (entry["ratio_of"], entry["better"])
+        if entry["note"]:
+            how += "; " + entry["note"]
+        lines.append("%-30s %*s %*s  %6s  %s" % (
+            entry["figure"], width, fmt_value(entry["values"][sides[0].key], entry["unit"],
+                                              sides[0]),
+            width, fmt_value(entry["values"][sides[1].key], entry["unit"], sides[1]),
+            ratio, how))
+    lines.append("ratio > 1: %s did better" % sides[0].label)
+    return lines
+
+
 # =============================================================================================
 # main
 # =============================================================================================
@@ -783,13 +1099,25 @@ def build_parser():
     add = parser.add_argument
     add("--proxyguard", default=os.path.join(HERE, "proxyguard.py"), metavar="PATH",
         help="proxyguard.py to run (default: the one beside this file)")
-    add("--size", type=parse_sizes, default=[1420], metavar="BYTES[,BYTES]",
-        help="datagram sizes for the load (default 1420; e.g. 1420,100)")
-    add("--window", type=int, default=256,
-        help="datagrams in flight (default %(default)s: below it, the rate on a 2-core box is "
-             "bound by the round-trip latency, not by proxyguard's CPU)")
-    add("--duration", type=float, default=5.0, metavar="SECONDS",
-        help="seconds of load per size (default %(default)g)")
+    add("--size", type=parse_sizes, default=None, metavar="BYTES[,BYTES]",
+        help="datagram sizes for the load (default 1420; 1420,100 with --against)")
+    add("--python", default=sys.executable, metavar="PATH",
+        help="the interpreter that runs proxyguard.py (default: the one running this, %s)"
+             % sys.executable)
+    add("--against", default=None, metavar="go|PYTHON",
+        help="compare side by side, alternating runs: 'go' = the original Go ProxyGuard (built "
+             "from %s, or --go-bin), or the path of another Python interpreter running "
+             "proxyguard.py; prints both, and their ratio" % os.path.normpath(REFERENCE))
+    add("--go-bin", default=None, metavar="DIR",
+        help="with --against go: use proxyguard-server and proxyguard-client from DIR "
+             "instead of building them")
+    add("--window", type=int, default=None,
+        help="datagrams in flight (default 256: below it, the rate on a 2-core box is bound by "
+             "the round-trip latency, not by proxyguard's CPU; %d with --against go, which "
+             "the original's UDP sockets, at the kernel's default buffer size, hold without "
+             "loss)" % AGAINST_GO_WINDOW)
+    add("--duration", type=float, default=None, metavar="SECONDS",
+        help="seconds of load per size (default 5; %g with --against)" % AGAINST["duration"])
     add("--warmup", type=float, default=0.5, metavar="SECONDS",
         help="unmeasured load before each measured one (default %(default)g)")
     add("--roundtrips", type=int, default=2000, metavar="N",
@@ -799,27 +1127,106 @@ def build_parser():
     transport = parser.add_mutually_exclusive_group()
     transport.add_argument("--tls", action="store_true", help="over TLS only (https://)")
     transport.add_argument("--both", action="store_true", help="plain, then TLS")
-    add("--tunnels", type=int, default=0, metavar="N",
+    add("--tunnels", type=int, default=None, metavar="N",
         help="open N tunnels at once (raw sockets): server RSS and idle CPU; runs only "
              "this test unless --tests says otherwise")
     add("--tunnel-roundtrips", type=int, default=3, metavar="R",
         help="round trips per raw tunnel (default %(default)s)")
-    add("--idle", type=float, default=3.0, metavar="SECONDS",
-        help="idle time measured with the tunnels up (default %(default)g)")
+    add("--idle", type=float, default=None, metavar="SECONDS",
+        help="idle time measured with the tunnels up (default 3; %g with --against)"
+             % AGAINST["idle"])
     add("--tests", default=None, metavar="LIST",
-        help="comma list of ping,load,tunnels (default ping,load; tunnels with --tunnels)")
-    add("--runs", type=int, default=1, metavar="K", help="repeat K times, print medians")
+        help="comma list of ping,load,tunnels (default ping,load; tunnels with --tunnels; "
+             "all three with --against, %d tunnels, on plain HTTP)" % AGAINST["tunnels"])
+    add("--runs", type=int, default=None, metavar="K",
+        help="repeat K times, print medians (default 1; %d with --against)" % AGAINST["runs"])
     add("--json", action="store_true", help="print JSON (every run and the medians)")
     add("--keep", action="store_true", help="keep the temp dir with the process logs")
     return parser
+
+
+# Defaults of the options left unset; --against changes some of them (AGAINST).
+DEFAULTS = {"size": [1420], "window": 256, "duration": 5.0, "idle": 3.0, "runs": 1,
+            "tunnels": 0, "tests": None}
+AGAINST = {"size": [1420, 100], "duration": 2.0, "idle": 5.0, "runs": 5, "tunnels": 100,
+           "tests": "ping,load,tunnels"}
+# The original leaves its UDP sockets at the kernel's default buffers (net.core.rmem_default,
+# 208 KiB here: about 90 datagrams of 1420 bytes at the kernel's per-datagram overhead). With
+# all the window queued in front of one of them, more than that is dropped, and each loss
+# costs the load a stall: 64 in flight fits, and both sides are measured with the same window.
+AGAINST_GO_WINDOW = 64
+
+
+def measure(setup, options, tests, run, tag, ping_size, direct=True, tunnels=True, sizes=None):
+    """One run of `tests` on one setup; returns the entries (and the direct ping if `direct`).
+
+    The load runs at `sizes` (default: all of --size).
+    """
+    entries = []
+
+    def add(test, transport, size, window, result, side=setup.impl.key):
+        entries.append(dict(side=side, test=test, transport=transport, size=size,
+                            window=window, run=run, result=result))
+
+    setup.wait_tunnel()  # up again if the client had to reconnect meanwhile
+    if "ping" in tests:
+        note("%s: ping %d x %d bytes" % (tag, options.roundtrips, ping_size))
+        add("ping", setup.transport, ping_size, 1,
+            ping_pong(setup.sock, ping_size, options.roundtrips))
+        if direct:
+            add("ping", "direct", ping_size, 1,
+                ping_pong(setup.direct, ping_size, options.roundtrips), side="direct")
+    if "load" in tests:
+        for size in sizes or options.size:
+            note("%s: load %d bytes, window %d, %gs"
+                 % (tag, size, options.window, options.duration))
+            if options.warmup > 0:
+                windowed_load(setup, size, options.window, options.warmup)
+            add("load", setup.transport, size, options.window,
+                windowed_load(setup, size, options.window, options.duration))
+    if "tunnels" in tests and tunnels:
+        note("%s: %d tunnels" % (tag, options.tunnels))
+        add("tunnels", setup.transport, options.size[0], options.tunnels,
+            many_tunnels(setup, options.tunnels, options.size[0], options.tunnel_roundtrips,
+                         options.idle))
+    return entries
 
 
 def main(argv=None):
     if argv is None and sys.argv[1:2] == ["_echo"]:
         return echo_main()
     options = build_parser().parse_args(argv)
+    if not os.path.exists(options.proxyguard):
+        print("proxyguard_bench.py: %s not found (use --proxyguard PATH)" % options.proxyguard,
+              file=sys.stderr)
+        return 2
+    try:
+        sides = [PythonSide(options.proxyguard, options.python)]
+        if options.against:
+            other = against_side(options)
+            if isinstance(other, PythonSide):  # two interpreters: name them
+                sides[0].label, other.label = sides[0].interpreter(), other.interpreter()
+                sides[0].short, other.short = sides[0].info["version"], other.info["version"]
+                if sides[0].label == other.label:
+                    sides[0].label += " (1st)"
+                    other.label += " (2nd)"
+                if sides[0].short == other.short:
+                    sides[0].short, other.short = "1st", "2nd"
+            sides.append(other)
+    except NoReference as exc:
+        note("no comparison: %s; measuring proxyguard.py alone" % exc)
+        options.against = None
+    except (RuntimeError, OSError, ValueError) as exc:
+        print("proxyguard_bench.py: %s" % exc, file=sys.stderr)
+        return 2
+    defaults = dict(DEFAULTS, **AGAINST) if options.against else DEFAULTS
+    if options.against == "go":
+        defaults = dict(defaults, window=AGAINST_GO_WINDOW)
+    for name, value in defaults.items():
+        if getattr(options, name) is None:
+            setattr(options, name, value)
     if options.tests is None:
-        options.tests = "tunnels" if options.tunnels else "ping,load"
+        options.tests = defaults["tests"] or ("tunnels" if options.tunnels else "ping,load")
     tests = [test.strip() for test in options.tests.split(",") if test.strip()]
     unknown = set(tests) - {"ping", "load", "tunnels"}
     if unknown:
@@ -828,11 +1235,10 @@ def main(argv=None):
         return 2
     if "tunnels" in tests and options.tunnels <= 0:
         options.tunnels = 500
-    if not os.path.exists(options.proxyguard):
-        print("proxyguard_bench.py: %s not found (use --proxyguard PATH)" % options.proxyguard,
-              file=sys.stderr)
-        return 2
-    transports = [False, True] if options.both else [options.tls]
+    if options.against:
+        transports = [False, True]  # TLS for whichever side has it
+    else:
+        transports = [False, True] if options.both else [options.tls]
     ping_size = options.ping_size or options.size[0]
 
     # Many tunnels need many descriptors: raise the soft limit (the children inherit it).
@@ -852,44 +1258,34 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, on_term)
     workdir = tempfile.mkdtemp(prefix="proxyguard_bench-")
     procs = Processes(workdir)
-    entries = []  # every run: {test, transport, size, window, run, result}
+    entries = []  # every run: {side, test, transport, size, window, run, result}
     status = 0
     try:
         echo = Echo(procs)
+        # All up at once, so that runs can alternate between them; the sides next to each
+        # other for each transport, so that what is compared is measured close in time.
+        setups = []
         for tls in transports:
-            note("starting server and client (%s)" % ("tls" if tls else "plain"))
-            setup = Setup(procs, echo, options.proxyguard, tls, workdir)
-            for run in range(options.runs):
-                tag = "run %d/%d %s" % (run + 1, options.runs, setup.transport)
-                if "ping" in tests:
-                    note("%s: ping %d x %d bytes" % (tag, options.roundtrips, ping_size))
-                    entries.append(dict(test="ping", transport=setup.transport,
-                                        size=ping_size, window=1, run=run,
-                                        result=ping_pong(setup.sock, ping_size,
-                                                         options.roundtrips)))
-                    if tls == transports[0]:
-                        entries.append(dict(test="ping", transport="direct", size=ping_size,
-                                            window=1, run=run,
-                                            result=ping_pong(setup.direct, ping_size,
-                                                             options.roundtrips)))
-                if "load" in tests:
-                    for size in options.size:
-                        note("%s: load %d bytes, window %d, %gs"
-                             % (tag, size, options.window, options.duration))
-                        if options.warmup > 0:
-                            windowed_load(setup, size, options.window, options.warmup)
-                        entries.append(dict(test="load", transport=setup.transport, size=size,
-                                            window=options.window, run=run,
-                                            result=windowed_load(setup, size, options.window,
-                                                                 options.duration)))
-                if "tunnels" in tests:
-                    note("%s: %d tunnels" % (tag, options.tunnels))
-                    entries.append(dict(test="tunnels", transport=setup.transport,
-                                        size=options.size[0], window=options.tunnels, run=run,
-                                        result=many_tunnels(setup, options.tunnels,
-                                                            options.size[0],
-                                                            options.tunnel_roundtrips,
-                                                            options.idle)))
+            for side in sides:
+                if tls and not side.tls:
+                    continue
+                note("starting %s server and client (%s)" % (side.label,
+                                                              "tls" if tls else "plain"))
+                setups.append(Setup(procs, echo, side, tls, workdir))
+        for run in range(options.runs):
+            # Test by test (load: size by size), each on every setup in turn, so that what is compared is measured
+            # seconds apart; the order alternates, so neither side always goes first.
+            order = setups if run % 2 == 0 else setups[::-1]
+            steps = [(test, [size]) for test in tests
+                     for size in (options.size if test == "load" else [None])]
+            for test, sizes in steps:
+                for index, setup in enumerate(order):
+                    tag = "run %d/%d %s %s" % (run + 1, options.runs, setup.impl.label,
+                                               setup.transport)
+                    entries += measure(setup, options, [test], run, tag, ping_size,
+                                       direct=index == 0, sizes=sizes,
+                                       tunnels=not (options.against and setup.tls))
+        for setup in setups:
             setup.stop()
     except KeyboardInterrupt:
         note("interrupted")
@@ -907,26 +1303,47 @@ def main(argv=None):
     # Medians over runs, in the order first measured.
     groups = {}
     for entry in entries:
-        key = (entry["test"], entry["transport"], entry["size"], entry["window"])
+        key = (entry["side"], entry["test"], entry["transport"], entry["size"], entry["window"])
         groups.setdefault(key, []).append(entry)
-    summary = [dict(test=key[0], transport=key[1], size=key[2], window=key[3],
+    summary = [dict(side=key[0], test=key[1], transport=key[2], size=key[3], window=key[4],
                     runs=len(items), result=median_result([item["result"] for item in items]))
                for key, items in groups.items()]
     info = {"python": platform.python_version(), "machine": platform.machine(),
             "cpus": os.cpu_count(), "kernel": platform.release(),
-            "proxyguard": os.path.abspath(options.proxyguard), "runs": options.runs}
+            "proxyguard": os.path.abspath(options.proxyguard), "runs": options.runs,
+            "window": options.window, "duration": options.duration,
+            "sides": [dict(key=side.key, label=side.label, about=side.describe(),
+                           **({"interpreter": side.info} if isinstance(side, PythonSide) else
+                              {"bindir": side.bindir, "go_version": side.go_version}))
+                      for side in sides]}
+    comparison = compare(sides, summary, options, ping_size) if len(sides) > 1 else None
     if options.json:
-        json.dump({"info": info, "medians": summary, "runs": entries}, sys.stdout, indent=1)
+        json.dump({"info": info, "comparison": comparison, "medians": summary,
+                   "runs": entries}, sys.stdout, indent=1)
         print()
     elif summary:
-        print("proxyguard_bench: Python %s, %s, %d CPUs, %s%s"
-              % (info["python"], info["machine"], info["cpus"], info["kernel"],
+        print("proxyguard_bench: %s, %d CPUs, Linux %s%s"
+              % (info["machine"], info["cpus"], info["kernel"],
                  ", medians of %d runs" % options.runs if options.runs > 1 else ""))
-        print(HEADER)
+        for side in sides:
+            print("  " + side.describe())
+        if comparison:
+            print("  %d rounds alternating the sides; load: window %d, %gs per size; "
+                  "ping: %d round trips" % (options.runs, options.window, options.duration,
+                                            options.roundtrips))
+            print()
+            for line in format_comparison(comparison, sides):
+                print(line)
+            print()
+        labels = dict({side.key: side.label for side in sides}, direct="no proxy")
+        width = max(len(label) for label in labels.values())
+        print(HEADER if len(sides) == 1 else "%-*s %s" % (width, "side", HEADER))
         for entry in summary:
-            print(format_line(entry))
+            line = format_line(entry)
+            if len(sides) > 1:
+                line = "%-*s %s" % (width, labels[entry["side"]], line)
+            print(line)
     return status
-
 
 if __name__ == "__main__":
     sys.exit(main())
