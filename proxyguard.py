@@ -15,9 +15,10 @@ Blocking sockets and threads. Every tunnel is a `Tunnel`: a byte `Channel` (plai
 and a UDP endpoint, joined by two pumps that run in two daemon threads:
 
     relay_udp_to_tcp   waits for UDP datagrams, drains all that are waiting, and sends them as
-                       length-prefixed frames in one TCP write;
-    relay_tcp_to_udp   reads the TCP stream in large chunks, cuts whole frames out with a
-                       `FrameDecoder`, and sends each as one UDP datagram.
+                       length-prefixed frames (written in place in one buffer) in one TCP write;
+    relay_tcp_to_udp   reads the TCP stream in large chunks into one buffer, cuts whole frames
+                       out (`cut_frames`, as `FrameDecoder`), and sends each as one UDP
+                       datagram.
 
 The first pump to stop closes the tunnel: `Tunnel.close()` shuts the TCP socket down (waking a
 blocked recv or sendall) and wakes the UDP endpoint (a shutdown of the server's own connected
@@ -78,6 +79,7 @@ import errno
 import functools
 import ipaddress
 import logging
+import mmap
 import os
 import re
 import select
@@ -226,6 +228,21 @@ def encode_frame(datagram):
     return frame_header(datagram) + bytes(datagram)
 
 
+def cut_frames(view, end):
+    """Cut the whole frames out of `view[:end]` (a memoryview of bytes): return the list of
+    their datagrams, as memoryview slices of `view`, and where the first incomplete frame
+    begins. The one frame-cutting loop: FrameDecoder and the tunnel's TCP->UDP pump share it."""
+    datagrams = []
+    pos = 0
+    while end - pos >= 2:
+        stop = pos + 2 + ((view[pos] << 8) | view[pos + 1])
+        if stop > end:
+            break
+        datagrams.append(view[pos + 2:stop])
+        pos = stop
+    return datagrams, pos
+
+
 class FrameDecoder:
     """Cut UoTLV/1 frames out of a TCP byte stream that may split them anywhere.
 
@@ -245,17 +262,10 @@ class FrameDecoder:
         if buffer:
             buffer += data
             data = buffer
-        view = memoryview(data)
-        size = len(view)
-        datagrams = []
-        pos = 0
-        while size - pos >= 2:
-            end = pos + 2 + ((view[pos] << 8) | view[pos + 1])
-            if end > size:
-                break
-            datagrams.append(view[pos + 2:end].tobytes())
-            pos = end
-        view.release()
+        with memoryview(data) as view:
+            slices, pos = cut_frames(view, len(view))
+            datagrams = [datagram.tobytes() for datagram in slices]
+            del slices  # the slices pin `buffer`, which must stay resizable
         if data is buffer:
             del buffer[:pos]
         else:
@@ -790,6 +800,12 @@ class PlainChannel:
             self.sock.settimeout(self.deadline.timeout())
         return self.sock.recv(size)
 
+    def recv_into(self, view):
+        """As recv, into the writable `view`; returns the byte count (0 at end of stream)."""
+        if self.deadline is not None:
+            self.sock.settimeout(self.deadline.timeout())
+        return self.sock.recv_into(view)
+
     def sendall(self, data):
         if self.deadline is not None:
             self.sock.settimeout(self.deadline.timeout())
@@ -886,14 +902,20 @@ class TLSChannel(PlainChannel):
                     return
 
     def recv(self, size):
+        return self._read(size, None, b"")
+
+    def recv_into(self, view):
+        return self._read(len(view), view, 0)
+
+    def _read(self, size, view, end_of_stream):
         while True:
             with self._tls_lock:
                 try:
-                    data = self._tls.read(size)
+                    data = self._tls.read(size, view)
                 except ssl.SSLWantReadError:
                     data = None
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                    data = b""
+                    data = end_of_stream
                 produced = self._outgoing.pending
             if produced:
                 self._flush_without_waiting()
@@ -932,32 +954,14 @@ def prepare_tcp_socket(sock):
     set_socket_buffers(sock)
 
 
-def receive_waiting_datagrams(sock, first, limit=UDP_BATCH_BYTES):
-    """Return `first` plus every datagram already waiting on `sock`, up to `limit` bytes.
-
-    Returns a list of (datagram, source address).
-    """
-    batch = [first]
-    size = len(first[0])
-    while size < limit:
-        try:
-            item = sock.recvfrom(MAX_FRAME_PAYLOAD + 1, socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            break
-        except ConnectionRefusedError:  # ICMP from an earlier send: WireGuard not up yet
-            continue
-        batch.append(item)
-        size += len(item[0])
-    return batch
-
-
 class UdpEndpoint:
     """WireGuard's side of a tunnel: a UDP socket, and where datagrams for WireGuard go.
 
-    Contract for Tunnel: `receive()` blocks until datagrams wait or `wake()` is called (any
-    thread), and returns the non-empty datagrams waiting (perhaps none: after a wake, or an
-    empty datagram, which the original drops too; the caller checks why it was woken);
-    `send(datagram)` sends one; `release()` is called once the tunnel is done with it.
+    Contract for Tunnel: `receive_frames(view)` blocks until datagrams wait or `wake()` is
+    called (any thread), writes the non-empty datagrams waiting into `view` as frames, and
+    returns (bytes written, frame count); (0, 0) after a wake, or for an empty datagram, which
+    the original drops too; the caller checks why it was woken. `send(datagram)` sends one;
+    `release()` is called once the tunnel is done with it.
     An ICMP port unreachable (WireGuard restarting) is no error either way.
     Subclasses say how to wait for the first datagram, where replies go, and how to wake.
     """
@@ -968,25 +972,40 @@ class UdpEndpoint:
     def fileno(self):
         return self.sock.fileno()
 
-    def receive(self):
+    def receive_frames(self, view, limit=UDP_BATCH_BYTES):
+        """Wait for a datagram, then take the ones already waiting too, while fewer than
+        `limit` bytes are written: each goes into `view` as a frame, [length][datagram], in
+        place (no bytes object per datagram, no join). `view` holds `limit` bytes plus one
+        largest frame."""
         try:
-            first = self._receive_first()
+            size = self._receive_first_into(view[2:])
         except (BlockingIOError, InterruptedError, ConnectionRefusedError):
-            return []
-        if first is None:
-            return []
-        batch = receive_waiting_datagrams(self.sock, first)
-        self._check_sources(batch)
-        return [data for data, _ in batch if data]
+            return 0, 0
+        if size is None:
+            return 0, 0
+        end = count = 0
+        if size:
+            FRAME_HEADER.pack_into(view, 0, size)
+            end, count = size + 2, 1
+        receive = self._receive_waiting_into
+        while end < limit:
+            try:
+                size = receive(view[end + 2:])
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionRefusedError:  # ICMP from an earlier send: WireGuard not up yet
+                continue
+            if size:
+                FRAME_HEADER.pack_into(view, end, size)
+                end += size + 2
+                count += 1
+        return end, count
 
     def send(self, datagram):
         try:
             self._send(datagram)
         except ConnectionRefusedError:  # ICMP port unreachable: WireGuard restarting
             pass
-
-    def _check_sources(self, batch):
-        pass
 
 
 class TunnelUdpEndpoint(UdpEndpoint):
@@ -1005,8 +1024,11 @@ class TunnelUdpEndpoint(UdpEndpoint):
             raise
         return cls(sock)
 
-    def _receive_first(self):
-        return self.sock.recvfrom(MAX_FRAME_PAYLOAD + 1)
+    def _receive_first_into(self, view):
+        return self.sock.recv_into(view, MAX_FRAME_PAYLOAD)
+
+    def _receive_waiting_into(self, view):
+        return self.sock.recv_into(view, MAX_FRAME_PAYLOAD, socket.MSG_DONTWAIT)
 
     def _send(self, datagram):
         self.sock.send(datagram)
@@ -1069,16 +1091,22 @@ class SharedUdpEndpoint(UdpEndpoint):
         events = poller.poll(None if timeout is None else timeout * 1000)
         return bool(events) and all(fd != self._wake_read for fd, _ in events)
 
-    def _receive_first(self):
+    def _receive_first_into(self, view):
         if not self.wait():
             return None
-        return self.sock.recvfrom(MAX_FRAME_PAYLOAD + 1, socket.MSG_DONTWAIT)
+        return self._receive_waiting_into(view)
+
+    def _receive_waiting_into(self, view):
+        size, source = self.sock.recvfrom_into(view, MAX_FRAME_PAYLOAD, socket.MSG_DONTWAIT)
+        if source[1] != self.send_to[1]:
+            self._check_sources((source,))
+        return size
 
     def _send(self, datagram):
         self.sock.sendto(datagram, self.send_to)
 
-    def _check_sources(self, batch):
-        for _, source in batch:
+    def _check_sources(self, sources):
+        for source in sources:
             if source[1] != self.send_to[1] and source != self.warned_source:
                 self.warned_source = source
                 log.warning("datagrams arrive from %s, but replies go to %s: set ListenPort = "
@@ -1218,30 +1246,24 @@ class Tunnel:
 
     def relay_tcp_to_udp(self):
         """Read frames from the channel and send each as one UDP datagram, until EOF or idle."""
-        decoder = FrameDecoder()
-        send = self.endpoint.send
+        # One buffer for the tunnel's life: each read lands behind the incomplete frame the
+        # last one left at the start, and datagrams go out as slices of it (no bytes object
+        # per read or datagram). An anonymous mmap, not a bytearray: its pages take memory
+        # only once written, so a tunnel that carries little holds a page, not 128 KiB.
+        buffer = mmap.mmap(-1, MAX_FRAME_PAYLOAD + 2 + TCP_READ_SIZE)
+        view = memoryview(buffer)
+        recv_into = self.channel.recv_into
         touch = self.idle.touch
-        data = self.first_bytes
+        first = memoryview(self.first_bytes)
+        datagrams, pos = cut_frames(first, len(first))
+        self._send_datagrams(datagrams)
+        held = len(first) - pos
+        view[:held] = first[pos:]
         while True:
-            for datagram in decoder.feed(data):
-                try:
-                    send(datagram)
-                except OSError as exc:
-                    if exc.errno != errno.EMSGSIZE:
-                        raise
-                    # Too big for one UDP datagram (65508-65535 over IPv4): drop it, go on.
-                    # The original stalls or spins at 100 % CPU here.
-                    if not self.oversized:
-                        log.warning("tunnel %s: dropped a %d-byte frame: too big for one UDP "
-                                    "datagram", self.peer, len(datagram))
-                    self.oversized += 1
-                    continue
-                self.to_udp_datagrams += 1
-                self.to_udp_bytes += len(datagram)
             if self.close_reason is not None:
                 return self.close_reason
             try:
-                data = self.channel.recv(TCP_READ_SIZE)
+                received = recv_into(view[held:held + TCP_READ_SIZE])
             except OSError as exc:
                 if not is_socket_timeout(exc):
                     raise
@@ -1254,31 +1276,59 @@ class Tunnel:
                     self.went_idle = True
                     return "idle for %gs" % self.idle.timeout
                 set_socket_timeout(self.channel.sock, socket.SO_RCVTIMEO, remaining)
-                data = b""
                 continue
-            if not data:
+            if not received:
                 return "closed by peer" if self.close_reason is None else self.close_reason
             touch()
+            end = held + received
+            datagrams, pos = cut_frames(view, end)
+            self._send_datagrams(datagrams)
+            held = end - pos
+            if held and pos:
+                buffer.move(0, pos, held)  # the incomplete frame to the start
+
+    def _send_datagrams(self, datagrams):
+        """Send each datagram to WireGuard."""
+        send = self.endpoint.send
+        for datagram in datagrams:
+            try:
+                send(datagram)
+            except OSError as exc:
+                if exc.errno != errno.EMSGSIZE:
+                    raise
+                # Too big for one UDP datagram (65508-65535 over IPv4): drop it, go on.
+                # The original stalls or spins at 100 % CPU here.
+                if not self.oversized:
+                    log.warning("tunnel %s: dropped a %d-byte frame: too big for one UDP "
+                                "datagram", self.peer, len(datagram))
+                self.oversized += 1
+                continue
+            self.to_udp_datagrams += 1
+            self.to_udp_bytes += len(datagram)
 
     def relay_udp_to_tcp(self):
         """Wait for datagrams, and send all that are waiting as frames in one channel write."""
-        receive = self.endpoint.receive
+        receive = self.endpoint.receive_frames
         touch = self.idle.touch
+        # The frames are written in place, into one buffer for the tunnel's life: an anonymous
+        # mmap, whose pages take memory only once written (as in relay_tcp_to_udp).
+        buffer = mmap.mmap(-1, UDP_BATCH_BYTES + 2 + MAX_FRAME_PAYLOAD)
+        view = memoryview(buffer)
         while self.close_reason is None:
-            datagrams = receive()
-            if not datagrams:
+            end, count = receive(view)
+            if not count:
                 continue
             try:
-                self.channel.sendall(encode_frames(datagrams))
+                self.channel.sendall(view[:end])
             except BaseException as exc:
                 if self.unsent is not None:
-                    self.unsent(datagrams)
+                    self.unsent([datagram.tobytes() for datagram in cut_frames(view, end)[0]])
                 if is_socket_timeout(exc):
                     return "the peer read nothing for %gs" % self.idle.timeout
                 raise
             touch()
-            self.to_tcp_datagrams += len(datagrams)
-            self.to_tcp_bytes += sum(map(len, datagrams))
+            self.to_tcp_datagrams += count
+            self.to_tcp_bytes += end - 2 * count
         return self.close_reason
 
 
