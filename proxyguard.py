@@ -936,6 +936,9 @@ class TLSChannel(PlainChannel):
 # Tunnel pumps
 # =============================================================================================
 
+# After a drain of the UDP socket that found nothing, this many receives skip the drain.
+SKIP_DRAINS = 4
+
 
 def set_socket_buffers(sock):
     """Ask for large send and receive buffers; the kernel may give less, which is fine."""
@@ -968,6 +971,7 @@ class UdpEndpoint:
 
     def __init__(self, sock):
         self.sock = sock
+        self._skip_drains = 0
 
     def fileno(self):
         return self.sock.fileno()
@@ -987,7 +991,13 @@ class UdpEndpoint:
         if size:
             FRAME_HEADER.pack_into(view, 0, size)
             end, count = size + 2, 1
+        # A drain that finds nothing (one datagram at a time: a ping, an interactive flow)
+        # costs a system call and a BlockingIOError: after one, the next few receives skip it.
+        if self._skip_drains:
+            self._skip_drains -= 1
+            return end, count
         receive = self._receive_waiting_into
+        found = False
         while end < limit:
             try:
                 size = receive(view[end + 2:])
@@ -995,10 +1005,13 @@ class UdpEndpoint:
                 break
             except ConnectionRefusedError:  # ICMP from an earlier send: WireGuard not up yet
                 continue
+            found = True
             if size:
                 FRAME_HEADER.pack_into(view, end, size)
                 end += size + 2
                 count += 1
+        if not found:
+            self._skip_drains = SKIP_DRAINS
         return end, count
 
     def send(self, datagram):
