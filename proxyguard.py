@@ -18,7 +18,7 @@ and a UDP endpoint, joined by two pumps that run in two daemon threads:
                        length-prefixed frames (written in place in one buffer) in one TCP write;
     relay_tcp_to_udp   reads the TCP stream in large chunks into one buffer, cuts whole frames
                        out (`cut_frames`, as `FrameDecoder`), and sends each as one UDP
-                       datagram.
+                       datagram (a run of equal-sized ones in one system call: UDP GSO).
 
 The first pump to stop closes the tunnel: `Tunnel.close()` shuts the TCP socket down (waking a
 blocked recv or sendall) and wakes the UDP endpoint (a shutdown of the server's own connected
@@ -939,6 +939,14 @@ class TLSChannel(PlainChannel):
 # After a drain of the UDP socket that found nothing, this many receives skip the drain.
 SKIP_DRAINS = 4
 
+# UDP GSO (Linux 4.18+): one sendmsg carries a run of equal-sized datagrams, with their size
+# in a control message; the kernel cuts them apart. Numbers the socket module may lack.
+SOL_UDP = getattr(socket, "SOL_UDP", 17)
+UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
+SEGMENT_SIZE = struct.Struct("=H")
+GSO_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS before Linux 6.1
+GSO_BYTES = 65507  # all the segments together fit one IPv4 UDP datagram
+
 
 def set_socket_buffers(sock):
     """Ask for large send and receive buffers; the kernel may give less, which is fine."""
@@ -964,6 +972,7 @@ class UdpEndpoint:
     called (any thread), writes the non-empty datagrams waiting into `view` as frames, and
     returns (bytes written, frame count); (0, 0) after a wake, or for an empty datagram, which
     the original drops too; the caller checks why it was woken. `send(datagram)` sends one;
+    `send_segments(datagrams)` sends several of one size in one system call if it can;
     `release()` is called once the tunnel is done with it.
     An ICMP port unreachable (WireGuard restarting) is no error either way.
     Subclasses say how to wait for the first datagram, where replies go, and how to wake.
@@ -971,6 +980,7 @@ class UdpEndpoint:
 
     def __init__(self, sock):
         self.sock = sock
+        self.gso = None  # UDP GSO: None until the first send_segments asks the kernel
         self._skip_drains = 0
 
     def fileno(self):
@@ -1020,6 +1030,34 @@ class UdpEndpoint:
         except ConnectionRefusedError:  # ICMP port unreachable: WireGuard restarting
             pass
 
+    def send_segments(self, datagrams):
+        """Send `datagrams`, all of one size but the last, which may be shorter (at most
+        GSO_SEGMENTS of them, GSO_BYTES in all), in one system call: UDP GSO, and the kernel
+        cuts them apart again. Returns False, having sent nothing, where the kernel cannot
+        (before Linux 4.18, or a route it refuses): the caller sends them one by one, and this
+        endpoint stops trying."""
+        if self.gso is None:
+            # Ask first: a kernel without GSO ignores the control message, and would send
+            # all the datagrams as one.
+            try:
+                self.sock.getsockopt(SOL_UDP, UDP_SEGMENT)
+                self.gso = True
+            except OSError:
+                self.gso = False
+        if not self.gso:
+            return False
+        try:
+            self._send_segments(
+                datagrams, [(SOL_UDP, UDP_SEGMENT, SEGMENT_SIZE.pack(len(datagrams[0])))])
+        except ConnectionRefusedError:  # ICMP port unreachable: WireGuard restarting
+            pass
+        except OSError as exc:
+            if exc.errno not in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EMSGSIZE):
+                raise
+            self.gso = False
+            return False
+        return True
+
 
 class TunnelUdpEndpoint(UdpEndpoint):
     """The server's UDP socket for one tunnel, connected to WireGuard (so WireGuard sees one
@@ -1045,6 +1083,9 @@ class TunnelUdpEndpoint(UdpEndpoint):
 
     def _send(self, datagram):
         self.sock.send(datagram)
+
+    def _send_segments(self, datagrams, control):
+        self.sock.sendmsg(datagrams, control)
 
     def wake(self):
         try:
@@ -1117,6 +1158,9 @@ class SharedUdpEndpoint(UdpEndpoint):
 
     def _send(self, datagram):
         self.sock.sendto(datagram, self.send_to)
+
+    def _send_segments(self, datagrams, control):
+        self.sock.sendmsg(datagrams, control, 0, self.send_to)
 
     def _check_sources(self, sources):
         for source in sources:
@@ -1301,11 +1345,33 @@ class Tunnel:
                 buffer.move(0, pos, held)  # the incomplete frame to the start
 
     def _send_datagrams(self, datagrams):
-        """Send each datagram to WireGuard."""
-        send = self.endpoint.send
-        for datagram in datagrams:
+        """Send each datagram to WireGuard; a run of one size goes in one system call (GSO)."""
+        endpoint = self.endpoint
+        count = len(datagrams)
+        i = 0
+        while i < count:
+            datagram = datagrams[i]
+            size = len(datagram)
+            if count - i > 1 and size and endpoint.gso is not False:
+                # The run: datagrams of this size, then perhaps one shorter (GSO allows it).
+                j = i + 1
+                total = size
+                stop = min(count, i + GSO_SEGMENTS)
+                while j < stop and len(datagrams[j]) == size and total + size <= GSO_BYTES:
+                    total += size
+                    j += 1
+                if j < stop and 0 < len(datagrams[j]) < size and (
+                        total + len(datagrams[j]) <= GSO_BYTES):
+                    total += len(datagrams[j])
+                    j += 1
+                if j - i > 1 and endpoint.send_segments(datagrams[i:j]):
+                    self.to_udp_datagrams += j - i
+                    self.to_udp_bytes += total
+                    i = j
+                    continue
+            i += 1
             try:
-                send(datagram)
+                endpoint.send(datagram)
             except OSError as exc:
                 if exc.errno != errno.EMSGSIZE:
                     raise
@@ -1313,11 +1379,11 @@ class Tunnel:
                 # The original stalls or spins at 100 % CPU here.
                 if not self.oversized:
                     log.warning("tunnel %s: dropped a %d-byte frame: too big for one UDP "
-                                "datagram", self.peer, len(datagram))
+                                "datagram", self.peer, size)
                 self.oversized += 1
                 continue
             self.to_udp_datagrams += 1
-            self.to_udp_bytes += len(datagram)
+            self.to_udp_bytes += size
 
     def relay_udp_to_tcp(self):
         """Wait for datagrams, and send all that are waiting as frames in one channel write."""

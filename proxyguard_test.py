@@ -535,10 +535,21 @@ def run_in_thread(tunnel):
     return thread, result
 
 
-def test_tunnel_sends_runs_of_frames_as_separate_datagrams_in_order(
-        endpoint_class=pg.TunnelUdpEndpoint):
-    """Runs of one size, a shorter last one, empty frames, sizes that change: every frame
-    comes out as its own datagram, in order, counted."""
+class RefusingGsoEndpoint(pg.TunnelUdpEndpoint):
+    """A kernel that takes the GSO option but refuses the send (EIO: no checksum offload)."""
+
+    refused = 0
+
+    def _send_segments(self, datagrams, control):
+        self.refused += 1
+        raise OSError(errno.EIO, "refused")
+
+
+@pytest.mark.parametrize("endpoint_class", [pg.TunnelUdpEndpoint, RefusingGsoEndpoint])
+def test_tunnel_sends_runs_of_frames_as_separate_datagrams_in_order(endpoint_class):
+    """Runs of one size (sent with UDP GSO where the kernel can), a shorter last one, empty
+    frames, sizes that change: every frame comes out as its own datagram, in order, counted;
+    a refused GSO send falls back to one send per datagram, and is not tried again."""
     sizes = [1420] * 50 + [700, 0, 0, 100, 100, 100, 1420, 1, 65507, 3, 3] + [1000] * 70
     datagrams = [numbered(i, size) for i, size in enumerate(sizes)]
     tunnel, ours, wireguard = pump_tunnel(endpoint_class)
@@ -549,6 +560,8 @@ def test_tunnel_sends_runs_of_frames_as_separate_datagrams_in_order(
         got = [wireguard.recv(65536) for _ in datagrams]
         assert got == datagrams
         assert (tunnel.to_udp_datagrams, tunnel.to_udp_bytes) == (len(sizes), sum(sizes))
+        if endpoint_class is RefusingGsoEndpoint:
+            assert tunnel.endpoint.refused == 1 and tunnel.endpoint.gso is False
         ours.shutdown(socket.SHUT_WR)
         thread.join(5)
         assert result == ["closed by peer"]
