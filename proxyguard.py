@@ -947,6 +947,42 @@ SEGMENT_SIZE = struct.Struct("=H")
 GSO_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS before Linux 6.1
 GSO_BYTES = 65507  # all the segments together fit one IPv4 UDP datagram
 
+# A pump buffer that a burst filled beyond this gives its pages back at the next small batch,
+# at most once per TRIM_INTERVAL seconds.
+TRIM_ABOVE = 32 * 1024
+TRIM_INTERVAL = 1.0
+PRIVATE_MAP = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}
+
+
+class PumpBuffer:
+    """One pump's buffer for the tunnel's life, `view` its memoryview.
+
+    An anonymous mmap, not a bytearray: its pages take memory only once written, so a tunnel
+    that carries little holds a page, not 128-192 KiB. Written pages stay, though, and a
+    tunnel may sit quiet for hours after a download: `used(end)` after each batch (which used
+    the buffer up to `end`) gives back all pages past the first once a burst used more than
+    TRIM_ABOVE and a batch within the first page follows; at most once per TRIM_INTERVAL, so
+    a load that mixes batch sizes barely pays for it.
+    """
+
+    def __init__(self, size):
+        # Private: a shared anonymous mapping lives in shmem, and MADV_DONTNEED frees none of it.
+        self.map = mmap.mmap(-1, size, **PRIVATE_MAP)
+        self.view = memoryview(self.map)
+        self.high = 0
+        self.trimmed = -TRIM_INTERVAL
+
+    def used(self, end):
+        if end > self.high:
+            self.high = end
+        elif end <= mmap.PAGESIZE < TRIM_ABOVE < self.high:
+            now = time.monotonic()
+            if now - self.trimmed >= TRIM_INTERVAL and hasattr(mmap, "MADV_DONTNEED"):
+                self.trimmed = now
+                self.high = end
+                self.map.madvise(mmap.MADV_DONTNEED, mmap.PAGESIZE,
+                                 len(self.map) - mmap.PAGESIZE)
+
 
 def set_socket_buffers(sock):
     """Ask for large send and receive buffers; the kernel may give less, which is fine."""
@@ -1305,10 +1341,9 @@ class Tunnel:
         """Read frames from the channel and send each as one UDP datagram, until EOF or idle."""
         # One buffer for the tunnel's life: each read lands behind the incomplete frame the
         # last one left at the start, and datagrams go out as slices of it (no bytes object
-        # per read or datagram). An anonymous mmap, not a bytearray: its pages take memory
-        # only once written, so a tunnel that carries little holds a page, not 128 KiB.
-        buffer = mmap.mmap(-1, MAX_FRAME_PAYLOAD + 2 + TCP_READ_SIZE)
-        view = memoryview(buffer)
+        # per read or datagram).
+        buffer = PumpBuffer(MAX_FRAME_PAYLOAD + 2 + TCP_READ_SIZE)
+        view = buffer.view
         recv_into = self.channel.recv_into
         touch = self.idle.touch
         first = memoryview(self.first_bytes)
@@ -1342,7 +1377,8 @@ class Tunnel:
             self._send_datagrams(datagrams)
             held = end - pos
             if held and pos:
-                buffer.move(0, pos, held)  # the incomplete frame to the start
+                buffer.map.move(0, pos, held)  # the incomplete frame to the start
+            buffer.used(end)
 
     def _send_datagrams(self, datagrams):
         """Send each datagram to WireGuard; a run of one size goes in one system call (GSO)."""
@@ -1389,10 +1425,9 @@ class Tunnel:
         """Wait for datagrams, and send all that are waiting as frames in one channel write."""
         receive = self.endpoint.receive_frames
         touch = self.idle.touch
-        # The frames are written in place, into one buffer for the tunnel's life: an anonymous
-        # mmap, whose pages take memory only once written (as in relay_tcp_to_udp).
-        buffer = mmap.mmap(-1, UDP_BATCH_BYTES + 2 + MAX_FRAME_PAYLOAD)
-        view = memoryview(buffer)
+        # The frames are written in place, into one buffer for the tunnel's life.
+        buffer = PumpBuffer(UDP_BATCH_BYTES + 2 + MAX_FRAME_PAYLOAD)
+        view = buffer.view
         while self.close_reason is None:
             end, count = receive(view)
             if not count:
@@ -1406,6 +1441,7 @@ class Tunnel:
                     return "the peer read nothing for %gs" % self.idle.timeout
                 raise
             touch()
+            buffer.used(end)
             self.to_tcp_datagrams += count
             self.to_tcp_bytes += end - 2 * count
         return self.close_reason

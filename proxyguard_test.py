@@ -11,9 +11,11 @@ client. Only loopback addresses are used.
 import collections
 import concurrent.futures
 import contextlib
+import ctypes
 import errno
 import json
 import logging
+import mmap
 import os
 import random
 import re
@@ -510,6 +512,35 @@ def test_cut_frames_gives_slices_and_where_the_incomplete_frame_begins():
     stream[2] = ord("z")  # slices, not copies
     assert bytes(datagrams[0]) == b"zb"
     assert pg.cut_frames(memoryview(stream), 1) == ([], 0)
+
+
+def resident_pages(buffer):
+    """How many pages of a PumpBuffer are in memory (mincore)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = len(buffer.map)
+    pages = (ctypes.c_ubyte * (-(-size // mmap.PAGESIZE)))()
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buffer.map))
+    assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), pages) == 0
+    return sum(page & 1 for page in pages)
+
+
+def test_pump_buffer_takes_memory_as_written_and_gives_a_burst_back():
+    buffer = pg.PumpBuffer(pg.UDP_BATCH_BYTES + 2 + pg.MAX_FRAME_PAYLOAD)
+    assert resident_pages(buffer) == 0  # nothing written, nothing held
+    buffer.view[:100] = b"x" * 100
+    buffer.used(100)
+    assert resident_pages(buffer) == 1
+    burst = 100 * 1024
+    buffer.view[:burst] = b"y" * burst
+    buffer.used(burst)
+    assert resident_pages(buffer) >= burst // mmap.PAGESIZE
+    buffer.used(200)  # light traffic again: the burst's pages go back, the first page stays
+    assert resident_pages(buffer) == 1
+    assert bytes(buffer.view[:200]) == b"y" * 200
+    buffer.view[:burst] = b"z" * burst  # a second burst within TRIM_INTERVAL: kept
+    buffer.used(burst)
+    buffer.used(200)
+    assert resident_pages(buffer) >= burst // mmap.PAGESIZE
 
 
 # In-process tunnels over a socketpair: the pumps' own paths (frames built in place, runs of
