@@ -951,7 +951,6 @@ GSO_BYTES = 65507  # all the segments together fit one IPv4 UDP datagram
 # at most once per TRIM_INTERVAL seconds.
 TRIM_ABOVE = 32 * 1024
 TRIM_INTERVAL = 1.0
-PRIVATE_MAP = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}
 
 
 class PumpBuffer:
@@ -966,8 +965,9 @@ class PumpBuffer:
     """
 
     def __init__(self, size):
-        # Private: a shared anonymous mapping lives in shmem, and MADV_DONTNEED frees none of it.
-        self.map = mmap.mmap(-1, size, **PRIVATE_MAP)
+        # mmap(-1) is a shared anonymous mapping (shmem): MADV_REMOVE frees its pages, where
+        # MADV_DONTNEED would not. (A private one measured a page more per idle tunnel.)
+        self.map = mmap.mmap(-1, size)
         self.view = memoryview(self.map)
         self.high = 0
         self.trimmed = -TRIM_INTERVAL
@@ -977,10 +977,10 @@ class PumpBuffer:
             self.high = end
         elif end <= mmap.PAGESIZE < TRIM_ABOVE < self.high:
             now = time.monotonic()
-            if now - self.trimmed >= TRIM_INTERVAL and hasattr(mmap, "MADV_DONTNEED"):
+            if now - self.trimmed >= TRIM_INTERVAL and hasattr(mmap, "MADV_REMOVE"):
                 self.trimmed = now
                 self.high = end
-                self.map.madvise(mmap.MADV_DONTNEED, mmap.PAGESIZE,
+                self.map.madvise(mmap.MADV_REMOVE, mmap.PAGESIZE,
                                  len(self.map) - mmap.PAGESIZE)
 
 
