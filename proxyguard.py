@@ -15,9 +15,10 @@ Blocking sockets and threads. Every tunnel is a `Tunnel`: a byte `Channel` (plai
 and a UDP endpoint, joined by two pumps that run in two daemon threads:
 
     relay_udp_to_tcp   waits for UDP datagrams, drains all that are waiting, and sends them as
-                       length-prefixed frames in one TCP write;
-    relay_tcp_to_udp   reads the TCP stream in large chunks, cuts whole frames out with a
-                       `FrameDecoder`, and sends each as one UDP datagram.
+                       length-prefixed frames (written in place in one buffer) in one TCP write;
+    relay_tcp_to_udp   reads the TCP stream in large chunks into one buffer, cuts whole frames
+                       out (`cut_frames`, as `FrameDecoder`), and sends each as one UDP
+                       datagram (a run of equal-sized ones in one system call: UDP GSO).
 
 The first pump to stop closes the tunnel: `Tunnel.close()` shuts the TCP socket down (waking a
 blocked recv or sendall) and wakes the UDP endpoint (a shutdown of the server's own connected
@@ -78,6 +79,7 @@ import errno
 import functools
 import ipaddress
 import logging
+import mmap
 import os
 import re
 import select
@@ -238,6 +240,21 @@ def encode_frame(datagram):
     return frame_header(datagram) + bytes(datagram)
 
 
+def cut_frames(view, end):
+    """Cut the whole frames out of `view[:end]` (a memoryview of bytes): return the list of
+    their datagrams, as memoryview slices of `view`, and where the first incomplete frame
+    begins. The one frame-cutting loop: FrameDecoder and the tunnel's TCP->UDP pump share it."""
+    datagrams = []
+    pos = 0
+    while end - pos >= 2:
+        stop = pos + 2 + ((view[pos] << 8) | view[pos + 1])
+        if stop > end:
+            break
+        datagrams.append(view[pos + 2:stop])
+        pos = stop
+    return datagrams, pos
+
+
 class FrameDecoder:
     """Cut UoTLV/1 frames out of a TCP byte stream that may split them anywhere.
 
@@ -257,17 +274,10 @@ class FrameDecoder:
         if buffer:
             buffer += data
             data = buffer
-        view = memoryview(data)
-        size = len(view)
-        datagrams = []
-        pos = 0
-        while size - pos >= 2:
-            end = pos + 2 + ((view[pos] << 8) | view[pos + 1])
-            if end > size:
-                break
-            datagrams.append(view[pos + 2:end].tobytes())
-            pos = end
-        view.release()
+        with memoryview(data) as view:
+            slices, pos = cut_frames(view, len(view))
+            datagrams = [datagram.tobytes() for datagram in slices]
+            del slices  # the slices pin `buffer`, which must stay resizable
         if data is buffer:
             del buffer[:pos]
         else:
@@ -843,6 +853,12 @@ class PlainChannel:
             self.sock.settimeout(self.deadline.timeout())
         return self.sock.recv(size)
 
+    def recv_into(self, view):
+        """As recv, into the writable `view`; returns the byte count (0 at end of stream)."""
+        if self.deadline is not None:
+            self.sock.settimeout(self.deadline.timeout())
+        return self.sock.recv_into(view)
+
     def sendall(self, data):
         if self.deadline is not None:
             self.sock.settimeout(self.deadline.timeout())
@@ -939,14 +955,20 @@ class TLSChannel(PlainChannel):
                     return
 
     def recv(self, size):
+        return self._read(size, None, b"")
+
+    def recv_into(self, view):
+        return self._read(len(view), view, 0)
+
+    def _read(self, size, view, end_of_stream):
         while True:
             with self._tls_lock:
                 try:
-                    data = self._tls.read(size)
+                    data = self._tls.read(size, view)
                 except ssl.SSLWantReadError:
                     data = None
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                    data = b""
+                    data = end_of_stream
                 produced = self._outgoing.pending
             if produced:
                 self._flush_without_waiting()
@@ -966,6 +988,53 @@ class TLSChannel(PlainChannel):
 # =============================================================================================
 # Tunnel pumps
 # =============================================================================================
+
+# After a drain of the UDP socket that found nothing, this many receives skip the drain.
+SKIP_DRAINS = 4
+
+# UDP GSO (Linux 4.18+): one sendmsg carries a run of equal-sized datagrams, with their size
+# in a control message; the kernel cuts them apart. Numbers the socket module may lack.
+SOL_UDP = getattr(socket, "SOL_UDP", 17)
+UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
+SEGMENT_SIZE = struct.Struct("=H")
+GSO_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS before Linux 6.1
+GSO_BYTES = 65507  # all the segments together fit one IPv4 UDP datagram
+
+# A pump buffer that a burst filled beyond this gives its pages back at the next small batch,
+# at most once per TRIM_INTERVAL seconds.
+TRIM_ABOVE = 32 * 1024
+TRIM_INTERVAL = 1.0
+
+
+class PumpBuffer:
+    """One pump's buffer for the tunnel's life, `view` its memoryview.
+
+    An anonymous mmap, not a bytearray: its pages take memory only once written, so a tunnel
+    that carries little holds a page, not 128-192 KiB. Written pages stay, though, and a
+    tunnel may sit quiet for hours after a download: `used(end)` after each batch (which used
+    the buffer up to `end`) gives back all pages past the first once a burst used more than
+    TRIM_ABOVE and a batch within the first page follows; at most once per TRIM_INTERVAL, so
+    a load that mixes batch sizes barely pays for it.
+    """
+
+    def __init__(self, size):
+        # mmap(-1) is a shared anonymous mapping (shmem): MADV_REMOVE frees its pages, where
+        # MADV_DONTNEED would not. (A private one measured a page more per idle tunnel.)
+        self.map = mmap.mmap(-1, size)
+        self.view = memoryview(self.map)
+        self.high = 0
+        self.trimmed = -TRIM_INTERVAL
+
+    def used(self, end):
+        if end > self.high:
+            self.high = end
+        elif end <= mmap.PAGESIZE < TRIM_ABOVE < self.high:
+            now = time.monotonic()
+            if now - self.trimmed >= TRIM_INTERVAL and hasattr(mmap, "MADV_REMOVE"):
+                self.trimmed = now
+                self.high = end
+                self.map.madvise(mmap.MADV_REMOVE, mmap.PAGESIZE,
+                                 len(self.map) - mmap.PAGESIZE)
 
 
 def set_socket_buffers(sock):
@@ -991,61 +1060,71 @@ def prepare_tcp_socket(sock):
     set_socket_buffers(sock)
 
 
-def receive_waiting_datagrams(sock, first, limit=UDP_BATCH_BYTES, refused=None):
-    """Return `first` plus every datagram already waiting on `sock`, up to `limit` bytes.
-
-    Returns a list of (datagram, source address). `refused()` is called for an ICMP port
-    unreachable that an earlier send brought back.
-    """
-    batch = [first]
-    size = len(first[0])
-    while size < limit:
-        try:
-            item = sock.recvfrom(MAX_FRAME_PAYLOAD + 1, socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            break
-        except ConnectionRefusedError:  # ICMP from an earlier send: WireGuard not up yet
-            if refused is not None:
-                refused()
-            continue
-        batch.append(item)
-        size += len(item[0])
-    return batch
-
-
 class UdpEndpoint:
     """WireGuard's side of a tunnel: a UDP socket, and where datagrams for WireGuard go.
 
-    Contract for Tunnel: `receive()` blocks until datagrams wait or `wake()` is called (any
-    thread), and returns the non-empty datagrams waiting (perhaps none: after a wake, or an
-    empty datagram, which the original drops too; the caller checks why it was woken);
-    `send(datagram)` sends one; `release()` is called once the tunnel is done with it.
+    Contract for Tunnel: `receive_frames(view)` blocks until datagrams wait or `wake()` is
+    called (any thread), writes the non-empty datagrams waiting into `view` as frames, and
+    returns (bytes written, frame count); (0, 0) after a wake, or for an empty datagram, which
+    the original drops too; the caller checks why it was woken. `send(datagram)` sends one;
+    `send_segments(datagrams)` sends several of one size in one system call if it can;
+    `release()` is called once the tunnel is done with it.
     An ICMP port unreachable (WireGuard down or restarting) is no error either way: it is
-    warned about once (`refused_message()`), and again only after WireGuard answered
-    (`_check_sources` says when), never per datagram.
+    warned about once (`refused_message()`), and again only after WireGuard answered, never
+    per datagram.
     Subclasses say how to wait for the first datagram, where replies go, and how to wake.
     """
 
     def __init__(self, sock):
         self.sock = sock
         self.refused = False  # warned that nothing listens; cleared when WireGuard answers
+        self.gso = None  # UDP GSO: None until the first send_segments asks the kernel
+        self._skip_drains = 0
 
     def fileno(self):
         return self.sock.fileno()
 
-    def receive(self):
+    def receive_frames(self, view, limit=UDP_BATCH_BYTES):
+        """Wait for a datagram, then take the ones already waiting too, while fewer than
+        `limit` bytes are written: each goes into `view` as a frame, [length][datagram], in
+        place (no bytes object per datagram, no join). `view` holds `limit` bytes plus one
+        largest frame."""
         try:
-            first = self._receive_first()
+            size = self._receive_first_into(view[2:])
         except (BlockingIOError, InterruptedError):
-            return []
+            return 0, 0
         except ConnectionRefusedError:
             self._nothing_listens()
-            return []
-        if first is None:
-            return []
-        batch = receive_waiting_datagrams(self.sock, first, refused=self._nothing_listens)
-        self._check_sources(batch)
-        return [data for data, _ in batch if data]
+            return 0, 0
+        if size is None:
+            return 0, 0
+        end = count = 0
+        if size:
+            FRAME_HEADER.pack_into(view, 0, size)
+            end, count = size + 2, 1
+        # A drain that finds nothing (one datagram at a time: a ping, an interactive flow)
+        # costs a system call and a BlockingIOError: after one, the next few receives skip it.
+        if self._skip_drains:
+            self._skip_drains -= 1
+            return end, count
+        receive = self._receive_waiting_into
+        found = False
+        while end < limit:
+            try:
+                size = receive(view[end + 2:])
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionRefusedError:  # ICMP from an earlier send: WireGuard not up yet
+                self._nothing_listens()
+                continue
+            found = True
+            if size:
+                FRAME_HEADER.pack_into(view, end, size)
+                end += size + 2
+                count += 1
+        if not found:
+            self._skip_drains = SKIP_DRAINS
+        return end, count
 
     def send(self, datagram):
         try:
@@ -1059,8 +1138,33 @@ class UdpEndpoint:
             self.refused = True
             log.warning("%s", self.refused_message())
 
-    def _check_sources(self, batch):
-        self.refused = False  # WireGuard answered: warn again if it goes away
+    def send_segments(self, datagrams):
+        """Send `datagrams`, all of one size but the last, which may be shorter (at most
+        GSO_SEGMENTS of them, GSO_BYTES in all), in one system call: UDP GSO, and the kernel
+        cuts them apart again. Returns False, having sent nothing, where the kernel cannot
+        (before Linux 4.18, or a route it refuses): the caller sends them one by one, and this
+        endpoint stops trying."""
+        if self.gso is None:
+            # Ask first: a kernel without GSO ignores the control message, and would send
+            # all the datagrams as one.
+            try:
+                self.sock.getsockopt(SOL_UDP, UDP_SEGMENT)
+                self.gso = True
+            except OSError:
+                self.gso = False
+        if not self.gso:
+            return False
+        try:
+            self._send_segments(
+                datagrams, [(SOL_UDP, UDP_SEGMENT, SEGMENT_SIZE.pack(len(datagrams[0])))])
+        except ConnectionRefusedError:  # ICMP port unreachable: WireGuard down or restarting
+            self._nothing_listens()
+        except OSError as exc:
+            if exc.errno not in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EMSGSIZE):
+                raise
+            self.gso = False
+            return False
+        return True
 
 
 class TunnelUdpEndpoint(UdpEndpoint):
@@ -1088,11 +1192,19 @@ class TunnelUdpEndpoint(UdpEndpoint):
         return ("%s: nothing listens on %s (--to): is WireGuard up?"
                 % (self.label, format_address(self.destination)))
 
-    def _receive_first(self):
-        return self.sock.recvfrom(MAX_FRAME_PAYLOAD + 1)
+    def _receive_first_into(self, view):
+        size = self.sock.recv_into(view, MAX_FRAME_PAYLOAD)
+        self.refused = False  # WireGuard answered: warn again if it goes away
+        return size
+
+    def _receive_waiting_into(self, view):
+        return self.sock.recv_into(view, MAX_FRAME_PAYLOAD, socket.MSG_DONTWAIT)
 
     def _send(self, datagram):
         self.sock.send(datagram)
+
+    def _send_segments(self, datagrams, control):
+        self.sock.sendmsg(datagrams, control)
 
     def wake(self):
         try:
@@ -1180,10 +1292,18 @@ class SharedUdpEndpoint(UdpEndpoint):
                         and EXTENDED_ERROR.unpack_from(data)[0] == errno.ECONNREFUSED):
                     self._nothing_listens()
 
-    def _receive_first(self):
+    def _receive_first_into(self, view):
         if not self.wait():
             return None
-        return self.sock.recvfrom(MAX_FRAME_PAYLOAD + 1, socket.MSG_DONTWAIT)
+        return self._receive_waiting_into(view)
+
+    def _receive_waiting_into(self, view):
+        size, source = self.sock.recvfrom_into(view, MAX_FRAME_PAYLOAD, socket.MSG_DONTWAIT)
+        if source[1] == self.send_to[1]:
+            self.refused = False  # WireGuard answered from its ListenPort
+        else:
+            self._warn_source(source)
+        return size
 
     def _send(self, datagram):
         self.sock.sendto(datagram, self.send_to)
@@ -1192,16 +1312,17 @@ class SharedUdpEndpoint(UdpEndpoint):
         return ("nothing listens on %s (--forward-port): is WireGuard up, with ListenPort = %d?"
                 % (format_address(self.send_to), self.send_to[1]))
 
-    def _check_sources(self, batch):
-        for _, source in batch:
-            if source == self.send_to:  # something listens there again
-                self.refused = False
-            if source[1] != self.send_to[1] and source != self.warned_source:
-                self.warned_source = source
-                log.warning("datagrams arrive from %s, but replies go to %s: set ListenPort = "
-                            "%d in WireGuard's [Interface] (or --forward-port to its port)",
-                            format_address(source), format_address(self.send_to),
-                            self.send_to[1])
+    def _send_segments(self, datagrams, control):
+        self.sock.sendmsg(datagrams, control, 0, self.send_to)
+
+    def _warn_source(self, source):
+        """Once per source: WireGuard sends from a port other than --forward-port."""
+        if source != self.warned_source:
+            self.warned_source = source
+            log.warning("datagrams arrive from %s, but replies go to %s: set ListenPort = "
+                        "%d in WireGuard's [Interface] (or --forward-port to its port)",
+                        format_address(source), format_address(self.send_to),
+                        self.send_to[1])
 
     def wake(self):
         with self._close_lock:
@@ -1339,30 +1460,23 @@ class Tunnel:
 
     def relay_tcp_to_udp(self):
         """Read frames from the channel and send each as one UDP datagram, until EOF or idle."""
-        decoder = FrameDecoder()
-        send = self.endpoint.send
+        # One buffer for the tunnel's life: each read lands behind the incomplete frame the
+        # last one left at the start, and datagrams go out as slices of it (no bytes object
+        # per read or datagram).
+        buffer = PumpBuffer(MAX_FRAME_PAYLOAD + 2 + TCP_READ_SIZE)
+        view = buffer.view
+        recv_into = self.channel.recv_into
         touch = self.idle.touch
-        data = self.first_bytes
+        first = memoryview(self.first_bytes)
+        datagrams, pos = cut_frames(first, len(first))
+        self._send_datagrams(datagrams)
+        held = len(first) - pos
+        view[:held] = first[pos:]
         while True:
-            for datagram in decoder.feed(data):
-                try:
-                    send(datagram)
-                except OSError as exc:
-                    if exc.errno != errno.EMSGSIZE:
-                        raise
-                    # Too big for one UDP datagram (65508-65535 over IPv4): drop it, go on.
-                    # The original stalls or spins at 100 % CPU here.
-                    if not self.oversized:
-                        log.warning("tunnel %s: dropped a %d-byte frame: too big for one UDP "
-                                    "datagram", self.peer, len(datagram))
-                    self.oversized += 1
-                    continue
-                self.to_udp_datagrams += 1
-                self.to_udp_bytes += len(datagram)
             if self.close_reason is not None:
                 return self.close_reason
             try:
-                data = self.channel.recv(TCP_READ_SIZE)
+                received = recv_into(view[held:held + TCP_READ_SIZE])
             except OSError as exc:
                 if not is_socket_timeout(exc):
                     raise
@@ -1375,31 +1489,82 @@ class Tunnel:
                     self.went_idle = True
                     return "idle for %gs" % self.idle.timeout
                 set_socket_timeout(self.channel.sock, socket.SO_RCVTIMEO, remaining)
-                data = b""
                 continue
-            if not data:
+            if not received:
                 return "closed by peer" if self.close_reason is None else self.close_reason
             touch()
+            end = held + received
+            datagrams, pos = cut_frames(view, end)
+            self._send_datagrams(datagrams)
+            held = end - pos
+            if held and pos:
+                buffer.map.move(0, pos, held)  # the incomplete frame to the start
+            buffer.used(end)
+
+    def _send_datagrams(self, datagrams):
+        """Send each datagram to WireGuard; a run of one size goes in one system call (GSO)."""
+        endpoint = self.endpoint
+        count = len(datagrams)
+        i = 0
+        while i < count:
+            datagram = datagrams[i]
+            size = len(datagram)
+            if count - i > 1 and size and endpoint.gso is not False:
+                # The run: datagrams of this size, then perhaps one shorter (GSO allows it).
+                j = i + 1
+                total = size
+                stop = min(count, i + GSO_SEGMENTS)
+                while j < stop and len(datagrams[j]) == size and total + size <= GSO_BYTES:
+                    total += size
+                    j += 1
+                if j < stop and 0 < len(datagrams[j]) < size and (
+                        total + len(datagrams[j]) <= GSO_BYTES):
+                    total += len(datagrams[j])
+                    j += 1
+                if j - i > 1 and endpoint.send_segments(datagrams[i:j]):
+                    self.to_udp_datagrams += j - i
+                    self.to_udp_bytes += total
+                    i = j
+                    continue
+            i += 1
+            try:
+                endpoint.send(datagram)
+            except OSError as exc:
+                if exc.errno != errno.EMSGSIZE:
+                    raise
+                # Too big for one UDP datagram (65508-65535 over IPv4): drop it, go on.
+                # The original stalls or spins at 100 % CPU here.
+                if not self.oversized:
+                    log.warning("tunnel %s: dropped a %d-byte frame: too big for one UDP "
+                                "datagram", self.peer, size)
+                self.oversized += 1
+                continue
+            self.to_udp_datagrams += 1
+            self.to_udp_bytes += size
 
     def relay_udp_to_tcp(self):
         """Wait for datagrams, and send all that are waiting as frames in one channel write."""
-        receive = self.endpoint.receive
+        receive = self.endpoint.receive_frames
         touch = self.idle.touch
+        # The frames are written in place, into one buffer for the tunnel's life.
+        buffer = PumpBuffer(UDP_BATCH_BYTES + 2 + MAX_FRAME_PAYLOAD)
+        view = buffer.view
         while self.close_reason is None:
-            datagrams = receive()
-            if not datagrams:
+            end, count = receive(view)
+            if not count:
                 continue
             try:
-                self.channel.sendall(encode_frames(datagrams))
+                self.channel.sendall(view[:end])
             except BaseException as exc:
                 if self.unsent is not None:
-                    self.unsent(datagrams)
+                    self.unsent([datagram.tobytes() for datagram in cut_frames(view, end)[0]])
                 if is_socket_timeout(exc):
                     return "the peer read nothing for %gs" % self.idle.timeout
                 raise
             touch()
-            self.to_tcp_datagrams += len(datagrams)
-            self.to_tcp_bytes += sum(map(len, datagrams))
+            buffer.used(end)
+            self.to_tcp_datagrams += count
+            self.to_tcp_bytes += end - 2 * count
         return self.close_reason
 
 

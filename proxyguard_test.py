@@ -11,9 +11,11 @@ client. Only loopback addresses are used.
 import collections
 import concurrent.futures
 import contextlib
+import ctypes
 import errno
 import json
 import logging
+import mmap
 import os
 import random
 import re
@@ -500,6 +502,152 @@ def test_decoder_keeps_partial_frame_pending():
     assert decoder.pending == 4
     assert decoder.feed(bytearray(b"cde\x00")) == [b"abcde"]
     assert decoder.pending == 1
+
+
+def test_cut_frames_gives_slices_and_where_the_incomplete_frame_begins():
+    stream = bytearray(pg.encode_frames([b"ab", b"", b"cde"]) + b"\x00\x04xy")
+    datagrams, pos = pg.cut_frames(memoryview(stream), len(stream))
+    assert [bytes(d) for d in datagrams] == [b"ab", b"", b"cde"]
+    assert pos == len(stream) - 4
+    stream[2] = ord("z")  # slices, not copies
+    assert bytes(datagrams[0]) == b"zb"
+    assert pg.cut_frames(memoryview(stream), 1) == ([], 0)
+
+
+def resident_pages(buffer):
+    """How many pages of a PumpBuffer are in memory (mincore)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = len(buffer.map)
+    pages = (ctypes.c_ubyte * (-(-size // mmap.PAGESIZE)))()
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buffer.map))
+    assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), pages) == 0
+    return sum(page & 1 for page in pages)
+
+
+def test_pump_buffer_takes_memory_as_written_and_gives_a_burst_back():
+    buffer = pg.PumpBuffer(pg.UDP_BATCH_BYTES + 2 + pg.MAX_FRAME_PAYLOAD)
+    assert resident_pages(buffer) == 0  # nothing written, nothing held
+    buffer.view[:100] = b"x" * 100
+    buffer.used(100)
+    assert resident_pages(buffer) == 1
+    burst = 100 * 1024
+    buffer.view[:burst] = b"y" * burst
+    buffer.used(burst)
+    assert resident_pages(buffer) >= burst // mmap.PAGESIZE
+    buffer.used(200)  # light traffic again: the burst's pages go back, the first page stays
+    assert resident_pages(buffer) == 1
+    assert bytes(buffer.view[:200]) == b"y" * 200
+    buffer.view[:burst] = b"z" * burst  # a second burst within TRIM_INTERVAL: kept
+    buffer.used(burst)
+    buffer.used(200)
+    assert resident_pages(buffer) >= burst // mmap.PAGESIZE
+
+
+# In-process tunnels over a socketpair: the pumps' own paths (frames built in place, runs of
+# equal-sized datagrams in one system call, datagrams left unsent by a dying tunnel).
+
+def pump_tunnel(endpoint_class=pg.TunnelUdpEndpoint, channel_class=pg.PlainChannel,
+                unsent=None):
+    """A Tunnel between a socketpair (its far end returned as `ours`) and a UDP socket
+    standing in for WireGuard; not yet running."""
+    ours, theirs = socket.socketpair()
+    wireguard = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    wireguard.bind((LOOPBACK, 0))
+    pg.set_socket_buffers(wireguard)
+    endpoint = endpoint_class.connected(wireguard.getsockname(), socket.AF_INET)
+    tunnel = pg.Tunnel(channel_class(theirs), endpoint, "test", pg.IdleClock(30), unsent=unsent)
+    return tunnel, ours, wireguard
+
+
+def run_in_thread(tunnel):
+    result = []
+    thread = threading.Thread(target=lambda: result.append(tunnel.run()), daemon=True)
+    thread.start()
+    return thread, result
+
+
+class RefusingGsoEndpoint(pg.TunnelUdpEndpoint):
+    """A kernel that takes the GSO option but refuses the send (EIO: no checksum offload)."""
+
+    refused = 0
+
+    def _send_segments(self, datagrams, control):
+        self.refused += 1
+        raise OSError(errno.EIO, "refused")
+
+
+@pytest.mark.parametrize("endpoint_class", [pg.TunnelUdpEndpoint, RefusingGsoEndpoint])
+def test_tunnel_sends_runs_of_frames_as_separate_datagrams_in_order(endpoint_class):
+    """Runs of one size (sent with UDP GSO where the kernel can), a shorter last one, empty
+    frames, sizes that change: every frame comes out as its own datagram, in order, counted;
+    a refused GSO send falls back to one send per datagram, and is not tried again."""
+    sizes = [1420] * 50 + [700, 0, 0, 100, 100, 100, 1420, 1, 65507, 3, 3] + [1000] * 70
+    datagrams = [numbered(i, size) for i, size in enumerate(sizes)]
+    tunnel, ours, wireguard = pump_tunnel(endpoint_class)
+    thread, result = run_in_thread(tunnel)
+    try:
+        ours.sendall(pg.encode_frames(datagrams))
+        wireguard.settimeout(5)
+        got = [wireguard.recv(65536) for _ in datagrams]
+        assert got == datagrams
+        assert (tunnel.to_udp_datagrams, tunnel.to_udp_bytes) == (len(sizes), sum(sizes))
+        if endpoint_class is RefusingGsoEndpoint:
+            assert tunnel.endpoint.refused == 1 and tunnel.endpoint.gso is False
+        ours.shutdown(socket.SHUT_WR)
+        thread.join(5)
+        assert result == ["closed by peer"]
+    finally:
+        ours.close()
+        wireguard.close()
+
+
+def test_tunnel_frames_datagrams_in_place_and_drops_empty_ones():
+    """Datagrams from WireGuard, empty ones among them, bursts and single ones: the frames on
+    the stream are those of the non-empty datagrams, in order, and the counters agree."""
+    tunnel, ours, wireguard = pump_tunnel()
+    thread, result = run_in_thread(tunnel)
+    try:
+        address = tunnel.endpoint.sock.getsockname()
+        sent = []
+        for burst in ([1420], [1420] * 30 + [0, 5], [0], [65507, 1, 65507], [100] * 200, [7]):
+            for size in burst:
+                datagram = numbered(len(sent), size)
+                wireguard.sendto(datagram, address)
+                if size:
+                    sent.append(datagram)
+            time.sleep(0.01)  # scenario: bursts apart, so single-datagram receives happen too
+        assert read_frames(ours, pg.FrameDecoder(), len(sent)) == sent
+        wait_until(lambda: tunnel.to_tcp_datagrams == len(sent), 5, "the counters")
+        assert tunnel.to_tcp_bytes == sum(map(len, sent))
+        ours.shutdown(socket.SHUT_WR)
+        thread.join(5)
+        assert result == ["closed by peer"]
+    finally:
+        ours.close()
+        wireguard.close()
+
+
+class FailingChannel(pg.PlainChannel):
+    def sendall(self, data):
+        raise BrokenPipeError(errno.EPIPE, "broken pipe")
+
+
+def test_datagrams_a_dying_tunnel_could_not_send_go_to_unsent_as_bytes():
+    unsent = []
+    tunnel, ours, wireguard = pump_tunnel(channel_class=FailingChannel, unsent=unsent.extend)
+    datagrams = [b"one", b"", b"x" * 1420, b"three"]
+    for datagram in datagrams:  # all waiting before the pump starts: one batch
+        wireguard.sendto(datagram, tunnel.endpoint.sock.getsockname())
+    thread, result = run_in_thread(tunnel)
+    thread.join(5)
+    try:
+        assert result and "broken pipe" in result[0].lower()
+        assert unsent == [b"one", b"x" * 1420, b"three"]
+        assert all(type(datagram) is bytes for datagram in unsent)
+        assert tunnel.to_tcp_datagrams == 0
+    finally:
+        ours.close()
+        wireguard.close()
 
 
 # =============================================================================================
