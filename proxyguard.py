@@ -3325,9 +3325,9 @@ def signals_held():
     try:
         yield
     finally:
-        # A stop signal still pending (a second SIGTERM during shutdown) must not kill the
-        # process once unblocked: ignore it while the mask is restored.
-        previous = [(signum, signal.signal(signum, signal.SIG_IGN)) for signum in STOP_SIGNALS]
+        # A signal still pending (a second SIGTERM, or a SIGUSR1, during shutdown) must not
+        # kill the process once unblocked: ignore it while the mask is restored.
+        previous = [(signum, signal.signal(signum, signal.SIG_IGN)) for signum in HANDLED_SIGNALS]
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
         for signum, handler in previous:
             signal.signal(signum, handler)
