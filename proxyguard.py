@@ -57,7 +57,14 @@ datagrams that arrive while no tunnel is up wait in the UDP socket's receive buf
 Signals: SIGINT, SIGTERM and SIGHUP are blocked from before the service starts, in every
 thread, and one thread takes them with sigwait: a signal caught by any other thread would only
 be flagged for a main thread asleep in a lock, and never acted on. SIGHUP reads the options
-again and reloads the log level and TLS files; tunnels go on.
+again and reloads the log level and TLS files; tunnels go on. SIGUSR1 logs a line per open
+tunnel (`dump_tunnels`).
+
+Metrics (--metrics-listen): the Server and the Client each say what they count in `metrics()`,
+read when the page is asked for: the open tunnels' own counters live (each written by one pump
+thread, never locked on the hot path), plus what closed tunnels left in `TrafficTotals`.
+`render_metrics` (pure) writes the Prometheus text format; `MetricsEndpoint` serves it with
+http.server in daemon threads, started and stopped by main(argv) with the service.
 
 Classes take their sockets and policies as arguments (`Server.open`, `Client.open` make them
 from the options), so tests run Server, Client and Tunnel in-process over socketpairs.
@@ -67,8 +74,9 @@ TLS: `TLSChannel` keeps OpenSSL single-threaded per connection: an `SSLObject` o
 on the wire (OpenSSL does not allow SSL_read and SSL_write on one SSL object from two threads;
 a shared `SSLSocket` corrupts records under load: openssl issues 20446/20622, cpython 137583).
 
-Sections, in order: constants, errors, pure protocol (no I/O), policies (no I/O), channels
-(plain and TLS), tunnel pumps, server, client, CLI, main(argv).
+Sections, in order: constants, errors, pure protocol (no I/O), policies and the metrics text
+(no I/O), channels (plain and TLS), tunnel pumps, server, client, metrics endpoint, CLI,
+main(argv).
 """
 
 import argparse
@@ -77,6 +85,7 @@ import collections
 import contextlib
 import errno
 import functools
+import http.server
 import ipaddress
 import logging
 import mmap
@@ -162,6 +171,22 @@ DEFAULT_MAX_CLIENTS = 1000
 MAX_HANDSHAKING = 256
 # Reverse proxies whose X-Forwarded-For / Forwarded headers the server believes by default.
 DEFAULT_TRUSTED_PROXIES = "127.0.0.0/8,::1"
+
+# Metrics (--metrics-listen): the Prometheus text exposition format, version 0.0.4.
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+METRICS_PATH = "/metrics"
+# The statuses the server refuses a handshake with: their series exist from the start at 0,
+# so a rate() sees the first one.
+REFUSAL_STATUSES = (400, 404, 405, 408, 426, 431, 503, 505)
+# Why the client connects again: its dial failed (refused: an HTTP answer other than 101 or
+# 503, or the proxy's refusal; unavailable: 503; tls: the TLS handshake or the certificate;
+# network: connect, timeouts, resets), or its tunnel ended (idle: our own idle timeout; ended:
+# any other end).
+RECONNECT_REASONS = ("refused", "unavailable", "tls", "network", "idle", "ended")
+# Tunnel lifetimes, in seconds: a reconnect loop (under 1 s) up to a working day and beyond.
+TUNNEL_LIFETIME_BUCKETS = (1, 10, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+# When this process started (Unix time), as process exporters count it.
+PROCESS_START_TIME = time.time()
 
 # Linux socket option numbers that the socket module may lack on old Pythons.
 SO_MARK = getattr(socket, "SO_MARK", 36)
@@ -737,8 +762,8 @@ def format_address(address):
 
 
 # =============================================================================================
-# Policies: deadlines, the idle clock, the back-off. No I/O: tests drive them with a fake clock,
-# and the socket code only carries out what they decide.
+# Policies: deadlines, the idle clock, the back-off; the metrics page's text. No I/O: tests
+# drive them with a fake clock, and the socket code only carries out what they decide.
 # =============================================================================================
 
 
@@ -770,8 +795,8 @@ class Deadline:
 class IdleClock:
     """When a tunnel has been idle for `timeout` seconds (0: never): no data either way.
 
-    Both pumps `touch()` it when data crosses (received from the peer, or sent and, through
-    TCP_USER_TIMEOUT, acknowledged). The reader waits at most `remaining()` and, woken early,
+    The pumps tell it when data crosses: `received()` from the peer, `sent()` to it (sent data
+    counts once acknowledged, through TCP_USER_TIMEOUT); `touch()` is both. The reader waits at most `remaining()` and, woken early,
     waits again for what is left, so the tunnel closes `timeout` after the last data, not
     anywhere up to twice that (a fixed receive timeout restarts at every wait).
     """
@@ -779,10 +804,22 @@ class IdleClock:
     def __init__(self, timeout, clock=time.monotonic):
         self.timeout = timeout
         self.clock = clock
-        self.last = clock()
+        # Each written by one pump: data from the peer (towards WireGuard), data to the peer.
+        self.last_received = self.last_sent = clock()
+
+    def received(self):
+        self.last_received = self.clock()
+
+    def sent(self):
+        self.last_sent = self.clock()
 
     def touch(self):
-        self.last = self.clock()
+        self.last_received = self.last_sent = self.clock()
+
+    @property
+    def last(self):
+        """The time of the last data either way."""
+        return max(self.last_received, self.last_sent)
 
     def remaining(self):
         """Seconds until idle (<= 0: idle now); None when there is no idle timeout."""
@@ -824,6 +861,146 @@ class Backoff:
             self.failures = 0
             return 0
         return self.failed()
+
+
+class Histogram:
+    """Observations counted into `buckets` (upper bounds), for a Prometheus histogram. Not
+    thread-safe: its owner observes under its own lock."""
+
+    def __init__(self, buckets):
+        self.buckets = tuple(sorted(buckets))
+        self.counts = [0] * (len(self.buckets) + 1)  # the last: above every bound (+Inf)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value):
+        index = 0
+        while index < len(self.buckets) and value > self.buckets[index]:
+            index += 1
+        self.counts[index] += 1
+        self.sum += value
+        self.count += 1
+
+    def copy(self):
+        other = Histogram(self.buckets)
+        other.counts, other.sum, other.count = list(self.counts), self.sum, self.count
+        return other
+
+
+class Metric:
+    """One metric family of the Prometheus text format: its name, type (counter, gauge,
+    histogram), help text and samples. `add()` appends a sample; `render_metrics` writes them."""
+
+    def __init__(self, name, kind, help_text):
+        self.name = name
+        self.kind = kind
+        self.help = help_text
+        self.samples = []  # (name suffix, ((label, value), ...), number)
+
+    def add(self, value, suffix="", **labels):
+        self.samples.append((suffix, tuple(labels.items()), value))
+        return self
+
+    def add_histogram(self, histogram, **labels):
+        """The _bucket (cumulative, le="+Inf" last), _sum and _count samples of `histogram`."""
+        total = 0
+        for bound, count in zip(histogram.buckets + (float("inf"),), histogram.counts):
+            total += count
+            self.add(total, "_bucket", **dict(labels, le=format_metric_value(float(bound))))
+        self.add(histogram.sum, "_sum", **labels)
+        return self.add(histogram.count, "_count", **labels)
+
+
+def format_metric_value(value):
+    """A sample value as the text format writes it: integers plainly, +Inf, -Inf, NaN."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "+Inf" if value > 0 else "-Inf"
+    if value == int(value) and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
+
+
+def escape_label_value(text):
+    """A label value between double quotes: backslash, double quote and line feed escaped."""
+    return str(text).replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
+
+
+def escape_help(text):
+    """A HELP text: backslash and line feed escaped (quotes stay)."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def render_metrics(metrics):
+    """The Prometheus text exposition format (0.0.4) of `metrics` (Metric objects): a HELP
+    and a TYPE line per family, then its samples; ends with a line feed. Returns bytes."""
+    lines = []
+    for metric in metrics:
+        lines.append("# HELP %s %s" % (metric.name, escape_help(metric.help)))
+        lines.append("# TYPE %s %s" % (metric.name, metric.kind))
+        for suffix, labels, value in metric.samples:
+            label_text = ""
+            if labels:
+                label_text = "{%s}" % ",".join('%s="%s"' % (name, escape_label_value(text))
+                                               for name, text in labels)
+            lines.append("%s%s%s %s" % (metric.name, suffix, label_text,
+                                        format_metric_value(value)))
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def process_metrics():
+    """The metrics of every mode: process start time and build information."""
+    return [
+        Metric("proxyguard_process_start_time_seconds", "gauge",
+               "Start time of the process since the Unix epoch, in seconds.")
+        .add(PROCESS_START_TIME),
+        Metric("proxyguard_build_info", "gauge",
+               "proxyguard.py's version and the Python running it; the value is always 1.")
+        .add(1, version=__version__, python="%d.%d.%d" % tuple(sys.version_info[:3])),
+    ]
+
+
+def traffic_metrics(prefix, totals):
+    """Bytes and datagrams each way, and oversized frames dropped, from `totals` (a
+    TrafficTotals of closed tunnels plus the open ones' live counters)."""
+    ways = (("to_wireguard", totals.to_udp_bytes, totals.to_udp_datagrams),
+            ("from_wireguard", totals.to_tcp_bytes, totals.to_tcp_datagrams))
+    size = Metric(prefix + "bytes_total", "counter",
+                  "UDP payload bytes carried, by direction: to_wireguard (from the tunnel to "
+                  "the local WireGuard) or from_wireguard.")
+    count = Metric(prefix + "datagrams_total", "counter",
+                   "Datagrams carried, by direction (see bytes_total).")
+    for direction, size_value, count_value in ways:
+        size.add(size_value, direction=direction)
+        count.add(count_value, direction=direction)
+    oversized = Metric(prefix + "oversized_frames_dropped_total", "counter",
+                       "Frames dropped because they cannot go out as one UDP datagram.")
+    return [size, count, oversized.add(totals.oversized)]
+
+
+class TrafficTotals:
+    """Sums of the Tunnel counters (see Tunnel): of closed tunnels, plus live ones at a
+    scrape. Its owner adds under its own lock."""
+
+    FIELDS = ("to_udp_datagrams", "to_udp_bytes", "to_tcp_datagrams", "to_tcp_bytes",
+              "oversized")
+
+    def __init__(self):
+        for field in self.FIELDS:
+            setattr(self, field, 0)
+
+    def add(self, tunnel):
+        for field in self.FIELDS:
+            setattr(self, field, getattr(self, field) + getattr(tunnel, field))
+        return self
+
+    def copy(self):
+        return TrafficTotals().add(self)
 
 
 # =============================================================================================
@@ -1443,6 +1620,12 @@ class Tunnel:
             text += ", %s dropped" % plural(self.oversized, "oversized frame")
         return text
 
+    def status_line(self):
+        """One line for SIGUSR1: the summary and the last data each way."""
+        now = self.idle.clock()
+        return "%s; last data from the peer %.1fs ago, to the peer %.1fs ago" % (
+            self.summary(), now - self.idle.last_received, now - self.idle.last_sent)
+
     def _pump(self, relay):
         """Error boundary of one pump thread: every way out closes the tunnel with a reason."""
         try:
@@ -1466,7 +1649,7 @@ class Tunnel:
         buffer = PumpBuffer(MAX_FRAME_PAYLOAD + 2 + TCP_READ_SIZE)
         view = buffer.view
         recv_into = self.channel.recv_into
-        touch = self.idle.touch
+        touch = self.idle.received
         first = memoryview(self.first_bytes)
         datagrams, pos = cut_frames(first, len(first))
         self._send_datagrams(datagrams)
@@ -1545,7 +1728,7 @@ class Tunnel:
     def relay_udp_to_tcp(self):
         """Wait for datagrams, and send all that are waiting as frames in one channel write."""
         receive = self.endpoint.receive_frames
-        touch = self.idle.touch
+        touch = self.idle.sent
         # The frames are written in place, into one buffer for the tunnel's life.
         buffer = PumpBuffer(UDP_BATCH_BYTES + 2 + MAX_FRAME_PAYLOAD)
         view = buffer.view
@@ -1730,6 +1913,11 @@ class Server:
         self._stopping = False
         self._lock = threading.Lock()
         self._connections = set()
+        # Metrics, under _lock: the open tunnels' counters are read live at each scrape.
+        self.tunnels_opened = 0
+        self.closed_traffic = TrafficTotals()
+        self.lifetimes = Histogram(TUNNEL_LIFETIME_BUCKETS)
+        self.refused = dict.fromkeys(REFUSAL_STATUSES, 0)
 
     @classmethod
     def open(cls, listen, wireguard, **options):
@@ -1740,6 +1928,40 @@ class Server:
     def tunnels_open(self):
         with self._lock:
             return sum(1 for connection in self._connections if connection.admitted)
+
+    def metrics(self):
+        """The server's metrics now (Metric objects), for the metrics page."""
+        with self._lock:
+            tunnels = [connection.tunnel for connection in self._connections
+                       if connection.tunnel is not None]
+            traffic = self.closed_traffic.copy()
+            for tunnel in tunnels:
+                traffic.add(tunnel)
+            opened, lifetimes, refused = (self.tunnels_opened, self.lifetimes.copy(),
+                                          dict(self.refused))
+        refusals = Metric("proxyguard_server_handshakes_refused_total", "counter",
+                          "Connections refused with an HTTP error status, by status.")
+        for status in sorted(refused):
+            refusals.add(refused[status], status=status)
+        return process_metrics() + [
+            Metric("proxyguard_server_tunnels_open", "gauge", "Tunnels open now.")
+            .add(len(tunnels)),
+            Metric("proxyguard_server_tunnels_opened_total", "counter",
+                   "Tunnels opened since the start (upgrades answered with 101).").add(opened),
+            refusals,
+        ] + traffic_metrics("proxyguard_server_", traffic) + [
+            Metric("proxyguard_server_tunnel_lifetime_seconds", "histogram",
+                   "How long closed tunnels lived, in seconds.").add_histogram(lifetimes),
+        ]
+
+    def dump_tunnels(self):
+        """SIGUSR1: one log line per open tunnel."""
+        with self._lock:
+            tunnels = [connection.tunnel for connection in self._connections
+                       if connection.tunnel is not None]
+        log.info("SIGUSR1: %s open", plural(len(tunnels), "tunnel"))
+        for tunnel in tunnels:
+            log.info("SIGUSR1: tunnel %s: %s", tunnel.peer, tunnel.status_line())
 
     def reload(self, options):
         """SIGHUP: load the certificate files again for new connections; open tunnels go on.
@@ -1782,6 +2004,7 @@ class Server:
         if full:
             log.warning("connection %s refused: %s open already",
                         format_address(peer), plural(len(self._connections), "connection"))
+            self._count_refusal(503)
             refuse_without_waiting(sock, 503, "the server is full; try again later")
             return
         try:
@@ -1789,6 +2012,7 @@ class Server:
         except RuntimeError as exc:
             with self._lock:
                 self._connections.discard(connection)
+            self._count_refusal(503)
             log.error("connection %s refused: cannot start a thread (%s)",
                       format_address(peer), exc)
             refuse_without_waiting(sock, 503, "the server is out of resources; try again later")
@@ -1852,6 +2076,9 @@ class Server:
         finally:
             with self._lock:
                 self._connections.discard(connection)
+                if connection.tunnel is not None:  # its figures go from live to closed at once
+                    self.closed_traffic.add(connection.tunnel)
+                    self.lifetimes.observe(connection.tunnel.duration)
             sock.close()
 
     def _open_channel(self, sock, deadline):
@@ -1890,6 +2117,7 @@ class Server:
                         greeting=UPGRADE_RESPONSE)
         with self._lock:
             connection.tunnel = tunnel
+            self.tunnels_opened += 1
             if self._stopping:
                 tunnel.close("server shutting down")
         log.info("tunnel up: %s, path %s%s", peer_text, path,
@@ -1897,16 +2125,21 @@ class Server:
         reason = tunnel.run()
         log.info("tunnel down: %s after %s (%s)", peer_text, tunnel.summary(), reason)
 
-    @staticmethod
-    def _refuse(channel, peer_text, error):
-        """The one error-answer path: log why and send the HTTP answer; the caller closes."""
+    def _refuse(self, channel, peer_text, error):
+        """The one error-answer path: log why, count it and send the HTTP answer; the caller
+        closes."""
         log.log(logging.DEBUG if error.routine else logging.INFO,
                 "handshake failed from %s: %d %s", peer_text, error.status, error)
+        self._count_refusal(error.status)
         try:
             channel.deadline = Deadline(REFUSAL_SEND_SECONDS)  # the handshake's may be over
             channel.sendall(build_response(error.status, str(error), error.extra_headers))
         except OSError:
             pass
+
+    def _count_refusal(self, status):
+        with self._lock:
+            self.refused[status] = self.refused.get(status, 0) + 1
 
 
 def refuse_without_waiting(sock, status, message):
@@ -2428,6 +2661,14 @@ class Client:
         self._stopping = False
         self._lock = threading.Lock()
         self._tunnel = None
+        # Metrics. Written by the connector thread, but `dropped` by the tunnel's UDP pump;
+        # the closed tunnels' figures under _lock, as `_tunnel` is.
+        self.reconnects = dict.fromkeys(RECONNECT_REASONS, 0)
+        self.last_error = None  # the text of the last failed dial
+        self.dropped = 0  # datagrams the full reconnect queue pushed out
+        self.closed_traffic = TrafficTotals()
+        # When the last datagram went to WireGuard and came from it (monotonic), if one did.
+        self._last_to_wireguard = self._last_from_wireguard = None
 
     @classmethod
     def open(cls, dialer, listen_port=DEFAULT_LISTEN_PORT, forward_port=DEFAULT_FORWARD_PORT,
@@ -2483,8 +2724,73 @@ class Client:
         reason = tunnel.run()
         with self._lock:
             self._tunnel = None
+            self.closed_traffic.add(tunnel)
+            self._last_to_wireguard, self._last_from_wireguard = self._last_datagrams(tunnel)
         log.info("tunnel down: %s after %s (%s)", tunnel.peer, tunnel.summary(), reason)
+        if not self._stopping:
+            self.reconnects["idle" if tunnel.went_idle else "ended"] += 1
         return self.backoff.tunnel_ended(tunnel.duration, tunnel.went_idle)
+
+    def _last_datagrams(self, tunnel):
+        """When the last datagram went to WireGuard and came from it, `tunnel` included."""
+        to_wireguard, from_wireguard = self._last_to_wireguard, self._last_from_wireguard
+        if tunnel is not None:
+            if tunnel.to_udp_datagrams:
+                to_wireguard = tunnel.idle.last_received
+            if tunnel.to_tcp_datagrams:
+                from_wireguard = tunnel.idle.last_sent
+        return to_wireguard, from_wireguard
+
+    def _keep_unsent(self, datagrams):
+        """The tunnel's UDP pump could not send `datagrams`: they wait for the next tunnel;
+        what the full queue pushes out (the oldest) is counted as dropped."""
+        self.dropped += max(0, len(self.pending) + len(datagrams) - PENDING_DATAGRAMS)
+        self.pending.extend(datagrams)
+
+    def metrics(self):
+        """The client's metrics now (Metric objects), for the metrics page."""
+        with self._lock:
+            tunnel = self._tunnel
+            traffic = self.closed_traffic.copy()
+            if tunnel is not None:
+                traffic.add(tunnel)
+            last = self._last_datagrams(tunnel)
+        now = time.monotonic()
+        ages = Metric("proxyguard_client_last_datagram_age_seconds", "gauge",
+                      "Seconds since the last datagram went to WireGuard (to_wireguard) or "
+                      "came from it (from_wireguard); absent before the first.")
+        for direction, at in zip(("to_wireguard", "from_wireguard"), last):
+            if at is not None:
+                ages.add(round(now - at, 3), direction=direction)
+        reconnects = Metric("proxyguard_client_reconnects_total", "counter",
+                            "Times the client had to connect again, by reason: its dial "
+                            "failed (refused, unavailable, tls, network) or its tunnel "
+                            "ended (idle, ended).")
+        for reason in RECONNECT_REASONS:
+            reconnects.add(self.reconnects[reason], reason=reason)
+        error = Metric("proxyguard_client_last_handshake_error", "gauge",
+                       "The last failed connection attempt, in its reason label; 1. Absent "
+                       "until one fails.")
+        if self.last_error is not None:
+            error.add(1, reason=self.last_error)
+        return process_metrics() + [
+            Metric("proxyguard_client_tunnel_up", "gauge",
+                   "1 while a tunnel to the server is open, else 0.").add(int(tunnel is not None)),
+            reconnects, ages, error,
+            Metric("proxyguard_client_pending_datagrams", "gauge",
+                   "Datagrams waiting in the reconnect queue for the next tunnel.")
+            .add(len(self.pending)),
+            Metric("proxyguard_client_dropped_datagrams_total", "counter",
+                   "Datagrams dropped because the reconnect queue was full.").add(self.dropped),
+        ] + traffic_metrics("proxyguard_client_", traffic)
+
+    def dump_tunnels(self):
+        """SIGUSR1: one log line for the open tunnel, if any."""
+        tunnel = self._tunnel
+        log.info("SIGUSR1: %s open, %s waiting", plural(int(tunnel is not None), "tunnel"),
+                 plural(len(self.pending), "datagram"))
+        if tunnel is not None:
+            log.info("SIGUSR1: tunnel %s: %s", tunnel.peer, tunnel.status_line())
 
     def _dial_failed(self, exc):
         """Log why a dial failed, once; return the wait before the next."""
@@ -2494,16 +2800,24 @@ class Client:
             log.debug("connecting to %s ended by stop: %s", self.url, describe_error(exc))
             return 0
         if isinstance(exc, ServerUnavailable):
+            self._count_failure("unavailable", str(exc))
             log.warning("cannot connect to %s: %s", self.url, exc)
             return self.backoff.failed(exc.retry_after)
         if isinstance(exc, UpgradeRefused):
+            self._count_failure("refused", str(exc))
             log.error("upgrade refused by %s: %s", self.url, exc)
             return self.backoff.refused()
         if isinstance(exc, ssl.SSLError):  # a captive portal's certificate fails until login
+            self._count_failure("tls", describe_error(exc))
             log.error("cannot connect to %s: %s", self.url, describe_error(exc))
             return self.backoff.refused()
+        self._count_failure("network", describe_error(exc))
         log.warning("cannot connect to %s: %s", self.url, describe_error(exc))
         return self.backoff.failed()
+
+    def _count_failure(self, reason, text):
+        self.reconnects[reason] += 1
+        self.last_error = text
 
     def stop(self):
         with self._lock:
@@ -2524,7 +2838,7 @@ class Client:
             channel.close()
             raise
         tunnel = Tunnel(channel, self.endpoint, peer, IdleClock(self.idle_timeout), first_bytes,
-                        unsent=self.pending.extend)
+                        unsent=self._keep_unsent)
         with self._lock:
             self._tunnel = tunnel
             if self._stopping:
@@ -2574,6 +2888,100 @@ def check_fwmark(mark):
 
 
 # =============================================================================================
+# Metrics endpoint: --metrics-listen serves the metrics page (render_metrics) over HTTP
+# =============================================================================================
+
+
+class MetricsHandler(http.server.BaseHTTPRequestHandler):
+    """GET /metrics: the service's metrics now; 404 for any other path. A request is logged
+    at debug only (Prometheus asks every few seconds)."""
+
+    server_version = "proxyguard.py/" + __version__
+    timeout = HANDSHAKE_TIMEOUT  # a silent connection holds its thread no longer
+
+    def do_GET(self):
+        if self.path.split("?", 1)[0] != METRICS_PATH:
+            self._answer(404, "text/plain; charset=utf-8",
+                         b"not found: the metrics are at %s\n" % METRICS_PATH.encode())
+            return
+        try:
+            body = render_metrics(self.server.collect())
+        except Exception:  # a bug: the scrape fails, the service goes on
+            log.exception("metrics page: unexpected error")
+            self._answer(500, "text/plain; charset=utf-8", b"internal error\n")
+            return
+        self._answer(200, METRICS_CONTENT_TYPE, body)
+
+    def _answer(self, status, content_type, body):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args):
+        log.debug("metrics: %s %s", self.address_string(), format % args)
+
+
+class MetricsEndpoint:
+    """The metrics page on its own listening socket: one accept thread, a daemon thread per
+    request (http.server's ThreadingHTTPServer). `open()` binds (raises FatalError), `start()`
+    serves what `collect()` returns, `stop()` closes the socket and ends the accept thread."""
+
+    def __init__(self, listener):
+        self.address = listener.getsockname()
+        self.httpd = http.server.ThreadingHTTPServer(self.address[:2], MetricsHandler,
+                                                     bind_and_activate=False)
+        self.httpd.socket.close()
+        self.httpd.socket = listener
+        self.httpd.daemon_threads = True
+        self.httpd.block_on_close = False
+        self._thread = None
+        self._stopping = False
+
+    @classmethod
+    def open(cls, listen):
+        try:
+            return cls(open_listener(listen))
+        except FatalError as exc:
+            raise FatalError("--metrics-listen: %s" % exc)
+
+    def start(self, collect):
+        self.httpd.collect = collect
+        self._thread = threading.Thread(target=self._serve, name="metrics", daemon=True)
+        self._thread.start()
+        log.info("metrics at http://%s%s", format_address(self.address), METRICS_PATH)
+
+    def _serve(self):
+        # Accept in a blocking call that stop() wakes: serve_forever() would poll twice a second.
+        while not self._stopping:
+            try:
+                request, peer = self.httpd.get_request()
+            except OSError as exc:
+                if self._stopping:
+                    break
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("metrics: accept: %s; pausing for 1s", exc.strerror)
+                    time.sleep(1)
+                continue
+            try:
+                self.httpd.process_request(request, peer)
+            except Exception as exc:  # no thread to be had: this scrape fails
+                log.error("metrics: cannot answer %s: %s", format_address(peer), exc)
+                self.httpd.shutdown_request(request)
+
+    def stop(self):
+        self._stopping = True
+        try:
+            self.httpd.socket.shutdown(socket.SHUT_RDWR)  # wakes accept()
+        except OSError:
+            pass
+        self.httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+# =============================================================================================
 # CLI: one parser for every mode; command line > config file > environment > defaults
 # =============================================================================================
 
@@ -2594,7 +3002,7 @@ OPTION_MODES = {
     "fwmark": ("client",), "tcp-port": ("client",), "user-agent": ("client",),
     "connect-timeout": ("client",), "proxy": ("client",), "ca-file": ("client",),
     "tls-min-version": ("client",),
-    "idle-timeout": ("client", "server"),
+    "idle-timeout": ("client", "server"), "metrics-listen": ("client", "server"),
 }
 # What the user likely meant when an option is in the wrong mode.
 MODE_HINTS = {
@@ -2741,6 +3149,9 @@ def build_parser(command_line_only=False):
     add("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT, metavar="SECONDS",
         help="time a new connection has for TLS and its request head, at most 3600 "
              "(default %(default)g)")
+    add("--metrics-listen", metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics, 127.0.0.1:9821 say "
+             "(default: off)")
     add("--log-level", type=choice_in(LOG_LEVELS), choices=LOG_LEVELS, default="info",
         help="(default %(default)s)")
     if command_line_only:
@@ -2961,6 +3372,11 @@ def check_options(options):
         if not (low <= value <= high or (value == 0 and name == "idle_timeout")):
             shown = repr(value)[:-2] if repr(value).endswith(".0") else repr(value)
             raise UsageError("--%s %s: must be %s" % (name.replace("_", "-"), shown, words))
+    if options.metrics_listen:  # an empty host takes every interface, as --listen's does
+        options.metrics_listen = parse_host_port(options.metrics_listen, "--metrics-listen",
+                                                 default_host="0.0.0.0")
+    else:
+        options.metrics_listen = None
     if options.mode == "server":
         options.listen = parse_host_port(options.listen, "--listen", default_host="0.0.0.0")
         to = options.to or DEFAULT_SERVER_TO
@@ -3049,14 +3465,16 @@ def build_dialer(options):
 # =============================================================================================
 
 
-# SIGINT and SIGTERM stop the service; SIGHUP reloads what can change while tunnels run.
+# SIGINT and SIGTERM stop the service; SIGHUP reloads what can change while tunnels run;
+# SIGUSR1 logs a line per open tunnel.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-HANDLED_SIGNALS = STOP_SIGNALS + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
+HANDLED_SIGNALS = STOP_SIGNALS + tuple(getattr(signal, name) for name in ("SIGHUP", "SIGUSR1")
+                                       if hasattr(signal, name))
 
 
 @contextlib.contextmanager
 def signals_held():
-    """Hold SIGINT, SIGTERM and SIGHUP pending, in this thread and every thread it starts,
+    """Hold SIGINT, SIGTERM, SIGHUP and SIGUSR1 pending, in this thread and every thread it starts,
     until `run_until_signal` takes them with sigwait; restore the mask at the end.
 
     Why: a process-directed signal goes to any thread that does not block it. Caught by a
@@ -3072,9 +3490,9 @@ def signals_held():
     try:
         yield
     finally:
-        # A stop signal still pending (a second SIGTERM during shutdown) must not kill the
-        # process once unblocked: ignore it while the mask is restored.
-        previous = [(signum, signal.signal(signum, signal.SIG_IGN)) for signum in STOP_SIGNALS]
+        # A signal still pending (a second SIGTERM, or a SIGUSR1, during shutdown) must not
+        # kill the process once unblocked: ignore it while the mask is restored.
+        previous = [(signum, signal.signal(signum, signal.SIG_IGN)) for signum in HANDLED_SIGNALS]
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
         for signum, handler in previous:
             signal.signal(signum, handler)
@@ -3082,7 +3500,8 @@ def signals_held():
 
 def run_until_signal(service, reload=None):
     """Run `service.serve_forever()` in this thread until SIGINT/SIGTERM; call `reload()` on
-    SIGHUP. Call it inside `signals_held()`; a daemon thread waits for the signals.
+    SIGHUP and `service.dump_tunnels()` on SIGUSR1. Call it inside `signals_held()`; a daemon
+    thread waits for the signals.
 
     Returns 0 after a stop signal (clean stop), 1 if the service ended by itself (a bug).
     """
@@ -3096,7 +3515,12 @@ def run_until_signal(service, reload=None):
                 log.info("stopping on %s", signal.Signals(signum).name)
                 service.stop()
                 return
-            if reload is not None:
+            if signum == getattr(signal, "SIGUSR1", None):
+                try:
+                    service.dump_tunnels()
+                except Exception:  # a bug must not end the signal thread
+                    log.exception("SIGUSR1: unexpected error")
+            elif reload is not None:
                 reload()
 
     waiter = threading.Thread(target=wait_for_signals, name="signals", daemon=True)
@@ -3170,15 +3594,24 @@ def main(argv=None):
             print("proxyguard.py: error: %s" % name_source(exc, options), file=sys.stderr)
             return 2
     with signals_held():
+        metrics = None
         try:
-            service = build_service(options)
-        except UsageError as exc:
-            print("proxyguard.py: error: %s" % name_source(exc, options), file=sys.stderr)
-            return 2
-        except FatalError as exc:
-            log.error("%s", exc)
-            return 1
-        return run_until_signal(service, functools.partial(reload_settings, service, argv))
+            try:
+                if options.metrics_listen:
+                    metrics = MetricsEndpoint.open(options.metrics_listen)
+                service = build_service(options)
+            except UsageError as exc:
+                print("proxyguard.py: error: %s" % name_source(exc, options), file=sys.stderr)
+                return 2
+            except FatalError as exc:
+                log.error("%s", exc)
+                return 1
+            if metrics is not None:
+                metrics.start(service.metrics)
+            return run_until_signal(service, functools.partial(reload_settings, service, argv))
+        finally:
+            if metrics is not None:  # the page stops with the service
+                metrics.stop()
 
 
 if __name__ == "__main__":

@@ -2069,6 +2069,285 @@ def test_readme_mode_column_is_the_option_modes_table():
 
 
 # =============================================================================================
+# Operating it: the metrics page (--metrics-listen), promtool, a real Prometheus, SIGUSR1
+# =============================================================================================
+
+METRIC_LINE = re.compile(r'^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)$')
+LABEL_PAIR = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_metrics(text):
+    """{(name, ((label, value), ...)): number} of a text-format page; the labels sorted."""
+    samples = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, labels, value = METRIC_LINE.match(line).groups()
+        pairs = tuple(sorted((key, re.sub(r'\\(.)', lambda m: {"n": "\n"}.get(m.group(1),
+                                                                           m.group(1)), raw))
+                             for key, raw in LABEL_PAIR.findall(labels or "")))
+        samples[(name, pairs)] = float(value)
+    return samples
+
+
+def scrape(port, path="/metrics"):
+    """(status, content type, body text) of GET http://127.0.0.1:port/path."""
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen("http://%s:%d%s" % (LOOPBACK, port, path), timeout=5) as r:
+            return r.status, r.headers["Content-Type"], r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read().decode()
+
+
+def test_metrics_page_text_format_help_type_and_escaping():
+    histogram = pg.Histogram((1, 10))
+    for value in (0.5, 1, 3, 100):
+        histogram.observe(value)
+    page = pg.render_metrics([
+        pg.Metric("demo_total", "counter", "A help text with a \\ and a\nline feed.")
+        .add(3, kind='say "hi"\\now\n'),
+        pg.Metric("demo_gauge", "gauge", "Values.").add(1.5, at="a").add(float("inf"), at="b")
+        .add(float("nan"), at="c").add(2.0, at="d").add(True, at="e"),
+        pg.Metric("demo_seconds", "histogram", "Lifetimes.").add_histogram(histogram),
+        pg.Metric("demo_empty", "gauge", "No sample yet."),
+    ]).decode()
+    assert page == (
+        '# HELP demo_total A help text with a \\\\ and a\\nline feed.\n'
+        '# TYPE demo_total counter\n'
+        'demo_total{kind="say \\"hi\\"\\\\now\\n"} 3\n'
+        '# HELP demo_gauge Values.\n'
+        '# TYPE demo_gauge gauge\n'
+        'demo_gauge{at="a"} 1.5\n'
+        'demo_gauge{at="b"} +Inf\n'
+        'demo_gauge{at="c"} NaN\n'
+        'demo_gauge{at="d"} 2\n'
+        'demo_gauge{at="e"} 1\n'
+        '# HELP demo_seconds Lifetimes.\n'
+        '# TYPE demo_seconds histogram\n'
+        'demo_seconds_bucket{le="1"} 2\n'  # cumulative: a bound takes what equals it
+        'demo_seconds_bucket{le="10"} 3\n'
+        'demo_seconds_bucket{le="+Inf"} 4\n'
+        'demo_seconds_sum 104.5\n'
+        'demo_seconds_count 4\n'
+        '# HELP demo_empty No sample yet.\n'
+        '# TYPE demo_empty gauge\n')
+    assert parse_metrics(page)[("demo_total", (("kind", 'say "hi"\\now\n'),))] == 3
+
+
+def test_client_counts_failed_dials_and_what_its_full_queue_drops():
+    """A dial to a closed port: reconnects{reason="network"} and the error as a label; the
+    reconnect queue keeps the newest PENDING_DATAGRAMS and counts what it pushed out."""
+    closed = socket.create_server((LOOPBACK, 0))
+    url = "http://%s:%d/" % closed.getsockname()
+    closed.close()
+    with running_client(url) as (client, wireguard):
+        wireguard.send(b"handshake")
+        wait_until(lambda: client.reconnects["network"], 5, "the failed dial counted")
+        samples = parse_metrics(pg.render_metrics(client.metrics()).decode())
+    assert samples[("proxyguard_client_reconnects_total", (("reason", "network"),))] == 1
+    assert samples[("proxyguard_client_tunnel_up", ())] == 0
+    errors = [labels for name, labels in samples
+              if name == "proxyguard_client_last_handshake_error"]
+    assert len(errors) == 1 and "refused" in errors[0][0][1], errors
+    client._keep_unsent([b"x"] * (pg.PENDING_DATAGRAMS - 6))
+    client._keep_unsent([b"y"] * 10)
+    assert client.dropped == 4 and len(client.pending) == pg.PENDING_DATAGRAMS
+
+
+def start_metrics_pair(tmp_path, echo, procs, *extra):
+    """A server and a client on loopback, each with --metrics-listen; (server, client)."""
+    server_metrics, client_metrics = free_port(), free_port()
+    server = start_server(tmp_path, echo.port, "--metrics-listen",
+                          "%s:%d" % (LOOPBACK, server_metrics), *extra)
+    server.metrics_port = server_metrics
+    procs.append(server)
+    client = start_client(tmp_path, "http://%s:%d/proxyguard" % (LOOPBACK, server.port),
+                          "--metrics-listen", "%s:%d" % (LOOPBACK, client_metrics))
+    client.metrics_port = client_metrics
+    procs.append(client)
+    return server, client
+
+
+def test_metrics_of_a_real_server_and_client_after_traffic(tmp_path, echo, procs):
+    server, client = start_metrics_pair(tmp_path, echo, procs)
+    for index in range(10):
+        assert client.wireguard.roundtrip(numbered(index, 100)) == numbered(index, 100)
+    assert exchange(server.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").startswith(
+        b"HTTP/1.1 426 ")
+    # A second tunnel, closed: its figures stay in the totals and its lifetime is observed.
+    raw = RawTunnel(server.port)
+    assert raw.roundtrip(b"z" * 50) == b"z" * 50
+    raw.close()
+    server.wait_log("tunnel down")
+    status, content_type, text = scrape(server.metrics_port)
+    assert status == 200 and content_type == "text/plain; version=0.0.4; charset=utf-8"
+    samples = parse_metrics(text)
+    expected = {
+        ("proxyguard_server_tunnels_open", ()): 1,
+        ("proxyguard_server_tunnels_opened_total", ()): 2,
+        ("proxyguard_server_handshakes_refused_total", (("status", "426"),)): 1,
+        ("proxyguard_server_handshakes_refused_total", (("status", "503"),)): 0,
+        ("proxyguard_server_datagrams_total", (("direction", "to_wireguard"),)): 11,
+        ("proxyguard_server_bytes_total", (("direction", "to_wireguard"),)): 1050,
+        ("proxyguard_server_datagrams_total", (("direction", "from_wireguard"),)): 11,
+        ("proxyguard_server_bytes_total", (("direction", "from_wireguard"),)): 1050,
+        ("proxyguard_server_oversized_frames_dropped_total", ()): 0,
+        ("proxyguard_server_tunnel_lifetime_seconds_count", ()): 1,
+        ("proxyguard_server_tunnel_lifetime_seconds_bucket", (("le", "+Inf"),)): 1,
+        ("proxyguard_build_info", (("python", "%d.%d.%d" % sys.version_info[:3]),
+                                   ("version", pg.__version__))): 1,
+    }
+    assert {key: samples.get(key) for key in expected} == expected
+    assert 0 < time.time() - samples[("proxyguard_process_start_time_seconds", ())] < 60
+    assert "# TYPE proxyguard_server_tunnel_lifetime_seconds histogram" in text
+    # The client's page: the tunnel is up, nothing waits or was dropped, and it saw traffic.
+    status, _, text = scrape(client.metrics_port)
+    samples = parse_metrics(text)
+    expected = {
+        ("proxyguard_client_tunnel_up", ()): 1,
+        ("proxyguard_client_pending_datagrams", ()): 0,
+        ("proxyguard_client_dropped_datagrams_total", ()): 0,
+        ("proxyguard_client_reconnects_total", (("reason", "network"),)): 0,
+        ("proxyguard_client_datagrams_total", (("direction", "from_wireguard"),)): 10,
+        ("proxyguard_client_bytes_total", (("direction", "to_wireguard"),)): 1000,
+    }
+    assert status == 200 and {key: samples.get(key) for key in expected} == expected
+    for direction in ("to_wireguard", "from_wireguard"):
+        age = samples[("proxyguard_client_last_datagram_age_seconds",
+                       (("direction", direction),))]
+        assert 0 <= age < 30
+    assert not any(name == "proxyguard_client_last_handshake_error" for name, _ in samples)
+    assert scrape(client.metrics_port, "/")[0] == 404
+    assert scrape(server.metrics_port, "/metrics/x")[0] == 404
+    # The page stops with the service.
+    assert client.stop() == 0 and server.stop() == 0
+    assert not accepts(server.metrics_port) and not accepts(client.metrics_port)
+
+
+def test_metrics_port_taken_exits_1_naming_the_option():
+    with socket.create_server((LOOPBACK, 0)) as taken:
+        address = "%s:%d" % taken.getsockname()
+        result = run_cli("server", "--listen", "%s:%d" % (LOOPBACK, free_port()),
+                         "--metrics-listen", address)
+    assert result.returncode == 1
+    assert "--metrics-listen: cannot listen on %s" % address in result.stderr
+
+
+def test_promtool_accepts_the_metrics_pages(echo):
+    """The pages of an in-process server and client, with traffic, a refusal and a failed
+    dial (whose error text has quotes), pass `promtool check metrics` with no complaint."""
+    promtool = which_or_skip("promtool", "prometheus")
+    pages = []
+    with running_server(echo.port) as server:
+        with running_client("http://%s:%d/" % server.address) as (client, wireguard):
+            assert wireguard.roundtrip(b"ping") == b"ping"
+            assert exchange(server.address[1], b"hello\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+            client.last_error = 'the server answered "no" \\ twice\nand left'
+            pages = [pg.render_metrics(service.metrics()) for service in (server, client)]
+    for page in pages:
+        result = subprocess.run([promtool, "check", "metrics"], input=page,
+                                capture_output=True, timeout=30)
+        assert result.returncode == 0 and not result.stdout and not result.stderr, (
+            result.stdout + result.stderr).decode()
+
+
+def test_sigusr1_logs_one_line_per_open_tunnel(tmp_path, echo, procs):
+    server = start_server(tmp_path, echo.port)
+    procs.append(server)
+    url = "http://%s:%d/" % (LOOPBACK, server.port)
+    clients = [start_client(tmp_path, url, name="client%d" % index) for index in range(2)]
+    procs.extend(clients)
+    for client in clients:
+        assert client.wireguard.roundtrip(b"x" * 42) == b"x" * 42
+    server.popen.send_signal(signal.SIGUSR1)
+    server.wait_log("SIGUSR1: tunnel", count=2)
+    lines = [line for line in server.log().splitlines() if "SIGUSR1: tunnel " in line]
+    assert len(lines) == 2 and "SIGUSR1: 2 tunnels open" in server.log()
+    for line in lines:
+        assert re.search(r"SIGUSR1: tunnel 127\.0\.0\.1:\d+: \d+\.\ds, 1 datagram/42 bytes to "
+                         r"WireGuard, 1 datagram/42 bytes from WireGuard; last data from the "
+                         r"peer \d+\.\ds ago, to the peer \d+\.\ds ago$", line), line
+    clients[0].popen.send_signal(signal.SIGUSR1)
+    clients[0].wait_log("SIGUSR1: tunnel")
+    assert "SIGUSR1: 1 tunnel open, 0 datagrams waiting" in clients[0].log()
+    for proc in clients + [server]:
+        assert proc.popen.poll() is None  # SIGUSR1 does not end anything
+        assert proc.stop() == 0
+
+
+def prometheus_query(port, query):
+    """The instant vector of `query` from Prometheus' HTTP API, as {labels: value}."""
+    import urllib.request
+    url = "http://%s:%d/api/v1/query?query=%s" % (LOOPBACK, port, quote(query))
+    with urllib.request.urlopen(url, timeout=5) as response:
+        answer = json.load(response)
+    assert answer["status"] == "success", answer
+    return {tuple(sorted((key, text) for key, text in item["metric"].items()
+                         if key != "__name__")): float(item["value"][1])
+            for item in answer["data"]["result"]}
+
+
+@pytest.mark.slow
+def test_a_real_prometheus_scrapes_server_and_client(tmp_path, echo, procs):
+    """Debian's prometheus scrapes both pages every second; the values come back through
+    its query API."""
+    prometheus = which_or_skip("prometheus", "prometheus")
+    server, client = start_metrics_pair(tmp_path, echo, procs)
+    for index in range(20):
+        assert client.wireguard.roundtrip(numbered(index, 200)) == numbered(index, 200)
+    assert exchange(server.port, b"POST / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
+                    b"Upgrade: UoTLV/1\r\n\r\n").startswith(b"HTTP/1.1 405 ")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
+        "scrape_configs:\n"
+        "  - job_name: server\n    static_configs:\n      - targets: ['%s:%d']\n"
+        "  - job_name: client\n    static_configs:\n      - targets: ['%s:%d']\n"
+        % (LOOPBACK, server.metrics_port, LOOPBACK, client.metrics_port))
+    port = free_port()
+    log_path = tmp_path / "prometheus.log"
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(
+            [prometheus, "--config.file=%s" % config,
+             "--storage.tsdb.path=%s" % (tmp_path / "tsdb"),
+             "--web.listen-address=%s:%d" % (LOOPBACK, port), "--log.level=warn"],
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        def value(query):
+            try:
+                return prometheus_query(port, query)
+            except OSError:  # not listening yet
+                assert process.poll() is None, log_path.read_text()
+                return None
+
+        wait_until(lambda: value('sum(up{job=~"server|client"}) == 2'), 30,
+                   "prometheus scraping both targets")
+        assert value('proxyguard_server_datagrams_total{direction="from_wireguard"}') == {
+            (("direction", "from_wireguard"),
+             ("instance", "%s:%d" % (LOOPBACK, server.metrics_port)), ("job", "server")): 20.0}
+        assert list(value('proxyguard_server_handshakes_refused_total{status="405"}')
+                    .values()) == [1.0]
+        assert list(value("proxyguard_server_tunnels_open").values()) == [1.0]
+        assert list(value("proxyguard_client_tunnel_up").values()) == [1.0]
+        assert list(value('proxyguard_client_bytes_total{direction="to_wireguard"}')
+                    .values()) == [4000.0]
+        build = value("proxyguard_build_info")
+        assert len(build) == 2 and all(dict(labels)["version"] == pg.__version__
+                                       for labels in build)
+        # The tunnel ends: Prometheus sees the client down and the server's lifetime counted.
+        assert client.stop() == 0
+        server.wait_log("tunnel down")
+        wait_until(lambda: value("proxyguard_server_tunnel_lifetime_seconds_count == 1"), 15,
+                   "the closed tunnel's lifetime in prometheus")
+        assert list(value("proxyguard_server_tunnels_open").values()) == [0.0]
+    finally:
+        process.terminate()
+        process.wait(20)
+
+
+# =============================================================================================
 # TLS: certificates made here with openssl; the server's own HTTPS; the client's checks
 # =============================================================================================
 
