@@ -58,6 +58,13 @@ thread, and one thread takes them with sigwait: a signal caught by any other thr
 be flagged for a main thread asleep in a lock, and never acted on. SIGHUP reads the options
 again and reloads the log level and TLS files; tunnels go on.
 
+systemd (all optional, standard library): under Type=notify a `SystemdNotifier` (decisions on
+a clock; only its send touches NOTIFY_SOCKET) says READY=1 once the service's socket is bound,
+STATUS= when its tunnels change (the service calls `tunnels_changed`), RELOADING=1, STOPPING=1,
+and WATCHDOG=1 from one thread while `service.healthy()`. The server takes its listening socket
+from systemd when LISTEN_FDS passes one (socket activation). At start the soft open-files limit
+is raised to the hard one.
+
 Classes take their sockets and policies as arguments (`Server.open`, `Client.open` make them
 from the options), so tests run Server, Client and Tunnel in-process over socketpairs.
 
@@ -1817,6 +1824,8 @@ def systemd_listener(environ=os.environ, pid=None):
     count, names = environ.get("LISTEN_FDS"), environ.get("LISTEN_FDNAMES", "")
     for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
         environ.pop(name, None)
+    if count == "0":
+        return None
     if count != "1":
         raise FatalError("LISTEN_FDS=%s: systemd must pass exactly one listening socket (one "
                          "ListenStream= in the .socket unit)" % count)

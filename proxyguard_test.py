@@ -5386,6 +5386,15 @@ def test_socket_activation_refuses_what_it_cannot_serve(tmp_path, echo, procs, f
     assert text in server.log(), server.log()
 
 
+def test_systemd_listener_only_for_this_process():
+    environ = {"LISTEN_FDS": "1", "LISTEN_PID": "41"}
+    assert pg.systemd_listener(environ, pid=42) is None  # another process's: left alone
+    assert environ == {"LISTEN_FDS": "1", "LISTEN_PID": "41"}
+    environ = {"LISTEN_FDS": "0", "LISTEN_PID": "42"}
+    assert pg.systemd_listener(environ, pid=42) is None and environ == {}
+    assert pg.systemd_listener({}) is None
+
+
 def test_units_pass_systemd_analyze_verify(tmp_path):
     """The template (as instances server and test) and the socket unit, offline: verify
     loads the units from their directory and checks every setting and the ExecStart path."""
