@@ -5406,7 +5406,8 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
                              str(tmp_path / "proxyguard@test.service"),
                              str(tmp_path / "proxyguard-server.socket")],
                             capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
-    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+    # Any word about our units fails (a container's systemd may add its own, unrelated ones).
+    assert result.returncode == 0 and "proxyguard" not in result.stderr, result.stderr
     with open(os.path.join(HERE, "proxyguard@.service")) as unit:
         text = unit.read()
     assert re.search(r"^Type=notify$", text, re.M)
