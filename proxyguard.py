@@ -66,6 +66,13 @@ thread, never locked on the hot path), plus what closed tunnels left in `Traffic
 `render_metrics` (pure) writes the Prometheus text format; `MetricsEndpoint` serves it with
 http.server in daemon threads, started and stopped by main(argv) with the service.
 
+systemd (all optional, standard library): under Type=notify a `SystemdNotifier` (decisions on
+a clock; only its send touches NOTIFY_SOCKET) says READY=1 once the service's socket is bound,
+STATUS= when its tunnels change (the service calls `tunnels_changed`), RELOADING=1, STOPPING=1,
+and WATCHDOG=1 from one thread while `service.healthy()`. The server takes its listening socket
+from systemd when LISTEN_FDS passes one (socket activation). At start the soft open-files limit
+is raised to the hard one.
+
 Classes take their sockets and policies as arguments (`Server.open`, `Client.open` make them
 from the options), so tests run Server, Client and Tunnel in-process over socketpairs.
 
@@ -106,6 +113,11 @@ try:  # optional: config files and environment variables (see build_parser)
     import configargparse
 except ImportError:  # a router without pip: command-line options still work
     configargparse = None
+
+try:  # POSIX only: the open-files limit (raise_open_files_limit)
+    import resource
+except ImportError:
+    resource = None
 
 __version__ = "0.1.0"
 
@@ -169,6 +181,9 @@ DEFAULT_MAX_CLIENTS = 1000
 # Connections still in their handshake beyond --max-clients tunnels: each holds a thread until
 # its handshake deadline, so a flood of silent connections is refused from here on.
 MAX_HANDSHAKING = 256
+# Open files beyond the tunnels' (2 each: TCP and UDP) and the handshakes' (1 each): the
+# listening socket, stdio, the log, the notify socket, the interpreter's own.
+SPARE_FILES = 64
 # Reverse proxies whose X-Forwarded-For / Forwarded headers the server believes by default.
 DEFAULT_TRUSTED_PROXIES = "127.0.0.0/8,::1"
 
@@ -1911,6 +1926,7 @@ class Server:
         self.trusted_proxies = list(trusted_proxies)
         self.max_clients = max_clients
         self._stopping = False
+        self._serving = False
         self._lock = threading.Lock()
         self._connections = set()
         # Metrics, under _lock: the open tunnels' counters are read live at each scrape.
@@ -1918,12 +1934,20 @@ class Server:
         self.closed_traffic = TrafficTotals()
         self.lifetimes = Histogram(TUNNEL_LIFETIME_BUCKETS)
         self.refused = dict.fromkeys(REFUSAL_STATUSES, 0)
+        self.tunnels_changed = lambda: None  # called when a tunnel opens or closes (systemd)
 
     @classmethod
-    def open(cls, listen, wireguard, **options):
-        """Resolve WireGuard's address and listen on `listen`; raises FatalError."""
+    def open(cls, listen, wireguard, environ=os.environ, **options):
+        """Resolve WireGuard's address and listen on `listen`, or take the listening socket
+        systemd passed (socket activation); raises FatalError."""
         address, family = resolve_udp(wireguard, "--to")
-        return cls(open_listener(listen), address, family, **options)
+        listener = systemd_listener(environ)
+        if listener is None:
+            listener = open_listener(listen)
+        else:
+            log.info("listening socket %s from systemd (LISTEN_FDS); --listen is not used",
+                     format_address(listener.getsockname()))
+        return cls(listener, address, family, **options)
 
     def tunnels_open(self):
         with self._lock:
@@ -1963,6 +1987,19 @@ class Server:
         for tunnel in tunnels:
             log.info("SIGUSR1: tunnel %s: %s", tunnel.peer, tunnel.status_line())
 
+    def status(self):
+        """One line for systemd's STATUS=."""
+        return "%s open" % plural(self.tunnels_open(), "tunnel")
+
+    def healthy(self):
+        """For the watchdog: the accept loop runs and the connection set's lock is free."""
+        if not self._serving or self._stopping or self.listener.fileno() < 0:
+            return False
+        if not self._lock.acquire(timeout=1):
+            return False
+        self._lock.release()
+        return True
+
     def reload(self, options):
         """SIGHUP: load the certificate files again for new connections; open tunnels go on.
         Returns what was reloaded; raises FatalError, keeping the old certificate."""
@@ -1977,6 +2014,7 @@ class Server:
                  format_address(self.address), "https" if self.tls_context else "http",
                  "; " + scope if scope else "",
                  format_address(self.wireguard_address))
+        self._serving = True  # the watchdog's sign of life (healthy)
         while not self._stopping:
             try:
                 sock, peer = self.listener.accept()
@@ -1988,6 +2026,7 @@ class Server:
                     time.sleep(1)
                 continue
             self.start_connection(sock, peer)
+        self._serving = False
 
     def start_connection(self, sock, peer):
         """Give the connection its thread, unless too many are open or no thread can start:
@@ -2080,6 +2119,8 @@ class Server:
                     self.closed_traffic.add(connection.tunnel)
                     self.lifetimes.observe(connection.tunnel.duration)
             sock.close()
+            if connection.admitted:
+                self.tunnels_changed()
 
     def _open_channel(self, sock, deadline):
         """The channel for `sock`: TLS handshake done if the server speaks HTTPS."""
@@ -2109,6 +2150,7 @@ class Server:
                 503, "the server is full (%s open); try again later"
                 % plural(self.max_clients, "tunnel"),
                 [("Retry-After", "10")])
+        self.tunnels_changed()
 
     def _run_tunnel(self, connection, channel, peer_text, path, first_bytes):
         endpoint = TunnelUdpEndpoint.connected(self.wireguard_address, self.wireguard_family)
@@ -2165,6 +2207,47 @@ def open_listener(listen):
     except OSError as exc:
         raise FatalError("cannot listen on %s: %s"
                          % (format_address(listen), describe_bind_error(exc, port, "tcp")))
+
+
+def systemd_listener(environ=os.environ, pid=None):
+    """The listening socket systemd passed (socket activation, sd_listen_fds(3)): LISTEN_FDS
+    sockets from fd 3, for this process if LISTEN_PID says so; None when there are none.
+    The variables are removed so that nothing started later takes the socket for its own.
+    Raises FatalError for anything but one listening TCP socket."""
+    if "LISTEN_FDS" not in environ:
+        return None
+    me = str(os.getpid() if pid is None else pid)
+    if environ.get("LISTEN_PID", me) != me:
+        return None  # meant for another process (a parent that did not unset it)
+    count, names = environ.get("LISTEN_FDS"), environ.get("LISTEN_FDNAMES", "")
+    for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+        environ.pop(name, None)
+    if count == "0":
+        return None
+    if count != "1":
+        raise FatalError("LISTEN_FDS=%s: systemd must pass exactly one listening socket (one "
+                         "ListenStream= in the .socket unit)" % count)
+    what = "the socket systemd passed (LISTEN_FDS, fd 3%s)" % (
+        ", named " + names if names else "")
+    try:
+        sock = socket.socket(fileno=3)
+    except OSError as exc:
+        raise FatalError("%s: %s" % (what, describe_error(exc)))
+    try:
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError:
+        listening = 0
+    if (sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM
+            or not listening):
+        kind = "%s %s%s" % (getattr(sock.family, "name", sock.family),
+                            getattr(sock.type, "name", sock.type),
+                            "" if listening else ", not listening")
+        sock.detach()  # not ours to close
+        raise FatalError("%s is not a listening TCP socket (%s): use ListenStream= with "
+                         "Accept=no" % (what, kind))
+    sock.set_inheritable(False)
+    sock.setblocking(True)
+    return sock
 
 
 def listen_scope(sock):
@@ -2659,6 +2742,7 @@ class Client:
         self.backoff = backoff or Backoff()
         self.pending = collections.deque(maxlen=PENDING_DATAGRAMS)
         self._stopping = False
+        self._serving = False
         self._lock = threading.Lock()
         self._tunnel = None
         # Metrics. Written by the connector thread, but `dropped` by the tunnel's UDP pump;
@@ -2669,6 +2753,7 @@ class Client:
         self.closed_traffic = TrafficTotals()
         # When the last datagram went to WireGuard and came from it (monotonic), if one did.
         self._last_to_wireguard = self._last_from_wireguard = None
+        self.tunnels_changed = lambda: None  # called when the tunnel comes up or goes (systemd)
 
     @classmethod
     def open(cls, dialer, listen_port=DEFAULT_LISTEN_PORT, forward_port=DEFAULT_FORWARD_PORT,
@@ -2693,11 +2778,25 @@ class Client:
         return ["TLS settings" + (" (--ca-file %s)" % options.ca_file if options.ca_file
                                   else "")]
 
+    def status(self):
+        """One line for systemd's STATUS=."""
+        with self._lock:
+            up = self._tunnel is not None
+        return ("tunnel up to %s" if up else "no tunnel open to %s") % self.url
+
+    def healthy(self):
+        """For the watchdog: the connector runs and the tunnel's lock is free."""
+        if not self._serving or self._stopping or not self._lock.acquire(timeout=1):
+            return False
+        self._lock.release()
+        return True
+
     def serve_forever(self):
         log.info("client listening on %s (UDP), tunnelling to %s%s, replies to WireGuard at %s",
                  format_address(self.address), self.url,
                  " via proxy %s" % self.dialer.proxy if self.dialer.proxy else "",
                  format_address(self.endpoint.send_to))
+        self._serving = True  # the watchdog's sign of life (healthy)
         try:
             while True:
                 self.endpoint.rearm()  # forget the last tunnel's wakes; stop() wakes after this
@@ -2711,6 +2810,7 @@ class Client:
                     log.info("next attempt in %gs, when WireGuard sends", wait)
                     self.endpoint.wait(wait, for_datagram=False)
         finally:
+            self._serving = False
             self.endpoint.close()
 
     def _connect_and_run(self):
@@ -2726,6 +2826,7 @@ class Client:
             self._tunnel = None
             self.closed_traffic.add(tunnel)
             self._last_to_wireguard, self._last_from_wireguard = self._last_datagrams(tunnel)
+        self.tunnels_changed()
         log.info("tunnel down: %s after %s (%s)", tunnel.peer, tunnel.summary(), reason)
         if not self._stopping:
             self.reconnects["idle" if tunnel.went_idle else "ended"] += 1
@@ -2843,6 +2944,7 @@ class Client:
             self._tunnel = tunnel
             if self._stopping:
                 tunnel.close("client shutting down")
+        self.tunnels_changed()
         log.info("tunnel up: %s, %s%s", peer, self.url,
                  ", " + channel.tls_version if channel.tls_version else "")
         return tunnel
@@ -3472,6 +3574,148 @@ HANDLED_SIGNALS = STOP_SIGNALS + tuple(getattr(signal, name) for name in ("SIGHU
                                        if hasattr(signal, name))
 
 
+class SystemdNotifier:
+    """What the service tells systemd over NOTIFY_SOCKET (sd_notify(3), Type=notify), and
+    when: READY=1 with a first STATUS=, STATUS= again only when it changes, RELOADING=1,
+    STOPPING=1, and WATCHDOG=1 every half WATCHDOG_USEC while the service is healthy.
+
+    The decisions read `clock` (tests drive it); only `send` touches a socket: one datagram
+    per message to `address`, a path or an abstract name ('@' for its leading NUL byte).
+    """
+
+    def __init__(self, address, watchdog_usec=0, clock=time.monotonic):
+        self.address = "\0" + address[1:] if address.startswith("@") else address
+        self.interval = watchdog_usec / 2e6 if watchdog_usec > 0 else None
+        self.clock = clock
+        self.last_status = None
+        self.next_watchdog = clock()  # the first ping goes out at once
+        self._send_failed = False
+
+    @classmethod
+    def from_environment(cls, environ=os.environ, pid=None, clock=time.monotonic):
+        """The notifier NOTIFY_SOCKET asks for, None without it. The watchdog is ours when
+        WATCHDOG_USEC is set and WATCHDOG_PID names this process (or is unset)."""
+        address = environ.get("NOTIFY_SOCKET", "")
+        if not address or not hasattr(socket, "AF_UNIX"):
+            return None
+        me = str(os.getpid() if pid is None else pid)
+        usec = 0
+        if environ.get("WATCHDOG_PID", me) == me:
+            try:
+                usec = int(environ.get("WATCHDOG_USEC", "0"))
+            except ValueError:
+                log.warning("WATCHDOG_USEC=%r is not a number: no watchdog pings",
+                            environ["WATCHDOG_USEC"])
+        return cls(address, usec, clock)
+
+    def ready(self, status):
+        self.last_status = status
+        self.send("READY=1\nSTATUS=%s" % status)
+
+    def status(self, text):
+        if text != self.last_status:
+            self.last_status = text
+            self.send("STATUS=%s" % text)
+
+    def reloading(self):
+        # MONOTONIC_USEC: systemd 253's Type=notify-reload wants it; older ones ignore it.
+        self.send("RELOADING=1\nMONOTONIC_USEC=%d" % int(time.monotonic() * 1e6))
+
+    def stopping(self):
+        self.last_status = "stopping"
+        self.send("STOPPING=1\nSTATUS=stopping")
+
+    def wait(self):
+        """Seconds until the watchdog wants to hear from us; None without a watchdog."""
+        if self.interval is None:
+            return None
+        return max(0.0, self.next_watchdog - self.clock())
+
+    def watchdog(self, healthy):
+        """Send WATCHDOG=1 if it is due and `healthy()` says so; True if sent. An unhealthy
+        service is asked again soon and, still unhealthy, lets systemd's timer run out."""
+        if self.interval is None:
+            return False
+        now = self.clock()
+        if now < self.next_watchdog:
+            return False
+        if not healthy():
+            self.next_watchdog = now + min(self.interval, 1.0)
+            return False
+        self.next_watchdog = now + self.interval
+        self.send("WATCHDOG=1")
+        return True
+
+    def send(self, message):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.sendto(message.encode("utf-8", "replace"), self.address)
+        except OSError as exc:
+            if not self._send_failed:  # once: a missing socket would say it every ping
+                self._send_failed = True
+                log.warning("cannot notify systemd at NOTIFY_SOCKET %s: %s",
+                            self.address.replace("\0", "@"), describe_error(exc))
+        finally:
+            sock.close()
+
+
+def start_notifying(notifier, service):
+    """A thread that keeps systemd informed while `service` runs: STATUS= when its tunnels
+    change (the service calls `tunnels_changed`), WATCHDOG=1 while `service.healthy()`.
+    Returns the function that ends the thread."""
+    wake = threading.Event()
+    done = []
+    service.tunnels_changed = wake.set
+
+    def run():
+        while True:
+            wake.wait(notifier.wait())
+            wake.clear()
+            if done:
+                return
+            notifier.status(service.status())
+            notifier.watchdog(service.healthy)
+
+    thread = threading.Thread(target=run, name="systemd", daemon=True)
+    thread.start()
+
+    def end():
+        done.append(True)
+        wake.set()
+        thread.join()
+    return end
+
+
+def raise_open_files_limit():
+    """Raise the soft open-files limit to the hard one, as Go programs do since 1.19: systemd
+    starts services with a soft limit of 1024, about 500 tunnels. Returns the soft limit in
+    force (resource.RLIM_INFINITY for none), None where unknown (not POSIX)."""
+    if resource is None:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError) as exc:  # an infinite hard limit above fs.nr_open
+            log.debug("cannot raise the open-files limit from %d to %d: %s", soft, hard, exc)
+    return soft
+
+
+def open_files_warning(max_clients, limit):
+    """The start-up warning when --max-clients tunnels cannot fit in `limit` open files (each
+    tunnel: a TCP and a UDP socket; each handshake: one), None when they fit."""
+    if not max_clients or limit is None or limit == getattr(resource, "RLIM_INFINITY", -1):
+        return None
+    needed = 2 * max_clients + MAX_HANDSHAKING + SPARE_FILES
+    if needed <= limit:
+        return None
+    return ("--max-clients %d needs about %d open files, but the limit is %d (about %s fit): "
+            "raise LimitNOFILE= in the unit or ulimit -n, or lower --max-clients"
+            % (max_clients, needed, limit,
+               plural(max(0, (limit - MAX_HANDSHAKING - SPARE_FILES) // 2), "tunnel")))
+
+
 @contextlib.contextmanager
 def signals_held():
     """Hold SIGINT, SIGTERM, SIGHUP and SIGUSR1 pending, in this thread and every thread it starts,
@@ -3498,10 +3742,11 @@ def signals_held():
             signal.signal(signum, handler)
 
 
-def run_until_signal(service, reload=None):
+def run_until_signal(service, reload=None, notifier=None):
     """Run `service.serve_forever()` in this thread until SIGINT/SIGTERM; call `reload()` on
     SIGHUP and `service.dump_tunnels()` on SIGUSR1. Call it inside `signals_held()`; a daemon
-    thread waits for the signals.
+    thread waits for the signals. With a SystemdNotifier, systemd hears of readiness, reloads,
+    the tunnel count and the stop.
 
     Returns 0 after a stop signal (clean stop), 1 if the service ended by itself (a bug).
     """
@@ -3513,6 +3758,8 @@ def run_until_signal(service, reload=None):
             if signum in STOP_SIGNALS:
                 signalled.append(signum)
                 log.info("stopping on %s", signal.Signals(signum).name)
+                if notifier is not None:
+                    notifier.stopping()
                 service.stop()
                 return
             if signum == getattr(signal, "SIGUSR1", None):
@@ -3521,14 +3768,24 @@ def run_until_signal(service, reload=None):
                 except Exception:  # a bug must not end the signal thread
                     log.exception("SIGUSR1: unexpected error")
             elif reload is not None:
+                if notifier is not None:
+                    notifier.reloading()
                 reload()
+                if notifier is not None:
+                    notifier.ready(service.status())
 
     waiter = threading.Thread(target=wait_for_signals, name="signals", daemon=True)
     waiter.start()
+    end_notifying = None
+    if notifier is not None:  # the socket is bound (and listening): new clients queue
+        notifier.ready(service.status())
+        end_notifying = start_notifying(notifier, service)
     try:
         service.serve_forever()
     except Exception:
         log.exception("the service stopped on an unexpected error")
+    if end_notifying is not None:
+        end_notifying()
     if not signalled:
         return 1
     waiter.join()  # stop() ends when every tunnel has closed and logged its end
@@ -3587,6 +3844,12 @@ def main(argv=None):
     configure_logging(options.log_level)
     for warning in options.warnings:
         log.warning("%s", warning)
+    if options.mode != "check":
+        limit = raise_open_files_limit()
+        if options.mode == "server":
+            warning = open_files_warning(options.max_clients, limit)
+            if warning:
+                log.warning("%s", warning)
     if options.mode == "check":
         try:
             return run_check(build_dialer(options))
@@ -3608,7 +3871,8 @@ def main(argv=None):
                 return 1
             if metrics is not None:
                 metrics.start(service.metrics)
-            return run_until_signal(service, functools.partial(reload_settings, service, argv))
+            return run_until_signal(service, functools.partial(reload_settings, service, argv),
+                                    SystemdNotifier.from_environment())
         finally:
             if metrics is not None:  # the page stops with the service
                 metrics.stop()

@@ -112,15 +112,18 @@ class UdpEcho:
 class Proc:
     """A `python3 proxyguard.py ...` subprocess whose log goes to a file we can search."""
 
-    def __init__(self, tmp_path, args, ready="listening on", name="pg", env=None, wait=True):
+    def __init__(self, tmp_path, args, ready="listening on", name="pg", env=None, wait=True,
+                 prefix=(), preexec_fn=None):
         self.log_path = tmp_path / ("%s-%d.log" % (name, time.monotonic_ns()))
         self.log_file = open(self.log_path, "w")
         self.args = list(args)
         full_env = dict(os.environ)
         full_env.update(env or {})
-        self.popen = subprocess.Popen([sys.executable, SCRIPT] + self.args,
+        # `prefix`: a program that starts ours (systemd-socket-activate).
+        self.popen = subprocess.Popen(list(prefix) + [sys.executable, SCRIPT] + self.args,
                                       stdin=subprocess.DEVNULL, stdout=self.log_file,
-                                      stderr=subprocess.STDOUT, env=full_env)
+                                      stderr=subprocess.STDOUT, env=full_env,
+                                      preexec_fn=preexec_fn)
         if wait and ready:
             self.wait_log(ready)
 
@@ -5610,3 +5613,302 @@ def test_stop_during_a_connect_logs_no_warning(caplog):
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     for sock in held + [listener]:
         sock.close()
+
+
+# =============================================================================================
+# systemd: Type=notify over NOTIFY_SOCKET, socket activation, the units, open-files limit;
+# and the pip-installed command
+# =============================================================================================
+
+
+class NotifySocket:
+    """The AF_UNIX datagram socket systemd listens on for sd_notify messages, bound by the
+    test: a path in `directory`, or an abstract name (NOTIFY_SOCKET '@...')."""
+
+    def __init__(self, directory=None):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if directory is None:
+            name = "proxyguard-test-%d-%d" % (os.getpid(), time.monotonic_ns())
+            self.sock.bind("\0" + name)
+            self.address = "@" + name
+        else:
+            self.address = str(directory / "notify.sock")
+            self.sock.bind(self.address)
+        self.messages = []
+
+    def receive(self, timeout=5.0):
+        self.sock.settimeout(timeout)
+        message = self.sock.recv(4096).decode()
+        self.messages.append(message)
+        return message
+
+    def wait_for(self, text, timeout=10.0):
+        """Read messages until one holds the line `text`; return it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError("%r not notified within %gs; got %r"
+                                     % (text, timeout, self.messages))
+            try:
+                message = self.receive(remaining)
+            except socket.timeout:
+                continue
+            if text in message.split("\n"):
+                return message
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_socket():
+    sock = NotifySocket()
+    yield sock
+    sock.close()
+
+
+def test_systemd_notifier_decides_by_its_clock(notify_socket):
+    now = [100.0]
+    notifier = pg.SystemdNotifier(notify_socket.address, watchdog_usec=2000000,
+                                  clock=lambda: now[0])
+    assert notifier.address.startswith("\0")
+    notifier.ready("0 tunnels open")
+    assert notify_socket.receive() == "READY=1\nSTATUS=0 tunnels open"
+    notifier.status("0 tunnels open")  # unchanged: nothing sent
+    notifier.status("1 tunnel open")
+    assert notify_socket.receive() == "STATUS=1 tunnel open"
+    assert notifier.wait() == 0 and notifier.watchdog(lambda: True)  # the first at once
+    assert notify_socket.receive() == "WATCHDOG=1"
+    assert notifier.wait() == 1.0 and not notifier.watchdog(lambda: True)  # every 1 s (half)
+    now[0] += 1.0
+    assert not notifier.watchdog(lambda: False)  # unhealthy: no ping, asked again soon
+    assert notifier.wait() == 1.0
+    now[0] += 1.0
+    assert notifier.watchdog(lambda: True)
+    assert notify_socket.receive() == "WATCHDOG=1"
+    notifier.stopping()
+    assert notify_socket.receive() == "STOPPING=1\nSTATUS=stopping"
+    notifier.status("0 tunnels open")
+    assert notify_socket.receive() == "STATUS=0 tunnels open"
+    with pytest.raises(socket.timeout):
+        notify_socket.receive(0.05)  # nothing else went out
+
+
+def test_systemd_notifier_from_the_environment(tmp_path):
+    assert pg.SystemdNotifier.from_environment({}) is None
+    path = str(tmp_path / "notify.sock")
+    env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "30000000"}
+    notifier = pg.SystemdNotifier.from_environment(env, pid=42)
+    assert notifier.address == path and notifier.interval == 15.0
+    env["WATCHDOG_PID"] = "42"
+    assert pg.SystemdNotifier.from_environment(env, pid=42).interval == 15.0
+    env["WATCHDOG_PID"] = "41"  # the watchdog is another process's
+    assert pg.SystemdNotifier.from_environment(env, pid=42).interval is None
+    assert pg.SystemdNotifier.from_environment({"NOTIFY_SOCKET": path}).wait() is None
+    notifier.send("READY=1")  # nobody listens there: no exception, one warning
+
+
+def test_server_notifies_systemd(tmp_path, echo, procs):
+    """A real server process, NOTIFY_SOCKET a path the test bound: READY=1 once listening,
+    STATUS= as tunnels open and close, WATCHDOG=1 every half WATCHDOG_USEC, STOPPING=1."""
+    notify = NotifySocket(tmp_path)
+    port = free_port()
+    server = Proc(tmp_path, ["server", "--listen", "%s:%d" % (LOOPBACK, port),
+                             "--to", "%s:%d" % (LOOPBACK, echo.port)],
+                  env={"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "200000"},
+                  wait=False, name="server")
+    procs.append(server)
+    try:
+        assert notify.wait_for("READY=1") == "READY=1\nSTATUS=0 tunnels open"
+        RawTunnel(port).close()  # READY came after the listen: no refused connection
+        first = notify.wait_for("WATCHDOG=1")
+        raw = RawTunnel(port)
+        raw.check()
+        notify.wait_for("STATUS=1 tunnel open")
+        raw.close()
+        notify.wait_for("STATUS=0 tunnels open")
+        notify.wait_for("WATCHDOG=1", timeout=2)  # about every 0.1 s, not once only
+        assert first
+        server.popen.send_signal(signal.SIGHUP)
+        notify.wait_for("RELOADING=1")
+        notify.wait_for("READY=1")
+        assert server.stop() == 0
+        notify.wait_for("STOPPING=1")
+    finally:
+        notify.close()
+    assert "cannot notify" not in server.log()
+
+
+def test_client_notifies_systemd(tmp_path, echo, procs, notify_socket):
+    """A real client process, NOTIFY_SOCKET an abstract name: READY=1 once its UDP socket is
+    bound, STATUS= when its tunnel comes up, STOPPING=1."""
+    server = start_server(tmp_path, echo.port)
+    procs.append(server)
+    client = start_client(tmp_path, "http://%s:%d/pg" % (LOOPBACK, server.port),
+                          env={"NOTIFY_SOCKET": notify_socket.address})
+    procs.append(client)
+    assert notify_socket.wait_for("READY=1").endswith("STATUS=no tunnel open to http://%s:%d/pg"
+                                                      % (LOOPBACK, server.port))
+    assert client.wireguard.roundtrip(b"hello") == b"hello"
+    notify_socket.wait_for("STATUS=tunnel up to http://%s:%d/pg" % (LOOPBACK, server.port))
+    assert client.stop() == 0
+    notify_socket.wait_for("STOPPING=1")
+    assert not any(m.startswith("WATCHDOG") for m in notify_socket.messages)  # none asked
+
+
+def socket_activated_server(tmp_path, wireguard_port, *extra, listen=None, flags=()):
+    """`systemd-socket-activate -l 127.0.0.1:PORT python3 proxyguard.py server ...`: the tool
+    listens and, without --accept, starts the server with the listening socket (fd 3) on the
+    first connection."""
+    tool = which_or_skip("systemd-socket-activate", "systemd")
+    port = free_port()
+    listens = listen or ["%s:%d" % (LOOPBACK, port)]
+    prefix = [tool] + list(flags) + [arg for address in listens for arg in ("-l", address)]
+    proc = Proc(tmp_path, ["server", "--to", "%s:%d" % (LOOPBACK, wireguard_port)]
+                + list(extra), prefix=prefix, ready="Listening on", name="activated")
+    proc.port = port
+    return proc
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_socket_activation_serves_tunnels(tmp_path, echo, procs, certs, tls):
+    extra = ["--tls-cert", certs.cert, "--tls-key", certs.key] if tls else []
+    server = socket_activated_server(tmp_path, echo.port, *extra)
+    procs.append(server)
+    client = start_client(tmp_path, "%s://%s:%d/pg" % ("https" if tls else "http",
+                                                       "localhost" if tls else LOOPBACK,
+                                                       server.port),
+                          *(["--ca-file", certs.ca] if tls else []))
+    procs.append(client)
+    for i, size in enumerate([1, 1420, 8000]):
+        assert client.wireguard.roundtrip(numbered(i, size)) == numbered(i, size)
+    server.wait_log("listening socket %s:%d from systemd (LISTEN_FDS); --listen is not used"
+                    % (LOOPBACK, server.port))
+    server.wait_log("server listening on %s:%d (%s)" % (LOOPBACK, server.port,
+                                                        "https" if tls else "http"))
+    assert client.stop() == 0
+    assert server.stop() == 0
+
+
+@pytest.mark.parametrize("flags, listens, text", [
+    (["--datagram"], 1, "is not a listening TCP socket (AF_INET SOCK_DGRAM, not listening)"),
+    ([], 2, "LISTEN_FDS=2: systemd must pass exactly one listening socket"),
+], ids=["udp", "two"])
+def test_socket_activation_refuses_what_it_cannot_serve(tmp_path, echo, procs, flags, listens,
+                                                        text):
+    listen = ["%s:%d" % (LOOPBACK, free_port(socket.SOCK_DGRAM if flags else socket.SOCK_STREAM))
+              for _ in range(listens)]
+    server = socket_activated_server(tmp_path, echo.port, listen=listen, flags=flags)
+    procs.append(server)
+    # The tool starts the server on the first datagram or connection.
+    host, port = listen[0].rsplit(":", 1)
+    if flags:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.sendto(b"x", (host, int(port)))
+    else:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    assert server.popen.wait(20) == 1
+    server.wait_log("ERROR ")
+    assert text in server.log(), server.log()
+
+
+def test_systemd_listener_only_for_this_process():
+    environ = {"LISTEN_FDS": "1", "LISTEN_PID": "41"}
+    assert pg.systemd_listener(environ, pid=42) is None  # another process's: left alone
+    assert environ == {"LISTEN_FDS": "1", "LISTEN_PID": "41"}
+    environ = {"LISTEN_FDS": "0", "LISTEN_PID": "42"}
+    assert pg.systemd_listener(environ, pid=42) is None and environ == {}
+    assert pg.systemd_listener({}) is None
+
+
+def test_units_pass_systemd_analyze_verify(tmp_path):
+    """The template (as instances server and test) and the socket unit, offline: verify
+    loads the units from their directory and checks every setting and the ExecStart path."""
+    analyze = which_or_skip("systemd-analyze", "systemd")
+    for name in ("proxyguard@server.service", "proxyguard@test.service"):
+        shutil.copy(os.path.join(HERE, "proxyguard@.service"), str(tmp_path / name))
+    shutil.copy(os.path.join(HERE, "proxyguard-server.socket"), str(tmp_path))
+    result = subprocess.run([analyze, "verify", "--man=no",
+                             str(tmp_path / "proxyguard@test.service"),
+                             str(tmp_path / "proxyguard-server.socket")],
+                            capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    # Any word about our units fails (a container's systemd may add its own, unrelated ones).
+    assert result.returncode == 0 and "proxyguard" not in result.stderr, result.stderr
+    with open(os.path.join(HERE, "proxyguard@.service")) as unit:
+        text = unit.read()
+    assert re.search(r"^Type=notify$", text, re.M)
+    assert re.search(r"^ExecReload=/bin/kill -HUP \$MAINPID$", text, re.M)
+    limit = int(re.search(r"^LimitNOFILE=(\d+)$", text, re.M).group(1))
+    assert pg.open_files_warning(pg.DEFAULT_MAX_CLIENTS, limit) is None
+    assert pg.open_files_warning(pg.MAX_CLIENTS_BOUND // 4, limit) is None
+
+
+def test_open_files_warning():
+    assert pg.open_files_warning(1000, 1024) == (
+        "--max-clients 1000 needs about 2320 open files, but the limit is 1024 (about 352 "
+        "tunnels fit): raise LimitNOFILE= in the unit or ulimit -n, or lower --max-clients")
+    assert pg.open_files_warning(1000, 2320) is None
+    assert pg.open_files_warning(0, 1024) is None  # no limit asked for: nothing to check
+    assert pg.open_files_warning(1000, None) is None
+
+
+def open_files_limits(pid):
+    with open("/proc/%d/limits" % pid) as limits:
+        soft, hard = re.search(r"^Max open files\s+(\d+)\s+(\d+)", limits.read(), re.M).groups()
+    return int(soft), int(hard)
+
+
+def with_open_files(soft, hard):
+    import resource
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_open_files_soft_limit_raised_to_the_hard_one(tmp_path, echo, procs):
+    server = Proc(tmp_path, ["server", "--listen", "%s:%d" % (LOOPBACK, free_port()),
+                             "--to", "%s:%d" % (LOOPBACK, echo.port)],
+                  preexec_fn=with_open_files(1024, 4096), name="server")
+    procs.append(server)
+    assert open_files_limits(server.popen.pid) == (4096, 4096)
+    assert "WARNING" not in server.log()  # 1000 tunnels fit in 4096
+    assert server.stop() == 0
+
+
+def test_open_files_warning_when_max_clients_cannot_fit(tmp_path, echo, procs):
+    server = Proc(tmp_path, ["server", "--listen", "%s:%d" % (LOOPBACK, free_port()),
+                             "--to", "%s:%d" % (LOOPBACK, echo.port)],
+                  preexec_fn=with_open_files(1024, 1024), name="server")
+    procs.append(server)
+    warnings_logged = [line for line in server.log().splitlines() if " WARNING " in line]
+    assert len(warnings_logged) == 1 and warnings_logged[0].endswith(
+        pg.open_files_warning(pg.DEFAULT_MAX_CLIENTS, 1024)), server.log()
+    assert server.stop() == 0
+
+
+@pytest.mark.slow
+def test_pip_install_gives_a_proxyguard_command(tmp_path):
+    """`pip install .` in a fresh venv: a `proxyguard` command, configargparse as its
+    dependency, and proxyguard.py the only module (not the test or bench files)."""
+    source = tmp_path / "source"  # a copy: a build leaves build/ and *.egg-info behind
+    source.mkdir()
+    for name in os.listdir(HERE):
+        if name.endswith(".py") or name in ("pyproject.toml", "README.md", "LICENSE"):
+            shutil.copy(os.path.join(HERE, name), str(source))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    result = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
+                             "--disable-pip-version-check", str(source)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    version = subprocess.run([str(venv / "bin" / "proxyguard"), "--version"],
+                             capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and version.stdout.startswith(
+        "proxyguard.py %s " % pg.__version__), version
+    probe = subprocess.run(
+        [str(venv / "bin" / "python"), "-c",
+         "import configargparse, importlib.util as u, proxyguard; "
+         "print(proxyguard.configargparse is not None, "
+         "[m for m in ('proxyguard_test', 'proxyguard_bench', 'proxyguard_testbed') "
+         "if u.find_spec(m)])"],
+        capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    assert probe.stdout.split("\n")[0] == "True []", probe
