@@ -41,6 +41,10 @@ The MTU study, from a shell (as root; --tls puts nginx in front):
     python3 proxyguard_testbed.py mtu [--mtus 1280,1320,1360,1380,1400,1420] [--seconds 5]
                                       [--runs 3] [--tls]
 
+Side by side with the original Go ProxyGuard 2.0.0 (built by proxyguard_bench.build_go; plain
+HTTP; iperf3 too), in one bed whose proxyguard pair alone is swapped between runs:
+    python3 proxyguard_testbed.py compare [--runs 5] [--seconds 4] [--python /usr/bin/python3]
+
 Needs root, iproute2, iptables, wireguard-go, wireguard-tools (wg), setpriv (util-linux) and
 /dev/net/tun; the nginx front end also nginx and openssl.
 
@@ -229,13 +233,23 @@ class WireGuardBed:
     `server_keepalive` the server's (0 = off, the usual server setting). `front_end="nginx"`
     puts the proxyguard server behind nginx with TLS (see the module doc). `log` gets progress
     lines.
+
+    `pg_command` runs another implementation in place of proxyguard.py (None, the default:
+    proxyguard.py run by `python`): an object with server_argv(listen, to),
+    client_argv(url, listen_port, forward_port) and the log texts server_ready and client_ready
+    that say each is up, e.g. proxyguard_bench.GoSide (the original Go ProxyGuard). Plain HTTP
+    only, and no options passed (pg_extra and idle_timeout are proxyguard.py's). It may be
+    changed between kill_pg_* and start_pg_* (see run_compare).
     """
 
     def __init__(self, workdir, idle_timeout=None, client_keepalive=1, server_keepalive=0,
                  mtu=None, proxyguard=DEFAULT_PROXYGUARD, python=sys.executable,
-                 pg_extra=(), front_end=None, log=None):
+                 pg_extra=(), front_end=None, log=None, pg_command=None):
         if front_end not in FRONT_END_TOOLS:
             raise ValueError("front_end must be one of %s" % list(FRONT_END_TOOLS))
+        if front_end and pg_command is not None:
+            raise ValueError("pg_command: plain HTTP only, no front end")
+        self.pg_command = pg_command
         self.workdir = str(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         self.front_end = front_end
@@ -536,25 +550,38 @@ class WireGuardBed:
 
     def start_pg_server(self, wait=True):
         listen = "%s:%d" % ("127.0.0.1" if self.front_end else "0.0.0.0", PG_SERVER_PORT)
-        argv = [self.python, self.proxyguard, "server", "--listen", listen,
-                "--to", "127.0.0.1:%d" % WG_PORT] + self._pg_options()
-        self.spawn("pg-server", self.ns_server, argv)
-        if wait:
-            self.wait_log("pg-server", "listening on",
-                          count=self.log_text("pg-server").count("==== ") or 1)
+        to = "127.0.0.1:%d" % WG_PORT
+        if self.pg_command is not None:
+            argv, ready = self.pg_command.server_argv(listen, to), self.pg_command.server_ready
+        else:
+            argv = [self.python, self.proxyguard, "server", "--listen", listen,
+                    "--to", to] + self._pg_options()
+            ready = "listening on"
+        self._start_pg("pg-server", self.ns_server, argv, ready, wait)
 
     def start_pg_client(self, wait=True):
-        if self.front_end:
-            to = ["--to", "https://%s:%d/proxyguard" % (VETH_SERVER_IP, NGINX_PORT),
-                  "--ca-file", self.ca_file]
+        if self.pg_command is not None:
+            argv = self.pg_command.client_argv("http://%s:%d/" % (VETH_SERVER_IP, PG_SERVER_PORT),
+                                               PG_CLIENT_PORT, WG_PORT)
+            ready = self.pg_command.client_ready
         else:
-            to = ["--to", "http://%s:%d/" % (VETH_SERVER_IP, PG_SERVER_PORT)]
-        argv = [self.python, self.proxyguard, "client"] + to + [
-            "--listen-port", PG_CLIENT_PORT, "--forward-port", WG_PORT] + self._pg_options()
-        self.spawn("pg-client", self.ns_client, argv)
+            if self.front_end:
+                to = ["--to", "https://%s:%d/proxyguard" % (VETH_SERVER_IP, NGINX_PORT),
+                      "--ca-file", self.ca_file]
+            else:
+                to = ["--to", "http://%s:%d/" % (VETH_SERVER_IP, PG_SERVER_PORT)]
+            argv = [self.python, self.proxyguard, "client"] + to + [
+                "--listen-port", PG_CLIENT_PORT, "--forward-port", WG_PORT] + self._pg_options()
+            ready = "listening on"
+        self._start_pg("pg-client", self.ns_client, argv, ready, wait)
+
+    def _start_pg(self, name, ns, argv, ready, wait):
+        # One more `ready` line than before this start (the log is appended to across restarts,
+        # and may hold another implementation's lines).
+        before = self.log_text(name).count(ready)
+        self.spawn(name, ns, argv)
         if wait:
-            self.wait_log("pg-client", "listening on",
-                          count=self.log_text("pg-client").count("==== ") or 1)
+            self.wait_log(name, ready, count=before + 1)
 
     def _pg_options(self):
         options = list(self.pg_extra)
@@ -1034,10 +1061,157 @@ def run_mtu_study(args):
     return 0
 
 
+# =============================================================================================
+# Side by side with the original: this file as a program, from a shell
+# =============================================================================================
+
+IPERF_PORT = 5202  # iperf3's server on the server's tunnel address (SINK_PORT is the sink's)
+
+
+def _percentile(values, fraction):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+def iperf_mbit(bed, seconds, reverse=False):
+    """Mbit/s of one iperf3 TCP stream through WireGuard, client -> server (`reverse`: server
+    -> client, iperf3 -R), as the receiver counted it."""
+    argv = ["iperf3", "-c", WG_SERVER_IP, "-p", IPERF_PORT, "-t", seconds, "-J"]
+    out = bed.sh(*argv + (["-R"] if reverse else []), ns=bed.ns_client, timeout=seconds + 30)
+    return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e6
+
+
+def switch_pair(bed, pg_command):
+    """Replace the running proxyguard client and server by `pg_command`'s (None: proxyguard.py);
+    namespaces and WireGuard stay up. Returns when a ping goes through the new pair."""
+    bed.kill_pg_client()
+    bed.kill_pg_server()
+    bed.pg_command = pg_command
+    bed.start_pg_server()
+    bed.start_pg_client()
+    if bed.wait_ping(timeout=20) is None:
+        raise BedError("no ping through the new pair in 20 s\n" + bed.diagnose())
+
+
+def _udp_drops(bed):
+    """{(side, "address:port"): datagrams dropped} for every UDP socket of both namespaces."""
+    return {(side, address): count for side in ("client", "server")
+            for address, count in bed.udp_socket_drops(side).items()}
+
+
+def measure_pair(bed, seconds, pings):
+    """One run's figures through the running pair, with the datagrams the kernel dropped for a
+    full receive buffer meanwhile: in the pair's UDP sockets, and in the two WireGuards'."""
+    before = _udp_drops(bed)
+    ping = bed.ping(count=pings, interval=0.02, timeout=2.0)
+    rtts = ping["rtt_ms"] or [float("nan")]
+    figures = {"up": iperf_mbit(bed, seconds), "down": iperf_mbit(bed, seconds, reverse=True),
+               "ping_p50": statistics.median(rtts), "ping_p90": _percentile(rtts, 0.9),
+               "lost": ping["sent"] - ping["received"], "pair_drops": 0, "wg_drops": 0}
+    for key, count in _udp_drops(bed).items():
+        kind = "wg_drops" if key[1] == "0.0.0.0:%d" % WG_PORT else "pair_drops"
+        figures[kind] += count - before.get(key, 0)
+    return figures
+
+
+COMPARE_ROWS = (  # key, label, unit, higher is better
+    ("up", "TCP client->server", "Mbit/s", True),
+    ("down", "TCP server->client (-R)", "Mbit/s", True),
+    ("ping_p50", "ping median", "ms", False),
+    ("ping_p90", "ping p90", "ms", False),
+)
+
+
+def format_compare(results, py_label, go_label):
+    """The table: medians of the runs per figure, and the ratio (above 1: proxyguard.py better)."""
+    lines = ["%-24s %14s %14s %8s   %s" % ("median of runs", py_label, go_label, "ratio",
+                                          "runs (py | Go)")]
+    for key, label, unit, higher in COMPARE_ROWS:
+        py = statistics.median(run[key] for run in results["py"])
+        go = statistics.median(run[key] for run in results["go"])
+        ratio = py / go if higher else go / py
+        lines.append("%-24s %14s %14s %8s   %s | %s" % (
+            label, "%.1f %s" % (py, unit) if higher else "%.3f %s" % (py, unit),
+            "%.1f %s" % (go, unit) if higher else "%.3f %s" % (go, unit),
+            "%.2f" % ratio,
+            " ".join(("%.0f" if higher else "%.3f") % run[key] for run in results["py"]),
+            " ".join(("%.0f" if higher else "%.3f") % run[key] for run in results["go"])))
+    total = lambda side, key: sum(run[key] for run in results[side])
+    lines.append("ratio: py/Go for throughput, Go/py for ping; above 1 = proxyguard.py better")
+    lines.append("all runs: pings lost py %d, Go %d; UDP datagrams dropped (receive buffer "
+                 "full) in the pair's sockets py %d, Go %d, in WireGuard's py %d, Go %d"
+                 % (total("py", "lost"), total("go", "lost"), total("py", "pair_drops"),
+                    total("go", "pair_drops"), total("py", "wg_drops"), total("go", "wg_drops")))
+    return "\n".join(lines)
+
+
+def run_compare(args):
+    """One bed; for each of `runs` rounds, proxyguard.py's pair then the original Go pair
+    (only the proxyguard processes restarted), each measured with iperf3 both ways and a ping
+    burst through WireGuard; print the table of medians and the ratios."""
+    reason = WireGuardBed.unavailable() or (None if shutil.which("iperf3") else "no iperf3")
+    if reason:
+        print("cannot run the bed here: %s" % reason, file=sys.stderr)
+        return 2
+    sys.path.insert(0, HERE)
+    import proxyguard_bench as bench  # the Go build and its argv: one place for both tools
+    try:
+        bindir, go_version = bench.build_go(bench.REFERENCE)
+    except bench.NoReference as exc:
+        print("cannot run the original: %s" % exc, file=sys.stderr)
+        return 2
+    go = bench.GoSide(bindir, go_version)
+    py = bench.PythonSide(DEFAULT_PROXYGUARD, args.python)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    workdir = args.workdir or tempfile.mkdtemp(prefix="pgbed-cmp-")
+    log = lambda text: print(text, file=sys.stderr, flush=True)
+    bed = WireGuardBed(workdir, python=args.python, log=log)
+    ok = False
+    try:
+        bed.start()
+        bed.spawn("iperf3", bed.ns_server, ["iperf3", "-s", "-B", WG_SERVER_IP, "-p", IPERF_PORT,
+                                            "--forceflush"])
+        bed.wait_log("iperf3", "Server listening")
+        print("Real WireGuard (wireguard-go both ends) through each pair, plain HTTP, one bed; "
+              "%d alternating run(s) per pair; iperf3 one TCP stream %gs each way; %d pings "
+              "at 0.02 s" % (args.runs, args.seconds, args.pings), flush=True)
+        print("  py: %s" % py.describe(), flush=True)
+        print("  Go: %s" % go.describe(), flush=True)
+        results = {"py": [], "go": []}
+        for run in range(args.runs):
+            for key, command in (("py", None), ("go", go)):
+                switch_pair(bed, command)
+                figures = measure_pair(bed, args.seconds, args.pings)
+                results[key].append(figures)
+                log("run %d %s: %.0f / %.0f Mbit/s, ping %.3f / %.3f ms, %d lost, drops %d "
+                    "pair %d WireGuard" % (run + 1, key, figures["up"], figures["down"],
+                                           figures["ping_p50"], figures["ping_p90"],
+                                           figures["lost"], figures["pair_drops"],
+                                           figures["wg_drops"]))
+        print(format_compare(results, "proxyguard.py", go.label), flush=True)
+        ok = True
+    except KeyboardInterrupt:
+        log("interrupted: tearing the bed down")
+        return 130
+    except BedError as exc:
+        log("bed error: %s\n%s" % (exc, bed.diagnose()))
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        bed.close()
+        if ok and not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+        elif not ok:
+            log("logs kept in %s" % workdir)
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="wgbed: traffic tools (run inside a netns by the bed) and the MTU study "
-                    "(`mtu`, run as root from a shell)")
+        description="wgbed: traffic tools (run inside a netns by the bed), the MTU study "
+                    "(`mtu`) and the side by side with the original (`compare`), run as root "
+                    "from a shell")
     sub = parser.add_subparsers(dest="tool", required=True)
     p = sub.add_parser("mtu", help="TCP throughput through WireGuard+proxyguard per MTU")
     p.add_argument("--mtus", default="1280,1320,1360,1380,1400,1420",
@@ -1047,6 +1221,18 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=3, help="runs per MTU (default 3)")
     p.add_argument("--tls", dest="front_end", action="store_const", const="nginx",
                    help="put nginx with TLS in front of the proxyguard server")
+    p.add_argument("--workdir", help="keep the bed's logs here (default: a temporary directory, "
+                                     "removed after a successful run)")
+    p = sub.add_parser("compare", help="real WireGuard through proxyguard.py's pair and the "
+                                       "original Go pair, alternating runs")
+    p.add_argument("--runs", type=int, default=5, help="runs per pair (default 5)")
+    p.add_argument("--seconds", type=float, default=4.0,
+                   help="length of each iperf3 run (default 4)")
+    p.add_argument("--pings", type=int, default=50, help="pings per run, 0.02 s apart "
+                                                        "(default 50)")
+    p.add_argument("--python", default="/usr/bin/python3" if os.path.exists("/usr/bin/python3")
+                   else sys.executable,
+                   help="the interpreter that runs proxyguard.py (default %(default)s)")
     p.add_argument("--workdir", help="keep the bed's logs here (default: a temporary directory, "
                                      "removed after a successful run)")
     p = sub.add_parser("ping")
@@ -1074,6 +1260,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.tool == "mtu":
         return run_mtu_study(args)
+    if args.tool == "compare":
+        return run_compare(args)
     tool = {"ping": tool_ping, "wait-ping": tool_wait_ping, "sink": tool_sink,
             "source": tool_source}[args.tool]
     print(json.dumps(tool(args)), flush=True)
