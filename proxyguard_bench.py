@@ -805,12 +805,43 @@ def tunnel_roundtrips(tunnels, buffers, size, rounds, timeout=20):
     return ok, dead
 
 
+# New handshakes timed while the tunnels are open (connect to 101), and how long the bench
+# waits for the server to let go of them.
+HANDSHAKE_SAMPLES = 200
+TEARDOWN_LIMIT = 60.0
+
+
+def new_handshakes(setup, count):
+    """`count` new tunnels one after another, each timed from connect to the 101 answer and
+    closed at once. Returns {count, failed, p50_ms, p99_ms, max_ms}."""
+    ssl_context = None
+    if setup.tls:
+        ssl_context = ssl.create_default_context(cafile=setup.ca_file)
+    times, failed = [], 0
+    for _ in range(count):
+        start = time.perf_counter()
+        sock = None
+        try:
+            sock = open_raw_tunnel(setup.server_port, ssl_context, 0)
+            read_upgrade_answer(sock)
+            times.append((time.perf_counter() - start) * 1000)
+        except (OSError, RuntimeError):
+            failed += 1
+        finally:
+            if sock is not None:
+                sock.close()
+    times.sort()
+    return {"count": count, "failed": failed, "p50_ms": percentile(times, 0.50),
+            "p99_ms": percentile(times, 0.99), "max_ms": times[-1] if times else None}
+
+
 def many_tunnels(setup, count, size, rounds, idle_seconds):
     """`count` raw tunnels at once: server RSS/threads, and idle CPU of server and client."""
     server_pid, client_pid = setup.server.pid, setup.client.pid
     setup.wait_tunnel()  # the real client's tunnel is up too
     rss_before, threads_before = proc_status(server_pid)
     fds_before = proc_fds(server_pid)
+    handshakes_before = new_handshakes(setup, HANDSHAKE_SAMPLES // 4)
     ssl_context = None
     if setup.tls:
         ssl_context = ssl.create_default_context(cafile=setup.ca_file)
@@ -830,6 +861,10 @@ def many_tunnels(setup, count, size, rounds, idle_seconds):
         traffic_seconds = time.perf_counter() - started
         time.sleep(0.5)  # let the server settle after the burst
         rss_up, threads_up = proc_status(server_pid)
+        fds_up = proc_fds(server_pid)
+        # New handshakes while the N are open: does the server still answer at once?
+        handshakes = new_handshakes(setup, HANDSHAKE_SAMPLES)
+        time.sleep(0.2)  # their own teardown is not the idle load's
         cpu0 = {"server": proc_cpu(server_pid), "client": proc_cpu(client_pid)}
         sched0 = {"server": proc_sched(server_pid), "client": proc_sched(client_pid)}
         time.sleep(idle_seconds)
@@ -840,16 +875,29 @@ def many_tunnels(setup, count, size, rounds, idle_seconds):
         for sock in tunnels:
             with contextlib.suppress(OSError):
                 sock.close()
-    # How fast the server lets go of the tunnels (its descriptors back to where they were: a
-    # measure for any server, where the thread count is one only for a thread per tunnel).
+    # How fast the server lets go of the tunnels: until its descriptors, and its threads, are
+    # back to where they were before (descriptors: a measure for any server; threads: for a
+    # thread per tunnel). None: not back within TEARDOWN_LIMIT seconds.
+    # Listing /proc/PID/fd with 10,000 entries costs milliseconds of the CPU the server needs:
+    # the threads are looked at every 20 ms, the descriptors every 100 ms.
     started = time.perf_counter()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if proc_fds(server_pid) <= fds_before:
+    fds_back = threads_back = None
+    polls = 0
+    while time.perf_counter() - started < TEARDOWN_LIMIT:
+        now = time.perf_counter() - started
+        if threads_back is None and proc_status(server_pid)[1] <= threads_before:
+            threads_back = now
+        if fds_back is None and (polls % 5 == 0 or threads_back is not None) \
+                and proc_fds(server_pid) <= fds_before:
+            fds_back = now
+        if fds_back is not None and threads_back is not None:
             break
+        polls += 1
         time.sleep(0.02)
-    teardown_seconds = time.perf_counter() - started
+    teardown_seconds = (None if fds_back is None or threads_back is None
+                        else max(fds_back, threads_back))
     rss_after, threads_after = proc_status(server_pid)
+    fds_after = proc_fds(server_pid)
     idle = {}
     for name in ("server", "client"):
         entry = {"cpu_seconds": cpu1[name] - cpu0[name],
@@ -868,6 +916,10 @@ def many_tunnels(setup, count, size, rounds, idle_seconds):
         "server_rss_kib_per_tunnel": (rss_up - rss_before) / count,
         "server_threads_before": threads_before, "server_threads_up": threads_up,
         "server_threads_after_close": threads_after, "teardown_seconds": teardown_seconds,
+        "server_fds_before": fds_before, "server_fds_up": fds_up,
+        "server_fds_after_close": fds_after,
+        "fds_back_seconds": fds_back, "threads_back_seconds": threads_back,
+        "handshake_before": handshakes_before, "handshake_up": handshakes,
         "idle_seconds": idle_seconds, "idle": idle,
     }
 
@@ -936,14 +988,30 @@ def format_line(entry):
                 text_ += " (%.1f ms, %d wake-ups)" % (entry_["sched_cpu_ms"], entry_["wakeups"])
             return text_
 
-        text = ("server RSS %.1f -> %.1f MiB (%+.0f KiB/tunnel), %d threads  "
-                "idle %gs: server %s, client %s  "
-                "open %.0f/s, %d/%d round trips ok, closed in %.2fs"
+        def seconds(value):
+            return "> %gs" % TEARDOWN_LIMIT if value is None else "%.2fs" % value
+
+        def handshake_text(entry_):
+            if not entry_ or entry_.get("p50_ms") is None:
+                return "-"
+            return "p50 %.1f p99 %.1f ms%s" % (
+                entry_["p50_ms"], entry_["p99_ms"],
+                " (%d FAILED)" % entry_["failed"] if entry_.get("failed") else "")
+
+        text = ("server RSS %.1f -> %.1f MiB (%+.0f KiB/tunnel), threads %d -> %d, "
+                "fds %d -> %d  idle %gs: server %s, client %s  "
+                "open %.0f/s, %d/%d round trips ok  new handshakes: before %s, "
+                "with %d open %s  after close: fds back in %s, threads back in %s"
                 % (result["server_rss_kib_before"] / 1024, result["server_rss_kib_up"] / 1024,
-                   result["server_rss_kib_per_tunnel"], result["server_threads_up"],
+                   result["server_rss_kib_per_tunnel"], result["server_threads_before"],
+                   result["server_threads_up"], result.get("server_fds_before", 0),
+                   result.get("server_fds_up", 0),
                    result["idle_seconds"], idle_text(server), idle_text(client),
                    result["tunnels_per_s"], result["roundtrips_ok"], result["roundtrips"],
-                   result["teardown_seconds"]))
+                   handshake_text(result.get("handshake_before")), result["tunnels"],
+                   handshake_text(result.get("handshake_up")),
+                   seconds(result.get("fds_back_seconds", result["teardown_seconds"])),
+                   seconds(result.get("threads_back_seconds"))))
         if result.get("tunnels_closed_by_server"):
             text += "  (%d TUNNELS CLOSED BY THE SERVER: see its log, --keep)" % (
                 result["tunnels_closed_by_server"])
@@ -1241,14 +1309,18 @@ def main(argv=None):
         transports = [False, True] if options.both else [options.tls]
     ping_size = options.ping_size or options.size[0]
 
-    # Many tunnels need many descriptors: raise the soft limit (the children inherit it).
+    # Many tunnels need many descriptors: the server two per tunnel, the bench one. Raise the
+    # soft limit to the hard one here; the children (server, client, echo) inherit it.
     try:
         import resource
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        wanted = 8 * options.tunnels + 1024
+        wanted = hard if hard != resource.RLIM_INFINITY else max(8 * options.tunnels + 1024,
+                                                                 soft)
         if soft != resource.RLIM_INFINITY and soft < wanted:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (
-                wanted if hard == resource.RLIM_INFINITY else min(hard, wanted), hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        if "tunnels" in tests and 3 * options.tunnels + 1024 > wanted:
+            note("open-files limit %d (hard %s): %d tunnels may not fit"
+                 % (wanted, hard, options.tunnels))
     except (ImportError, ValueError, OSError):
         pass
 
@@ -1271,7 +1343,12 @@ def main(argv=None):
                     continue
                 note("starting %s server and client (%s)" % (side.label,
                                                               "tls" if tls else "plain"))
-                setups.append(Setup(procs, echo, side, tls, workdir))
+                server_args = []
+                if "tunnels" in tests and isinstance(side, PythonSide):
+                    # Room for the N tunnels, the real client's and the timed handshakes.
+                    server_args = ["--max-clients", str(max(
+                        1000, options.tunnels + HANDSHAKE_SAMPLES + 16))]
+                setups.append(Setup(procs, echo, side, tls, workdir, server_args=server_args))
         for run in range(options.runs):
             # Test by test (load: size by size), each on every setup in turn, so that what is compared is measured
             # seconds apart; the order alternates, so neither side always goes first.

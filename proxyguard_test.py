@@ -3207,7 +3207,8 @@ def test_tls_client_hello_on_plain_port_is_answered_at_once(server, good_tunnel)
 def test_thread_exhaustion_does_not_kill_the_server(tmp_path, echo, procs):
     """Silent connections each hold a handshake thread until the deadline. When no more threads
     can be started, the server must refuse (close) the extra connections and stay up. The limit
-    is made small with RLIMIT_AS on the server process (thread stacks are 8 MiB mappings)."""
+    is made small with RLIMIT_AS on the server process (thread stacks are mappings of
+    THREAD_STACK_BYTES)."""
     import resource
     server = start_server(tmp_path, echo.port, "--handshake-timeout", str(HANDSHAKE_TIMEOUT))
     procs.append(server)
@@ -3216,7 +3217,8 @@ def test_thread_exhaustion_does_not_kill_the_server(tmp_path, echo, procs):
     pid = server.popen.pid
     with open("/proc/%d/status" % pid) as stream:
         vm_kib = int(re.search(r"^VmSize:\s+(\d+) kB", stream.read(), re.M).group(1))
-    limit = (vm_kib + 160 * 1024) * 1024  # room for roughly 15-20 more threads
+    # Room for roughly 15-20 more threads, and a little for what they allocate.
+    limit = vm_kib * 1024 + 20 * pg.THREAD_STACK_BYTES + (2 << 20)
     original = resource.prlimit(pid, resource.RLIMIT_AS)
     # Only the soft limit: raising a lowered hard limit again needs CAP_SYS_RESOURCE.
     resource.prlimit(pid, resource.RLIMIT_AS, (limit, original[1]))
@@ -3244,6 +3246,38 @@ def test_thread_exhaustion_does_not_kill_the_server(tmp_path, echo, procs):
         for sock in silent:
             sock.close()
         good.close()
+
+
+def test_tune_threads_sets_stack_and_switch_interval_and_tls_fits_the_stack(certs):
+    """The service's threads get THREAD_STACK_BYTES stacks (thousands of tunnels: 8 MiB each
+    would be 80 GiB of address space) and a SWITCH_INTERVAL GIL interval; the TLS handshake
+    and both pumps' TLS calls run in threads with that stack."""
+    old_stack, old_interval = threading.stack_size(), sys.getswitchinterval()
+    listener = socket.create_server((LOOPBACK, 0))
+    try:
+        pg.tune_threads()
+        assert threading.stack_size() == pg.THREAD_STACK_BYTES <= 256 * 1024
+        assert sys.getswitchinterval() == pytest.approx(pg.SWITCH_INTERVAL)
+        client, server = open_tls_pair(listener, certs, naive=False)  # server side: a thread
+        payload = os.urandom(1420)
+        up = [payload[:size] for size in (1, 100, 1420) * 50]
+        down = up[::-1]
+        errors = []
+        threads = [threading.Thread(target=pump_both_ways,
+                                    args=(channel, [pg.encode_frame(d) for d in out], expect,
+                                          errors))
+                   for channel, out, expect in ((client, up, down), (server, down, up))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert not errors and not any(thread.is_alive() for thread in threads)
+        for channel in (client, server):
+            channel.close()
+    finally:
+        threading.stack_size(old_stack)
+        sys.setswitchinterval(old_interval)
+        listener.close()
 
 
 # =============================================================================================
