@@ -4406,15 +4406,19 @@ FAULT_AT = 4 << 20
 TRANSFER_CAP = 1 << 30
 
 
-@pytest.fixture
-def report(capsys):
-    """report(text): print one measured figure to the terminal, past pytest's capture."""
+def reporter(capsys, prefix):
+    """A function that prints one measured figure to the terminal, past pytest's capture."""
 
     def write(text):
         with capsys.disabled():
-            print("\nwgbed: " + text)
+            print("\n%s: %s" % (prefix, text))
 
     return write
+
+
+@pytest.fixture
+def report(capsys):
+    return reporter(capsys, "wgbed")
 
 
 def make_bed(tmp_path, request, **options):
@@ -5165,13 +5169,7 @@ class Traffic:
 
 @pytest.fixture
 def interop_report(capsys):
-    """interop_report(text): print one measured figure to the terminal, past pytest's capture."""
-
-    def write(text):
-        with capsys.disabled():
-            print("\ninterop: " + text)
-
-    return write
+    return reporter(capsys, "interop")
 
 
 def interop_sizes(seed=20251203, count=24):

@@ -1020,29 +1020,18 @@ def tool_source(args):
 # =============================================================================================
 
 
-def run_mtu_study(args):
-    """Build a bed (plain, or nginx with TLS in front), measure TCP throughput through WireGuard
-    at each MTU, print a table; the bed is torn down on any exit (Ctrl-C and SIGTERM too)."""
-    reason = WireGuardBed.unavailable(args.front_end)
-    if reason:
-        print("cannot run the bed here: %s" % reason, file=sys.stderr)
-        return 2
+def run_bed_study(args, prefix, study, **bed_options):
+    """Build a bed, run `study(bed, log)` on it, and tear the bed down on any exit (Ctrl-C and
+    SIGTERM too); its logs are kept when the study failed. Returns the exit status."""
     # SIGTERM ends the study like Ctrl-C does: through the finally below.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    workdir = args.workdir or tempfile.mkdtemp(prefix="pgbed-mtu-")
+    workdir = args.workdir or tempfile.mkdtemp(prefix=prefix)
     log = lambda text: print(text, file=sys.stderr, flush=True)
-    bed = WireGuardBed(workdir, front_end=args.front_end, log=log)
+    bed = WireGuardBed(workdir, log=log, **bed_options)
     ok = False
     try:
         bed.start()
-        print("WireGuard TCP throughput through proxyguard.py (%s), one stream, %gs a run, "
-              "%d run(s) per MTU" % ("nginx with TLS in front" if args.front_end else "plain HTTP",
-                                    args.seconds, args.runs), flush=True)
-        print("%6s  %14s  %s" % ("MTU", "median Mbit/s", "runs (Mbit/s)"), flush=True)
-        for mtu in args.mtus:
-            runs = bed.measure_mtu([mtu], seconds=args.seconds, runs=args.runs)[mtu]
-            print("%6d  %14.1f  %s" % (mtu, statistics.median(runs),
-                                       " ".join("%.1f" % value for value in runs)), flush=True)
+        study(bed, log)
         ok = True
     except KeyboardInterrupt:
         log("interrupted: tearing the bed down")
@@ -1059,6 +1048,27 @@ def run_mtu_study(args):
         elif not ok:
             log("logs kept in %s" % workdir)
     return 0
+
+
+def run_mtu_study(args):
+    """Build a bed (plain, or nginx with TLS in front), measure TCP throughput through WireGuard
+    at each MTU, print a table."""
+    reason = WireGuardBed.unavailable(args.front_end)
+    if reason:
+        print("cannot run the bed here: %s" % reason, file=sys.stderr)
+        return 2
+
+    def study(bed, _log):
+        print("WireGuard TCP throughput through proxyguard.py (%s), one stream, %gs a run, "
+              "%d run(s) per MTU" % ("nginx with TLS in front" if args.front_end else "plain HTTP",
+                                    args.seconds, args.runs), flush=True)
+        print("%6s  %14s  %s" % ("MTU", "median Mbit/s", "runs (Mbit/s)"), flush=True)
+        for mtu in args.mtus:
+            runs = bed.measure_mtu([mtu], seconds=args.seconds, runs=args.runs)[mtu]
+            print("%6d  %14.1f  %s" % (mtu, statistics.median(runs),
+                                       " ".join("%.1f" % value for value in runs)), flush=True)
+
+    return run_bed_study(args, "pgbed-mtu-", study, front_end=args.front_end)
 
 
 # =============================================================================================
@@ -1162,13 +1172,8 @@ def run_compare(args):
         return 2
     go = bench.GoSide(bindir, go_version)
     py = bench.PythonSide(DEFAULT_PROXYGUARD, args.python)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    workdir = args.workdir or tempfile.mkdtemp(prefix="pgbed-cmp-")
-    log = lambda text: print(text, file=sys.stderr, flush=True)
-    bed = WireGuardBed(workdir, python=args.python, log=log)
-    ok = False
-    try:
-        bed.start()
+
+    def study(bed, log):
         bed.spawn("iperf3", bed.ns_server, ["iperf3", "-s", "-B", WG_SERVER_IP, "-p", IPERF_PORT,
                                             "--forceflush"])
         bed.wait_log("iperf3", "Server listening")
@@ -1189,22 +1194,8 @@ def run_compare(args):
                                            figures["lost"], figures["pair_drops"],
                                            figures["wg_drops"]))
         print(format_compare(results, "proxyguard.py", go.label), flush=True)
-        ok = True
-    except KeyboardInterrupt:
-        log("interrupted: tearing the bed down")
-        return 130
-    except BedError as exc:
-        log("bed error: %s\n%s" % (exc, bed.diagnose()))
-        return 1
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        bed.close()
-        if ok and not args.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
-        elif not ok:
-            log("logs kept in %s" % workdir)
-    return 0
+
+    return run_bed_study(args, "pgbed-cmp-", study, python=args.python)
 
 
 def main(argv=None):
