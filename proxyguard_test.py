@@ -572,10 +572,10 @@ def run_in_thread(tunnel):
 class RefusingGsoEndpoint(pg.TunnelUdpEndpoint):
     """A kernel that takes the GSO option but refuses the send (EIO: no checksum offload)."""
 
-    refused = 0
+    gso_refusals = 0  # not `refused`: that is UdpEndpoint's "nothing listens" flag
 
     def _send_segments(self, datagrams, control):
-        self.refused += 1
+        self.gso_refusals += 1
         raise OSError(errno.EIO, "refused")
 
 
@@ -595,7 +595,7 @@ def test_tunnel_sends_runs_of_frames_as_separate_datagrams_in_order(endpoint_cla
         assert got == datagrams
         assert (tunnel.to_udp_datagrams, tunnel.to_udp_bytes) == (len(sizes), sum(sizes))
         if endpoint_class is RefusingGsoEndpoint:
-            assert tunnel.endpoint.refused == 1 and tunnel.endpoint.gso is False
+            assert tunnel.endpoint.gso_refusals == 1 and tunnel.endpoint.gso is False
         ours.shutdown(socket.SHUT_WR)
         thread.join(5)
         assert result == ["closed by peer"]
