@@ -94,7 +94,6 @@ import collections
 import contextlib
 import errno
 import functools
-import http.server
 import ipaddress
 import logging
 import mmap
@@ -3011,35 +3010,44 @@ def check_fwmark(mark):
 # =============================================================================================
 
 
-class MetricsHandler(http.server.BaseHTTPRequestHandler):
-    """GET /metrics: the service's metrics now; 404 for any other path. A request is logged
-    at debug only (Prometheus asks every few seconds)."""
+@functools.lru_cache(maxsize=None)
+def metrics_handler():
+    """The request handler class of the metrics page, made on first use: importing http.server
+    costs about 40 ms of start-up (python3 -X importtime), which a router would pay at every
+    start even without --metrics-listen."""
+    import http.server
 
-    server_version = "proxyguard.py/" + __version__
-    timeout = HANDSHAKE_TIMEOUT  # a silent connection holds its thread no longer
+    class MetricsHandler(http.server.BaseHTTPRequestHandler):
+        """GET /metrics: the service's metrics now; 404 for any other path. A request is logged
+        at debug only (Prometheus asks every few seconds)."""
 
-    def do_GET(self):
-        if self.path.split("?", 1)[0] != METRICS_PATH:
-            self._answer(404, "text/plain; charset=utf-8",
-                         b"not found: the metrics are at %s\n" % METRICS_PATH.encode())
-            return
-        try:
-            body = render_metrics(self.server.collect())
-        except Exception:  # a bug: the scrape fails, the service goes on
-            log.exception("metrics page: unexpected error")
-            self._answer(500, "text/plain; charset=utf-8", b"internal error\n")
-            return
-        self._answer(200, METRICS_CONTENT_TYPE, body)
+        server_version = "proxyguard.py/" + __version__
+        timeout = HANDSHAKE_TIMEOUT  # a silent connection holds its thread no longer
 
-    def _answer(self, status, content_type, body):
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        def do_GET(self):
+            if self.path.split("?", 1)[0] != METRICS_PATH:
+                self._answer(404, "text/plain; charset=utf-8",
+                             b"not found: the metrics are at %s\n" % METRICS_PATH.encode())
+                return
+            try:
+                body = render_metrics(self.server.collect())
+            except Exception:  # a bug: the scrape fails, the service goes on
+                log.exception("metrics page: unexpected error")
+                self._answer(500, "text/plain; charset=utf-8", b"internal error\n")
+                return
+            self._answer(200, METRICS_CONTENT_TYPE, body)
 
-    def log_message(self, format, *args):
-        log.debug("metrics: %s %s", self.address_string(), format % args)
+        def _answer(self, status, content_type, body):
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format, *args):
+            log.debug("metrics: %s %s", self.address_string(), format % args)
+
+    return MetricsHandler
 
 
 class MetricsEndpoint:
@@ -3049,7 +3057,8 @@ class MetricsEndpoint:
 
     def __init__(self, listener):
         self.address = listener.getsockname()
-        self.httpd = http.server.ThreadingHTTPServer(self.address[:2], MetricsHandler,
+        import http.server  # see metrics_handler
+        self.httpd = http.server.ThreadingHTTPServer(self.address[:2], metrics_handler(),
                                                      bind_and_activate=False)
         self.httpd.socket.close()
         self.httpd.socket = listener
