@@ -2030,17 +2030,8 @@ class Server:
                  "; " + scope if scope else "",
                  format_address(self.wireguard_address))
         self._serving = True  # the watchdog's sign of life (healthy)
-        while not self._stopping:
-            try:
-                sock, peer = self.listener.accept()
-            except OSError as exc:
-                if self._stopping:
-                    break
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("accept: %s; pausing new connections for 1s", exc.strerror)
-                    time.sleep(1)
-                continue
-            self.start_connection(sock, peer)
+        accept_until_stopped(self.listener.accept, lambda: self._stopping,
+                             self.start_connection)
         self._serving = False
 
     def start_connection(self, sock, peer):
@@ -2198,6 +2189,23 @@ class Server:
     def _count_refusal(self, status):
         with self._lock:
             self.refused[status] = self.refused.get(status, 0) + 1
+
+
+def accept_until_stopped(accept, stopping, handle, prefix=""):
+    """Give each connection `accept()` returns to `handle(sock, peer)` until `stopping()`
+    (the owner's stop() closes the socket, which wakes a blocked accept). Out of descriptors
+    or memory for now: log it, pause new connections for a second, and go on."""
+    while not stopping():
+        try:
+            sock, peer = accept()
+        except OSError as exc:
+            if stopping():
+                break
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                log.error("%saccept: %s; pausing new connections for 1s", prefix, exc.strerror)
+                time.sleep(1)
+            continue
+        handle(sock, peer)
 
 
 def refuse_without_waiting(sock, status, message):
@@ -3082,21 +3090,15 @@ class MetricsEndpoint:
 
     def _serve(self):
         # Accept in a blocking call that stop() wakes: serve_forever() would poll twice a second.
-        while not self._stopping:
-            try:
-                request, peer = self.httpd.get_request()
-            except OSError as exc:
-                if self._stopping:
-                    break
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("metrics: accept: %s; pausing for 1s", exc.strerror)
-                    time.sleep(1)
-                continue
-            try:
-                self.httpd.process_request(request, peer)
-            except Exception as exc:  # no thread to be had: this scrape fails
-                log.error("metrics: cannot answer %s: %s", format_address(peer), exc)
-                self.httpd.shutdown_request(request)
+        accept_until_stopped(self.httpd.get_request, lambda: self._stopping, self._answer,
+                             "metrics: ")
+
+    def _answer(self, request, peer):
+        try:
+            self.httpd.process_request(request, peer)
+        except Exception as exc:  # no thread to be had: this scrape fails
+            log.error("metrics: cannot answer %s: %s", format_address(peer), exc)
+            self.httpd.shutdown_request(request)
 
     def stop(self):
         self._stopping = True
