@@ -885,6 +885,10 @@ class ServerURL:
         self.target = encode_target((parts.path or "/")
                                     + ("?" + parts.query if parts.query else ""))
 
+    def websocket_twin(self):
+        """This URL with ws:// for http://, wss:// for https://."""
+        return ServerURL(("wss" if self.tls else "ws") + self.text[len(self.scheme):])
+
     def __str__(self):
         return self.text
 
@@ -2972,6 +2976,13 @@ class Dialer:
         self._sock = None
         self._aborted = False
 
+    def for_url(self, url):
+        """A Dialer like this one for another URL of the same server (check's WebSocket try)."""
+        dialer = Dialer(url, self.proxy, self.peer_ips, self.fwmark, self.tcp_port,
+                        self.user_agent, self.connect_timeout, self.tls_context, self.report)
+        dialer._addresses = self._addresses
+        return dialer
+
     def abort(self):
         with self._lock:
             self._aborted = True
@@ -3515,14 +3526,34 @@ def run_check(dialer, out=sys.stdout):
     print("check    %s%s" % (dialer.url, " via proxy %s" % dialer.proxy if dialer.proxy else ""),
           file=out)
     try:
-        channel, _, peer = dialer.dial()
+        peer = dial_and_close(dialer)
     except (OSError, ProxyGuardError) as exc:
         print("result   FAIL: %s" % describe_error(exc), file=out)
+        # Refused as a WebSocket-only front refuses UoTLV/1 (it strips or blocks the
+        # Upgrade: 426, 400, 403...): try WebSocket on the same URL and say so if it works.
+        if dialer.url.websocket or not isinstance(exc, UpgradeRefused) or isinstance(
+                exc, ServerUnavailable):
+            return 1
+        url = dialer.url.websocket_twin()
+        print("check    %s: WebSocket on the same URL" % url, file=out)
+        try:
+            peer = dial_and_close(dialer.for_url(url))
+        except (OSError, ProxyGuardError) as exc:
+            print("result   FAIL: not over WebSocket either: %s" % describe_error(exc), file=out)
+            return 1
+        print("result   FAIL over %s, ok over WebSocket: use --to %s" % (PROTOCOL, url),
+              file=out)
         return 1
+    print("result   ok: %s accepts %s upgrades" % (peer, dialer.url.transport), file=out)
+    return 0
+
+
+def dial_and_close(dialer):
+    """Dial once (check), close at once, and return the peer's text."""
+    channel, _, peer = dialer.dial()
     channel.shutdown()
     channel.close()
-    print("result   ok: %s accepts %s upgrades" % (peer, PROTOCOL), file=out)
-    return 0
+    return peer
 
 
 def resolve_tcp(host, port, numeric=False):
