@@ -5658,6 +5658,26 @@ def test_original_interop_check_mode_against_the_go_server(transport, interop_ri
 
 
 @pytest.mark.slow
+def test_websocket_against_the_original_fails_with_one_line_that_says_so(tmp_path, echo,
+                                                                          go_binaries, procs):
+    """The Go original speaks UoTLV/1 only: ws:// to it is refused with one line naming
+    the cause and the fix, in check and in the client's log (once: then it backs off)."""
+    server = start_interop_server("go", tmp_path, go_binaries, echo.port)
+    procs.append(server)
+    url = "ws://%s:%d/proxyguard" % (LOOPBACK, server.port)
+    cause = "speaks UoTLV/1 only, not WebSocket (the original ProxyGuard?): use http:// or https://"
+    status, output = run_check(url)
+    assert status == 1 and cause in output, output
+    client = start_client(tmp_path, url)
+    procs.append(client)
+    client.wireguard.send(b"hello")
+    client.wait_log("next attempt in")
+    lines = [line for line in client.log().splitlines() if cause in line]
+    assert len(lines) == 1 and "upgrade refused by %s: got HTTP 426" % url in lines[0], \
+        client.log()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [("py", "go", "plain"), ("go", "py", "plain")],
                          ids=["py-client-idle-closes", "py-server-idle-closes"])
 def test_original_interop_our_idle_close_then_traffic_resumes(case, interop_rig,
@@ -6313,3 +6333,4 @@ def test_pip_install_gives_a_proxyguard_command(tmp_path):
          "if u.find_spec(m)])"],
         capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
     assert probe.stdout.split("\n")[0] == "True []", probe
+
