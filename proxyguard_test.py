@@ -1688,10 +1688,11 @@ def test_two_clients_stay_separate(tmp_path, echo, procs):
     server.wait_log("tunnel up", count=2)
 
 
-def test_server_restart_loses_nothing_sent_after_it(tmp_path, echo, procs):
+@pytest.mark.parametrize("scheme", ["http", "ws"])
+def test_server_restart_loses_nothing_sent_after_it(scheme, tmp_path, echo, procs):
     server = start_server(tmp_path, echo.port)
     procs.append(server)
-    client = start_client(tmp_path, "http://%s:%d/" % (LOOPBACK, server.port))
+    client = start_client(tmp_path, "%s://%s:%d/" % (scheme, LOOPBACK, server.port))
     procs.append(client)
     wireguard = client.wireguard
     stop_flow = threading.Event()
@@ -4714,16 +4715,18 @@ def test_client_proxy_auth_failure_is_a_clear_error(credentials, status, tmp_pat
     assert "tunnel up:" not in tls_server.log()
 
 
-@pytest.mark.parametrize("scheme", ["https", "http"])
+@pytest.mark.parametrize("scheme", ["https", "http", "wss", "ws"])
 @pytest.mark.slow
 def test_client_uses_proxy_from_environment(scheme, tmp_path, certs, echo, procs, front_ends):
-    """HTTPS_PROXY for an https:// server, HTTP_PROXY for an http:// one (both CONNECT)."""
-    extra = ["--tls-cert", certs.cert, "--tls-key", certs.key] if scheme == "https" else []
+    """HTTPS_PROXY for an https:// or wss:// server, HTTP_PROXY for an http:// or ws:// one
+    (all with CONNECT)."""
+    tls = scheme in ("https", "wss")
+    extra = ["--tls-cert", certs.cert, "--tls-key", certs.key] if tls else []
     server = start_server(tmp_path, echo.port, *extra)
     procs.append(server)
     proxy = start_tinyproxy(front_ends, tmp_path)
     proxy_url = "http://%s:%d" % (LOOPBACK, proxy.port)
-    name = "%s_PROXY" % scheme.upper()
+    name = "HTTPS_PROXY" if tls else "HTTP_PROXY"
     client = start_client(tmp_path, "%s://localhost:%d/proxyguard" % (scheme, server.port),
                           "--ca-file", certs.ca, env={name: proxy_url, name.lower(): proxy_url})
     procs.append(client)
