@@ -4581,6 +4581,80 @@ def test_idle_past_proxy_timeout_reconnects_without_loss(kind, tmp_path, certs, 
     client.wait_log("tunnel up", count=3)
 
 
+# The WebSocket keepalive test: nginx's proxy_read_timeout, the client's ping interval, and the
+# quiet period, long enough for several front-end timeouts to pass (seconds).
+KEEPALIVE_FRONT_TIMEOUT = 2
+KEEPALIVE_INTERVAL = 1
+KEEPALIVE_QUIET = 8
+
+
+def quiet_period(client, seconds):
+    """Send nothing for `seconds` (the deliberate wait of a test about time passing), watching
+    the client's log all along: returns the seconds into the quiet period at which the client
+    first logged "tunnel down", or None if it never did."""
+    started = time.monotonic()
+    cut_at = None
+    while True:
+        elapsed = time.monotonic() - started
+        if cut_at is None and "tunnel down" in client.log():
+            cut_at = elapsed
+        if elapsed >= seconds:
+            return cut_at
+        time.sleep(min(0.05, seconds - elapsed))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("keepalive", [KEEPALIVE_INTERVAL, 0], ids=["keepalive", "no-keepalive"])
+@pytest.mark.slow
+def test_websocket_keepalive_outlasts_the_front_read_timeout(keepalive, tmp_path, certs, echo,
+                                                            procs, front_ends):
+    """wss:// through nginx with proxy_read_timeout 2s, the tunnel quiet for 8 s. With pings
+    every second it stays up: the next datagram goes through the same tunnel. With
+    --keepalive 0 nginx cuts it at about 2 s, and the datagrams sent after the cut all arrive
+    over a new tunnel. The proxyguard idle timeouts are 60 s: the front is what cuts."""
+    server, front_end, _ = server_behind_proxy(
+        "nginx", tmp_path, certs, echo, procs, front_ends, "--idle-timeout", "60",
+        timeout=KEEPALIVE_FRONT_TIMEOUT, with_client=False)
+    client = start_client(tmp_path, "wss://%s:%d/proxyguard" % (LOOPBACK, front_end.port),
+                          "--ca-file", certs.ca, "--keepalive", str(keepalive),
+                          "--idle-timeout", "60")
+    procs.append(client)
+
+    following = exchange_datagrams(client, rounds=1)
+    client.wait_log("tunnel up")
+    server.wait_log("tunnel up:")
+    assert re.search(r"tunnel up: .*wss://.*, websocket, TLSv1\.[23]", client.log()), client.log()
+    assert re.search(r"tunnel up: 127\.0\.0\.1 \(via 127\.0\.0\.1:\d+\), path /proxyguard, "
+                     r"websocket", server.log()), server.log()
+
+    cut_at = quiet_period(client, KEEPALIVE_QUIET)
+
+    if keepalive:
+        assert cut_at is None, "tunnel down %.1fs into the quiet period despite pings:\n%s" % (
+            cut_at, client.log())
+        assert "tunnel down" not in server.log(), server.log()
+        # The next datagrams go through the same tunnel.
+        exchange_datagrams(client, first=following, rounds=1)
+        assert client.log().count("tunnel up") == 1, client.log()
+        assert len(tunnel_up_lines(server)) == 1, server.log()
+        assert "tunnel down" not in client.log() + server.log(), client.log() + server.log()
+        assert "timed out" not in front_end.log(), front_end.log()
+    else:
+        assert cut_at is not None, "no tunnel down in %ds of quiet without pings:\n%s" % (
+            KEEPALIVE_QUIET, client.log())
+        # Cut by nginx at its proxy_read_timeout (seen by polling the log: a little later),
+        # not by proxyguard's own 60 s idle timeout; nginx says so in its error log.
+        assert KEEPALIVE_FRONT_TIMEOUT - 0.5 <= cut_at < KEEPALIVE_QUIET - 1, cut_at
+        server.wait_log("tunnel down")
+        assert "upstream timed out" in front_end.log(), front_end.log()
+        # Nothing to send during the quiet period: no new tunnel yet (the client is lazy).
+        assert client.log().count("tunnel up") == 1, client.log()
+        # Everything sent after the cut arrives, in order, over a new tunnel.
+        exchange_datagrams(client, first=following, rounds=2)
+        client.wait_log("tunnel up", count=2)
+        server.wait_log("tunnel up:", count=2)
+
+
 # =============================================================================================
 # 4: HAProxy in front of two proxyguard servers: spread, and fail over on SIGKILL
 # =============================================================================================
@@ -4864,37 +4938,41 @@ def test_ping_and_50mb_bulk_transfer(bed, report):
                             100.0 * (client_tx - server_rx) / client_tx, drops, WG_PORT))
 
 
-@pytest.fixture
+@pytest.fixture(params=["https", "wss"])
 def nginx_bed(tmp_path, request):
     """The usual bed with nginx in front of the proxyguard server: TLS from the client to
-    nginx on the server host's veth address, HTTP/1.1 Upgrade from nginx to 127.0.0.1."""
+    nginx on the server host's veth address, HTTP/1.1 Upgrade from nginx to 127.0.0.1. Once
+    per transport: https:// (UoTLV/1) and wss:// (WebSocket); `bed.websocket` says which."""
     reason = WireGuardBed.unavailable(front_end="nginx")
     if reason is not None:
         skip_or_fail("the WireGuard test bed with nginx cannot run here: %s" % reason)
-    return make_bed(tmp_path, request, front_end="nginx")
+    return make_bed(tmp_path, request, front_end="nginx", websocket=request.param == "wss")
 
 
 @pytest.mark.slow
 def test_ping_and_50mb_bulk_transfer_behind_nginx_tls(nginx_bed, report):
     bed = nginx_bed
+    scheme, transport = ("wss", "websocket") if bed.websocket else ("https", "UoTLV/1")
     answer = assert_pings(bed, count=20)
-    report("behind nginx (TLS): ping through WireGuard+proxyguard: 20/20 answered, rtt median "
-           "%.2f ms, max %.2f ms" % (median(answer["rtt_ms"]), max(answer["rtt_ms"])))
+    report("behind nginx (TLS, %s://): ping through WireGuard+proxyguard: 20/20 answered, rtt "
+           "median %.2f ms, max %.2f ms" % (scheme, median(answer["rtt_ms"]),
+                                            max(answer["rtt_ms"])))
     nbytes = 50 << 20
     result = bed.transfer(nbytes=nbytes, timeout=120)
     assert result["sha_ok"], "%s\n%s" % (result, bed.diagnose())
     assert result["received"]["bytes"] == nbytes
-    report("  50 MiB over TCP inside WireGuard, through nginx with TLS: SHA-256 equal, "
-           "%.1f Mbit/s (%.2f s)" % (result["mbit_s"], result["received"]["seconds"]))
-    # One tunnel, over TLS to nginx; the server trusts nginx (127.0.0.1, the default
-    # --trusted-proxies) and logs the real client from X-Forwarded-For.
+    report("  50 MiB over TCP inside WireGuard, through nginx with TLS (%s://): SHA-256 equal, "
+           "%.1f Mbit/s (%.2f s)" % (scheme, result["mbit_s"], result["received"]["seconds"]))
+    # One tunnel, over TLS to nginx, in the transport asked for; the server trusts nginx
+    # (127.0.0.1, the default --trusted-proxies) and logs the real client from X-Forwarded-For.
     assert bed.tunnels_up("client") == 1, bed.log_text("pg-client")
-    assert re.search(r"tunnel up: .*https://.*, TLSv1\.[23]", bed.log_text("pg-client")), \
-        bed.log_text("pg-client")
+    client_log = bed.log_text("pg-client")
+    assert re.search(r"tunnel up: .*%s://.*, %s, TLSv1\.[23]" % (scheme, re.escape(transport)),
+                     client_log), client_log
     server_log = bed.log_text("pg-server")
     assert "(via " in server_log, server_log
-    assert re.search(r"tunnel up: %s \(via 127\.0\.0\.1:\d+\)" % re.escape(VETH_CLIENT_IP),
-                     server_log), server_log
+    assert re.search(r"tunnel up: %s \(via 127\.0\.0\.1:\d+\), path /proxyguard, %s"
+                     % (re.escape(VETH_CLIENT_IP), re.escape(transport)), server_log), server_log
     assert_pings(bed, count=5)
 
 

@@ -20,6 +20,10 @@ client goes to https://10.213.7.2:8443/proxyguard with --ca-file:
 
     proxyguard.py client ==HTTPS/veth==> nginx --HTTP/1.1 Upgrade, lo--> proxyguard.py server
 
+With websocket=True the client speaks WebSocket (RFC 6455) instead of UoTLV/1: its URL is
+ws://10.213.7.2:8080/ (plain) or wss://10.213.7.2:8443/proxyguard (nginx, which passes the
+client's `Upgrade: websocket` on as it passes `Upgrade: UoTLV/1`).
+
 Every address is inside the two namespaces (and 127.0.0.1 inside each): nothing leaves them.
 Fixed addresses and ports are fine because each run has namespaces of its own; the names that
 are shared by the whole machine (namespace names, and wireguard-go's UAPI socket
@@ -231,8 +235,9 @@ class WireGuardBed:
     `idle_timeout` goes to both proxyguard processes (None: their default). `client_keepalive`
     is the client WireGuard's PersistentKeepalive (so the tunnel heals by itself);
     `server_keepalive` the server's (0 = off, the usual server setting). `front_end="nginx"`
-    puts the proxyguard server behind nginx with TLS (see the module doc). `log` gets progress
-    lines.
+    puts the proxyguard server behind nginx with TLS (see the module doc). `websocket` makes the
+    client use the WebSocket transport (ws:// or wss://) instead of UoTLV/1 (http(s)://).
+    `log` gets progress lines.
 
     `pg_command` runs another implementation in place of proxyguard.py (None, the default:
     proxyguard.py run by `python`): an object with server_argv(listen, to),
@@ -244,11 +249,12 @@ class WireGuardBed:
 
     def __init__(self, workdir, idle_timeout=None, client_keepalive=1, server_keepalive=0,
                  mtu=None, proxyguard=DEFAULT_PROXYGUARD, python=sys.executable,
-                 pg_extra=(), front_end=None, log=None, pg_command=None):
+                 pg_extra=(), front_end=None, log=None, pg_command=None, websocket=False):
         if front_end not in FRONT_END_TOOLS:
             raise ValueError("front_end must be one of %s" % list(FRONT_END_TOOLS))
-        if front_end and pg_command is not None:
-            raise ValueError("pg_command: plain HTTP only, no front end")
+        if (front_end or websocket) and pg_command is not None:
+            raise ValueError("pg_command: plain HTTP (UoTLV/1) only, no front end")
+        self.websocket = websocket
         self.pg_command = pg_command
         self.workdir = str(workdir)
         os.makedirs(self.workdir, exist_ok=True)
@@ -566,10 +572,12 @@ class WireGuardBed:
             ready = self.pg_command.client_ready
         else:
             if self.front_end:
-                to = ["--to", "https://%s:%d/proxyguard" % (VETH_SERVER_IP, NGINX_PORT),
+                to = ["--to", "%s://%s:%d/proxyguard" % ("wss" if self.websocket else "https",
+                                                         VETH_SERVER_IP, NGINX_PORT),
                       "--ca-file", self.ca_file]
             else:
-                to = ["--to", "http://%s:%d/" % (VETH_SERVER_IP, PG_SERVER_PORT)]
+                to = ["--to", "%s://%s:%d/" % ("ws" if self.websocket else "http",
+                                               VETH_SERVER_IP, PG_SERVER_PORT)]
             argv = [self.python, self.proxyguard, "client"] + to + [
                 "--listen-port", PG_CLIENT_PORT, "--forward-port", WG_PORT] + self._pg_options()
             ready = "listening on"
