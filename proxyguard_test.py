@@ -712,7 +712,9 @@ def test_http10_without_host_and_bare_lf_pass():
 @pytest.mark.parametrize("lines,status,text", [
     (["Host: a"], 426, "'Connection' header is not 'Upgrade', got: ''"),
     (["Host: a", "Connection: Upgrade", "Upgrade: websocket"], 426,
-     "'Upgrade' header is not 'UoTLV/1', got: 'websocket'"),
+     "WebSocket version (none) is not supported; 13 is"),
+    (["Host: a", "Connection: Upgrade", "Upgrade: h2c"], 426,
+     "'Upgrade' header is not 'UoTLV/1' or 'websocket', got: 'h2c'"),
     (["Host: a", "Connection: Upgrade", "Upgrade: UoTLV/2"], 426, "got: 'UoTLV/2'"),
     (["Connection: Upgrade", "Upgrade: UoTLV/1"], 400, "Host"),
     (["Host: a", "Host: b", "Connection: Upgrade", "Upgrade: UoTLV/1"], 400, "Host"),
@@ -725,8 +727,9 @@ def test_bad_upgrade_requests_get_the_right_status(lines, status, text):
     error = refusal(request(lines))
     assert error.status == status
     assert text in str(error)
-    if status == 426:
-        assert ("Upgrade", "UoTLV/1") in error.extra_headers
+    if status == 426:  # RFC 9110 15.5.22: a 426 names the protocol(s) to upgrade to
+        assert ("Upgrade", "websocket" if "WebSocket" in text else "UoTLV/1") \
+            in error.extra_headers
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "HEAD", "DELETE"])
@@ -772,7 +775,8 @@ def test_good_upgrade_responses_pass(head):
     (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", "captive portal"),
     (b"HTTP/1.1 302 Found\r\nLocation: http://portal/login\r\n\r\n", "http://portal/login"),
     (b"HTTP/1.1 404 Not Found\r\n\r\n", "wrong path"),
-    (b"HTTP/1.1 426 Upgrade Required\r\nUpgrade: websocket\r\n\r\n", "not a ProxyGuard"),
+    (b"HTTP/1.1 426 Upgrade Required\r\nUpgrade: websocket\r\n\r\n", "use ws:// or wss://"),
+    (b"HTTP/1.1 426 Upgrade Required\r\nUpgrade: h2c\r\n\r\n", "not a ProxyGuard"),
     (b"HTTP/1.1 502 Bad Gateway\r\n\r\n", "cannot reach"),
     (b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
      "not a ProxyGuard server"),
@@ -1595,8 +1599,8 @@ def test_bad_requests_get_an_http_answer_and_a_close(server, data, status):
     assert answer.startswith(b"HTTP/1.1 " + status + b" ")
     head, _, body = answer.partition(b"\r\n\r\n")
     assert body.endswith(b"\n") and b"Content-Length: %d" % len(body) in head
-    if status == b"426":
-        assert b"\r\nUpgrade: UoTLV/1\r\n" in head
+    if status == b"426":  # RFC 9110 15.5.22: a 426 names the protocol(s) to upgrade to
+        assert re.search(rb"\r\nUpgrade: (UoTLV/1|websocket)\r\n", head)
     if status == b"405":
         assert b"\r\nAllow: GET\r\n" in head
     assert server.popen.poll() is None
@@ -2199,8 +2203,10 @@ def test_metrics_of_a_real_server_and_client_after_traffic(tmp_path, echo, procs
     assert status == 200 and content_type == "text/plain; version=0.0.4; charset=utf-8"
     samples = parse_metrics(text)
     expected = {
-        ("proxyguard_server_tunnels_open", ()): 1,
-        ("proxyguard_server_tunnels_opened_total", ()): 2,
+        ("proxyguard_server_tunnels_open", (("transport", "uotlv"),)): 1,
+        ("proxyguard_server_tunnels_open", (("transport", "websocket"),)): 0,
+        ("proxyguard_server_tunnels_opened_total", (("transport", "uotlv"),)): 2,
+        ("proxyguard_server_tunnels_opened_total", (("transport", "websocket"),)): 0,
         ("proxyguard_server_handshakes_refused_total", (("status", "426"),)): 1,
         ("proxyguard_server_handshakes_refused_total", (("status", "503"),)): 0,
         ("proxyguard_server_datagrams_total", (("direction", "to_wireguard"),)): 11,
@@ -2343,7 +2349,7 @@ def test_a_real_prometheus_scrapes_server_and_client(tmp_path, echo, procs):
              ("instance", "%s:%d" % (LOOPBACK, server.metrics_port)), ("job", "server")): 20.0}
         assert list(value('proxyguard_server_handshakes_refused_total{status="405"}')
                     .values()) == [1.0]
-        assert list(value("proxyguard_server_tunnels_open").values()) == [1.0]
+        assert list(value("sum(proxyguard_server_tunnels_open)").values()) == [1.0]
         assert list(value("proxyguard_client_tunnel_up").values()) == [1.0]
         assert list(value('proxyguard_client_bytes_total{direction="to_wireguard"}')
                     .values()) == [4000.0]
@@ -2355,7 +2361,7 @@ def test_a_real_prometheus_scrapes_server_and_client(tmp_path, echo, procs):
         server.wait_log("tunnel down")
         wait_until(lambda: value("proxyguard_server_tunnel_lifetime_seconds_count == 1"), 15,
                    "the closed tunnel's lifetime in prometheus")
-        assert list(value("proxyguard_server_tunnels_open").values()) == [0.0]
+        assert list(value("sum(proxyguard_server_tunnels_open)").values()) == [0.0]
     finally:
         process.terminate()
         process.wait(20)
