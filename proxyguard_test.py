@@ -6365,6 +6365,7 @@ def test_our_client_answers_a_websockets_ping(tmp_path, procs, websockets_server
     assert client.wireguard.roundtrip(numbered(2, 1420)) == numbered(2, 1420)
 
 
+@pytest.mark.slow
 def test_our_client_keepalive_pings_a_quiet_tunnel(tmp_path, procs, websockets_server):
     client = start_client(tmp_path, "ws://%s:%d/path" % (LOOPBACK, websockets_server.port),
                           "--keepalive", "1")
