@@ -36,8 +36,15 @@ from http import HTTPStatus
 from urllib.parse import quote
 
 import pytest
+import websockets.frames
+import websockets.sync.client
+import websockets.sync.server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (AcceptConnection, BytesMessage, CloseConnection, Ping, Pong,
+                            Request)
 
 import proxyguard as pg
 from proxyguard_bench import free_port
@@ -411,7 +418,7 @@ def server_is_healthy(server):
 @pytest.fixture
 def good_tunnel(server):
     """One good tunnel through `server`, checked now and again at teardown."""
-    tunnel = RawTunnel(server.port)
+    tunnel = RawTunnel(server.port, request=pg.build_upgrade_request("example", server.good_path))
     tunnel.check(tag=1)
     yield tunnel
     tunnel.check(tag=2)
@@ -1925,10 +1932,14 @@ def test_ci_runs_the_tests_with_debians_python_alone():
 
 
 @pytest.fixture
-def server(tmp_path, echo, procs):
-    """A server with a short handshake timeout and a UdpEcho behind it; checked at teardown."""
+def server(request, tmp_path, echo, procs):
+    """A server with a short handshake timeout and a UdpEcho behind it; checked at teardown.
+    Parametrized indirectly, its parameter is more options (("--path", "/p")); `good_path` is
+    then where its tunnels go up."""
+    extra = tuple(getattr(request, "param", ()))
     proc = start_server(tmp_path, echo.port, "--handshake-timeout", str(HANDSHAKE_TIMEOUT),
-                        "--idle-timeout", "300")
+                        "--idle-timeout", "300", *extra)
+    proc.good_path = extra[extra.index("--path") + 1] if "--path" in extra else "/"
     procs.append(proc)
     yield proc
     server_is_healthy(proc)
@@ -3161,6 +3172,11 @@ CLOSE = frozenset(["closed", "reset"])
 # Good upgrade headers, to build requests that are wrong in exactly one way.
 HOST = "Host: example"
 UPGRADE_HEADERS = [HOST, "Connection: Upgrade", "Upgrade: UoTLV/1"]
+# The same for a WebSocket upgrade (RFC 6455 4.1), with the example key of RFC 6455 1.3.
+WS_KEY, WS_ACCEPT = "dGhlIHNhbXBsZSBub25jZQ==", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+WS_UPGRADE_HEADERS = [HOST, "Connection: Upgrade", "Upgrade: websocket",
+                      "Sec-WebSocket-Version: 13", "Sec-WebSocket-Key: " + WS_KEY,
+                      "Sec-WebSocket-Protocol: proxyguard-udp"]
 
 
 class Case:
@@ -3567,6 +3583,42 @@ def test_tls_client_hello_on_plain_port_is_answered_at_once(server, good_tunnel)
         data = exchange(server.port, hello)
         assert status_of(data) == 400 and b"TLS" in data, data[:200]
         assert time.monotonic() - started < HANDSHAKE_TIMEOUT / 2
+
+
+PATH_PREFIX = "/secret-prefix"
+
+
+def path_cases():
+    """Good upgrades of both transports to targets outside `--path PATH_PREFIX`: each must get
+    404 and a close. Paths compare as sent: case matters and %2F is not "/" (RFC 3986 6.2.2.1,
+    2.2), and the query is not part of the path (RFC 3986 3.4)."""
+    cases = []
+    for target in ["/", "/other", "/secret-prefixX", "/secret-prefix.bak", "/secret",
+                   "/SECRET-PREFIX", "//secret-prefix", "/other/secret-prefix",
+                   "/other?/secret-prefix/", "/secret-prefix%2Fx"]:
+        for transport, headers in [("uotlv", UPGRADE_HEADERS), ("websocket", WS_UPGRADE_HEADERS)]:
+            cases.append(Case("path", transport + target, request(headers, target=target),
+                              {404}))
+    return cases
+
+
+@pytest.mark.parametrize("server", [("--path", PATH_PREFIX)], indirect=True, ids=["path"])
+def test_path_prefix_answers_404_elsewhere_for_both_transports(server, good_tunnel):
+    cases = path_cases()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda case: run_case(server.port, case), cases))
+    failures = [(case.name, outcome, detail) for case, outcome, _, detail in results
+                if not case.accepts(outcome)]
+    assert not failures, "\n".join(map(repr, failures))
+    # At the prefix and below it, both transports go up (`websockets` as the WebSocket client).
+    for index, target in enumerate([PATH_PREFIX, PATH_PREFIX + "/", PATH_PREFIX + "/x",
+                                    PATH_PREFIX + "?x=1", PATH_PREFIX + "/x/y?z=/other"]):
+        tunnel = RawTunnel(server.port, request=pg.build_upgrade_request("example", target))
+        tunnel.check(tag=80 + index)
+        tunnel.close()
+        with ws_connect(server.port, target) as ws:
+            ws_roundtrip(ws, [numbered(index, 100)])
+    good_tunnel.check(tag=90)
 
 
 @pytest.mark.timeout(60)
@@ -6415,3 +6467,626 @@ def test_pip_install_gives_a_proxyguard_command(tmp_path):
         capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
     assert probe.stdout.split("\n")[0] == "True []", probe
 
+
+# =============================================================================================
+# WebSocket: independent peers (websockets, wsproto)
+# =============================================================================================
+# Our WebSocket transport (RFC 6455) against code that is not ours: the `websockets` library as
+# a client of our server and as a server for our client, and `wsproto` (or frames built by
+# hand where wsproto refuses to build something wrong) for the edge cases and hostile peers.
+
+SUBPROTOCOL = "proxyguard-udp"
+# Opcodes (RFC 6455 5.2, 11.8).
+OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+# Sizes at the edges of the frame's length encodings (RFC 6455 5.2: 7 bits, 16 bits, 64 bits)
+# up to the largest IPv4 UDP datagram.
+WS_SIZES = [1, 2, 125, 126, 127, 1420, 8000, 65507]
+
+
+def ws_connect(port, path="/", subprotocols=(SUBPROTOCOL,), ca_file=None, **options):
+    """A `websockets` client (sync API) connected to our server on `port`: ws://127.0.0.1, or
+    wss://localhost checked against `ca_file`. It offers permessage-deflate as browsers do
+    (our server must leave that offer alone); no proxy from the environment."""
+    if ca_file:
+        url, context = "wss://localhost:%d%s" % (port, path), ssl.create_default_context(
+            cafile=ca_file)
+    else:
+        url, context = "ws://%s:%d%s" % (LOOPBACK, port, path), None
+    return websockets.sync.client.connect(url, ssl=context, proxy=None,
+                                          subprotocols=list(subprotocols) or None,
+                                          open_timeout=CASE_LIMIT, close_timeout=CASE_LIMIT,
+                                          **options)
+
+
+def ws_roundtrip(ws, datagrams, timeout=5.0):
+    """Send each datagram as one binary message on the `websockets` connection `ws`, then
+    assert the same messages come back, identical and in order."""
+    for datagram in datagrams:
+        ws.send(datagram)
+    got = [ws.recv(timeout=timeout) for _ in datagrams]
+    assert [(d[:4].hex(), len(d)) for d in got] == [(d[:4].hex(), len(d)) for d in datagrams]
+    assert got == datagrams
+
+
+def mask_payload(payload, key):
+    """`payload` XORed with the 4-byte masking `key` (RFC 6455 5.3)."""
+    size = len(payload)
+    repeated = (key * (size // 4 + 1))[:size]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(size,
+                                                                                       "big")
+
+
+def ws_frame(opcode, payload=b"", fin=True, mask=True, rsv=0, length=None):
+    """One frame built by hand (RFC 6455 5.2), so that it can be wrong on purpose: `rsv` the
+    three RSV bits (0-7), `length` the length the header claims (default: the payload's)."""
+    length = len(payload) if length is None else length
+    mask_bit = 0x80 if mask else 0
+    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
+    if length < 126:
+        head += bytes([mask_bit | length])
+    elif length < 1 << 16:
+        head += struct.pack("!BH", mask_bit | 126, length)
+    else:
+        head += struct.pack("!BQ", mask_bit | 127, length)
+    if not mask:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + mask_payload(payload, key)
+
+
+class WsprotoPeer:
+    """A WebSocket client made of wsproto on a raw socket: wsproto does the handshake (and
+    checks Sec-WebSocket-Accept and the subprotocol), builds the good frames and parses all the
+    server's (which must not be masked, RFC 6455 5.1). `send_raw` writes hand-built frames."""
+
+    def __init__(self, port, target="/", subprotocols=(SUBPROTOCOL,), timeout=5.0):
+        self.sock = socket.create_connection((LOOPBACK, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.pending = collections.deque()
+        self.pongs = []
+        self.ended = False  # the server closed the TCP connection (or reset it)
+        self.send(Request(host="%s:%d" % (LOOPBACK, port), target=target,
+                          subprotocols=list(subprotocols)))
+        event = self.next_event(timeout)
+        if not isinstance(event, AcceptConnection):
+            self.sock.close()
+            raise ConnectionError("not upgraded: %r" % (event,))
+        self.subprotocol = event.subprotocol
+
+    def send(self, event):
+        self.sock.sendall(self.ws.send(event))
+
+    def send_raw(self, data):
+        self.sock.sendall(data)
+
+    def send_hostile(self, data):
+        """Send `data` that should make the server close: it may do so before it has read it
+        all, so a broken pipe or a reset here is no error (reading tells what it did)."""
+        try:
+            self.sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def next_event(self, timeout=5.0):
+        """The next wsproto event; ConnectionError once the server has closed and all it sent
+        is read, TimeoutError after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while not self.pending:
+            if self.ended:
+                raise ConnectionError("the server closed the connection")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("no WebSocket event in %gs" % timeout)
+            self.sock.settimeout(remaining)
+            try:
+                chunk = self.sock.recv(256 * 1024)
+            except socket.timeout:
+                continue
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                self.ended = True
+                continue
+            self.ws.receive_data(chunk)
+            self.pending.extend(self.ws.events())
+        return self.pending.popleft()
+
+    def message(self, timeout=5.0):
+        """The next whole binary message (wsproto may hand one over in pieces); pongs on the
+        way go to `pongs`; anything else is an AssertionError."""
+        parts = []
+        deadline = time.monotonic() + timeout
+        while True:
+            event = self.next_event(max(0.01, deadline - time.monotonic()))
+            if isinstance(event, Pong):
+                self.pongs.append(event.payload)
+                continue
+            assert isinstance(event, BytesMessage), "want a binary message, got %r" % (event,)
+            parts.append(event.data)
+            if event.message_finished:
+                return b"".join(parts)
+
+    def pong(self, timeout=5.0):
+        """The payload of the next pong (or of one already seen while reading messages)."""
+        while not self.pongs:
+            event = self.next_event(timeout)
+            assert isinstance(event, Pong), "want a pong, got %r" % (event,)
+            self.pongs.append(event.payload)
+        return self.pongs.pop(0)
+
+    def closed_by_server(self, timeout=CASE_LIMIT, answer=True):
+        """Wait for the server's close frame, answer it (RFC 6455 5.5.1) unless told not to,
+        and wait for the server to end the TCP connection (RFC 6455 7.1.1: the server closes
+        it first). Returns (code, reason). Messages and pongs before the close are skipped."""
+        deadline = time.monotonic() + timeout
+        while True:
+            event = self.next_event(max(0.01, deadline - time.monotonic()))
+            if isinstance(event, CloseConnection):
+                break
+        # wsproto reports frames it cannot parse as a CloseConnection too, without a state
+        # change: that would be the server's fault, not a close frame it sent.
+        assert self.ws.state in (ConnectionState.REMOTE_CLOSING, ConnectionState.CLOSED), (
+            "the server's frames do not parse: %s" % event.reason)
+        if answer and self.ws.state is ConnectionState.REMOTE_CLOSING:
+            with contextlib.suppress(OSError):
+                self.send(event.response())
+        _, ending = read_answer(self.sock, deadline)
+        assert ending in ("eof", "reset"), "the server kept the connection open after its close"
+        self.ended = True
+        return event.code, event.reason
+
+    def close(self):
+        self.sock.close()
+
+
+def peak_rss_kib(pid):
+    """The highest resident set size process `pid` has had (VmHWM), in KiB: what a burst of
+    buffering costs even once it is freed again."""
+    with open("/proc/%d/status" % pid) as stream:
+        return int(re.search(r"^VmHWM:\s+(\d+) kB", stream.read(), re.M).group(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. `websockets` as the client of our server
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
+def test_websockets_client_through_our_server(tmp_path, echo, procs, certs, tls):
+    extra = ["--tls-cert", certs.cert, "--tls-key", certs.key] if tls else []
+    server = start_server(tmp_path, echo.port, *extra)
+    procs.append(server)
+    with ws_connect(server.port, "/pg/ws?x=1", ca_file=certs.ca if tls else None) as ws:
+        # RFC 6455 4.2.2: the server picks one of the offered subprotocols; and no extension
+        # it was not built for (9.1: it may ignore permessage-deflate, offered by default).
+        assert ws.subprotocol == SUBPROTOCOL
+        assert ws.response.headers.get("Sec-WebSocket-Extensions") is None
+        burst = [numbered(i, size) for i, size in enumerate(WS_SIZES * 2)]
+        ws_roundtrip(ws, burst)
+        ws.send(b"")  # an empty message is no datagram: dropped
+        ws_roundtrip(ws, [numbered(99, 300)])
+        # websockets' own ping (RFC 6455 5.5.2): our server answers with a pong.
+        assert ws.ping(b"are you there").wait(5)
+    server.wait_log("WebSocket close 1000")  # websockets closes with 1000 on leaving `with`
+    up = [line for line in server.log().splitlines() if "tunnel up" in line]
+    assert len(up) == 1 and "websocket" in up[0].lower(), up
+
+
+def test_websockets_client_offering_no_subprotocol_is_accepted(tmp_path, echo, procs):
+    server = start_server(tmp_path, echo.port)
+    procs.append(server)
+    with ws_connect(server.port, "/", subprotocols=()) as ws:
+        assert ws.subprotocol is None
+        assert ws.response.headers.get("Sec-WebSocket-Protocol") is None  # RFC 6455 4.2.2
+        ws_roundtrip(ws, [numbered(i, size) for i, size in enumerate(WS_SIZES)])
+
+
+def test_handshake_answer_has_the_accept_of_rfc_6455_example(server):
+    """The key of RFC 6455 1.3 gives its accept value; the answer is a 101 with exactly the
+    headers the client needs (4.2.2)."""
+    with socket.create_connection((LOOPBACK, server.port), timeout=5) as sock:
+        sock.sendall(request(WS_UPGRADE_HEADERS, target="/chat"))
+        reader, parts = pg.HeadReader(), None
+        while parts is None:
+            chunk = sock.recv(4096)
+            assert chunk, "closed before the end of the answer's head"
+            parts = reader.feed(chunk)
+    head = parts[0]
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 101 Switching Protocols", head
+    fields = {line.split(b":", 1)[0].strip().lower(): line.split(b":", 1)[1].strip()
+              for line in lines[1:] if line}
+    assert fields[b"upgrade"].lower() == b"websocket"
+    assert b"upgrade" in fields[b"connection"].lower()
+    assert fields[b"sec-websocket-accept"] == WS_ACCEPT.encode()
+    assert fields[b"sec-websocket-protocol"] == SUBPROTOCOL.encode()
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. `websockets` as the server of our client
+# ---------------------------------------------------------------------------------------------
+
+
+class WebSocketsServer:
+    """The `websockets` library's server (sync API, in a thread, on 127.0.0.1) playing the
+    ProxyGuard server: it echoes each binary message. It keeps each connection (its request in
+    `.request`) and every frame it receives: websockets logs frames at DEBUG level, and a
+    logging handler hands them over. websockets itself refuses unmasked client frames (RFC 6455
+    5.1, "incorrect masking") and anything else out of protocol, closing with 1002."""
+
+    def __init__(self, ssl_context=None):
+        self.connections = []
+        self.frames = []  # (monotonic time, websockets.frames.Frame) received, in order
+        self.changed = threading.Condition()
+        logger = logging.getLogger("proxyguard_test.websockets.%d" % id(self))
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False
+        logger.addHandler(self._FrameHandler(self))
+        self.server = websockets.sync.server.serve(
+            self._handle, LOOPBACK, 0, ssl=ssl_context, subprotocols=[SUBPROTOCOL],
+            ping_interval=None, logger=logger)
+        self.port = self.server.socket.getsockname()[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    class _FrameHandler(logging.Handler):
+        def __init__(self, owner):
+            super().__init__(logging.DEBUG)
+            self.owner = owner
+
+        def emit(self, record):
+            if (record.msg == "< %s" and record.args
+                    and isinstance(record.args[0], websockets.frames.Frame)):
+                with self.owner.changed:
+                    self.owner.frames.append((time.monotonic(), record.args[0]))
+                    self.owner.changed.notify_all()
+
+    def _handle(self, connection):
+        with self.changed:
+            self.connections.append(connection)
+            self.changed.notify_all()
+        for message in connection:  # ends when the connection closes
+            connection.send(message)
+
+    def wait_for(self, predicate, what, timeout=5.0):
+        """Wait until `predicate()` (called with the lock held) is true; return its value."""
+        with self.changed:
+            value = self.changed.wait_for(predicate, timeout)
+        assert value, "%s: not within %gs" % (what, timeout)
+        return value
+
+    def pings(self):
+        return [(when, frame) for when, frame in self.frames
+                if frame.opcode is websockets.frames.Opcode.PING]
+
+    def close(self):
+        self.server.shutdown()
+        for connection in list(self.connections):
+            connection.close()
+        self._thread.join(5)
+
+
+@pytest.fixture
+def websockets_server():
+    server = WebSocketsServer()
+    yield server
+    server.close()
+
+
+def server_tls_context(certs, alpn=("h2", "http/1.1")):
+    """A TLS context for a test server with `certs`, preferring h2 if the client offers it."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certs.cert, certs.key)
+    context.set_alpn_protocols(list(alpn))
+    return context
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
+def test_our_client_through_a_websockets_server(tmp_path, procs, certs, tls):
+    peer = WebSocketsServer(server_tls_context(certs) if tls else None)
+    try:
+        url = "%s://%s:%d/pg/ws?x=1" % ("wss" if tls else "ws", "localhost" if tls else LOOPBACK,
+                                       peer.port)
+        client = start_client(tmp_path, url, *(["--ca-file", certs.ca] if tls else []))
+        procs.append(client)
+        burst = [numbered(i, size) for i, size in enumerate(WS_SIZES * 2)]
+        for datagram in burst:
+            client.wireguard.send(datagram)
+        got = [client.wireguard.recv() for _ in burst]
+        assert [(d[:4].hex(), len(d)) for d in got] == [(d[:4].hex(), len(d)) for d in burst]
+        assert got == burst
+        connection = peer.wait_for(lambda: peer.connections, "a connection")[0]
+        headers = connection.request.headers
+        assert connection.request.path == "/pg/ws?x=1"
+        assert headers["Host"] == ("localhost:%d" if tls else "127.0.0.1:%d") % peer.port
+        assert headers["Sec-WebSocket-Version"] == "13"  # RFC 6455 4.1
+        assert headers["Sec-WebSocket-Protocol"] == SUBPROTOCOL
+        assert connection.subprotocol == SUBPROTOCOL
+        if tls:  # it offers http/1.1 alone: this server would rather have picked h2
+            assert connection.socket.selected_alpn_protocol() == "http/1.1"
+        # One unfragmented binary message per datagram; websockets checked each was masked.
+        data = [frame for _, frame in peer.frames if frame.opcode is not
+                websockets.frames.Opcode.PING]
+        assert [(frame.opcode, frame.fin) for frame in data] == [
+            (websockets.frames.Opcode.BINARY, True)] * len(burst)
+        client.wait_log("tunnel up")
+    finally:
+        peer.close()
+
+
+def test_our_client_answers_a_websockets_ping(tmp_path, procs, websockets_server):
+    client = start_client(tmp_path, "ws://%s:%d/path" % (LOOPBACK, websockets_server.port))
+    procs.append(client)
+    assert client.wireguard.roundtrip(numbered(1, 100)) == numbered(1, 100)  # it is lazy
+    connection = websockets_server.wait_for(lambda: websockets_server.connections,
+                                            "a connection")[0]
+    assert connection.ping(b"proxyguard-test").wait(5)  # set when the pong comes (5.5.3)
+    assert client.wireguard.roundtrip(numbered(2, 1420)) == numbered(2, 1420)
+
+
+@pytest.mark.slow
+def test_our_client_keepalive_pings_a_quiet_tunnel(tmp_path, procs, websockets_server):
+    client = start_client(tmp_path, "ws://%s:%d/path" % (LOOPBACK, websockets_server.port),
+                          "--keepalive", "1")
+    procs.append(client)
+    assert client.wireguard.roundtrip(numbered(1, 100)) == numbered(1, 100)
+    quiet_since = time.monotonic()  # the last data either way, give or take the echo's trip
+    websockets_server.wait_for(lambda: len(websockets_server.pings()) >= 2, "two keepalive pings",
+                               timeout=2 + MARGIN)
+    (first, _), (second, _) = websockets_server.pings()[:2]
+    # A ping after a second without traffic either way, not before, and again a second later.
+    assert first - quiet_since > 0.8 and second - first > 0.8, (first - quiet_since,
+                                                                second - first)
+    assert client.wireguard.roundtrip(numbered(2, 100)) == numbered(2, 100)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. wsproto and hand-built frames against our server
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("between", [None, b"between fragments"], ids=["plain", "ping-between"])
+def test_fragmented_message_is_one_datagram(server, good_tunnel, echo, between):
+    """RFC 6455 5.4: a message in three fragments is one datagram; a control frame may come
+    between fragments and is answered at once with a pong of the same payload (5.5.3)."""
+    peer = WsprotoPeer(server.port)
+    assert peer.subprotocol == SUBPROTOCOL
+    parts = [numbered(1, 500), numbered(2, 1000), numbered(3, 20)]
+    before = echo.count
+    peer.send(BytesMessage(data=parts[0], message_finished=False))
+    if between is not None:
+        peer.send(Ping(payload=between))
+    peer.send(BytesMessage(data=parts[1], message_finished=False))
+    peer.send(BytesMessage(data=parts[2], message_finished=True))
+    assert peer.message() == b"".join(parts)
+    if between is not None:
+        assert peer.pong() == between
+    assert echo.count == before + 1
+    peer.send(BytesMessage(data=numbered(4, 65507)))  # the largest datagram, in one frame
+    assert peer.message() == numbered(4, 65507)
+    peer.close()
+
+
+def test_close_1000_with_reason_is_answered_and_logged(server, good_tunnel):
+    peer = WsprotoPeer(server.port)
+    peer.send(BytesMessage(data=b"x" * 10))
+    assert peer.message() == b"x" * 10
+    peer.send(CloseConnection(code=1000, reason="bye now"))
+    assert peer.closed_by_server()[0] == 1000  # RFC 6455 5.5.1: a close answers a close
+    server.wait_log("WebSocket close 1000")
+    line = [l for l in server.log().splitlines() if "WebSocket close 1000" in l][-1]
+    assert "bye now" in line, line
+
+
+# Frames that must make the server fail the connection (RFC 6455 7.1.7) with the close code of
+# 7.4.1, after a good handshake: (name, bytes to send, code).
+PROTOCOL_VIOLATIONS = [
+    # 5.1: a client masks every frame; the server closes on an unmasked one.
+    ("unmasked", ws_frame(OP_BINARY, b"not masked", mask=False), 1002),
+    # 7.4.1: 1003, a type of data it cannot accept.
+    ("text", ws_frame(OP_TEXT, b"hello"), 1003),
+    # 7.4.1: 1009, a message too big to process (one datagram is at most 65,535 bytes).
+    ("too-big-in-fragments", ws_frame(OP_BINARY, b"a" * 40000, fin=False)
+     + ws_frame(OP_CONTINUATION, b"b" * 30000), 1009),
+    ("too-big-in-one-frame", ws_frame(OP_BINARY, b"c" * 65536), 1009),
+    # 5.2: RSV bits without a negotiated extension.
+    ("rsv1", ws_frame(OP_BINARY, b"x", rsv=4), 1002),
+    ("rsv2", ws_frame(OP_BINARY, b"x", rsv=2), 1002),
+    ("rsv3", ws_frame(OP_BINARY, b"x", rsv=1), 1002),
+    ("rsv-on-ping", ws_frame(OP_PING, b"x", rsv=4), 1002),
+    # 5.2: reserved opcodes.
+    ("opcode-3", ws_frame(0x3, b"x"), 1002),
+    ("opcode-0xb", ws_frame(0xB, b"x"), 1002),
+    # 5.5: control frames are at most 125 bytes and never fragmented.
+    ("fragmented-ping", ws_frame(OP_PING, b"p", fin=False), 1002),
+    ("ping-of-126-bytes", ws_frame(OP_PING, b"p" * 126), 1002),
+    # 5.4: a continuation needs a message to continue; a new message waits for the last one.
+    ("continuation-without-start", ws_frame(OP_CONTINUATION, b"x"), 1002),
+    ("new-message-inside-fragmented", ws_frame(OP_BINARY, b"a", fin=False)
+     + ws_frame(OP_BINARY, b"b"), 1002),
+]
+
+
+@pytest.mark.parametrize("data, code", [case[1:] for case in PROTOCOL_VIOLATIONS],
+                         ids=[case[0] for case in PROTOCOL_VIOLATIONS])
+def test_protocol_violations_get_the_right_close_code(server, good_tunnel, echo, data, code):
+    peer = WsprotoPeer(server.port)
+    before = echo.count
+    peer.send_hostile(data)
+    assert peer.closed_by_server()[0] == code
+    assert echo.count == before  # nothing of it went to WireGuard
+    server_is_healthy(server)
+
+
+def wsproto_server_events(data):
+    """The events wsproto, as a server after a good handshake, makes of the client's `data`."""
+    ws = WSConnection(ConnectionType.SERVER)
+    ws.receive_data(request(WS_UPGRADE_HEADERS))
+    handshake = next(ws.events())
+    ws.send(AcceptConnection(subprotocol=handshake.subprotocols[0]))
+    ws.receive_data(data)
+    return list(ws.events()), ws.state
+
+
+@pytest.mark.parametrize("data, code", [case[1:] for case in PROTOCOL_VIOLATIONS],
+                         ids=[case[0] for case in PROTOCOL_VIOLATIONS])
+def test_hand_built_frames_are_what_wsproto_makes_of_them(data, code):
+    """The tests' own frame builder checked by an independent parser: wsproto fails the 1002
+    cases itself, and reads the others as the text or the too big message they are."""
+    events, state = wsproto_server_events(data)
+    if code == 1002:
+        assert isinstance(events[-1], CloseConnection) and events[-1].code == 1002, events
+        assert state is ConnectionState.OPEN  # a parse failure, not a close frame
+    elif code == 1003:
+        assert [type(event).__name__ for event in events] == ["TextMessage"]
+    else:
+        assert sum(len(event.data) for event in events) > 65535
+    for size in WS_SIZES + [65535, 65536]:
+        events, _ = wsproto_server_events(ws_frame(OP_BINARY, numbered(size, size)))
+        assert b"".join(event.data for event in events) == numbered(size, size)
+
+
+@pytest.mark.parametrize("length, codes", [
+    (65536, {1009}),
+    (2 ** 63 - 1, {1009}),
+    (2 ** 63, {1002, 1009}),  # RFC 6455 5.2: the most significant bit must be 0
+], ids=["64KiB", "2^63-1", "2^63"])
+def test_a_length_claiming_too_much_is_refused_before_the_payload(server, good_tunnel, length,
+                                                                  codes):
+    """Only the frame's header is sent: the server must decide from the length alone, at once,
+    and never wait for (or make room for) the payload."""
+    peer = WsprotoPeer(server.port)
+    started = time.monotonic()
+    peer.send_raw(ws_frame(OP_BINARY, b"", length=length))
+    assert peer.closed_by_server()[0] in codes
+    assert time.monotonic() - started < MARGIN
+    server_is_healthy(server)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Handshakes an independent client could get wrong
+# ---------------------------------------------------------------------------------------------
+
+
+def ws_request(**changes):
+    """A WebSocket upgrade (WS_UPGRADE_HEADERS) with headers replaced: name=value, or name=None
+    to leave it out, or a list of values to send it several times. Names use _ for -."""
+    lines = []
+    for line in WS_UPGRADE_HEADERS:
+        name = line.split(":")[0]
+        key = name.replace("-", "_")
+        if key not in changes:
+            lines.append(line)
+            continue
+        value = changes[key]
+        for item in ([] if value is None else [value] if isinstance(value, str) else value):
+            lines.append("%s: %s" % (name, item))
+    return request(lines)
+
+
+@pytest.mark.parametrize("data, statuses", [
+    # RFC 6455 4.4: a version the server does not speak gets 426 naming the one it speaks.
+    (ws_request(Sec_WebSocket_Version="8"), {426}),
+    (ws_request(Sec_WebSocket_Version="14"), {426}),
+    (ws_request(Sec_WebSocket_Version="abc"), {426}),
+    (ws_request(Sec_WebSocket_Version=None), {400, 426}),
+    # 4.2.1 item 5: the key is the base64 of 16 bytes, sent once (11.3.1).
+    (ws_request(Sec_WebSocket_Key=None), {400}),
+    (ws_request(Sec_WebSocket_Key=""), {400}),
+    (ws_request(Sec_WebSocket_Key="not base64 at all!"), {400}),
+    (ws_request(Sec_WebSocket_Key="AAAAAAAAAAAAAAAAAAAA"), {400}),  # 15 bytes
+    (ws_request(Sec_WebSocket_Key="AAAAAAAAAAAAAAAAAAAAAAA="), {400}),  # 17 bytes
+    (ws_request(Sec_WebSocket_Key=[WS_KEY, "AAAAAAAAAAAAAAAAAAAAAA=="]), {400}),
+], ids=["version-8", "version-14", "version-abc", "no-version", "no-key", "empty-key",
+        "key-not-base64", "key-15-bytes", "key-17-bytes", "two-keys"])
+def test_bad_websocket_handshakes_get_an_http_answer_and_a_close(server, good_tunnel, data,
+                                                                 statuses):
+    answer = exchange(server.port, data)
+    status = status_of(answer)
+    assert status in statuses, answer[:300]
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"Content-Length: %d" % len(body) in head
+    if status == 426:
+        assert b"\r\nSec-WebSocket-Version: 13\r\n" in head, head
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Bounded memory whatever the peer sends
+# ---------------------------------------------------------------------------------------------
+
+
+# A flood's size, and what it may add to the server's peak RSS: a server that kept what it
+# read would grow by the flood; reads of 256 KiB and 64 KiB messages raise the allocator's
+# high-water mark by about 5 MiB once (see test_random_bytes_after_upgrade_do_not_hurt_...).
+FLOOD_BYTES = 64 << 20
+RSS_GROWTH_KIB = 16 * 1024
+
+
+def flood(peer, frame, limit, stop):
+    """Send `frame` over and over on the peer's socket until `limit` bytes are out, `stop` is
+    set, or the server stops taking them (it closed, or it has not read for a second); the
+    bytes sent."""
+    sent = 0
+    peer.sock.settimeout(1.0)
+    try:
+        while sent < limit and not stop.is_set():
+            peer.sock.sendall(frame)
+            sent += len(frame)
+    except OSError:  # closed, reset, or the server pushes back (socket.timeout)
+        pass
+    return sent
+
+
+@pytest.mark.timeout(90)
+def test_endless_fragments_are_cut_at_65535_bytes_with_1009(server, good_tunnel):
+    """A message that never ends, in small fragments: the server closes with 1009 once it
+    passes 65,535 bytes (RFC 6455 7.4.1), having kept no more than that."""
+    pid = server.popen.pid
+    before = proc_stats(pid)
+    peak_before = peak_rss_kib(pid)
+    peer = WsprotoPeer(server.port)
+    stop = threading.Event()
+    peer.send_raw(ws_frame(OP_BINARY, b"s" * 1000, fin=False))
+    fragment = ws_frame(OP_CONTINUATION, b"f" * 1000, fin=False)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        sending = pool.submit(flood, peer, fragment, FLOOD_BYTES, stop)
+        try:  # no close in answer: the flooding thread owns the sending side
+            code = peer.closed_by_server(timeout=30, answer=False)[0]
+        finally:
+            stop.set()
+            with contextlib.suppress(OSError):
+                peer.sock.shutdown(socket.SHUT_RDWR)  # wakes the sender if it is blocked
+        sent = sending.result(10)
+    growth = peak_rss_kib(pid) - peak_before
+    print("\nflooded %.1f MiB of fragments before the close %d; peak RSS +%d KiB"
+          % (sent / 2 ** 20, code, growth))
+    assert code == 1009
+    assert sent < FLOOD_BYTES, "the server read all of a 64 MiB message without closing"
+    assert growth < RSS_GROWTH_KIB, growth
+    peer.close()
+    after = wait_for_stats(pid, before["threads"], before["fds"])
+    assert after["threads"] <= before["threads"] and after["fds"] <= before["fds"], (before,
+                                                                                    after)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.slow
+def test_pings_from_a_peer_that_never_reads_keep_memory_bounded(server, good_tunnel):
+    """A peer that sends pings and never reads the pongs: the server must push back (stop
+    reading) or drop or close, not keep pongs without end (RFC 6455 5.5.3 allows answering only
+    the latest ping)."""
+    pid = server.popen.pid
+    before = proc_stats(pid)
+    peak_before = peak_rss_kib(pid)
+    peer = WsprotoPeer(server.port)
+    peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # pongs back up at once
+    sent = flood(peer, ws_frame(OP_PING, b"p" * 125), FLOOD_BYTES // 2, threading.Event())
+    growth = peak_rss_kib(pid) - peak_before
+    print("\nsent %.1f MiB of pings; peak RSS +%d KiB" % (sent / 2 ** 20, growth))
+    assert growth < RSS_GROWTH_KIB, growth
+    good_tunnel.check(tag=40)
+    peer.close()
+    after = wait_for_stats(pid, before["threads"], before["fds"])
+    assert after["threads"] <= before["threads"] and after["fds"] <= before["fds"], (before,
+                                                                                    after)
