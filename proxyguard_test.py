@@ -986,24 +986,22 @@ def reference_mask(data, key_bytes):
     return bytes(byte ^ key_bytes[i % 4] for i, byte in enumerate(data))
 
 
-def ws_frame(first, payload, key=None, length=None):
-    """A frame built by hand (no pg code): `first` is FIN/RSV/opcode, masked when `key`
-    (4 bytes) is given; `length` overrides the header's length field (a lying peer)."""
-    size = len(payload) if length is None else length
-    mask_bit = 0x80 if key is not None else 0
-    if size < 126:
-        header = bytes((first, mask_bit | size))
-    elif size <= 0xFFFF:
-        header = struct.pack("!BBH", first, mask_bit | 126, size)
+def ws_frame(opcode, payload=b"", fin=True, mask=True, rsv=0, length=None):
+    """One frame built by hand (RFC 6455 5.2), so that it can be wrong on purpose: `rsv` the
+    three RSV bits (0-7), `length` the length the header claims (default: the payload's)."""
+    length = len(payload) if length is None else length
+    mask_bit = 0x80 if mask else 0
+    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
+    if length < 126:
+        head += bytes([mask_bit | length])
+    elif length < 1 << 16:
+        head += struct.pack("!BH", mask_bit | 126, length)
     else:
-        header = struct.pack("!BBQ", first, mask_bit | 127, size)
-    if key is None:
-        return header + payload
-    return header + key + reference_mask(payload, key)
-
-
-def client_frame(first, payload, length=None):
-    return ws_frame(first, payload, b"\x37\xfa\x21\x3d", length)
+        head += struct.pack("!BQ", mask_bit | 127, length)
+    if not mask:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + reference_mask(payload, key)
 
 
 def ws_cut(decoder, data):
@@ -1037,7 +1035,7 @@ def test_frames_take_the_fewest_length_bytes_and_the_client_masks_each_with_a_fr
     assert pg.websocket_frame(pg.OP_PING, b"Hello") == b"\x89\x05Hello"  # 5.7
     datagrams = [b"a" * 3, b"b" * 125, b"c" * 126, b"d" * 65535]
     server = pg.websocket_frames(datagrams, mask=False)
-    assert server == b"".join(ws_frame(0x82, d) for d in datagrams)
+    assert server == b"".join(ws_frame(2, d, mask=False) for d in datagrams)
     client = pg.websocket_frames(datagrams, mask=True)
     keys, pos = [], 0
     for datagram in datagrams:
@@ -1065,39 +1063,38 @@ def test_decoder_every_split_point_and_every_length_form(masked):
 
 
 def test_decoder_reassembles_fragments_with_a_ping_between_and_drops_empty_messages():
-    stream = (client_frame(0x02, b"ab") + client_frame(0x89, b"are you there")
-              + client_frame(0x00, b"cd") + client_frame(0x80, b"ef")
-              + client_frame(0x82, b"") + client_frame(0x8A, b"pong: ignored")
-              + client_frame(0x82, b"next"))
+    stream = (ws_frame(2, b"ab", fin=False) + ws_frame(9, b"are you there")
+              + ws_frame(0, b"cd", fin=False) + ws_frame(0, b"ef")
+              + ws_frame(2, b"") + ws_frame(10, b"pong: ignored") + ws_frame(2, b"next"))
     decoder = pg.WebSocketDecoder(masked=True)
     assert ws_cut(decoder, stream) == ([b"abcdef", b"next"], 0)
     assert decoder.pong == b"are you there" and decoder.closed is None
 
 
 @pytest.mark.parametrize("frames,masked,code,text", [
-    ([ws_frame(0x82, b"x")], True, 1002, "unmasked frame from the client"),
-    ([client_frame(0x82, b"x")], False, 1002, "masked frame from the server"),
-    ([client_frame(0x81, b"text")], True, 1003, "text message"),
-    ([client_frame(0x82, b"", length=2 ** 63)[:14]], True, 1009, "over 65535 bytes"),
-    ([client_frame(0x82, b"", length=65536)[:14]], True, 1009, "over 65535 bytes"),
-    ([client_frame(0x02, b"x" * 65000), client_frame(0x80, b"", length=600)[:8]], True, 1009,
+    ([ws_frame(2, b"x", mask=False)], True, 1002, "unmasked frame from the client"),
+    ([ws_frame(2, b"x")], False, 1002, "masked frame from the server"),
+    ([ws_frame(1, b"text")], True, 1003, "text message"),
+    ([ws_frame(2, length=2 ** 63)[:14]], True, 1009, "over 65535 bytes"),
+    ([ws_frame(2, length=65536)[:14]], True, 1009, "over 65535 bytes"),
+    ([ws_frame(2, b"x" * 65000, fin=False), ws_frame(0, length=600)[:8]], True, 1009,
      "over 65535 bytes"),
-    ([client_frame(0xC2, b"x")], True, 1002, "reserved bits"),
-    ([client_frame(0x83, b"x")], True, 1002, "unknown opcode 0x3"),
-    ([client_frame(0x09, b"x")], True, 1002, "fragmented or oversized control"),
-    ([client_frame(0x89, b"x" * 126)], True, 1002, "fragmented or oversized control"),
-    ([client_frame(0x80, b"x")], True, 1002, "continuation frame without a message"),
-    ([client_frame(0x02, b"x"), client_frame(0x82, b"y")], True, 1002, "new message inside"),
-    ([client_frame(0x88, b"\x03")], True, 1002, "close frame of 1 byte"),
-    ([client_frame(0x88, b"\x03\xed")], True, 1002, "code 1005, which may not be sent"),
-    ([client_frame(0x88, b"\x03\xe8\xff")], True, 1007, "not UTF-8"),
+    ([ws_frame(2, b"x", rsv=4)], True, 1002, "reserved bits"),
+    ([ws_frame(3, b"x")], True, 1002, "unknown opcode 0x3"),
+    ([ws_frame(9, b"x", fin=False)], True, 1002, "fragmented or oversized control"),
+    ([ws_frame(9, b"x" * 126)], True, 1002, "fragmented or oversized control"),
+    ([ws_frame(0, b"x")], True, 1002, "continuation frame without a message"),
+    ([ws_frame(2, b"x", fin=False), ws_frame(2, b"y")], True, 1002, "new message inside"),
+    ([ws_frame(8, b"\x03")], True, 1002, "close frame of 1 byte"),
+    ([ws_frame(8, b"\x03\xed")], True, 1002, "code 1005, which may not be sent"),
+    ([ws_frame(8, b"\x03\xe8\xff")], True, 1007, "not UTF-8"),
 ], ids=["unmasked", "masked-to-client", "text", "2**63", "65536", "fragments-too-big", "rsv",
         "opcode", "fragmented-ping", "ping-126", "lone-continuation", "message-in-message",
         "close-1-byte", "close-1005", "close-utf8"])
 def test_decoder_refuses_from_the_header_with_the_right_close_code(frames, masked, code, text):
     """Each violation ends the stream with its close code (RFC 6455 7.4.1); a too long
     message is refused from its header, never buffered; what came before is delivered."""
-    good = (client_frame if masked else ws_frame)(0x82, b"before")
+    good = ws_frame(2, b"before", mask=masked)
     decoder = pg.WebSocketDecoder(masked=masked)
     datagrams, _ = ws_cut(decoder, good + b"".join(frames) + b"never read")
     assert datagrams == [b"before"]
@@ -1108,11 +1105,11 @@ def test_decoder_refuses_from_the_header_with_the_right_close_code(frames, maske
 
 def test_decoder_a_close_of_the_peer_with_and_without_a_code():
     decoder = pg.WebSocketDecoder(masked=True)
-    ws_cut(decoder, client_frame(0x88, b"\x03\xe8bye") + client_frame(0x82, b"after"))
+    ws_cut(decoder, ws_frame(8, b"\x03\xe8bye") + ws_frame(2, b"after"))
     assert decoder.closed.by_peer and decoder.closed.code == 1000
     assert decoder.closed.reason() == "closed by peer: WebSocket close 1000 'bye'"
     decoder = pg.WebSocketDecoder(masked=False)
-    assert ws_cut(decoder, ws_frame(0x88, b"")) == ([], 0)
+    assert ws_cut(decoder, ws_frame(8, mask=False)) == ([], 0)
     assert decoder.closed.code is None and decoder.closed.by_peer
     framing = pg.WebSocketFraming(client_side=False)
     assert framing.close_frame(None) == b"\x88\x00"  # RFC 6455 5.5.1: an empty close answers
@@ -1558,7 +1555,8 @@ def test_server_ends_a_websocket_with_close_1000_when_idle_and_1001_when_stoppin
 @pytest.mark.parametrize("transport", ["uotlv", "websocket"])
 @pytest.mark.parametrize("path,status", [("/pg", b"101"), ("/pg/x?y", b"101"),
                                          ("/other", b"404"), ("/pgx", b"404")])
-def test_path_prefix_answers_404_elsewhere_for_both_transports(transport, path, status, echo):
+def test_path_prefix_in_process_answers_404_elsewhere_for_both_transports(transport, path,
+                                                                          status, echo):
     server = pg.Server(None, (LOOPBACK, echo.port), idle_timeout=30, handshake_timeout=5,
                        path="/pg")
     request_bytes = pg.build_upgrade_request("example", path, websocket_key=(
@@ -6506,32 +6504,6 @@ def ws_roundtrip(ws, datagrams, timeout=5.0):
     got = [ws.recv(timeout=timeout) for _ in datagrams]
     assert [(d[:4].hex(), len(d)) for d in got] == [(d[:4].hex(), len(d)) for d in datagrams]
     assert got == datagrams
-
-
-def mask_payload(payload, key):
-    """`payload` XORed with the 4-byte masking `key` (RFC 6455 5.3)."""
-    size = len(payload)
-    repeated = (key * (size // 4 + 1))[:size]
-    return (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(size,
-                                                                                       "big")
-
-
-def ws_frame(opcode, payload=b"", fin=True, mask=True, rsv=0, length=None):
-    """One frame built by hand (RFC 6455 5.2), so that it can be wrong on purpose: `rsv` the
-    three RSV bits (0-7), `length` the length the header claims (default: the payload's)."""
-    length = len(payload) if length is None else length
-    mask_bit = 0x80 if mask else 0
-    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
-    if length < 126:
-        head += bytes([mask_bit | length])
-    elif length < 1 << 16:
-        head += struct.pack("!BH", mask_bit | 126, length)
-    else:
-        head += struct.pack("!BQ", mask_bit | 127, length)
-    if not mask:
-        return head + payload
-    key = os.urandom(4)
-    return head + key + mask_payload(payload, key)
 
 
 class WsprotoPeer:
