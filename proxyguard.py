@@ -94,6 +94,7 @@ import collections
 import contextlib
 import errno
 import functools
+import hashlib
 import ipaddress
 import logging
 import mmap
@@ -129,6 +130,18 @@ log = logging.getLogger("proxyguard")
 # =============================================================================================
 
 PROTOCOL = "UoTLV/1"
+# The second transport (issue "Through any front"): RFC 6455 WebSocket, for the fronts that
+# pass no other Upgrade (cloud load balancers, CDNs, Apache's upgrade=websocket). One binary
+# message per datagram; the client offers this subprotocol and the server echoes it, so a
+# client can tell a proxyguard server from any other WebSocket endpoint.
+WEBSOCKET = "websocket"
+WEBSOCKET_SUBPROTOCOL = "proxyguard-udp"
+WEBSOCKET_VERSION = "13"
+# Fronts cut upgraded connections that stay quiet (AWS ALB 60 s, Heroku 55 s, Cloudflare 100 s,
+# nginx's proxy_read_timeout 60 s): the client pings after this long without traffic.
+DEFAULT_KEEPALIVE = 25.0
+TRANSPORTS = (PROTOCOL, WEBSOCKET)
+TRANSPORT_LABELS = {PROTOCOL: "uotlv", WEBSOCKET: "websocket"}  # the metrics' label values
 
 # The frame header: the datagram length as an unsigned 16-bit big-endian integer.
 FRAME_HEADER = struct.Struct("!H")
@@ -491,10 +504,12 @@ def parse_request(head):
 
 
 def check_upgrade_request(request):
-    """Raise HandshakeError unless `request` asks for a UoTLV/1 upgrade; return None if it does.
+    """Return the transport `request` asks for, PROTOCOL (UoTLV/1) or WEBSOCKET; raise
+    HandshakeError unless it is a valid upgrade to one of them.
 
-    Any path and any Host are accepted, as the original does. Connection may be a token list
-    (`keep-alive, Upgrade`, as some proxies send; RFC 9110 7.6.1): the original rejects that.
+    Any Host is accepted, as the original does (the path: see check_path). Connection may be a
+    token list (`keep-alive, Upgrade`, as some proxies send; RFC 9110 7.6.1): the original
+    rejects that.
     """
     method, _target, version = request.start
     hosts = request.get_all("host")
@@ -512,10 +527,57 @@ def check_upgrade_request(request):
             426, "the 'Connection' header is not 'Upgrade', got: '%s'"
             % ", ".join(request.get_all("connection")), upgrade_headers,
             routine=not request.get_all("upgrade"))
-    if PROTOCOL.lower() not in request.tokens("upgrade"):
+    upgrades = request.tokens("upgrade")
+    if WEBSOCKET in upgrades:
+        check_websocket_request(request)
+        return WEBSOCKET
+    if PROTOCOL.lower() not in upgrades:
         raise HandshakeError(
-            426, "the 'Upgrade' header is not '%s', got: '%s'"
-            % (PROTOCOL, ", ".join(request.get_all("upgrade"))), upgrade_headers)
+            426, "the 'Upgrade' header is not '%s' or '%s', got: '%s'"
+            % (PROTOCOL, WEBSOCKET, ", ".join(request.get_all("upgrade"))), upgrade_headers)
+    return PROTOCOL
+
+
+def check_websocket_request(request):
+    """Raise HandshakeError unless `request` is a valid opening handshake (RFC 6455 4.2.1)."""
+    if request.start[2] != "HTTP/1.1":
+        raise HandshakeError(400, "a WebSocket handshake needs HTTP/1.1 (RFC 6455 4.1)")
+    versions = request.get_all("sec-websocket-version")
+    if versions != [WEBSOCKET_VERSION]:
+        raise HandshakeError(426, "WebSocket version %s is not supported; %s is"
+                             % (", ".join(versions) or "(none)", WEBSOCKET_VERSION),
+                             [("Connection", "Upgrade"), ("Upgrade", WEBSOCKET),
+                              ("Sec-WebSocket-Version", WEBSOCKET_VERSION)])
+    keys = request.get_all("sec-websocket-key")
+    try:
+        valid = len(keys) == 1 and len(base64.b64decode(keys[0], validate=True)) == 16
+    except ValueError:  # binascii.Error
+        valid = False
+    if not valid:
+        raise HandshakeError(400, "Sec-WebSocket-Key must be one base64 value of 16 bytes "
+                                  "(RFC 6455 4.1)")
+
+
+def websocket_response(request):
+    """The 101 that accepts a checked WebSocket request; it echoes our subprotocol if offered
+    (a generic client that offers none is served too)."""
+    lines = ["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade",
+             "Sec-WebSocket-Accept: " + websocket_accept(request.get("sec-websocket-key"))]
+    if WEBSOCKET_SUBPROTOCOL in request.tokens("sec-websocket-protocol"):
+        lines.append("Sec-WebSocket-Protocol: " + WEBSOCKET_SUBPROTOCOL)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def check_path(target, prefix):
+    """Raise HandshakeError(404) unless the request target's path is `prefix` or below it
+    (`/pg` takes /pg, /pg/ and /pg/x, not /pgx); no prefix takes every path, as the original.
+    """
+    if not prefix:
+        return
+    path = target.partition("?")[0]
+    base = prefix.rstrip("/")
+    if path != base and not path.startswith(base + "/"):
+        raise HandshakeError(404, "no tunnel at this path", routine=True)
 
 
 def parse_networks(text, option):
@@ -590,10 +652,18 @@ def build_response(status, message="", extra_headers=()):
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-def build_upgrade_request(host, path, user_agent=DEFAULT_USER_AGENT):
-    """Return the client's upgrade request (the original's bytes, less Accept-Encoding: gzip)."""
-    return ("GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: %s\r\nConnection: Upgrade\r\n"
-            "Upgrade: %s\r\n\r\n" % (path, host, user_agent, PROTOCOL)).encode("latin-1")
+def build_upgrade_request(host, path, user_agent=DEFAULT_USER_AGENT, websocket_key=None):
+    """Return the client's upgrade request: UoTLV/1 (the original's bytes, less
+    Accept-Encoding: gzip) or, given a `websocket_key`, an RFC 6455 opening handshake that
+    offers our subprotocol."""
+    if websocket_key is None:
+        upgrade = "Upgrade: %s\r\n" % PROTOCOL
+    else:
+        upgrade = ("Upgrade: websocket\r\nSec-WebSocket-Version: %s\r\nSec-WebSocket-Key: %s"
+                   "\r\nSec-WebSocket-Protocol: %s\r\n"
+                   % (WEBSOCKET_VERSION, websocket_key, WEBSOCKET_SUBPROTOCOL))
+    return ("GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: %s\r\nConnection: Upgrade\r\n%s\r\n"
+            % (path, host, user_agent, upgrade)).encode("latin-1")
 
 
 def parse_response(head):
@@ -632,11 +702,14 @@ def body_line(response, body):
     return lines[0][:200]
 
 
-def check_upgrade_response(response, body=b""):
-    """Raise UpgradeRefused, naming the likely cause, unless `response` accepts UoTLV/1.
-    `body` is the start of a refusal's body (at most MAX_BODY_SHOWN bytes), if any came."""
+def check_upgrade_response(response, body=b"", websocket_key=None):
+    """Raise UpgradeRefused, naming the likely cause, unless `response` accepts UoTLV/1 (or,
+    given the `websocket_key` of the request, the WebSocket). `body` is the start of a
+    refusal's body (at most MAX_BODY_SHOWN bytes), if any came."""
     status = response.start[1]
     got = "HTTP %d %s" % (status, response.start[2])
+    if websocket_key is not None and check_websocket_response(response, websocket_key):
+        return
     if status == 101:
         if response.tokens("upgrade") != [PROTOCOL.lower()]:
             raise UpgradeRefused("the server switched to %r instead of %s: not a ProxyGuard server"
@@ -650,6 +723,8 @@ def check_upgrade_response(response, body=b""):
                  "this URL" + (" (redirects to %s)" % location if location else ""))
     elif status == 404:
         cause = "wrong path in the URL, or the reverse proxy does not forward it"
+    elif status == 426 and WEBSOCKET in response.tokens("upgrade"):
+        cause = "the front passes WebSocket only: use ws:// or wss:// in --to"
     elif status == 426:
         cause = "the server wants another upgrade protocol: not a ProxyGuard UoTLV/1 server?"
     elif status in (401, 403, 407):
@@ -673,6 +748,33 @@ def check_upgrade_response(response, body=b""):
     else:
         cause = "not a ProxyGuard server, or a proxy in the way"
     raise UpgradeRefused("got %s instead of 101 Switching Protocols: %s" % (got, cause))
+
+
+def check_websocket_response(response, key):
+    """True if `response` accepts the WebSocket handshake sent with `key`; raise
+    UpgradeRefused for a 101 that does not (RFC 6455 4.1), or a refusal that says only UoTLV/1
+    is spoken; False for the other refusals, for check_upgrade_response to name."""
+    status = response.start[1]
+    if status == 426 and PROTOCOL.lower() in response.tokens("upgrade"):
+        raise UpgradeRefused("got HTTP 426: the server speaks %s only, not WebSocket (the "
+                             "original ProxyGuard?): use http:// or https:// in --to" % PROTOCOL)
+    if status == 426 and response.get("sec-websocket-version"):
+        raise UpgradeRefused("got HTTP 426: the server wants WebSocket version %s, not %s"
+                             % (response.get("sec-websocket-version"), WEBSOCKET_VERSION))
+    if status != 101:
+        return False
+    if response.tokens("upgrade") != [WEBSOCKET]:
+        raise UpgradeRefused("the server switched to %r instead of websocket"
+                             % response.get("upgrade", ""))
+    if "upgrade" not in response.tokens("connection"):
+        raise UpgradeRefused("the 101 answer lacks 'Connection: Upgrade': a broken proxy?")
+    if response.get_all("sec-websocket-accept") != [websocket_accept(key)]:
+        raise UpgradeRefused("the 101 answer's Sec-WebSocket-Accept does not match our key "
+                             "(RFC 6455 4.1): a broken proxy?")
+    if response.get_all("sec-websocket-protocol") != [WEBSOCKET_SUBPROTOCOL]:
+        raise UpgradeRefused("the WebSocket server did not take the %s subprotocol: not a "
+                             "proxyguard.py server" % WEBSOCKET_SUBPROTOCOL)
+    return True
 
 
 def parse_retry_after(value):
@@ -736,7 +838,8 @@ def encode_target(text):
 
 
 class ServerURL:
-    """The client's `--to` URL: scheme, host, port, the Host header and the request target."""
+    """The client's `--to` URL: scheme, host, port, the Host header and the request target.
+    http:// and https:// speak UoTLV/1; ws:// and wss:// speak WebSocket (`websocket`)."""
 
     def __init__(self, text):
         text = text.strip()
@@ -751,9 +854,9 @@ class ServerURL:
             port = parts.port
         except ValueError as exc:
             raise UsageError("--to %r is not a valid URL: %s" % (text, exc))
-        if parts.scheme not in ("http", "https"):
-            raise UsageError("--to %r: the scheme must be http:// or https://, not %s://"
-                             % (text, parts.scheme))
+        if parts.scheme not in ("http", "https", "ws", "wss"):
+            raise UsageError("--to %r: the scheme must be http:// or https:// (UoTLV/1), or "
+                             "ws:// or wss:// (WebSocket), not %s://" % (text, parts.scheme))
         if not parts.hostname:
             raise UsageError("--to %r: the host is missing" % text)
         if parts.username is not None:
@@ -773,12 +876,18 @@ class ServerURL:
             raise UsageError("--to %r: a space in the host" % text)
         self.text = text
         self.scheme = parts.scheme
-        self.tls = parts.scheme == "https"
+        self.tls = parts.scheme in ("https", "wss")
+        self.websocket = parts.scheme in ("ws", "wss")
+        self.transport = WEBSOCKET if self.websocket else PROTOCOL
         self.host = host
         self.port = port or (443 if self.tls else 80)
         self.host_header = host_header
         self.target = encode_target((parts.path or "/")
                                     + ("?" + parts.query if parts.query else ""))
+
+    def websocket_twin(self):
+        """This URL with ws:// for http://, wss:// for https://."""
+        return ServerURL(("wss" if self.tls else "ws") + self.text[len(self.scheme):])
 
     def __str__(self):
         return self.text
@@ -788,6 +897,255 @@ def format_address(address):
     """`host:port`, with IPv6 hosts in brackets."""
     host, port = address[0], address[1]
     return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+
+
+# --- WebSocket (RFC 6455): the handshake's keys, frames, masking -------------------------------
+
+_WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 1.3
+OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+_KNOWN_OPCODES = (OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG)
+# Close codes (RFC 6455 7.4.1) this program sends or names.
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_INVALID_PAYLOAD = 1007
+CLOSE_TOO_BIG = 1009
+MAX_CONTROL_PAYLOAD = 125  # RFC 6455 5.5
+# The longest frame header: 2 bytes, 8 of extended length, 4 of masking key (RFC 6455 5.2).
+MAX_WEBSOCKET_HEADER = 14
+_LENGTH_16 = struct.Struct("!BBH")
+_LENGTH_16_MASKED = struct.Struct("!BBHI")
+_MASKED = struct.Struct("!BBI")
+
+
+def websocket_key():
+    """A fresh Sec-WebSocket-Key: 16 random bytes in base64 (RFC 6455 4.1)."""
+    return base64.b64encode(os.urandom(16)).decode("ascii")
+
+
+def websocket_accept(key):
+    """The Sec-WebSocket-Accept that answers `key` (RFC 6455 4.2.2)."""
+    digest = hashlib.sha1(key.encode("latin-1") + _WEBSOCKET_GUID).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+# Ints with a 1 in every 32-bit word, by word count, for mask_payload: WireGuard sends a few
+# sizes only, so a small cache serves nearly every datagram; beyond it they are made each time.
+_WORD_ONES = {}
+_WORD_ONES_CACHED = 512  # words, 2 KiB: at most about 0.5 MiB for all the cached ints
+
+
+def mask_payload(data, key):
+    """`data` XOR the 4-byte masking `key` repeated (RFC 6455 5.3), as bytes; `key` is the
+    key's bytes as a little-endian int. Masking and unmasking are the same operation.
+
+    One XOR of two big ints: the standard library has no faster XOR (bytes.translate cannot
+    follow a 4-byte period; strided slices measured slower). `key * ones` repeats the key in
+    every word without building its bytes."""
+    size = len(data)
+    words = (size + 3) >> 2
+    ones = _WORD_ONES.get(words)
+    if ones is None:
+        ones = int.from_bytes(b"\x01\x00\x00\x00" * words, "little")
+        if words <= _WORD_ONES_CACHED:
+            _WORD_ONES[words] = ones
+    masked = int.from_bytes(data, "little") ^ (key * ones)
+    return masked.to_bytes(words << 2, "little")[:size]
+
+
+def websocket_frame(opcode, payload=b"", mask=False):
+    """One final frame of `opcode` carrying `payload`; masked with a fresh random key when
+    `mask` (the client's frames, RFC 6455 5.1). The length takes the fewest bytes (5.2)."""
+    size = len(payload)
+    first = 0x80 | opcode
+    if size < 126:
+        header = bytes((first, size | (0x80 if mask else 0)))
+    elif size <= 0xFFFF:
+        header = _LENGTH_16.pack(first, 126 | (0x80 if mask else 0), size)
+    else:
+        header = struct.pack("!BBQ", first, 127 | (0x80 if mask else 0), size)
+    if not mask:
+        return header + bytes(payload)
+    key = os.urandom(4)
+    return header + key + mask_payload(payload, int.from_bytes(key, "little"))
+
+
+def close_payload(code, reason=""):
+    """The body of a close frame: the code, then a UTF-8 reason within a control frame."""
+    return struct.pack("!H", code) + reason.encode("utf-8")[:MAX_CONTROL_PAYLOAD - 2]
+
+
+def websocket_frames(datagrams, mask):
+    """One binary message per datagram, as one bytes object (one TCP write). The client's are
+    masked, each with a fresh key (RFC 6455 5.3): keys for all at once, and the frames joined
+    and masked in one XOR, where the headers meet a mask of zeros."""
+    if not mask:
+        parts = []
+        for datagram in datagrams:
+            size = len(datagram)
+            parts.append(bytes((0x82, size)) if size < 126
+                         else _LENGTH_16.pack(0x82, 126, size))
+            parts.append(datagram)
+        return b"".join(parts)
+    keys = os.urandom(4 * len(datagrams))
+    frames, masks = [], []
+    for index, datagram in enumerate(datagrams):
+        size = len(datagram)
+        key = keys[4 * index:4 * index + 4]
+        if size < 126:
+            frames.append(bytes((0x82, 0x80 | size)) + key)
+        else:
+            frames.append(_LENGTH_16.pack(0x82, 0xFE, size) + key)
+        masks.append(bytes(len(frames[-1])))
+        frames.append(datagram)
+        masks.append((key * ((size >> 2) + 1))[:size])
+    data = b"".join(frames)
+    return (int.from_bytes(data, "little")
+            ^ int.from_bytes(b"".join(masks), "little")).to_bytes(len(data), "little")
+
+
+class WebSocketClosed(ProxyGuardError):
+    """The WebSocket ended: the peer's close frame (`by_peer`), or a protocol error of the
+    peer. `code` is the close code to answer with (None: an empty close answers a close
+    without a code, RFC 6455 5.5.1)."""
+
+    def __init__(self, code, message, by_peer=False):
+        super().__init__(message)
+        self.code = code
+        self.by_peer = by_peer
+
+    def reason(self):
+        """The tunnel-down log's reason."""
+        if self.by_peer:
+            return "closed by peer: %s" % self
+        return "WebSocket protocol error of the peer: %s (closed with %d)" % (self, self.code)
+
+
+class WebSocketDecoder:
+    """Cut RFC 6455 frames out of a byte stream: the datagrams of whole binary messages, and
+    what the peer asked for on the way. No I/O.
+
+    `cut(view, end)` works as cut_frames: it returns the datagrams of the messages completed in
+    `view[:end]` (unmasked bytes, or slices of `view` when unmasked already) and where the
+    first incomplete frame begins. Then `pong` holds the payload of the last ping not yet
+    answered (None: none; RFC 6455 5.5.3 allows answering the last only), and `closed` a
+    WebSocketClosed once the peer closed or broke the protocol (nothing is read after it).
+
+    `masked`: the peer must mask its frames (the server's side) or must not (the client's).
+    Every check that needs only a frame's header is made before its payload is waited for,
+    so a peer can make it hold at most one message of MAX_FRAME_PAYLOAD bytes, whatever it
+    sends: a frame of a larger message is refused (1009) from its header.
+    """
+
+    def __init__(self, masked):
+        self.masked = masked
+        self.pong = None
+        self.closed = None
+        self._message = None  # the fragments of a message so far (bytearray), or None
+
+    def cut(self, view, end):
+        datagrams = []
+        pos = 0
+        while self.closed is None and end - pos >= 2:
+            first, second = view[pos], view[pos + 1]
+            size = second & 0x7F
+            header = 2
+            if size == 126:
+                if end - pos < 4:
+                    break
+                size = (view[pos + 2] << 8) | view[pos + 3]
+                header = 4
+            elif size == 127:
+                if end - pos < 10:
+                    break
+                size = int.from_bytes(view[pos + 2:pos + 10], "big")
+                header = 10
+            problem = self._check(first, second & 0x80, size)
+            if problem is not None:
+                self.closed = problem
+                break
+            if second & 0x80:
+                header += 4
+            stop = pos + header + size
+            if stop > end:
+                break
+            payload = view[pos + header:stop]
+            if second & 0x80:
+                payload = mask_payload(payload, int.from_bytes(view[stop - size - 4:stop - size],
+                                                               "little"))
+            pos = stop
+            opcode = first & 0x0F
+            if opcode == OP_BINARY and first & 0x80:  # the usual case: a whole message
+                if size:
+                    datagrams.append(payload)
+            elif opcode in (OP_BINARY, OP_CONTINUATION):
+                self._message = (bytearray() if opcode == OP_BINARY else self._message)
+                self._message += payload
+                if first & 0x80:
+                    if self._message:
+                        datagrams.append(bytes(self._message))
+                    self._message = None
+            else:
+                self._control(opcode, bytes(payload))
+        return datagrams, pos
+
+    def _check(self, first, masked, size):
+        """The WebSocketClosed a frame's header earns, or None if it may be read."""
+        opcode = first & 0x0F
+        if first & 0x70:
+            return WebSocketClosed(CLOSE_PROTOCOL_ERROR, "reserved bits set (no extension "
+                                                         "was agreed)")
+        if opcode not in _KNOWN_OPCODES:
+            return WebSocketClosed(CLOSE_PROTOCOL_ERROR, "unknown opcode %#x" % opcode)
+        if bool(masked) != self.masked:
+            return WebSocketClosed(CLOSE_PROTOCOL_ERROR, "an unmasked frame from the client "
+                                   "(RFC 6455 5.1)" if self.masked else
+                                   "a masked frame from the server (RFC 6455 5.1)")
+        if opcode >= OP_CLOSE:
+            if not first & 0x80 or size > MAX_CONTROL_PAYLOAD:
+                return WebSocketClosed(CLOSE_PROTOCOL_ERROR, "a fragmented or oversized "
+                                                             "control frame")
+            return None
+        if opcode == OP_TEXT:
+            return WebSocketClosed(CLOSE_UNSUPPORTED_DATA, "a text message; datagrams go in "
+                                                           "binary messages")
+        if (opcode == OP_CONTINUATION) != (self._message is not None):
+            return WebSocketClosed(CLOSE_PROTOCOL_ERROR, "a continuation frame without a "
+                                   "message" if opcode == OP_CONTINUATION else
+                                   "a new message inside a fragmented one")
+        if size + (len(self._message) if self._message is not None else 0) > MAX_FRAME_PAYLOAD:
+            return WebSocketClosed(CLOSE_TOO_BIG, "a message over %d bytes, larger than any "
+                                                  "UDP datagram" % MAX_FRAME_PAYLOAD)
+        return None
+
+    def _control(self, opcode, payload):
+        if opcode == OP_PING:
+            self.pong = payload
+        elif opcode == OP_CLOSE:
+            self.closed = parse_close(payload)
+        # A pong needs nothing: the keepalive only wants traffic.
+
+
+def parse_close(payload):
+    """The WebSocketClosed for a close frame's body (RFC 6455 5.5.1, 7.4)."""
+    if not payload:
+        return WebSocketClosed(None, "WebSocket close without a code", by_peer=True)
+    if len(payload) == 1:
+        return WebSocketClosed(CLOSE_PROTOCOL_ERROR, "a close frame of 1 byte")
+    code = struct.unpack("!H", payload[:2])[0]
+    if not (code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011)
+            or 3000 <= code <= 4999):
+        return WebSocketClosed(CLOSE_PROTOCOL_ERROR, "a close frame with code %d, which may "
+                                                     "not be sent" % code)
+    try:
+        reason = payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        return WebSocketClosed(CLOSE_INVALID_PAYLOAD, "a close reason that is not UTF-8")
+    text = "WebSocket close %d" % code
+    if reason:
+        text += " %r" % "".join(ch if ch.isprintable() else "?" for ch in reason)
+    return WebSocketClosed(code, text, by_peer=True)
 
 
 # =============================================================================================
@@ -859,6 +1217,34 @@ class IdleClock:
     def expired(self):
         remaining = self.remaining()
         return remaining is not None and remaining <= 0
+
+
+class Keepalive:
+    """When the client's next WebSocket ping is due: `interval` seconds (0: never) after the
+    last traffic either way, data (the tunnel's IdleClock `idle`) or a ping of its own. Pings
+    keep a front's idle timer awake; they are not data, so the IdleClock never hears of them.
+    """
+
+    def __init__(self, interval, idle):
+        self.interval = interval
+        self.idle = idle
+        self.pinged = idle.clock()
+
+    def ping_sent(self):
+        self.pinged = self.idle.clock()
+
+    def remaining(self):
+        """Seconds until the next ping (<= 0: due now); None without keepalive."""
+        if not self.interval:
+            return None
+        return max(self.idle.last, self.pinged) + self.interval - self.idle.clock()
+
+
+def next_wake(*remaining):
+    """The shortest of the waits that apply (None: does not), at least a microsecond, or 0
+    (no wake: the socket waits for ever) when none does."""
+    waits = [wait for wait in remaining if wait is not None]
+    return max(min(waits), 0.000001) if waits else 0
 
 
 class Backoff:
@@ -1070,6 +1456,14 @@ class PlainChannel:
             self.sock.settimeout(self.deadline.timeout())
         self.sock.sendall(data)
 
+    def send_without_waiting(self, data):
+        """Send what the socket takes of `data` now, never blocking (a WebSocket close frame
+        just before shutdown: better whole or nothing, but never a wait)."""
+        try:
+            self.sock.send(data, socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+
     def shutdown(self):
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -1189,6 +1583,19 @@ class TLSChannel(PlainChannel):
                 written = self._tls.write(view)
                 view = view[written:]
         self._flush()
+
+    def send_without_waiting(self, data):
+        if not self._send_lock.acquire(blocking=False):  # a writer is sending: no wait
+            return
+        try:
+            with self._tls_lock:
+                self._tls.write(data)
+                ciphertext = self._outgoing.read()
+            PlainChannel.send_without_waiting(self, ciphertext)
+        except (OSError, ValueError):  # ssl.SSLError; ValueError once the socket is closed
+            pass
+        finally:
+            self._send_lock.release()
 
 
 # =============================================================================================
@@ -1558,6 +1965,64 @@ class SharedUdpEndpoint(UdpEndpoint):
             self._wake_write = None
 
 
+class UoTLVFraming:
+    """How datagrams look on the wire: UoTLV/1, [2-byte length][datagram]. The contract the
+    Tunnel's pumps rely on (WebSocketFraming keeps it too):
+
+    cut(view, end)            the reader: the datagrams complete in view[:end], and where
+                              the incomplete rest begins (as cut_frames);
+    encode(view, end)         the writer: the batch the UDP endpoint wrote in place, as
+                              UoTLV frames in view[:end], in this framing, ready to send;
+    encode_datagrams(list)    the client's queued datagrams, for a new tunnel;
+    control                   whether the reader may have frames of its own to send (a pong,
+                              a close, a keepalive ping) after a cut: False here, so the
+                              UoTLV/1 reader never writes;
+    keepalive                 seconds between the client's pings (0: none).
+    """
+
+    name = PROTOCOL
+    control = False
+    keepalive = 0
+    cut = staticmethod(cut_frames)
+    encode_datagrams = staticmethod(encode_frames)
+
+    @staticmethod
+    def encode(view, end):
+        return view[:end]  # already on the wire's form: no copy
+
+
+UOTLV_FRAMING = UoTLVFraming()
+
+
+class WebSocketFraming:
+    """RFC 6455 framing for one tunnel: one binary message per datagram. The client's side
+    (`client_side`) masks what it sends and must receive unmasked frames; the server's side
+    the other way round. `decoder` (a WebSocketDecoder) tells the reader what the peer asked
+    for; the frames to answer come from here. See UoTLVFraming for the contract."""
+
+    name = WEBSOCKET
+    control = True
+
+    def __init__(self, client_side, keepalive=0):
+        self.mask = client_side
+        self.keepalive = keepalive
+        self.decoder = WebSocketDecoder(masked=not client_side)
+        self.cut = self.decoder.cut
+
+    def encode(self, view, end):
+        return websocket_frames(cut_frames(view, end)[0], self.mask)
+
+    def encode_datagrams(self, datagrams):
+        return websocket_frames(datagrams, self.mask)
+
+    def frame(self, opcode, payload=b""):
+        return websocket_frame(opcode, payload, self.mask)
+
+    def close_frame(self, code):
+        """The close frame for `code` (None: an empty one)."""
+        return self.frame(OP_CLOSE, b"" if code is None else close_payload(code))
+
+
 class Tunnel:
     """One UoTLV/1 tunnel: a channel and a UDP endpoint joined by two pumps.
 
@@ -1566,17 +2031,22 @@ class Tunnel:
     `close()`, which shuts the channel down and wakes the endpoint, so the other returns too.
     `run()` then closes the channel and releases the endpoint.
 
-    `idle` (an IdleClock) decides when the tunnel is idle; both pumps feed it. `greeting` (the
-    server's 101) is sent before either pump starts. `unsent` receives datagrams the UDP pump
-    had read but could not send (the client queues them for the next tunnel); None drops them.
+    `idle` (an IdleClock) decides when the tunnel is idle; both pumps feed it, with data only.
+    `greeting` (the server's 101) is sent before either pump starts. `unsent` receives
+    datagrams the UDP pump had read but could not send (the client queues them for the next
+    tunnel); None drops them. `framing` is how datagrams look on the wire (UOTLV_FRAMING, or
+    a WebSocketFraming, whose reader also answers pings and closes and sends the client's
+    keepalive pings: its writes and the UDP pump's take turns under `_write_lock`).
     """
 
     def __init__(self, channel, endpoint, peer, idle, first_bytes=b"", unsent=None,
-                 greeting=b""):
+                 greeting=b"", framing=UOTLV_FRAMING):
         self.channel = channel
         self.endpoint = endpoint
         self.peer = peer
         self.idle = idle
+        self.framing = framing
+        self.keepalive = Keepalive(framing.keepalive, idle)
         self.first_bytes = first_bytes
         self.greeting = greeting
         self.unsent = unsent
@@ -1589,13 +2059,23 @@ class Tunnel:
         self.to_tcp_datagrams = self.to_tcp_bytes = 0
         self.oversized = 0
         self._close_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._close_sent = False  # a WebSocket close frame went out (the reader's answer)
 
-    def close(self, reason):
-        """Stop both pumps (idempotent, any thread); the first reason given is kept."""
+    def close(self, reason, code=CLOSE_NORMAL):
+        """Stop both pumps (idempotent, any thread); the first reason given is kept. Over
+        WebSocket, a close frame with `code` goes first if it can without waiting (1001 when
+        shutting down): a front then sees an orderly end."""
         with self._close_lock:
             if self.close_reason is not None:
                 return
             self.close_reason = reason
+        if self.framing.control and not self._close_sent and self._write_lock.acquire(False):
+            try:
+                self._close_sent = True
+                self.channel.send_without_waiting(self.framing.close_frame(code))
+            finally:
+                self._write_lock.release()
         self.channel.shutdown()
         self.endpoint.wake()
 
@@ -1606,7 +2086,8 @@ class Tunnel:
             self.channel.deadline = None  # the handshake is over: the idle clock rules now
             sock.settimeout(None)
             timeout = self.idle.timeout
-            set_socket_timeout(sock, socket.SO_RCVTIMEO, timeout)
+            set_socket_timeout(sock, socket.SO_RCVTIMEO,
+                               next_wake(timeout or None, self.keepalive.remaining()))
             set_socket_timeout(sock, socket.SO_SNDTIMEO, timeout)
             if timeout:
                 # Data sent counts as activity only once the peer acknowledged it: into a
@@ -1674,17 +2155,30 @@ class Tunnel:
         """Read frames from the channel and send each as one UDP datagram, until EOF or idle."""
         # One buffer for the tunnel's life: each read lands behind the incomplete frame the
         # last one left at the start, and datagrams go out as slices of it (no bytes object
-        # per read or datagram).
-        buffer = PumpBuffer(MAX_FRAME_PAYLOAD + 2 + TCP_READ_SIZE)
+        # per read or datagram). It holds one largest frame, header and all, plus a read.
+        buffer = PumpBuffer(MAX_FRAME_PAYLOAD + MAX_WEBSOCKET_HEADER + TCP_READ_SIZE)
         view = buffer.view
         recv_into = self.channel.recv_into
         touch = self.idle.received
-        first = memoryview(self.first_bytes)
-        datagrams, pos = cut_frames(first, len(first))
-        self._send_datagrams(datagrams)
-        held = len(first) - pos
-        view[:held] = first[pos:]
+        framing = self.framing
+        cut = framing.cut
+        held = 0
+        end = len(self.first_bytes)  # what came with the 101 is read first
+        view[:end] = self.first_bytes
         while True:
+            if end:
+                datagrams, pos = cut(view, end)
+                if datagrams:
+                    touch()  # data only: a ping is no data for the idle timeout
+                    self._send_datagrams(datagrams)
+                if framing.control:
+                    reason = self._answer_peer()
+                    if reason is not None:
+                        return reason
+                held = end - pos
+                if held and pos:
+                    buffer.map.move(0, pos, held)  # the incomplete frame to the start
+                buffer.used(end)
             if self.close_reason is not None:
                 return self.close_reason
             try:
@@ -1692,26 +2186,45 @@ class Tunnel:
             except OSError as exc:
                 if not is_socket_timeout(exc):
                     raise
+                end = 0
                 # Woken by the receive timeout: idle only if no data crossed either way
                 # meanwhile. Traffic towards the peer keeps the tunnel: with PersistentKeepalive
                 # on the client only, the server never answers, and a peer-only rule (the
                 # original's) would reconnect, and change WireGuard's endpoint, every time.
-                remaining = self.idle.remaining()
-                if remaining <= 0:
+                if self.idle.expired():
                     self.went_idle = True
                     return "idle for %gs" % self.idle.timeout
-                set_socket_timeout(self.channel.sock, socket.SO_RCVTIMEO, remaining)
+                due = self.keepalive.remaining()
+                if due is not None and due <= 0:
+                    self._send_own_frame(framing.frame(OP_PING))
+                    self.keepalive.ping_sent()
+                set_socket_timeout(self.channel.sock, socket.SO_RCVTIMEO, next_wake(
+                    self.idle.remaining(), self.keepalive.remaining()))
                 continue
             if not received:
                 return "closed by peer" if self.close_reason is None else self.close_reason
-            touch()
             end = held + received
-            datagrams, pos = cut_frames(view, end)
-            self._send_datagrams(datagrams)
-            held = end - pos
-            if held and pos:
-                buffer.map.move(0, pos, held)  # the incomplete frame to the start
-            buffer.used(end)
+
+    def _answer_peer(self):
+        """After a WebSocket cut: answer the peer's ping, and its close (or the close our
+        refusal of its protocol error earns); returns the tunnel's end reason or None."""
+        decoder = self.framing.decoder
+        if decoder.pong is not None:
+            payload, decoder.pong = decoder.pong, None
+            self._send_own_frame(self.framing.frame(OP_PONG, payload))
+        closed = decoder.closed
+        if closed is None:
+            return None
+        with self._write_lock:
+            self._close_sent = True
+            with contextlib.suppress(OSError):  # gone already: the reason is the close
+                self.channel.sendall(self.framing.close_frame(closed.code))
+        return closed.reason()
+
+    def _send_own_frame(self, frame):
+        """The reader's own frames (pong, ping) take their turn with the UDP pump's writes."""
+        with self._write_lock:
+            self.channel.sendall(frame)
 
     def _send_datagrams(self, datagrams):
         """Send each datagram to WireGuard; a run of one size goes in one system call (GSO)."""
@@ -1758,6 +2271,8 @@ class Tunnel:
         """Wait for datagrams, and send all that are waiting as frames in one channel write."""
         receive = self.endpoint.receive_frames
         touch = self.idle.sent
+        encode = self.framing.encode
+        write_lock = self._write_lock  # uncontended but for a WebSocket reader's answers
         # The frames are written in place, into one buffer for the tunnel's life.
         buffer = PumpBuffer(UDP_BATCH_BYTES + 2 + MAX_FRAME_PAYLOAD)
         view = buffer.view
@@ -1766,7 +2281,9 @@ class Tunnel:
             if not count:
                 continue
             try:
-                self.channel.sendall(view[:end])
+                data = encode(view, end)
+                with write_lock:
+                    self.channel.sendall(data)
             except BaseException as exc:
                 if self.unsent is not None:
                     self.unsent([datagram.tobytes() for datagram in cut_frames(view, end)[0]])
@@ -1929,7 +2446,8 @@ class Server:
 
     def __init__(self, listener, wireguard_address, wireguard_family=socket.AF_INET,
                  idle_timeout=DEFAULT_IDLE_TIMEOUT, handshake_timeout=HANDSHAKE_TIMEOUT,
-                 tls_context=None, trusted_proxies=(), max_clients=DEFAULT_MAX_CLIENTS):
+                 tls_context=None, trusted_proxies=(), max_clients=DEFAULT_MAX_CLIENTS,
+                 path=None):
         self.listener = listener
         self.address = listener.getsockname() if listener is not None else None
         self.wireguard_address = wireguard_address
@@ -1939,12 +2457,13 @@ class Server:
         self.tls_context = tls_context  # replaced by a SIGHUP reload for new connections
         self.trusted_proxies = list(trusted_proxies)
         self.max_clients = max_clients
+        self.path = path  # the path prefix that takes upgrades (None: every path)
         self._stopping = False
         self._serving = False
         self._lock = threading.Lock()
         self._connections = set()
         # Metrics, under _lock: the open tunnels' counters are read live at each scrape.
-        self.tunnels_opened = 0
+        self.tunnels_opened = dict.fromkeys(TRANSPORTS, 0)
         self.closed_traffic = TrafficTotals()
         self.lifetimes = Histogram(TUNNEL_LIFETIME_BUCKETS)
         self.refused = dict.fromkeys(REFUSAL_STATUSES, 0)
@@ -1976,18 +2495,23 @@ class Server:
             traffic = self.closed_traffic.copy()
             for tunnel in tunnels:
                 traffic.add(tunnel)
-            opened, lifetimes, refused = (self.tunnels_opened, self.lifetimes.copy(),
+            opened, lifetimes, refused = (dict(self.tunnels_opened), self.lifetimes.copy(),
                                           dict(self.refused))
         refusals = Metric("proxyguard_server_handshakes_refused_total", "counter",
                           "Connections refused with an HTTP error status, by status.")
         for status in sorted(refused):
             refusals.add(refused[status], status=status)
-        return process_metrics() + [
-            Metric("proxyguard_server_tunnels_open", "gauge", "Tunnels open now.")
-            .add(len(tunnels)),
-            Metric("proxyguard_server_tunnels_opened_total", "counter",
-                   "Tunnels opened since the start (upgrades answered with 101).").add(opened),
-            refusals,
+        open_now = Metric("proxyguard_server_tunnels_open", "gauge",
+                          "Tunnels open now, by transport.")
+        opened_total = Metric("proxyguard_server_tunnels_opened_total", "counter",
+                              "Tunnels opened since the start (upgrades answered with 101), "
+                              "by transport.")
+        for transport in TRANSPORTS:
+            label = TRANSPORT_LABELS[transport]
+            open_now.add(sum(tunnel.framing.name == transport for tunnel in tunnels),
+                         transport=label)
+            opened_total.add(opened[transport], transport=label)
+        return process_metrics() + [open_now, opened_total, refusals,
         ] + traffic_metrics("proxyguard_server_", traffic) + [
             Metric("proxyguard_server_tunnel_lifetime_seconds", "histogram",
                    "How long closed tunnels lived, in seconds.").add_histogram(lifetimes),
@@ -2025,9 +2549,10 @@ class Server:
 
     def serve_forever(self):
         scope = listen_scope(self.listener)
-        log.info("server listening on %s (%s%s), forwarding to WireGuard at %s",
+        log.info("server listening on %s (%s%s), %sforwarding to WireGuard at %s",
                  format_address(self.address), "https" if self.tls_context else "http",
                  "; " + scope if scope else "",
+                 "upgrades at %s only, " % self.path if self.path else "",
                  format_address(self.wireguard_address))
         self._serving = True  # the watchdog's sign of life (healthy)
         accept_until_stopped(self.listener.accept, lambda: self._stopping,
@@ -2083,7 +2608,7 @@ class Server:
     @staticmethod
     def _stop_connection(connection):
         if connection.tunnel is not None:
-            connection.tunnel.close("server shutting down")
+            connection.tunnel.close("server shutting down", CLOSE_GOING_AWAY)
         else:  # in its handshake: wake its blocked recv
             PlainChannel(connection.sock).shutdown()
 
@@ -2105,12 +2630,13 @@ class Server:
             head, first_bytes = read_head(channel)
             request = parse_request(head)
             log.debug("request from %s: %s", peer_text, head_line(head))
-            check_upgrade_request(request)
+            check_path(request.start[1], self.path)
+            transport = check_upgrade_request(request)
             client = forwarded_client(request, peer[0], self.trusted_proxies)
             if client is not None:
                 peer_text = "%s (via %s)" % (client, peer_text)
             self._admit(connection)
-            self._run_tunnel(connection, channel, peer_text, request.start[1], first_bytes)
+            self._run_tunnel(connection, channel, peer_text, request, transport, first_bytes)
         except HandshakeError as exc:  # before the channel is up, the answer goes out plain
             self._refuse(channel or PlainChannel(sock), peer_text, exc)
         except OSError as exc:
@@ -2159,17 +2685,21 @@ class Server:
                 [("Retry-After", "10")])
         self.tunnels_changed()
 
-    def _run_tunnel(self, connection, channel, peer_text, path, first_bytes):
+    def _run_tunnel(self, connection, channel, peer_text, request, transport, first_bytes):
         endpoint = TunnelUdpEndpoint.connected(self.wireguard_address, self.wireguard_family)
         endpoint.label = "tunnel %s" % peer_text
+        if transport == WEBSOCKET:
+            greeting, framing = websocket_response(request), WebSocketFraming(client_side=False)
+        else:
+            greeting, framing = UPGRADE_RESPONSE, UOTLV_FRAMING
         tunnel = Tunnel(channel, endpoint, peer_text, IdleClock(self.idle_timeout), first_bytes,
-                        greeting=UPGRADE_RESPONSE)
+                        greeting=greeting, framing=framing)
         with self._lock:
             connection.tunnel = tunnel
-            self.tunnels_opened += 1
+            self.tunnels_opened[transport] += 1
             if self._stopping:
-                tunnel.close("server shutting down")
-        log.info("tunnel up: %s, path %s%s", peer_text, path,
+                tunnel.close("server shutting down", CLOSE_GOING_AWAY)
+        log.info("tunnel up: %s, path %s, %s%s", peer_text, request.start[1], transport,
                  ", " + channel.tls_version if channel.tls_version else "")
         reason = tunnel.run()
         log.info("tunnel down: %s after %s (%s)", peer_text, tunnel.summary(), reason)
@@ -2421,8 +2951,8 @@ X509_IP_ADDRESS_MISMATCH = 64
 
 
 class Dialer:
-    """Opens a UoTLV/1 channel to the server: resolve, connect (perhaps through an HTTP
-    proxy's CONNECT), TLS for https://, then the upgrade. Used by the client for every tunnel
+    """Opens a channel to the server: resolve, connect (perhaps through an HTTP proxy's
+    CONNECT), TLS for https:// and wss://, then the upgrade to the URL's transport. Used by the client for every tunnel
     and by `check`, which passes `report(step, ok, detail, seconds)` to print each step.
 
     Addresses are resolved once and kept (--peer-ips in order, or DNS), so a reconnect works
@@ -2445,6 +2975,13 @@ class Dialer:
         self._lock = threading.Lock()
         self._sock = None
         self._aborted = False
+
+    def for_url(self, url):
+        """A Dialer like this one for another URL of the same server (check's WebSocket try)."""
+        dialer = Dialer(url, self.proxy, self.peer_ips, self.fwmark, self.tcp_port,
+                        self.user_agent, self.connect_timeout, self.tls_context, self.report)
+        dialer._addresses = self._addresses
+        return dialer
 
     def abort(self):
         with self._lock:
@@ -2607,8 +3144,9 @@ class Dialer:
     def _upgrade(self, channel):
         plain = not channel.tls_version
         with self._step("upgrade") as detail:
+            key = websocket_key() if self.url.websocket else None
             request = build_upgrade_request(self.url.host_header, self.url.target,
-                                            self.user_agent)
+                                            self.user_agent, key)
             log.debug("upgrade request: %s", head_line(request))
             channel.sendall(request)
             try:
@@ -2626,7 +3164,7 @@ class Dialer:
             detail.append("GET %s -> %s %d %s" % ((self.url.target,) + response.start))
             detail.extend("%s: %s" % header for header in response.headers)
             body = b"" if response.start[1] == 101 else read_body(channel, response, rest)
-            check_upgrade_response(response, body)
+            check_upgrade_response(response, body, key)
         return rest
 
 
@@ -2741,7 +3279,7 @@ def proxy_from_environment(url):
     NO_PROXY), as a ProxyURL, or None. urllib.request implements the conventions."""
     import urllib.request  # only here: it is slow to import, and only the client needs it
     proxies = urllib.request.getproxies()
-    text = proxies.get(url.scheme)
+    text = proxies.get("https" if url.tls else "http")  # ws:// goes as http:// does
     if not text or urllib.request.proxy_bypass(url.host):
         return None
     return ProxyURL(text, option="%s_PROXY" % url.scheme.upper())
@@ -2757,12 +3295,14 @@ class Client:
     SharedUdpEndpoint. The endpoint is closed when serve_forever returns.
     """
 
-    def __init__(self, dialer, endpoint, idle_timeout=DEFAULT_IDLE_TIMEOUT, backoff=None):
+    def __init__(self, dialer, endpoint, idle_timeout=DEFAULT_IDLE_TIMEOUT, backoff=None,
+                 keepalive=DEFAULT_KEEPALIVE):
         self.dialer = dialer
         self.url = dialer.url
         self.endpoint = endpoint
         self.address = endpoint.address
         self.idle_timeout = idle_timeout
+        self.keepalive = keepalive  # WebSocket pings (ws://, wss://), seconds; 0: none
         self.backoff = backoff or Backoff()
         self.pending = collections.deque(maxlen=PENDING_DATAGRAMS)
         self._stopping = False
@@ -2781,7 +3321,7 @@ class Client:
 
     @classmethod
     def open(cls, dialer, listen_port=DEFAULT_LISTEN_PORT, forward_port=DEFAULT_FORWARD_PORT,
-             idle_timeout=DEFAULT_IDLE_TIMEOUT):
+             idle_timeout=DEFAULT_IDLE_TIMEOUT, keepalive=DEFAULT_KEEPALIVE):
         """Check --fwmark, bind the UDP socket, resolve the server once; raises FatalError."""
         if dialer.fwmark >= 0:
             check_fwmark(dialer.fwmark)
@@ -2792,7 +3332,7 @@ class Client:
             log.error("cannot resolve %s: %s (trying again at each connect)",
                       dialer.proxy.host if dialer.proxy else dialer.url.host,
                       describe_error(exc))
-        return cls(dialer, endpoint, idle_timeout)
+        return cls(dialer, endpoint, idle_timeout, keepalive=keepalive)
 
     def reload(self, options):
         """SIGHUP: load the TLS settings (--ca-file) again for the next connection."""
@@ -2948,28 +3488,30 @@ class Client:
         with self._lock:
             self._stopping = True
             if self._tunnel is not None:
-                self._tunnel.close("client shutting down")
+                self._tunnel.close("client shutting down", CLOSE_GOING_AWAY)
         self.dialer.abort()
         self.endpoint.wake()
 
     def _open_tunnel(self):
         """Dial and send the pending datagrams; return the Tunnel, ready to run."""
         channel, first_bytes, peer = self.dialer.dial()
+        framing = (WebSocketFraming(client_side=True, keepalive=self.keepalive)
+                   if self.url.websocket else UOTLV_FRAMING)
         try:
             if self.pending:
-                channel.sendall(encode_frames(self.pending))
+                channel.sendall(framing.encode_datagrams(self.pending))
                 self.pending.clear()
         except BaseException:
             channel.close()
             raise
         tunnel = Tunnel(channel, self.endpoint, peer, IdleClock(self.idle_timeout), first_bytes,
-                        unsent=self._keep_unsent)
+                        unsent=self._keep_unsent, framing=framing)
         with self._lock:
             self._tunnel = tunnel
             if self._stopping:
-                tunnel.close("client shutting down")
+                tunnel.close("client shutting down", CLOSE_GOING_AWAY)
         self.tunnels_changed()
-        log.info("tunnel up: %s, %s%s", peer, self.url,
+        log.info("tunnel up: %s, %s, %s%s", peer, self.url, framing.name,
                  ", " + channel.tls_version if channel.tls_version else "")
         return tunnel
 
@@ -2984,14 +3526,34 @@ def run_check(dialer, out=sys.stdout):
     print("check    %s%s" % (dialer.url, " via proxy %s" % dialer.proxy if dialer.proxy else ""),
           file=out)
     try:
-        channel, _, peer = dialer.dial()
+        peer = dial_and_close(dialer)
     except (OSError, ProxyGuardError) as exc:
         print("result   FAIL: %s" % describe_error(exc), file=out)
+        # Refused as a WebSocket-only front refuses UoTLV/1 (it strips or blocks the
+        # Upgrade: 426, 400, 403...): try WebSocket on the same URL and say so if it works.
+        if dialer.url.websocket or not isinstance(exc, UpgradeRefused) or isinstance(
+                exc, ServerUnavailable):
+            return 1
+        url = dialer.url.websocket_twin()
+        print("check    %s: WebSocket on the same URL" % url, file=out)
+        try:
+            peer = dial_and_close(dialer.for_url(url))
+        except (OSError, ProxyGuardError) as exc:
+            print("result   FAIL: not over WebSocket either: %s" % describe_error(exc), file=out)
+            return 1
+        print("result   FAIL over %s, ok over WebSocket: use --to %s" % (PROTOCOL, url),
+              file=out)
         return 1
+    print("result   ok: %s accepts %s upgrades" % (peer, dialer.url.transport), file=out)
+    return 0
+
+
+def dial_and_close(dialer):
+    """Dial once (check), close at once, and return the peer's text."""
+    channel, _, peer = dialer.dial()
     channel.shutdown()
     channel.close()
-    print("result   ok: %s accepts %s upgrades" % (peer, PROTOCOL), file=out)
-    return 0
+    return peer
 
 
 def resolve_tcp(host, port, numeric=False):
@@ -3127,11 +3689,11 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 OPTION_MODES = {
     "listen": ("server",), "tls-cert": ("server",), "tls-key": ("server",),
     "max-clients": ("server",), "trusted-proxies": ("server",),
-    "handshake-timeout": ("server",),
+    "handshake-timeout": ("server",), "path": ("server",),
     "listen-port": ("client",), "forward-port": ("client",), "peer-ips": ("client",),
     "fwmark": ("client",), "tcp-port": ("client",), "user-agent": ("client",),
     "connect-timeout": ("client",), "proxy": ("client",), "ca-file": ("client",),
-    "tls-min-version": ("client",),
+    "tls-min-version": ("client",), "keepalive": ("client",),
     "idle-timeout": ("client", "server"), "metrics-listen": ("client", "server"),
 }
 # What the user likely meant when an option is in the wrong mode.
@@ -3152,6 +3714,7 @@ TIMEOUT_BOUNDS = {
     "idle_timeout": (0.001, 86400.0, "0 (never) or 0.001 to 86400 seconds (1 day)"),
     "connect_timeout": (0.001, 3600.0, "0.001 to 3600 seconds (1 hour)"),
     "handshake_timeout": (0.001, 3600.0, "0.001 to 3600 seconds (1 hour)"),
+    "keepalive": (0.001, 86400.0, "0 (off) or 0.001 to 86400 seconds (1 day)"),
 }
 # Two threads per tunnel: far beyond what a system's thread limit allows.
 MAX_CLIENTS_BOUND = 100000
@@ -3238,7 +3801,8 @@ def build_parser(command_line_only=False):
     add("--mode", type=choice_in(MODES), choices=MODES, help="client, server, or check (try one "
         "connection to --to and print each step; takes the client's options); required. "
         "'proxyguard.py client ...' is short for '--mode client ...'")
-    add("--to", help="client: the server's URL, http(s)://host[:port][/path] (required); "
+    add("--to", help="client: the server's URL (required), http(s)://host[:port][/path] for "
+        "UoTLV/1, ws(s)://... for WebSocket (through fronts that pass nothing else); "
         "server: WireGuard's HOST:PORT (default %s)" % DEFAULT_SERVER_TO)
     add("--listen", metavar="HOST:PORT", default=DEFAULT_SERVER_LISTEN,
         help="where to accept connections, [::]:443 for all (default %(default)s)")
@@ -3279,6 +3843,12 @@ def build_parser(command_line_only=False):
     add("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT, metavar="SECONDS",
         help="time a new connection has for TLS and its request head, at most 3600 "
              "(default %(default)g)")
+    add("--keepalive", type=float, default=DEFAULT_KEEPALIVE, metavar="SECONDS",
+        help="ws:// and wss:// only: a WebSocket ping after this long without traffic, so "
+             "fronts do not cut a quiet tunnel; not data for --idle-timeout; 0 = off "
+             "(default %(default)g)")
+    add("--path", metavar="PREFIX", help="take upgrades only at this path and below it "
+        "(/pg takes /pg and /pg/x), 404 elsewhere (default: any path)")
     add("--metrics-listen", metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics, 127.0.0.1:9821 say "
              "(default: off)")
@@ -3499,7 +4069,7 @@ def check_options(options):
                          "the config file)")
     for name, (low, high, words) in TIMEOUT_BOUNDS.items():
         value = getattr(options, name)  # inf and nan fail both comparisons
-        if not (low <= value <= high or (value == 0 and name == "idle_timeout")):
+        if not (low <= value <= high or (value == 0 and name in ("idle_timeout", "keepalive"))):
             shown = repr(value)[:-2] if repr(value).endswith(".0") else repr(value)
             raise UsageError("--%s %s: must be %s" % (name.replace("_", "-"), shown, words))
     if options.metrics_listen:  # an empty host takes every interface, as --listen's does
@@ -3520,6 +4090,11 @@ def check_options(options):
                              % (options.max_clients, MAX_CLIENTS_BOUND))
         if bool(options.tls_cert) != bool(options.tls_key):
             raise UsageError("--tls-cert and --tls-key go together")
+        if options.path is not None and not (options.path.startswith("/")
+                                             and _TARGET.match(options.path)
+                                             and "?" not in options.path):
+            raise UsageError("--path %r: must be a URL path such as /proxyguard (visible ASCII "
+                             "from a /, no query)" % options.path)
         return
     if not options.to:
         raise UsageError("--to is required for the %s: the server's URL, for example "
@@ -3569,9 +4144,10 @@ def build_service(options):
         return Server.open(options.listen, options.to, idle_timeout=options.idle_timeout,
                            handshake_timeout=options.handshake_timeout, tls_context=tls_context,
                            trusted_proxies=options.trusted_proxies,
-                           max_clients=options.max_clients)
+                           max_clients=options.max_clients, path=options.path)
     return Client.open(build_dialer(options), listen_port=options.listen_port,
-                       forward_port=options.forward_port, idle_timeout=options.idle_timeout)
+                       forward_port=options.forward_port, idle_timeout=options.idle_timeout,
+                       keepalive=options.keepalive)
 
 
 def build_dialer(options):

@@ -8,6 +8,7 @@ in for WireGuard behind the server and a UDP socket standing in for WireGuard in
 client. Only loopback addresses are used.
 """
 
+import base64
 import collections
 import concurrent.futures
 import contextlib
@@ -705,7 +706,9 @@ def test_http10_without_host_and_bare_lf_pass():
 @pytest.mark.parametrize("lines,status,text", [
     (["Host: a"], 426, "'Connection' header is not 'Upgrade', got: ''"),
     (["Host: a", "Connection: Upgrade", "Upgrade: websocket"], 426,
-     "'Upgrade' header is not 'UoTLV/1', got: 'websocket'"),
+     "WebSocket version (none) is not supported; 13 is"),
+    (["Host: a", "Connection: Upgrade", "Upgrade: h2c"], 426,
+     "'Upgrade' header is not 'UoTLV/1' or 'websocket', got: 'h2c'"),
     (["Host: a", "Connection: Upgrade", "Upgrade: UoTLV/2"], 426, "got: 'UoTLV/2'"),
     (["Connection: Upgrade", "Upgrade: UoTLV/1"], 400, "Host"),
     (["Host: a", "Host: b", "Connection: Upgrade", "Upgrade: UoTLV/1"], 400, "Host"),
@@ -718,8 +721,9 @@ def test_bad_upgrade_requests_get_the_right_status(lines, status, text):
     error = refusal(request(lines))
     assert error.status == status
     assert text in str(error)
-    if status == 426:
-        assert ("Upgrade", "UoTLV/1") in error.extra_headers
+    if status == 426:  # RFC 9110 15.5.22: a 426 names the protocol(s) to upgrade to
+        assert ("Upgrade", "websocket" if "WebSocket" in text else "UoTLV/1") \
+            in error.extra_headers
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "HEAD", "DELETE"])
@@ -765,7 +769,8 @@ def test_good_upgrade_responses_pass(head):
     (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", "captive portal"),
     (b"HTTP/1.1 302 Found\r\nLocation: http://portal/login\r\n\r\n", "http://portal/login"),
     (b"HTTP/1.1 404 Not Found\r\n\r\n", "wrong path"),
-    (b"HTTP/1.1 426 Upgrade Required\r\nUpgrade: websocket\r\n\r\n", "not a ProxyGuard"),
+    (b"HTTP/1.1 426 Upgrade Required\r\nUpgrade: websocket\r\n\r\n", "use ws:// or wss://"),
+    (b"HTTP/1.1 426 Upgrade Required\r\nUpgrade: h2c\r\n\r\n", "not a ProxyGuard"),
     (b"HTTP/1.1 502 Bad Gateway\r\n\r\n", "cannot reach"),
     (b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
      "not a ProxyGuard server"),
@@ -960,6 +965,256 @@ def test_encode_frames_refuses_what_does_not_fit_as_encode_frame_does():
     assert pg.encode_frames([b"a", b""]) == b"\x00\x01a\x00\x00"
     with pytest.raises(ValueError):
         pg.encode_frames([b"a", b"x" * 65536])
+
+
+# =============================================================================================
+# WebSocket (RFC 6455), pure: keys, masking, frames, the decoder, the handshake's checks
+# =============================================================================================
+
+WS_KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 1.3's example key
+
+
+def reference_mask(data, key_bytes):
+    """RFC 6455 5.3 as written: octet i XOR key octet i mod 4."""
+    return bytes(byte ^ key_bytes[i % 4] for i, byte in enumerate(data))
+
+
+def ws_frame(first, payload, key=None, length=None):
+    """A frame built by hand (no pg code): `first` is FIN/RSV/opcode, masked when `key`
+    (4 bytes) is given; `length` overrides the header's length field (a lying peer)."""
+    size = len(payload) if length is None else length
+    mask_bit = 0x80 if key is not None else 0
+    if size < 126:
+        header = bytes((first, mask_bit | size))
+    elif size <= 0xFFFF:
+        header = struct.pack("!BBH", first, mask_bit | 126, size)
+    else:
+        header = struct.pack("!BBQ", first, mask_bit | 127, size)
+    if key is None:
+        return header + payload
+    return header + key + reference_mask(payload, key)
+
+
+def client_frame(first, payload, length=None):
+    return ws_frame(first, payload, b"\x37\xfa\x21\x3d", length)
+
+
+def ws_cut(decoder, data):
+    """Feed `data` to `decoder` through its cut(); (datagrams as bytes, bytes left uncut)."""
+    view = memoryview(bytearray(data))
+    datagrams, pos = decoder.cut(view, len(data))
+    return [bytes(datagram) for datagram in datagrams], len(data) - pos
+
+
+def test_websocket_accept_and_the_rfc_masking_example():
+    assert pg.websocket_accept(WS_KEY) == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC 6455 1.3
+    key = bytes.fromhex("37fa213d")  # RFC 6455 5.7: a masked "Hello"
+    assert pg.mask_payload(b"Hello", int.from_bytes(key, "little")) == bytes.fromhex("7f9f4d5158")
+    assert len(base64.b64decode(pg.websocket_key())) == 16
+    assert pg.websocket_key() != pg.websocket_key()
+
+
+@pytest.mark.parametrize("size", [0, 1, 3, 4, 5, 125, 1420, 4097, 65535])
+def test_mask_payload_is_the_rfc_xor_and_its_own_inverse(size):
+    data = os.urandom(size)
+    key_bytes = os.urandom(4)
+    key = int.from_bytes(key_bytes, "little")
+    masked = pg.mask_payload(data, key)
+    assert masked == reference_mask(data, key_bytes)
+    assert pg.mask_payload(memoryview(masked), key) == data
+
+
+def test_frames_take_the_fewest_length_bytes_and_the_client_masks_each_with_a_fresh_key():
+    assert pg.websocket_frame(pg.OP_BINARY, b"x" * 125)[:2] == b"\x82\x7d"  # RFC 6455 5.2
+    assert pg.websocket_frame(pg.OP_BINARY, b"x" * 256)[:4] == b"\x82\x7e\x01\x00"  # 5.7
+    assert pg.websocket_frame(pg.OP_PING, b"Hello") == b"\x89\x05Hello"  # 5.7
+    datagrams = [b"a" * 3, b"b" * 125, b"c" * 126, b"d" * 65535]
+    server = pg.websocket_frames(datagrams, mask=False)
+    assert server == b"".join(ws_frame(0x82, d) for d in datagrams)
+    client = pg.websocket_frames(datagrams, mask=True)
+    keys, pos = [], 0
+    for datagram in datagrams:
+        header = 2 if len(datagram) < 126 else 4
+        assert client[pos] == 0x82 and client[pos + 1] & 0x80  # final, binary, masked
+        key = client[pos + header:pos + header + 4]
+        keys.append(key)
+        body = client[pos + header + 4:pos + header + 4 + len(datagram)]
+        assert reference_mask(body, key) == datagram
+        pos += header + 4 + len(datagram)
+    assert pos == len(client) and len(set(keys)) == len(keys)
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["to-server", "to-client"])
+def test_decoder_every_split_point_and_every_length_form(masked):
+    """Whole binary messages of every length form, cut out of a stream split anywhere."""
+    datagrams = [numbered(i, size) for i, size in enumerate((4, 125, 126, 1420, 65535))]
+    stream = pg.websocket_frames(datagrams, mask=masked)
+    for split in list(range(0, 12)) + [200, 1000, len(stream) - 1]:
+        decoder = pg.WebSocketDecoder(masked=masked)
+        first, left = ws_cut(decoder, stream[:split])
+        rest, left = ws_cut(decoder, stream[split - left:])
+        assert first + rest == datagrams and left == 0
+        assert decoder.closed is None and decoder.pong is None
+
+
+def test_decoder_reassembles_fragments_with_a_ping_between_and_drops_empty_messages():
+    stream = (client_frame(0x02, b"ab") + client_frame(0x89, b"are you there")
+              + client_frame(0x00, b"cd") + client_frame(0x80, b"ef")
+              + client_frame(0x82, b"") + client_frame(0x8A, b"pong: ignored")
+              + client_frame(0x82, b"next"))
+    decoder = pg.WebSocketDecoder(masked=True)
+    assert ws_cut(decoder, stream) == ([b"abcdef", b"next"], 0)
+    assert decoder.pong == b"are you there" and decoder.closed is None
+
+
+@pytest.mark.parametrize("frames,masked,code,text", [
+    ([ws_frame(0x82, b"x")], True, 1002, "unmasked frame from the client"),
+    ([client_frame(0x82, b"x")], False, 1002, "masked frame from the server"),
+    ([client_frame(0x81, b"text")], True, 1003, "text message"),
+    ([client_frame(0x82, b"", length=2 ** 63)[:14]], True, 1009, "over 65535 bytes"),
+    ([client_frame(0x82, b"", length=65536)[:14]], True, 1009, "over 65535 bytes"),
+    ([client_frame(0x02, b"x" * 65000), client_frame(0x80, b"", length=600)[:8]], True, 1009,
+     "over 65535 bytes"),
+    ([client_frame(0xC2, b"x")], True, 1002, "reserved bits"),
+    ([client_frame(0x83, b"x")], True, 1002, "unknown opcode 0x3"),
+    ([client_frame(0x09, b"x")], True, 1002, "fragmented or oversized control"),
+    ([client_frame(0x89, b"x" * 126)], True, 1002, "fragmented or oversized control"),
+    ([client_frame(0x80, b"x")], True, 1002, "continuation frame without a message"),
+    ([client_frame(0x02, b"x"), client_frame(0x82, b"y")], True, 1002, "new message inside"),
+    ([client_frame(0x88, b"\x03")], True, 1002, "close frame of 1 byte"),
+    ([client_frame(0x88, b"\x03\xed")], True, 1002, "code 1005, which may not be sent"),
+    ([client_frame(0x88, b"\x03\xe8\xff")], True, 1007, "not UTF-8"),
+], ids=["unmasked", "masked-to-client", "text", "2**63", "65536", "fragments-too-big", "rsv",
+        "opcode", "fragmented-ping", "ping-126", "lone-continuation", "message-in-message",
+        "close-1-byte", "close-1005", "close-utf8"])
+def test_decoder_refuses_from_the_header_with_the_right_close_code(frames, masked, code, text):
+    """Each violation ends the stream with its close code (RFC 6455 7.4.1); a too long
+    message is refused from its header, never buffered; what came before is delivered."""
+    good = (client_frame if masked else ws_frame)(0x82, b"before")
+    decoder = pg.WebSocketDecoder(masked=masked)
+    datagrams, _ = ws_cut(decoder, good + b"".join(frames) + b"never read")
+    assert datagrams == [b"before"]
+    assert decoder.closed.code == code and text in str(decoder.closed)
+    assert not decoder.closed.by_peer
+    assert decoder.closed.reason().startswith("WebSocket protocol error of the peer: ")
+
+
+def test_decoder_a_close_of_the_peer_with_and_without_a_code():
+    decoder = pg.WebSocketDecoder(masked=True)
+    ws_cut(decoder, client_frame(0x88, b"\x03\xe8bye") + client_frame(0x82, b"after"))
+    assert decoder.closed.by_peer and decoder.closed.code == 1000
+    assert decoder.closed.reason() == "closed by peer: WebSocket close 1000 'bye'"
+    decoder = pg.WebSocketDecoder(masked=False)
+    assert ws_cut(decoder, ws_frame(0x88, b"")) == ([], 0)
+    assert decoder.closed.code is None and decoder.closed.by_peer
+    framing = pg.WebSocketFraming(client_side=False)
+    assert framing.close_frame(None) == b"\x88\x00"  # RFC 6455 5.5.1: an empty close answers
+    assert framing.close_frame(1001) == b"\x88\x02\x03\xe9"
+
+
+WS_REQUEST_LINES = ["Host: a", "Connection: Upgrade", "Upgrade: websocket",
+                    "Sec-WebSocket-Version: 13", "Sec-WebSocket-Key: " + WS_KEY]
+
+
+def test_websocket_request_gets_the_rfc_answer_and_our_subprotocol_only_if_offered():
+    head = request(WS_REQUEST_LINES + ["Sec-WebSocket-Protocol: chat, proxyguard-udp"])
+    parsed = pg.parse_request(head)
+    assert pg.check_upgrade_request(parsed) == pg.WEBSOCKET
+    assert pg.websocket_response(parsed) == (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"
+        b"Sec-WebSocket-Protocol: proxyguard-udp\r\n\r\n")
+    plain = pg.parse_request(request(WS_REQUEST_LINES))
+    assert b"Sec-WebSocket-Protocol" not in pg.websocket_response(plain)
+    assert pg.check_upgrade_request(pg.parse_request(request(
+        ["Host: a", "Connection: keep-alive, Upgrade", "Upgrade: UoTLV/1"]))) == pg.PROTOCOL
+
+
+@pytest.mark.parametrize("change,status,text", [
+    (("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8"), 426, "version 8"),
+    (("Sec-WebSocket-Key: " + WS_KEY, "X: y"), 400, "Sec-WebSocket-Key"),
+    (("Sec-WebSocket-Key: " + WS_KEY, "Sec-WebSocket-Key: c2hvcnQ="), 400, "16 bytes"),
+    (("Sec-WebSocket-Key: " + WS_KEY, "Sec-WebSocket-Key: not base64!!"), 400, "base64"),
+])
+def test_websocket_requests_that_break_rfc_6455_are_refused(change, status, text):
+    error = refusal(request([change[1] if line == change[0] else line
+                             for line in WS_REQUEST_LINES]))
+    assert error.status == status and text in str(error)
+    if status == 426:  # RFC 6455 4.2.2: the versions this server speaks
+        assert ("Sec-WebSocket-Version", "13") in error.extra_headers
+    assert refusal(request(WS_REQUEST_LINES, version="HTTP/1.0")).status == 400
+
+
+def test_the_client_request_offers_our_subprotocol():
+    assert pg.build_upgrade_request("vpn:8443", "/pg", "ua", WS_KEY) == (
+        b"GET /pg HTTP/1.1\r\nHost: vpn:8443\r\nUser-Agent: ua\r\nConnection: Upgrade\r\n"
+        b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " +
+        WS_KEY.encode() + b"\r\nSec-WebSocket-Protocol: proxyguard-udp\r\n\r\n")
+
+
+GOOD_WS_ANSWER = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                  b"Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"
+                  b"Sec-WebSocket-Protocol: proxyguard-udp\r\n\r\n")
+
+
+@pytest.mark.parametrize("head,cause", [
+    (GOOD_WS_ANSWER.replace(b"s3pP", b"AAAA"), "Sec-WebSocket-Accept does not match"),
+    (GOOD_WS_ANSWER.replace(b"Sec-WebSocket-Protocol: proxyguard-udp\r\n", b""),
+     "not a proxyguard.py server"),
+    (GOOD_WS_ANSWER.replace(b"Upgrade: websocket", b"Upgrade: UoTLV/1"), "instead of websocket"),
+    (b"HTTP/1.1 426 Upgrade Required\r\nConnection: Upgrade\r\nUpgrade: UoTLV/1\r\n\r\n",
+     "speaks UoTLV/1 only, not WebSocket (the original ProxyGuard?): use http:// or https://"),
+    (b"HTTP/1.1 426 Upgrade Required\r\nSec-WebSocket-Version: 14\r\n\r\n", "version 14"),
+    (b"HTTP/1.1 404 Not Found\r\n\r\n", "wrong path"),
+])
+def test_the_client_checks_the_websocket_answer(head, cause):
+    pg.check_upgrade_response(pg.parse_response(GOOD_WS_ANSWER), websocket_key=WS_KEY)
+    with pytest.raises(pg.UpgradeRefused, match=re.escape(cause)):
+        pg.check_upgrade_response(pg.parse_response(head), websocket_key=WS_KEY)
+
+
+@pytest.mark.parametrize("target,ok", [
+    ("/pg", True), ("/pg/", True), ("/pg/x?y=1", True), ("/pg?x", True), ("/pgx", False),
+    ("/", False), ("/other/pg", False),
+])
+def test_path_prefix_takes_itself_and_below_only(target, ok):
+    pg.check_path(target, None)  # no prefix: every path, as the original
+    for prefix in ("/pg", "/pg/"):
+        if ok:
+            pg.check_path(target, prefix)
+        else:
+            with pytest.raises(pg.HandshakeError) as raised:
+                pg.check_path(target, prefix)
+            assert raised.value.status == 404
+
+
+def test_ws_urls_and_their_websocket_twin():
+    url = pg.ServerURL("wss://vpn.example.org/pg")
+    assert (url.tls, url.websocket, url.port, url.transport) == (True, True, 443, "websocket")
+    url = pg.ServerURL("ws://127.0.0.1:8080/")
+    assert (url.tls, url.websocket, url.port) == (False, True, 8080)
+    assert str(pg.ServerURL("https://h/pg").websocket_twin()) == "wss://h/pg"
+    assert str(pg.ServerURL("HTTP://h:81/").websocket_twin()) == "ws://h:81/"
+    assert pg.ServerURL("http://h/").transport == "UoTLV/1"
+
+
+def test_keepalive_pings_after_quiet_either_way_and_pings_are_no_data():
+    clock = FakeClock()
+    idle = pg.IdleClock(60, clock)
+    keepalive = pg.Keepalive(25, idle)
+    clock.advance(20)
+    assert keepalive.remaining() == pytest.approx(5)
+    idle.sent()  # data towards the peer is traffic: the ping moves out
+    clock.advance(24)
+    assert keepalive.remaining() == pytest.approx(1)
+    clock.advance(1)
+    assert keepalive.remaining() == pytest.approx(0)
+    keepalive.ping_sent()
+    assert keepalive.remaining() == pytest.approx(25)
+    assert idle.remaining() == pytest.approx(35)  # the ping did not feed the idle clock
+    assert pg.Keepalive(0, idle).remaining() is None
+    assert pg.next_wake(None, 3.0, 2.0) == 2.0 and pg.next_wake(None, None) == 0
+    assert pg.next_wake(-1.0) == pytest.approx(0.000001)  # due now: wake at once, not never
 
 
 # =============================================================================================
@@ -1196,11 +1451,11 @@ def running_server(wireguard_port, **options):
 
 
 @contextlib.contextmanager
-def running_client(url):
+def running_client(url, **dialer_options):
     """A pg.Client for `url` in a thread, with a WireGuardStandIn in front of it; yields
     (client, wireguard); stopped and joined at exit (stopping twice is harmless)."""
     wireguard = WireGuardStandIn()
-    client = pg.Client.open(pg.Dialer(pg.ServerURL(url)), listen_port=0,
+    client = pg.Client.open(pg.Dialer(pg.ServerURL(url), **dialer_options), listen_port=0,
                             forward_port=wireguard.port)
     wireguard.endpoint = client.address
     thread = threading.Thread(target=client.serve_forever, daemon=True)
@@ -1225,6 +1480,114 @@ def test_client_and_server_in_process_close_every_socket_and_thread(echo):
     wait_until(lambda: threading.active_count() == threads_before, 5,
                "threads back to the start value")
     assert open_fds() == fds_before  # the client's UDP socket and its wake pipe too
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
+def test_websocket_client_and_server_in_process(tls, echo, certs):
+    """ws:// and wss:// end to end in-process: datagrams of every size come back whole, the
+    server counts the tunnel as WebSocket, and every thread and socket is gone after."""
+    threads_before, fds_before = threading.active_count(), open_fds()
+    server_context = pg.server_tls_context(certs.cert, certs.key) if tls else None
+    with running_server(echo.port, idle_timeout=30, tls_context=server_context) as server:
+        url = "%s://localhost:%d/pg" % ("wss" if tls else "ws", server.address[1])
+        with running_client(url, tls_context=pg.client_tls_context(certs.ca) if tls else None
+                            ) as (_, wireguard):
+            for size in (1, 125, 126, 1420, 65507):
+                datagram = numbered(size, size)
+                assert wireguard.roundtrip(datagram) == datagram
+            metrics = {(metric.name, tuple(labels)): value for metric in server.metrics()
+                       for labels, value in metric_samples(metric)}
+            assert metrics[("proxyguard_server_tunnels_open", (("transport", "websocket"),))] == 1
+    wait_until(lambda: threading.active_count() == threads_before, 5,
+               "threads back to the start value")
+    assert open_fds() == fds_before
+
+
+def metric_samples(metric):
+    """(sorted label pairs, value) of a pg.Metric's plain samples."""
+    return [(sorted(labels), value) for suffix, labels, value in metric.samples if not suffix]
+
+
+def upgrade_socketpair(server, request_bytes):
+    """Serve a socketpair with `server`, send `request_bytes`, return (socket, thread, the
+    answer's head)."""
+    sock, thread = serve_socketpair(server)
+    sock.sendall(request_bytes)
+    reader = pg.HeadReader()
+    sock.settimeout(5)
+    parts = None
+    while parts is None:
+        parts = reader.feed(sock.recv(4096))
+    return sock, thread, parts[0]
+
+
+WS_UPGRADE = pg.build_upgrade_request("example", "/pg", websocket_key=WS_KEY)
+
+
+def read_until_closed(sock, timeout=5):
+    sock.settimeout(timeout)
+    data = b""
+    while True:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_server_ends_a_websocket_with_close_1000_when_idle_and_1001_when_stopping(echo):
+    server = pg.Server(None, (LOOPBACK, echo.port), idle_timeout=0.3, handshake_timeout=5)
+    sock, thread, head = upgrade_socketpair(server, WS_UPGRADE)
+    assert head.startswith(b"HTTP/1.1 101 ")
+    assert read_until_closed(sock) == b"\x88\x02\x03\xe8"  # RFC 6455 7.4.1: 1000, normal
+    thread.join(5)
+    server.idle_timeout = 30
+    sock, thread, head = upgrade_socketpair(server, WS_UPGRADE)
+    wait_until(lambda: server.tunnels_open() == 1, 5, "the tunnel up")
+    server.stop()
+    assert read_until_closed(sock) == b"\x88\x02\x03\xe9"  # 1001, going away
+    thread.join(5)
+
+
+@pytest.mark.parametrize("transport", ["uotlv", "websocket"])
+@pytest.mark.parametrize("path,status", [("/pg", b"101"), ("/pg/x?y", b"101"),
+                                         ("/other", b"404"), ("/pgx", b"404")])
+def test_path_prefix_answers_404_elsewhere_for_both_transports(transport, path, status, echo):
+    server = pg.Server(None, (LOOPBACK, echo.port), idle_timeout=30, handshake_timeout=5,
+                       path="/pg")
+    request_bytes = pg.build_upgrade_request("example", path, websocket_key=(
+        WS_KEY if transport == "websocket" else None))
+    sock, thread, head = upgrade_socketpair(server, request_bytes)
+    assert head.startswith(b"HTTP/1.1 " + status + b" ")
+    sock.close()
+    thread.join(5)
+    assert server.refused[404] == (status == b"404")
+
+
+def test_keepalive_pings_a_quiet_tunnel_and_the_idle_timeout_still_ends_it():
+    """The client's pings go out every --keepalive seconds of quiet, masked; they are no
+    data, so the tunnel still ends at its idle timeout, with a close frame."""
+    ours, theirs = socket.socketpair()
+    wireguard = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    wireguard.bind((LOOPBACK, 0))
+    endpoint = pg.TunnelUdpEndpoint.connected(wireguard.getsockname(), socket.AF_INET)
+    framing = pg.WebSocketFraming(client_side=True, keepalive=0.1)
+    tunnel = pg.Tunnel(pg.PlainChannel(theirs), endpoint, "test", pg.IdleClock(1.0),
+                       framing=framing)
+    started = time.monotonic()
+    thread, result = run_in_thread(tunnel)
+    stream = read_until_closed(ours)
+    lived = time.monotonic() - started
+    thread.join(5)
+    assert result == ["idle for 1s"] and 0.9 <= lived < 3  # pings would keep it for ever
+    pings = 0  # each: final ping, masked, empty, then its 4-byte key
+    while stream[6 * pings:6 * pings + 2] == b"\x89\x80":
+        pings += 1
+    assert 5 <= pings <= 10
+    assert stream[6 * pings:6 * pings + 2] == b"\x88\x82"  # then a masked close, its code
+    assert len(stream) == 6 * pings + 8
+    for sock in (ours, wireguard):
+        sock.close()
+
 
 
 def test_client_honours_retry_after_of_a_full_server(caplog):
@@ -1584,8 +1947,8 @@ def test_bad_requests_get_an_http_answer_and_a_close(server, data, status):
     assert answer.startswith(b"HTTP/1.1 " + status + b" ")
     head, _, body = answer.partition(b"\r\n\r\n")
     assert body.endswith(b"\n") and b"Content-Length: %d" % len(body) in head
-    if status == b"426":
-        assert b"\r\nUpgrade: UoTLV/1\r\n" in head
+    if status == b"426":  # RFC 9110 15.5.22: a 426 names the protocol(s) to upgrade to
+        assert re.search(rb"\r\nUpgrade: (UoTLV/1|websocket)\r\n", head)
     if status == b"405":
         assert b"\r\nAllow: GET\r\n" in head
     assert server.popen.poll() is None
@@ -2188,8 +2551,10 @@ def test_metrics_of_a_real_server_and_client_after_traffic(tmp_path, echo, procs
     assert status == 200 and content_type == "text/plain; version=0.0.4; charset=utf-8"
     samples = parse_metrics(text)
     expected = {
-        ("proxyguard_server_tunnels_open", ()): 1,
-        ("proxyguard_server_tunnels_opened_total", ()): 2,
+        ("proxyguard_server_tunnels_open", (("transport", "uotlv"),)): 1,
+        ("proxyguard_server_tunnels_open", (("transport", "websocket"),)): 0,
+        ("proxyguard_server_tunnels_opened_total", (("transport", "uotlv"),)): 2,
+        ("proxyguard_server_tunnels_opened_total", (("transport", "websocket"),)): 0,
         ("proxyguard_server_handshakes_refused_total", (("status", "426"),)): 1,
         ("proxyguard_server_handshakes_refused_total", (("status", "503"),)): 0,
         ("proxyguard_server_datagrams_total", (("direction", "to_wireguard"),)): 11,
@@ -2332,7 +2697,7 @@ def test_a_real_prometheus_scrapes_server_and_client(tmp_path, echo, procs):
              ("instance", "%s:%d" % (LOOPBACK, server.metrics_port)), ("job", "server")): 20.0}
         assert list(value('proxyguard_server_handshakes_refused_total{status="405"}')
                     .values()) == [1.0]
-        assert list(value("proxyguard_server_tunnels_open").values()) == [1.0]
+        assert list(value("sum(proxyguard_server_tunnels_open)").values()) == [1.0]
         assert list(value("proxyguard_client_tunnel_up").values()) == [1.0]
         assert list(value('proxyguard_client_bytes_total{direction="to_wireguard"}')
                     .values()) == [4000.0]
@@ -2344,7 +2709,7 @@ def test_a_real_prometheus_scrapes_server_and_client(tmp_path, echo, procs):
         server.wait_log("tunnel down")
         wait_until(lambda: value("proxyguard_server_tunnel_lifetime_seconds_count == 1"), 15,
                    "the closed tunnel's lifetime in prometheus")
-        assert list(value("proxyguard_server_tunnels_open").values()) == [0.0]
+        assert list(value("sum(proxyguard_server_tunnels_open)").values()) == [0.0]
     finally:
         process.terminate()
         process.wait(20)
