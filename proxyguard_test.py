@@ -4787,7 +4787,8 @@ def test_websocket_only_front_refuses_uotlv(front, tmp_path, certs, echo, procs,
     assert "tunnel up" not in client.log() + server.log()
     status, output = run_check(front_url(front_end), "--ca-file", certs.ca)
     assert status != 0 and "result   ok: " not in output, output
-    assert "use wss://localhost:%d/proxyguard" % front_end.port in output, output
+    assert ("ok over WebSocket: use --to wss://localhost:%d/proxyguard" % front_end.port
+            in output), output
 
 
 # =============================================================================================
