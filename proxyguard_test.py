@@ -57,9 +57,9 @@ LOOPBACK = "127.0.0.1"
 
 pytestmark = pytest.mark.timeout(60)
 
-# The `slow` marker: real servers (the WireGuard bed, Apache, nginx, HAProxy, tinyproxy), the
-# corpus, floods and other long tests. `python3 -m pytest -q -m "not slow" proxyguard_test.py`
-# runs the rest in under a minute; without -m everything runs. A test module cannot register a
+# The `slow` marker: real servers (the WireGuard bed, Apache, nginx, HAProxy, Squid, Caddy,
+# tinyproxy), the corpus, floods and other long tests. `python3 -m pytest -q -m "not slow"
+# proxyguard_test.py` runs the rest in under a minute; without -m everything runs. A test module cannot register a
 # marker (only conftest.py, an ini file or a plugin can, and this repository has none by
 # design); -m selects on unregistered markers all the same, so only pytest's "unknown mark"
 # warning for this one is silenced here. (Hence no --strict-markers.)
@@ -4129,8 +4129,8 @@ def test_one_way_traffic_keeps_a_tunnel_open(tmp_path, procs):
 
 
 # =============================================================================================
-# Behind real reverse proxies (Apache httpd, nginx, HAProxy) and through an HTTP proxy with
-# CONNECT (tinyproxy). Each front end runs in the foreground from a config rendered into
+# Behind real reverse proxies (Apache httpd, nginx, HAProxy, Squid, Caddy) and through an HTTP
+# proxy with CONNECT (tinyproxy). Each front end runs in the foreground from a config rendered into
 # tmp_path, on a 127.0.0.1 port, in a process group of its own: no system service, nothing in
 # /etc. TLS ends at the front end; the client trusts the test CA with --ca-file:
 #     WireGuardStandIn -> client --https--> front end --http--> server -> UdpEcho, and back.
@@ -4171,7 +4171,7 @@ class FrontEnd:
     its directory; `stop()` ends its whole process group (workers included).
     """
 
-    def __init__(self, name, directory, argv, port, config_path):
+    def __init__(self, name, directory, argv, port, config_path, env=None):
         self.name = name
         self.directory = directory
         self.port = port
@@ -4180,7 +4180,8 @@ class FrontEnd:
         self._output = open(self.output_path, "w")
         self.popen = subprocess.Popen(argv, cwd=str(directory), stdin=subprocess.DEVNULL,
                                       stdout=self._output, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
+                                      start_new_session=True,
+                                      env=dict(os.environ, **(env or {})))
 
     def log(self):
         parts = [self.output_path.read_text(errors="replace")]
@@ -4275,7 +4276,9 @@ def start_front_end(front_ends, tmp_path, kind, values):
     config_path.write_text(render(program["template"], full))
     argv = [binary] + [render(arg, {"CONF": config_path, "DIR": directory})
                        for arg in program["argv"]]
-    front_end = FrontEnd(kind, directory, argv, port, config_path)
+    env = {name: render(value, {"DIR": directory})
+           for name, value in program.get("env", {}).items()}
+    front_end = FrontEnd(kind, directory, argv, port, config_path, env)
     front_ends.append(front_end)
     front_end.wait_listening()
     return front_end
@@ -4314,9 +4317,10 @@ Listen @LOOPBACK@:@PORT@
     SSLCertificateFile "@CERT@"
     SSLCertificateKeyFile "@KEY@"
     SSLProtocol -all +TLSv1.2 +TLSv1.3
-    # mod_proxy_http (>= 2.4.47) tunnels an Upgrade only for the protocols named here.
+    # mod_proxy_http (>= 2.4.47) tunnels an Upgrade only for the protocols named here
+    # (UoTLV/1, or websocket: the others' Upgrade header is dropped on the way).
     # X-Forwarded-For is added by default (ProxyAddHeaders On).
-    ProxyPass "/proxyguard" "http://@BACKEND@/proxyguard" upgrade=UoTLV/1
+    ProxyPass "/proxyguard" "http://@BACKEND@/proxyguard" upgrade=@UPGRADE@
 </VirtualHost>
 """
 
@@ -4385,6 +4389,7 @@ defaults
 
 frontend https_in
     bind @LOOPBACK@:@PORT@ ssl crt @PEM@ alpn http/1.1 ssl-min-ver TLSv1.2
+@RULES@
     default_backend proxyguard
 
 backend proxyguard
@@ -4396,6 +4401,59 @@ backend proxyguard
     http-check send meth GET uri /proxyguard ver HTTP/1.1 hdr Host localhost
     http-check expect status 426
 @SERVERS@
+"""
+
+# --- Squid 5 as a reverse proxy (accel mode), WebSocket only -----------------------------------
+
+SQUID_TEMPLATE = """\
+# proxyguard behind Squid as a reverse proxy: TLS here, plain HTTP to the proxyguard server.
+https_port @LOOPBACK@:@PORT@ accel defaultsite=localhost tls-cert=@CERT@ tls-key=@KEY@
+cache_peer @BACKEND_HOST@ parent @BACKEND_PORT@ 0 no-query no-digest originserver name=proxyguard
+acl proxyguard_path urlpath_regex ^/proxyguard(/|$|\\?)
+http_access allow proxyguard_path
+http_access deny all
+cache_peer_access proxyguard allow proxyguard_path
+# Squid 5.1+ forwards an Upgrade only for the protocols allowed here; it drops the others'
+# Upgrade header, so UoTLV/1 reaches the server as a plain GET (answered 426).
+http_upgrade_request_protocols websocket allow all
+cache deny all
+cache_mem 0 MB
+@USER@
+pid_filename @DIR@/squid.pid
+# Squid opens its logs after leaving root, and nobody cannot reach pytest's tmp_path (under
+# /tmp/pytest-of-root, mode 0700): the log goes to stderr (-d 1), no access log.
+cache_log /dev/null
+access_log none
+cache_store_log none
+coredump_dir none
+netdb_filename none
+pinger_enable off
+digest_generation off
+shutdown_lifetime 1 seconds
+# The upgraded tunnel closes after read_timeout without data from the server (default 15 min).
+read_timeout @TIMEOUT@ seconds
+"""
+
+# --- Caddy 2.6 (Debian 12's) -------------------------------------------------------------------
+
+CADDY_TEMPLATE = """\
+# proxyguard behind Caddy: TLS here with our own certificate (no ACME), plain HTTP behind.
+{
+    admin off
+    auto_https disable_redirects
+    storage file_system @DIR@/storage
+    # HTTP/3 would take a UDP port of the same number, maybe one a test uses.
+    servers {
+        protocols h1 h2
+    }
+}
+https://localhost:@PORT@ {
+    bind @LOOPBACK@
+    tls @CERT@ @KEY@
+    # reverse_proxy passes any Upgrade (WebSocket included) and adds X-Forwarded-For. An
+    # upgraded tunnel has no idle timeout here (2.6 has no stream_timeout; 2.7 adds it).
+    reverse_proxy /proxyguard* @BACKEND@
+}
 """
 
 # --- tinyproxy (an HTTP proxy with CONNECT, as in a corporate network) -------------------------
@@ -4423,6 +4481,14 @@ PROGRAMS = {
                   user="user nobody nogroup;"),
     "haproxy": dict(binary="haproxy", package="haproxy", config="haproxy.cfg",
                     template=HAPROXY_TEMPLATE, argv=["-db", "-f", "@CONF@"], user=""),
+    "squid": dict(binary="squid", package="squid", config="squid.conf",
+                  template=SQUID_TEMPLATE, argv=["-N", "-d", "1", "-f", "@CONF@"],
+                  user="cache_effective_user nobody\ncache_effective_group nogroup"),
+    "caddy": dict(binary="caddy", package="caddy", config="Caddyfile",
+                  template=CADDY_TEMPLATE,
+                  argv=["run", "--config", "@CONF@", "--adapter", "caddyfile"], user="",
+                  # Caddy autosaves its config under $XDG_CONFIG_HOME (not in $HOME here).
+                  env={"XDG_CONFIG_HOME": "@DIR@", "XDG_DATA_HOME": "@DIR@"}),
     "tinyproxy": dict(binary="tinyproxy", package="tinyproxy", config="tinyproxy.conf",
                       template=TINYPROXY_TEMPLATE, argv=["-d", "-c", "@CONF@"],
                       user="User nobody\nGroup nogroup"),
@@ -4431,14 +4497,19 @@ PROGRAMS = {
 REVERSE_PROXIES = ["apache", "nginx", "haproxy"]
 
 
-def start_reverse_proxy(front_ends, tmp_path, kind, certs, backend_ports, timeout=60):
-    """Start Apache, nginx or HAProxy with TLS on a new port, in front of the proxyguard
-    servers on `backend_ports` (Apache and nginx take one), tunnels idle-closed at `timeout`."""
+def start_reverse_proxy(front_ends, tmp_path, kind, certs, backend_ports, timeout=60,
+                        settings=None):
+    """Start Apache, nginx, HAProxy, Squid or Caddy with TLS on a new port, in front of the
+    proxyguard servers on `backend_ports` (only HAProxy takes more than one), tunnels
+    idle-closed at `timeout`; `settings` replace template values (a FRONTS variant's)."""
     values = {"CERT": certs.cert, "KEY": certs.key, "PEM": certs.pem, "TIMEOUT": timeout,
               "MODULES": APACHE_MODULES, "BACKEND": "%s:%d" % (LOOPBACK, backend_ports[0]),
+              "BACKEND_HOST": LOOPBACK, "BACKEND_PORT": backend_ports[0],
+              "UPGRADE": "UoTLV/1", "RULES": "",
               "SERVERS": "\n".join(
                   "    server pg%d %s:%d check inter 500ms fall 1 rise 1" % (i, LOOPBACK, port)
                   for i, port in enumerate(backend_ports, 1))}
+    values.update(settings or {})
     if kind != "haproxy":
         assert len(backend_ports) == 1, "%s is set up with one backend here" % kind
     return start_front_end(front_ends, tmp_path, kind, values)
@@ -4454,19 +4525,21 @@ def start_tinyproxy(front_ends, tmp_path, auth=None):
 # =============================================================================================
 
 
-def front_url(front_end):
-    return "https://localhost:%d/proxyguard" % front_end.port
+def front_url(front_end, scheme="https"):
+    return "%s://localhost:%d/proxyguard" % (scheme, front_end.port)
 
 
-def exchange_datagrams(client, first=0, rounds=2, timeout=RECONNECT_BOUND):
-    """Send SIZES `rounds` times as one burst of numbered datagrams; assert every echo comes
+def burst(first, rounds, sizes):
+    """The numbered datagrams exchange_datagrams sends: `sizes` `rounds` times, from `first`."""
+    return [numbered(first + i, size) for i, size in enumerate(list(sizes) * rounds)]
+
+
+def exchange_datagrams(client, first=0, rounds=2, timeout=RECONNECT_BOUND, sizes=SIZES):
+    """Send `sizes` `rounds` times as one burst of numbered datagrams; assert every echo comes
     back byte-identical and in order. Returns the next unused number."""
-    sent = []
-    for round_ in range(rounds):
-        for size in SIZES:
-            datagram = numbered(first + len(sent), size)
-            client.wireguard.send(datagram)
-            sent.append(datagram)
+    sent = burst(first, rounds, sizes)
+    for datagram in sent:
+        client.wireguard.send(datagram)
     got = []
     deadline = time.monotonic() + timeout
     try:
@@ -4491,17 +4564,18 @@ def ping(client, index, timeout=RECONNECT_BOUND):
 
 
 def server_behind_proxy(kind, tmp_path, certs, echo, procs, front_ends, *server_args,
-                        timeout=60, with_client=True):
-    """A proxyguard server behind the reverse proxy `kind` (tunnel idle timeout `timeout`) and,
-    unless `with_client` is false, a client through it: (server, front_end, client or None)."""
+                        timeout=60, with_client=True, settings=None, scheme="https"):
+    """A proxyguard server behind the reverse proxy `kind` (tunnel idle timeout `timeout`,
+    template `settings`) and, unless `with_client` is false, a client through it to a
+    `scheme` URL: (server, front_end, client or None)."""
     require(kind)
     server = start_server(tmp_path, echo.port, *server_args)
     procs.append(server)
     front_end = start_reverse_proxy(front_ends, tmp_path, kind, certs, [server.port],
-                                    timeout=timeout)
+                                    timeout=timeout, settings=settings)
     client = None
     if with_client:
-        client = start_client(tmp_path, front_url(front_end), "--ca-file", certs.ca)
+        client = start_client(tmp_path, front_url(front_end, scheme), "--ca-file", certs.ca)
         procs.append(client)
     return server, front_end, client
 
@@ -4765,6 +4839,81 @@ def test_haproxy_spreads_tunnels_and_fails_over(tmp_path, certs, echoes, procs, 
     # HAProxy's health check notices on its own schedule, perhaps after the clients moved.
     wait_until(lambda: "Server proxyguard/pg1 is DOWN" in front_end.log(), 15,
                "HAProxy's health check marking pg1 DOWN")
+
+
+# =============================================================================================
+# WebSocket (issue 9) through real fronts, TLS at each. Some admit WebSocket upgrades only, as
+# CDNs and cloud load balancers do: Apache with upgrade=websocket, Squid 5 as a reverse proxy
+# (http_upgrade_request_protocols), HAProxy with a rule. There UoTLV/1 (https://) is refused
+# and wss:// passes. nginx, Caddy and HAProxy as configured above pass any upgrade.
+# =============================================================================================
+
+HAPROXY_WEBSOCKET_ONLY = """\
+    # WebSocket only: anything else (an UoTLV/1 upgrade, a plain GET) gets 403.
+    http-request deny deny_status 403 unless { req.hdr(upgrade) -m str -i websocket }"""
+
+# A front's name (the test id) -> (program, its template settings).
+WEBSOCKET_ONLY_FRONTS = {
+    "apache-upgrade-websocket": ("apache", {"UPGRADE": "websocket"}),
+    "squid": ("squid", {}),
+    "haproxy-websocket-only": ("haproxy", {"RULES": HAPROXY_WEBSOCKET_ONLY}),
+}
+WEBSOCKET_FRONTS = dict(WEBSOCKET_ONLY_FRONTS, nginx=("nginx", {}), caddy=("caddy", {}),
+                        haproxy=("haproxy", {}))
+
+# The issue's sizes: both lengths of a WebSocket frame header (7-bit up to 125, 16-bit above),
+# a jumbo frame, and the largest UDP payload over IPv4.
+WEBSOCKET_SIZES = [1, 100, 1420, 9000, 65507]
+
+
+@pytest.fixture
+def recording_echo():
+    server = RecordingEcho()
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("front", list(WEBSOCKET_FRONTS))
+@pytest.mark.slow
+def test_websocket_through_front(front, tmp_path, certs, recording_echo, procs, front_ends):
+    """wss:// through the front: each datagram reaches WireGuard behind the server
+    byte-identical and in order, and so does its echo at the client's WireGuard; the server
+    logs one WebSocket tunnel from the real client; `check` passes on the wss:// URL."""
+    kind, settings = WEBSOCKET_FRONTS[front]
+    server, front_end, client = server_behind_proxy(
+        kind, tmp_path, certs, recording_echo, procs, front_ends, settings=settings,
+        scheme="wss")
+
+    following = exchange_datagrams(client, sizes=WEBSOCKET_SIZES)
+    assert recording_echo.received == burst(0, 2, WEBSOCKET_SIZES)
+
+    server.wait_log("tunnel up:")
+    lines = tunnel_up_lines(server)
+    assert len(lines) == 1 and "websocket" in lines[0].lower(), lines
+    assert re.search(r"tunnel up: 127\.0\.0\.1 \(via 127\.0\.0\.1:\d+\)", lines[0]), lines
+    assert "TLSv1.3" in client.log(), client.log()
+    status, output = run_check(front_url(front_end, "wss"), "--ca-file", certs.ca)
+    assert status == 0 and "result   ok" in output, output
+    exchange_datagrams(client, first=following, rounds=1, sizes=WEBSOCKET_SIZES)
+
+
+@pytest.mark.parametrize("front", list(WEBSOCKET_ONLY_FRONTS))
+@pytest.mark.slow
+def test_websocket_only_front_refuses_uotlv(front, tmp_path, certs, echo, procs, front_ends):
+    """https:// (UoTLV/1) through a WebSocket-only front: the client's upgrade is refused (a
+    403 from HAProxy's rule; Apache and Squid drop the Upgrade header, so the server answers
+    the plain GET with 426) and no tunnel comes up; `check` fails and says to use wss://."""
+    kind, settings = WEBSOCKET_ONLY_FRONTS[front]
+    server, front_end, client = server_behind_proxy(
+        kind, tmp_path, certs, echo, procs, front_ends, settings=settings)
+
+    client.wireguard.send(numbered(0, 100))
+    client.wait_log("instead of 101 Switching Protocols", timeout=20)
+    assert "tunnel up" not in client.log() + server.log()
+    status, output = run_check(front_url(front_end), "--ca-file", certs.ca)
+    assert status != 0 and "result   ok: " not in output, output
+    assert ("ok over WebSocket: use --to wss://localhost:%d/proxyguard" % front_end.port
+            in output), output
 
 
 # =============================================================================================
