@@ -687,6 +687,8 @@ MAX_BODY_SHOWN = 512
 # proxyguard.py's own server.
 _PLAIN_TO_TLS_PORT = re.compile(rb"HTTPS (port|server)|speaks HTTPS")
 USE_HTTPS_HINT = "is the server https://? (use https:// in --to)"
+# The 426 body of a ProxyGuard server (the original's words, and ours) that got no upgrade.
+_UPGRADE_NOT_RECEIVED = re.compile(rb"the '(Connection|Upgrade)' header is not")
 
 
 def body_line(response, body):
@@ -725,6 +727,13 @@ def check_upgrade_response(response, body=b"", websocket_key=None):
         cause = "wrong path in the URL, or the reverse proxy does not forward it"
     elif status == 426 and WEBSOCKET in response.tokens("upgrade"):
         cause = "the front passes WebSocket only: use ws:// or wss:// in --to"
+    elif status == 426 and (PROTOCOL.lower() in response.tokens("upgrade")
+                            or _UPGRADE_NOT_RECEIVED.search(body)):
+        # A ProxyGuard server that got no Upgrade: Apache without upgrade=UoTLV/1, Squid,
+        # a cloud load balancer strip it (issue "Through any front"), and the answer's
+        # Upgrade header too (hop-by-hop), but not the server's words in the body.
+        cause = ("a ProxyGuard server got the request without its Upgrade header: a front in "
+                 "the way drops it (one that passes WebSocket only? use ws:// or wss://)")
     elif status == 426:
         cause = "the server wants another upgrade protocol: not a ProxyGuard UoTLV/1 server?"
     elif status in (401, 403, 407):

@@ -778,6 +778,10 @@ def test_good_upgrade_responses_pass(head):
     (b"HTTP/1.1 404 Not Found\r\n\r\n", "wrong path"),
     (b"HTTP/1.1 426 Upgrade Required\r\nUpgrade: websocket\r\n\r\n", "use ws:// or wss://"),
     (b"HTTP/1.1 426 Upgrade Required\r\nUpgrade: h2c\r\n\r\n", "not a ProxyGuard"),
+    (b"HTTP/1.1 426 Upgrade Required\r\nConnection: Upgrade\r\nUpgrade: UoTLV/1\r\n\r\n",
+     "a front in the way drops it (one that passes WebSocket only? use ws:// or wss://)"),
+    (b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 51\r\n\r\n"
+     b"the 'Connection' header is not 'Upgrade', got: ''\n", "a front in the way drops it"),
     (b"HTTP/1.1 502 Bad Gateway\r\n\r\n", "cannot reach"),
     (b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
      "not a ProxyGuard server"),
@@ -785,8 +789,9 @@ def test_good_upgrade_responses_pass(head):
     (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", "not a web server"),
 ])
 def test_refused_upgrades_name_the_likely_cause(head, cause):
+    head, _, body = head.partition(b"\r\n\r\n")
     with pytest.raises(pg.UpgradeRefused) as info:
-        pg.check_upgrade_response(pg.parse_response(head))
+        pg.check_upgrade_response(pg.parse_response(head + b"\r\n\r\n"), body)
     assert cause in str(info.value)
 
 
@@ -4910,6 +4915,9 @@ def test_websocket_only_front_refuses_uotlv(front, tmp_path, certs, echo, procs,
     client.wireguard.send(numbered(0, 100))
     client.wait_log("instead of 101 Switching Protocols", timeout=20)
     assert "tunnel up" not in client.log() + server.log()
+    # The server's 426 behind a front that dropped the Upgrade says what to do.
+    assert ("a front in the way drops it (one that passes WebSocket only? use ws:// or wss://)"
+            in client.log()) == (kind != "haproxy"), client.log()
     status, output = run_check(front_url(front_end), "--ca-file", certs.ca)
     assert status != 0 and "result   ok: " not in output, output
     assert ("ok over WebSocket: use --to wss://localhost:%d/proxyguard" % front_end.port
