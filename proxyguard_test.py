@@ -47,7 +47,7 @@ from wsproto.events import (AcceptConnection, BytesMessage, CloseConnection, Pin
                             Request)
 
 import proxyguard as pg
-from proxyguard_bench import free_port
+from proxyguard_bench import NoReference, build_go, free_port
 from proxyguard_testbed import (NETNS_DIR, VETH_CLIENT_IP, WG_PORT, WG_RUN_DIR, WireGuardBed,
                                  process_start_ticks, remove_stale_beds)
 
@@ -5560,20 +5560,16 @@ GO_RECONNECT_LOSS = 4
 
 
 @pytest.fixture(scope="session")
-def go_binaries(tmp_path_factory):
-    """{"client": path, "server": path} of the original, built from GO_SOURCE into a temp dir,
-    offline, writing nothing into the source tree."""
-    go = which_or_skip("go", "golang-go")
-    if not os.path.isfile(os.path.join(GO_SOURCE, "go.mod")):
-        skip_or_fail("the original's source is missing: %s" % os.path.normpath(GO_SOURCE))
-    out = tmp_path_factory.mktemp("proxyguard-go")
-    env = dict(os.environ, GOFLAGS="-mod=mod -buildvcs=false", GOPROXY="off",
-               GOCACHE=str(out / "cache"), GOPATH=str(out / "gopath"), GOTOOLCHAIN="local",
-               CGO_ENABLED="0")
-    result = subprocess.run([go, "build", "-o", str(out / "bin") + os.sep, "./cmd/..."],
-                            cwd=GO_SOURCE, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, "go build failed:\n" + result.stdout + result.stderr
-    binaries = {side: str(out / "bin" / ("proxyguard-" + side)) for side in ("client", "server")}
+def go_binaries():
+    """{"client": path, "server": path} of the original, built from GO_SOURCE offline by the
+    benchmark's build_go (kept under the temp dir by a hash of the source and the toolchain, so
+    a second session reuses them), writing nothing into the source tree."""
+    which_or_skip("go", "golang-go")
+    try:
+        bindir, _ = build_go(GO_SOURCE)
+    except NoReference as exc:
+        skip_or_fail("the original cannot be built here: %s" % exc)
+    binaries = {side: os.path.join(bindir, "proxyguard-" + side) for side in ("client", "server")}
     for path in binaries.values():
         assert os.access(path, os.X_OK), path
     return binaries
