@@ -4112,6 +4112,7 @@ def _catch(function, errors):
         errors.append(exc)
 
 
+@pytest.mark.slow
 def test_one_way_traffic_keeps_a_tunnel_open(tmp_path, procs):
     """Keepalives from the client only (the server's WireGuard never answers them): data
     towards the peer counts, so the client does not reconnect every idle timeout."""
