@@ -8,6 +8,12 @@ Wire protocol (see README and the ProxyGuard technical document):
     client -> server   GET <path> HTTP/1.1 / Host / Connection: Upgrade / Upgrade: UoTLV/1
     server -> client   HTTP/1.1 101 Switching Protocols / Connection: Upgrade / Upgrade: UoTLV/1
     then, both ways    frames of [2-byte big-endian length][one UDP datagram]
+Or, for fronts that pass no Upgrade but WebSocket (client --to ws:// or wss://; the server
+takes both on one listener, the request's Upgrade decides): an RFC 6455 handshake offering the
+subprotocol `proxyguard-udp`, then one binary message per datagram, the client's frames masked;
+pings answer the client's keepalive, a close frame ends the tunnel. The pumps see either one
+through a framing object (UoTLVFraming, WebSocketFraming): `cut` for the reader, `encode` for
+the writer; the UoTLV/1 reader never writes, the WebSocket reader answers pings and closes.
 
 Design
 ------
@@ -924,8 +930,6 @@ MAX_CONTROL_PAYLOAD = 125  # RFC 6455 5.5
 # The longest frame header: 2 bytes, 8 of extended length, 4 of masking key (RFC 6455 5.2).
 MAX_WEBSOCKET_HEADER = 14
 _LENGTH_16 = struct.Struct("!BBH")
-_LENGTH_16_MASKED = struct.Struct("!BBHI")
-_MASKED = struct.Struct("!BBI")
 
 
 def websocket_key():
@@ -2033,7 +2037,7 @@ class WebSocketFraming:
 
 
 class Tunnel:
-    """One UoTLV/1 tunnel: a channel and a UDP endpoint joined by two pumps.
+    """One tunnel: a channel and a UDP endpoint joined by two pumps.
 
     `run()` starts relay_udp_to_tcp in a new daemon thread, runs relay_tcp_to_udp in the calling
     thread, and returns the reason once both have stopped. The first pump to stop calls
