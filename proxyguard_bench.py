@@ -8,6 +8,9 @@ the client itself:
     bench socket --UDP--> client --HTTP(S) UoTLV/1--> server --UDP--> echo
                  <-------        <--------------------        <------
 
+or, with --transport websocket, the same over WebSocket (ws:// or wss://): the client masks
+every frame, the server unmasks it (one binary message per datagram).
+
 Measurements, one table line each:
 
     load       keeps WINDOW datagrams of SIZE bytes in flight for DURATION seconds. `rt/s` is
@@ -23,6 +26,13 @@ Measurements, one table line each:
                trips; then the server's RSS and threads, and the CPU (and scheduler wake-ups)
                of server and client while everything sits idle for IDLE seconds: ~0 means no
                polling. "closed in": until the server's descriptors are back to before.
+
+Transports (--transport): uotlv (http://, https://; the table's "via" says plain, tls) or
+websocket (ws://, wss://; via ws, wss), or both, alternating in each run like the sides of
+--against, then the WebSocket/UoTLV/1 ratio of one-way datagrams/s at each size, plain and TLS,
+and of the ping's p50. The tunnels test speaks UoTLV/1 itself (raw sockets), so it runs over
+UoTLV/1 only; the original (--against go) speaks only UoTLV/1, so over WebSocket
+proxyguard.py is measured alone.
 
 Side by side (--against): the same measurements of a second implementation, with the same echo
 and bench socket, alternating between the two in each of --runs rounds (and the order between
@@ -48,6 +58,8 @@ Examples:
     python3 proxyguard_bench.py                         # plain, 1420 bytes, about 10 s
     python3 proxyguard_bench.py --both --size 1420,100  # plain and TLS, two sizes
     python3 proxyguard_bench.py --tls --runs 3          # medians of 3 runs
+    python3 proxyguard_bench.py --transport both --both --size 1420,100 --runs 5
+                                                        # WebSocket vs UoTLV/1, plain and TLS
     python3 proxyguard_bench.py --tunnels 500           # tunnel count: RSS and idle CPU
     python3 proxyguard_bench.py --json > bench.json
     python3 proxyguard_bench.py --against go            # vs the original, 5 rounds, ~3 min
@@ -85,6 +97,11 @@ PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 BUFFER_BYTES = 4 << 20
 SEQ = struct.Struct("!Q")
 FRAME_HEADER = struct.Struct("!H")
+UOTLV, WEBSOCKET = "uotlv", "websocket"
+# The client's URL scheme for each (transport, TLS), and the table's "via" for it.
+SCHEMES = {(UOTLV, False): "http", (UOTLV, True): "https",
+           (WEBSOCKET, False): "ws", (WEBSOCKET, True): "wss"}
+VIA = {"http": "plain", "https": "tls", "ws": "ws", "wss": "wss"}
 
 
 def note(text):
@@ -324,13 +341,16 @@ def make_certificates(workdir):
 
 
 class Setup:
-    """echo <- server <- client <- bench socket, running for one implementation and transport."""
+    """echo <- server <- client <- bench socket, running for one implementation, protocol
+    (UOTLV or WEBSOCKET) and TLS or not."""
 
-    def __init__(self, procs, echo, impl, tls, workdir, server_args=(), client_args=()):
+    def __init__(self, procs, echo, impl, tls, workdir, server_args=(), client_args=(),
+                 protocol=UOTLV):
         self.procs = procs
         self.echo = echo
         self.impl = impl
         self.tls = tls
+        self.protocol = protocol
         self.ca_file = None
         server_extra, client_extra = list(server_args), list(client_args)
         if tls:
@@ -357,7 +377,7 @@ class Setup:
                 procs.stop(self.server)
                 if attempt == 2:
                     raise
-        self.url = "%s://%s:%d/bench" % ("https" if tls else "http", LOOPBACK, self.server_port)
+        self.url = "%s://%s:%d/bench" % (SCHEMES[protocol, tls], LOOPBACK, self.server_port)
         for attempt in range(3):
             self.listen_port = free_port(socket.SOCK_DGRAM)
             self.client = procs.spawn(impl.key + "-client", impl.client_argv(
@@ -376,7 +396,8 @@ class Setup:
 
     @property
     def transport(self):
-        return "tls" if self.tls else "plain"
+        """The table's "via": plain, tls (UoTLV/1), ws, wss (WebSocket)."""
+        return VIA[SCHEMES[self.protocol, self.tls]]
 
     def wait_tunnel(self, timeout=15):
         """Ping until one comes back: the client connects lazily, on the first datagram."""
@@ -442,6 +463,7 @@ class PythonSide:
     """proxyguard.py at `script`, run by the interpreter `python`."""
 
     tls = True
+    protocols = (UOTLV, WEBSOCKET)
     server_ready = client_ready = "listening on"
 
     def __init__(self, script, python, key="py", label="proxyguard.py", short="py"):
@@ -479,6 +501,7 @@ class GoSide:
     key = "go"
     short = "Go"
     tls = False
+    protocols = (UOTLV,)
     server_ready = "listening on"
     client_ready = "waiting for traffic"
 
@@ -1021,33 +1044,80 @@ def format_line(entry):
 HEADER = "%-8s %-6s %5s %5s  %s" % ("test", "via", "size", "W/N", "result")
 
 
-def compare(sides, summary, options, ping_size):
-    """The --against figures, side by side: a list of rows (dicts, medians of the runs).
+def medians_picker(summary):
+    """pick(side, test, via, size, *keys): a median from `summary`, or None if not measured."""
+    medians = {(entry["side"], entry["test"], entry["transport"], entry["size"]):
+               entry["result"] for entry in summary}
+
+    def pick(side, test, via, size, *path):
+        value = medians.get((side.key, test, via, size))
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        return value
+
+    return pick
+
+
+def compare_transports(sides, summary, options, ping_size):
+    """WebSocket against UoTLV/1 for each side that speaks both, plain and TLS: rows of
+    {side, figure, uotlv, websocket, ratio}, ratio = WebSocket/UoTLV/1 (for the round trip,
+    UoTLV/1's over WebSocket's), so that above 1 means WebSocket did better."""
+    pick = medians_picker(summary)
+    rows = []
+    for side in sides:
+        for tls in (False, True):
+            uotlv, websocket = VIA[SCHEMES[UOTLV, tls]], VIA[SCHEMES[WEBSOCKET, tls]]
+            figures = [("%s one-way %d B, dgram/s" % (uotlv, size), "load", size,
+                        "one_way_per_s", False) for size in options.size]
+            figures.append(("%s rtt p50 %d B, µs" % (uotlv, ping_size), "ping", ping_size,
+                            "p50_us", True))
+            for figure, test, size, key, lower in figures:
+                a = pick(side, test, uotlv, size, key)
+                b = pick(side, test, websocket, size, key)
+                if a is None or b is None:
+                    continue
+                num, den = (a, b) if lower else (b, a)
+                rows.append({"side": side.key, "figure": figure, UOTLV: a, WEBSOCKET: b,
+                             "ratio": num / den if den else None})
+    return rows
+
+
+def format_transport_comparison(rows, sides):
+    labels = {side.key: side.label for side in sides}
+    named = len({entry["side"] for entry in rows}) > 1
+    lines = ["%-30s %10s %10s  %6s" % ("WebSocket vs UoTLV/1", "UoTLV/1", "WebSocket", "ratio")]
+    for entry in rows:
+        unit = "k" if "dgram/s" in entry["figure"] else "µs"
+        figure = entry["figure"] + (" (%s)" % labels[entry["side"]] if named else "")
+        lines.append("%-30s %10s %10s  %6s" % (
+            figure, fmt_value(entry[UOTLV], unit, None), fmt_value(entry[WEBSOCKET], unit, None),
+            "%5.2f×" % entry["ratio"] if entry["ratio"] is not None else "     -"))
+    lines.append("ratio: WebSocket/UoTLV/1 (rtt: UoTLV/1/WebSocket); > 1: WebSocket did better")
+    return lines
+
+
+def compare(sides, summary, options, ping_size, protocol=UOTLV):
+    """The --against figures over `protocol`, side by side: a list of rows (dicts, medians of
+    the runs).
 
     Each row has the figure's value for each side (None where not measured), whether higher or
     lower is better, and `ratio`: ours/theirs when higher is better, theirs/ours when lower
     is, so that a ratio above 1 always means proxyguard.py (the first side) did better.
     """
     ours, theirs = sides[0], sides[1]
-    medians = {(entry["side"], entry["test"], entry["transport"], entry["size"]):
-               entry["result"] for entry in summary}
-
-    def pick(side, test, transport, size, *path):
-        value = medians.get((side.key, test, transport, size))
-        for key in path:
-            value = value.get(key) if isinstance(value, dict) else None
-        return value
+    pick = medians_picker(summary)
+    plain, tls = (VIA[SCHEMES[protocol, False]], VIA[SCHEMES[protocol, True]])
 
     def idle_sum(side, key):
-        idle = pick(side, "tunnels", "plain", options.size[0], "idle")
+        idle = pick(side, "tunnels", plain, options.size[0], "idle")
         if not idle or any(key not in idle[name] for name in ("server", "client")):
             return None
         return idle["server"][key] + idle["client"][key]
 
     def tls_share(side):
-        plain = pick(side, "load", "plain", options.size[0], "one_way_per_s")
-        tls = pick(side, "load", "tls", options.size[0], "one_way_per_s")
-        return tls / plain if plain and tls is not None else None
+        plain_rate = pick(side, "load", plain, options.size[0], "one_way_per_s")
+        tls_rate = pick(side, "load", tls, options.size[0], "one_way_per_s")
+        return tls_rate / plain_rate if plain_rate and tls_rate is not None else None
 
     rows = []
 
@@ -1067,23 +1137,23 @@ def compare(sides, summary, options, ping_size):
     sizes = options.size
     for size in sizes:
         row("one-way %d B, dgram/s" % size, "k", "higher",
-            lambda side, size=size: pick(side, "load", "plain", size, "one_way_per_s"))
+            lambda side, size=size: pick(side, "load", plain, size, "one_way_per_s"))
     for size in sizes:
         row("  loss %d B" % size, "%", None,
-            lambda side, size=size: pick(side, "load", "plain", size, "loss_pct"))
+            lambda side, size=size: pick(side, "load", plain, size, "loss_pct"))
     row("rtt p50 %d B" % ping_size, "µs", "lower",
-        lambda side: pick(side, "ping", "plain", ping_size, "p50_us"))
+        lambda side: pick(side, "ping", plain, ping_size, "p50_us"))
     row("rtt p99 %d B" % ping_size, "µs", "lower",
-        lambda side: pick(side, "ping", "plain", ping_size, "p99_us"))
+        lambda side: pick(side, "ping", plain, ping_size, "p99_us"))
     row("rtt min %d B" % ping_size, "µs", "lower",
-        lambda side: pick(side, "ping", "plain", ping_size, "min_us"),
+        lambda side: pick(side, "ping", plain, ping_size, "min_us"),
         "the least disturbed by other load")
     for size in sizes:
         row("CPU s per GB, %d B" % size, "s", "lower",
-            lambda side, size=size: pick(side, "load", "plain", size, "cpu_s_per_gb"),
+            lambda side, size=size: pick(side, "load", plain, size, "cpu_s_per_gb"),
             "client+server, user+sys")
     row("TLS one-way %d B, dgram/s" % sizes[0], "k", "higher",
-        lambda side: pick(side, "load", "tls", sizes[0], "one_way_per_s"))
+        lambda side: pick(side, "load", tls, sizes[0], "one_way_per_s"))
     row("TLS / plain, one-way %d B" % sizes[0], "x", "higher", tls_share, "target >= 0.75")
     row("idle %gs, %d tunnels: wake-ups" % (options.idle, options.tunnels), "n", "lower",
         lambda side: idle_sum(side, "wakeups"), "server+client")
@@ -1092,7 +1162,7 @@ def compare(sides, summary, options, ping_size):
     # Shown, not compared: a garbage-collected heap (Go's) may absorb the tunnels in memory
     # it already holds from the load, so its RSS growth swings between runs.
     row("server RSS per tunnel, KiB", "KiB", None,
-        lambda side: pick(side, "tunnels", "plain", options.size[0],
+        lambda side: pick(side, "tunnels", plain, options.size[0],
                           "server_rss_kib_per_tunnel"), "not compared: GC heaps swing")
     # A figure neither side has (a test left out by --tests) is no row.
     return [entry for entry in rows if any(v is not None for v in entry["values"].values())]
@@ -1195,6 +1265,10 @@ def build_parser():
     transport = parser.add_mutually_exclusive_group()
     transport.add_argument("--tls", action="store_true", help="over TLS only (https://)")
     transport.add_argument("--both", action="store_true", help="plain, then TLS")
+    add("--transport", choices=(UOTLV, WEBSOCKET, "both"), default=UOTLV,
+        help="the tunnel's protocol: uotlv = UoTLV/1 (http://, https://; default), websocket "
+             "(ws://, wss://), or both, alternating, with the WebSocket/UoTLV/1 ratios; the "
+             "tunnels test and the original (--against go) are UoTLV/1 only")
     add("--tunnels", type=int, default=None, metavar="N",
         help="open N tunnels at once (raw sockets): server RSS and idle CPU; runs only "
              "this test unless --tests says otherwise")
@@ -1307,6 +1381,13 @@ def main(argv=None):
         transports = [False, True]  # TLS for whichever side has it
     else:
         transports = [False, True] if options.both else [options.tls]
+    protocols = [UOTLV, WEBSOCKET] if options.transport == "both" else [options.transport]
+    for side in sides:
+        for protocol in protocols:
+            if protocol not in side.protocols:
+                note("%s speaks only UoTLV/1: not measured over WebSocket" % side.label)
+    if "tunnels" in tests and WEBSOCKET in protocols:
+        note("the tunnels test drives UoTLV/1 tunnels by hand: it runs over UoTLV/1 only")
     ping_size = options.ping_size or options.size[0]
 
     # Many tunnels need many descriptors: the server two per tunnel, the bench one. Raise the
@@ -1334,21 +1415,24 @@ def main(argv=None):
     status = 0
     try:
         echo = Echo(procs)
-        # All up at once, so that runs can alternate between them; the sides next to each
-        # other for each transport, so that what is compared is measured close in time.
+        # All up at once, so that runs can alternate between them; the sides, and the
+        # protocols, next to each other for plain and for TLS, so that what is compared is
+        # measured close in time.
         setups = []
         for tls in transports:
-            for side in sides:
-                if tls and not side.tls:
-                    continue
-                note("starting %s server and client (%s)" % (side.label,
-                                                              "tls" if tls else "plain"))
-                server_args = []
-                if "tunnels" in tests and isinstance(side, PythonSide):
-                    # Room for the N tunnels, the real client's and the timed handshakes.
-                    server_args = ["--max-clients", str(max(
-                        1000, options.tunnels + HANDSHAKE_SAMPLES + 16))]
-                setups.append(Setup(procs, echo, side, tls, workdir, server_args=server_args))
+            for protocol in protocols:
+                for side in sides:
+                    if (tls and not side.tls) or protocol not in side.protocols:
+                        continue
+                    note("starting %s server and client (%s)"
+                         % (side.label, SCHEMES[protocol, tls]))
+                    server_args = []
+                    if "tunnels" in tests and isinstance(side, PythonSide):
+                        # Room for the N tunnels, the real client's and the timed handshakes.
+                        server_args = ["--max-clients", str(max(
+                            1000, options.tunnels + HANDSHAKE_SAMPLES + 16))]
+                    setups.append(Setup(procs, echo, side, tls, workdir,
+                                        server_args=server_args, protocol=protocol))
         for run in range(options.runs):
             # Test by test (load: size by size), each on every setup in turn, so that what is compared is measured
             # seconds apart; the order alternates, so neither side always goes first.
@@ -1361,7 +1445,8 @@ def main(argv=None):
                                                setup.transport)
                     entries += measure(setup, options, [test], run, tag, ping_size,
                                        direct=index == 0, sizes=sizes,
-                                       tunnels=not (options.against and setup.tls))
+                                       tunnels=not (options.against and setup.tls)
+                                       and setup.protocol == UOTLV)
         for setup in setups:
             setup.stop()
     except KeyboardInterrupt:
@@ -1388,14 +1473,22 @@ def main(argv=None):
     info = {"python": platform.python_version(), "machine": platform.machine(),
             "cpus": os.cpu_count(), "kernel": platform.release(),
             "proxyguard": os.path.abspath(options.proxyguard), "runs": options.runs,
+            "transports": protocols,
             "window": options.window, "duration": options.duration,
             "sides": [dict(key=side.key, label=side.label, about=side.describe(),
                            **({"interpreter": side.info} if isinstance(side, PythonSide) else
                               {"bindir": side.bindir, "go_version": side.go_version}))
                       for side in sides]}
-    comparison = compare(sides, summary, options, ping_size) if len(sides) > 1 else None
+    # --against: one side-by-side table per protocol that both sides speak.
+    comparisons = {protocol: compare(sides, summary, options, ping_size, protocol)
+                   for protocol in protocols
+                   if len(sides) > 1 and all(protocol in side.protocols for side in sides)}
+    by_transport = compare_transports(sides, summary, options, ping_size) \
+        if len(protocols) > 1 else None
     if options.json:
-        json.dump({"info": info, "comparison": comparison, "medians": summary,
+        json.dump({"info": info, "comparison": comparisons.get(UOTLV),
+                   "comparison_websocket": comparisons.get(WEBSOCKET),
+                   "websocket_vs_uotlv": by_transport, "medians": summary,
                    "runs": entries}, sys.stdout, indent=1)
         print()
     elif summary:
@@ -1404,13 +1497,22 @@ def main(argv=None):
                  ", medians of %d runs" % options.runs if options.runs > 1 else ""))
         for side in sides:
             print("  " + side.describe())
-        if comparison:
-            print("  %d rounds alternating the sides; load: window %d, %gs per size; "
-                  "ping: %d round trips" % (options.runs, options.window, options.duration,
+        if comparisons or by_transport:
+            print("  %d rounds alternating the %s; load: window %d, %gs per size; "
+                  "ping: %d round trips" % (options.runs, "sides" if comparisons else
+                                            "transports", options.window, options.duration,
                                             options.roundtrips))
+        for protocol, comparison in comparisons.items():
             print()
+            if len(comparisons) > 1:
+                print("over %s:" % ("UoTLV/1" if protocol == UOTLV else "WebSocket"))
             for line in format_comparison(comparison, sides):
                 print(line)
+        if by_transport:
+            print()
+            for line in format_transport_comparison(by_transport, sides):
+                print(line)
+        if comparisons or by_transport:
             print()
         labels = dict({side.key: side.label for side in sides}, direct="no proxy")
         width = max(len(label) for label in labels.values())
