@@ -48,6 +48,8 @@ proxyguard.py did better:
                        source or go, one line says so and proxyguard.py is measured alone.
     --against PYTHON   proxyguard.py run by another interpreter (vs --python): what the
                        interpreter alone changes.
+    --against FILE.py  another version of proxyguard.py, by the same interpreter: what a
+                       change to the code changes.
 
     Figures: one-way datagrams/s and loss at each --size; round trip p50/p99 (ping); CPU
     seconds (client + server, user+sys) per GB of payload relayed (both directions); TLS
@@ -575,6 +577,8 @@ def build_go(source):
 
 def against_side(options):
     """The implementation named by --against: GoSide, or PythonSide for an interpreter path."""
+    if options.against.endswith(".py"):  # another proxyguard.py, the same interpreter
+        return PythonSide(options.against, options.python, key="py2")
     if options.against != "go":
         return PythonSide(options.proxyguard, options.against, key="py2")
     if options.go_bin:
@@ -1085,12 +1089,16 @@ def compare_transports(sides, summary, options, ping_size):
 def format_transport_comparison(rows, sides):
     labels = {side.key: side.label for side in sides}
     named = len({entry["side"] for entry in rows}) > 1
-    lines = ["%-30s %10s %10s  %6s" % ("WebSocket vs UoTLV/1", "UoTLV/1", "WebSocket", "ratio")]
-    for entry in rows:
+    figures = [entry["figure"] + (" (%s)" % labels[entry["side"]] if named else "")
+               for entry in rows]
+    width = max([30] + [len(figure) for figure in figures])
+    lines = ["%-*s %10s %10s  %6s" % (width, "WebSocket vs UoTLV/1", "UoTLV/1", "WebSocket",
+                                      "ratio")]
+    for figure, entry in zip(figures, rows):
         unit = "k" if "dgram/s" in entry["figure"] else "µs"
-        figure = entry["figure"] + (" (%s)" % labels[entry["side"]] if named else "")
-        lines.append("%-30s %10s %10s  %6s" % (
-            figure, fmt_value(entry[UOTLV], unit, None), fmt_value(entry[WEBSOCKET], unit, None),
+        lines.append("%-*s %10s %10s  %6s" % (
+            width, figure, fmt_value(entry[UOTLV], unit, None),
+            fmt_value(entry[WEBSOCKET], unit, None),
             "%5.2f×" % entry["ratio"] if entry["ratio"] is not None else "     -"))
     lines.append("ratio: WebSocket/UoTLV/1 (rtt: UoTLV/1/WebSocket); > 1: WebSocket did better")
     return lines
@@ -1242,10 +1250,11 @@ def build_parser():
     add("--python", default=sys.executable, metavar="PATH",
         help="the interpreter that runs proxyguard.py (default: the one running this, %s)"
              % sys.executable)
-    add("--against", default=None, metavar="go|PYTHON",
+    add("--against", default=None, metavar="go|PYTHON|FILE.py",
         help="compare side by side, alternating runs: 'go' = the original Go ProxyGuard (built "
-             "from %s, or --go-bin), or the path of another Python interpreter running "
-             "proxyguard.py; prints both, and their ratio" % os.path.normpath(REFERENCE))
+             "from %s, or --go-bin), the path of another Python interpreter running "
+             "proxyguard.py, or another proxyguard.py (a .py file: another version of it); "
+             "prints both, and their ratio" % os.path.normpath(REFERENCE))
     add("--go-bin", default=None, metavar="DIR",
         help="with --against go: use proxyguard-server and proxyguard-client from DIR "
              "instead of building them")
@@ -1346,7 +1355,10 @@ def main(argv=None):
         sides = [PythonSide(options.proxyguard, options.python)]
         if options.against:
             other = against_side(options)
-            if isinstance(other, PythonSide):  # two interpreters: name them
+            if isinstance(other, PythonSide) and other.script != sides[0].script:
+                sides[0].label, other.label = options.proxyguard, options.against
+                sides[0].short, other.short = "1st", "2nd"
+            elif isinstance(other, PythonSide):  # two interpreters: name them
                 sides[0].label, other.label = sides[0].interpreter(), other.interpreter()
                 sides[0].short, other.short = sides[0].info["version"], other.info["version"]
                 if sides[0].label == other.label:
