@@ -3338,6 +3338,9 @@ class Client:
         """Check --fwmark, bind the UDP socket, resolve the server once; raises FatalError."""
         if dialer.fwmark >= 0:
             check_fwmark(dialer.fwmark)
+        if keepalive != DEFAULT_KEEPALIVE and not dialer.url.websocket:
+            log.warning("--keepalive %g does nothing over %s:// (UoTLV/1 has no ping): it is "
+                        "for ws:// and wss://", keepalive, dialer.url.scheme)
         endpoint = SharedUdpEndpoint.bind(listen_port, forward_port)
         try:
             dialer.resolve()

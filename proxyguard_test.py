@@ -1545,6 +1545,19 @@ def read_until_closed(sock, timeout=5):
         data += chunk
 
 
+def test_keepalive_over_uotlv_is_warned_about_as_doing_nothing(caplog):
+    for url, keepalive, warned in [("http://127.0.0.1:9/", 5, True),
+                                   ("https://127.0.0.1:9/", pg.DEFAULT_KEEPALIVE, False),
+                                   ("ws://127.0.0.1:9/", 5, False)]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="proxyguard"):
+            client = pg.Client.open(pg.Dialer(pg.ServerURL(url)), listen_port=0,
+                                    forward_port=9, keepalive=keepalive)
+        client.endpoint.close()
+        assert ("does nothing over %s (UoTLV/1 has no ping)" % url[:url.index("/") + 2]
+                in caplog.text) == warned, (url, caplog.text)
+
+
 def test_server_ends_a_websocket_with_close_1000_when_idle_and_1001_when_stopping(echo):
     server = pg.Server(None, (LOOPBACK, echo.port), idle_timeout=0.3, handshake_timeout=5)
     sock, thread, head = upgrade_socketpair(server, WS_UPGRADE)
