@@ -967,17 +967,19 @@ def mask_payload(data, key):
     return masked.to_bytes(words << 2, "little")[:size]
 
 
+def frame_head(first, size, masked):
+    """A frame's first bytes (RFC 6455 5.2): `first` (FIN, opcode), then the mask bit and
+    `size` (at most MAX_FRAME_PAYLOAD: all this program sends) in the fewest bytes."""
+    second = 0x80 if masked else 0
+    if size < 126:
+        return bytes((first, second | size))
+    return _LENGTH_16.pack(first, second | 126, size)
+
+
 def websocket_frame(opcode, payload=b"", mask=False):
     """One final frame of `opcode` carrying `payload`; masked with a fresh random key when
-    `mask` (the client's frames, RFC 6455 5.1). The length takes the fewest bytes (5.2)."""
-    size = len(payload)
-    first = 0x80 | opcode
-    if size < 126:
-        header = bytes((first, size | (0x80 if mask else 0)))
-    elif size <= 0xFFFF:
-        header = _LENGTH_16.pack(first, 126 | (0x80 if mask else 0), size)
-    else:
-        header = struct.pack("!BBQ", first, 127 | (0x80 if mask else 0), size)
+    `mask` (the client's frames, RFC 6455 5.1)."""
+    header = frame_head(0x80 | opcode, len(payload), mask)
     if not mask:
         return header + bytes(payload)
     key = os.urandom(4)
@@ -993,12 +995,11 @@ def websocket_frames(datagrams, mask):
     """One binary message per datagram, as one bytes object (one TCP write). The client's are
     masked, each with a fresh key (RFC 6455 5.3): keys for all at once, and the frames joined
     and masked in one XOR, where the headers meet a mask of zeros."""
+    final_binary = 0x80 | OP_BINARY
     if not mask:
         parts = []
         for datagram in datagrams:
-            size = len(datagram)
-            parts.append(bytes((0x82, size)) if size < 126
-                         else _LENGTH_16.pack(0x82, 126, size))
+            parts.append(frame_head(final_binary, len(datagram), False))
             parts.append(datagram)
         return b"".join(parts)
     keys = os.urandom(4 * len(datagrams))
@@ -1006,10 +1007,7 @@ def websocket_frames(datagrams, mask):
     for index, datagram in enumerate(datagrams):
         size = len(datagram)
         key = keys[4 * index:4 * index + 4]
-        if size < 126:
-            frames.append(bytes((0x82, 0x80 | size)) + key)
-        else:
-            frames.append(_LENGTH_16.pack(0x82, 0xFE, size) + key)
+        frames.append(frame_head(final_binary, size, True) + key)
         masks.append(bytes(len(frames[-1])))
         frames.append(datagram)
         masks.append((key * ((size >> 2) + 1))[:size])
