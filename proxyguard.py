@@ -976,26 +976,21 @@ def frame_head(first, size, masked):
     return _LENGTH_16.pack(first, second | 126, size)
 
 
-def unmask_in_place(view, spans):
-    """Unmask the payloads at `spans`, (start, stop, 4-byte key) in order, in the writable
-    `view`, with one XOR from the first start to the last stop: what lies between them meets a
-    mask of zeros, and stays as it was. One conversion to and from a big int for the whole
-    batch, where mask_payload per frame costs a call and a bytes object each. A lone frame
-    goes through mask_payload: its multiply beats building the mask's bytes."""
-    first, last = spans[0][0], spans[-1][1]
-    if len(spans) == 1:
-        view[first:last] = mask_payload(view[first:last], int.from_bytes(spans[0][2], "little"))
-        return
+def mask_spans(data, spans, start):
+    """`data[start:stop]`, stop the end of the last span, with each span (start, stop, 4-byte
+    key; in order, from `start` on) XORed with its key repeated (RFC 6455 5.3; masking and
+    unmasking are the one XOR), as bytes: all in one big-int XOR, where what lies between the
+    spans (frame headers) meets a mask of zeros. One conversion to and from a big int for a
+    whole batch, where mask_payload per frame costs a call and a bytes object each."""
     masks = []
-    pos = first
-    for start, stop, key in spans:
-        size = stop - start
-        masks.append(bytes(start - pos))
+    pos = start
+    for first, last, key in spans:
+        size = last - first
+        masks.append(bytes(first - pos))
         masks.append((bytes(key) * ((size >> 2) + 1))[:size])
-        pos = stop
-    view[first:last] = (int.from_bytes(view[first:last], "little")
-                        ^ int.from_bytes(b"".join(masks), "little")).to_bytes(last - first,
-                                                                             "little")
+        pos = last
+    return (int.from_bytes(data[start:pos], "little")
+            ^ int.from_bytes(b"".join(masks), "little")).to_bytes(pos - start, "little")
 
 
 def websocket_frame(opcode, payload=b"", mask=False):
@@ -1014,9 +1009,9 @@ def close_payload(code, reason=""):
 
 
 def websocket_frames(datagrams, mask):
-    """One binary message per datagram, as one bytes object (one TCP write). The client's are
-    masked, each with a fresh key (RFC 6455 5.3): keys for all at once, and the frames joined
-    and masked in one XOR, where the headers meet a mask of zeros."""
+    """One binary message per datagram, joined for one TCP write. The client's are masked,
+    each with a fresh key (RFC 6455 5.3): keys for all at once, then one XOR for all
+    (mask_spans)."""
     final_binary = 0x80 | OP_BINARY
     if not mask:
         parts = []
@@ -1025,17 +1020,18 @@ def websocket_frames(datagrams, mask):
             parts.append(datagram)
         return b"".join(parts)
     keys = os.urandom(4 * len(datagrams))
-    frames, masks = [], []
+    parts, spans = [], []
+    pos = 0
     for index, datagram in enumerate(datagrams):
         size = len(datagram)
         key = keys[4 * index:4 * index + 4]
-        frames.append(frame_head(final_binary, size, True) + key)
-        masks.append(bytes(len(frames[-1])))
-        frames.append(datagram)
-        masks.append((key * ((size >> 2) + 1))[:size])
-    data = b"".join(frames)
-    return (int.from_bytes(data, "little")
-            ^ int.from_bytes(b"".join(masks), "little")).to_bytes(len(data), "little")
+        head = frame_head(final_binary, size, True) + key
+        parts.append(head)
+        parts.append(datagram)
+        pos += len(head)
+        spans.append((pos, pos + size, key))
+        pos += size
+    return mask_spans(b"".join(parts), spans, 0) if spans else b""
 
 
 class WebSocketClosed(ProxyGuardError):
@@ -1062,7 +1058,7 @@ class WebSocketDecoder:
     `cut(view, end)` works as cut_frames: it returns the datagrams of the messages completed in
     `view[:end]` and where the first incomplete frame begins. The datagrams of whole messages
     are slices of `view`, unmasked in place (`view` must be writable): all of a cut's in one
-    XOR (see unmask_in_place); those of fragmented messages are bytes. Then `pong` holds the
+    XOR (mask_spans); those of fragmented messages are bytes. Then `pong` holds the
     payload of the last ping not yet answered (None: none; RFC 6455 5.5.3 allows answering the
     last only), and `closed` a WebSocketClosed once the peer closed or broke the protocol
     (nothing is read after it).
@@ -1132,7 +1128,12 @@ class WebSocketDecoder:
             else:
                 self._control(opcode, bytes(payload))
         if spans:
-            unmask_in_place(view, spans)
+            first, last = spans[0][0], spans[-1][1]
+            if len(spans) == 1:  # a lone frame: mask_payload's multiply beats a mask's bytes
+                view[first:last] = mask_payload(view[first:last],
+                                                int.from_bytes(spans[0][2], "little"))
+            else:
+                view[first:last] = mask_spans(view, spans, first)
         return datagrams, pos
 
     def _check(self, first, masked, size):

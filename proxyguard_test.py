@@ -1048,7 +1048,7 @@ def test_frames_take_the_fewest_length_bytes_and_the_client_masks_each_with_a_fr
     for datagram in datagrams:
         header = 2 if len(datagram) < 126 else 4
         assert client[pos] == 0x82 and client[pos + 1] & 0x80  # final, binary, masked
-        key = client[pos + header:pos + header + 4]
+        key = bytes(client[pos + header:pos + header + 4])
         keys.append(key)
         body = client[pos + header + 4:pos + header + 4 + len(datagram)]
         assert reference_mask(body, key) == datagram
