@@ -3598,8 +3598,11 @@ def run_check(dialer, out=sys.stdout):
 
 
 def dial_and_close(dialer):
-    """Dial once (check), close at once, and return the peer's text."""
+    """Dial once (check), close at once (over WebSocket with a close frame, so the server and
+    any front see an orderly end), and return the peer's text."""
     channel, _, peer = dialer.dial()
+    if dialer.url.websocket:
+        channel.send_without_waiting(WebSocketFraming(client_side=True).close_frame(CLOSE_NORMAL))
     channel.shutdown()
     channel.close()
     return peer

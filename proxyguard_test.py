@@ -14,6 +14,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import errno
+import io
 import json
 import logging
 import mmap
@@ -1556,6 +1557,19 @@ def test_keepalive_over_uotlv_is_warned_about_as_doing_nothing(caplog):
         client.endpoint.close()
         assert ("does nothing over %s (UoTLV/1 has no ping)" % url[:url.index("/") + 2]
                 in caplog.text) == warned, (url, caplog.text)
+
+
+@pytest.mark.parametrize("scheme", ["http", "ws"])
+def test_check_in_process_says_the_transport_and_ends_a_websocket_with_close_1000(scheme, echo,
+                                                                                  caplog):
+    with caplog.at_level(logging.INFO, logger="proxyguard"), \
+            running_server(echo.port) as server:
+        out = io.StringIO()
+        url = "%s://%s:%d/" % ((scheme,) + server.address)
+        assert pg.run_check(pg.Dialer(pg.ServerURL(url)), out) == 0
+        assert out.getvalue().endswith("accepts %s upgrades\n" % pg.ServerURL(url).transport)
+        wait_until(lambda: "tunnel down" in caplog.text, 5, "the tunnel down")
+    assert ("closed by peer: WebSocket close 1000" in caplog.text) == (scheme == "ws")
 
 
 def test_server_ends_a_websocket_with_close_1000_when_idle_and_1001_when_stopping(echo):
