@@ -1727,7 +1727,7 @@ def test_two_clients_stay_separate(tmp_path, echo, procs):
     server.wait_log("tunnel up", count=2)
 
 
-@pytest.mark.parametrize("scheme", ["http", "ws"])
+@pytest.mark.parametrize("scheme", ["http", pytest.param("ws", marks=pytest.mark.slow)])
 def test_server_restart_loses_nothing_sent_after_it(scheme, tmp_path, echo, procs):
     server = start_server(tmp_path, echo.port)
     procs.append(server)
@@ -3570,6 +3570,7 @@ def test_bad_handshakes_are_refused_and_the_good_tunnel_survives(server, good_tu
     server_is_healthy(server)
 
 
+@pytest.mark.slow  # waits out a 2 s handshake deadline
 def test_slow_senders_are_cut_off_at_the_handshake_deadline(server, good_tunnel):
     """A few trickling clients at once; each is closed within the timeout plus a margin, and
     not earlier than the timeout (the deadline is not reset by each byte)."""
@@ -3978,6 +3979,7 @@ def test_max_clients_refuses_the_next_client_with_503(limited_server):
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.slow  # waits out a 2 s handshake deadline
 def test_max_clients_silent_connections_do_not_keep_slots(limited_server):
     """Whether or not connections still in their handshake count towards the limit, idle ones
     are dropped at the handshake deadline and must not keep good clients out after it."""
