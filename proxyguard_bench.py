@@ -1176,23 +1176,18 @@ def compare(sides, summary, options, ping_size, protocol=UOTLV):
     return [entry for entry in rows if any(v is not None for v in entry["values"].values())]
 
 
+# How the comparison table writes a figure of each unit ("k": thousands).
+UNIT_FORMATS = {"µs": "%.0f µs", "s": "%.1f s", "%": "%.2f %%", "x": "%.2f", "n": "%.0f",
+                "ms": "%.1f ms"}
+
+
 def fmt_value(value, unit, side):
     if value is None:
         return "no TLS" if not side.tls else "-"
     if unit == "k":
         return "%.1f k" % (value / 1000)
-    if unit == "µs":
-        return "%.0f µs" % value
-    if unit == "s":
-        return "%.1f s" % value
-    if unit == "%":
-        return "%.2f %%" % value
-    if unit == "x":
-        return "%.2f" % value
-    if unit == "n":
-        return "%.0f" % value
-    if unit == "ms":
-        return "%.1f ms" % value
+    if unit in UNIT_FORMATS:
+        return UNIT_FORMATS[unit] % value
     return "%.0f %s" % (value, unit)
 
 

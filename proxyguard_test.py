@@ -578,6 +578,22 @@ def run_in_thread(tunnel):
     return thread, result
 
 
+@contextlib.contextmanager
+def running_pump_tunnel(endpoint_class=pg.TunnelUdpEndpoint):
+    """A pump_tunnel running in a thread: yields (tunnel, ours, wireguard). After the test's
+    block our end stops sending, and the tunnel must end "closed by peer"; both sockets close."""
+    tunnel, ours, wireguard = pump_tunnel(endpoint_class)
+    thread, result = run_in_thread(tunnel)
+    try:
+        yield tunnel, ours, wireguard
+        ours.shutdown(socket.SHUT_WR)
+        thread.join(5)
+        assert result == ["closed by peer"]
+    finally:
+        ours.close()
+        wireguard.close()
+
+
 class RefusingGsoEndpoint(pg.TunnelUdpEndpoint):
     """A kernel that takes the GSO option but refuses the send (EIO: no checksum offload)."""
 
@@ -595,9 +611,7 @@ def test_tunnel_sends_runs_of_frames_as_separate_datagrams_in_order(endpoint_cla
     a refused GSO send falls back to one send per datagram, and is not tried again."""
     sizes = [1420] * 50 + [700, 0, 0, 100, 100, 100, 1420, 1, 65507, 3, 3] + [1000] * 70
     datagrams = [numbered(i, size) for i, size in enumerate(sizes)]
-    tunnel, ours, wireguard = pump_tunnel(endpoint_class)
-    thread, result = run_in_thread(tunnel)
-    try:
+    with running_pump_tunnel(endpoint_class) as (tunnel, ours, wireguard):
         ours.sendall(pg.encode_frames(datagrams))
         wireguard.settimeout(5)
         got = [wireguard.recv(65536) for _ in datagrams]
@@ -607,20 +621,12 @@ def test_tunnel_sends_runs_of_frames_as_separate_datagrams_in_order(endpoint_cla
                    == (len(sizes), sum(sizes)), 5, "the sends counted")
         if endpoint_class is RefusingGsoEndpoint:
             assert tunnel.endpoint.gso_refusals == 1 and tunnel.endpoint.gso is False
-        ours.shutdown(socket.SHUT_WR)
-        thread.join(5)
-        assert result == ["closed by peer"]
-    finally:
-        ours.close()
-        wireguard.close()
 
 
 def test_tunnel_frames_datagrams_in_place_and_drops_empty_ones():
     """Datagrams from WireGuard, empty ones among them, bursts and single ones: the frames on
     the stream are those of the non-empty datagrams, in order, and the counters agree."""
-    tunnel, ours, wireguard = pump_tunnel()
-    thread, result = run_in_thread(tunnel)
-    try:
+    with running_pump_tunnel() as (tunnel, ours, wireguard):
         address = tunnel.endpoint.sock.getsockname()
         sent = []
         for burst in ([1420], [1420] * 30 + [0, 5], [0], [65507, 1, 65507], [100] * 200, [7]):
@@ -633,12 +639,6 @@ def test_tunnel_frames_datagrams_in_place_and_drops_empty_ones():
         assert read_frames(ours, pg.FrameDecoder(), len(sent)) == sent
         wait_until(lambda: tunnel.to_tcp_datagrams == len(sent), 5, "the counters")
         assert tunnel.to_tcp_bytes == sum(map(len, sent))
-        ours.shutdown(socket.SHUT_WR)
-        thread.join(5)
-        assert result == ["closed by peer"]
-    finally:
-        ours.close()
-        wireguard.close()
 
 
 class FailingChannel(pg.PlainChannel):
