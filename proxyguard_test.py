@@ -1525,25 +1525,17 @@ def upgrade_socketpair(server, request_bytes):
     answer's head)."""
     sock, thread = serve_socketpair(server)
     sock.sendall(request_bytes)
-    reader = pg.HeadReader()
-    sock.settimeout(5)
-    parts = None
-    while parts is None:
-        parts = reader.feed(sock.recv(4096))
-    return sock, thread, parts[0]
+    return sock, thread, read_answer_head(sock)
 
 
 WS_UPGRADE = pg.build_upgrade_request("example", "/pg", websocket_key=WS_KEY)
 
 
 def read_until_closed(sock, timeout=5):
-    sock.settimeout(timeout)
-    data = b""
-    while True:
-        chunk = sock.recv(4096)
-        if not chunk:
-            return data
-        data += chunk
+    """What comes until the peer closes (read_answer), which it must do within `timeout`."""
+    data, how = read_answer(sock, time.monotonic() + timeout)
+    assert how == "eof", (how, data)
+    return data
 
 
 def test_keepalive_over_uotlv_is_warned_about_as_doing_nothing(caplog):
@@ -1682,10 +1674,13 @@ def test_client_waits_its_backoff_after_a_tunnel_that_died_at_once(caplog):
 
 
 def read_answer_head(sock):
+    """Read an HTTP head from `sock` (5 s at most); return it."""
     reader = pg.HeadReader()
     sock.settimeout(5)
-    while reader.feed(sock.recv(4096)) is None:
-        pass
+    parts = None
+    while parts is None:
+        parts = reader.feed(sock.recv(4096))
+    return parts[0]
 
 
 # =============================================================================================
