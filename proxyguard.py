@@ -718,11 +718,7 @@ def check_upgrade_response(response, body=b"", websocket_key=None):
     if websocket_key is not None and check_websocket_response(response, websocket_key):
         return
     if status == 101:
-        if response.tokens("upgrade") != [PROTOCOL.lower()]:
-            raise UpgradeRefused("the server switched to %r instead of %s: not a ProxyGuard server"
-                                 % (response.get("upgrade", ""), PROTOCOL))
-        if "upgrade" not in response.tokens("connection"):
-            raise UpgradeRefused("the 101 answer lacks 'Connection: Upgrade': a broken proxy?")
+        check_switched(response, PROTOCOL)
         return
     if status in (200, 204) or 300 <= status < 400:
         location = response.get("location")
@@ -764,6 +760,16 @@ def check_upgrade_response(response, body=b"", websocket_key=None):
     raise UpgradeRefused("got %s instead of 101 Switching Protocols: %s" % (got, cause))
 
 
+def check_switched(response, protocol):
+    """Raise UpgradeRefused unless the 101 `response` switched to `protocol`, with
+    Connection: Upgrade."""
+    if response.tokens("upgrade") != [protocol.lower()]:
+        raise UpgradeRefused("the server switched to %r instead of %s: not a ProxyGuard server"
+                             % (response.get("upgrade", ""), protocol))
+    if "upgrade" not in response.tokens("connection"):
+        raise UpgradeRefused("the 101 answer lacks 'Connection: Upgrade': a broken proxy?")
+
+
 def check_websocket_response(response, key):
     """True if `response` accepts the WebSocket handshake sent with `key`; raise
     UpgradeRefused for a 101 that does not (RFC 6455 4.1), or a refusal that says only UoTLV/1
@@ -777,11 +783,7 @@ def check_websocket_response(response, key):
                              % (response.get("sec-websocket-version"), WEBSOCKET_VERSION))
     if status != 101:
         return False
-    if response.tokens("upgrade") != [WEBSOCKET]:
-        raise UpgradeRefused("the server switched to %r instead of websocket"
-                             % response.get("upgrade", ""))
-    if "upgrade" not in response.tokens("connection"):
-        raise UpgradeRefused("the 101 answer lacks 'Connection: Upgrade': a broken proxy?")
+    check_switched(response, WEBSOCKET)
     if response.get_all("sec-websocket-accept") != [websocket_accept(key)]:
         raise UpgradeRefused("the 101 answer's Sec-WebSocket-Accept does not match our key "
                              "(RFC 6455 4.1): a broken proxy?")
