@@ -1267,9 +1267,11 @@ def test_server_handles_a_socketpair_in_process(echo):
         sock.settimeout(5)
         parts = reader.feed(sock.recv(4096))
     assert parts[0] == pg.UPGRADE_RESPONSE
+    # The echoes may come in the same read as the 101 (CI saw the first one there): the
+    # frames already cut count towards the three.
     decoder = pg.FrameDecoder()
-    assert decoder.feed(parts[1]) + read_frames(sock, decoder, 3 - len(decoder.feed(b""))) \
-        == datagrams
+    echoed = decoder.feed(parts[1])
+    assert echoed + read_frames(sock, decoder, len(datagrams) - len(echoed)) == datagrams
     assert server.tunnels_open() == 1
     sock.close()
     thread.join(5)
