@@ -1788,10 +1788,22 @@ class UdpEndpoint:
         return end, count
 
     def send(self, datagram):
+        self._send_past_refusal(self._send, datagram)
+
+    def _send_past_refusal(self, send, *args):
+        """`send(*args)`, and once more if it raises ConnectionRefusedError: that error is an
+        earlier datagram's ICMP port unreachable (WireGuard down or restarting), which Linux
+        reports on the next send instead of sending it, and clears (sock_error() in
+        sock_alloc_send_pskb). Without the second try the first datagram after WireGuard comes
+        back would be lost; while it is still down, the datagram draws its own ICMP."""
         try:
-            self._send(datagram)
-        except ConnectionRefusedError:  # ICMP port unreachable: WireGuard down or restarting
+            send(*args)
+        except ConnectionRefusedError:
             self._nothing_listens()
+            try:
+                send(*args)
+            except ConnectionRefusedError:
+                pass
 
     def _nothing_listens(self):
         # The server swallowed these without a word (issue "The first ten minutes").
@@ -1816,10 +1828,9 @@ class UdpEndpoint:
         if not self.gso:
             return False
         try:
-            self._send_segments(
-                datagrams, [(SOL_UDP, UDP_SEGMENT, SEGMENT_SIZE.pack(len(datagrams[0])))])
-        except ConnectionRefusedError:  # ICMP port unreachable: WireGuard down or restarting
-            self._nothing_listens()
+            self._send_past_refusal(
+                self._send_segments, datagrams,
+                [(SOL_UDP, UDP_SEGMENT, SEGMENT_SIZE.pack(len(datagrams[0])))])
         except OSError as exc:
             if exc.errno not in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EMSGSIZE):
                 raise
@@ -1933,9 +1944,12 @@ class SharedUdpEndpoint(UdpEndpoint):
                                  else max(0.0, deadline.remaining()) * 1000)
             if not events or any(fd == self._wake_read for fd, _ in events):
                 return False
-            # Only POLLERR: a queued error polls true until read. Anything else (a pending
-            # error without a queue) is for the caller's recvfrom to raise, as before.
-            if any(mask & select.POLLIN for _, mask in events) or not self._read_errors():
+            # A queued error polls true until read, so it is read first, also beside a
+            # datagram: left for later, an ICMP from before WireGuard came back would be
+            # taken for a new outage after its first answer (a second warning). Nothing
+            # queued (a pending error only) is for the caller's recvfrom to raise.
+            errors = any(mask & select.POLLERR for _, mask in events) and self._read_errors()
+            if not errors or any(mask & select.POLLIN for _, mask in events):
                 return True
 
     def _read_errors(self):

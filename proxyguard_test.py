@@ -308,13 +308,6 @@ def proc_stats(pid):
     return {"threads": threads, "fds": fds, "rss_kib": rss}
 
 
-def udp_counters():
-    """The kernel's UDP counters (/proc/net/snmp): InDatagrams, NoPorts, RcvbufErrors, ..."""
-    with open("/proc/net/snmp") as stream:
-        lines = [line.split() for line in stream if line.startswith("Udp:")]
-    return dict(zip(lines[0][1:], map(int, lines[1][1:])))
-
-
 def udp_drops(address):
     """Datagrams the kernel dropped on the IPv4 UDP socket bound to `address` (ip, port) since
     it was made (its receive buffer was full): the last column of /proc/net/udp."""
@@ -623,6 +616,64 @@ def test_tunnel_sends_runs_of_frames_as_separate_datagrams_in_order(endpoint_cla
             assert tunnel.endpoint.gso_refusals == 1 and tunnel.endpoint.gso is False
 
 
+def udp_endpoint_to(port, shared):
+    """The client's shared UDP endpoint (IP_RECVERR) replying to LOOPBACK:port, or a server
+    tunnel's endpoint connected to it; and the function that closes it."""
+    if shared:
+        endpoint = pg.SharedUdpEndpoint.bind(0, port)
+        return endpoint, endpoint.close
+    endpoint = pg.TunnelUdpEndpoint.connected((LOOPBACK, port), socket.AF_INET)
+    return endpoint, endpoint.release
+
+
+def wait_for_icmp(sock):
+    """Until `sock` polls POLLERR: an earlier send's ICMP port unreachable came back."""
+    poller = select.poll()
+    poller.register(sock, select.POLLERR)
+    wait_until(lambda: poller.poll(0), 5, "the ICMP port unreachable")
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["server", "client"])
+def test_the_first_datagram_after_wireguard_comes_back_is_not_lost(shared, caplog):
+    """Linux reports an earlier datagram's ICMP port unreachable on the next send, and does
+    not send that one: the endpoint sends it once more, so WireGuard, back, gets it."""
+    port = free_port(socket.SOCK_DGRAM)
+    endpoint, close = udp_endpoint_to(port, shared)
+    try:
+        endpoint.send(b"to nobody")
+        wait_for_icmp(endpoint.sock)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as wireguard:
+            wireguard.bind((LOOPBACK, port))
+            wireguard.settimeout(5)
+            endpoint.send(b"first")
+            assert wireguard.recv(100) == b"first"
+        assert caplog.text.count("nothing listens on") == 1
+    finally:
+        close()
+
+
+def test_client_reads_an_old_icmp_before_the_datagram_beside_it(caplog):
+    """A datagram from WireGuard, back, and the ICMP of a reply sent before it came back both
+    wait when the client polls: the ICMP is read first, so the outage it reports ends with the
+    datagram (one warning, and a later outage is warned about again)."""
+    port = free_port(socket.SOCK_DGRAM)
+    endpoint, close = udp_endpoint_to(port, shared=True)
+    try:
+        endpoint.send(b"to nobody")
+        wait_for_icmp(endpoint.sock)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as wireguard:
+            wireguard.bind((LOOPBACK, port))
+            wireguard.sendto(b"back", endpoint.address)
+            assert endpoint.wait(5)
+            view = memoryview(bytearray(70000))
+            end, count = endpoint.receive_frames(view)
+            assert count == 1 and bytes(view[2:end]) == b"back"
+            assert not endpoint.wait(0.05)
+        assert caplog.text.count("nothing listens on") == 1 and not endpoint.refused
+    finally:
+        close()
+
+
 def test_tunnel_frames_datagrams_in_place_and_drops_empty_ones():
     """Datagrams from WireGuard, empty ones among them, bursts and single ones: the frames on
     the stream are those of the non-empty datagrams, in order, and the counters agree."""
@@ -637,8 +688,8 @@ def test_tunnel_frames_datagrams_in_place_and_drops_empty_ones():
                     sent.append(datagram)
             time.sleep(0.01)  # scenario: bursts apart, so single-datagram receives happen too
         assert read_frames(ours, pg.FrameDecoder(), len(sent)) == sent
-        wait_until(lambda: tunnel.to_tcp_datagrams == len(sent), 5, "the counters")
-        assert tunnel.to_tcp_bytes == sum(map(len, sent))
+        wait_until(lambda: (tunnel.to_tcp_datagrams, tunnel.to_tcp_bytes)
+                   == (len(sent), sum(map(len, sent))), 5, "the counters")
 
 
 class FailingChannel(pg.PlainChannel):
@@ -1406,7 +1457,7 @@ def test_connect_timeout_bounds_all_addresses_together():
     port, sockets = blackhole_listeners(2)
     try:
         dialer = pg.Dialer(pg.ServerURL("http://vpn.example.org:%d/" % port),
-                           peer_ips=["127.0.0.1", "127.0.0.2"], connect_timeout=1.0)
+                           peer_ips=["127.0.0.1", "127.0.0.2"], connect_timeout=2.0)
         started = time.monotonic()
         with pytest.raises(ConnectionError) as caught:
             dialer.dial()
@@ -1415,13 +1466,14 @@ def test_connect_timeout_bounds_all_addresses_together():
         for sock in sockets:
             sock.close()
     assert "127.0.0.1" in str(caught.value) and "127.0.0.2" in str(caught.value)
-    assert 0.9 <= elapsed < 1.6  # each address got its share, not the whole second each
+    # Each address got its share, not the whole 2 s each (4 s): wide of both for a slow CI.
+    assert 1.9 <= elapsed < 3.2
 
 
 def test_tunnel_closes_at_the_idle_timeout_after_the_last_data_either_way():
-    """Data only towards the peer at 0.6 s, idle timeout 1 s: closed at 1.6 s, not at 2 s
+    """Data only towards the peer at 1.2 s, idle timeout 2 s: closed at 3.2 s, not at 4 s
     (a receive timeout that restarts at every wait counts from the last recv instead)."""
-    timeout = 1.0
+    timeout = 2.0
     ours, theirs = socket.socketpair()
     wireguard = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     wireguard.bind((LOOPBACK, 0))
@@ -1440,8 +1492,8 @@ def test_tunnel_closes_at_the_idle_timeout_after_the_last_data_either_way():
     assert ours.recv(100) == b""  # the tunnel closed
     closed_after = time.monotonic() - last_data
     thread.join(5)
-    assert result == ["idle for 1s"]
-    assert timeout - 0.1 <= closed_after < timeout + 0.3
+    assert result == ["idle for 2s"]
+    assert timeout - 0.2 <= closed_after < timeout + 0.6  # the bug: timeout + 0.8
     for sock in (ours, wireguard):
         sock.close()
 
@@ -1783,7 +1835,8 @@ def test_frames_split_anywhere_and_bytes_with_the_request(tmp_path, echo, procs)
 
 
 def test_idle_timeout_closes_both_sides(tmp_path, echo, procs):
-    server = start_server(tmp_path, echo.port, "--idle-timeout", "1.5")
+    # The server's own timeout far behind, so that a slow machine's client still closes first.
+    server = start_server(tmp_path, echo.port, "--idle-timeout", "5")
     procs.append(server)
     client = start_client(tmp_path, "http://%s:%d/" % (LOOPBACK, server.port),
                           "--idle-timeout", "1")
@@ -1805,18 +1858,19 @@ def test_wireguard_restart_does_not_end_the_tunnel(tmp_path, procs):
     procs.append(server)
     client = start_client(tmp_path, "http://%s:%d/" % (LOOPBACK, server.port))
     procs.append(client)
-    no_ports = udp_counters()["NoPorts"]
-    for i in range(5):  # nothing listens: each send draws ICMP
+    for i in range(5):  # nothing listens: they draw ICMP port unreachable
         client.wireguard.send(b"lost %d" % i)
-        time.sleep(0.05)  # pacing: one at a time, so each meets the closed port on its own
     server.wait_log("tunnel up")
-    # All five have reached the closed port (this count is the machine's: other traffic can
-    # only make the wait shorter, and then a late one would come back below instead of "back").
-    wait_until(lambda: udp_counters()["NoPorts"] >= no_ports + 5, 10,
-               "the datagrams reaching the closed port")
+    server.wait_log("nothing listens on")  # the ICMP has reached the tunnel's socket
     echo = UdpEcho(wireguard_port)
     try:
-        assert client.wireguard.roundtrip(b"back") == b"back"
+        client.wireguard.send(b"back")
+        # One of the five may still have been on its way to the port as the echo bound it.
+        while True:
+            answer = client.wireguard.recv()
+            if answer == b"back":
+                break
+            assert answer.startswith(b"lost "), answer
     finally:
         echo.close()
     assert "tunnel down" not in server.log()
@@ -2588,7 +2642,16 @@ def test_metrics_of_a_real_server_and_client_after_traffic(tmp_path, echo, procs
     assert raw.roundtrip(b"z" * 50) == b"z" * 50
     raw.close()
     server.wait_log("tunnel down")
-    status, content_type, text = scrape(server.metrics_port)
+    # The log line comes just before the connection's figures move to the totals: scrape
+    # until the closed tunnel is counted.
+    def page_with_the_closed_tunnel():
+        page = scrape(server.metrics_port)
+        lifetimes = parse_metrics(page[2]).get(
+            ("proxyguard_server_tunnel_lifetime_seconds_count", ()))
+        return page if lifetimes == 1 else None
+
+    status, content_type, text = wait_until(page_with_the_closed_tunnel, 5,
+                                            "the closed tunnel in the totals")
     assert status == 200 and content_type == "text/plain; version=0.0.4; charset=utf-8"
     samples = parse_metrics(text)
     expected = {
@@ -2898,8 +2961,8 @@ def test_tls_12_only_front_end_needs_tls_min_version(tmp_path, procs, certs):
             try:
                 with context.wrap_socket(conn, server_side=True) as tls:
                     tls.recv(4096)
+                    served.append(tls.version())  # before the answer that ends the check
                     tls.sendall(pg.UPGRADE_RESPONSE)
-                    served.append(tls.version())
                     tls.recv(4096)
             except (OSError, ssl.SSLError):
                 pass
