@@ -1095,17 +1095,20 @@ def test_frames_take_the_fewest_length_bytes_and_the_client_masks_each_with_a_fr
     datagrams = [b"a" * 3, b"b" * 125, b"c" * 126, b"d" * 65535]
     server = pg.websocket_frames(datagrams, mask=False)
     assert server == b"".join(ws_frame(2, d, mask=False) for d in datagrams)
-    client = pg.websocket_frames(datagrams, mask=True)
-    keys, pos = [], 0
-    for datagram in datagrams:
-        header = 2 if len(datagram) < 126 else 4
-        assert client[pos] == 0x82 and client[pos + 1] & 0x80  # final, binary, masked
-        key = bytes(client[pos + header:pos + header + 4])
-        keys.append(key)
-        body = client[pos + header + 4:pos + header + 4 + len(datagram)]
-        assert reference_mask(body, key) == datagram
-        pos += header + 4 + len(datagram)
-    assert pos == len(client) and len(set(keys)) == len(keys)
+    keys = []
+    for batch in (datagrams, datagrams[2:3]):  # a lone datagram takes a path of its own
+        client = pg.websocket_frames(batch, mask=True)
+        pos = 0
+        for datagram in batch:
+            header = 2 if len(datagram) < 126 else 4
+            assert client[pos] == 0x82 and client[pos + 1] & 0x80  # final, binary, masked
+            key = bytes(client[pos + header:pos + header + 4])
+            keys.append(key)
+            body = client[pos + header + 4:pos + header + 4 + len(datagram)]
+            assert reference_mask(body, key) == datagram
+            pos += header + 4 + len(datagram)
+        assert pos == len(client)
+    assert len(set(keys)) == len(keys)
 
 
 @pytest.mark.parametrize("masked", [True, False], ids=["to-server", "to-client"])
