@@ -2709,15 +2709,22 @@ class Server:
         except Exception:
             log.exception("connection %s: unexpected error", peer_text)
         finally:
-            with self._lock:
-                self._connections.discard(connection)
-                if connection.tunnel is not None:  # its figures go from live to closed at once
-                    self.closed_traffic.add(connection.tunnel)
-                    self.lifetimes.observe(connection.tunnel.duration)
-                self._admitted -= connection.admitted
+            self._retire(connection)
             sock.close()
-            if connection.admitted:
-                self.tunnels_changed()
+
+    def _retire(self, connection):
+        """The connection leaves the live set, once: a tunnel's figures go from live to closed
+        at once (a scrape sees them in one or the other), and it is counted out."""
+        with self._lock:
+            if connection not in self._connections:
+                return
+            self._connections.discard(connection)
+            if connection.tunnel is not None:
+                self.closed_traffic.add(connection.tunnel)
+                self.lifetimes.observe(connection.tunnel.duration)
+            self._admitted -= connection.admitted
+        if connection.admitted:
+            self.tunnels_changed()
 
     def _open_channel(self, sock, deadline):
         """The channel for `sock`: TLS handshake done if the server speaks HTTPS."""
@@ -2766,6 +2773,7 @@ class Server:
         log.info("tunnel up: %s, path %s, %s%s", peer_text, request.start[1], transport,
                  ", " + channel.tls_version if channel.tls_version else "")
         reason = tunnel.run()
+        self._retire(connection)  # before the log line: what reads it sees the totals so
         log.info("tunnel down: %s after %s (%s)", peer_text, tunnel.summary(), reason)
 
     def _refuse(self, channel, peer_text, error):
@@ -3457,10 +3465,11 @@ class Client:
             self._tunnel = None
             self.closed_traffic.add(tunnel)
             self._last_to_wireguard, self._last_from_wireguard = self._last_datagrams(tunnel)
-        self.tunnels_changed()
-        log.info("tunnel down: %s after %s (%s)", tunnel.peer, tunnel.summary(), reason)
         if not self._stopping:
             self.reconnects["idle" if tunnel.went_idle else "ended"] += 1
+        self.tunnels_changed()
+        # After the figures moved, as the server does: what the line prompts sees them.
+        log.info("tunnel down: %s after %s (%s)", tunnel.peer, tunnel.summary(), reason)
         return self.backoff.tunnel_ended(tunnel.duration, tunnel.went_idle)
 
     def _last_datagrams(self, tunnel):

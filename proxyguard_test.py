@@ -1332,6 +1332,39 @@ def test_server_handles_a_socketpair_in_process(echo):
     assert not thread.is_alive() and server.tunnels_open() == 0
 
 
+class RecordState(logging.Handler):
+    """A log handler that calls `state()` as each record whose message starts with `prefix`
+    is written (in the writing thread: what anyone reading the line could see), and keeps the
+    results."""
+
+    def __init__(self, prefix, state):
+        super().__init__()
+        self.prefix, self.state, self.seen = prefix, state, []
+
+    def emit(self, record):
+        if record.getMessage().startswith(self.prefix):
+            self.seen.append(self.state())
+
+
+def test_a_closed_tunnel_is_in_the_totals_when_its_down_line_is_written(echo, caplog):
+    """A scrape (or SIGUSR1, or systemd's STATUS) prompted by "tunnel down" sees the tunnel
+    closed, not still open with its lifetime unobserved."""
+    server = pg.Server(None, (LOOPBACK, echo.port), idle_timeout=30, handshake_timeout=5)
+    handler = RecordState("tunnel down", lambda: (
+        server.tunnels_open(), server.lifetimes.count, server.closed_traffic.to_udp_datagrams))
+    caplog.set_level(logging.INFO, logger="proxyguard")
+    pg.log.addHandler(handler)
+    try:
+        sock, thread = serve_socketpair(server)
+        sock.sendall(UPGRADE + pg.encode_frame(b"one"))
+        wait_until(lambda: echo.count == 1, 5, "the datagram at WireGuard")
+        sock.close()
+        thread.join(5)
+    finally:
+        pg.log.removeHandler(handler)
+    assert handler.seen == [(0, 1, 1)]
+
+
 @pytest.mark.parametrize("data, status", [
     (b"POST / HTTP/1.1\r\nHost: x\r\n\r\n", 405),
     (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 426),
@@ -2644,17 +2677,9 @@ def test_metrics_of_a_real_server_and_client_after_traffic(tmp_path, echo, procs
     raw = RawTunnel(server.port)
     assert raw.roundtrip(b"z" * 50) == b"z" * 50
     raw.close()
+    # The tunnel's figures are in the totals before its "tunnel down" line is written.
     server.wait_log("tunnel down")
-    # The log line comes just before the connection's figures move to the totals: scrape
-    # until the closed tunnel is counted.
-    def page_with_the_closed_tunnel():
-        page = scrape(server.metrics_port)
-        lifetimes = parse_metrics(page[2]).get(
-            ("proxyguard_server_tunnel_lifetime_seconds_count", ()))
-        return page if lifetimes == 1 else None
-
-    status, content_type, text = wait_until(page_with_the_closed_tunnel, 5,
-                                            "the closed tunnel in the totals")
+    status, content_type, text = scrape(server.metrics_port)
     assert status == 200 and content_type == "text/plain; version=0.0.4; charset=utf-8"
     samples = parse_metrics(text)
     expected = {
