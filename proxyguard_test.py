@@ -6721,26 +6721,38 @@ def test_open_files_warning_when_max_clients_cannot_fit(tmp_path, echo, procs):
 
 
 @pytest.mark.slow
-def test_pip_install_gives_a_proxyguard_command(tmp_path):
-    """`pip install .` in a fresh venv: a `proxyguard` command, configargparse as its
-    dependency, and proxyguard.py the only module (not the test or bench files)."""
+@pytest.mark.parametrize("installer", ["pip", "pipx"])
+def test_install_gives_a_proxyguard_command(tmp_path, installer):
+    """`pip install .` in a fresh venv, or `pipx install .` (Debian's pipx, which makes its own
+    venv from Debian's python3): a `proxyguard` command, configargparse as its dependency, and
+    proxyguard.py the only module (not the test or bench files)."""
     source = tmp_path / "source"  # a copy: a build leaves build/ and *.egg-info behind
     source.mkdir()
     for name in os.listdir(HERE):
         if name.endswith(".py") or name in ("pyproject.toml", "README.md", "LICENSE"):
             shutil.copy(os.path.join(HERE, name), str(source))
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    result = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
-                             "--disable-pip-version-check", str(source)],
-                            capture_output=True, text=True, timeout=300)
+    if installer == "pip":
+        venv = tmp_path / "venv"
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+        command = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
+                   "--disable-pip-version-check", str(source)]
+        environ = None
+        program = venv / "bin" / "proxyguard"
+    else:
+        command = ["pipx", "install", str(source)]
+        environ = dict(os.environ, PIPX_HOME=str(tmp_path / "pipx"),
+                       PIPX_BIN_DIR=str(tmp_path / "bin"))
+        program = tmp_path / "bin" / "proxyguard"
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environ)
     assert result.returncode == 0, result.stdout + result.stderr
-    version = subprocess.run([str(venv / "bin" / "proxyguard"), "--version"],
+    version = subprocess.run([str(program), "--version"],
                              capture_output=True, text=True, timeout=60)
     assert version.returncode == 0 and version.stdout.startswith(
         "proxyguard.py %s " % pg.__version__), version
+    with open(str(program)) as script:  # the interpreter of the environment it went into
+        python = script.readline()[2:].strip()
     probe = subprocess.run(
-        [str(venv / "bin" / "python"), "-c",
+        [python, "-c",
          "import configargparse, importlib.util as u, proxyguard; "
          "print(proxyguard.configargparse is not None, "
          "[m for m in ('proxyguard_test', 'proxyguard_bench', 'proxyguard_testbed') "
