@@ -2773,7 +2773,7 @@ class Server:
         log.info("tunnel up: %s, path %s, %s%s", peer_text, request.start[1], transport,
                  ", " + channel.tls_version if channel.tls_version else "")
         reason = tunnel.run()
-        self._retire(connection)  # before the log line: what reads it sees the totals so
+        self._retire(connection)  # first: a scrape or SIGUSR1 the line prompts sees it closed
         log.info("tunnel down: %s after %s (%s)", peer_text, tunnel.summary(), reason)
 
     def _refuse(self, channel, peer_text, error):
@@ -3468,7 +3468,7 @@ class Client:
         if not self._stopping:
             self.reconnects["idle" if tunnel.went_idle else "ended"] += 1
         self.tunnels_changed()
-        # After the figures moved, as the server does: what the line prompts sees them.
+        # Last, as on the server: a scrape or SIGUSR1 the line prompts sees the tunnel closed.
         log.info("tunnel down: %s after %s (%s)", tunnel.peer, tunnel.summary(), reason)
         return self.backoff.tunnel_ended(tunnel.duration, tunnel.went_idle)
 
