@@ -2016,6 +2016,16 @@ def readme_commands(section):
     return commands
 
 
+def test_quick_start_names_the_packages_ci_installs():
+    """The Quick start's list of what (2) installs is .ci/run's apt-get list (it fell behind
+    twice: prometheus and systemd, then pipx)."""
+    listed = re.search(r"\(2\) installs Debian's `([^`]+)`", readme_section("Quick start"))
+    with open(os.path.join(HERE, ".ci", "run")) as f:
+        installed = re.search(r"apt-get install (.*?[^\\])\n", f.read(), re.S).group(1)
+    assert sorted(listed.group(1).split()) == sorted(
+        word for word in installed.replace("\\\n", " ").split() if not word.startswith("-"))
+
+
 def test_quick_start_runs_as_written(tmp_path, procs):
     """The README's Quick start, literally: (1) starts a server with the defaults, and the
     command that proves it prints the success line the README quotes."""
