@@ -1489,6 +1489,7 @@ def blackhole_listeners(count):
     return port, listeners + fillers
 
 
+@pytest.mark.slow  # waits out a 2 s timeout
 def test_connect_timeout_bounds_all_addresses_together():
     port, sockets = blackhole_listeners(2)
     try:
@@ -1506,6 +1507,7 @@ def test_connect_timeout_bounds_all_addresses_together():
     assert 1.9 <= elapsed < 3.2
 
 
+@pytest.mark.slow  # waits out a 2 s timeout
 def test_tunnel_closes_at_the_idle_timeout_after_the_last_data_either_way():
     """Data only towards the peer at 1.2 s, idle timeout 2 s: closed at 3.2 s, not at 4 s
     (a receive timeout that restarts at every wait counts from the last recv instead)."""
