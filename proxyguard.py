@@ -1198,6 +1198,120 @@ def parse_close(payload):
     return WebSocketClosed(code, text, by_peer=True)
 
 
+# --- WireGuard profiles (up): the eduVPN portal's wg-quick file, with ProxyEndpoint lines -----
+
+# wg-quick's own test of an interface name taken from a file name (its CONFIG_FILE pattern in
+# wg-quick(8)): 1 to 15 of these characters, the file named NAME.conf.
+WG_INTERFACE_NAME = re.compile(r"^[a-zA-Z0-9_=+.-]{1,15}$")
+_PROFILE_SECTION = re.compile(r"^\[\s*([A-Za-z]+)\s*\]$")
+_PROFILE_SETTING = re.compile(r"^([A-Za-z][A-Za-z0-9]*)\s*=\s*(.*)$")
+
+
+class ProfileLine:
+    """One line of a profile: its `text` as written; `section`, the index of its section in
+    WireGuardProfile.sections (-1 before the first); `header`, whether it is the section's
+    [Name] line; and its setting, `key` in lower case (wg and wg-quick read keys in any case)
+    and `value`, or None for a header, a comment or a blank line."""
+
+    __slots__ = ("text", "section", "header", "key", "value")
+
+    def __init__(self, text, section, header=False, key=None, value=None):
+        self.text, self.section, self.header = text, section, header
+        self.key, self.value = key, value
+
+
+class WireGuardProfile:
+    """A wg-quick configuration, as the eduVPN portal writes it (see parse_profile): `lines`
+    (ProfileLine) in order, so that comments and settings pass through a rewrite as written;
+    `sections`, each section's name in lower case; `interface`, the index of [Interface];
+    `proxy_peers`, [(section index, ServerURL)] of each [Peer] with a ProxyEndpoint."""
+
+    def __init__(self, lines, sections, interface, proxy_peers):
+        self.lines, self.sections = lines, sections
+        self.interface, self.proxy_peers = interface, proxy_peers
+
+    def values(self, section, key):
+        """The values of `key` (lower case) in section number `section`, in order."""
+        return [line.value for line in self.lines if line.section == section and line.key == key]
+
+    def setting(self, key):
+        """The [Interface]'s last value for `key` (lower case), or None."""
+        values = self.values(self.interface, key)
+        return values[-1] if values else None
+
+
+def parse_profile(text, where):
+    """Read a WireGuard profile (wg-quick's format plus eduVPN's ProxyEndpoint, a URL per
+    [Peer]) into a WireGuardProfile. Raises UsageError naming `where` and the line: a line
+    that is no setting, an unknown section, not one [Interface], two ProxyEndpoints in a peer,
+    a ProxyEndpoint that is no server URL, or none at all (nothing for up to do)."""
+    lines, sections = [], []
+    for number, text_line in enumerate(text.splitlines(), 1):
+        at = "%s, line %d" % (where, number)
+        content = text_line.split("#", 1)[0].strip()  # wg and wg-quick: '#' to the line's end
+        header = _PROFILE_SECTION.match(content)
+        setting = _PROFILE_SETTING.match(content)
+        if not content:
+            lines.append(ProfileLine(text_line, len(sections) - 1))
+        elif header:
+            name = header.group(1).lower()
+            if name not in ("interface", "peer"):
+                raise UsageError("%s: unknown section [%s]: a WireGuard profile has [Interface] "
+                                 "and [Peer] sections" % (at, header.group(1)))
+            sections.append(name)
+            lines.append(ProfileLine(text_line, len(sections) - 1, header=True))
+        elif setting and sections:
+            lines.append(ProfileLine(text_line, len(sections) - 1, key=setting.group(1).lower(),
+                                     value=setting.group(2).strip()))
+        elif setting:
+            raise UsageError("%s: %r comes before the [Interface] section" % (at, content[:80]))
+        else:
+            raise UsageError("%s: %r is neither a [Section] nor 'Key = Value'"
+                             % (at, content[:80]))
+    if sections.count("interface") != 1:
+        raise UsageError("%s: a WireGuard profile has one [Interface] section, this one %d"
+                         % (where, sections.count("interface")))
+    profile = WireGuardProfile(lines, sections, sections.index("interface"), [])
+    for index, name in enumerate(sections):
+        urls = profile.values(index, "proxyendpoint") if name == "peer" else []
+        if len(urls) > 1:
+            raise UsageError("%s: a [Peer] with %d ProxyEndpoint lines: one per peer"
+                             % (where, len(urls)))
+        if urls:
+            try:
+                url = ServerURL(urls[0])
+            except UsageError as exc:  # ServerURL words its errors for --to
+                raise UsageError("%s: ProxyEndpoint%s" % (where, str(exc)[len("--to"):]))
+            profile.proxy_peers.append((index, url))
+    if not profile.proxy_peers:
+        raise UsageError("%s: no [Peer] has a ProxyEndpoint line, so there is no tunnel to run "
+                         "(a plain WireGuard profile goes up with wg-quick alone)" % where)
+    return profile
+
+
+def rewrite_profile(profile, ports, listen_port, fwmark):
+    """The profile as wg-quick (or NetworkManager, systemd-networkd) takes it: in each [Peer]
+    of `ports` ({section index: the UDP port of its tunnel on 127.0.0.1}), the ProxyEndpoint
+    line becomes `Endpoint = 127.0.0.1:PORT` and the portal's placeholder Endpoint goes;
+    [Interface] gets `ListenPort` (where the tunnels send WireGuard's datagrams) and `FwMark`
+    (the mark of the tunnels' TCP sockets: wg-quick's policy routing for AllowedIPs 0.0.0.0/0
+    keeps marked packets out of the VPN) in place of its own. Every other line as written,
+    comments, DNS, MTU and PersistentKeepalive too, and peers without a ProxyEndpoint."""
+    out = []
+    for line in profile.lines:
+        if line.section == profile.interface and line.key in ("listenport", "fwmark"):
+            continue
+        if line.section in ports and line.key == "endpoint":
+            continue
+        if line.section in ports and line.key == "proxyendpoint":
+            out.append("Endpoint = 127.0.0.1:%d" % ports[line.section])
+            continue
+        out.append(line.text)
+        if line.header and line.section == profile.interface:
+            out += ["ListenPort = %d" % listen_port, "FwMark = %d" % fwmark]
+    return "\n".join(out) + "\n"
+
+
 # =============================================================================================
 # Policies: deadlines, the idle clock, the back-off; the metrics page's text. No I/O: tests
 # drive them with a fake clock, and the socket code only carries out what they decide.
@@ -3654,6 +3768,215 @@ def check_fwmark(mark):
         probe.close()
 
 
+# --- Several peers in one process (up): a Client per ProxyEndpoint peer, and wg-quick ---------
+
+
+class PeerLogNames(logging.Filter):
+    """Puts 'peer URL: ' before the log lines of the threads that speak for a peer (each
+    client's connector, which runs its tunnels' TCP->UDP pump too), so that with several peers
+    in one process every line says whose it is. A filter on `log`, added by ClientGroup."""
+
+    def __init__(self):
+        super().__init__()
+        self._names = {}  # thread ident -> the peer's URL
+
+    @contextlib.contextmanager
+    def speaking_for(self, name):
+        """Lines this thread logs inside the block name peer `name`."""
+        ident = threading.get_ident()
+        self._names[ident] = str(name)
+        try:
+            yield
+        finally:
+            self._names.pop(ident, None)
+
+    def filter(self, record):
+        name = self._names.get(record.thread)
+        if name is not None:
+            # The message is formatted with its arguments later: a % in the URL stays one.
+            record.msg = "peer %s: %s" % (name.replace("%", "%%") if record.args else name,
+                                          record.msg)
+        return True
+
+
+class ClientGroup:
+    """Several Clients in one process, one per peer of a profile (up): each has its own UDP
+    port, tunnel and back-off, and runs its connector in a thread of its own. To main(argv)'s
+    runtime (run_until_signal, SystemdNotifier, MetricsEndpoint) the group is one service;
+    its log lines (PeerLogNames), SIGUSR1 lines, metrics (a `peer` label) and STATUS name each
+    peer by its URL."""
+
+    def __init__(self, clients):
+        self.clients = list(clients)
+        self.names = PeerLogNames()
+        self._serving = False
+
+    @property
+    def tunnels_changed(self):
+        return self.clients[0].tunnels_changed
+
+    @tunnels_changed.setter
+    def tunnels_changed(self, callback):  # systemd's notifier: any peer's tunnel up or down
+        for client in self.clients:
+            client.tunnels_changed = callback
+
+    def serve_forever(self):
+        """Run every client until `stop()`; returns once all have ended."""
+        log.addFilter(self.names)
+        threads = [threading.Thread(target=self._serve, args=(client,),
+                                    name="peer %s" % client.url, daemon=True)
+                   for client in self.clients]
+        try:
+            for thread in threads:
+                thread.start()
+            self._serving = True
+            for thread in threads:
+                thread.join()
+        finally:
+            self._serving = False
+            log.removeFilter(self.names)
+
+    def _serve(self, client):
+        with self.names.speaking_for(client.url):
+            try:
+                client.serve_forever()
+            except Exception:  # a bug: this peer stops, the others go on, healthy() says so
+                log.exception("the tunnel stopped on an unexpected error")
+
+    def stop(self):
+        for client in self.clients:
+            client.stop()
+
+    def status(self):
+        """One line for systemd's STATUS=: each peer's, by its URL."""
+        return "; ".join(client.status() for client in self.clients)
+
+    def healthy(self):
+        return self._serving and all(client.healthy() for client in self.clients)
+
+    def reload(self, options):
+        done = []
+        for client in self.clients:
+            done += [what for what in client.reload(options) if what not in done]
+        return done
+
+    def metrics(self):
+        """Every client's metrics, one family each, its samples labelled peer=URL."""
+        shared = [metric.name for metric in process_metrics()]
+        families = collections.OrderedDict()
+        for client in self.clients:
+            for metric in client.metrics():
+                if metric.name in shared:
+                    continue
+                family = families.setdefault(metric.name,
+                                             Metric(metric.name, metric.kind, metric.help))
+                family.samples += [(suffix, (("peer", str(client.url)),) + labels, value)
+                                   for suffix, labels, value in metric.samples]
+        return process_metrics() + list(families.values())
+
+    def dump_tunnels(self):
+        """SIGUSR1: each client's lines, named by its peer."""
+        for client in self.clients:
+            with self.names.speaking_for(client.url):
+                client.dump_tunnels()
+
+
+def check_can_bring_up(profile, euid=None, which=None):
+    """up without --write-config runs wg-quick: raise FatalError (one line, what to install or
+    do) if it cannot: wg-quick missing, a DNS line without resolvconf, not root."""
+    if which is None:
+        import shutil  # only here: its imports cost every mode's start-up
+        which = shutil.which
+    missing = [tool for tool in ("wg-quick", "wg") if which(tool) is None]
+    if missing:
+        raise FatalError("%s not found: up brings WireGuard up with wg-quick; install the "
+                         "package wireguard-tools (apt-get install wireguard-tools), or run "
+                         "only the tunnels with --write-config" % " and ".join(missing))
+    if profile.setting("dns") and which("resolvconf") is None:
+        raise FatalError("the profile's DNS line needs resolvconf, which wg-quick calls to set "
+                         "the name servers: install the package openresolv (or resolvconf), "
+                         "or remove the DNS line")
+    if (os.geteuid() if euid is None else euid) != 0:
+        raise FatalError("up needs root: wg-quick creates the interface and its routes and "
+                         "rules (run it with sudo), or run only the tunnels with --write-config")
+
+
+class WgQuick:
+    """up's WireGuard: `up(text)` writes the configuration to a private runtime file, a
+    directory of its own (0700) holding INTERFACE.conf (0600: it holds the private key),
+    and runs `wg-quick up` on it by absolute path (a bare name would be a file in
+    /etc/wireguard); `down()` runs `wg-quick down`, waits for a userspace WireGuard
+    (wireguard-go, wg-quick's fallback without the kernel module) to end, and removes the
+    file. Raises FatalError with wg-quick's last line."""
+
+    # wireguard-go's control socket, there while it runs (for every network namespace).
+    CONTROL_SOCKET = "/var/run/wireguard/%s.sock"
+    # After `wg-quick down` deleted the interface, wireguard-go ends within milliseconds.
+    USERSPACE_END_SECONDS = 5.0
+
+    def __init__(self, interface):
+        self.interface = interface
+        self.directory = self.path = None
+
+    def up(self, text):
+        import tempfile  # only here: client and server never write files
+        runtime = "/run" if os.access("/run", os.W_OK) else None
+        self.directory = tempfile.mkdtemp(prefix="proxyguard-", dir=runtime)
+        self.path = os.path.join(self.directory, self.interface + ".conf")
+        descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as stream:
+            stream.write(text)
+        try:
+            self._run("up")
+        except FatalError:
+            self._remove()
+            raise
+
+    def down(self):
+        """Returns whether the interface went down."""
+        try:
+            self._run("down")
+        except FatalError as exc:
+            log.error("%s: check with 'ip link show %s'", exc, self.interface)
+            return False
+        finally:
+            self._remove()
+        deadline = Deadline(self.USERSPACE_END_SECONDS)
+        while os.path.exists(self.CONTROL_SOCKET % self.interface):
+            if deadline.remaining() <= 0:
+                log.warning("wireguard-go of %s still runs after wg-quick down", self.interface)
+                break
+            time.sleep(0.01)  # polling for the process's end, with a deadline
+        return True
+
+    def _run(self, action):
+        import subprocess
+        import tempfile
+        # Its output into a file, not a pipe: wireguard-go, which wg-quick starts in the
+        # background, keeps wg-quick's stdout and stderr open for as long as it runs.
+        with tempfile.TemporaryFile() as output:
+            try:
+                status = subprocess.run(["wg-quick", action, self.path],
+                                        stdin=subprocess.DEVNULL, stdout=output,
+                                        stderr=subprocess.STDOUT).returncode
+            except OSError as exc:
+                raise FatalError("cannot run wg-quick: %s" % describe_error(exc))
+            output.seek(0)
+            lines = output.read().decode("utf-8", "replace").splitlines()
+        for line in lines:
+            log.debug("wg-quick %s: %s", action, line)
+        if status != 0:
+            raise FatalError("wg-quick %s %s failed (exit %d): %s" % (
+                action, self.path, status, lines[-1][:200] if lines else "no output"))
+        log.info("WireGuard %s: wg-quick %s %s", action, action, self.path)
+
+    def _remove(self):
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.directory)
+
+
 # =============================================================================================
 # Metrics endpoint: --metrics-listen serves the metrics page (render_metrics) over HTTP
 # =============================================================================================
@@ -3756,7 +4079,7 @@ class MetricsEndpoint:
 # CLI: one parser for every mode; command line > config file > environment > defaults
 # =============================================================================================
 
-MODES = ("client", "server", "check")
+MODES = ("client", "server", "check", "up")
 ENV_PREFIX = "PROXYGUARD_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -3779,7 +4102,17 @@ OPTION_MODES = {
 MODE_HINTS = {
     ("listen", "client"): "the client's UDP port is --listen-port",
     ("listen-port", "server"): "the server listens on --listen HOST:PORT",
+    ("listen-port", "up"): "up gives each peer's tunnel a free port of its own",
+    ("peer-ips", "up"): "up resolves each ProxyEndpoint's host once, at start",
 }
+# up runs a client per ProxyEndpoint peer of its profile (--profile): it takes the client's
+# options but those that name one server or one port.
+OPTION_MODES.update({key: modes + ("up",) for key, modes in OPTION_MODES.items()
+                     if "client" in modes and key not in ("listen-port", "peer-ips", "tcp-port")})
+OPTION_MODES.update({"profile": ("up",), "write-config": ("up",)})
+# up's FwMark, for WireGuard and the tunnels' TCP sockets, when neither --fwmark nor the profile
+# gives one: wg-quick's own first choice.
+DEFAULT_UP_FWMARK = 51820
 # PROXYGUARD_* variables that are not options: read by proxyguard's own test and bench tools,
 # never warned about.
 NOT_OPTION_VARIABLES = ("PROXYGUARD_TEST_", "PROXYGUARD_SCRIPT")
@@ -3880,6 +4213,12 @@ def build_parser(command_line_only=False):
     add("--mode", type=choice_in(MODES), choices=MODES, help="client, server, or check (try one "
         "connection to --to and print each step; takes the client's options); required. "
         "'proxyguard.py client ...' is short for '--mode client ...'")
+    add("--profile", metavar="FILE", help="the WireGuard profile (the eduVPN portal's, "
+        "with ProxyEndpoint lines); 'proxyguard.py up FILE' is short for '--mode up --profile "
+        "FILE'. Its file name, without .conf, names the WireGuard interface")
+    add("--write-config", metavar="PATH", help="run only the profile's tunnels and write "
+        "WireGuard's configuration to PATH (- prints it), for NetworkManager or "
+        "systemd-networkd; without it, up runs wg-quick up and, at the end, wg-quick down")
     add("--to", help="client: the server's URL (required), http(s)://host[:port][/path] for "
         "UoTLV/1, ws(s)://... for WebSocket (through fronts that pass nothing else); "
         "server: WireGuard's HOST:PORT (default %s)" % DEFAULT_SERVER_TO)
@@ -3968,11 +4307,13 @@ def mode_word_first(argv):
     if not argv or argv[0].startswith("-"):
         return argv
     word = argv[0].lower()
+    if word == "up" and len(argv) > 1 and not argv[1].startswith("-"):
+        return ["--mode", word, "--profile"] + argv[1:]
     if word in MODES:
         return ["--mode", word] + argv[1:]
     guess = close_match(word, MODES)
     raise UsageError("unknown mode %r: %s" % (argv[0], "did you mean %r?" % guess if guess else
-                                              "the first word is client, server or check"))
+                                              "the first word is client, server, check or up"))
 
 
 def config_file_settings(path, names):
@@ -4084,7 +4425,7 @@ def check_option_modes(options, parser, on_command_line, sources):
             hint = "check takes the client's options"
         raise UsageError("%s--%s is a %s option: %s would ignore it%s" % (
             "%s: " % source if source else "", key, " and ".join(modes),
-            "check" if options.mode == "check" else "the " + options.mode,
+            options.mode if options.mode in ("check", "up") else "the " + options.mode,
             " (%s)" % hint if hint else ""))
 
 
@@ -4144,8 +4485,8 @@ def parse_options(argv, environ=None):
 def check_options(options):
     """Mode-dependent checks and conversions; raises UsageError naming the option."""
     if options.mode is None:
-        raise UsageError("--mode is required: client, server or check (or 'mode = client' in "
-                         "the config file)")
+        raise UsageError("--mode is required: client, server, check or up (or 'mode = client' "
+                         "in the config file)")
     for name, (low, high, words) in TIMEOUT_BOUNDS.items():
         value = getattr(options, name)  # inf and nan fail both comparisons
         if not (low <= value <= high or (value == 0 and name in ("idle_timeout", "keepalive"))):
@@ -4175,10 +4516,13 @@ def check_options(options):
             raise UsageError("--path %r: must be a URL path such as /proxyguard (visible ASCII "
                              "from a /, no query)" % options.path)
         return
-    if not options.to:
+    if options.mode == "up":
+        read_up_profile(options)
+    elif not options.to:
         raise UsageError("--to is required for the %s: the server's URL, for example "
                          "https://vpn.example.org/proxyguard" % options.mode)
-    options.to = ServerURL(options.to)
+    else:
+        options.to = ServerURL(options.to)
     options.listen_port = parse_port(options.listen_port, "--listen-port")
     options.forward_port = parse_port(options.forward_port, "--forward-port")
     options.tcp_port = parse_port(options.tcp_port, "--tcp-port", allow_zero=True)
@@ -4198,6 +4542,48 @@ def check_options(options):
         except ValueError:
             raise UsageError("--peer-ips: %r is not an IP address" % ip)
     options.peer_ips = ips
+
+
+def read_up_profile(options):
+    """up: read --profile into options.wireguard_profile (a WireGuardProfile) and
+    options.interface (its file name without .conf), and settle WireGuard's ListenPort
+    (--forward-port, else the profile's, else the default) and FwMark (--fwmark, else the
+    profile's, else DEFAULT_UP_FWMARK; the tunnels' TCP sockets carry the same mark). Raises
+    UsageError."""
+    if not options.profile:
+        raise UsageError("up needs a profile: proxyguard.py up PROFILE.conf (or --profile FILE)")
+    if options.to:
+        raise UsageError("--to %r: up takes the servers' URLs from the profile's ProxyEndpoint "
+                         "lines" % options.to)
+    where = "--profile %s" % options.profile
+    name = os.path.basename(options.profile)
+    interface = name[:-len(".conf")] if name.endswith(".conf") else name
+    if not WG_INTERFACE_NAME.match(interface):
+        raise UsageError("%s: %r cannot name a WireGuard interface (wg-quick names it after the "
+                         "file, without .conf: 1 to 15 of a-z A-Z 0-9 _ = + . -): copy the "
+                         "profile to a name such as eduvpn.conf" % (where, interface))
+    try:
+        with open(options.profile, encoding="utf-8") as stream:
+            text = stream.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError("%s: cannot read the profile: %s" % (where, describe_error(exc)))
+    profile = parse_profile(text, where)
+    listen_port = profile.setting("listenport")
+    if options.forward_port == DEFAULT_FORWARD_PORT and listen_port:
+        options.forward_port = parse_port(listen_port, "%s: ListenPort" % where)
+    mark = profile.setting("fwmark")
+    if options.fwmark == -1:
+        options.fwmark = DEFAULT_UP_FWMARK
+        if mark and mark.lower() != "off":
+            try:
+                value = fwmark_value(mark)
+            except argparse.ArgumentTypeError as exc:
+                raise UsageError("%s: FwMark %s" % (where, exc))
+            if not 0 <= value <= MAX_FWMARK:
+                raise UsageError("%s: FwMark %r: must be 0 to %d (0x%x)"
+                                 % (where, mark, MAX_FWMARK, MAX_FWMARK))
+            options.fwmark = value or DEFAULT_UP_FWMARK  # 0 is wg's "off" too
+    options.wireguard_profile, options.interface = profile, interface
 
 
 def check_header_value(text, option):
@@ -4224,23 +4610,81 @@ def build_service(options):
                            handshake_timeout=options.handshake_timeout, tls_context=tls_context,
                            trusted_proxies=options.trusted_proxies,
                            max_clients=options.max_clients, path=options.path)
+    if options.mode == "up":
+        return build_client_group(options)
     return Client.open(build_dialer(options), listen_port=options.listen_port,
                        forward_port=options.forward_port, idle_timeout=options.idle_timeout,
                        keepalive=options.keepalive)
 
 
-def build_dialer(options):
-    """The client's (or check's) Dialer. Raises UsageError."""
+def build_client_group(options):
+    """up: check that wg-quick can run (unless --write-config), then a Client per ProxyEndpoint
+    peer, each on a free UDP port of 127.0.0.1, its server resolved now, before WireGuard may
+    route DNS into the VPN, and kept for every reconnect. Raises FatalError."""
+    profile = options.wireguard_profile
+    if not options.write_config:
+        check_can_bring_up(profile)
+    clients = []
+    for _, url in profile.proxy_peers:
+        dialer = build_dialer(options, url)
+        try:
+            dialer.resolve()
+        except OSError as exc:
+            raise FatalError("ProxyEndpoint %s: cannot resolve %s: %s" % (
+                url, dialer.proxy.host if dialer.proxy else url.host, describe_error(exc)))
+        clients.append(Client.open(dialer, listen_port=0, forward_port=options.forward_port,
+                                   idle_timeout=options.idle_timeout,
+                                   keepalive=options.keepalive))
+    return ClientGroup(clients)
+
+
+def start_wireguard(options, group):
+    """up: WireGuard's configuration for the group's tunnels (rewrite_profile), written to
+    --write-config (- prints it; returns None), or brought up with wg-quick (returns the
+    WgQuick that takes it down). Raises FatalError."""
+    profile = options.wireguard_profile
+    ports = {section: client.address[1]
+             for (section, _), client in zip(profile.proxy_peers, group.clients)}
+    text = rewrite_profile(profile, ports, options.forward_port, options.fwmark)
+    log.info("up: %s: %s; WireGuard's ListenPort %d, FwMark %d",
+             plural(len(group.clients), "tunnel"),
+             ", ".join("%s on 127.0.0.1:%d" % (client.url, client.address[1])
+                       for client in group.clients), options.forward_port, options.fwmark)
+    if options.write_config == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return None
+    if options.write_config:
+        try:  # 0600: it holds the private key
+            descriptor = os.open(options.write_config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                                 0o600)
+            os.fchmod(descriptor, 0o600)
+            with os.fdopen(descriptor, "w") as stream:
+                stream.write(text)
+        except OSError as exc:
+            raise FatalError("--write-config %s: cannot write: %s"
+                             % (options.write_config, describe_error(exc)))
+        log.info("WireGuard's configuration written to %s: the tunnels run until stopped",
+                 options.write_config)
+        return None
+    wireguard = WgQuick(options.interface)
+    wireguard.up(text)
+    return wireguard
+
+
+def build_dialer(options, url=None):
+    """The client's (or check's) Dialer, to `url` (default --to). Raises UsageError."""
+    url = url or options.to
     tls_context = None
-    if options.to.tls:
+    if url.tls:
         tls_context = client_tls_context(options.ca_file, options.tls_min_version)
     if options.proxy is None:
-        proxy = proxy_from_environment(options.to)
+        proxy = proxy_from_environment(url)
     elif options.proxy.lower() in ("", "none", "direct"):
         proxy = None
     else:
         proxy = ProxyURL(options.proxy)
-    return Dialer(options.to, proxy=proxy, peer_ips=options.peer_ips, fwmark=options.fwmark,
+    return Dialer(url, proxy=proxy, peer_ips=options.peer_ips, fwmark=options.fwmark,
                   tcp_port=options.tcp_port, user_agent=options.user_agent,
                   connect_timeout=options.connect_timeout, tls_context=tls_context)
 
@@ -4546,12 +4990,14 @@ def main(argv=None):
             print("proxyguard.py: error: %s" % name_source(exc, options), file=sys.stderr)
             return 2
     with signals_held():
-        metrics = None
+        metrics = wireguard = None
         try:
             try:
                 if options.metrics_listen:
                     metrics = MetricsEndpoint.open(options.metrics_listen)
                 service = build_service(options)
+                if options.mode == "up":
+                    wireguard = start_wireguard(options, service)
             except UsageError as exc:
                 print("proxyguard.py: error: %s" % name_source(exc, options), file=sys.stderr)
                 return 2
@@ -4561,8 +5007,15 @@ def main(argv=None):
             if metrics is not None:
                 metrics.start(service.metrics)
             tune_threads()
-            return run_until_signal(service, functools.partial(reload_settings, service, argv),
-                                    SystemdNotifier.from_environment())
+            status = 1
+            try:
+                status = run_until_signal(service, functools.partial(reload_settings, service,
+                                                                     argv),
+                                          SystemdNotifier.from_environment())
+            finally:
+                if wireguard is not None and not wireguard.down():
+                    status = 1
+            return status
         finally:
             if metrics is not None:  # the page stops with the service
                 metrics.stop()
