@@ -7369,3 +7369,267 @@ def test_pings_from_a_peer_that_never_reads_keep_memory_bounded(server, good_tun
     after = wait_for_stats(pid, before["threads"], before["fds"])
     assert after["threads"] <= before["threads"] and after["fds"] <= before["fds"], (before,
                                                                                     after)
+
+
+# =============================================================================================
+# up: an eduVPN profile in, a VPN up (issue 15, items 1 and 2): the profile's parser and
+# rewriter, the command line's errors, several peers in one process (tunnels only, loopback),
+# and for real: wg-quick with wireguard-go in network namespaces
+# =============================================================================================
+
+# A profile as the eduVPN portal (vpn-user-portal) writes it for "WireGuard over TCP", with a
+# second peer (no ProxyEndpoint: passes through) and the settings wg-quick must still see.
+PORTAL_PROFILE = """\
+# Profile: Employees (employees)
+# Expires: 2026-12-31T10:00:00+00:00
+
+[Interface]
+PrivateKey = {key}
+Address = 10.43.43.2/24,fd43::2/64
+DNS = 9.9.9.9,2620:fe::fe
+MTU = 1392
+ListenPort = 4444
+FwMark = 0x1234
+
+[Peer]
+PublicKey = {key}
+AllowedIPs = 0.0.0.0/0,::/0
+PersistentKeepalive = 25
+# ProxyEndpoint is a proprietary eduVPN / Let's Connect! extension
+Endpoint = 127.0.0.1:51820
+ProxyEndpoint = https://vpn.example.org/proxyguard/node-a.vpn.example.org
+
+[Peer]
+PublicKey = {key}
+AllowedIPs = 10.99.0.0/16
+Endpoint = 192.0.2.7:51820   # a plain WireGuard peer
+[peer]
+publickey = {key}
+AllowedIPs = 10.98.0.0/16
+proxyendpoint = http://node-b.example.org:8080/pg
+"""
+TEST_KEY = "cGxhY2Vob2xkZXJwbGFjZWhvbGRlcnBsYWNlaG9sZGU="
+
+
+def test_profile_rewrite_drops_proxy_endpoint_and_keeps_the_rest_as_written():
+    profile = pg.parse_profile(PORTAL_PROFILE.format(key=TEST_KEY), "--profile p.conf")
+    assert [(section, str(url)) for section, url in profile.proxy_peers] == [
+        (1, "https://vpn.example.org/proxyguard/node-a.vpn.example.org"),
+        (3, "http://node-b.example.org:8080/pg")]
+    assert profile.setting("dns") == "9.9.9.9,2620:fe::fe" and profile.setting("fwmark") == "0x1234"
+    text = pg.rewrite_profile(profile, {1: 40001, 3: 40002}, listen_port=51820, fwmark=51820)
+    assert text == """\
+# Profile: Employees (employees)
+# Expires: 2026-12-31T10:00:00+00:00
+
+[Interface]
+ListenPort = 51820
+FwMark = 51820
+PrivateKey = {key}
+Address = 10.43.43.2/24,fd43::2/64
+DNS = 9.9.9.9,2620:fe::fe
+MTU = 1392
+
+[Peer]
+PublicKey = {key}
+AllowedIPs = 0.0.0.0/0,::/0
+PersistentKeepalive = 25
+# ProxyEndpoint is a proprietary eduVPN / Let's Connect! extension
+Endpoint = 127.0.0.1:40001
+
+[Peer]
+PublicKey = {key}
+AllowedIPs = 10.99.0.0/16
+Endpoint = 192.0.2.7:51820   # a plain WireGuard peer
+[peer]
+publickey = {key}
+AllowedIPs = 10.98.0.0/16
+Endpoint = 127.0.0.1:40002
+""".format(key=TEST_KEY)
+
+
+@pytest.mark.parametrize("text, error", [
+    ("[Interface]\nPrivateKey = k\n[Peer]\nEndpoint = 192.0.2.1:51820\n",
+     "--profile p.conf: no [Peer] has a ProxyEndpoint line"),
+    ("[Interface]\n[Tunnel]\n", "--profile p.conf, line 2: unknown section [Tunnel]"),
+    ("[Interface]\nthis is no setting\n", "--profile p.conf, line 2: 'this is no setting' is "
+                                          "neither a [Section] nor 'Key = Value'"),
+    ("PrivateKey = k\n[Interface]\n", "--profile p.conf, line 1: 'PrivateKey = k' comes before"),
+    ("[Peer]\nProxyEndpoint = http://a/\n", "--profile p.conf: a WireGuard profile has one "
+                                            "[Interface] section, this one 0"),
+    ("[Interface]\n[Peer]\nProxyEndpoint = http://a/\nProxyEndpoint = http://b/\n",
+     "--profile p.conf: a [Peer] with 2 ProxyEndpoint lines"),
+    ("[Interface]\n[Peer]\nProxyEndpoint = vpn.example.org\n",
+     "--profile p.conf: ProxyEndpoint 'vpn.example.org' is not a URL"),
+    ("[Interface]\n[Peer]\nProxyEndpoint = ftp://vpn.example.org/\n",
+     "--profile p.conf: ProxyEndpoint 'ftp://vpn.example.org/': the scheme must be"),
+])
+def test_profiles_up_cannot_use_are_refused_naming_the_line(text, error):
+    with pytest.raises(pg.UsageError) as caught:
+        pg.parse_profile(text, "--profile p.conf")
+    assert str(caught.value).startswith(error) and "\n" not in str(caught.value)
+
+
+def write_profile(directory, name="eduvpn.conf", url="http://127.0.0.1:1/pg", extra=""):
+    path = directory / name
+    path.write_text("[Interface]\nPrivateKey = %s\nAddress = 10.43.43.2/24\n%s\n[Peer]\n"
+                    "PublicKey = %s\nAllowedIPs = 0.0.0.0/0\nProxyEndpoint = %s\n"
+                    % (TEST_KEY, extra, TEST_KEY, url))
+    return path
+
+
+def test_up_file_is_mode_up_with_a_profile_and_fwmark_comes_from_the_command_line_then_the_profile(
+        tmp_path):
+    plain = write_profile(tmp_path)
+    marked = write_profile(tmp_path, "marked.conf", extra="FwMark = 0xca6c\nListenPort = 4444")
+    options = pg.parse_options(["up", str(plain)], environ={})
+    assert (options.mode, options.profile, options.interface) == ("up", str(plain), "eduvpn")
+    assert (options.fwmark, options.forward_port) == (51820, 51820)  # wg-quick's first choice
+    options = pg.parse_options(["up", str(marked)], environ={})
+    assert (options.fwmark, options.forward_port) == (0xca6c, 4444)
+    options = pg.parse_options(["--mode", "up", "--profile", str(marked), "--fwmark", "7",
+                                "--forward-port", "5555"], environ={})
+    assert (options.fwmark, options.forward_port) == (7, 5555)
+
+
+@pytest.mark.parametrize("name, args, error", [
+    (None, ["up"], "up needs a profile: proxyguard.py up PROFILE.conf"),
+    ("my vpn.conf", [], "'my vpn' cannot name a WireGuard interface"),
+    ("a-name-too-long-for-linux.conf", [], "cannot name a WireGuard interface"),
+    ("eduvpn.conf", ["--to", "http://a/"], "up takes the servers' URLs from the profile"),
+    ("eduvpn.conf", ["--listen-port", "5"], "--listen-port is a client option: up would "
+                                            "ignore it"),
+    ("plain.conf", [], "no [Peer] has a ProxyEndpoint line"),
+])
+def test_up_command_line_errors_exit_2_with_one_line(tmp_path, name, args, error):
+    argv = list(args)
+    if name == "plain.conf":
+        (tmp_path / name).write_text("[Interface]\nPrivateKey = k\n[Peer]\nEndpoint = "
+                                     "192.0.2.1:1\n")
+    elif name is not None:
+        write_profile(tmp_path, name)
+    if name is not None:
+        argv = ["up", str(tmp_path / name)] + argv
+    result = run_cli(*argv)
+    assert result.returncode == 2, result.stderr
+    assert error in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_up_says_what_is_missing_before_running_wg_quick():
+    profile = pg.parse_profile("[Interface]\nDNS = 10.0.0.1\n[Peer]\nProxyEndpoint = http://a/\n",
+                               "p")
+    everything = lambda tool: "/usr/bin/" + tool
+    pg.check_can_bring_up(profile, euid=0, which=everything)
+    cases = [(0, lambda tool: None if tool == "wg-quick" else everything(tool),
+              "wg-quick not found: up brings WireGuard up with wg-quick; install the package "
+              "wireguard-tools"),
+             (0, lambda tool: None if tool == "resolvconf" else everything(tool),
+              "the profile's DNS line needs resolvconf, which wg-quick calls to set the name "
+              "servers: install the package openresolv (or resolvconf)"),
+             (1000, everything, "up needs root")]
+    for euid, which, error in cases:
+        with pytest.raises(pg.FatalError) as caught:
+            pg.check_can_bring_up(profile, euid=euid, which=which)
+        assert str(caught.value).startswith(error)
+    no_dns = pg.parse_profile("[Interface]\n[Peer]\nProxyEndpoint = http://a/\n", "p")
+    pg.check_can_bring_up(no_dns, euid=0, which=lambda tool: None if tool == "resolvconf"
+                          else everything(tool))
+
+
+def test_up_without_wg_quick_resolvconf_or_root_exits_1_with_one_line(tmp_path):
+    """The real process, with a PATH that lacks a tool, and as nobody."""
+    import pathlib
+    import tempfile
+    if os.geteuid() != 0:
+        pytest.skip("needs root (runs the profile as another user too)")
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for tool in ("wg", "wg-quick"):
+        os.symlink(which_or_skip(tool, "wireguard-tools"), str(tools / tool))
+    cases = [({"PATH": str(tmp_path)}, (), "wg-quick and wg not found"),
+             ({"PATH": str(tools)}, (), "the profile's DNS line needs resolvconf"),
+             ({}, ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"),
+              "up needs root")]
+    readable = tempfile.TemporaryDirectory(prefix="proxyguard-up-")  # pytest's is root's only
+    os.chmod(readable.name, 0o755)
+    profile = write_profile(pathlib.Path(readable.name), extra="DNS = 10.213.7.2")
+    os.chmod(str(profile), 0o644)
+    for env, prefix, error in cases:
+        full_env = dict(os.environ, **env)
+        result = subprocess.run(list(prefix) + [sys.executable, SCRIPT, "up", str(profile)],
+                                capture_output=True, text=True, env=full_env, timeout=20,
+                                stdin=subprocess.DEVNULL)
+        assert result.returncode == 1, result.stderr
+        assert error in result.stderr and len(result.stderr.strip().splitlines()) == 1, (
+            result.stderr)
+    readable.cleanup()
+
+
+def two_peer_profile(directory, urls):
+    path = directory / "twopeers.conf"
+    path.write_text("[Interface]\nPrivateKey = %s\nAddress = 10.43.43.2/24\n"
+                    % TEST_KEY + "".join("\n[Peer]\nPublicKey = %s\nAllowedIPs = 10.%d.0.0/16\n"
+                                         "Endpoint = 127.0.0.1:51820\nProxyEndpoint = %s\n"
+                                         % (TEST_KEY, 50 + index, url)
+                                         for index, url in enumerate(urls)))
+    return path
+
+
+def endpoints_of(config_text):
+    return [int(port) for port in re.findall(r"^Endpoint = 127\.0\.0\.1:(\d+)$", config_text,
+                                             re.MULTILINE)]
+
+
+def test_two_peers_in_one_process_each_with_its_own_tunnel_port_and_backoff(
+        tmp_path, echo, procs, notify_socket):
+    """up --write-config (the tunnels alone, as for NetworkManager): two ProxyEndpoint peers,
+    two real servers; each peer's tunnel on its own port; logs, metrics, SIGUSR1 and STATUS
+    name the peer by its URL; one server gone leaves the other peer's tunnel working."""
+    servers = [start_server(tmp_path, echo.port, name="server%d" % index) for index in range(2)]
+    procs.extend(servers)
+    urls = ["http://%s:%d/pg%d" % (LOOPBACK, server.port, index)
+            for index, server in enumerate(servers)]
+    wireguard = WireGuardStandIn()  # one WireGuard interface, one ListenPort, for both peers
+    metrics_port = free_port()
+    written = tmp_path / "wg.conf"
+    env = no_proxy_env()
+    env["NOTIFY_SOCKET"] = notify_socket.address
+    up = Proc(tmp_path, ["up", str(two_peer_profile(tmp_path, urls)), "--write-config",
+                         str(written), "--forward-port", str(wireguard.port),
+                         "--metrics-listen", "%s:%d" % (LOOPBACK, metrics_port)],
+              ready="written to", name="up", env=env)
+    procs.append(up)
+    assert oct(os.stat(str(written)).st_mode & 0o777) == "0o600"  # it holds the private key
+    ports = endpoints_of(written.read_text())
+    assert len(set(ports)) == 2 and "ProxyEndpoint" not in written.read_text()
+    assert "ListenPort = %d\nFwMark = 51820\n" % wireguard.port in written.read_text()
+    for index, port in enumerate(ports):
+        wireguard.endpoint = (LOOPBACK, port)
+        assert wireguard.roundtrip(b"peer %d" % index) == b"peer %d" % index
+        servers[index].wait_log("tunnel up")
+        up.wait_log("peer %s: tunnel up: " % urls[index])
+    notify_socket.wait_for("STATUS=tunnel up to %s; tunnel up to %s" % tuple(urls))
+    page = scrape(metrics_port)[2]
+    samples = parse_metrics(page)
+    for url in urls:
+        assert samples[("proxyguard_client_tunnel_up", (("peer", url),))] == 1
+        assert samples[("proxyguard_client_datagrams_total",
+                        (("direction", "to_wireguard"), ("peer", url)))] == 1
+    assert page.count("# TYPE proxyguard_client_tunnel_up gauge") == 1
+    assert page.count("# TYPE proxyguard_build_info gauge") == 1
+    up.popen.send_signal(signal.SIGUSR1)
+    for url in urls:
+        up.wait_log("peer %s: SIGUSR1: tunnel " % url)
+    assert up.log().count("SIGUSR1: 1 tunnel open, 0 datagrams waiting") == 2
+    # The first server goes: its peer fails and backs off; the second peer's tunnel goes on.
+    assert servers[0].stop() == 0
+    up.wait_log("peer %s: tunnel down: " % urls[0])
+    wireguard.endpoint = (LOOPBACK, ports[0])
+    wireguard.send(b"lost")
+    up.wait_log("peer %s: cannot connect to %s" % (urls[0], urls[0]))
+    up.wait_log("peer %s: next attempt in 1s" % urls[0])
+    wireguard.endpoint = (LOOPBACK, ports[1])
+    assert wireguard.roundtrip(b"still here") == b"still here"
+    assert "peer %s: cannot connect" % urls[1] not in up.log()
+    assert up.stop() == 0
+    notify_socket.wait_for("STOPPING=1")
