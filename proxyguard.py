@@ -1205,6 +1205,11 @@ def parse_close(payload):
 WG_INTERFACE_NAME = re.compile(r"^[a-zA-Z0-9_=+.-]{1,15}$")
 _PROFILE_SECTION = re.compile(r"^\[\s*([A-Za-z]+)\s*\]$")
 _PROFILE_SETTING = re.compile(r"^([A-Za-z][A-Za-z0-9]*)\s*=\s*(.*)$")
+# The MTU a rewritten profile without one gets: WireGuard's own default for a 1500-byte path
+# (see the README's "The MTU question"). Left to wg-quick, it would be the MTU of the route to
+# the Endpoint, 127.0.0.1: loopback's 65536 less 80, and the VPN server's packets to a
+# 1500-byte network would then rest on path MTU discovery.
+PROFILE_DEFAULT_MTU = 1420
 
 
 class ProfileLine:
@@ -1295,8 +1300,9 @@ def rewrite_profile(profile, ports, listen_port, fwmark):
     line becomes `Endpoint = 127.0.0.1:PORT` and the portal's placeholder Endpoint goes;
     [Interface] gets `ListenPort` (where the tunnels send WireGuard's datagrams) and `FwMark`
     (the mark of the tunnels' TCP sockets: wg-quick's policy routing for AllowedIPs 0.0.0.0/0
-    keeps marked packets out of the VPN) in place of its own. Every other line as written,
-    comments, DNS, MTU and PersistentKeepalive too, and peers without a ProxyEndpoint."""
+    keeps marked packets out of the VPN) in place of its own, and PROFILE_DEFAULT_MTU unless it
+    has an MTU. Every other line as written, comments, DNS, MTU and PersistentKeepalive too,
+    and peers without a ProxyEndpoint."""
     out = []
     for line in profile.lines:
         if line.section == profile.interface and line.key in ("listenport", "fwmark"):
@@ -1309,6 +1315,8 @@ def rewrite_profile(profile, ports, listen_port, fwmark):
         out.append(line.text)
         if line.header and line.section == profile.interface:
             out += ["ListenPort = %d" % listen_port, "FwMark = %d" % fwmark]
+            if profile.setting("mtu") is None:
+                out.append("MTU = %d" % PROFILE_DEFAULT_MTU)
     return "\n".join(out) + "\n"
 
 
