@@ -4105,6 +4105,7 @@ OPTION_MODES = {
     "connect-timeout": ("client",), "proxy": ("client",), "ca-file": ("client",),
     "tls-min-version": ("client",), "keepalive": ("client",),
     "idle-timeout": ("client", "server"), "metrics-listen": ("client", "server"),
+    "profile": ("up",), "write-config": ("up",),
 }
 # What the user likely meant when an option is in the wrong mode.
 MODE_HINTS = {
@@ -4113,11 +4114,9 @@ MODE_HINTS = {
     ("listen-port", "up"): "up gives each peer's tunnel a free port of its own",
     ("peer-ips", "up"): "up resolves each ProxyEndpoint's host once, at start",
 }
-# up runs a client per ProxyEndpoint peer of its profile (--profile): it takes the client's
-# options but those that name one server or one port.
-OPTION_MODES.update({key: modes + ("up",) for key, modes in OPTION_MODES.items()
-                     if "client" in modes and key not in ("listen-port", "peer-ips", "tcp-port")})
-OPTION_MODES.update({"profile": ("up",), "write-config": ("up",)})
+# up runs a client per ProxyEndpoint peer of its profile: like check, it takes the client's
+# options, but not these, which name one server or one port.
+NOT_UP_OPTIONS = ("listen-port", "peer-ips", "tcp-port")
 # up's FwMark, for WireGuard and the tunnels' TCP sockets, when neither --fwmark nor the profile
 # gives one: wg-quick's own first choice.
 DEFAULT_UP_FWMARK = 51820
@@ -4417,10 +4416,12 @@ def name_source(exc, options):
 def check_option_modes(options, parser, on_command_line, sources):
     """Refuse an option of another mode: on the command line always, from a config file or
     the environment unless it holds its default (a shared file's, the example file's)."""
-    mode = "client" if options.mode == "check" else options.mode
+    mode = "client" if options.mode in ("check", "up") else options.mode
     for key, action in settable_options(parser).items():
         modes = OPTION_MODES.get(key)
-        if not modes or mode in modes:
+        if options.mode == "up" and key in NOT_UP_OPTIONS:
+            pass
+        elif not modes or mode in modes or options.mode in modes:
             continue
         if action.dest in on_command_line:
             source = None

@@ -2494,7 +2494,7 @@ def test_mode_and_choices_in_any_case_and_misspellings_get_a_suggestion(tmp_path
     assert (options.mode, options.log_level) == ("check", "warning")
     for args, text in [
             (["clinet"], "unknown mode 'clinet': did you mean 'client'?"),
-            (["vpn"], "unknown mode 'vpn': the first word is client, server or check"),
+            (["vpn"], "unknown mode 'vpn': the first word is client, server, check or up"),
             (["--mode", "Sevrer"], "argument --mode: invalid choice: 'Sevrer' (choose from "),
             (["--mode", "Sevrer"], "; did you mean 'server'?"),
             (["server", "--log-level", "debgu"], "; did you mean 'debug'?"),
@@ -2563,7 +2563,7 @@ def test_usage_and_version_show_the_modes_and_python(capsys):
         (pg.__version__,) + tuple(sys.version_info[:3]))
     assert pg.main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("usage: proxyguard.py {client,server,check} [options]\n"
+    assert out.startswith("usage: proxyguard.py {client,server,check,up} [options]\n"
                           "       proxyguard.py -c FILE [options]\n")
     assert re.search(r"--max-clients N\s+server: open tunnels", out)
     assert re.search(r"--idle-timeout SECONDS\s+client, server: close a tunnel", out)
