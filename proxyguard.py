@@ -62,6 +62,14 @@ and reconnects with back-off (1, 2, 4, 8, 10, 10 ... s; never gives up). Datagra
 UDP pump had read when its tunnel died wait in a small bounded queue for the next tunnel;
 datagrams that arrive while no tunnel is up wait in the UDP socket's receive buffer.
 
+up (`proxyguard.py up PROFILE.conf`): an eduVPN WireGuard profile in, a VPN up. The profile is
+read (parse_profile, pure); each [Peer] with a ProxyEndpoint gets a Client of its own on a free
+UDP port, its server resolved once at start; a ClientGroup runs them all as one service, its
+peers named by their URLs in logs (PeerLogNames), metrics, SIGUSR1 and STATUS. The profile,
+rewritten for those ports (rewrite_profile: Endpoint, ListenPort, FwMark = the tunnels' socket
+mark), goes to wg-quick from a private runtime file (WgQuick), or to --write-config for
+NetworkManager or systemd-networkd; wg-quick down at the stop.
+
 Signals: SIGINT, SIGTERM and SIGHUP are blocked from before the service starts, in every
 thread, and one thread takes them with sigwait: a signal caught by any other thread would only
 be flagged for a main thread asleep in a lock, and never acted on. SIGHUP reads the options
@@ -4218,7 +4226,8 @@ def build_parser(command_line_only=False):
         add("-c", "--config", metavar="FILE",
             help="config file (needs configargparse: %s)" % INSTALL_CONFIGARGPARSE)
     add("--mode", type=choice_in(MODES), choices=MODES, help="client, server, or check (try one "
-        "connection to --to and print each step; takes the client's options); required. "
+        "connection to --to and print each step; takes the client's options), or up (a VPN "
+        "from a WireGuard profile, see --profile); required. "
         "'proxyguard.py client ...' is short for '--mode client ...'")
     add("--profile", metavar="FILE", help="the WireGuard profile (the eduVPN portal's, "
         "with ProxyEndpoint lines); 'proxyguard.py up FILE' is short for '--mode up --profile "
