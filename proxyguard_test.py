@@ -7630,6 +7630,8 @@ def test_two_peers_in_one_process_each_with_its_own_tunnel_port_and_backoff(
     for url in urls:
         up.wait_log("peer %s: SIGUSR1: tunnel " % url)
     assert up.log().count("SIGUSR1: 1 tunnel open, 0 datagrams waiting") == 2
+    up.popen.send_signal(signal.SIGHUP)  # reads the options and the profile again
+    up.wait_log("SIGHUP: reloaded nothing that changed")
     # The first server goes: its peer fails and backs off; the second peer's tunnel goes on.
     assert servers[0].stop() == 0
     up.wait_log("peer %s: tunnel down: " % urls[0])
@@ -7901,3 +7903,22 @@ def test_up_two_peers_in_one_profile_both_pingable_and_reconnect_without_dns(tmp
     assert "peer %s: tunnel down" % bed.url(1) not in bed.log_text("pg-up")
     assert bed.wait_ping_to(1, timeout=5) is not None
     assert_up_stops_cleanly(bed, up_runtime_file(bed))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_up_when_wg_quick_fails_exits_1_with_its_line_and_leaves_no_file(tmp_path, request):
+    """An interface of the profile's name exists already: wg-quick up refuses; up says so in
+    one line with wg-quick's own words, exits 1, and removes its runtime file."""
+    bed = profile_bed(tmp_path, request, servers=1)
+    bed.sh("ip", "link", "add", bed.wg_client, "type", "veth", "peer", "name",
+           "wgd" + bed.tag, ns=bed.ns_client)  # this kernel has no dummy interfaces
+    proc = bed.run_up()
+    assert proc.wait(30) == 1, bed.log_text("pg-up")
+    errors = [line for line in bed.log_text("pg-up").splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "wg-quick up /run/proxyguard-" in errors[0], errors
+    assert "`%s' already exists" % bed.wg_client in errors[0], errors
+    runtime_file = re.search(r"wg-quick up (\S+) failed", errors[0]).group(1)
+    assert not os.path.exists(os.path.dirname(runtime_file))
+    bed.sh("ip", "link", "del", bed.wg_client, ns=bed.ns_client)
+    assert bed.leftovers() == []
