@@ -7493,6 +7493,8 @@ def test_up_file_is_mode_up_with_a_profile_and_fwmark_comes_from_the_command_lin
     assert (options.fwmark, options.forward_port) == (51820, 51820)  # wg-quick's first choice
     options = pg.parse_options(["up", str(marked)], environ={})
     assert (options.fwmark, options.forward_port) == (0xca6c, 4444)
+    off = write_profile(tmp_path, "off.conf", extra="FwMark = off")
+    assert pg.parse_options(["up", str(off)], environ={}).fwmark == 51820
     options = pg.parse_options(["--mode", "up", "--profile", str(marked), "--fwmark", "7",
                                 "--forward-port", "5555"], environ={})
     assert (options.fwmark, options.forward_port) == (7, 5555)
