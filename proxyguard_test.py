@@ -7797,8 +7797,12 @@ class ProfileBed(WireGuardBed):
         return found
 
     def close(self):
+        # A test that failed with up running: up takes WireGuard down and removes its runtime
+        # file itself on SIGTERM (the bed's close would SIGKILL it).
+        with contextlib.suppress(Exception):
+            self.send_signal("pg-up", signal.SIGTERM, timeout=15)
         # wireguard-go, started by wg-quick, is no process of the bed's: kill what is left in
-        # the client host (a failed test) before the namespaces go.
+        # the client host before the namespaces go.
         with contextlib.suppress(Exception):
             for pid in self.sh("ip", "netns", "pids", self.ns_client).split():
                 with contextlib.suppress(ProcessLookupError):
