@@ -7933,3 +7933,22 @@ def test_up_when_wg_quick_fails_exits_1_with_its_line_and_leaves_no_file(tmp_pat
     assert not os.path.exists(os.path.dirname(runtime_file))
     bed.sh("ip", "link", "del", bed.wg_client, ns=bed.ns_client)
     assert bed.leftovers() == []
+
+
+def test_peer_log_names_prefix_only_the_threads_speaking_for_a_peer(caplog):
+    names = pg.PeerLogNames()
+    pg.log.addFilter(names)
+    try:
+        with caplog.at_level(logging.INFO, logger="proxyguard"):
+            with names.speaking_for("http://a/100%25"):
+                pg.log.info("tunnel up: %s", "x")
+                pg.log.info("no arguments, 100%")
+                other = threading.Thread(target=pg.log.info, args=("another thread",))
+                other.start()
+                other.join()
+            pg.log.info("after the block")
+    finally:
+        pg.log.removeFilter(names)
+    assert [record.getMessage() for record in caplog.records] == [
+        "peer http://a/100%25: tunnel up: x", "peer http://a/100%25: no arguments, 100%",
+        "another thread", "after the block"]
