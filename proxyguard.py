@@ -3775,6 +3775,54 @@ OPTION_MODES = {
     "tls-min-version": ("client",), "keepalive": ("client",),
     "idle-timeout": ("client", "server"), "metrics-listen": ("client", "server"),
 }
+# A mode that takes another mode's options (OPTION_MODES names only client and server).
+MODE_TAKES_OPTIONS_OF = {"check": "client"}
+# What each mode does, for --help (the list of modes, and the top of MODE --help).
+MODE_DESCRIPTIONS = {
+    "client": "carry WireGuard's UDP from 127.0.0.1 to the server at --to, over one "
+              "HTTP(S) connection (UoTLV/1) or a WebSocket",
+    "server": "take tunnels on --listen, UoTLV/1 and WebSocket alike, and relay each "
+              "one's datagrams to WireGuard at --to",
+    "check": "try one connection to --to as the client would, print each step, and say "
+             "what fails (exit status 0 when the upgrade works)",
+}
+MODE_EXAMPLES = {
+    "client": "proxyguard.py client --to https://vpn.example.org/proxyguard --fwmark 51820",
+    "server": "proxyguard.py server --listen 127.0.0.1:51821 --to 127.0.0.1:51820",
+    "check": "proxyguard.py check --to https://vpn.example.org/proxyguard",
+}
+# --help groups each mode's options under these titles, in this order, by OPTION_GROUPS: a
+# new option is one line there (an option missing from it shows under "operations"; a test
+# asks for every option to be listed).
+HELP_GROUPS = ("connection", "TLS", "proxy", "limits and tuning", "operations")
+OPTION_GROUPS = {
+    "to": "connection",
+    "listen": "connection",
+    "path": "connection",
+    "listen-port": "connection",
+    "forward-port": "connection",
+    "peer-ips": "connection",
+    "fwmark": "connection",
+    "tcp-port": "connection",
+    "user-agent": "connection",
+    "tls-cert": "TLS",
+    "tls-key": "TLS",
+    "ca-file": "TLS",
+    "tls-min-version": "TLS",
+    "proxy": "proxy",
+    "trusted-proxies": "proxy",
+    "connect-timeout": "limits and tuning",
+    "handshake-timeout": "limits and tuning",
+    "idle-timeout": "limits and tuning",
+    "keepalive": "limits and tuning",
+    "max-clients": "limits and tuning",
+    "help": "operations",
+    "config": "operations",
+    "mode": "operations",
+    "metrics-listen": "operations",
+    "log-level": "operations",
+    "version": "operations",
+}
 # What the user likely meant when an option is in the wrong mode.
 MODE_HINTS = {
     ("listen", "client"): "the client's UDP port is --listen-port",
@@ -3844,33 +3892,89 @@ def close_match(word, candidates):
     return found[0] if found else None
 
 
-def build_parser(command_line_only=False):
+def options_mode(mode):
+    """The mode whose options `mode` takes (check: the client's)."""
+    return MODE_TAKES_OPTIONS_OF.get(mode, mode)
+
+
+def takes_option(mode, key):
+    """Whether `mode` takes the option `key` (its long name without the dashes)."""
+    modes = OPTION_MODES.get(key)
+    return not modes or options_mode(mode) in modes
+
+
+def help_text(help_mode):
+    """--help's usage, description (with the list of modes when no mode is asked for) and
+    epilog; the epilog says where options come from, in parse_options' order."""
+    import shutil, textwrap  # only for --help
+    fill = functools.partial(textwrap.fill, width=min(shutil.get_terminal_size().columns,
+                                                      100) - 2)
+    if help_mode is None:
+        usage = "%%(prog)s {%s} [options]\n       %%(prog)s -c FILE [options]" % ",".join(MODES)
+        description = [fill("Carry WireGuard's UDP over one HTTP(S) connection (ProxyGuard "
+                            "UoTLV/1, or a WebSocket)."),
+                       "modes (proxyguard.py MODE --help lists that mode's options alone):"]
+        description += [fill(MODE_DESCRIPTIONS.get(mode, ""), initial_indent="  %-8s" % mode,
+                             subsequent_indent=" " * 10) for mode in MODES]
+        description.insert(1, "")
+    example = MODE_EXAMPLES["client"]
+    if help_mode is not None:
+        usage = ("%%(prog)s %s [options]\n       %%(prog)s -c FILE [options]  (the file "
+                 "says mode = %s)" % (help_mode, help_mode))
+        description = [fill("%s: %s." % (help_mode, MODE_DESCRIPTIONS.get(help_mode, "")))]
+        if help_mode != options_mode(help_mode):
+            description.append(fill("It takes the %s's options, so a %s's config file works "
+                                    "as it is." % ((options_mode(help_mode),) * 2)))
+        example = MODE_EXAMPLES.get(help_mode, example)
+    epilog = [fill("Precedence: command line > config file > environment > defaults. A "
+                   "config file (-c FILE) holds 'option = value' lines (see "
+                   "proxyguard.conf.example); the environment, %s<OPTION> variables "
+                   "(--log-level is %sLOG_LEVEL). An option of another mode is refused."
+                   % (ENV_PREFIX, ENV_PREFIX)),
+              "Example: " + example]
+    return usage, "\n".join(description), "\n".join(epilog)
+
+
+def build_parser(command_line_only=False, help_mode=None):
     """The parser of every option. command_line_only: plain argparse, no --help, --version,
-    config file or environment, and no defaults (parse_options' first pass)."""
-    usage = ("%%(prog)s {%s} [options]\n       %%(prog)s -c FILE [options]" % ",".join(MODES))
+    config file or environment, and no defaults (parse_options' first pass). help_mode: a
+    mode whose --help shows its options alone (the others are still parsed, unseen)."""
+    usage, description, epilog = help_text(help_mode) if not command_line_only else (
+        None, None, None)
     extra = {}
     if configargparse and not command_line_only:
-        extra = dict(auto_env_var_prefix=ENV_PREFIX, add_env_var_help=True,
+        extra = dict(auto_env_var_prefix=ENV_PREFIX, add_env_var_help=False,
                      add_config_file_help=False,
                      config_file_parser_class=configargparse.DefaultConfigFileParser)
     parser_class = CommandLineParser if command_line_only else OptionParser
     parser = parser_class(
-        prog="proxyguard.py", usage=usage, add_help=not command_line_only,
-        description="Carry WireGuard's UDP over one HTTP(S) connection "
-        "(ProxyGuard UoTLV/1). Options also come from a config file (-c, 'key = value') and "
-        "from %s<OPTION> environment variables; the command line wins over the config file, "
-        "which wins over the environment. An option of another mode is refused (check takes "
-        "the client's)." % ENV_PREFIX,
-        epilog="Examples: proxyguard.py server --listen [::]:443 --to 127.0.0.1:51820 | "
-               "proxyguard.py client --to https://vpn.example.org/proxyguard | "
-               "proxyguard.py -c /etc/proxyguard/client.conf", **extra)
+        prog="proxyguard.py", usage=usage, add_help=False, description=description,
+        epilog=epilog, formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(
+            prog, max_help_position=30), **extra)
+    groups = {title: parser.add_argument_group(title) for title in HELP_GROUPS}
 
     def add(*names, **kwargs):
-        modes = OPTION_MODES.get(names[-1][2:])
-        if modes:
+        """One option, in its --help group; its help (and metavar) by mode when
+        `help_by_mode` (and `metavar_by_mode`) is given."""
+        key = names[-1][2:]
+        modes = OPTION_MODES.get(key)
+        by_mode, metavars = kwargs.pop("help_by_mode", None), kwargs.pop("metavar_by_mode", {})
+        if by_mode:
+            kwargs["help"] = "; ".join("%s: %s" % item for item in by_mode.items())
+        if help_mode is not None:
+            if not takes_option(help_mode, key) or key == "mode":
+                kwargs["help"] = argparse.SUPPRESS
+            elif by_mode:
+                kwargs["help"] = by_mode[options_mode(help_mode)]
+                kwargs["metavar"] = metavars.get(options_mode(help_mode), kwargs.get("metavar"))
+        elif modes:
             kwargs["help"] = "%s: %s" % (", ".join(modes), kwargs["help"])
-        return parser.add_argument(*names, **kwargs)
+        return groups[OPTION_GROUPS.get(key, "operations")].add_argument(*names, **kwargs)
 
+    if not command_line_only:
+        add("-h", "--help", action="help", help="show this help and exit (proxyguard.py "
+            "MODE --help: that mode's options)" if help_mode is None else
+            "show this help and exit")
     if configargparse and not command_line_only:
         add("-c", "--config", is_config_file=True, metavar="FILE",
             help="config file of 'option = value' lines (see proxyguard.conf.example)")
@@ -3880,9 +3984,10 @@ def build_parser(command_line_only=False):
     add("--mode", type=choice_in(MODES), choices=MODES, help="client, server, or check (try one "
         "connection to --to and print each step; takes the client's options); required. "
         "'proxyguard.py client ...' is short for '--mode client ...'")
-    add("--to", help="client: the server's URL (required), http(s)://host[:port][/path] for "
-        "UoTLV/1, ws(s)://... for WebSocket (through fronts that pass nothing else); "
-        "server: WireGuard's HOST:PORT (default %s)" % DEFAULT_SERVER_TO)
+    add("--to", metavar="TARGET", metavar_by_mode={"client": "URL", "server": "HOST:PORT"}, help_by_mode={
+        "client": "the server's URL (required), http(s)://host[:port][/path] for UoTLV/1, "
+                  "ws(s)://... for WebSocket (through fronts that pass nothing else)",
+        "server": "WireGuard's HOST:PORT (default %s)" % DEFAULT_SERVER_TO})
     add("--listen", metavar="HOST:PORT", default=DEFAULT_SERVER_LISTEN,
         help="where to accept connections, [::]:443 for all (default %(default)s)")
     add("--listen-port", type=int, default=DEFAULT_LISTEN_PORT, metavar="PORT",
@@ -3905,8 +4010,8 @@ def build_parser(command_line_only=False):
         "(default: those variables, honouring NO_PROXY)")
     add("--ca-file", metavar="PEM", help="also trust the CAs in this file for https://")
     add("--tls-min-version", type=choice_in(TLS_VERSIONS), choices=sorted(TLS_VERSIONS),
-        default="1.3",
-        help="oldest TLS version accepted (default %(default)s, as the original)")
+        default="1.3", metavar="VERSION", help="oldest TLS version accepted, %s (default "
+        "%%(default)s, as the original)" % " or ".join(sorted(TLS_VERSIONS)))
     add("--tls-cert", metavar="PEM", help="speak HTTPS with this certificate chain "
         "(reloaded on SIGHUP)")
     add("--tls-key", metavar="PEM", help="the private key for --tls-cert")
@@ -3932,7 +4037,7 @@ def build_parser(command_line_only=False):
         help="serve Prometheus metrics at http://HOST:PORT/metrics, 127.0.0.1:9821 say "
              "(default: off)")
     add("--log-level", type=choice_in(LOG_LEVELS), choices=LOG_LEVELS, default="info",
-        help="(default %(default)s)")
+        metavar="LEVEL", help="%s (default %%(default)s)" % ", ".join(LOG_LEVELS))
     if command_line_only:
         for action in parser._actions:
             action.default = argparse.SUPPRESS
@@ -4068,7 +4173,7 @@ def name_source(exc, options):
 def check_option_modes(options, parser, on_command_line, sources):
     """Refuse an option of another mode: on the command line always, from a config file or
     the environment unless it holds its default (a shared file's, the example file's)."""
-    mode = "client" if options.mode == "check" else options.mode
+    mode = options_mode(options.mode)
     for key, action in settable_options(parser).items():
         modes = OPTION_MODES.get(key)
         if not modes or mode in modes:
@@ -4105,6 +4210,8 @@ def parse_options(argv, environ=None):
         except UsageError as exc:
             raise UsageError(explain_parse_error(str(exc), names, {}))
         asks = any(arg in ("-h", "--help", "--version") for arg in argv)
+        if any(arg in ("-h", "--help") for arg in argv) and getattr(given, "mode", None):
+            parser = build_parser(help_mode=given.mode)  # that mode's options alone
         path = getattr(given, "config", None)
         if configargparse is None and (env_settings or path is not None):
             used = sorted(env_name(source.key) for source in env_settings.values())

@@ -2352,7 +2352,7 @@ def accepts(port):
 
 def test_help_and_version():
     result = run_cli("--help")
-    assert result.returncode == 0 and "PROXYGUARD_LISTEN_PORT" in result.stdout
+    assert result.returncode == 0 and "PROXYGUARD_LOG_LEVEL" in result.stdout
     result = run_cli("--version")
     assert result.returncode == 0 and pg.__version__ in result.stdout
 
@@ -7369,3 +7369,81 @@ def test_pings_from_a_peer_that_never_reads_keep_memory_bounded(server, good_tun
     after = wait_for_stats(pid, before["threads"], before["fds"])
     assert after["threads"] <= before["threads"] and after["fds"] <= before["fds"], (before,
                                                                                     after)
+
+
+# =============================================================================================
+# Issue 17 (the operator's first hour), docs side: --help per mode, the README's paths, the
+# example configs and units
+# =============================================================================================
+
+
+def help_of(*args):
+    """`proxyguard.py ARGS --help` at 80 columns (a terminal's usual width): its lines."""
+    result = run_cli(*(list(args) + ["--help"]), env={"COLUMNS": "80"})
+    assert result.returncode == 0 and not result.stderr, result
+    return result.stdout.splitlines()
+
+
+def shown_options(lines):
+    """The long options a --help shows, each at the start of its entry."""
+    return {found.group(1) for line in lines
+            for found in [re.match(r"  (?:-\w(?: \S+)?, )?--([\w-]+)", line)] if found}
+
+
+@pytest.mark.parametrize("mode", ["client", "server", "check"])
+def test_help_of_a_mode_shows_its_options_alone_grouped_in_under_70_lines(mode):
+    """`client --help`, `server --help` and `check --help` printed the same 96 lines, every
+    option of every mode, ungrouped (issue 17, 6)."""
+    lines = help_of(mode)
+    assert len(lines) < 70, "\n".join(lines)
+    assert lines[0] == "usage: proxyguard.py %s [options]" % mode
+    keys = set(pg.settable_options(pg.build_parser())) - {"mode"}
+    assert shown_options(lines) == {key for key in keys if pg.takes_option(mode, key)} | {
+        "help", "config", "version"}
+    others = [key for key in keys if not pg.takes_option(mode, key)]
+    named = [key for key in others if re.search(r"--%s(?![\w-])" % key, "\n".join(lines))]
+    assert others and not named, named
+    titles = [line[:-1] for line in lines if line[:-1] in pg.HELP_GROUPS and line[-1] == ":"]
+    assert titles == list(pg.HELP_GROUPS), lines  # every group, in order
+    entry = {key: group for group in titles for key in shown_options(
+        lines[lines.index(group + ":"):lines.index("", lines.index(group + ":"))])}
+    assert all(entry[key] == pg.OPTION_GROUPS[key] for key in entry), entry
+    if mode == "server":  # --to is WireGuard's address there, not a URL
+        assert "  --to HOST:PORT              WireGuard's HOST:PORT (default 127.0.0.1:51820)" \
+            in lines
+
+
+def test_help_without_a_mode_lists_the_modes_and_every_option():
+    lines = help_of()
+    text = "\n".join(lines)
+    for mode in pg.MODES:
+        assert re.search(r"^  %s +%s" % (mode, re.escape(pg.MODE_DESCRIPTIONS[mode][:20])),
+                         text, re.M), mode
+    assert shown_options(lines) == set(pg.settable_options(pg.build_parser())) | {
+        "help", "config", "version"}
+    assert "proxyguard.py MODE --help" in text
+
+
+@pytest.mark.parametrize("mode", [None, "client", "server", "check"])
+def test_help_states_the_precedence_parse_options_applies(mode, tmp_path):
+    """The epilog said 'command-line values override environment variables which override
+    defaults' (configargparse's words), leaving out the config file that ranks between."""
+    text = " ".join(help_of(*([mode] if mode else [])))
+    assert "Precedence: command line > config file > environment > defaults." in text
+    assert "override" not in text
+    # ... and that is the order parse_options applies (one option set by each in turn).
+    conf = tmp_path / "c.conf"
+    conf.write_text("mode = client\nto = http://x/\nlisten-port = 1111\nforward-port = 2221\n")
+    env = {"PROXYGUARD_LISTEN_PORT": "1112", "PROXYGUARD_FORWARD_PORT": "2222",
+           "PROXYGUARD_TCP_PORT": "3332"}
+    options = pg.parse_options(["-c", str(conf), "--listen-port", "1110"], environ=env)
+    assert (options.listen_port, options.forward_port, options.tcp_port,
+            options.idle_timeout) == (1110, 2221, 3332, pg.DEFAULT_IDLE_TIMEOUT)
+
+
+def test_every_option_has_a_help_group():
+    """A new option is one line in OPTION_GROUPS (and its modes in OPTION_MODES)."""
+    parser = pg.build_parser()
+    keys = set(pg.settable_options(parser)) | {"help", "config", "version"}
+    assert keys == set(pg.OPTION_GROUPS), keys ^ set(pg.OPTION_GROUPS)
+    assert set(pg.OPTION_GROUPS.values()) == set(pg.HELP_GROUPS)
