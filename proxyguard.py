@@ -2876,6 +2876,18 @@ def systemd_listener(environ=os.environ, pid=None):
     return sock
 
 
+def unused_listen_fds(environ=os.environ, pid=None):
+    """The warning for a client that systemd passed sockets (LISTEN_FDS, meant for this
+    process): only the server takes one (socket activation); None when none were passed."""
+    count = environ.get("LISTEN_FDS")
+    me = str(os.getpid() if pid is None else pid)
+    if count in (None, "", "0") or environ.get("LISTEN_PID", me) != me:
+        return None
+    return ("LISTEN_FDS=%s: the client does not use sockets from systemd: socket activation "
+            "is for the server (proxyguard-server.socket starts proxyguard@server); the client "
+            "binds its own UDP port (--listen-port)" % count)
+
+
 def listen_scope(sock):
     """What a wildcard address that `sock` is bound to takes, '' for any other: `--listen
     :443` binds every interface without a word otherwise (issue "The first ten minutes")."""
@@ -3393,8 +3405,11 @@ class Client:
 
     @classmethod
     def open(cls, dialer, listen_port=DEFAULT_LISTEN_PORT, forward_port=DEFAULT_FORWARD_PORT,
-             idle_timeout=DEFAULT_IDLE_TIMEOUT, keepalive=DEFAULT_KEEPALIVE):
+             idle_timeout=DEFAULT_IDLE_TIMEOUT, keepalive=DEFAULT_KEEPALIVE, environ=os.environ):
         """Check --fwmark, bind the UDP socket, resolve the server once; raises FatalError."""
+        unused = unused_listen_fds(environ)
+        if unused:  # a socket unit pointed at a client instance: say so, not silently
+            log.warning("%s", unused)
         if dialer.fwmark >= 0:
             check_fwmark(dialer.fwmark)
         if keepalive != DEFAULT_KEEPALIVE and not dialer.url.websocket:

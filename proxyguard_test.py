@@ -7447,3 +7447,19 @@ def test_every_option_has_a_help_group():
     keys = set(pg.settable_options(parser)) | {"help", "config", "version"}
     assert keys == set(pg.OPTION_GROUPS), keys ^ set(pg.OPTION_GROUPS)
     assert set(pg.OPTION_GROUPS.values()) == set(pg.HELP_GROUPS)
+
+
+def test_client_says_it_does_not_use_sockets_systemd_passed(tmp_path, procs):
+    """A client started with LISTEN_FDS (a socket unit pointed at a client instance) ignored
+    them without a word (issue 17, 8): one warning line, and the client runs."""
+    assert pg.unused_listen_fds({"LISTEN_FDS": "1", "LISTEN_PID": "41"}, pid=42) is None
+    assert pg.unused_listen_fds({"LISTEN_FDS": "0"}) is None and pg.unused_listen_fds({}) is None
+    port = free_port()
+    client = start_client(tmp_path, "http://%s:%d/" % (LOOPBACK, port), env={"LISTEN_FDS": "1"})
+    procs.append(client)
+    warnings_logged = [line for line in client.log().splitlines() if " WARNING " in line]
+    assert len(warnings_logged) == 1 and warnings_logged[0].endswith(
+        "LISTEN_FDS=1: the client does not use sockets from systemd: socket activation is "
+        "for the server (proxyguard-server.socket starts proxyguard@server); the client binds "
+        "its own UDP port (--listen-port)"), client.log()
+    assert client.stop() == 0
