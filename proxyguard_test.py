@@ -7463,3 +7463,74 @@ def test_client_says_it_does_not_use_sockets_systemd_passed(tmp_path, procs):
         "for the server (proxyguard-server.socket starts proxyguard@server); the client binds "
         "its own UDP port (--listen-port)"), client.log()
     assert client.stop() == 0
+
+
+EXAMPLE_CONFIGS = {"client": "proxyguard.conf.example", "server": "proxyguard-server.conf.example"}
+
+
+def active_config_lines(name):
+    """{key: value} of an example config's lines that are not comments."""
+    with open(os.path.join(HERE, name)) as f:
+        return dict(line.split(" = ", 1) for line in f.read().splitlines()
+                    if line.strip() and not line.startswith("#"))
+
+
+@pytest.mark.parametrize("mode", sorted(EXAMPLE_CONFIGS))
+def test_example_configs_set_only_defaults_beyond_mode_and_url(mode):
+    """Their header says the values are the defaults unless marked 'example', but the client's
+    turned metrics-listen on while its comment said off (issue 17, 8)."""
+    path = os.path.join(HERE, EXAMPLE_CONFIGS[mode])
+    from_file = pg.parse_options(["-c", path], environ={})
+    to = ["--to", "https://vpn.example.org/proxyguard"] if mode == "client" else []
+    defaults = pg.parse_options([mode] + to, environ={})
+    assert from_file.mode == mode and from_file.metrics_listen is None
+    names = pg.settable_options(pg.build_parser())
+    for key in active_config_lines(EXAMPLE_CONFIGS[mode]):
+        dest = names[key].dest
+        assert str(getattr(from_file, dest)) == str(getattr(defaults, dest)), key
+
+
+def test_server_example_config_runs_a_server(tmp_path, echo, procs):
+    """The socket unit starts proxyguard@server, which reads /etc/proxyguard/server.conf; the
+    only example was a client's (issue 17, 8). Here it runs as shipped, its address and
+    WireGuard's given on the command line (free ports; the command line wins over the file)."""
+    server = Proc(tmp_path, ["-c", os.path.join(HERE, EXAMPLE_CONFIGS["server"]),
+                             "--listen", "%s:%d" % (LOOPBACK, free_port()),
+                             "--to", "%s:%d" % (LOOPBACK, echo.port)], name="server")
+    procs.append(server)
+    server.port = int(re.search(r"server listening on [\d.]+:(\d+)", server.log()).group(1))
+    client = start_client(tmp_path, "http://%s:%d/" % (LOOPBACK, server.port))
+    procs.append(client)
+    assert client.wireguard.roundtrip(b"server.conf") == b"server.conf"
+    assert client.stop() == 0 and server.stop() == 0
+
+
+def unit_lines_uncommented(text, prefixes):
+    """The unit's text with its commented-out lines that start with `prefixes` switched on."""
+    return re.sub(r"^#(%s)" % "|".join(map(re.escape, prefixes)), r"\1", text, flags=re.M)
+
+
+def test_unit_passes_a_root_only_tls_key_with_load_credential(tmp_path):
+    """A DynamicUser=yes unit cannot read a 0600 root key ('--tls-key ...: permission
+    denied'): the unit shows LoadCredential= lines (issue 17, 8). Switched on, they pass
+    `systemd-analyze verify`, and their variables reach the server through the shipped
+    server config (which leaves tls-cert and tls-key out, or it would win over them)."""
+    analyze = which_or_skip("systemd-analyze", "systemd")
+    with open(os.path.join(HERE, "proxyguard@.service")) as f:
+        unit = unit_lines_uncommented(f.read(), ["LoadCredential=", "Environment=PROXYGUARD_TLS"])
+    credentials = dict(re.findall(r"^LoadCredential=([\w-]+):(/\S+)$", unit, re.M))
+    assert sorted(credentials) == ["tls-cert", "tls-key"], unit
+    (tmp_path / "proxyguard@server.service").write_text(unit)
+    result = subprocess.run([analyze, "verify", "--man=no",
+                             str(tmp_path / "proxyguard@server.service")],
+                            capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    assert result.returncode == 0 and "proxyguard" not in result.stderr, result.stderr
+    variables = re.search(r"^Environment=(.*)$", unit, re.M).group(1).split()
+    # %d: the service's credentials directory, where systemd puts the copies.
+    environ = dict(word.replace("%d", str(tmp_path)).split("=", 1) for word in variables)
+    assert environ == {"PROXYGUARD_TLS_CERT": str(tmp_path / "tls-cert"),
+                       "PROXYGUARD_TLS_KEY": str(tmp_path / "tls-key")}
+    options = pg.parse_options(["-c", os.path.join(HERE, EXAMPLE_CONFIGS["server"])],
+                               environ=environ)
+    assert (options.tls_cert, options.tls_key) == (environ["PROXYGUARD_TLS_CERT"],
+                                                   environ["PROXYGUARD_TLS_KEY"])
