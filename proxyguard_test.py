@@ -2021,7 +2021,7 @@ def readme_commands(section):
 def test_quick_start_names_the_packages_ci_installs():
     """The Quick start's list of what (2) installs is .ci/run's apt-get list (it fell behind
     twice: prometheus and systemd, then pipx)."""
-    listed = re.search(r"\(2\) installs Debian's `([^`]+)`", readme_section("Quick start"))
+    listed = re.search(r"installs Debian's `([^`]+)`", readme_section("Quick start"))
     with open(os.path.join(HERE, ".ci", "run")) as f:
         installed = re.search(r"apt-get install (.*?[^\\])\n", f.read(), re.S).group(1)
     assert sorted(listed.group(1).split()) == sorted(
@@ -7534,3 +7534,137 @@ def test_unit_passes_a_root_only_tls_key_with_load_credential(tmp_path):
                                environ=environ)
     assert (options.tls_cert, options.tls_key) == (environ["PROXYGUARD_TLS_CERT"],
                                                    environ["PROXYGUARD_TLS_KEY"])
+
+
+def readme_text(name="README.md"):
+    with open(os.path.join(HERE, name)) as f:
+        return f.read()
+
+
+def readme_blocks(text, language):
+    """The ```language blocks of a Markdown text."""
+    return re.findall(r"```%s\n(.*?)```" % language, text, re.S)
+
+
+def test_quick_start_puts_the_users_path_first_and_ci_run_as_the_developers():
+    """`bash .ci/run` was the Quick start's second command; as root it installs about twenty
+    packages and stops the machine's web servers: on the VPN server behind the web server on
+    port 443, the site goes down (issue 17, 4)."""
+    text = readme_text()
+    section = readme_section("Quick start")
+    assert [words[0] for words in readme_commands(section)[:2]] == ["server", "check"]
+    first_block = readme_blocks(section, "sh")[0]
+    assert first_block.startswith("python3 proxyguard.py server")
+    ci_line = next(line for line in section.splitlines() if line.startswith("bash .ci/run"))
+    assert "developers" in ci_line and section.index(ci_line) > section.index("proxyguard.py check")
+    assert text[:text.index(ci_line)].count("\n") < 60  # still on the first screen
+    with open(os.path.join(HERE, ".ci", "run")) as f:
+        stopped = re.search(r"^for service in ([\w ]+); do$", f.read(), re.M).group(1).split()
+    named = re.search(r"stops the ([\w, ]+?) services", " ".join(section.split())).group(1)
+    assert re.split(r", | and ", named) == stopped, named
+    assert "never on a production server" in " ".join(section.split())
+
+
+def test_readme_wireguard_configurations_keep_the_mtu_it_recommends():
+    """The client example said `MTU = 1380  # see "The MTU question"`, whose answer is to keep
+    1420 (issue 17, 5). Its Endpoint on 127.0.0.1 needs the line: wg-quick would take
+    loopback's MTU (65536 - 80) without it."""
+    text = readme_text()
+    recommended = re.search(r"keep WireGuard's default MTU of (\d+)\.",
+                            " ".join(readme_section("Reference").split())).group(1)
+    configs = [block for block in readme_blocks(text, "ini") if "[Interface]" in block]
+    assert len(configs) >= 2
+    for block in configs:
+        for mtu in re.findall(r"^MTU = (\d+)", block, re.M):
+            assert mtu == recommended, block
+        if re.search(r"^Endpoint = 127\.0\.0\.1:", block, re.M):
+            assert re.search(r"^MTU = ", block, re.M), block
+    assert "### The MTU question" in text
+
+
+def test_readme_deployment_end_to_end_fits_together():
+    """'Then, the real deployment' needed an nginx block 270 lines further down and showed no
+    server configuration (issue 17, 12). The section now holds both WireGuard configurations,
+    the commands and the nginx location, and their ports and paths agree."""
+    section = readme_section("A real deployment, end to end")
+    server_conf, client_conf = [block for block in readme_blocks(section, "ini")
+                                if "[Interface]" in block]
+
+    def value(block, key):
+        return re.search(r"^%s = (\S+)" % key, block, re.M).group(1)
+
+    commands = {words[0]: words for words in readme_commands(section)}
+    server = pg.parse_options(commands["server"], environ={})
+    client = pg.parse_options(commands["client"], environ={})
+    assert int(value(server_conf, "ListenPort")) == server.to[1]
+    assert value(client_conf, "Endpoint") == "127.0.0.1:%d" % client.listen_port
+    assert int(value(client_conf, "ListenPort")) == client.forward_port
+    assert value(server_conf, "AllowedIPs") == value(client_conf, "Address")
+    assert client.fwmark == int(value(client_conf, "ListenPort"))  # wg-quick's FwMark
+    location, = readme_blocks(section, "nginx")
+    assert re.search(r"^location %s \{" % re.escape(client.to.target), location, re.M), location
+    assert "proxy_pass http://%s:%d;" % server.listen in location
+    assert commands["check"][1:] == ["--to", str(client.to)]
+
+
+def test_readme_nginx_configurations_pass_the_real_client():
+    """The worked nginx example left out Host and X-Forwarded-For, so the server logged
+    127.0.0.1 for every client (issue 17, 8). Every nginx block sets the headers that the
+    tested configuration (NGINX_TEMPLATE, test_tunnel_through_reverse_proxy) sets."""
+    wanted = {"Upgrade", "Connection", "Host", "X-Forwarded-For"}
+    assert wanted <= set(re.findall(r"proxy_set_header (\S+)", NGINX_TEMPLATE))
+    blocks = [block for block in readme_blocks(readme_text(), "nginx") if "proxy_pass" in block]
+    assert len(blocks) >= 3
+    for block in blocks:
+        assert wanted <= set(re.findall(r"proxy_set_header (\S+)", block)), block
+
+
+def test_readme_says_where_pipx_installs_for_a_unit():
+    """As root, `pipx install .` lands in /root/.local, which the unit's ProtectHome=yes hides
+    (issue 17, 8): the README installs into directories the unit sees, and points the unit
+    at the command there."""
+    text = " ".join(readme_text().split())
+    home, bin_dir = re.search(r"PIPX_HOME=(\S+) PIPX_BIN_DIR=(\S+) pipx install \.", text).groups()
+    for directory in (home, bin_dir):  # what ProtectHome=yes hides
+        assert not directory.startswith(("/root", "/home", "/run/user", "~")), directory
+    assert "ExecStart=%s/proxyguard -c /etc/proxyguard/%%i.conf" % bin_dir in text
+    with open(os.path.join(HERE, "proxyguard@.service")) as f:
+        unit = f.read()
+    assert re.search(r"^ProtectHome=yes$", unit, re.M)
+    assert "PIPX_HOME=%s PIPX_BIN_DIR=%s pipx install ." % (home, bin_dir) in " ".join(
+        unit.split())
+
+
+def test_readme_shows_the_units_load_credential_lines():
+    """The README's LoadCredential= drop-in is the unit's commented-out one, which
+    test_unit_passes_a_root_only_tls_key_with_load_credential verifies (issue 17, 8)."""
+    with open(os.path.join(HERE, "proxyguard@.service")) as f:
+        unit = unit_lines_uncommented(f.read(), ["LoadCredential=", "Environment=PROXYGUARD_TLS"])
+    wanted = re.findall(r"^(?:LoadCredential|Environment)=.*$", unit, re.M)
+    drop_in = next(block for block in readme_blocks(readme_text(), "ini")
+                   if "LoadCredential=" in block)
+    assert drop_in.splitlines() == ["[Service]"] + wanted
+
+
+def test_readme_reader_path_first_and_the_measurements_in_their_own_document():
+    """The README was 875 lines, about 40 % measurements (issue 17, 12): the reader's path
+    first, the reference next, the measurements in MEASUREMENTS.md, summarised in one table."""
+    text = readme_text()
+    headings = re.findall(r"^## (.+)$", text, re.M)
+    path = ["Quick start", "A real deployment, end to end",
+            "The front: a web server, a CDN, or an HTTP proxy", "Operating it", "Reference",
+            "Development"]
+    assert [heading for heading in headings if heading in path] == path, headings
+    measurements = readme_text("MEASUREMENTS.md")
+    assert "proxyguard_bench: " not in text and "proxyguard_bench: " in measurements
+    assert "| 1380 | 142.0" not in text and "| 1380 | 142.0" in measurements
+    header = " ".join(measurements[:measurements.index("\n## ")].split())
+    assert "CPython 3.11.2" in header and "2 CPUs" in header and "x86_64" in header
+    performance = text[text.index("### Performance"):text.index("\n## ", text.index(
+        "### Performance"))]
+    assert "(MEASUREMENTS.md)" in performance
+    rows = [line for line in performance.splitlines() if line.startswith("|")]
+    assert len(rows) > 5 and all(line.count("|") == rows[0].count("|") for line in rows)
+    assert len(re.findall(r"\n\n\|", performance)) == 1  # one table
+    for figure in re.findall(r"\d+\.\d+", "\n".join(rows)):  # each figure is measured there
+        assert figure in measurements, figure
