@@ -7668,3 +7668,60 @@ def test_readme_reader_path_first_and_the_measurements_in_their_own_document():
     assert len(re.findall(r"\n\n\|", performance)) == 1  # one table
     for figure in re.findall(r"\d+\.\d+", "\n".join(rows)):  # each figure is measured there
         assert figure in measurements, figure
+
+
+@pytest.mark.slow
+def test_readme_client_configuration_gets_its_mtu_from_wg_quick(tmp_path):
+    """Real wg-quick (with wireguard-go) in a network namespace of its own brings up the
+    README's client configuration with the MTU it writes out, 1420; without that line
+    wg-quick takes loopback's MTU for an Endpoint on 127.0.0.1 (65536 - 80), which is why
+    the README writes it out (issue 17, 5)."""
+    if os.geteuid() != 0:
+        skip_or_fail("needs root (a network namespace, wg-quick)")
+    for program, package in [("wg-quick", "wireguard-tools"), ("wireguard-go", "wireguard-go"),
+                             ("ip", "iproute2")]:
+        which_or_skip(program, package)
+    section = readme_section("A real deployment, end to end")
+    config = next(block for block in readme_blocks(section, "ini")
+                  if re.search(r"^Endpoint = 127\.0\.0\.1:", block, re.M))
+
+    def key_pair():
+        private = subprocess.run(["wg", "genkey"], capture_output=True, text=True,
+                                 check=True, timeout=10).stdout.strip()
+        public = subprocess.run(["wg", "pubkey"], input=private, capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        return private, public
+
+    config = config.replace("<client private key>", key_pair()[0]).replace(
+        "<server public key>", key_pair()[1])
+    tag = "%d%04d" % (os.getpid() % 10000, random.randrange(10000))
+    namespace, interface = "pg17mtu-" + tag, "pgm" + tag  # unique: wireguard-go's socket
+    conf = tmp_path / (interface + ".conf")  # wg-quick names the interface after the file
+
+    def up_mtu(text):
+        conf.write_text(text)
+        conf.chmod(0o600)
+        subprocess.run(["ip", "netns", "exec", namespace, "wg-quick", "up", str(conf)],
+                       check=True, capture_output=True, timeout=60)
+        try:
+            link = subprocess.run(["ip", "-n", namespace, "link", "show", interface],
+                                  capture_output=True, text=True, check=True, timeout=10).stdout
+            return int(re.search(r" mtu (\d+) ", link).group(1))
+        finally:
+            subprocess.run(["ip", "netns", "exec", namespace, "wg-quick", "down", str(conf)],
+                           capture_output=True, timeout=60)
+
+    subprocess.run(["ip", "netns", "add", namespace], check=True, capture_output=True, timeout=15)
+    try:
+        subprocess.run(["ip", "-n", namespace, "link", "set", "lo", "up"], check=True,
+                       timeout=15)  # as on a real machine: 127.0.0.1 routes through lo
+        assert up_mtu(config) == 1420
+        assert up_mtu(re.sub(r"^MTU = .*\n", "", config, flags=re.M)) == 65536 - 80
+    finally:
+        pids = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True,
+                              text=True, timeout=15).stdout.split()
+        for pid in pids:  # a wireguard-go that outlived its interface
+            os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", namespace], capture_output=True, timeout=15)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(WG_RUN_DIR, interface + ".sock"))
