@@ -3913,9 +3913,10 @@ def options_mode(mode):
 
 
 def takes_option(mode, key):
-    """Whether `mode` takes the option `key` (its long name without the dashes)."""
+    """Whether `mode` takes the option `key` (its long name without the dashes): its own, and
+    those of the mode whose options it takes."""
     modes = OPTION_MODES.get(key)
-    return not modes or options_mode(mode) in modes
+    return not modes or mode in modes or options_mode(mode) in modes
 
 
 def help_text(help_mode):
@@ -4188,10 +4189,9 @@ def name_source(exc, options):
 def check_option_modes(options, parser, on_command_line, sources):
     """Refuse an option of another mode: on the command line always, from a config file or
     the environment unless it holds its default (a shared file's, the example file's)."""
-    mode = options_mode(options.mode)
     for key, action in settable_options(parser).items():
         modes = OPTION_MODES.get(key)
-        if not modes or mode in modes:
+        if takes_option(options.mode, key):
             continue
         if action.dest in on_command_line:
             source = None

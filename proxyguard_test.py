@@ -7725,3 +7725,14 @@ def test_readme_client_configuration_gets_its_mtu_from_wg_quick(tmp_path):
         subprocess.run(["ip", "netns", "del", namespace], capture_output=True, timeout=15)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(WG_RUN_DIR, interface + ".sock"))
+
+
+def test_a_mode_that_takes_another_modes_options_keeps_its_own(monkeypatch):
+    """check takes the client's options; a mode added later the same way (one line in
+    MODE_TAKES_OPTIONS_OF) keeps its own options too, in --help and in the mode check."""
+    assert pg.takes_option("check", "fwmark") and not pg.takes_option("check", "listen")
+    assert pg.takes_option("server", "log-level") and not pg.takes_option("server", "proxy")
+    monkeypatch.setitem(pg.MODE_TAKES_OPTIONS_OF, "later", "client")
+    monkeypatch.setitem(pg.OPTION_MODES, "profile", ("later",))
+    assert pg.takes_option("later", "profile") and pg.takes_option("later", "fwmark")
+    assert not pg.takes_option("later", "listen") and not pg.takes_option("client", "profile")
