@@ -3920,28 +3920,28 @@ def takes_option(mode, key):
 
 
 def help_text(help_mode):
-    """--help's usage, description (with the list of modes when no mode is asked for) and
-    epilog; the epilog says where options come from, in parse_options' order."""
-    import shutil, textwrap  # only for --help
+    """--help's usage, description and epilog: without a mode, the list of modes; with one,
+    what that mode does. The epilog says where options come from, in parse_options' order."""
+    import shutil  # only for --help
+    import textwrap
     fill = functools.partial(textwrap.fill, width=min(shutil.get_terminal_size().columns,
                                                       100) - 2)
     if help_mode is None:
         usage = "%%(prog)s {%s} [options]\n       %%(prog)s -c FILE [options]" % ",".join(MODES)
         description = [fill("Carry WireGuard's UDP over one HTTP(S) connection (ProxyGuard "
-                            "UoTLV/1, or a WebSocket)."),
+                            "UoTLV/1, or a WebSocket)."), "",
                        "modes (proxyguard.py MODE --help lists that mode's options alone):"]
         description += [fill(MODE_DESCRIPTIONS.get(mode, ""), initial_indent="  %-8s" % mode,
                              subsequent_indent=" " * 10) for mode in MODES]
-        description.insert(1, "")
-    example = MODE_EXAMPLES["client"]
-    if help_mode is not None:
+        example = MODE_EXAMPLES["client"]
+    else:
         usage = ("%%(prog)s %s [options]\n       %%(prog)s -c FILE [options]  (the file "
                  "says mode = %s)" % (help_mode, help_mode))
         description = [fill("%s: %s." % (help_mode, MODE_DESCRIPTIONS.get(help_mode, "")))]
         if help_mode != options_mode(help_mode):
             description.append(fill("It takes the %s's options, so a %s's config file works "
                                     "as it is." % ((options_mode(help_mode),) * 2)))
-        example = MODE_EXAMPLES.get(help_mode, example)
+        example = MODE_EXAMPLES.get(help_mode, MODE_EXAMPLES["client"])
     epilog = [fill("Precedence: command line > config file > environment > defaults. A "
                    "config file (-c FILE) holds 'option = value' lines (see "
                    "proxyguard.conf.example); the environment, %s<OPTION> variables "
@@ -4000,10 +4000,11 @@ def build_parser(command_line_only=False, help_mode=None):
     add("--mode", type=choice_in(MODES), choices=MODES, help="client, server, or check (try one "
         "connection to --to and print each step; takes the client's options); required. "
         "'proxyguard.py client ...' is short for '--mode client ...'")
-    add("--to", metavar="TARGET", metavar_by_mode={"client": "URL", "server": "HOST:PORT"}, help_by_mode={
-        "client": "the server's URL (required), http(s)://host[:port][/path] for UoTLV/1, "
-                  "ws(s)://... for WebSocket (through fronts that pass nothing else)",
-        "server": "WireGuard's HOST:PORT (default %s)" % DEFAULT_SERVER_TO})
+    add("--to", metavar="TARGET", metavar_by_mode={"client": "URL", "server": "HOST:PORT"},
+        help_by_mode={
+            "client": "the server's URL (required), http(s)://host[:port][/path] for UoTLV/1, "
+                      "ws(s)://... for WebSocket (through fronts that pass nothing else)",
+            "server": "WireGuard's HOST:PORT (default %s)" % DEFAULT_SERVER_TO})
     add("--listen", metavar="HOST:PORT", default=DEFAULT_SERVER_LISTEN,
         help="where to accept connections, [::]:443 for all (default %(default)s)")
     add("--listen-port", type=int, default=DEFAULT_LISTEN_PORT, metavar="PORT",
