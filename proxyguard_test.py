@@ -7737,3 +7737,106 @@ def test_a_mode_that_takes_another_modes_options_keeps_its_own(monkeypatch):
     monkeypatch.setitem(pg.OPTION_MODES, "profile", ("later",))
     assert pg.takes_option("later", "profile") and pg.takes_option("later", "fwmark")
     assert not pg.takes_option("later", "listen") and not pg.takes_option("client", "profile")
+
+
+def readme_deployment_certificates(bed, name):
+    """A test CA and a certificate for `name` (the README's vpn.example.org), in the bed's
+    workdir: (ca, cert, key) paths."""
+    directory = os.path.join(bed.workdir, "readme-tls")
+    os.makedirs(directory, exist_ok=True)
+    path = lambda file_name: os.path.join(directory, file_name)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    bed.sh("openssl", "req", "-x509", *ec, "-keyout", path("ca.key"), "-out", path("ca.pem"),
+           "-days", "2", "-subj", "/CN=README deployment test CA", timeout=60)
+    with open(path("server.ext"), "w") as stream:
+        stream.write("subjectAltName=DNS:%s\nbasicConstraints=CA:FALSE\n" % name)
+    bed.sh("openssl", "req", *ec, "-keyout", path("server.key"), "-out", path("server.csr"),
+           "-subj", "/CN=%s" % name, timeout=60)
+    bed.sh("openssl", "x509", "-req", "-in", path("server.csr"), "-CA", path("ca.pem"),
+           "-CAkey", path("ca.key"), "-set_serial", random.getrandbits(63) + 1, "-days", "2",
+           "-extfile", path("server.ext"), "-out", path("server.pem"), timeout=60)
+    return path("ca.pem"), path("server.pem"), path("server.key")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_readme_deployment_runs_end_to_end(tmp_path):
+    """The README's deployment as written, in two network namespaces with UDP between them
+    dropped: its two WireGuard configurations under wg-quick (wireguard-go), its server,
+    check and client commands, its nginx location with TLS on 443 in front. The client's
+    AllowedIPs = 0.0.0.0/0 needs its --fwmark 51820; a ping crosses the VPN, and the server
+    logs the client's real address from nginx's X-Forwarded-For (issue 17, 12 and 8). The only
+    additions: --peer-ips and --ca-file, since vpn.example.org is not in any DNS or store."""
+    import textwrap
+    import proxyguard_testbed as testbed
+    reason = WireGuardBed.unavailable("nginx") or (
+        None if shutil.which("wg-quick") else "wg-quick is not installed (wireguard-tools)")
+    if reason:
+        skip_or_fail(reason)
+    section = readme_section("A real deployment, end to end")
+    server_conf, client_conf = [block for block in readme_blocks(section, "ini")
+                                if "[Interface]" in block]
+    location, = readme_blocks(section, "nginx")
+    commands = {words[0]: words for words in readme_commands(section)}
+    url = pg.ServerURL(commands["client"][commands["client"].index("--to") + 1])
+    bed = WireGuardBed(tmp_path / "bed", front_end="nginx")
+    configs = []
+    try:
+        remove_stale_beds()
+        bed._make_network()
+        bed._make_keys()
+        ca, cert, key = readme_deployment_certificates(bed, url.host)
+        reach = ["--peer-ips", testbed.VETH_SERVER_IP, "--ca-file", ca]
+        bed.spawn("pg-server", bed.ns_server, [sys.executable, SCRIPT] + commands["server"])
+        bed.wait_log("pg-server", "listening on")
+        directory = os.path.join(bed.workdir, "nginx")
+        os.makedirs(directory)
+        nginx = testbed.NGINX_CONF.format(dir=directory, cert=cert, key=key,
+                                          listen="%s:%d" % (testbed.VETH_SERVER_IP, url.port),
+                                          backend="unused")
+        nginx, count = re.subn(r"        location /proxyguard \{.*?\n        \}\n",
+                               lambda _: textwrap.indent(location, " " * 8), nginx, flags=re.S)
+        assert count == 1, nginx
+        with open(os.path.join(directory, "nginx.conf"), "w") as stream:
+            stream.write(nginx)
+        bed.spawn("nginx", bed.ns_server, ["nginx", "-p", directory, "-c",
+                                           os.path.join(directory, "nginx.conf"), "-e", "stderr"])
+        bed.wait_log("nginx", "start worker process")
+        check = bed.sh(sys.executable, SCRIPT, *(commands["check"] + reach), ns=bed.ns_client,
+                       timeout=30)
+        assert "result   ok" in check, check
+        bed.spawn("pg-client", bed.ns_client, [sys.executable, SCRIPT] + commands["client"]
+                  + reach)
+        bed.wait_log("pg-client", "listening on")
+        for side, ns, ifname, text, peer in [
+                ("server", bed.ns_server, bed.wg_server, server_conf, "client"),
+                ("client", bed.ns_client, bed.wg_client, client_conf, "server")]:
+            with open(bed.keys[side][0]) as stream:
+                private = stream.read().strip()
+            text = re.sub(r"<\w+ private key>", private, text)
+            text = re.sub(r"<\w+ public key>", bed.keys[peer][1], text)
+            path = os.path.join(bed.workdir, ifname + ".conf")  # wg-quick: the interface name
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as stream:
+                stream.write(text)
+            bed.sh("wg-quick", "up", path, ns=ns, timeout=60)
+            configs.append((ns, path))
+        server_address = re.search(r"^Address = ([\d.]+)", server_conf, re.M).group(1)
+        # The bed's own ICMP echo (no ping(8) needed), from the client's namespace.
+        answer = bed.agent(bed.ns_client, "wait-ping", server_address, "--timeout", 30,
+                           "--interval", 0.2, timeout=45)
+        assert answer["ok"], "no ping through the README's VPN: %r\n%s" % (answer,
+                                                                          bed.diagnose())
+        bed.wait_log("pg-server", "tunnel up: %s (via 127.0.0.1:" % VETH_CLIENT_IP)
+        assert "path %s" % url.target in bed.log_text("pg-server")
+    finally:
+        for ns, path in reversed(configs):
+            subprocess.run(["ip", "netns", "exec", ns, "wg-quick", "down", path],
+                           capture_output=True, timeout=60)
+        for ns in bed._namespaces:  # a wireguard-go that wg-quick left behind
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True,
+                                  timeout=15).stdout.split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+        bed.close()
