@@ -7767,6 +7767,7 @@ def test_readme_deployment_runs_end_to_end(tmp_path):
     AllowedIPs = 0.0.0.0/0 needs its --fwmark 51820; a ping crosses the VPN, and the server
     logs the client's real address from nginx's X-Forwarded-For (issue 17, 12 and 8). The only
     additions: --peer-ips and --ca-file, since vpn.example.org is not in any DNS or store."""
+    import ipaddress
     import textwrap
     import proxyguard_testbed as testbed
     reason = WireGuardBed.unavailable("nginx") or (
@@ -7784,6 +7785,12 @@ def test_readme_deployment_runs_end_to_end(tmp_path):
     try:
         remove_stale_beds()
         bed._make_network()
+        # As on a real client, the server is reached through the default route, which
+        # wg-quick's AllowedIPs = 0.0.0.0/0 takes over: without --fwmark, a routing loop.
+        bed.sh("ip", "route", "del", ipaddress.ip_interface("%s/%d" % (
+            testbed.VETH_CLIENT_IP, testbed.VETH_PREFIX)).network, "dev", bed.veth_client,
+            ns=bed.ns_client)
+        bed.sh("ip", "route", "add", "default", "dev", bed.veth_client, ns=bed.ns_client)
         bed._make_keys()
         ca, cert, key = readme_deployment_certificates(bed, url.host)
         reach = ["--peer-ips", testbed.VETH_SERVER_IP, "--ca-file", ca]
