@@ -7739,25 +7739,6 @@ def test_a_mode_that_takes_another_modes_options_keeps_its_own(monkeypatch):
     assert not pg.takes_option("later", "listen") and not pg.takes_option("client", "profile")
 
 
-def readme_deployment_certificates(bed, name):
-    """A test CA and a certificate for `name` (the README's vpn.example.org), in the bed's
-    workdir: (ca, cert, key) paths."""
-    directory = os.path.join(bed.workdir, "readme-tls")
-    os.makedirs(directory, exist_ok=True)
-    path = lambda file_name: os.path.join(directory, file_name)
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    bed.sh("openssl", "req", "-x509", *ec, "-keyout", path("ca.key"), "-out", path("ca.pem"),
-           "-days", "2", "-subj", "/CN=README deployment test CA", timeout=60)
-    with open(path("server.ext"), "w") as stream:
-        stream.write("subjectAltName=DNS:%s\nbasicConstraints=CA:FALSE\n" % name)
-    bed.sh("openssl", "req", *ec, "-keyout", path("server.key"), "-out", path("server.csr"),
-           "-subj", "/CN=%s" % name, timeout=60)
-    bed.sh("openssl", "x509", "-req", "-in", path("server.csr"), "-CA", path("ca.pem"),
-           "-CAkey", path("ca.key"), "-set_serial", random.getrandbits(63) + 1, "-days", "2",
-           "-extfile", path("server.ext"), "-out", path("server.pem"), timeout=60)
-    return path("ca.pem"), path("server.pem"), path("server.key")
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_readme_deployment_runs_end_to_end(tmp_path):
@@ -7792,13 +7773,13 @@ def test_readme_deployment_runs_end_to_end(tmp_path):
             ns=bed.ns_client)
         bed.sh("ip", "route", "add", "default", "dev", bed.veth_client, ns=bed.ns_client)
         bed._make_keys()
-        ca, cert, key = readme_deployment_certificates(bed, url.host)
-        reach = ["--peer-ips", testbed.VETH_SERVER_IP, "--ca-file", ca]
+        tls = make_certificates(tmp_path, hosts=(url.host,))
+        reach = ["--peer-ips", testbed.VETH_SERVER_IP, "--ca-file", tls.ca]
         bed.spawn("pg-server", bed.ns_server, [sys.executable, SCRIPT] + commands["server"])
         bed.wait_log("pg-server", "listening on")
         directory = os.path.join(bed.workdir, "nginx")
         os.makedirs(directory)
-        nginx = testbed.NGINX_CONF.format(dir=directory, cert=cert, key=key,
+        nginx = testbed.NGINX_CONF.format(dir=directory, cert=tls.cert, key=tls.key,
                                           listen="%s:%d" % (testbed.VETH_SERVER_IP, url.port),
                                           backend="unused")
         nginx, count = re.subn(r"        location /proxyguard \{.*?\n        \}\n",
