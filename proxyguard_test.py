@@ -2019,8 +2019,8 @@ def readme_commands(section):
 
 
 def test_quick_start_names_the_packages_ci_installs():
-    """The Quick start's list of what (2) installs is .ci/run's apt-get list (it fell behind
-    twice: prometheus and systemd, then pipx)."""
+    """The Quick start's list of what `bash .ci/run` installs is .ci/run's apt-get list (it
+    fell behind twice: prometheus and systemd, then pipx)."""
     listed = re.search(r"installs Debian's `([^`]+)`", readme_section("Quick start"))
     with open(os.path.join(HERE, ".ci", "run")) as f:
         installed = re.search(r"apt-get install (.*?[^\\])\n", f.read(), re.S).group(1)
