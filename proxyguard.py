@@ -3006,6 +3006,18 @@ def systemd_listener(environ=os.environ, pid=None):
     return sock
 
 
+def unused_listen_fds(environ=os.environ, pid=None):
+    """The warning for a client that systemd passed sockets (LISTEN_FDS, meant for this
+    process): only the server takes one (socket activation); None when none were passed."""
+    count = environ.get("LISTEN_FDS")
+    me = str(os.getpid() if pid is None else pid)
+    if count in (None, "", "0") or environ.get("LISTEN_PID", me) != me:
+        return None
+    return ("LISTEN_FDS=%s: the client does not use sockets from systemd: socket activation "
+            "is for the server (proxyguard-server.socket starts proxyguard@server); the client "
+            "binds its own UDP port (--listen-port)" % count)
+
+
 def listen_scope(sock):
     """What a wildcard address that `sock` is bound to takes, '' for any other: `--listen
     :443` binds every interface without a word otherwise (issue "The first ten minutes")."""
@@ -3523,8 +3535,11 @@ class Client:
 
     @classmethod
     def open(cls, dialer, listen_port=DEFAULT_LISTEN_PORT, forward_port=DEFAULT_FORWARD_PORT,
-             idle_timeout=DEFAULT_IDLE_TIMEOUT, keepalive=DEFAULT_KEEPALIVE):
+             idle_timeout=DEFAULT_IDLE_TIMEOUT, keepalive=DEFAULT_KEEPALIVE, environ=os.environ):
         """Check --fwmark, bind the UDP socket, resolve the server once; raises FatalError."""
+        unused = unused_listen_fds(environ)
+        if unused:  # a socket unit pointed at a client instance: say so, not silently
+            log.warning("%s", unused)
         if dialer.fwmark >= 0:
             check_fwmark(dialer.fwmark)
         if keepalive != DEFAULT_KEEPALIVE and not dialer.url.websocket:
@@ -4115,16 +4130,70 @@ OPTION_MODES = {
     "idle-timeout": ("client", "server"), "metrics-listen": ("client", "server"),
     "profile": ("up",), "write-config": ("up",),
 }
+# A mode that takes another mode's options (OPTION_MODES names only client and server).
+MODE_TAKES_OPTIONS_OF = {"check": "client", "up": "client"}
+# What each mode does, for --help (the list of modes, and the top of MODE --help).
+MODE_DESCRIPTIONS = {
+    "client": "carry WireGuard's UDP from 127.0.0.1 to the server at --to, over one "
+              "HTTP(S) connection (UoTLV/1) or a WebSocket",
+    "server": "take tunnels on --listen, UoTLV/1 and WebSocket alike, and relay each "
+              "one's datagrams to WireGuard at --to",
+    "check": "try one connection to --to as the client would, print each step, and say "
+             "what fails (exit status 0 when the upgrade works)",
+    "up": "bring a VPN up from a WireGuard profile with ProxyEndpoint lines (eduVPN's): a "
+          "tunnel per such peer, then wg-quick up; wg-quick down at the end",
+}
+MODE_EXAMPLES = {
+    "client": "proxyguard.py client --to https://vpn.example.org/proxyguard --fwmark 51820",
+    "server": "proxyguard.py server --listen 127.0.0.1:51821 --to 127.0.0.1:51820",
+    "check": "proxyguard.py check --to https://vpn.example.org/proxyguard",
+    "up": "proxyguard.py up /etc/proxyguard/eduvpn.conf",
+}
+# --help groups each mode's options under these titles, in this order, by OPTION_GROUPS: a
+# new option is one line there (an option missing from it shows under "operations"; a test
+# asks for every option to be listed).
+HELP_GROUPS = ("connection", "TLS", "proxy", "limits and tuning", "operations")
+OPTION_GROUPS = {
+    "to": "connection",
+    "listen": "connection",
+    "path": "connection",
+    "listen-port": "connection",
+    "forward-port": "connection",
+    "peer-ips": "connection",
+    "fwmark": "connection",
+    "tcp-port": "connection",
+    "user-agent": "connection",
+    "tls-cert": "TLS",
+    "tls-key": "TLS",
+    "ca-file": "TLS",
+    "tls-min-version": "TLS",
+    "proxy": "proxy",
+    "trusted-proxies": "proxy",
+    "connect-timeout": "limits and tuning",
+    "handshake-timeout": "limits and tuning",
+    "idle-timeout": "limits and tuning",
+    "keepalive": "limits and tuning",
+    "max-clients": "limits and tuning",
+    "help": "operations",
+    "config": "operations",
+    "mode": "operations",
+    "metrics-listen": "operations",
+    "log-level": "operations",
+    "version": "operations",
+    "profile": "connection",
+    "write-config": "operations",
+}
 # What the user likely meant when an option is in the wrong mode.
 MODE_HINTS = {
     ("listen", "client"): "the client's UDP port is --listen-port",
     ("listen-port", "server"): "the server listens on --listen HOST:PORT",
     ("listen-port", "up"): "up gives each peer's tunnel a free port of its own",
     ("peer-ips", "up"): "up resolves each ProxyEndpoint's host once, at start",
+    ("to", "up"): "up takes the servers' URLs from the profile's ProxyEndpoint lines",
 }
 # up runs a client per ProxyEndpoint peer of its profile: like check, it takes the client's
 # options, but not these, which name one server or one port.
-NOT_UP_OPTIONS = ("listen-port", "peer-ips", "tcp-port")
+NOT_UP_OPTIONS = ("to", "listen-port", "peer-ips", "tcp-port")
 # up's FwMark, for WireGuard and the tunnels' TCP sockets, when neither --fwmark nor the profile
 # gives one: wg-quick's own first choice.
 DEFAULT_UP_FWMARK = 51820
@@ -4192,33 +4261,92 @@ def close_match(word, candidates):
     return found[0] if found else None
 
 
-def build_parser(command_line_only=False):
+def options_mode(mode):
+    """The mode whose options `mode` takes (check: the client's)."""
+    return MODE_TAKES_OPTIONS_OF.get(mode, mode)
+
+
+def takes_option(mode, key):
+    """Whether `mode` takes the option `key` (its long name without the dashes): its own, and
+    those of the mode whose options it takes."""
+    if mode == "up" and key in NOT_UP_OPTIONS:
+        return False
+    modes = OPTION_MODES.get(key)
+    return not modes or mode in modes or options_mode(mode) in modes
+
+
+def help_text(help_mode):
+    """--help's usage, description and epilog: without a mode, the list of modes; with one,
+    what that mode does. The epilog says where options come from, in parse_options' order."""
+    import shutil  # only for --help
+    import textwrap
+    fill = functools.partial(textwrap.fill, width=min(shutil.get_terminal_size().columns,
+                                                      100) - 2)
+    if help_mode is None:
+        usage = "%%(prog)s {%s} [options]\n       %%(prog)s -c FILE [options]" % ",".join(MODES)
+        description = [fill("Carry WireGuard's UDP over one HTTP(S) connection (ProxyGuard "
+                            "UoTLV/1, or a WebSocket)."), "",
+                       "modes (proxyguard.py MODE --help lists that mode's options alone):"]
+        description += [fill(MODE_DESCRIPTIONS.get(mode, ""), initial_indent="  %-8s" % mode,
+                             subsequent_indent=" " * 10) for mode in MODES]
+        example = MODE_EXAMPLES["client"]
+    else:
+        usage = ("%%(prog)s %s [options]\n       %%(prog)s -c FILE [options]  (the file "
+                 "says mode = %s)" % (help_mode, help_mode))
+        description = [fill("%s: %s." % (help_mode, MODE_DESCRIPTIONS.get(help_mode, "")))]
+        if help_mode != options_mode(help_mode):
+            description.append(fill("It takes the %s's options, so a %s's config file works "
+                                    "as it is." % ((options_mode(help_mode),) * 2)))
+        example = MODE_EXAMPLES.get(help_mode, MODE_EXAMPLES["client"])
+    epilog = [fill("Precedence: command line > config file > environment > defaults. A "
+                   "config file (-c FILE) holds 'option = value' lines (see "
+                   "proxyguard.conf.example); the environment, %s<OPTION> variables "
+                   "(--log-level is %sLOG_LEVEL). An option of another mode is refused."
+                   % (ENV_PREFIX, ENV_PREFIX)),
+              "Example: " + example]
+    return usage, "\n".join(description), "\n".join(epilog)
+
+
+def build_parser(command_line_only=False, help_mode=None):
     """The parser of every option. command_line_only: plain argparse, no --help, --version,
-    config file or environment, and no defaults (parse_options' first pass)."""
-    usage = ("%%(prog)s {%s} [options]\n       %%(prog)s -c FILE [options]" % ",".join(MODES))
+    config file or environment, and no defaults (parse_options' first pass). help_mode: a
+    mode whose --help shows its options alone (the others are still parsed, unseen)."""
+    usage, description, epilog = help_text(help_mode) if not command_line_only else (
+        None, None, None)
     extra = {}
     if configargparse and not command_line_only:
-        extra = dict(auto_env_var_prefix=ENV_PREFIX, add_env_var_help=True,
+        extra = dict(auto_env_var_prefix=ENV_PREFIX, add_env_var_help=False,
                      add_config_file_help=False,
                      config_file_parser_class=configargparse.DefaultConfigFileParser)
     parser_class = CommandLineParser if command_line_only else OptionParser
     parser = parser_class(
-        prog="proxyguard.py", usage=usage, add_help=not command_line_only,
-        description="Carry WireGuard's UDP over one HTTP(S) connection "
-        "(ProxyGuard UoTLV/1). Options also come from a config file (-c, 'key = value') and "
-        "from %s<OPTION> environment variables; the command line wins over the config file, "
-        "which wins over the environment. An option of another mode is refused (check takes "
-        "the client's)." % ENV_PREFIX,
-        epilog="Examples: proxyguard.py server --listen [::]:443 --to 127.0.0.1:51820 | "
-               "proxyguard.py client --to https://vpn.example.org/proxyguard | "
-               "proxyguard.py -c /etc/proxyguard/client.conf", **extra)
+        prog="proxyguard.py", usage=usage, add_help=False, description=description,
+        epilog=epilog, formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(
+            prog, max_help_position=30), **extra)
+    groups = {title: parser.add_argument_group(title) for title in HELP_GROUPS}
 
     def add(*names, **kwargs):
-        modes = OPTION_MODES.get(names[-1][2:])
-        if modes:
+        """One option, in its --help group; its help (and metavar) by mode when
+        `help_by_mode` (and `metavar_by_mode`) is given."""
+        key = names[-1][2:]
+        modes = OPTION_MODES.get(key)
+        by_mode, metavars = kwargs.pop("help_by_mode", None), kwargs.pop("metavar_by_mode", {})
+        if by_mode:
+            kwargs["help"] = "; ".join("%s: %s" % item for item in by_mode.items())
+        if help_mode is not None:
+            if not takes_option(help_mode, key) or key == "mode":
+                kwargs["help"] = argparse.SUPPRESS
+            elif by_mode:
+                kwargs["help"] = by_mode[options_mode(help_mode)]
+                kwargs["metavar"] = metavars.get(options_mode(help_mode), kwargs.get("metavar"))
+        elif modes:
             kwargs["help"] = "%s: %s" % (", ".join(modes), kwargs["help"])
-        return parser.add_argument(*names, **kwargs)
+        return groups[OPTION_GROUPS.get(key, "operations")].add_argument(*names, **kwargs)
 
+    if not command_line_only:
+        add("-h", "--help", action="help", help="show this help and exit (proxyguard.py "
+            "MODE --help: that mode's options)" if help_mode is None else
+            "show this help and exit")
     if configargparse and not command_line_only:
         add("-c", "--config", is_config_file=True, metavar="FILE",
             help="config file of 'option = value' lines (see proxyguard.conf.example)")
@@ -4235,9 +4363,11 @@ def build_parser(command_line_only=False):
     add("--write-config", metavar="PATH", help="run only the profile's tunnels and write "
         "WireGuard's configuration to PATH (- prints it), for NetworkManager or "
         "systemd-networkd; without it, up runs wg-quick up and, at the end, wg-quick down")
-    add("--to", help="client: the server's URL (required), http(s)://host[:port][/path] for "
-        "UoTLV/1, ws(s)://... for WebSocket (through fronts that pass nothing else); "
-        "server: WireGuard's HOST:PORT (default %s)" % DEFAULT_SERVER_TO)
+    add("--to", metavar="TARGET", metavar_by_mode={"client": "URL", "server": "HOST:PORT"},
+        help_by_mode={
+            "client": "the server's URL (required), http(s)://host[:port][/path] for UoTLV/1, "
+                      "ws(s)://... for WebSocket (through fronts that pass nothing else)",
+            "server": "WireGuard's HOST:PORT (default %s)" % DEFAULT_SERVER_TO})
     add("--listen", metavar="HOST:PORT", default=DEFAULT_SERVER_LISTEN,
         help="where to accept connections, [::]:443 for all (default %(default)s)")
     add("--listen-port", type=int, default=DEFAULT_LISTEN_PORT, metavar="PORT",
@@ -4260,8 +4390,8 @@ def build_parser(command_line_only=False):
         "(default: those variables, honouring NO_PROXY)")
     add("--ca-file", metavar="PEM", help="also trust the CAs in this file for https://")
     add("--tls-min-version", type=choice_in(TLS_VERSIONS), choices=sorted(TLS_VERSIONS),
-        default="1.3",
-        help="oldest TLS version accepted (default %(default)s, as the original)")
+        default="1.3", metavar="VERSION", help="oldest TLS version accepted, %s (default "
+        "%%(default)s, as the original)" % " or ".join(sorted(TLS_VERSIONS)))
     add("--tls-cert", metavar="PEM", help="speak HTTPS with this certificate chain "
         "(reloaded on SIGHUP)")
     add("--tls-key", metavar="PEM", help="the private key for --tls-cert")
@@ -4287,7 +4417,7 @@ def build_parser(command_line_only=False):
         help="serve Prometheus metrics at http://HOST:PORT/metrics, 127.0.0.1:9821 say "
              "(default: off)")
     add("--log-level", type=choice_in(LOG_LEVELS), choices=LOG_LEVELS, default="info",
-        help="(default %(default)s)")
+        metavar="LEVEL", help="%s (default %%(default)s)" % ", ".join(LOG_LEVELS))
     if command_line_only:
         for action in parser._actions:
             action.default = argparse.SUPPRESS
@@ -4425,12 +4555,9 @@ def name_source(exc, options):
 def check_option_modes(options, parser, on_command_line, sources):
     """Refuse an option of another mode: on the command line always, from a config file or
     the environment unless it holds its default (a shared file's, the example file's)."""
-    mode = "client" if options.mode in ("check", "up") else options.mode
     for key, action in settable_options(parser).items():
         modes = OPTION_MODES.get(key)
-        if options.mode == "up" and key in NOT_UP_OPTIONS:
-            pass
-        elif not modes or mode in modes or options.mode in modes:
+        if takes_option(options.mode, key):
             continue
         if action.dest in on_command_line:
             source = None
@@ -4442,7 +4569,8 @@ def check_option_modes(options, parser, on_command_line, sources):
         if options.mode == "check":
             hint = "check takes the client's options"
         raise UsageError("%s--%s is a %s option: %s would ignore it%s" % (
-            "%s: " % source if source else "", key, " and ".join(modes),
+            "%s: " % source if source else "", key,
+            " and ".join(modes) if modes else options_mode(options.mode),
             options.mode if options.mode in ("check", "up") else "the " + options.mode,
             " (%s)" % hint if hint else ""))
 
@@ -4464,6 +4592,8 @@ def parse_options(argv, environ=None):
         except UsageError as exc:
             raise UsageError(explain_parse_error(str(exc), names, {}))
         asks = any(arg in ("-h", "--help", "--version") for arg in argv)
+        if any(arg in ("-h", "--help") for arg in argv) and getattr(given, "mode", None):
+            parser = build_parser(help_mode=given.mode)  # that mode's options alone
         path = getattr(given, "config", None)
         if configargparse is None and (env_settings or path is not None):
             used = sorted(env_name(source.key) for source in env_settings.values())
@@ -4570,9 +4700,6 @@ def read_up_profile(options):
     UsageError."""
     if not options.profile:
         raise UsageError("up needs a profile: proxyguard.py up PROFILE.conf (or --profile FILE)")
-    if options.to:
-        raise UsageError("--to %r: up takes the servers' URLs from the profile's ProxyEndpoint "
-                         "lines" % options.to)
     where = "--profile %s" % options.profile
     name = os.path.basename(options.profile)
     interface = name[:-len(".conf")] if name.endswith(".conf") else name

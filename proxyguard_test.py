@@ -2020,9 +2020,9 @@ def readme_commands(section):
 
 
 def test_quick_start_names_the_packages_ci_installs():
-    """The Quick start's list of what (2) installs is .ci/run's apt-get list (it fell behind
-    twice: prometheus and systemd, then pipx)."""
-    listed = re.search(r"\(2\) installs Debian's `([^`]+)`", readme_section("Quick start"))
+    """The Quick start's list of what `bash .ci/run` installs is .ci/run's apt-get list (it
+    fell behind twice: prometheus and systemd, then pipx)."""
+    listed = re.search(r"installs Debian's `([^`]+)`", readme_section("Quick start"))
     with open(os.path.join(HERE, ".ci", "run")) as f:
         installed = re.search(r"apt-get install (.*?[^\\])\n", f.read(), re.S).group(1)
     assert sorted(listed.group(1).split()) == sorted(
@@ -2353,7 +2353,7 @@ def accepts(port):
 
 def test_help_and_version():
     result = run_cli("--help")
-    assert result.returncode == 0 and "PROXYGUARD_LISTEN_PORT" in result.stdout
+    assert result.returncode == 0 and "PROXYGUARD_LOG_LEVEL" in result.stdout
     result = run_cli("--version")
     assert result.returncode == 0 and pg.__version__ in result.stdout
 
@@ -7957,3 +7957,464 @@ def test_peer_log_names_prefix_only_the_threads_speaking_for_a_peer(caplog):
     assert [record.getMessage() for record in caplog.records] == [
         "peer http://a/100%25: tunnel up: x", "peer http://a/100%25: no arguments, 100%",
         "another thread", "after the block"]
+
+
+# Issue 17 (the operator's first hour), docs side: --help per mode, the README's paths, the
+# example configs and units
+# =============================================================================================
+
+
+def help_of(*args):
+    """`proxyguard.py ARGS --help` at 80 columns (a terminal's usual width): its lines."""
+    result = run_cli(*(list(args) + ["--help"]), env={"COLUMNS": "80"})
+    assert result.returncode == 0 and not result.stderr, result
+    return result.stdout.splitlines()
+
+
+def shown_options(lines):
+    """The long options a --help shows, each at the start of its entry."""
+    return {found.group(1) for line in lines
+            for found in [re.match(r"  (?:-\w(?: \S+)?, )?--([\w-]+)", line)] if found}
+
+
+@pytest.mark.parametrize("mode", ["client", "server", "check", "up"])
+def test_help_of_a_mode_shows_its_options_alone_grouped_in_under_70_lines(mode):
+    """`client --help`, `server --help` and `check --help` printed the same 96 lines, every
+    option of every mode, ungrouped (issue 17, 6)."""
+    lines = help_of(mode)
+    assert len(lines) < 70, "\n".join(lines)
+    assert lines[0] == "usage: proxyguard.py %s [options]" % mode
+    keys = set(pg.settable_options(pg.build_parser())) - {"mode"}
+    assert shown_options(lines) == {key for key in keys if pg.takes_option(mode, key)} | {
+        "help", "config", "version"}
+    others = [key for key in keys if not pg.takes_option(mode, key)]
+    named = [key for key in others if re.search(r"--%s(?![\w-])" % key, "\n".join(lines))]
+    assert others and not named, named
+    titles = [line[:-1] for line in lines if line[:-1] in pg.HELP_GROUPS and line[-1] == ":"]
+    assert titles == list(pg.HELP_GROUPS), lines  # every group, in order
+    entry = {key: group for group in titles for key in shown_options(
+        lines[lines.index(group + ":"):lines.index("", lines.index(group + ":"))])}
+    assert all(entry[key] == pg.OPTION_GROUPS[key] for key in entry), entry
+    if mode == "server":  # --to is WireGuard's address there, not a URL
+        assert "  --to HOST:PORT              WireGuard's HOST:PORT (default 127.0.0.1:51820)" \
+            in lines
+
+
+def test_help_without_a_mode_lists_the_modes_and_every_option():
+    lines = help_of()
+    text = "\n".join(lines)
+    for mode in pg.MODES:
+        assert re.search(r"^  %s +%s" % (mode, re.escape(pg.MODE_DESCRIPTIONS[mode][:20])),
+                         text, re.M), mode
+    assert shown_options(lines) == set(pg.settable_options(pg.build_parser())) | {
+        "help", "config", "version"}
+    assert "proxyguard.py MODE --help" in text
+
+
+@pytest.mark.parametrize("mode", [None, "client", "server", "check"])
+def test_help_states_the_precedence_parse_options_applies(mode, tmp_path):
+    """The epilog said 'command-line values override environment variables which override
+    defaults' (configargparse's words), leaving out the config file that ranks between."""
+    text = " ".join(help_of(*([mode] if mode else [])))
+    assert "Precedence: command line > config file > environment > defaults." in text
+    assert "override" not in text
+    # ... and that is the order parse_options applies (one option set by each in turn).
+    conf = tmp_path / "c.conf"
+    conf.write_text("mode = client\nto = http://x/\nlisten-port = 1111\nforward-port = 2221\n")
+    env = {"PROXYGUARD_LISTEN_PORT": "1112", "PROXYGUARD_FORWARD_PORT": "2222",
+           "PROXYGUARD_TCP_PORT": "3332"}
+    options = pg.parse_options(["-c", str(conf), "--listen-port", "1110"], environ=env)
+    assert (options.listen_port, options.forward_port, options.tcp_port,
+            options.idle_timeout) == (1110, 2221, 3332, pg.DEFAULT_IDLE_TIMEOUT)
+
+
+def test_every_option_has_a_help_group():
+    """A new option is one line in OPTION_GROUPS (and its modes in OPTION_MODES)."""
+    parser = pg.build_parser()
+    keys = set(pg.settable_options(parser)) | {"help", "config", "version"}
+    assert keys == set(pg.OPTION_GROUPS), keys ^ set(pg.OPTION_GROUPS)
+    assert set(pg.OPTION_GROUPS.values()) == set(pg.HELP_GROUPS)
+
+
+def test_client_says_it_does_not_use_sockets_systemd_passed(tmp_path, procs):
+    """A client started with LISTEN_FDS (a socket unit pointed at a client instance) ignored
+    them without a word (issue 17, 8): one warning line, and the client runs."""
+    assert pg.unused_listen_fds({"LISTEN_FDS": "1", "LISTEN_PID": "41"}, pid=42) is None
+    assert pg.unused_listen_fds({"LISTEN_FDS": "0"}) is None and pg.unused_listen_fds({}) is None
+    port = free_port()
+    client = start_client(tmp_path, "http://%s:%d/" % (LOOPBACK, port), env={"LISTEN_FDS": "1"})
+    procs.append(client)
+    warnings_logged = [line for line in client.log().splitlines() if " WARNING " in line]
+    assert len(warnings_logged) == 1 and warnings_logged[0].endswith(
+        "LISTEN_FDS=1: the client does not use sockets from systemd: socket activation is "
+        "for the server (proxyguard-server.socket starts proxyguard@server); the client binds "
+        "its own UDP port (--listen-port)"), client.log()
+    assert client.stop() == 0
+
+
+EXAMPLE_CONFIGS = {"client": "proxyguard.conf.example", "server": "proxyguard-server.conf.example"}
+
+
+def active_config_lines(name):
+    """{key: value} of an example config's lines that are not comments."""
+    with open(os.path.join(HERE, name)) as f:
+        return dict(line.split(" = ", 1) for line in f.read().splitlines()
+                    if line.strip() and not line.startswith("#"))
+
+
+@pytest.mark.parametrize("mode", sorted(EXAMPLE_CONFIGS))
+def test_example_configs_set_only_defaults_beyond_mode_and_url(mode):
+    """Their header says the values are the defaults unless marked 'example', but the client's
+    turned metrics-listen on while its comment said off (issue 17, 8)."""
+    path = os.path.join(HERE, EXAMPLE_CONFIGS[mode])
+    from_file = pg.parse_options(["-c", path], environ={})
+    to = ["--to", "https://vpn.example.org/proxyguard"] if mode == "client" else []
+    defaults = pg.parse_options([mode] + to, environ={})
+    assert from_file.mode == mode and from_file.metrics_listen is None
+    names = pg.settable_options(pg.build_parser())
+    for key in active_config_lines(EXAMPLE_CONFIGS[mode]):
+        dest = names[key].dest
+        assert str(getattr(from_file, dest)) == str(getattr(defaults, dest)), key
+
+
+def test_server_example_config_runs_a_server(tmp_path, echo, procs):
+    """The socket unit starts proxyguard@server, which reads /etc/proxyguard/server.conf; the
+    only example was a client's (issue 17, 8). Here it runs as shipped, its address and
+    WireGuard's given on the command line (free ports; the command line wins over the file)."""
+    server = Proc(tmp_path, ["-c", os.path.join(HERE, EXAMPLE_CONFIGS["server"]),
+                             "--listen", "%s:%d" % (LOOPBACK, free_port()),
+                             "--to", "%s:%d" % (LOOPBACK, echo.port)], name="server")
+    procs.append(server)
+    server.port = int(re.search(r"server listening on [\d.]+:(\d+)", server.log()).group(1))
+    client = start_client(tmp_path, "http://%s:%d/" % (LOOPBACK, server.port))
+    procs.append(client)
+    assert client.wireguard.roundtrip(b"server.conf") == b"server.conf"
+    assert client.stop() == 0 and server.stop() == 0
+
+
+def unit_lines_uncommented(text, prefixes):
+    """The unit's text with its commented-out lines that start with `prefixes` switched on."""
+    return re.sub(r"^#(%s)" % "|".join(map(re.escape, prefixes)), r"\1", text, flags=re.M)
+
+
+def test_unit_passes_a_root_only_tls_key_with_load_credential(tmp_path):
+    """A DynamicUser=yes unit cannot read a 0600 root key ('--tls-key ...: permission
+    denied'): the unit shows LoadCredential= lines (issue 17, 8). Switched on, they pass
+    `systemd-analyze verify`, and their variables reach the server through the shipped
+    server config (which leaves tls-cert and tls-key out, or it would win over them)."""
+    analyze = which_or_skip("systemd-analyze", "systemd")
+    with open(os.path.join(HERE, "proxyguard@.service")) as f:
+        unit = unit_lines_uncommented(f.read(), ["LoadCredential=", "Environment=PROXYGUARD_TLS"])
+    credentials = dict(re.findall(r"^LoadCredential=([\w-]+):(/\S+)$", unit, re.M))
+    assert sorted(credentials) == ["tls-cert", "tls-key"], unit
+    (tmp_path / "proxyguard@server.service").write_text(unit)
+    result = subprocess.run([analyze, "verify", "--man=no",
+                             str(tmp_path / "proxyguard@server.service")],
+                            capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    assert result.returncode == 0 and "proxyguard" not in result.stderr, result.stderr
+    variables = re.search(r"^Environment=(.*)$", unit, re.M).group(1).split()
+    # %d: the service's credentials directory, where systemd puts the copies.
+    environ = dict(word.replace("%d", str(tmp_path)).split("=", 1) for word in variables)
+    assert environ == {"PROXYGUARD_TLS_CERT": str(tmp_path / "tls-cert"),
+                       "PROXYGUARD_TLS_KEY": str(tmp_path / "tls-key")}
+    options = pg.parse_options(["-c", os.path.join(HERE, EXAMPLE_CONFIGS["server"])],
+                               environ=environ)
+    assert (options.tls_cert, options.tls_key) == (environ["PROXYGUARD_TLS_CERT"],
+                                                   environ["PROXYGUARD_TLS_KEY"])
+
+
+def readme_text(name="README.md"):
+    with open(os.path.join(HERE, name)) as f:
+        return f.read()
+
+
+def readme_blocks(text, language):
+    """The ```language blocks of a Markdown text."""
+    return re.findall(r"```%s\n(.*?)```" % language, text, re.S)
+
+
+def test_quick_start_puts_the_users_path_first_and_ci_run_as_the_developers():
+    """`bash .ci/run` was the Quick start's second command; as root it installs about twenty
+    packages and stops the machine's web servers: on the VPN server behind the web server on
+    port 443, the site goes down (issue 17, 4)."""
+    text = readme_text()
+    section = readme_section("Quick start")
+    assert [words[0] for words in readme_commands(section)[:2]] == ["server", "check"]
+    first_block = readme_blocks(section, "sh")[0]
+    assert first_block.startswith("python3 proxyguard.py server")
+    ci_line = next(line for line in section.splitlines() if line.startswith("bash .ci/run"))
+    assert "developers" in ci_line
+    assert section.index(ci_line) > section.index("python3 proxyguard.py check")
+    assert text[:text.index(ci_line)].count("\n") < 60  # still on the first screen
+    with open(os.path.join(HERE, ".ci", "run")) as f:
+        stopped = re.search(r"^for service in ([\w ]+); do$", f.read(), re.M).group(1).split()
+    named = re.search(r"stops the ([\w, ]+?) services", " ".join(section.split())).group(1)
+    assert re.split(r", | and ", named) == stopped, named
+    assert "never on a production server" in " ".join(section.split())
+
+
+def test_readme_wireguard_configurations_keep_the_mtu_it_recommends():
+    """The client example said `MTU = 1380  # see "The MTU question"`, whose answer is to keep
+    1420 (issue 17, 5). Its Endpoint on 127.0.0.1 needs the line: wg-quick would take
+    loopback's MTU (65536 - 80) without it."""
+    text = readme_text()
+    recommended = re.search(r"keep WireGuard's default MTU of (\d+)\.",
+                            " ".join(readme_section("Reference").split())).group(1)
+    configs = [block for block in readme_blocks(text, "ini") if "[Interface]" in block]
+    assert len(configs) >= 2
+    for block in configs:
+        for mtu in re.findall(r"^MTU = (\d+)", block, re.M):
+            assert mtu == recommended, block
+        if re.search(r"^ProxyEndpoint = ", block, re.M):
+            continue  # a profile for up, which writes MTU = PROFILE_DEFAULT_MTU (below)
+        if re.search(r"^Endpoint = 127\.0\.0\.1:", block, re.M):
+            assert re.search(r"^MTU = ", block, re.M), block
+    assert str(pg.PROFILE_DEFAULT_MTU) == recommended
+    assert "### The MTU question" in text
+
+
+def test_readme_deployment_end_to_end_fits_together():
+    """'Then, the real deployment' needed an nginx block 270 lines further down and showed no
+    server configuration (issue 17, 12). The section now holds both WireGuard configurations,
+    the commands and the nginx location, and their ports and paths agree."""
+    section = readme_section("A real deployment, end to end")
+    server_conf, client_conf = [block for block in readme_blocks(section, "ini")
+                                if "[Interface]" in block]
+
+    def value(block, key):
+        return re.search(r"^%s = (\S+)" % key, block, re.M).group(1)
+
+    commands = {words[0]: words for words in readme_commands(section)}
+    server = pg.parse_options(commands["server"], environ={})
+    client = pg.parse_options(commands["client"], environ={})
+    assert int(value(server_conf, "ListenPort")) == server.to[1]
+    assert value(client_conf, "Endpoint") == "127.0.0.1:%d" % client.listen_port
+    assert int(value(client_conf, "ListenPort")) == client.forward_port
+    assert value(server_conf, "AllowedIPs") == value(client_conf, "Address")
+    assert client.fwmark == int(value(client_conf, "ListenPort"))  # wg-quick's FwMark
+    location, = readme_blocks(section, "nginx")
+    assert re.search(r"^location %s \{" % re.escape(client.to.target), location, re.M), location
+    assert "proxy_pass http://%s:%d;" % server.listen in location
+    assert commands["check"][1:] == ["--to", str(client.to)]
+
+
+def test_readme_nginx_configurations_pass_the_real_client():
+    """The worked nginx example left out Host and X-Forwarded-For, so the server logged
+    127.0.0.1 for every client (issue 17, 8). Every nginx block sets the headers that the
+    tested configuration (NGINX_TEMPLATE, test_tunnel_through_reverse_proxy) sets."""
+    wanted = {"Upgrade", "Connection", "Host", "X-Forwarded-For"}
+    assert wanted <= set(re.findall(r"proxy_set_header (\S+)", NGINX_TEMPLATE))
+    blocks = [block for block in readme_blocks(readme_text(), "nginx") if "proxy_pass" in block]
+    assert len(blocks) >= 3
+    for block in blocks:
+        assert wanted <= set(re.findall(r"proxy_set_header (\S+)", block)), block
+
+
+def test_readme_says_where_pipx_installs_for_a_unit():
+    """As root, `pipx install .` lands in /root/.local, which the unit's ProtectHome=yes hides
+    (issue 17, 8): the README installs into directories the unit sees, and points the unit
+    at the command there."""
+    text = " ".join(readme_text().split())
+    home, bin_dir = re.search(r"PIPX_HOME=(\S+) PIPX_BIN_DIR=(\S+) pipx install \.", text).groups()
+    for directory in (home, bin_dir):  # what ProtectHome=yes hides
+        assert not directory.startswith(("/root", "/home", "/run/user", "~")), directory
+    assert "ExecStart=%s/proxyguard -c /etc/proxyguard/%%i.conf" % bin_dir in text
+    with open(os.path.join(HERE, "proxyguard@.service")) as f:
+        unit = f.read()
+    assert re.search(r"^ProtectHome=yes$", unit, re.M)
+    assert "PIPX_HOME=%s PIPX_BIN_DIR=%s pipx install ." % (home, bin_dir) in " ".join(
+        unit.split())
+
+
+def test_readme_shows_the_units_load_credential_lines():
+    """The README's LoadCredential= drop-in is the unit's commented-out one, which
+    test_unit_passes_a_root_only_tls_key_with_load_credential verifies (issue 17, 8)."""
+    with open(os.path.join(HERE, "proxyguard@.service")) as f:
+        unit = unit_lines_uncommented(f.read(), ["LoadCredential=", "Environment=PROXYGUARD_TLS"])
+    wanted = re.findall(r"^(?:LoadCredential|Environment)=.*$", unit, re.M)
+    drop_in = next(block for block in readme_blocks(readme_text(), "ini")
+                   if "LoadCredential=" in block)
+    assert drop_in.splitlines() == ["[Service]"] + wanted
+
+
+def test_readme_reader_path_first_and_the_measurements_in_their_own_document():
+    """The README was 875 lines, about 40 % measurements (issue 17, 12): the reader's path
+    first, the reference next, the measurements in MEASUREMENTS.md, summarised in one table."""
+    text = readme_text()
+    headings = re.findall(r"^## (.+)$", text, re.M)
+    path = ["Quick start", "A real deployment, end to end",
+            "The front: a web server, a CDN, or an HTTP proxy", "Operating it", "Reference",
+            "Development"]
+    assert [heading for heading in headings if heading in path] == path, headings
+    measurements = readme_text("MEASUREMENTS.md")
+    assert "proxyguard_bench: " not in text and "proxyguard_bench: " in measurements
+    assert "| 1380 | 142.0" not in text and "| 1380 | 142.0" in measurements
+    header = " ".join(measurements[:measurements.index("\n## ")].split())
+    assert "CPython 3.11.2" in header and "2 CPUs" in header and "x86_64" in header
+    performance = text[text.index("### Performance"):text.index("\n## ", text.index(
+        "### Performance"))]
+    assert "(MEASUREMENTS.md)" in performance
+    rows = [line for line in performance.splitlines() if line.startswith("|")]
+    assert len(rows) > 5 and all(line.count("|") == rows[0].count("|") for line in rows)
+    assert len(re.findall(r"\n\n\|", performance)) == 1  # one table
+    for figure in re.findall(r"\d+\.\d+", "\n".join(rows)):  # each figure is measured there
+        assert figure in measurements, figure
+
+
+@pytest.mark.slow
+def test_readme_client_configuration_gets_its_mtu_from_wg_quick(tmp_path):
+    """Real wg-quick (with wireguard-go) in a network namespace of its own brings up the
+    README's client configuration with the MTU it writes out, 1420; without that line
+    wg-quick takes loopback's MTU for an Endpoint on 127.0.0.1 (65536 - 80), which is why
+    the README writes it out (issue 17, 5)."""
+    if os.geteuid() != 0:
+        skip_or_fail("needs root (a network namespace, wg-quick)")
+    for program, package in [("wg-quick", "wireguard-tools"), ("wireguard-go", "wireguard-go"),
+                             ("ip", "iproute2")]:
+        which_or_skip(program, package)
+    section = readme_section("A real deployment, end to end")
+    config = next(block for block in readme_blocks(section, "ini")
+                  if re.search(r"^Endpoint = 127\.0\.0\.1:", block, re.M))
+
+    def key_pair():
+        private = subprocess.run(["wg", "genkey"], capture_output=True, text=True,
+                                 check=True, timeout=10).stdout.strip()
+        public = subprocess.run(["wg", "pubkey"], input=private, capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        return private, public
+
+    config = config.replace("<client private key>", key_pair()[0]).replace(
+        "<server public key>", key_pair()[1])
+    tag = "%d%04d" % (os.getpid() % 10000, random.randrange(10000))
+    namespace, interface = "pg17mtu-" + tag, "pgm" + tag  # unique: wireguard-go's socket
+    conf = tmp_path / (interface + ".conf")  # wg-quick names the interface after the file
+
+    def up_mtu(text):
+        conf.write_text(text)
+        conf.chmod(0o600)
+        subprocess.run(["ip", "netns", "exec", namespace, "wg-quick", "up", str(conf)],
+                       check=True, capture_output=True, timeout=60)
+        try:
+            link = subprocess.run(["ip", "-n", namespace, "link", "show", interface],
+                                  capture_output=True, text=True, check=True, timeout=10).stdout
+            return int(re.search(r" mtu (\d+) ", link).group(1))
+        finally:
+            subprocess.run(["ip", "netns", "exec", namespace, "wg-quick", "down", str(conf)],
+                           capture_output=True, timeout=60)
+
+    subprocess.run(["ip", "netns", "add", namespace], check=True, capture_output=True, timeout=15)
+    try:
+        subprocess.run(["ip", "-n", namespace, "link", "set", "lo", "up"], check=True,
+                       timeout=15)  # as on a real machine: 127.0.0.1 routes through lo
+        assert up_mtu(config) == 1420
+        assert up_mtu(re.sub(r"^MTU = .*\n", "", config, flags=re.M)) == 65536 - 80
+    finally:
+        pids = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True,
+                              text=True, timeout=15).stdout.split()
+        for pid in pids:  # a wireguard-go that outlived its interface
+            os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", namespace], capture_output=True, timeout=15)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(WG_RUN_DIR, interface + ".sock"))
+
+
+def test_a_mode_that_takes_another_modes_options_keeps_its_own(monkeypatch):
+    """check takes the client's options; a mode added later the same way (one line in
+    MODE_TAKES_OPTIONS_OF) keeps its own options too, in --help and in the mode check."""
+    assert pg.takes_option("check", "fwmark") and not pg.takes_option("check", "listen")
+    assert pg.takes_option("server", "log-level") and not pg.takes_option("server", "proxy")
+    monkeypatch.setitem(pg.MODE_TAKES_OPTIONS_OF, "later", "client")
+    monkeypatch.setitem(pg.OPTION_MODES, "profile", ("later",))
+    assert pg.takes_option("later", "profile") and pg.takes_option("later", "fwmark")
+    assert not pg.takes_option("later", "listen") and not pg.takes_option("client", "profile")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_readme_deployment_runs_end_to_end(tmp_path):
+    """The README's deployment as written, in two network namespaces with UDP between them
+    dropped: its two WireGuard configurations under wg-quick (wireguard-go), its server,
+    check and client commands, its nginx location with TLS on 443 in front. The client's
+    AllowedIPs = 0.0.0.0/0 needs its --fwmark 51820; a ping crosses the VPN, and the server
+    logs the client's real address from nginx's X-Forwarded-For (issue 17, 12 and 8). The only
+    additions: --peer-ips and --ca-file, since vpn.example.org is not in any DNS or store."""
+    import ipaddress
+    import textwrap
+    import proxyguard_testbed as testbed
+    reason = WireGuardBed.unavailable("nginx") or (
+        None if shutil.which("wg-quick") else "wg-quick is not installed (wireguard-tools)")
+    if reason:
+        skip_or_fail(reason)
+    section = readme_section("A real deployment, end to end")
+    server_conf, client_conf = [block for block in readme_blocks(section, "ini")
+                                if "[Interface]" in block]
+    location, = readme_blocks(section, "nginx")
+    commands = {words[0]: words for words in readme_commands(section)}
+    url = pg.ServerURL(commands["client"][commands["client"].index("--to") + 1])
+    bed = WireGuardBed(tmp_path / "bed", front_end="nginx")
+    configs = []
+    try:
+        remove_stale_beds()
+        bed._make_network()
+        # As on a real client, the server is reached through the default route, which
+        # wg-quick's AllowedIPs = 0.0.0.0/0 takes over: without --fwmark, a routing loop.
+        bed.sh("ip", "route", "del", ipaddress.ip_interface("%s/%d" % (
+            testbed.VETH_CLIENT_IP, testbed.VETH_PREFIX)).network, "dev", bed.veth_client,
+            ns=bed.ns_client)
+        bed.sh("ip", "route", "add", "default", "dev", bed.veth_client, ns=bed.ns_client)
+        bed._make_keys()
+        tls = make_certificates(tmp_path, hosts=(url.host,))
+        reach = ["--peer-ips", testbed.VETH_SERVER_IP, "--ca-file", tls.ca]
+        bed.spawn("pg-server", bed.ns_server, [sys.executable, SCRIPT] + commands["server"])
+        bed.wait_log("pg-server", "listening on")
+        directory = os.path.join(bed.workdir, "nginx")
+        os.makedirs(directory)
+        nginx = testbed.NGINX_CONF.format(dir=directory, cert=tls.cert, key=tls.key,
+                                          listen="%s:%d" % (testbed.VETH_SERVER_IP, url.port),
+                                          backend="unused")
+        nginx, count = re.subn(r"        location /proxyguard \{.*?\n        \}\n",
+                               lambda _: textwrap.indent(location, " " * 8), nginx, flags=re.S)
+        assert count == 1, nginx
+        with open(os.path.join(directory, "nginx.conf"), "w") as stream:
+            stream.write(nginx)
+        bed.spawn("nginx", bed.ns_server, ["nginx", "-p", directory, "-c",
+                                           os.path.join(directory, "nginx.conf"), "-e", "stderr"])
+        bed.wait_log("nginx", "start worker process")
+        check = bed.sh(sys.executable, SCRIPT, *(commands["check"] + reach), ns=bed.ns_client,
+                       timeout=30)
+        assert "result   ok" in check, check
+        bed.spawn("pg-client", bed.ns_client, [sys.executable, SCRIPT] + commands["client"]
+                  + reach)
+        bed.wait_log("pg-client", "listening on")
+        for side, ns, ifname, text, peer in [
+                ("server", bed.ns_server, bed.wg_server, server_conf, "client"),
+                ("client", bed.ns_client, bed.wg_client, client_conf, "server")]:
+            with open(bed.keys[side][0]) as stream:
+                private = stream.read().strip()
+            text = re.sub(r"<\w+ private key>", private, text)
+            text = re.sub(r"<\w+ public key>", bed.keys[peer][1], text)
+            path = os.path.join(bed.workdir, ifname + ".conf")  # wg-quick: the interface name
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as stream:
+                stream.write(text)
+            bed.sh("wg-quick", "up", path, ns=ns, timeout=60)
+            configs.append((ns, path))
+        server_address = re.search(r"^Address = ([\d.]+)", server_conf, re.M).group(1)
+        # The bed's own ICMP echo (no ping(8) needed), from the client's namespace.
+        answer = bed.agent(bed.ns_client, "wait-ping", server_address, "--timeout", 30,
+                           "--interval", 0.2, timeout=45)
+        assert answer["ok"], "no ping through the README's VPN: %r\n%s" % (answer,
+                                                                          bed.diagnose())
+        bed.wait_log("pg-server", "tunnel up: %s (via 127.0.0.1:" % VETH_CLIENT_IP)
+        assert "path %s" % url.target in bed.log_text("pg-server")
+    finally:
+        for ns, path in reversed(configs):
+            subprocess.run(["ip", "netns", "exec", ns, "wg-quick", "down", path],
+                           capture_output=True, timeout=60)
+        for ns in bed._namespaces:  # a wireguard-go that wg-quick left behind
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True,
+                                  timeout=15).stdout.split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+        bed.close()
