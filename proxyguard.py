@@ -372,6 +372,33 @@ def plural(count, word):
     return "%d %s%s" % (count, word, "" if count == 1 else "s")
 
 
+# How much of one piece of a peer's text a log line or check's output shows.
+SHOWN_LIMIT = 200
+
+
+def _escaped(char):
+    if char == "\\":
+        return "\\\\"
+    code = ord(char)
+    return ("\\x%02x" if code < 0x100 else "\\u%04x" if code < 0x10000 else "\\U%08x") % code
+
+
+def shown(text, limit=SHOWN_LIMIT):
+    """Text a peer controls (a reason phrase, a header value, a body, a close reason, a request
+    path, a certificate's name; str, or bytes read as latin-1), fit for a log line or the
+    terminal: what is not printable (escape sequences, BEL, a bare CR, C1 controls, line and
+    bidi marks) and the backslash written as Python escapes (\\x1b), on one line, at most
+    `limit` characters of it (issue 17: a server's `403 Forb\\x1b]0;pwned\\x07` set the
+    terminal's title). The one place such text is made safe: use it at every route."""
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        text = bytes(text).decode("latin-1")
+    text = str(text)
+    more = len(text) - limit
+    text = "".join(char if char.isprintable() and char != "\\" else _escaped(char)
+                   for char in text[:limit])
+    return text + ("... (%d more)" % more if more > 0 else "")
+
+
 UPGRADE_RESPONSE = (
     b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: UoTLV/1\r\n\r\n")
 
@@ -530,7 +557,7 @@ def check_upgrade_request(request):
     if "upgrade" not in request.tokens("connection"):
         raise HandshakeError(
             426, "the 'Connection' header is not 'Upgrade', got: '%s'"
-            % ", ".join(request.get_all("connection")), upgrade_headers,
+            % shown(", ".join(request.get_all("connection"))), upgrade_headers,
             routine=not request.get_all("upgrade"))
     upgrades = request.tokens("upgrade")
     if WEBSOCKET in upgrades:
@@ -539,7 +566,8 @@ def check_upgrade_request(request):
     if PROTOCOL.lower() not in upgrades:
         raise HandshakeError(
             426, "the 'Upgrade' header is not '%s' or '%s', got: '%s'"
-            % (PROTOCOL, WEBSOCKET, ", ".join(request.get_all("upgrade"))), upgrade_headers)
+            % (PROTOCOL, WEBSOCKET, shown(", ".join(request.get_all("upgrade")))),
+            upgrade_headers)
     return PROTOCOL
 
 
@@ -550,7 +578,7 @@ def check_websocket_request(request):
     versions = request.get_all("sec-websocket-version")
     if versions != [WEBSOCKET_VERSION]:
         raise HandshakeError(426, "WebSocket version %s is not supported; %s is"
-                             % (", ".join(versions) or "(none)", WEBSOCKET_VERSION),
+                             % (shown(", ".join(versions)) or "(none)", WEBSOCKET_VERSION),
                              [("Connection", "Upgrade"), ("Upgrade", WEBSOCKET),
                               ("Sec-WebSocket-Version", WEBSOCKET_VERSION)])
     keys = request.get_all("sec-websocket-key")
@@ -714,7 +742,7 @@ def check_upgrade_response(response, body=b"", websocket_key=None):
     given the `websocket_key` of the request, the WebSocket). `body` is the start of a
     refusal's body (at most MAX_BODY_SHOWN bytes), if any came."""
     status = response.start[1]
-    got = "HTTP %d %s" % (status, response.start[2])
+    got = "HTTP %d %s" % (status, shown(response.start[2], 100))
     if websocket_key is not None and check_websocket_response(response, websocket_key):
         return
     if status == 101:
@@ -723,7 +751,7 @@ def check_upgrade_response(response, body=b"", websocket_key=None):
     if status in (200, 204) or 300 <= status < 400:
         location = response.get("location")
         cause = ("a captive portal (log in with a browser) or a web page, not ProxyGuard, at "
-                 "this URL" + (" (redirects to %s)" % location if location else ""))
+                 "this URL" + (" (redirects to %s)" % shown(location) if location else ""))
     elif status == 404:
         cause = "wrong path in the URL, or the reverse proxy does not forward it"
     elif status == 426 and WEBSOCKET in response.tokens("upgrade"):
@@ -764,8 +792,8 @@ def check_switched(response, protocol):
     """Raise UpgradeRefused unless the 101 `response` switched to `protocol`, with
     Connection: Upgrade."""
     if response.tokens("upgrade") != [protocol.lower()]:
-        raise UpgradeRefused("the server switched to %r instead of %s: not a ProxyGuard server"
-                             % (response.get("upgrade", ""), protocol))
+        raise UpgradeRefused("the server switched to '%s' instead of %s: not a ProxyGuard server"
+                             % (shown(response.get("upgrade", "")), protocol))
     if "upgrade" not in response.tokens("connection"):
         raise UpgradeRefused("the 101 answer lacks 'Connection: Upgrade': a broken proxy?")
 
@@ -780,7 +808,7 @@ def check_websocket_response(response, key):
                              "original ProxyGuard?): use http:// or https:// in --to" % PROTOCOL)
     if status == 426 and response.get("sec-websocket-version"):
         raise UpgradeRefused("got HTTP 426: the server wants WebSocket version %s, not %s"
-                             % (response.get("sec-websocket-version"), WEBSOCKET_VERSION))
+                             % (shown(response.get("sec-websocket-version")), WEBSOCKET_VERSION))
     if status != 101:
         return False
     check_switched(response, WEBSOCKET)
@@ -1194,7 +1222,7 @@ def parse_close(payload):
         return WebSocketClosed(CLOSE_INVALID_PAYLOAD, "a close reason that is not UTF-8")
     text = "WebSocket close %d" % code
     if reason:
-        text += " %r" % "".join(ch if ch.isprintable() else "?" for ch in reason)
+        text += " '%s'" % shown(reason)
     return WebSocketClosed(code, text, by_peer=True)
 
 
@@ -2698,7 +2726,7 @@ class Server:
             transport = check_upgrade_request(request)
             client = forwarded_client(request, peer[0], self.trusted_proxies)
             if client is not None:
-                peer_text = "%s (via %s)" % (client, peer_text)
+                peer_text = "%s (via %s)" % (shown(client, 100), peer_text)
             self._admit(connection)
             self._run_tunnel(connection, channel, peer_text, request, transport, first_bytes)
         except HandshakeError as exc:  # before the channel is up, the answer goes out plain
@@ -2770,7 +2798,7 @@ class Server:
             self.tunnels_opened[transport] += 1
             if self._stopping:
                 tunnel.close("server shutting down", CLOSE_GOING_AWAY)
-        log.info("tunnel up: %s, path %s, %s%s", peer_text, request.start[1], transport,
+        log.info("tunnel up: %s, path %s, %s%s", peer_text, shown(request.start[1]), transport,
                  ", " + channel.tls_version if channel.tls_version else "")
         reason = tunnel.run()
         self._retire(connection)  # first: a scrape or SIGUSR1 the line prompts sees it closed
@@ -3166,7 +3194,7 @@ class Dialer:
             head, rest = read_response_head(channel)
             response = parse_response(head)
             detail.append("CONNECT %s -> HTTP %d %s" % (authority, response.start[1],
-                                                        response.start[2]))
+                                                        shown(response.start[2], 100)))
             check_connect_response(response, self.proxy.credentials is not None)
             if rest:
                 raise UpgradeRefused("the proxy sent data after its 200 answer")
@@ -3233,8 +3261,10 @@ class Dialer:
                 raise UpgradeRefused("the server answered in TLS, not HTTP: " + USE_HTTPS_HINT)
             response = parse_response(head)
             log.debug("upgrade response: %s", head_line(head))
-            detail.append("GET %s -> %s %d %s" % ((self.url.target,) + response.start))
-            detail.extend("%s: %s" % header for header in response.headers)
+            version, status, reason = response.start
+            detail.append("GET %s -> %s %d %s" % (self.url.target, version, status,
+                                                  shown(reason, 100)))
+            detail.extend("%s: %s" % (name, shown(value)) for name, value in response.headers)
             body = b"" if response.start[1] == 101 else read_body(channel, response, rest)
             check_upgrade_response(response, body, key)
         return rest
@@ -3250,8 +3280,9 @@ def read_response_head(channel):
 
 
 def head_line(head):
-    """An HTTP head on one log line: 'GET / HTTP/1.1 | Host: x | ...'."""
-    return " | ".join(head.decode("latin-1").strip().splitlines())
+    """An HTTP head on one log line: 'GET / HTTP/1.1 | Host: x | ...', each line shown."""
+    lines = head.decode("latin-1").strip().split("\n")  # a bare CR stays in its line, shown
+    return " | ".join(shown(line.rstrip("\r")) for line in lines)
 
 
 def read_body(channel, response, rest, limit=MAX_BODY_SHOWN):
@@ -3279,14 +3310,15 @@ def certificate_names(cert):
     subjectAltName (what a host name is checked against)."""
     names = [value for kind, value in (cert or {}).get("subjectAltName", ())
              if kind in ("DNS", "IP Address")]
-    return ", ".join(names) if names else "no DNS or IP names"
+    return ", ".join(shown(name, 100) for name in names) if names else "no DNS or IP names"
 
 
 def describe_tls(channel):
     """'TLSv1.3, CN=vpn.example.org, issuer CN=..., expires ... (in N days)' for check."""
     cert = channel.peer_certificate() or {}
     def name(field):
-        return ", ".join("%s=%s" % pair for rdn in cert.get(field, ()) for pair in rdn)
+        return ", ".join("%s=%s" % (key, shown(value, 100))
+                         for rdn in cert.get(field, ()) for key, value in rdn)
     text = "%s, subject %s, issuer %s" % (channel.tls_version, name("subject"), name("issuer"))
     if "notAfter" in cert:
         expires = ssl.cert_time_to_seconds(cert["notAfter"])
@@ -3343,7 +3375,8 @@ def check_connect_response(response, sent_credentials=False):
                              "http://user:password@host:port in --proxy or HTTPS_PROXY" % status)
     if status == 403:
         raise UpgradeRefused("the HTTP proxy refuses CONNECT to this host or port (403)")
-    raise ConnectionError("the HTTP proxy answered %d %s to CONNECT" % response.start[1:])
+    raise ConnectionError("the HTTP proxy answered %d %s to CONNECT"
+                          % (status, shown(response.start[2], 100)))
 
 
 def proxy_from_environment(url):
