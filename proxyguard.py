@@ -195,6 +195,15 @@ DEFAULT_FORWARD_PORT = 51820
 DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_USER_AGENT = "proxyguard.py/" + __version__
+# Our server's 426 carries this header, so a client tells it from the original's 426 (which
+# speaks UoTLV/1 only): ours takes WebSocket too, so a WebSocket request it answers with 426
+# lost its Upgrade header on the way (issue 17).
+SERVER_MARK = ("ProxyGuard-Server", DEFAULT_USER_AGENT)
+# How to make a front pass the Upgrade header, for the message that says it does not.
+FRONT_UPGRADE_FIX = (
+    "nginx: proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; "
+    "proxy_set_header Connection \"upgrade\"; Apache 2.4.47+: ProxyPass ... upgrade=UoTLV/1 "
+    "(or upgrade=websocket with ws:// or wss://)")
 # Open tunnels a server takes by default: two threads each; beyond this a client gets 503.
 DEFAULT_MAX_CLIENTS = 1000
 # Connections still in their handshake beyond --max-clients tunnels: each holds a thread until
@@ -283,6 +292,15 @@ class UpgradeRefused(ProxyGuardError):
 
     The client retries these at the longest wait: they rarely heal in a second.
     """
+
+
+class UpgradeDropped(UpgradeRefused):
+    """A ProxyGuard server answered 426: the request reached it without its Upgrade header, so
+    a front in the way drops it. `transport` is the one the request asked for."""
+
+    def __init__(self, message, transport):
+        super().__init__(message)
+        self.transport = transport
 
 
 class ServerUnavailable(UpgradeRefused):
@@ -553,7 +571,7 @@ def check_upgrade_request(request):
     if request.get("transfer-encoding") is not None or any(
             length != "0" for length in request.get_all("content-length")):
         raise HandshakeError(400, "an upgrade request cannot have a body")
-    upgrade_headers = [("Connection", "Upgrade"), ("Upgrade", PROTOCOL)]
+    upgrade_headers = [("Connection", "Upgrade"), ("Upgrade", PROTOCOL), SERVER_MARK]
     if "upgrade" not in request.tokens("connection"):
         raise HandshakeError(
             426, "the 'Connection' header is not 'Upgrade', got: '%s'"
@@ -757,12 +775,16 @@ def check_upgrade_response(response, body=b"", websocket_key=None):
     elif status == 426 and WEBSOCKET in response.tokens("upgrade"):
         cause = "the front passes WebSocket only: use ws:// or wss:// in --to"
     elif status == 426 and (PROTOCOL.lower() in response.tokens("upgrade")
-                            or _UPGRADE_NOT_RECEIVED.search(body)):
+                            or _UPGRADE_NOT_RECEIVED.search(body) or is_ours(response)):
         # A ProxyGuard server that got no Upgrade: Apache without upgrade=UoTLV/1, Squid,
         # a cloud load balancer strip it (issue "Through any front"), and the answer's
         # Upgrade header too (hop-by-hop), but not the server's words in the body.
-        cause = ("a ProxyGuard server got the request without its Upgrade header: a front in "
-                 "the way drops it (one that passes WebSocket only? use ws:// or wss://)")
+        if websocket_key is not None:  # not ours (check_websocket_response saw to that)
+            raise UpgradeRefused(UOTLV_ONLY)
+        raise UpgradeDropped(
+            "got %s instead of 101 Switching Protocols: a ProxyGuard server got the request "
+            "without its Upgrade header: a front in the way drops it (one that passes "
+            "WebSocket only? use ws:// or wss://)" % got, PROTOCOL)
     elif status == 426:
         cause = "the server wants another upgrade protocol: not a ProxyGuard UoTLV/1 server?"
     elif status in (401, 403, 407):
@@ -788,6 +810,21 @@ def check_upgrade_response(response, body=b"", websocket_key=None):
     raise UpgradeRefused("got %s instead of 101 Switching Protocols: %s" % (got, cause))
 
 
+UOTLV_ONLY = ("got HTTP 426: the server speaks %s only, not WebSocket (the original "
+              "ProxyGuard?): use http:// or https:// in --to" % PROTOCOL)
+
+
+def is_ours(response):
+    """True for an answer of a proxyguard.py server (SERVER_MARK), not of the original."""
+    return response.get(SERVER_MARK[0].lower(), "").startswith(SERVER_MARK[1].partition("/")[0])
+
+
+def dropped_websocket_cause():
+    return ("a proxyguard.py server, which takes WebSocket, got the request without its "
+            "Upgrade header: the reverse proxy drops the Upgrade header; make it pass it ("
+            + FRONT_UPGRADE_FIX + ")")
+
+
 def check_switched(response, protocol):
     """Raise UpgradeRefused unless the 101 `response` switched to `protocol`, with
     Connection: Upgrade."""
@@ -803,9 +840,11 @@ def check_websocket_response(response, key):
     UpgradeRefused for a 101 that does not (RFC 6455 4.1), or a refusal that says only UoTLV/1
     is spoken; False for the other refusals, for check_upgrade_response to name."""
     status = response.start[1]
+    if status == 426 and is_ours(response):
+        raise UpgradeDropped("got HTTP %d %s: %s" % (status, shown(response.start[2], 100),
+                                                     dropped_websocket_cause()), WEBSOCKET)
     if status == 426 and PROTOCOL.lower() in response.tokens("upgrade"):
-        raise UpgradeRefused("got HTTP 426: the server speaks %s only, not WebSocket (the "
-                             "original ProxyGuard?): use http:// or https:// in --to" % PROTOCOL)
+        raise UpgradeRefused(UOTLV_ONLY)
     if status == 426 and response.get("sec-websocket-version"):
         raise UpgradeRefused("got HTTP 426: the server wants WebSocket version %s, not %s"
                              % (shown(response.get("sec-websocket-version")), WEBSOCKET_VERSION))
@@ -3647,8 +3686,13 @@ def run_check(dialer, out=sys.stdout):
         print("check    %s: WebSocket on the same URL" % url, file=out)
         try:
             peer = dial_and_close(dialer.for_url(url))
-        except (OSError, ProxyGuardError) as exc:
-            print("result   FAIL: not over WebSocket either: %s" % describe_error(exc), file=out)
+        except (OSError, ProxyGuardError) as second:
+            if isinstance(exc, UpgradeDropped) and isinstance(second, UpgradeDropped):
+                print("result   FAIL: the reverse proxy drops the Upgrade header, for UoTLV/1 "
+                      "and WebSocket alike: make it pass it (%s)" % FRONT_UPGRADE_FIX, file=out)
+                return 1
+            print("result   FAIL: not over WebSocket either: %s" % describe_error(second),
+                  file=out)
             return 1
         print("result   FAIL over %s, ok over WebSocket: use --to %s" % (PROTOCOL, url),
               file=out)
