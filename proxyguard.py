@@ -619,6 +619,13 @@ def websocket_response(request):
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
+def asks_upgrade(request):
+    """True if `request` tries an upgrade (an Upgrade header, Connection: upgrade, a WebSocket
+    key): a refusal of it is worth a log line, a scanner's plain GET is not."""
+    return bool(request.get_all("upgrade") or "upgrade" in request.tokens("connection")
+                or request.get_all("sec-websocket-key"))
+
+
 def check_path(target, prefix):
     """Raise HandshakeError(404) unless the request target's path is `prefix` or below it
     (`/pg` takes /pg, /pg/ and /pg/x, not /pgx); no prefix takes every path, as the original.
@@ -1294,6 +1301,35 @@ class Deadline:
         if left <= 0:
             raise socket.timeout("timed out after %gs" % self.seconds)
         return left
+
+
+class RefusalLog:
+    """Which refused upgrade requests get an info line (issue 17: a wrong path or a front that
+    drops the Upgrade was logged at debug only): the first from a source address, then at most
+    one per `interval`, which says how many were held back since the last. `admit(source)`
+    returns None to hold this one back, or that count. Memory stays bounded: past
+    `max_sources` addresses the one heard from longest ago is forgotten."""
+
+    def __init__(self, interval=60.0, clock=time.monotonic, max_sources=1024):
+        self.interval = interval
+        self.clock = clock
+        self.max_sources = max_sources
+        self._sources = collections.OrderedDict()  # source: [time of its last line, held]
+        self._lock = threading.Lock()  # handshake threads refuse at once
+
+    def admit(self, source):
+        now = self.clock()
+        with self._lock:
+            entry = self._sources.get(source)
+            if entry is not None and now - entry[0] < self.interval:
+                entry[1] += 1
+                return None
+            held = entry[1] if entry is not None else 0
+            self._sources[source] = [now, 0]
+            self._sources.move_to_end(source)
+            while len(self._sources) > self.max_sources:
+                self._sources.popitem(last=False)
+            return held
 
 
 class IdleClock:
@@ -2600,6 +2636,7 @@ class Server:
         self.refused = dict.fromkeys(REFUSAL_STATUSES, 0)
         self.tunnels_changed = lambda: None  # called when a tunnel opens or closes (systemd)
         self._admitted = 0  # connections with `admitted` set: counted, not summed (O(1))
+        self.refusal_log = RefusalLog()
 
     @classmethod
     def open(cls, listen, wireguard, environ=os.environ, **options):
@@ -2753,7 +2790,7 @@ class Server:
             self._connections.add(connection)  # already there when start_connection ran it
         sock, peer = connection.sock, connection.peer
         peer_text = format_address(peer)
-        channel = None
+        channel = request = client = None
         try:
             prepare_tcp_socket(sock)
             deadline = Deadline(self.handshake_timeout)
@@ -2761,15 +2798,16 @@ class Server:
             head, first_bytes = read_head(channel)
             request = parse_request(head)
             log.debug("request from %s: %s", peer_text, head_line(head))
-            check_path(request.start[1], self.path)
-            transport = check_upgrade_request(request)
             client = forwarded_client(request, peer[0], self.trusted_proxies)
             if client is not None:
                 peer_text = "%s (via %s)" % (shown(client, 100), peer_text)
+            check_path(request.start[1], self.path)
+            transport = check_upgrade_request(request)
             self._admit(connection)
             self._run_tunnel(connection, channel, peer_text, request, transport, first_bytes)
         except HandshakeError as exc:  # before the channel is up, the answer goes out plain
-            self._refuse(channel or PlainChannel(sock), peer_text, exc)
+            source = client or peer[0] if request is not None and asks_upgrade(request) else None
+            self._refuse(channel or PlainChannel(sock), peer_text, exc, source)
         except OSError as exc:
             log.info("%s %s: %s", "tunnel" if connection.tunnel else "handshake failed from",
                      peer_text, describe_error(exc))
@@ -2843,11 +2881,17 @@ class Server:
         self._retire(connection)  # first: a scrape or SIGUSR1 the line prompts sees it closed
         log.info("tunnel down: %s after %s (%s)", peer_text, tunnel.summary(), reason)
 
-    def _refuse(self, channel, peer_text, error):
+    def _refuse(self, channel, peer_text, error, upgrade_from=None):
         """The one error-answer path: log why, count it and send the HTTP answer; the caller
-        closes."""
-        log.log(logging.DEBUG if error.routine else logging.INFO,
-                "handshake failed from %s: %d %s", peer_text, error.status, error)
+        closes. A refused upgrade request (`upgrade_from`: its source address) gets an info
+        line as the refusal log admits; a plain request's routine refusal stays at debug."""
+        level, held = logging.DEBUG if error.routine else logging.INFO, 0
+        if upgrade_from is not None:
+            held = self.refusal_log.admit(upgrade_from)
+            level = logging.DEBUG if held is None else logging.INFO
+        log.log(level, "handshake failed from %s: %d %s%s", peer_text, error.status, error,
+                "; %s from this address not logged since the last line"
+                % plural(held, "refusal") if held else "")
         self._count_refusal(error.status)
         try:
             channel.deadline = Deadline(REFUSAL_SEND_SECONDS)  # the handshake's may be over
