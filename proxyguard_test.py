@@ -7369,3 +7369,225 @@ def test_pings_from_a_peer_that_never_reads_keep_memory_bounded(server, good_tun
     after = wait_for_stats(pid, before["threads"], before["fds"])
     assert after["threads"] <= before["threads"] and after["fds"] <= before["fds"], (before,
                                                                                     after)
+
+
+# =============================================================================================
+# Issue 17 (code): peer text shown escaped, fronts that drop the Upgrade, refusal log lines,
+# the routing loop, the metrics cap, the router's module set, smaller messages
+# =============================================================================================
+
+EVIL = "Forb\x1b[31mRED\x07\x1b]0;pwned\x07\rforged"
+EVIL_SHOWN = "Forb\\x1b[31mRED\\x07\\x1b]0;pwned\\x07\\x0dforged"
+RAW_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def serve_answers(answer, stop):
+    """A server on loopback that answers each connection's request head with `answer` (bytes,
+    or a function of the head that returns them) and closes, until `stop` is set; returns its
+    host:port."""
+    listener = socket.create_server((LOOPBACK, 0))
+    listener.settimeout(0.2)
+
+    def serve():
+        with listener:
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except socket.timeout:
+                    continue
+                with conn:
+                    try:
+                        head = read_answer_head(conn)
+                        conn.sendall(answer(head) if callable(answer) else answer)
+                        time.sleep(0.2)  # let the client read before the close
+                    except OSError:
+                        pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    return "%s:%d" % listener.getsockname()
+
+
+@pytest.fixture
+def answers():
+    stop = threading.Event()
+    yield lambda answer: serve_answers(answer, stop)
+    stop.set()
+
+
+def assert_no_raw_controls(text):
+    lines = text.split("\n")
+    bad = [line for line in lines if RAW_CONTROLS.search(line)]
+    assert not bad, "raw control characters reached the output: %r" % bad[:3]
+
+
+def websocket_accepting_then_closing(head):
+    key = re.search(rb"Sec-WebSocket-Key: (\S+)", head).group(1).decode()
+    return (("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+             "Sec-WebSocket-Accept: %s\r\nSec-WebSocket-Protocol: proxyguard-udp\r\n\r\n"
+             % pg.websocket_accept(key)).encode()
+            + pg.websocket_frame(pg.OP_CLOSE, pg.close_payload(1000, EVIL)))
+
+
+PEER_TEXT_ROUTES = {
+    # route: (scheme, answer, what check shows, what the client logs)
+    "reason-phrase": ("http", ("HTTP/1.1 403 %s\r\nContent-Length: 0\r\n\r\n" % EVIL).encode(
+        "latin-1"), "got HTTP 403 " + EVIL_SHOWN, "got HTTP 403 " + EVIL_SHOWN),
+    "header-value": ("http", b"HTTP/1.1 302 Found\r\nLocation: http://x/\x9b31mRED\x9b0m\r\n"
+                             b"X-Note: \xc2\x9b]0;pwned\r\nContent-Length: 0\r\n\r\n",
+                     "x-note: \xc2\\x9b]0;pwned",
+                     "redirects to http://x/\\x9b31mRED\\x9b0m"),
+    "quoted-body": ("http", b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+                            b"Content-Length: 14\r\n\r\nfull \xc2\x9b]0;pw\n",
+                    "the server says 'full \\x9b]0;pw'", "the server says 'full \\x9b]0;pw'"),
+    "websocket-close-reason": ("ws", websocket_accepting_then_closing, "result   ok",
+                               "WebSocket close 1000 '%s'" % EVIL_SHOWN),
+}
+
+
+@pytest.mark.parametrize("route", sorted(PEER_TEXT_ROUTES))
+def test_peer_text_is_shown_escaped_in_check_and_the_client_log(route, answers, tmp_path, procs):
+    """Issue 17 item 1: a server's escape sequences (colours, the terminal's title, a forged
+    line after a bare CR) reach neither check's output nor the client's log raw: they are
+    shown escaped, on one line. One real socket server per route."""
+    scheme, answer, in_check, in_log = PEER_TEXT_ROUTES[route]
+    url = "%s://%s/pg" % (scheme, answers(answer))
+    status, output = run_check(url, "--log-level", "debug")
+    assert_no_raw_controls(output)
+    assert in_check in output, output
+    client = start_client(tmp_path, url, "--log-level", "debug")
+    procs.append(client)
+    client.wireguard.send(b"hello")
+    wait_until(lambda: in_log in client.log(), 10, "the escaped text in the client's log")
+    assert_no_raw_controls(client.log())
+
+
+def test_a_proxys_answer_and_certificate_names_are_shown_escaped(answers, tmp_path, procs):
+    """The proxy's answer to CONNECT (check and client), and a certificate's names."""
+    proxy = answers(("HTTP/1.1 502 %s\r\nContent-Length: 0\r\n\r\n" % EVIL).encode("latin-1"))
+    status, output = run_check("http://example.invalid/pg", "--proxy", "http://" + proxy)
+    assert_no_raw_controls(output)
+    assert "the HTTP proxy answered 502 %s to CONNECT" % EVIL_SHOWN in output, output
+    cert = {"subject": ((("commonName", "vpn\x1b]0;pwned\x07"),),), "issuer": (),
+            "subjectAltName": (("DNS", "a\x1b[2Jb"), ("IP Address", "127.0.0.1"))}
+    assert pg.certificate_names(cert) == "a\\x1b[2Jb, 127.0.0.1"
+
+    class Channel:
+        tls_version = "TLSv1.3"
+
+        def peer_certificate(self):
+            return cert
+
+    assert "subject commonName=vpn\\x1b]0;pwned\\x07" in pg.describe_tls(Channel())
+
+
+def test_shown_escapes_bounds_and_keeps_printable_text():
+    assert pg.shown("HTTP/1.1 403 " + EVIL) == "HTTP/1.1 403 " + EVIL_SHOWN
+    assert pg.shown(b"a\\b\x9b\xe9") == "a\\\\b\\x9b\xe9"
+    assert pg.shown("bidi \u202e and line \u2028 end") == "bidi \\u202e and line \\u2028 end"
+    assert pg.shown("x" * 250) == "x" * 200 + "... (50 more)"
+    assert pg.shown("x" * 250, 10) == "x" * 10 + "... (240 more)"
+
+
+def test_server_logs_peer_text_escaped(tmp_path, echo, procs):
+    """The server side: a header value with C1 controls (latin-1 bytes the parser lets
+    through), a forwarded client and a long path are shown escaped and bounded."""
+    server = start_server(tmp_path, echo.port, "--log-level", "debug")
+    procs.append(server)
+    for head in (b"GET /p HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                 b"Upgrade: \x9b31mRED\x9b]0;pwned\r\n\r\n",
+                 b"GET /" + b"a" * 3000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+                 b"GET /p HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: UoTLV/1\r\n"
+                 b"X-Forwarded-For: \x9b31mevil\r\n\r\n"):
+        with socket.create_connection((LOOPBACK, server.port), timeout=5) as sock:
+            sock.sendall(head)
+            sock.recv(4096)
+    server.wait_log("tunnel up: \\x9b31mevil (via")
+    server.wait_log("got: '\\x9b31mRED\\x9b]0;pwned'")
+    server.wait_log("a" * 150)
+    assert_no_raw_controls(server.log())
+    assert "a" * 2000 not in server.log()
+
+
+# --- item 3: a front that drops the Upgrade header ------------------------------------------
+
+def test_our_426_is_marked_and_the_originals_is_not():
+    """A WebSocket request that reached our server without its Upgrade: ours says the front
+    drops it (our server takes WebSocket); the original's 426 (no mark) still says the
+    original speaks UoTLV/1 only."""
+    key = pg.websocket_key()
+    with pytest.raises(pg.HandshakeError) as caught:
+        pg.check_upgrade_request(pg.parse_request(
+            b"GET / HTTP/1.1\r\nHost: x\r\nSec-WebSocket-Key: %s\r\n\r\n" % key.encode()))
+    answer = pg.build_response(426, str(caught.value), caught.value.extra_headers)
+    assert b"\r\nProxyGuard-Server: proxyguard.py/" in answer
+    head, _, body = answer.partition(b"\r\n\r\n")
+    with pytest.raises(pg.UpgradeDropped) as dropped:
+        pg.check_upgrade_response(pg.parse_response(head + b"\r\n\r\n"), body, key)
+    assert "the reverse proxy drops the Upgrade header" in str(dropped.value)
+    assert "proxy_set_header Upgrade $http_upgrade" in str(dropped.value)
+    assert "upgrade=UoTLV/1" in str(dropped.value)
+    original = (b"HTTP/1.1 426 Upgrade Required\r\nConnection: Upgrade\r\nUpgrade: UoTLV/1\r\n"
+                b"Content-Type: text/plain; charset=utf-8\r\n\r\n")
+    with pytest.raises(pg.UpgradeRefused) as caught_original:
+        pg.check_upgrade_response(pg.parse_response(original), b"the 'Upgrade' header is "
+                                  b"not 'UoTLV/1', got: 'websocket'\n", key)
+    assert not isinstance(caught_original.value, pg.UpgradeDropped)
+    assert "(the original ProxyGuard?)" in str(caught_original.value)
+
+
+NGINX_DROPPING_UPGRADE = re.sub(r"\n *proxy_(http_version 1\.1|set_header (Upgrade|Connection))"
+                                r"[^\n]*", "", NGINX_TEMPLATE)
+
+
+@pytest.mark.slow
+def test_nginx_without_the_upgrade_lines_is_named_with_the_fix(tmp_path, certs, echo, procs,
+                                                              front_ends, monkeypatch):
+    """Issue 17 item 3: nginx without proxy_http_version 1.1 and the Upgrade/Connection
+    lines: check says the reverse proxy drops the Upgrade header, for both transports, and
+    shows the fix; the wss:// client's log says so too, not 'the original'."""
+    assert "proxy_set_header Upgrade" not in NGINX_DROPPING_UPGRADE
+    monkeypatch.setitem(PROGRAMS["nginx"], "template", NGINX_DROPPING_UPGRADE)
+    server, front_end, _ = server_behind_proxy("nginx", tmp_path, certs, echo, procs,
+                                               front_ends, with_client=False)
+    status, output = run_check(front_url(front_end), "--ca-file", certs.ca)
+    assert status == 1
+    assert ("result   FAIL: the reverse proxy drops the Upgrade header, for UoTLV/1 and "
+            "WebSocket alike: make it pass it (nginx: proxy_http_version 1.1; proxy_set_header "
+            "Upgrade $http_upgrade;") in output, output
+    assert "original" not in output, output
+    client = start_client(tmp_path, front_url(front_end, "wss"), "--ca-file", certs.ca)
+    procs.append(client)
+    client.wireguard.send(b"hello")
+    client.wait_log("the reverse proxy drops the Upgrade header")
+    assert "original" not in client.log()
+
+
+# --- item 7: refused upgrade requests are logged, at most once a minute per address ---------
+
+def test_refusal_log_admits_one_a_minute_per_source_with_the_count_held_back():
+    clock = FakeClock()
+    refusals = pg.RefusalLog(interval=60, clock=clock, max_sources=2)
+    assert refusals.admit("a") == 0
+    assert refusals.admit("a") is None and refusals.admit("a") is None
+    assert refusals.admit("b") == 0
+    clock.now += 59.9
+    assert refusals.admit("a") is None
+    clock.now += 0.1
+    assert refusals.admit("a") == 3
+    assert refusals.admit("c") == 0  # past max_sources: "b", the oldest, is forgotten
+    assert refusals.admit("b") == 0
+
+
+def test_refused_upgrades_get_an_info_line_and_scanners_stay_at_debug(tmp_path, echo, procs):
+    server = start_server(tmp_path, echo.port, "--path", "/pg")
+    procs.append(server)
+    wrong_path = pg.build_upgrade_request("x", "/other")
+    scanner = b"GET /other HTTP/1.1\r\nHost: x\r\n\r\n"
+    for head in (scanner, wrong_path, wrong_path, wrong_path, scanner):
+        with socket.create_connection((LOOPBACK, server.port), timeout=5) as sock:
+            sock.sendall(head)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 404 ")
+    # The server logs a refusal before it answers: every line is in the log by now.
+    lines = [line for line in server.log().splitlines() if "handshake failed" in line]
+    assert len(lines) == 1 and "INFO handshake failed from 127.0.0.1:" in lines[0], lines
+    assert lines[0].endswith("404 no tunnel at this path"), lines
