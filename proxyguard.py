@@ -108,7 +108,6 @@ import re
 import select
 import signal
 import socket
-import ssl
 import struct
 import sys
 import threading
@@ -120,6 +119,10 @@ try:  # optional: config files and environment variables (see build_parser)
     import configargparse
 except ImportError:  # a router without pip: command-line options still work
     configargparse = None
+
+# Python's ssl module, imported at the first TLS use (see tls()): OpenWrt ships it apart
+# (python3-openssl), and a plain http:// router must run without it (issue 17).
+ssl = None
 
 try:  # POSIX only: the open-files limit (raise_open_files_limit)
     import resource
@@ -1576,6 +1579,21 @@ class TrafficTotals:
 # =============================================================================================
 
 
+def tls():
+    """Python's ssl module, imported now if it was not: every TLS path starts here (a
+    context, a TLSChannel). Raises UsageError when this Python has none."""
+    global ssl
+    if ssl is None:
+        try:
+            import ssl as module
+        except ImportError as exc:
+            raise UsageError("https://, wss:// and --tls-cert need Python's ssl module, which "
+                             "this Python lacks (%s): on OpenWrt, opkg install python3-openssl"
+                             % exc)
+        ssl = module
+    return ssl
+
+
 class PlainChannel:
     """A plain TCP connection as a byte stream.
 
@@ -1638,10 +1656,11 @@ class TLSChannel(PlainChannel):
 
     def __init__(self, sock, context, server_side, server_hostname=None, deadline=None):
         super().__init__(sock, deadline)
-        self._incoming = ssl.MemoryBIO()
+        self._incoming = tls().MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
+        # As bytes: ssl passes a str through the 'idna' codec, which a router may lack.
         self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
-                                     server_hostname=server_hostname)
+                                     server_hostname=ascii_host(server_hostname))
         self._tls_lock = threading.Lock()
         self._send_lock = threading.Lock()
 
@@ -2538,7 +2557,7 @@ def describe_bind_error(exc, port, protocol):
 def describe_error(exc):
     """A short reason for a log line: 'connection reset by peer', 'certificate verify failed';
     any other exception (ours, for one) by its message."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
+    if ssl is not None and isinstance(exc, ssl.SSLCertVerificationError):
         message = exc.verify_message or str(exc.reason)
         key, hint = next(((key, hint) for key, hint in _CERTIFICATE_HINTS
                           if key in message.lower()), (None, ""))
@@ -2552,9 +2571,11 @@ def describe_error(exc):
         if names and key in ("hostname mismatch", "ip address mismatch"):
             hint = hint[:-1] + ", which names: %s)" % names
         return "TLS certificate not accepted: %s%s" % (message, hint)
-    if isinstance(exc, ssl.SSLError):
+    if ssl is not None and isinstance(exc, ssl.SSLError):
         reason = exc.reason or str(exc)
-        return "TLS handshake failed: %s%s" % (reason, _TLS_HINTS.get(reason, ""))
+        hint = _TLS_HINTS.get(reason, "").replace("http://", "%s://" % getattr(
+            exc, "plain_scheme", "http"))  # wss:// to a plain port: ws://, not http://
+        return "TLS handshake failed: %s%s" % (reason, hint)
     if isinstance(exc, socket.timeout):
         return "timed out"
     strerror = getattr(exc, "strerror", None)
@@ -2932,11 +2953,20 @@ def refuse_without_waiting(sock, status, message):
     sock.close()
 
 
+def ascii_host(host):
+    """`host` as bytes for getaddrinfo, which passes a str through the 'idna' codec: that
+    needs unicodedata, which OpenWrt ships apart (python3-codecs), so a router without it
+    cannot even resolve 127.0.0.1 ('unknown encoding: idna'). ServerURL has made an
+    international name ASCII (its xn-- form) already."""
+    return host.encode("ascii") if host is not None and host.isascii() else host
+
+
 def open_listener(listen):
     """A listening TCP socket for (host, port); IPv6 `::` also takes IPv4. Raises FatalError."""
     host, port = listen
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(ascii_host(host), port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
         family, _, _, _, address = infos[0]
         return socket.create_server(address, family=family, backlog=512,
                                     dualstack_ipv6=(family == socket.AF_INET6
@@ -3003,7 +3033,7 @@ def listen_scope(sock):
 def resolve_udp(address, option):
     """Resolve (host, port) for UDP once; return (sockaddr, family). Raises FatalError."""
     try:
-        infos = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_DGRAM)
+        infos = socket.getaddrinfo(ascii_host(address[0]), address[1], type=socket.SOCK_DGRAM)
     except socket.gaierror as exc:
         raise FatalError("%s %s: cannot resolve: %s" % (option, format_address(address), exc))
     family, _, _, _, sockaddr = infos[0]
@@ -3108,10 +3138,10 @@ def client_tls_context(ca_file=None, min_version="1.3"):
     """Verify certificate and host name against the system store (plus `ca_file`); ALPN
     http/1.1 only, since HTTP/2 has no Upgrade. Raises UsageError for a bad CA file.
     `context.ca_file` remembers the file, for the error when a certificate fails."""
-    context = ssl.create_default_context()
+    context = tls().create_default_context()
     load_tls_files(context, UsageError, ca_file=ca_file)
     context.ca_file = ca_file
-    context.minimum_version = TLS_VERSIONS[min_version]
+    context.minimum_version = getattr(ssl.TLSVersion, TLS_VERSIONS[min_version])
     context.set_alpn_protocols(["http/1.1"])
     return context
 
@@ -3119,7 +3149,7 @@ def client_tls_context(ca_file=None, min_version="1.3"):
 def server_tls_context(cert_file, key_file):
     """The server's context; `num_tickets = 0` spares the post-handshake ticket traffic.
     Raises FatalError, naming the file and the problem, when the files cannot be loaded."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context = tls().SSLContext(ssl.PROTOCOL_TLS_SERVER)
     load_tls_files(context, FatalError, cert_file=cert_file, key_file=key_file)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
@@ -3127,7 +3157,7 @@ def server_tls_context(cert_file, key_file):
     return context
 
 
-TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+TLS_VERSIONS = {"1.2": "TLSv1_2", "1.3": "TLSv1_3"}  # --tls-min-version: ssl.TLSVersion's
 # OpenSSL's verify codes of a certificate whose names do not include the URL's host.
 X509_HOSTNAME_MISMATCH = 62
 X509_IP_ADDRESS_MISMATCH = 64
@@ -3296,6 +3326,9 @@ class Dialer:
                 if self.report and exc.verify_code in (X509_HOSTNAME_MISMATCH,
                                                        X509_IP_ADDRESS_MISMATCH):
                     exc.certificate_names = self._certificate_names(address, deadline)
+                raise
+            except ssl.SSLError as exc:
+                exc.plain_scheme = "ws" if self.url.websocket else "http"  # for describe_error
                 raise
             detail.append(describe_tls(channel))
         return channel
@@ -3664,7 +3697,7 @@ class Client:
             self._count_failure("refused", str(exc))
             log.error("upgrade refused by %s: %s", self.url, exc)
             return self.backoff.refused()
-        if isinstance(exc, ssl.SSLError):  # a captive portal's certificate fails until login
+        if ssl is not None and isinstance(exc, ssl.SSLError):  # a portal's certificate fails
             self._count_failure("tls", describe_error(exc))
             log.error("cannot connect to %s: %s", self.url, describe_error(exc))
             return self.backoff.refused()
@@ -3759,7 +3792,7 @@ def dial_and_close(dialer):
 def resolve_tcp(host, port, numeric=False):
     """[(family, sockaddr)] for a TCP connection to host:port; raises OSError (gaierror)."""
     flags = socket.AI_NUMERICHOST if numeric else 0
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=flags)
+    infos = socket.getaddrinfo(ascii_host(host), port, type=socket.SOCK_STREAM, flags=flags)
     return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
 
 

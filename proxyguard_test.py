@@ -7591,3 +7591,115 @@ def test_refused_upgrades_get_an_info_line_and_scanners_stay_at_debug(tmp_path, 
     lines = [line for line in server.log().splitlines() if "handshake failed" in line]
     assert len(lines) == 1 and "INFO handshake failed from 127.0.0.1:" in lines[0], lines
     assert lines[0].endswith("404 no tunnel at this path"), lines
+
+
+# --- item 11: OpenWrt 23.05's python3-light and the packages the README names ----------------
+
+# The standard library modules OpenWrt's packages repository splits out of python3-light
+# (lang/python/python3/files/python3-package-*.mk, and the python3-light filespec in
+# lang/python/python3/Makefile), by package: what a router with python3-light alone lacks.
+OPENWRT_SPLIT_PACKAGES = {
+    "python3-asyncio": ["asyncio"], "python3-cgi": ["cgi"], "python3-cgitb": ["cgitb"],
+    "python3-codecs": ["_codecs_cn", "_codecs_hk", "_codecs_iso2022", "_codecs_jp",
+                       "_codecs_kr", "_codecs_tw", "unicodedata"],
+    "python3-ctypes": ["ctypes", "_ctypes"], "python3-dbm": ["dbm", "_dbm", "_gdbm"],
+    "python3-decimal": ["decimal", "_decimal"], "python3-distutils": ["distutils"],
+    "python3-email": ["email"], "python3-lib2to3": ["lib2to3"], "python3-logging": ["logging"],
+    "python3-lzma": ["lzma", "_lzma"],
+    "python3-multiprocessing": ["multiprocessing", "_multiprocessing"],
+    "python3-ncurses": ["curses", "_curses", "_curses_panel"],
+    "python3-openssl": ["_ssl", "_hashlib"], "python3-pydoc": ["doctest", "pydoc", "pydoc_data"],
+    "python3-readline": ["readline"], "python3-sqlite3": ["sqlite3", "_sqlite3"],
+    "python3-unittest": ["unittest"], "python3-urllib": ["urllib"],
+    "python3-uuid": ["uuid", "_uuid"], "python3-venv": ["ensurepip", "venv"],
+    "python3-webbrowser": ["webbrowser"],
+    "python3-xml": ["xml", "xmlrpc", "_elementtree", "pyexpat"],
+}
+# Not packaged at all (python3-light's filespec drops them), and what pip would bring.
+OPENWRT_ABSENT = ["idlelib", "tkinter", "_tkinter", "turtledemo", "test", "_osx_support",
+                  "configargparse"]
+# A package's dependencies that opkg installs with it (DEPENDS:= in its .mk).
+OPENWRT_DEPENDS = {"python3-urllib": ["python3-email"], "python3-cgi": ["python3-email"],
+                   "python3-distutils": ["python3-email"]}
+
+OPENWRT_PYTHON = r'''
+"""Run a script as on OpenWrt: a meta-path finder refuses every module that the packages
+in PROXYGUARD_TEST_REFUSED (comma list of top-level names) hold. argv: the interpreter
+(ignored), the script, its arguments."""
+import os, runpy, sys
+REFUSED = set(os.environ["PROXYGUARD_TEST_REFUSED"].split(","))
+
+
+class Refuse:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name.partition(".")[0] in REFUSED:
+            sys.stderr.write("openwrt: refused %s\n" % name)
+            raise ModuleNotFoundError("No module named %r (not installed)" % name, name=name)
+        return None
+
+
+early = sorted(name for name in sys.modules if name.partition(".")[0] in REFUSED)
+for name in early:  # imported by site before us: a router's python has none of them
+    del sys.modules[name]
+sys.meta_path.insert(0, Refuse)
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+def readme_opkg_lines():
+    """The packages of each `opkg install` line of the README's OpenWrt section."""
+    section = readme_section("On OpenWrt")
+    return [line.split("opkg install", 1)[1].split() for line in section.splitlines()
+            if line.strip().startswith("opkg install")]
+
+
+def openwrt_refused(packages):
+    """The module names a router lacks with python3-light plus `packages` (and their deps)."""
+    installed = set(packages)
+    for package in packages:
+        installed.update(OPENWRT_DEPENDS.get(package, ()))
+    return sorted(name for package, names in OPENWRT_SPLIT_PACKAGES.items()
+                  if package not in installed for name in names) + OPENWRT_ABSENT
+
+
+@pytest.mark.parametrize("scheme", ["http", "ws", "https"])
+def test_client_and_server_run_with_openwrts_module_set(scheme, tmp_path, echo, procs, certs):
+    """Issue 17 item 11: with only python3-light and the packages the README's opkg line
+    names importable, a server and a client carry datagrams: plain http:// with the first
+    line (no python3-openssl: ssl cannot be imported), https:// with the second."""
+    plain, with_tls = readme_opkg_lines()
+    tls = scheme == "https"
+    packages = with_tls if tls else plain
+    assert "python3-light" in packages and ("python3-openssl" in packages) == tls
+    refused = openwrt_refused(packages)
+    assert ("_ssl" in refused) != tls and "logging" not in refused
+    wrapper = tmp_path / "openwrt_python.py"
+    wrapper.write_text(OPENWRT_PYTHON)
+    env = dict(no_proxy_env(), PROXYGUARD_TEST_REFUSED=",".join(refused))
+    prefix = (sys.executable, str(wrapper))
+    port = free_port()
+    server_args = ["server", "--listen", "%s:%d" % (LOOPBACK, port),
+                   "--to", "%s:%d" % (LOOPBACK, echo.port)]
+    if tls:
+        server_args += ["--tls-cert", certs.cert, "--tls-key", certs.key]
+    server = Proc(tmp_path, server_args, name="server", env=env, prefix=prefix)
+    procs.append(server)
+    wireguard = WireGuardStandIn()
+    listen_port = free_port(socket.SOCK_DGRAM)
+    client_args = ["client", "--to", "%s://localhost:%d/pg" % (scheme, port),
+                   "--listen-port", str(listen_port), "--forward-port", str(wireguard.port)]
+    if tls:
+        client_args += ["--ca-file", certs.ca]
+    client = Proc(tmp_path, client_args, name="client", env=env, prefix=prefix)
+    procs.append(client)
+    wireguard.endpoint = (LOOPBACK, listen_port)
+    for index in range(3):
+        assert wireguard.roundtrip(numbered(index, 1200), timeout=10) == numbered(index, 1200)
+    for proc in (server, client):
+        assert "refused configargparse" in proc.log()  # the finder is at work
+        assert "Traceback" not in proc.log() and "ERROR" not in proc.log(), proc.log()
+    if not tls:  # the plain server never tries the TLS module (the client's urllib.request
+        assert "refused _ssl" not in server.log()  # does, through http.client, and copes)
+    wireguard.sock.close()
