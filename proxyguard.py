@@ -3853,10 +3853,21 @@ def metrics_handler():
     return MetricsHandler
 
 
+# The metrics page serves this many requests at once; the next gets 503 at once (issue 17:
+# 800 idle connections held 800 threads for 10 s each).
+METRICS_CONNECTIONS = 8
+# Connections that have sent nothing yet wait in the accept thread's poll, without a thread,
+# for HANDSHAKE_TIMEOUT; past this many the oldest is closed, so a flood of idle connections
+# costs descriptors, never threads, and a scrape (which sends at once) still gets through.
+METRICS_WAITING = 128
+
+
 class MetricsEndpoint:
-    """The metrics page on its own listening socket: one accept thread, a daemon thread per
-    request (http.server's ThreadingHTTPServer). `open()` binds (raises FatalError), `start()`
-    serves what `collect()` returns, `stop()` closes the socket and ends the accept thread."""
+    """The metrics page on its own listening socket: one accept thread, which holds new
+    connections in a poll until they send (at most METRICS_WAITING, each for HANDSHAKE_TIMEOUT),
+    then a daemon thread per request, at most METRICS_CONNECTIONS at once (http.server's
+    request handling). `open()` binds (raises FatalError), `start()` serves what `collect()`
+    returns, `stop()` closes the socket and ends the accept thread."""
 
     def __init__(self, listener):
         self.address = listener.getsockname()
@@ -3869,6 +3880,7 @@ class MetricsEndpoint:
         self.httpd.block_on_close = False
         self._thread = None
         self._stopping = False
+        self._slots = threading.BoundedSemaphore(METRICS_CONNECTIONS)
 
     @classmethod
     def open(cls, listen):
@@ -3884,16 +3896,69 @@ class MetricsEndpoint:
         log.info("metrics at http://%s%s", format_address(self.address), METRICS_PATH)
 
     def _serve(self):
-        # Accept in a blocking call that stop() wakes: serve_forever() would poll twice a second.
-        accept_until_stopped(self.httpd.get_request, lambda: self._stopping, self._answer,
-                             "metrics: ")
+        """Accept, and hand each connection that has sent something to _answer. The poll
+        waits without a timer until a connection waits; stop() wakes it (a shutdown of the
+        listening socket)."""
+        listener = self.httpd.socket
+        poller = select.poll()
+        poller.register(listener, select.POLLIN)
+        waiting = collections.OrderedDict()  # fd: (socket, peer, Deadline), oldest first
+        try:
+            while not self._stopping:
+                first = next(iter(waiting.values()), None)
+                timeout = None if first is None else max(0, first[2].remaining()) * 1000
+                for fd, _ in poller.poll(timeout):
+                    if fd != listener.fileno():
+                        sock, peer, _ = waiting.pop(fd)
+                        poller.unregister(fd)
+                        self._answer(sock, peer)
+                    elif not self._stopping:
+                        self._accept(listener, poller, waiting)
+                while waiting and next(iter(waiting.values()))[2].remaining() <= 0 or len(
+                        waiting) > METRICS_WAITING:
+                    fd, (sock, _, _) = waiting.popitem(last=False)
+                    poller.unregister(fd)
+                    sock.close()
+        finally:
+            for sock, _, _ in waiting.values():
+                sock.close()
+
+    def _accept(self, listener, poller, waiting):
+        try:
+            sock, peer = listener.accept()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                log.error("metrics: accept: %s; pausing new connections for 1s", exc.strerror)
+                time.sleep(1)
+            return
+        waiting[sock.fileno()] = (sock, peer, Deadline(HANDSHAKE_TIMEOUT))
+        poller.register(sock, select.POLLIN)
 
     def _answer(self, request, peer):
+        """Serve the request in a thread of its own if a slot is free; 503 at once if not."""
+        if not self._slots.acquire(blocking=False):
+            log.debug("metrics: %s refused: %d requests in progress", format_address(peer),
+                      METRICS_CONNECTIONS)
+            refuse_without_waiting(request, 503, "busy: %d metrics requests in progress"
+                                   % METRICS_CONNECTIONS)
+            return
         try:
-            self.httpd.process_request(request, peer)
+            threading.Thread(target=self._serve_request, args=(request, peer), daemon=True,
+                             name="metrics %s" % format_address(peer)).start()
         except Exception as exc:  # no thread to be had: this scrape fails
+            self._slots.release()
             log.error("metrics: cannot answer %s: %s", format_address(peer), exc)
             self.httpd.shutdown_request(request)
+
+    def _serve_request(self, request, peer):
+        try:
+            request.setblocking(True)
+            self.httpd.finish_request(request, peer)
+        except Exception:  # as http.server's own thread: the page fails, the service goes on
+            self.httpd.handle_error(request, peer)
+        finally:
+            self.httpd.shutdown_request(request)
+            self._slots.release()
 
     def stop(self):
         self._stopping = True

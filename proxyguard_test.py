@@ -7703,3 +7703,47 @@ def test_client_and_server_run_with_openwrts_module_set(scheme, tmp_path, echo, 
     if not tls:  # the plain server never tries the TLS module (the client's urllib.request
         assert "refused _ssl" not in server.log()  # does, through http.client, and copes)
     wireguard.sock.close()
+
+
+# --- item 10: the metrics listener's cap ------------------------------------------------------
+
+@pytest.mark.slow
+def test_metrics_listener_serves_8_at_once_and_a_scrape_gets_through_a_flood(tmp_path, echo,
+                                                                             procs):
+    """Issue 17 item 10: 800 idle connections to the metrics port hold no thread and leave
+    a scrape working; 8 requests in progress (slow ones) take the 8 slots, and the next
+    request gets 503 at once; the threads stay bounded throughout and go back after."""
+    metrics_port = free_port()
+    server = start_server(tmp_path, echo.port, "--metrics-listen",
+                          "%s:%d" % (LOOPBACK, metrics_port))
+    procs.append(server)
+    pid = server.popen.pid
+    before = proc_stats(pid)
+    idle = []
+    try:
+        for _ in range(800):
+            idle.append(socket.create_connection((LOOPBACK, metrics_port), timeout=5))
+        status, _, body = scrape(metrics_port)
+        assert status == 200 and "proxyguard_server_tunnels_open" in body
+        assert proc_stats(pid)["threads"] <= before["threads"] + 1
+        slow = []
+        for _ in range(pg.METRICS_CONNECTIONS):  # a request line, then nothing
+            sock = socket.create_connection((LOOPBACK, metrics_port), timeout=5)
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n")
+            slow.append(sock)
+        idle.extend(slow)
+        wait_until(lambda: proc_stats(pid)["threads"] >= before["threads"]
+                   + pg.METRICS_CONNECTIONS, 10, "8 metrics threads")
+        started = time.monotonic()
+        status, _, body = scrape(metrics_port)
+        assert status == 503 and "busy" in body, (status, body)
+        assert time.monotonic() - started < 1.0  # at once, not after a slot frees
+        assert proc_stats(pid)["threads"] <= before["threads"] + pg.METRICS_CONNECTIONS
+    finally:
+        for sock in idle:
+            sock.close()
+    after = wait_for_stats(pid, before["threads"], before["fds"])
+    assert after["threads"] <= before["threads"] and after["fds"] <= before["fds"], (before,
+                                                                                    after)
+    status, _, _ = scrape(metrics_port)
+    assert status == 200
