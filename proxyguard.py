@@ -247,6 +247,8 @@ THREAD_STACK_BYTES = 256 * 1024
 # round trips and load as before).
 SWITCH_INTERVAL = 0.5
 
+# Where wireguard-go keeps an interface's control socket (NAME.sock).
+WIREGUARD_RUN_DIR = "/var/run/wireguard"
 # Linux socket option numbers that the socket module may lack on old Pythons.
 SO_MARK = getattr(socket, "SO_MARK", 36)
 TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
@@ -3289,7 +3291,13 @@ class Dialer:
                     # An address that does not answer gets its share of the time left, so
                     # the next ones are still tried within --connect-timeout.
                     sock.settimeout(deadline.timeout() / (len(addresses) - index))
-                    sock.connect(address)
+                    try:
+                        sock.connect(address)
+                    except OSError as exc:
+                        hint = routing_loop_hint(address[0]) if self.fwmark < 0 else None
+                        if hint is None:
+                            raise
+                        raise ConnectionError("%s; %s" % (describe_error(exc), hint)) from exc
                 return sock, address
             except OSError as exc:
                 sock.close()
@@ -3794,6 +3802,73 @@ def resolve_tcp(host, port, numeric=False):
     flags = socket.AI_NUMERICHOST if numeric else 0
     infos = socket.getaddrinfo(ascii_host(host), port, type=socket.SOCK_STREAM, flags=flags)
     return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+
+
+# rtnetlink (linux/rtnetlink.h): ask the kernel which interface it routes an address through,
+# as `ip route get` does, policy rules (wg-quick's `not fwmark 51820 table 51820`) included.
+NETLINK_ROUTE, RTM_NEWROUTE, RTM_GETROUTE, NLM_F_REQUEST = 0, 24, 26, 1
+RTA_DST, RTA_OIF, RTA_MARK = 1, 4, 16
+NETLINK_HEADER = struct.Struct("=IHHII")  # struct nlmsghdr
+ROUTE_MESSAGE = struct.Struct("=BBBBBBBBI")  # struct rtmsg
+ROUTE_ATTRIBUTE = struct.Struct("=HH")  # struct rtattr
+
+
+def route_interface(ip, mark=None):
+    """The name of the interface the kernel sends packets to `ip` out of (with SO_MARK
+    `mark`), or None where it cannot say (not Linux, no route, not an address)."""
+    try:
+        packed = ipaddress.ip_address(ip).packed
+        family = socket.AF_INET if len(packed) == 4 else socket.AF_INET6
+        attributes = ROUTE_ATTRIBUTE.pack(4 + len(packed), RTA_DST) + packed
+        if mark is not None:
+            attributes += ROUTE_ATTRIBUTE.pack(8, RTA_MARK) + struct.pack("=I", mark)
+        body = ROUTE_MESSAGE.pack(family, len(packed) * 8, 0, 0, 0, 0, 0, 0, 0) + attributes
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE) as sock:
+            sock.settimeout(1)
+            sock.send(NETLINK_HEADER.pack(NETLINK_HEADER.size + len(body), RTM_GETROUTE,
+                                          NLM_F_REQUEST, 1, 0) + body)
+            reply = sock.recv(65536)
+        length, kind = NETLINK_HEADER.unpack_from(reply)[:2]
+        position = NETLINK_HEADER.size + ROUTE_MESSAGE.size
+        while kind == RTM_NEWROUTE and position + ROUTE_ATTRIBUTE.size <= min(length, len(reply)):
+            size, attribute = ROUTE_ATTRIBUTE.unpack_from(reply, position)
+            if attribute == RTA_OIF:
+                return socket.if_indextoname(struct.unpack_from("=I", reply, position + 4)[0])
+            if size < ROUTE_ATTRIBUTE.size:
+                break
+            position += (size + 3) & ~3
+    except (OSError, ValueError, AttributeError, struct.error):
+        pass
+    return None
+
+
+def tunnel_interface_kind(name, sys_net="/sys/class/net", wireguard_run=WIREGUARD_RUN_DIR):
+    """'a WireGuard interface' (the kernel's, or wireguard-go's), 'a tunnel interface' (TUN:
+    another VPN), or None for any other interface."""
+    try:
+        with open(os.path.join(sys_net, name, "uevent")) as stream:
+            if "DEVTYPE=wireguard" in stream.read().split():
+                return "a WireGuard interface"
+    except OSError:
+        pass
+    if os.path.exists(os.path.join(wireguard_run, name + ".sock")):
+        return "a WireGuard interface"
+    if os.path.exists(os.path.join(sys_net, name, "tun_flags")):
+        return "a tunnel interface (a VPN?)"
+    return None
+
+
+def routing_loop_hint(ip, lookup=route_interface, kind=tunnel_interface_kind):
+    """What to do when the route to the server's `ip` goes into a WireGuard (or other
+    tunnel) interface: the tunnel's own connection would go into the tunnel (issue 17: with
+    AllowedIPs = 0.0.0.0/0 and no --fwmark, a plain 'timed out'). None when it does not."""
+    name = lookup(ip)
+    what = kind(name) if name else None
+    if what is None:
+        return None
+    return ("the route to %s goes through %s, %s: the tunnel's own connection would loop "
+            "into the tunnel; add --fwmark 51820 (wg-quick's FwMark; or --peer-ips with a host "
+            "route to the server outside the tunnel)" % (ip, shown(name, 40), what))
 
 
 def check_fwmark(mark):

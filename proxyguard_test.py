@@ -7747,3 +7747,95 @@ def test_metrics_listener_serves_8_at_once_and_a_scrape_gets_through_a_flood(tmp
                                                                                     after)
     status, _, _ = scrape(metrics_port)
     assert status == 200
+
+
+# --- item 2: the routing loop without --fwmark -------------------------------------------------
+
+def test_routing_loop_hint_only_for_a_route_into_a_tunnel(tmp_path):
+    wireguard = tmp_path / "run"
+    sys_net = tmp_path / "net"
+    for name, uevent in (("wg0", "INTERFACE=wg0\nDEVTYPE=wireguard\n"), ("eth0", ""),
+                         ("wgo", ""), ("tun0", "")):
+        (sys_net / name).mkdir(parents=True)
+        (sys_net / name / "uevent").write_text(uevent)
+    wireguard.mkdir()
+    (wireguard / "wgo.sock").write_text("")
+    (sys_net / "tun0" / "tun_flags").write_text("0x1001\n")
+
+    def kind(name):
+        return pg.tunnel_interface_kind(name, str(sys_net), str(wireguard))
+
+    assert [kind(name) for name in ("wg0", "eth0", "wgo", "tun0", "missing")] == [
+        "a WireGuard interface", None, "a WireGuard interface", "a tunnel interface (a VPN?)",
+        None]
+    assert pg.routing_loop_hint("192.0.2.1", lambda ip: "eth0", kind) is None
+    assert pg.routing_loop_hint("192.0.2.1", lambda ip: None, kind) is None
+    assert pg.routing_loop_hint("192.0.2.1", lambda ip: "wg0", kind) == (
+        "the route to 192.0.2.1 goes through wg0, a WireGuard interface: the tunnel's own "
+        "connection would loop into the tunnel; add --fwmark 51820 (wg-quick's FwMark; or "
+        "--peer-ips with a host route to the server outside the tunnel)")
+    assert pg.route_interface("127.0.0.1") == "lo"
+
+
+@pytest.fixture
+def namespace_with_wireguard_default_route(tmp_path):
+    """A network namespace of our own whose default route goes into a wireguard-go interface
+    (no peer: what goes in is dropped), as a client machine with AllowedIPs = 0.0.0.0/0 and
+    no --fwmark; yields (namespace, interface). Nothing leaves the namespace."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
+        skip_or_fail("needs root and /dev/net/tun (network namespace, wireguard-go)")
+    which_or_skip("wireguard-go", "wireguard-go")
+    tag = "%d%04x" % (os.getpid() % 10000, random.getrandbits(16))
+    namespace, interface = "pg17loop-" + tag, "wgl" + tag
+    subprocess.run(["ip", "netns", "add", namespace], check=True)
+    wireguard_go = None
+    try:
+        subprocess.run(["ip", "-n", namespace, "link", "set", "lo", "up"], check=True)
+        log_file = open(tmp_path / "wireguard-go.log", "w")
+        wireguard_go = subprocess.Popen(
+            ["ip", "netns", "exec", namespace, "wireguard-go", "-f", interface],
+            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=dict(os.environ, WG_PROCESS_FOREGROUND="1", LOG_LEVEL="error"))
+        sock_path = os.path.join(WG_RUN_DIR, interface + ".sock")
+        wait_until(lambda: os.path.exists(sock_path), 10, "wireguard-go's socket")
+        for command in (["addr", "add", "10.217.0.2/24", "dev", interface],
+                        ["link", "set", interface, "up"],
+                        ["route", "add", "default", "dev", interface]):
+            subprocess.run(["ip", "-n", namespace] + command, check=True)
+        yield namespace, interface
+    finally:
+        if wireguard_go is not None:
+            wireguard_go.kill()
+            wireguard_go.wait(10)
+        subprocess.run(["ip", "netns", "del", namespace])
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(WG_RUN_DIR, interface + ".sock"))
+
+
+@pytest.mark.slow
+def test_a_route_into_wireguard_without_fwmark_is_named_with_the_fix(
+        namespace_with_wireguard_default_route, tmp_path, procs):
+    """Issue 17 item 2: the server's address routes into the WireGuard interface (its default
+    route): check and the client say so and name --fwmark 51820, instead of a bare timeout."""
+    namespace, interface = namespace_with_wireguard_default_route
+    in_namespace = ["ip", "netns", "exec", namespace]
+    url = "http://192.0.2.80:40443/pg"  # TEST-NET-1, routed into the interface, dropped there
+    hint = ("the route to 192.0.2.80 goes through %s, a WireGuard interface: the tunnel's own "
+            "connection would loop into the tunnel; add --fwmark 51820" % interface)
+    result = subprocess.run(in_namespace + [sys.executable, SCRIPT, "check", "--to", url,
+                                            "--connect-timeout", "1"],
+                            capture_output=True, text=True, timeout=30, env=dict(
+                                os.environ, **no_proxy_env()))
+    assert result.returncode == 1
+    assert re.search(r"connect +FAIL .*timed out; " + re.escape(hint), result.stdout), \
+        result.stdout + result.stderr
+    listen_port = free_port(socket.SOCK_DGRAM)
+    client = Proc(tmp_path, ["client", "--to", url, "--connect-timeout", "1", "--listen-port",
+                             str(listen_port), "--forward-port", str(free_port(socket.SOCK_DGRAM))],
+                  name="client", env=no_proxy_env(), prefix=in_namespace)
+    procs.append(client)
+    subprocess.run(in_namespace + [sys.executable, "-c", "import socket; socket.socket(socket."
+                                   "AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', %d))"
+                                   % listen_port], check=True, timeout=30)
+    client.wait_log(hint, timeout=15)
+    assert "cannot connect to %s: 192.0.2.80:40443: timed out; %s" % (url, hint) in client.log()
