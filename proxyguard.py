@@ -948,6 +948,12 @@ class ServerURL:
             parts = urllib.parse.urlsplit(text)
             port = parts.port
         except ValueError as exc:
+            netloc = urllib.parse.urlsplit(text).netloc if "[" not in text else ""
+            if netloc.count(":") >= 2:  # http://::1:40871/: 'Port could not be cast ...'
+                host, _, port_text = netloc.rpartition(":")
+                raise UsageError("--to %r: write an IPv6 address in brackets: %s://[%s]:%s%s"
+                                 % (text, text.partition("://")[0], host, port_text,
+                                    text.partition("://")[2][len(netloc):]))
             raise UsageError("--to %r is not a valid URL: %s" % (text, exc))
         if parts.scheme not in ("http", "https", "ws", "wss"):
             raise UsageError("--to %r: the scheme must be http:// or https:// (UoTLV/1), or "
@@ -2014,6 +2020,16 @@ class TunnelUdpEndpoint(UdpEndpoint):
         self.sock.close()
 
 
+def udp_port_taken(port):
+    """True if a UDP socket holds 127.0.0.1:`port` (a bind of ours fails)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 class SharedUdpEndpoint(UdpEndpoint):
     """The client's one UDP socket on 127.0.0.1:<listen-port>, used by one tunnel after
     another for the whole run, so it is never shut down: it waits in poll beside a wake pipe.
@@ -2052,8 +2068,15 @@ class SharedUdpEndpoint(UdpEndpoint):
                 sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
         except OSError as exc:
             sock.close()
-            raise FatalError("cannot listen on 127.0.0.1:%d (UDP): %s"
-                             % (listen_port, describe_bind_error(exc, listen_port, "udp")))
+            swapped = ""
+            if exc.errno == errno.EADDRINUSE and not udp_port_taken(forward_port):
+                # WireGuard holds its ListenPort, and nothing holds --forward-port.
+                swapped = ("; if WireGuard listens there, --listen-port %d and --forward-port "
+                           "%d are swapped: --listen-port is the port WireGuard's Endpoint "
+                           "names, --forward-port its ListenPort" % (listen_port, forward_port))
+            raise FatalError("cannot listen on 127.0.0.1:%d (UDP): %s%s"
+                             % (listen_port, describe_bind_error(exc, listen_port, "udp"),
+                                swapped))
         return cls(sock, ("127.0.0.1", forward_port))
 
     @property
@@ -3234,7 +3257,13 @@ class Dialer:
                     addresses = [resolve_tcp(ip, port, numeric=True)[0] for ip in self.peer_ips]
                     detail.append("--peer-ips, DNS skipped")
                 else:
-                    addresses = resolve_tcp(host, port)
+                    try:
+                        addresses = resolve_tcp(host, port)
+                    except socket.gaierror as exc:
+                        if self.proxy:
+                            raise
+                        raise ConnectionError("%s (--peer-ips IP,IP gives the server's "
+                                              "addresses without DNS)" % describe_error(exc))
                 detail.append("%s -> %s" % (host, ", ".join(
                     format_address(address) for _, address in addresses)))
             self._addresses = addresses
@@ -3302,6 +3331,10 @@ class Dialer:
             except OSError as exc:
                 sock.close()
                 errors.append("%s: %s" % (format_address(address), describe_error(exc)))
+        if self.proxy:  # the server may be fine: say whose address this is, and the way round
+            raise ConnectionError("cannot reach the HTTP proxy %s (from %s): %s%s" % (
+                self.proxy, self.proxy.option, "; ".join(errors), "" if self.proxy.option
+                == "--proxy" else "; --proxy none ignores %s" % self.proxy.option))
         raise ConnectionError("; ".join(errors))
 
     def _proxy_connect(self, sock, deadline):
@@ -3465,6 +3498,7 @@ class ProxyURL:
         if port == 0:
             raise UsageError("%s %r: port 0 is not a port to connect to (1-65535)"
                              % (option, text))
+        self.option = option  # where it came from: --proxy, or HTTPS_PROXY / HTTP_PROXY
         self.host = parts.hostname
         self.port = port or 3128
         self.credentials = None
@@ -4138,6 +4172,13 @@ def close_match(word, candidates):
     return found[0] if found else None
 
 
+def program_name(argv0=None):
+    """The name the program was started by, for the usage line: `proxyguard` as pipx and pip
+    install it, else proxyguard.py."""
+    name = os.path.basename(sys.argv[0] if argv0 is None and sys.argv else argv0 or "")
+    return name if name in ("proxyguard", "proxyguard.py") else "proxyguard.py"
+
+
 def build_parser(command_line_only=False):
     """The parser of every option. command_line_only: plain argparse, no --help, --version,
     config file or environment, and no defaults (parse_options' first pass)."""
@@ -4149,7 +4190,7 @@ def build_parser(command_line_only=False):
                      config_file_parser_class=configargparse.DefaultConfigFileParser)
     parser_class = CommandLineParser if command_line_only else OptionParser
     parser = parser_class(
-        prog="proxyguard.py", usage=usage, add_help=not command_line_only,
+        prog=program_name(), usage=usage, add_help=not command_line_only,
         description="Carry WireGuard's UDP over one HTTP(S) connection "
         "(ProxyGuard UoTLV/1). Options also come from a config file (-c, 'key = value') and "
         "from %s<OPTION> environment variables; the command line wins over the config file, "
@@ -4284,6 +4325,10 @@ def config_file_settings(path, names):
     syntax = configargparse.DefaultConfigFileParser()
     for number, line in enumerate(lines, 1):
         where = "config file %s, line %d" % (path, number)
+        if re.match(r"\s*\[[^]]*\]\s*$", line):  # configargparse would skip it silently
+            raise UsageError("%s: %r: sections are not read: one file holds one mode's options "
+                             "(mode = client or server, then that mode's options); use a file "
+                             "per mode" % (where, line.strip()))
         try:  # one line at a time, for its number
             items = syntax.parse([line])
         except configargparse.ConfigFileParserException:
@@ -4314,7 +4359,7 @@ def environment_settings(environ, names):
             continue
         guess = close_match(key, names)
         warnings.append("%s is not an option's variable and is ignored%s" % (name, (
-            " (did you mean %s?)" % env_name(guess)) if guess else ""))
+            " (did you mean %s, for --%s?)" % (env_name(guess), guess)) if guess else ""))
     return settings, warnings
 
 

@@ -7839,3 +7839,82 @@ def test_a_route_into_wireguard_without_fwmark_is_named_with_the_fix(
                                    % listen_port], check=True, timeout=30)
     client.wait_log(hint, timeout=15)
     assert "cannot connect to %s: 192.0.2.80:40443: timed out; %s" % (url, hint) in client.log()
+
+
+# --- item 9: smaller messages that lead to the fix -----------------------------------------------
+
+def test_a_dead_proxy_from_the_environment_is_named_with_its_variable(tmp_path, procs):
+    dead = "%s:%d" % (LOOPBACK, free_port())
+    status, output = run_check("https://localhost:%d/pg" % free_port(),
+                               env={"HTTPS_PROXY": "http://" + dead,
+                                    "https_proxy": "http://" + dead})
+    assert status == 1
+    assert ("result   FAIL: cannot reach the HTTP proxy http://%s (from HTTPS_PROXY): %s: "
+            "connection refused; --proxy none ignores HTTPS_PROXY" % (dead, dead)) in output, output
+    status, output = run_check("http://localhost:%d/pg" % free_port(), "--proxy",
+                               "http://" + dead)
+    assert "cannot reach the HTTP proxy http://%s (from --proxy): %s: connection refused\n" % (
+        dead, dead) in output, output
+
+
+@pytest.mark.parametrize("args, text", [
+    (["check", "--to", "http://::1:40871/pg"],
+     "--to 'http://::1:40871/pg': write an IPv6 address in brackets: http://[::1]:40871/pg"),
+])
+def test_ipv6_url_without_brackets_says_write_brackets(args, text):
+    result = run_cli(*args)
+    assert result.returncode == 2 and text in result.stderr, result.stderr
+
+
+def test_wss_to_a_plain_server_suggests_ws(tmp_path, echo, procs):
+    server = start_server(tmp_path, echo.port)
+    procs.append(server)
+    status, output = run_check("wss://localhost:%d/pg" % server.port)
+    assert status == 1
+    assert "(not TLS: is the server plain ws://?)" in output, output
+    status, output = run_check("https://localhost:%d/pg" % server.port)
+    assert "(not TLS: is the server plain http://?)" in output, output
+
+
+def test_a_dns_failure_points_at_peer_ips():
+    status, output = run_check("http://no-such-host.invalid/pg")
+    assert status == 1
+    assert re.search(r"resolve +FAIL .*\(--peer-ips IP,IP gives the server's addresses "
+                     r"without DNS\)", output), output
+
+
+@pytest.mark.parametrize("section", ["[client]", "[server]", "  [proxyguard]  "])
+def test_config_file_sections_are_refused(tmp_path, section):
+    config = tmp_path / "proxyguard.conf"
+    config.write_text("# shared file\n%s\nmode = client\nto = http://127.0.0.1:1/\n" % section)
+    result = run_cli("-c", str(config))
+    assert result.returncode == 2
+    assert ("error: config file %s, line 2: %r: sections are not read: one file holds one "
+            "mode's options" % (config, section.strip())) in result.stderr, result.stderr
+
+
+def test_swapped_listen_and_forward_ports_are_named(tmp_path):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as wireguard:
+        wireguard.bind((LOOPBACK, 0))  # WireGuard's ListenPort
+        listen_port = wireguard.getsockname()[1]
+        forward_port = free_port(socket.SOCK_DGRAM)  # nothing there
+        result = run_cli("client", "--to", "http://127.0.0.1:1/", "--listen-port",
+                         str(listen_port), "--forward-port", str(forward_port))
+    assert result.returncode == 1
+    assert ("if WireGuard listens there, --listen-port %d and --forward-port %d are swapped: "
+            "--listen-port is the port WireGuard's Endpoint names, --forward-port its ListenPort"
+            % (listen_port, forward_port)) in result.stderr, result.stderr
+
+
+def test_a_misspelt_variable_names_the_option_it_likely_meant():
+    settings, warnings = pg.environment_settings({"PROXYGUARD_LISTENPORT": "1"},
+                                                 pg.settable_options(pg.build_parser()))
+    assert warnings == ["PROXYGUARD_LISTENPORT is not an option's variable and is ignored "
+                        "(did you mean PROXYGUARD_LISTEN_PORT, for --listen-port?)"]
+
+
+def test_usage_line_says_the_name_the_program_was_started_by():
+    assert pg.program_name("/root/.local/bin/proxyguard") == "proxyguard"
+    assert pg.program_name("/opt/proxyguard.py") == "proxyguard.py"
+    assert pg.program_name("/usr/bin/pytest") == "proxyguard.py"
+    assert pg.build_parser().prog == pg.program_name()
