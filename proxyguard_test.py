@@ -2467,7 +2467,7 @@ def test_unknown_proxyguard_variables_are_warned_about_with_a_suggestion(monkeyp
     assert options.listen == ("::", 443)
     assert options.warnings == [
         "PROXYGUARD_LISTENPORT is not an option's variable and is ignored (did you mean "
-        "PROXYGUARD_LISTEN_PORT?)",
+        "PROXYGUARD_LISTEN_PORT, for --listen-port?)",
         "PROXYGUARD_XYZZY is not an option's variable and is ignored"]
     # before a usage error too, where the misspelling may be the cause
     for name in list(os.environ):
@@ -2477,7 +2477,7 @@ def test_unknown_proxyguard_variables_are_warned_about_with_a_suggestion(monkeyp
     assert pg.main(["client"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         "proxyguard.py: warning: PROXYGUARD_TOO is not an option's variable and is ignored "
-        "(did you mean PROXYGUARD_TO?)",
+        "(did you mean PROXYGUARD_TO, for --to?)",
         "proxyguard.py: error: --to is required for the client: the server's URL, for example "
         "https://vpn.example.org/proxyguard (see --help)"]
 
