@@ -3593,11 +3593,16 @@ class Client:
                         "for ws:// and wss://", keepalive, dialer.url.scheme)
         endpoint = SharedUdpEndpoint.bind(listen_port, forward_port)
         try:
-            dialer.resolve()
+            addresses = dialer.resolve()
         except OSError as exc:
             log.error("cannot resolve %s: %s (trying again at each connect)",
                       dialer.proxy.host if dialer.proxy else dialer.url.host,
                       describe_error(exc))
+        else:  # WireGuard may be up already (a restart): the loop shows before the first dial
+            hint = next(filter(None, (routing_loop_hint(address[0]) for _, address in addresses
+                                      if dialer.fwmark < 0)), None)
+            if hint is not None:
+                log.warning("%s", hint)
         return cls(dialer, endpoint, idle_timeout, keepalive=keepalive)
 
     def reload(self, options):

@@ -7837,7 +7837,8 @@ def test_a_route_into_wireguard_without_fwmark_is_named_with_the_fix(
     subprocess.run(in_namespace + [sys.executable, "-c", "import socket; socket.socket(socket."
                                    "AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', %d))"
                                    % listen_port], check=True, timeout=30)
-    client.wait_log(hint, timeout=15)
+    client.wait_log("WARNING " + hint)  # at start: WireGuard is up already
+    client.wait_log(hint, timeout=15, count=2)
     assert "cannot connect to %s: 192.0.2.80:40443: timed out; %s" % (url, hint) in client.log()
 
 
