@@ -7398,8 +7398,14 @@ def serve_answers(answer, stop):
                 with conn:
                     try:
                         head = read_answer_head(conn)
-                        conn.sendall(answer(head) if callable(answer) else answer)
-                        time.sleep(0.2)  # let the client read before the close
+                        if callable(answer):
+                            conn.sendall(answer(head))
+                            continue
+                        conn.sendall(answer)
+                        conn.shutdown(socket.SHUT_WR)  # then wait for the client's close,
+                        conn.settimeout(5)  # so that it reads all before any reset
+                        while conn.recv(4096):
+                            pass
                     except OSError:
                         pass
 
