@@ -7925,3 +7925,30 @@ def test_usage_line_says_the_name_the_program_was_started_by():
     assert pg.program_name("/opt/proxyguard.py") == "proxyguard.py"
     assert pg.program_name("/usr/bin/pytest") == "proxyguard.py"
     assert pg.build_parser().prog == pg.program_name()
+
+
+def test_certificate_names_are_shown_escaped_in_check_and_the_client_log(tmp_path, echo, procs):
+    """A certificate whose subject and subjectAltName hold escape sequences (openssl takes
+    them): check's TLS step, the name-mismatch hint and the client's debug log show them
+    escaped."""
+    cert, key = tmp_path / "evil.pem", tmp_path / "evil.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "2", "-subj", "/CN=vpn\x1b]0;pwned\x07",
+                    "-addext", "subjectAltName=DNS:a\x1b[2Jb,IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=30)
+    server = start_server(tmp_path, echo.port, "--tls-cert", str(cert), "--tls-key", str(key))
+    procs.append(server)
+    subject = "subject commonName=vpn\\x1b]0;pwned\\x07"
+    status, output = run_check("https://127.0.0.1:%d/pg" % server.port, "--ca-file", str(cert))
+    assert status == 0 and subject in output, output
+    assert_no_raw_controls(output)
+    status, output = run_check("https://localhost:%d/pg" % server.port, "--ca-file", str(cert))
+    assert status == 1 and "which names: a\\x1b[2Jb, 127.0.0.1)" in output, output
+    assert_no_raw_controls(output)
+    client = start_client(tmp_path, "https://127.0.0.1:%d/pg" % server.port, "--ca-file",
+                          str(cert), "--log-level", "debug")
+    procs.append(client)
+    assert client.wireguard.roundtrip(b"hello") == b"hello"
+    client.wait_log(subject)
+    assert_no_raw_controls(client.log())
