@@ -3962,7 +3962,7 @@ def metrics_handler():
             self.wfile.write(body)
 
         def log_message(self, format, *args):
-            log.debug("metrics: %s %s", self.address_string(), format % args)
+            log.debug("metrics: %s %s", self.address_string(), shown(format % args))
 
     return MetricsHandler
 
