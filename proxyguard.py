@@ -932,6 +932,22 @@ def encode_target(text):
     return urllib.parse.quote(text, safe="/?:@!$&'()*+,;=[]%")
 
 
+def bracketed_urls(text, netloc):
+    """The URLs `text` (whose host:port part `netloc` has an IPv6 address without brackets)
+    may mean: the last part a port ([::1]:40871), or all of it the address ([::1:8080])."""
+    scheme, _, rest = text.partition("://")
+    rest = rest[len(netloc):]
+    host, _, port = netloc.rpartition(":")
+    urls = []
+    for address, suffix in ((host, ":" + port), (netloc, "")):
+        try:
+            if ipaddress.ip_address(address).version == 6 and (not suffix or port.isdigit()):
+                urls.append("%s://[%s]%s%s" % (scheme, address, suffix, rest))
+        except ValueError:
+            pass
+    return urls or ["%s://[ADDRESS]:PORT%s" % (scheme, rest)]
+
+
 class ServerURL:
     """The client's `--to` URL: scheme, host, port, the Host header and the request target.
     http:// and https:// speak UoTLV/1; ws:// and wss:// speak WebSocket (`websocket`)."""
@@ -950,10 +966,8 @@ class ServerURL:
         except ValueError as exc:
             netloc = urllib.parse.urlsplit(text).netloc if "[" not in text else ""
             if netloc.count(":") >= 2:  # http://::1:40871/: 'Port could not be cast ...'
-                host, _, port_text = netloc.rpartition(":")
-                raise UsageError("--to %r: write an IPv6 address in brackets: %s://[%s]:%s%s"
-                                 % (text, text.partition("://")[0], host, port_text,
-                                    text.partition("://")[2][len(netloc):]))
+                raise UsageError("--to %r: write an IPv6 address in brackets: %s"
+                                 % (text, " or ".join(bracketed_urls(text, netloc))))
             raise UsageError("--to %r is not a valid URL: %s" % (text, exc))
         if parts.scheme not in ("http", "https", "ws", "wss"):
             raise UsageError("--to %r: the scheme must be http:// or https:// (UoTLV/1), or "

@@ -7870,6 +7870,10 @@ def test_a_dead_proxy_from_the_environment_is_named_with_its_variable(tmp_path, 
 @pytest.mark.parametrize("args, text", [
     (["check", "--to", "http://::1:40871/pg"],
      "--to 'http://::1:40871/pg': write an IPv6 address in brackets: http://[::1]:40871/pg"),
+    (["check", "--to", "https://fd00::1:8080/"], "--to 'https://fd00::1:8080/': write an IPv6 "
+     "address in brackets: https://[fd00::1]:8080/ or https://[fd00::1:8080]/"),
+    (["client", "--to", "ws://::1/x"],
+     "--to 'ws://::1/x': write an IPv6 address in brackets: ws://[::1]/x (see"),
 ])
 def test_ipv6_url_without_brackets_says_write_brackets(args, text):
     result = run_cli(*args)
