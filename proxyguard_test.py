@@ -7959,3 +7959,18 @@ def test_certificate_names_are_shown_escaped_in_check_and_the_client_log(tmp_pat
     assert client.wireguard.roundtrip(b"hello") == b"hello"
     client.wait_log(subject)
     assert_no_raw_controls(client.log())
+
+
+def test_tls_without_the_tls_module_says_which_package(tmp_path):
+    """On a router without python3-openssl, https:// is refused with one line naming it."""
+    wrapper = tmp_path / "openwrt_python.py"
+    wrapper.write_text(OPENWRT_PYTHON)
+    env = dict(os.environ, **no_proxy_env())
+    env["PROXYGUARD_TEST_REFUSED"] = ",".join(openwrt_refused(readme_opkg_lines()[0]))
+    result = subprocess.run([sys.executable, str(wrapper), sys.executable, SCRIPT, "check",
+                             "--to", "https://localhost:1/pg"], capture_output=True, text=True,
+                            env=env, timeout=30, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2, result.stderr
+    assert ("proxyguard.py: error: https://, wss:// and --tls-cert need Python's ssl module, "
+            "which this Python lacks (No module named '_ssl' (not installed)): on OpenWrt, "
+            "opkg install python3-openssl") in result.stderr, result.stderr
