@@ -116,7 +116,6 @@ import re
 import select
 import signal
 import socket
-import ssl
 import struct
 import sys
 import threading
@@ -128,6 +127,10 @@ try:  # optional: config files and environment variables (see build_parser)
     import configargparse
 except ImportError:  # a router without pip: command-line options still work
     configargparse = None
+
+# Python's ssl module, imported at the first TLS use (see tls()): OpenWrt ships it apart
+# (python3-openssl), and a plain http:// router must run without it (issue 17).
+ssl = None
 
 try:  # POSIX only: the open-files limit (raise_open_files_limit)
     import resource
@@ -203,6 +206,15 @@ DEFAULT_FORWARD_PORT = 51820
 DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_USER_AGENT = "proxyguard.py/" + __version__
+# Our server's 426 carries this header, so a client tells it from the original's 426 (which
+# speaks UoTLV/1 only): ours takes WebSocket too, so a WebSocket request it answers with 426
+# lost its Upgrade header on the way (issue 17).
+SERVER_MARK = ("ProxyGuard-Server", DEFAULT_USER_AGENT)
+# How to make a front pass the Upgrade header, for the message that says it does not.
+FRONT_UPGRADE_FIX = (
+    "nginx: proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; "
+    "proxy_set_header Connection \"upgrade\"; Apache 2.4.47+: ProxyPass ... upgrade=UoTLV/1 "
+    "(or upgrade=websocket with ws:// or wss://)")
 # Open tunnels a server takes by default: two threads each; beyond this a client gets 503.
 DEFAULT_MAX_CLIENTS = 1000
 # Connections still in their handshake beyond --max-clients tunnels: each holds a thread until
@@ -243,6 +255,8 @@ THREAD_STACK_BYTES = 256 * 1024
 # round trips and load as before).
 SWITCH_INTERVAL = 0.5
 
+# Where wireguard-go keeps an interface's control socket (NAME.sock).
+WIREGUARD_RUN_DIR = "/var/run/wireguard"
 # Linux socket option numbers that the socket module may lack on old Pythons.
 SO_MARK = getattr(socket, "SO_MARK", 36)
 TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
@@ -291,6 +305,15 @@ class UpgradeRefused(ProxyGuardError):
 
     The client retries these at the longest wait: they rarely heal in a second.
     """
+
+
+class UpgradeDropped(UpgradeRefused):
+    """A ProxyGuard server answered 426: the request reached it without its Upgrade header, so
+    a front in the way drops it. `transport` is the one the request asked for."""
+
+    def __init__(self, message, transport):
+        super().__init__(message)
+        self.transport = transport
 
 
 class ServerUnavailable(UpgradeRefused):
@@ -378,6 +401,33 @@ def encode_frames(datagrams):
 def plural(count, word):
     """'1 datagram', '2 datagrams', '0 days': the one place log lines count things."""
     return "%d %s%s" % (count, word, "" if count == 1 else "s")
+
+
+# How much of one piece of a peer's text a log line or check's output shows.
+SHOWN_LIMIT = 200
+
+
+def _escaped(char):
+    if char == "\\":
+        return "\\\\"
+    code = ord(char)
+    return ("\\x%02x" if code < 0x100 else "\\u%04x" if code < 0x10000 else "\\U%08x") % code
+
+
+def shown(text, limit=SHOWN_LIMIT):
+    """Text a peer controls (a reason phrase, a header value, a body, a close reason, a request
+    path, a certificate's name; str, or bytes read as latin-1), fit for a log line or the
+    terminal: what is not printable (escape sequences, BEL, a bare CR, C1 controls, line and
+    bidi marks) and the backslash written as Python escapes (\\x1b), on one line, at most
+    `limit` characters of it (issue 17: a server's `403 Forb\\x1b]0;pwned\\x07` set the
+    terminal's title). The one place such text is made safe: use it at every route."""
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        text = bytes(text).decode("latin-1")
+    text = str(text)
+    more = len(text) - limit
+    text = "".join(char if char.isprintable() and char != "\\" else _escaped(char)
+                   for char in text[:limit])
+    return text + ("... (%d more)" % more if more > 0 else "")
 
 
 UPGRADE_RESPONSE = (
@@ -534,11 +584,11 @@ def check_upgrade_request(request):
     if request.get("transfer-encoding") is not None or any(
             length != "0" for length in request.get_all("content-length")):
         raise HandshakeError(400, "an upgrade request cannot have a body")
-    upgrade_headers = [("Connection", "Upgrade"), ("Upgrade", PROTOCOL)]
+    upgrade_headers = [("Connection", "Upgrade"), ("Upgrade", PROTOCOL), SERVER_MARK]
     if "upgrade" not in request.tokens("connection"):
         raise HandshakeError(
             426, "the 'Connection' header is not 'Upgrade', got: '%s'"
-            % ", ".join(request.get_all("connection")), upgrade_headers,
+            % shown(", ".join(request.get_all("connection"))), upgrade_headers,
             routine=not request.get_all("upgrade"))
     upgrades = request.tokens("upgrade")
     if WEBSOCKET in upgrades:
@@ -547,7 +597,8 @@ def check_upgrade_request(request):
     if PROTOCOL.lower() not in upgrades:
         raise HandshakeError(
             426, "the 'Upgrade' header is not '%s' or '%s', got: '%s'"
-            % (PROTOCOL, WEBSOCKET, ", ".join(request.get_all("upgrade"))), upgrade_headers)
+            % (PROTOCOL, WEBSOCKET, shown(", ".join(request.get_all("upgrade")))),
+            upgrade_headers)
     return PROTOCOL
 
 
@@ -558,7 +609,7 @@ def check_websocket_request(request):
     versions = request.get_all("sec-websocket-version")
     if versions != [WEBSOCKET_VERSION]:
         raise HandshakeError(426, "WebSocket version %s is not supported; %s is"
-                             % (", ".join(versions) or "(none)", WEBSOCKET_VERSION),
+                             % (shown(", ".join(versions)) or "(none)", WEBSOCKET_VERSION),
                              [("Connection", "Upgrade"), ("Upgrade", WEBSOCKET),
                               ("Sec-WebSocket-Version", WEBSOCKET_VERSION)])
     keys = request.get_all("sec-websocket-key")
@@ -579,6 +630,13 @@ def websocket_response(request):
     if WEBSOCKET_SUBPROTOCOL in request.tokens("sec-websocket-protocol"):
         lines.append("Sec-WebSocket-Protocol: " + WEBSOCKET_SUBPROTOCOL)
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def asks_upgrade(request):
+    """True if `request` tries an upgrade (an Upgrade header, Connection: upgrade, a WebSocket
+    key): a refusal of it is worth a log line, a scanner's plain GET is not."""
+    return bool(request.get_all("upgrade") or "upgrade" in request.tokens("connection")
+                or request.get_all("sec-websocket-key"))
 
 
 def check_path(target, prefix):
@@ -722,7 +780,7 @@ def check_upgrade_response(response, body=b"", websocket_key=None):
     given the `websocket_key` of the request, the WebSocket). `body` is the start of a
     refusal's body (at most MAX_BODY_SHOWN bytes), if any came."""
     status = response.start[1]
-    got = "HTTP %d %s" % (status, response.start[2])
+    got = "HTTP %d %s" % (status, shown(response.start[2], 100))
     if websocket_key is not None and check_websocket_response(response, websocket_key):
         return
     if status == 101:
@@ -731,18 +789,22 @@ def check_upgrade_response(response, body=b"", websocket_key=None):
     if status in (200, 204) or 300 <= status < 400:
         location = response.get("location")
         cause = ("a captive portal (log in with a browser) or a web page, not ProxyGuard, at "
-                 "this URL" + (" (redirects to %s)" % location if location else ""))
+                 "this URL" + (" (redirects to %s)" % shown(location) if location else ""))
     elif status == 404:
         cause = "wrong path in the URL, or the reverse proxy does not forward it"
     elif status == 426 and WEBSOCKET in response.tokens("upgrade"):
         cause = "the front passes WebSocket only: use ws:// or wss:// in --to"
     elif status == 426 and (PROTOCOL.lower() in response.tokens("upgrade")
-                            or _UPGRADE_NOT_RECEIVED.search(body)):
+                            or _UPGRADE_NOT_RECEIVED.search(body) or is_ours(response)):
         # A ProxyGuard server that got no Upgrade: Apache without upgrade=UoTLV/1, Squid,
         # a cloud load balancer strip it (issue "Through any front"), and the answer's
         # Upgrade header too (hop-by-hop), but not the server's words in the body.
-        cause = ("a ProxyGuard server got the request without its Upgrade header: a front in "
-                 "the way drops it (one that passes WebSocket only? use ws:// or wss://)")
+        if websocket_key is not None:  # not ours (check_websocket_response saw to that)
+            raise UpgradeRefused(UOTLV_ONLY)
+        raise UpgradeDropped(
+            "got %s instead of 101 Switching Protocols: a ProxyGuard server got the request "
+            "without its Upgrade header: a front in the way drops it (one that passes "
+            "WebSocket only? use ws:// or wss://)" % got, PROTOCOL)
     elif status == 426:
         cause = "the server wants another upgrade protocol: not a ProxyGuard UoTLV/1 server?"
     elif status in (401, 403, 407):
@@ -768,12 +830,27 @@ def check_upgrade_response(response, body=b"", websocket_key=None):
     raise UpgradeRefused("got %s instead of 101 Switching Protocols: %s" % (got, cause))
 
 
+UOTLV_ONLY = ("got HTTP 426: the server speaks %s only, not WebSocket (the original "
+              "ProxyGuard?): use http:// or https:// in --to" % PROTOCOL)
+
+
+def is_ours(response):
+    """True for an answer of a proxyguard.py server (SERVER_MARK), not of the original."""
+    return response.get(SERVER_MARK[0].lower(), "").startswith(SERVER_MARK[1].partition("/")[0])
+
+
+def dropped_websocket_cause():
+    return ("a proxyguard.py server, which takes WebSocket, got the request without its "
+            "Upgrade header: the reverse proxy drops the Upgrade header; make it pass it ("
+            + FRONT_UPGRADE_FIX + ")")
+
+
 def check_switched(response, protocol):
     """Raise UpgradeRefused unless the 101 `response` switched to `protocol`, with
     Connection: Upgrade."""
     if response.tokens("upgrade") != [protocol.lower()]:
-        raise UpgradeRefused("the server switched to %r instead of %s: not a ProxyGuard server"
-                             % (response.get("upgrade", ""), protocol))
+        raise UpgradeRefused("the server switched to '%s' instead of %s: not a ProxyGuard server"
+                             % (shown(response.get("upgrade", "")), protocol))
     if "upgrade" not in response.tokens("connection"):
         raise UpgradeRefused("the 101 answer lacks 'Connection: Upgrade': a broken proxy?")
 
@@ -783,12 +860,14 @@ def check_websocket_response(response, key):
     UpgradeRefused for a 101 that does not (RFC 6455 4.1), or a refusal that says only UoTLV/1
     is spoken; False for the other refusals, for check_upgrade_response to name."""
     status = response.start[1]
+    if status == 426 and is_ours(response):
+        raise UpgradeDropped("got HTTP %d %s: %s" % (status, shown(response.start[2], 100),
+                                                     dropped_websocket_cause()), WEBSOCKET)
     if status == 426 and PROTOCOL.lower() in response.tokens("upgrade"):
-        raise UpgradeRefused("got HTTP 426: the server speaks %s only, not WebSocket (the "
-                             "original ProxyGuard?): use http:// or https:// in --to" % PROTOCOL)
+        raise UpgradeRefused(UOTLV_ONLY)
     if status == 426 and response.get("sec-websocket-version"):
         raise UpgradeRefused("got HTTP 426: the server wants WebSocket version %s, not %s"
-                             % (response.get("sec-websocket-version"), WEBSOCKET_VERSION))
+                             % (shown(response.get("sec-websocket-version")), WEBSOCKET_VERSION))
     if status != 101:
         return False
     check_switched(response, WEBSOCKET)
@@ -861,6 +940,22 @@ def encode_target(text):
     return urllib.parse.quote(text, safe="/?:@!$&'()*+,;=[]%")
 
 
+def bracketed_urls(text, netloc):
+    """The URLs `text` (whose host:port part `netloc` has an IPv6 address without brackets)
+    may mean: the last part a port ([::1]:40871), or all of it the address ([::1:8080])."""
+    scheme, _, rest = text.partition("://")
+    rest = rest[len(netloc):]
+    host, _, port = netloc.rpartition(":")
+    urls = []
+    for address, suffix in ((host, ":" + port), (netloc, "")):
+        try:
+            if ipaddress.ip_address(address).version == 6 and (not suffix or port.isdigit()):
+                urls.append("%s://[%s]%s%s" % (scheme, address, suffix, rest))
+        except ValueError:
+            pass
+    return urls or ["%s://[ADDRESS]:PORT%s" % (scheme, rest)]
+
+
 class ServerURL:
     """The client's `--to` URL: scheme, host, port, the Host header and the request target.
     http:// and https:// speak UoTLV/1; ws:// and wss:// speak WebSocket (`websocket`)."""
@@ -877,6 +972,10 @@ class ServerURL:
             parts = urllib.parse.urlsplit(text)
             port = parts.port
         except ValueError as exc:
+            netloc = urllib.parse.urlsplit(text).netloc if "[" not in text else ""
+            if netloc.count(":") >= 2:  # http://::1:40871/: 'Port could not be cast ...'
+                raise UsageError("--to %r: write an IPv6 address in brackets: %s"
+                                 % (text, " or ".join(bracketed_urls(text, netloc))))
             raise UsageError("--to %r is not a valid URL: %s" % (text, exc))
         if parts.scheme not in ("http", "https", "ws", "wss"):
             raise UsageError("--to %r: the scheme must be http:// or https:// (UoTLV/1), or "
@@ -1202,7 +1301,7 @@ def parse_close(payload):
         return WebSocketClosed(CLOSE_INVALID_PAYLOAD, "a close reason that is not UTF-8")
     text = "WebSocket close %d" % code
     if reason:
-        text += " %r" % "".join(ch if ch.isprintable() else "?" for ch in reason)
+        text += " '%s'" % shown(reason)
     return WebSocketClosed(code, text, by_peer=True)
 
 
@@ -1357,6 +1456,35 @@ class Deadline:
         if left <= 0:
             raise socket.timeout("timed out after %gs" % self.seconds)
         return left
+
+
+class RefusalLog:
+    """Which refused upgrade requests get an info line (issue 17: a wrong path or a front that
+    drops the Upgrade was logged at debug only): the first from a source address, then at most
+    one per `interval`, which says how many were held back since the last. `admit(source)`
+    returns None to hold this one back, or that count. Memory stays bounded: past
+    `max_sources` addresses the one heard from longest ago is forgotten."""
+
+    def __init__(self, interval=60.0, clock=time.monotonic, max_sources=1024):
+        self.interval = interval
+        self.clock = clock
+        self.max_sources = max_sources
+        self._sources = collections.OrderedDict()  # source: [time of its last line, held]
+        self._lock = threading.Lock()  # handshake threads refuse at once
+
+    def admit(self, source):
+        now = self.clock()
+        with self._lock:
+            entry = self._sources.get(source)
+            if entry is not None and now - entry[0] < self.interval:
+                entry[1] += 1
+                return None
+            held = entry[1] if entry is not None else 0
+            self._sources[source] = [now, 0]
+            self._sources.move_to_end(source)
+            while len(self._sources) > self.max_sources:
+                self._sources.popitem(last=False)
+            return held
 
 
 class IdleClock:
@@ -1603,6 +1731,21 @@ class TrafficTotals:
 # =============================================================================================
 
 
+def tls():
+    """Python's ssl module, imported now if it was not: every TLS path starts here (a
+    context, a TLSChannel). Raises UsageError when this Python has none."""
+    global ssl
+    if ssl is None:
+        try:
+            import ssl as module
+        except ImportError as exc:
+            raise UsageError("https://, wss:// and --tls-cert need Python's ssl module, which "
+                             "this Python lacks (%s): on OpenWrt, opkg install python3-openssl"
+                             % exc)
+        ssl = module
+    return ssl
+
+
 class PlainChannel:
     """A plain TCP connection as a byte stream.
 
@@ -1665,10 +1808,11 @@ class TLSChannel(PlainChannel):
 
     def __init__(self, sock, context, server_side, server_hostname=None, deadline=None):
         super().__init__(sock, deadline)
-        self._incoming = ssl.MemoryBIO()
+        self._incoming = tls().MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
+        # As bytes: ssl passes a str through the 'idna' codec, which a router may lack.
         self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
-                                     server_hostname=server_hostname)
+                                     server_hostname=ascii_host(server_hostname))
         self._tls_lock = threading.Lock()
         self._send_lock = threading.Lock()
 
@@ -2020,6 +2164,16 @@ class TunnelUdpEndpoint(UdpEndpoint):
         self.sock.close()
 
 
+def udp_port_taken(port):
+    """True if a UDP socket holds 127.0.0.1:`port` (a bind of ours fails)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 class SharedUdpEndpoint(UdpEndpoint):
     """The client's one UDP socket on 127.0.0.1:<listen-port>, used by one tunnel after
     another for the whole run, so it is never shut down: it waits in poll beside a wake pipe.
@@ -2058,8 +2212,15 @@ class SharedUdpEndpoint(UdpEndpoint):
                 sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
         except OSError as exc:
             sock.close()
-            raise FatalError("cannot listen on 127.0.0.1:%d (UDP): %s"
-                             % (listen_port, describe_bind_error(exc, listen_port, "udp")))
+            swapped = ""
+            if exc.errno == errno.EADDRINUSE and not udp_port_taken(forward_port):
+                # WireGuard holds its ListenPort, and nothing holds --forward-port.
+                swapped = ("; if WireGuard listens there, --listen-port %d and --forward-port "
+                           "%d are swapped: --listen-port is the port WireGuard's Endpoint "
+                           "names, --forward-port its ListenPort" % (listen_port, forward_port))
+            raise FatalError("cannot listen on 127.0.0.1:%d (UDP): %s%s"
+                             % (listen_port, describe_bind_error(exc, listen_port, "udp"),
+                                swapped))
         return cls(sock, ("127.0.0.1", forward_port))
 
     @property
@@ -2565,7 +2726,7 @@ def describe_bind_error(exc, port, protocol):
 def describe_error(exc):
     """A short reason for a log line: 'connection reset by peer', 'certificate verify failed';
     any other exception (ours, for one) by its message."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
+    if ssl is not None and isinstance(exc, ssl.SSLCertVerificationError):
         message = exc.verify_message or str(exc.reason)
         key, hint = next(((key, hint) for key, hint in _CERTIFICATE_HINTS
                           if key in message.lower()), (None, ""))
@@ -2579,9 +2740,11 @@ def describe_error(exc):
         if names and key in ("hostname mismatch", "ip address mismatch"):
             hint = hint[:-1] + ", which names: %s)" % names
         return "TLS certificate not accepted: %s%s" % (message, hint)
-    if isinstance(exc, ssl.SSLError):
+    if ssl is not None and isinstance(exc, ssl.SSLError):
         reason = exc.reason or str(exc)
-        return "TLS handshake failed: %s%s" % (reason, _TLS_HINTS.get(reason, ""))
+        hint = _TLS_HINTS.get(reason, "").replace("http://", "%s://" % getattr(
+            exc, "plain_scheme", "http"))  # wss:// to a plain port: ws://, not http://
+        return "TLS handshake failed: %s%s" % (reason, hint)
     if isinstance(exc, socket.timeout):
         return "timed out"
     strerror = getattr(exc, "strerror", None)
@@ -2663,6 +2826,7 @@ class Server:
         self.refused = dict.fromkeys(REFUSAL_STATUSES, 0)
         self.tunnels_changed = lambda: None  # called when a tunnel opens or closes (systemd)
         self._admitted = 0  # connections with `admitted` set: counted, not summed (O(1))
+        self.refusal_log = RefusalLog()
 
     @classmethod
     def open(cls, listen, wireguard, environ=os.environ, **options):
@@ -2816,7 +2980,7 @@ class Server:
             self._connections.add(connection)  # already there when start_connection ran it
         sock, peer = connection.sock, connection.peer
         peer_text = format_address(peer)
-        channel = None
+        channel = request = client = None
         try:
             prepare_tcp_socket(sock)
             deadline = Deadline(self.handshake_timeout)
@@ -2824,15 +2988,16 @@ class Server:
             head, first_bytes = read_head(channel)
             request = parse_request(head)
             log.debug("request from %s: %s", peer_text, head_line(head))
-            check_path(request.start[1], self.path)
-            transport = check_upgrade_request(request)
             client = forwarded_client(request, peer[0], self.trusted_proxies)
             if client is not None:
-                peer_text = "%s (via %s)" % (client, peer_text)
+                peer_text = "%s (via %s)" % (shown(client, 100), peer_text)
+            check_path(request.start[1], self.path)
+            transport = check_upgrade_request(request)
             self._admit(connection)
             self._run_tunnel(connection, channel, peer_text, request, transport, first_bytes)
         except HandshakeError as exc:  # before the channel is up, the answer goes out plain
-            self._refuse(channel or PlainChannel(sock), peer_text, exc)
+            source = client or peer[0] if request is not None and asks_upgrade(request) else None
+            self._refuse(channel or PlainChannel(sock), peer_text, exc, source)
         except OSError as exc:
             log.info("%s %s: %s", "tunnel" if connection.tunnel else "handshake failed from",
                      peer_text, describe_error(exc))
@@ -2900,17 +3065,23 @@ class Server:
             self.tunnels_opened[transport] += 1
             if self._stopping:
                 tunnel.close("server shutting down", CLOSE_GOING_AWAY)
-        log.info("tunnel up: %s, path %s, %s%s", peer_text, request.start[1], transport,
+        log.info("tunnel up: %s, path %s, %s%s", peer_text, shown(request.start[1]), transport,
                  ", " + channel.tls_version if channel.tls_version else "")
         reason = tunnel.run()
         self._retire(connection)  # first: a scrape or SIGUSR1 the line prompts sees it closed
         log.info("tunnel down: %s after %s (%s)", peer_text, tunnel.summary(), reason)
 
-    def _refuse(self, channel, peer_text, error):
+    def _refuse(self, channel, peer_text, error, upgrade_from=None):
         """The one error-answer path: log why, count it and send the HTTP answer; the caller
-        closes."""
-        log.log(logging.DEBUG if error.routine else logging.INFO,
-                "handshake failed from %s: %d %s", peer_text, error.status, error)
+        closes. A refused upgrade request (`upgrade_from`: its source address) gets an info
+        line as the refusal log admits; a plain request's routine refusal stays at debug."""
+        level, held = logging.DEBUG if error.routine else logging.INFO, 0
+        if upgrade_from is not None:
+            held = self.refusal_log.admit(upgrade_from)
+            level = logging.DEBUG if held is None else logging.INFO
+        log.log(level, "handshake failed from %s: %d %s%s", peer_text, error.status, error,
+                "; %s from this address not logged since the last line"
+                % plural(held, "refusal") if held else "")
         self._count_refusal(error.status)
         try:
             channel.deadline = Deadline(REFUSAL_SEND_SECONDS)  # the handshake's may be over
@@ -2951,11 +3122,20 @@ def refuse_without_waiting(sock, status, message):
     sock.close()
 
 
+def ascii_host(host):
+    """`host` as bytes for getaddrinfo, which passes a str through the 'idna' codec: that
+    needs unicodedata, which OpenWrt ships apart (python3-codecs), so a router without it
+    cannot even resolve 127.0.0.1 ('unknown encoding: idna'). ServerURL has made an
+    international name ASCII (its xn-- form) already."""
+    return host.encode("ascii") if host is not None and host.isascii() else host
+
+
 def open_listener(listen):
     """A listening TCP socket for (host, port); IPv6 `::` also takes IPv4. Raises FatalError."""
     host, port = listen
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(ascii_host(host), port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
         family, _, _, _, address = infos[0]
         return socket.create_server(address, family=family, backlog=512,
                                     dualstack_ipv6=(family == socket.AF_INET6
@@ -3034,7 +3214,7 @@ def listen_scope(sock):
 def resolve_udp(address, option):
     """Resolve (host, port) for UDP once; return (sockaddr, family). Raises FatalError."""
     try:
-        infos = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_DGRAM)
+        infos = socket.getaddrinfo(ascii_host(address[0]), address[1], type=socket.SOCK_DGRAM)
     except socket.gaierror as exc:
         raise FatalError("%s %s: cannot resolve: %s" % (option, format_address(address), exc))
     family, _, _, _, sockaddr = infos[0]
@@ -3139,10 +3319,10 @@ def client_tls_context(ca_file=None, min_version="1.3"):
     """Verify certificate and host name against the system store (plus `ca_file`); ALPN
     http/1.1 only, since HTTP/2 has no Upgrade. Raises UsageError for a bad CA file.
     `context.ca_file` remembers the file, for the error when a certificate fails."""
-    context = ssl.create_default_context()
+    context = tls().create_default_context()
     load_tls_files(context, UsageError, ca_file=ca_file)
     context.ca_file = ca_file
-    context.minimum_version = TLS_VERSIONS[min_version]
+    context.minimum_version = getattr(ssl.TLSVersion, TLS_VERSIONS[min_version])
     context.set_alpn_protocols(["http/1.1"])
     return context
 
@@ -3150,7 +3330,7 @@ def client_tls_context(ca_file=None, min_version="1.3"):
 def server_tls_context(cert_file, key_file):
     """The server's context; `num_tickets = 0` spares the post-handshake ticket traffic.
     Raises FatalError, naming the file and the problem, when the files cannot be loaded."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context = tls().SSLContext(ssl.PROTOCOL_TLS_SERVER)
     load_tls_files(context, FatalError, cert_file=cert_file, key_file=key_file)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
@@ -3158,7 +3338,7 @@ def server_tls_context(cert_file, key_file):
     return context
 
 
-TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+TLS_VERSIONS = {"1.2": "TLSv1_2", "1.3": "TLSv1_3"}  # --tls-min-version: ssl.TLSVersion's
 # OpenSSL's verify codes of a certificate whose names do not include the URL's host.
 X509_HOSTNAME_MISMATCH = 62
 X509_IP_ADDRESS_MISMATCH = 64
@@ -3233,7 +3413,13 @@ class Dialer:
                     addresses = [resolve_tcp(ip, port, numeric=True)[0] for ip in self.peer_ips]
                     detail.append("--peer-ips, DNS skipped")
                 else:
-                    addresses = resolve_tcp(host, port)
+                    try:
+                        addresses = resolve_tcp(host, port)
+                    except socket.gaierror as exc:
+                        if self.proxy:
+                            raise
+                        raise ConnectionError("%s (--peer-ips IP,IP gives the server's "
+                                              "addresses without DNS)" % describe_error(exc))
                 detail.append("%s -> %s" % (host, ", ".join(
                     format_address(address) for _, address in addresses)))
             self._addresses = addresses
@@ -3290,11 +3476,21 @@ class Dialer:
                     # An address that does not answer gets its share of the time left, so
                     # the next ones are still tried within --connect-timeout.
                     sock.settimeout(deadline.timeout() / (len(addresses) - index))
-                    sock.connect(address)
+                    try:
+                        sock.connect(address)
+                    except OSError as exc:
+                        hint = routing_loop_hint(address[0]) if self.fwmark < 0 else None
+                        if hint is None:
+                            raise
+                        raise ConnectionError("%s; %s" % (describe_error(exc), hint)) from exc
                 return sock, address
             except OSError as exc:
                 sock.close()
                 errors.append("%s: %s" % (format_address(address), describe_error(exc)))
+        if self.proxy:  # the server may be fine: say whose address this is, and the way round
+            raise ConnectionError("cannot reach the HTTP proxy %s (from %s): %s%s" % (
+                self.proxy, self.proxy.option, "; ".join(errors), "" if self.proxy.option
+                == "--proxy" else "; --proxy none ignores %s" % self.proxy.option))
         raise ConnectionError("; ".join(errors))
 
     def _proxy_connect(self, sock, deadline):
@@ -3308,7 +3504,7 @@ class Dialer:
             head, rest = read_response_head(channel)
             response = parse_response(head)
             detail.append("CONNECT %s -> HTTP %d %s" % (authority, response.start[1],
-                                                        response.start[2]))
+                                                        shown(response.start[2], 100)))
             check_connect_response(response, self.proxy.credentials is not None)
             if rest:
                 raise UpgradeRefused("the proxy sent data after its 200 answer")
@@ -3327,6 +3523,9 @@ class Dialer:
                 if self.report and exc.verify_code in (X509_HOSTNAME_MISMATCH,
                                                        X509_IP_ADDRESS_MISMATCH):
                     exc.certificate_names = self._certificate_names(address, deadline)
+                raise
+            except ssl.SSLError as exc:
+                exc.plain_scheme = "ws" if self.url.websocket else "http"  # for describe_error
                 raise
             detail.append(describe_tls(channel))
         return channel
@@ -3375,8 +3574,10 @@ class Dialer:
                 raise UpgradeRefused("the server answered in TLS, not HTTP: " + USE_HTTPS_HINT)
             response = parse_response(head)
             log.debug("upgrade response: %s", head_line(head))
-            detail.append("GET %s -> %s %d %s" % ((self.url.target,) + response.start))
-            detail.extend("%s: %s" % header for header in response.headers)
+            version, status, reason = response.start
+            detail.append("GET %s -> %s %d %s" % (self.url.target, version, status,
+                                                  shown(reason, 100)))
+            detail.extend("%s: %s" % (name, shown(value)) for name, value in response.headers)
             body = b"" if response.start[1] == 101 else read_body(channel, response, rest)
             check_upgrade_response(response, body, key)
         return rest
@@ -3392,8 +3593,9 @@ def read_response_head(channel):
 
 
 def head_line(head):
-    """An HTTP head on one log line: 'GET / HTTP/1.1 | Host: x | ...'."""
-    return " | ".join(head.decode("latin-1").strip().splitlines())
+    """An HTTP head on one log line: 'GET / HTTP/1.1 | Host: x | ...', each line shown."""
+    lines = head.decode("latin-1").strip().split("\n")  # a bare CR stays in its line, shown
+    return " | ".join(shown(line.rstrip("\r")) for line in lines)
 
 
 def read_body(channel, response, rest, limit=MAX_BODY_SHOWN):
@@ -3421,14 +3623,15 @@ def certificate_names(cert):
     subjectAltName (what a host name is checked against)."""
     names = [value for kind, value in (cert or {}).get("subjectAltName", ())
              if kind in ("DNS", "IP Address")]
-    return ", ".join(names) if names else "no DNS or IP names"
+    return ", ".join(shown(name, 100) for name in names) if names else "no DNS or IP names"
 
 
 def describe_tls(channel):
     """'TLSv1.3, CN=vpn.example.org, issuer CN=..., expires ... (in N days)' for check."""
     cert = channel.peer_certificate() or {}
     def name(field):
-        return ", ".join("%s=%s" % pair for rdn in cert.get(field, ()) for pair in rdn)
+        return ", ".join("%s=%s" % (key, shown(value, 100))
+                         for rdn in cert.get(field, ()) for key, value in rdn)
     text = "%s, subject %s, issuer %s" % (channel.tls_version, name("subject"), name("issuer"))
     if "notAfter" in cert:
         expires = ssl.cert_time_to_seconds(cert["notAfter"])
@@ -3451,6 +3654,7 @@ class ProxyURL:
         if port == 0:
             raise UsageError("%s %r: port 0 is not a port to connect to (1-65535)"
                              % (option, text))
+        self.option = option  # where it came from: --proxy, or HTTPS_PROXY / HTTP_PROXY
         self.host = parts.hostname
         self.port = port or 3128
         self.credentials = None
@@ -3485,7 +3689,8 @@ def check_connect_response(response, sent_credentials=False):
                              "http://user:password@host:port in --proxy or HTTPS_PROXY" % status)
     if status == 403:
         raise UpgradeRefused("the HTTP proxy refuses CONNECT to this host or port (403)")
-    raise ConnectionError("the HTTP proxy answered %d %s to CONNECT" % response.start[1:])
+    raise ConnectionError("the HTTP proxy answered %d %s to CONNECT"
+                          % (status, shown(response.start[2], 100)))
 
 
 def proxy_from_environment(url):
@@ -3547,11 +3752,16 @@ class Client:
                         "for ws:// and wss://", keepalive, dialer.url.scheme)
         endpoint = SharedUdpEndpoint.bind(listen_port, forward_port)
         try:
-            dialer.resolve()
+            addresses = dialer.resolve()
         except OSError as exc:
             log.error("cannot resolve %s: %s (trying again at each connect)",
                       dialer.proxy.host if dialer.proxy else dialer.url.host,
                       describe_error(exc))
+        else:  # WireGuard may be up already (a restart): the loop shows before the first dial
+            hint = next(filter(None, (routing_loop_hint(address[0]) for _, address in addresses
+                                      if dialer.fwmark < 0)), None)
+            if hint is not None:
+                log.warning("%s", hint)
         return cls(dialer, endpoint, idle_timeout, keepalive=keepalive)
 
     def reload(self, options):
@@ -3693,7 +3903,7 @@ class Client:
             self._count_failure("refused", str(exc))
             log.error("upgrade refused by %s: %s", self.url, exc)
             return self.backoff.refused()
-        if isinstance(exc, ssl.SSLError):  # a captive portal's certificate fails until login
+        if ssl is not None and isinstance(exc, ssl.SSLError):  # a portal's certificate fails
             self._count_failure("tls", describe_error(exc))
             log.error("cannot connect to %s: %s", self.url, describe_error(exc))
             return self.backoff.refused()
@@ -3759,8 +3969,13 @@ def run_check(dialer, out=sys.stdout):
         print("check    %s: WebSocket on the same URL" % url, file=out)
         try:
             peer = dial_and_close(dialer.for_url(url))
-        except (OSError, ProxyGuardError) as exc:
-            print("result   FAIL: not over WebSocket either: %s" % describe_error(exc), file=out)
+        except (OSError, ProxyGuardError) as second:
+            if isinstance(exc, UpgradeDropped) and isinstance(second, UpgradeDropped):
+                print("result   FAIL: the reverse proxy drops the Upgrade header, for UoTLV/1 "
+                      "and WebSocket alike: make it pass it (%s)" % FRONT_UPGRADE_FIX, file=out)
+                return 1
+            print("result   FAIL: not over WebSocket either: %s" % describe_error(second),
+                  file=out)
             return 1
         print("result   FAIL over %s, ok over WebSocket: use --to %s" % (PROTOCOL, url),
               file=out)
@@ -3783,8 +3998,75 @@ def dial_and_close(dialer):
 def resolve_tcp(host, port, numeric=False):
     """[(family, sockaddr)] for a TCP connection to host:port; raises OSError (gaierror)."""
     flags = socket.AI_NUMERICHOST if numeric else 0
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=flags)
+    infos = socket.getaddrinfo(ascii_host(host), port, type=socket.SOCK_STREAM, flags=flags)
     return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+
+
+# rtnetlink (linux/rtnetlink.h): ask the kernel which interface it routes an address through,
+# as `ip route get` does, policy rules (wg-quick's `not fwmark 51820 table 51820`) included.
+NETLINK_ROUTE, RTM_NEWROUTE, RTM_GETROUTE, NLM_F_REQUEST = 0, 24, 26, 1
+RTA_DST, RTA_OIF, RTA_MARK = 1, 4, 16
+NETLINK_HEADER = struct.Struct("=IHHII")  # struct nlmsghdr
+ROUTE_MESSAGE = struct.Struct("=BBBBBBBBI")  # struct rtmsg
+ROUTE_ATTRIBUTE = struct.Struct("=HH")  # struct rtattr
+
+
+def route_interface(ip, mark=None):
+    """The name of the interface the kernel sends packets to `ip` out of (with SO_MARK
+    `mark`), or None where it cannot say (not Linux, no route, not an address)."""
+    try:
+        packed = ipaddress.ip_address(ip).packed
+        family = socket.AF_INET if len(packed) == 4 else socket.AF_INET6
+        attributes = ROUTE_ATTRIBUTE.pack(4 + len(packed), RTA_DST) + packed
+        if mark is not None:
+            attributes += ROUTE_ATTRIBUTE.pack(8, RTA_MARK) + struct.pack("=I", mark)
+        body = ROUTE_MESSAGE.pack(family, len(packed) * 8, 0, 0, 0, 0, 0, 0, 0) + attributes
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE) as sock:
+            sock.settimeout(1)
+            sock.send(NETLINK_HEADER.pack(NETLINK_HEADER.size + len(body), RTM_GETROUTE,
+                                          NLM_F_REQUEST, 1, 0) + body)
+            reply = sock.recv(65536)
+        length, kind = NETLINK_HEADER.unpack_from(reply)[:2]
+        position = NETLINK_HEADER.size + ROUTE_MESSAGE.size
+        while kind == RTM_NEWROUTE and position + ROUTE_ATTRIBUTE.size <= min(length, len(reply)):
+            size, attribute = ROUTE_ATTRIBUTE.unpack_from(reply, position)
+            if attribute == RTA_OIF:
+                return socket.if_indextoname(struct.unpack_from("=I", reply, position + 4)[0])
+            if size < ROUTE_ATTRIBUTE.size:
+                break
+            position += (size + 3) & ~3
+    except (OSError, ValueError, AttributeError, struct.error):
+        pass
+    return None
+
+
+def tunnel_interface_kind(name, sys_net="/sys/class/net", wireguard_run=WIREGUARD_RUN_DIR):
+    """'a WireGuard interface' (the kernel's, or wireguard-go's), 'a tunnel interface' (TUN:
+    another VPN), or None for any other interface."""
+    try:
+        with open(os.path.join(sys_net, name, "uevent")) as stream:
+            if "DEVTYPE=wireguard" in stream.read().split():
+                return "a WireGuard interface"
+    except OSError:
+        pass
+    if os.path.exists(os.path.join(wireguard_run, name + ".sock")):
+        return "a WireGuard interface"
+    if os.path.exists(os.path.join(sys_net, name, "tun_flags")):
+        return "a tunnel interface (a VPN?)"
+    return None
+
+
+def routing_loop_hint(ip, lookup=route_interface, kind=tunnel_interface_kind):
+    """What to do when the route to the server's `ip` goes into a WireGuard (or other
+    tunnel) interface: the tunnel's own connection would go into the tunnel (issue 17: with
+    AllowedIPs = 0.0.0.0/0 and no --fwmark, a plain 'timed out'). None when it does not."""
+    name = lookup(ip)
+    what = kind(name) if name else None
+    if what is None:
+        return None
+    return ("the route to %s goes through %s, %s: the tunnel's own connection would loop "
+            "into the tunnel; add --fwmark 51820 (wg-quick's FwMark; or --peer-ips with a host "
+            "route to the server outside the tunnel)" % (ip, shown(name, 40), what))
 
 
 def check_fwmark(mark):
@@ -4048,15 +4330,26 @@ def metrics_handler():
             self.wfile.write(body)
 
         def log_message(self, format, *args):
-            log.debug("metrics: %s %s", self.address_string(), format % args)
+            log.debug("metrics: %s %s", self.address_string(), shown(format % args))
 
     return MetricsHandler
 
 
+# The metrics page serves this many requests at once; the next gets 503 at once (issue 17:
+# 800 idle connections held 800 threads for 10 s each).
+METRICS_CONNECTIONS = 8
+# Connections that have sent nothing yet wait in the accept thread's poll, without a thread,
+# for HANDSHAKE_TIMEOUT; past this many the oldest is closed, so a flood of idle connections
+# costs descriptors, never threads, and a scrape (which sends at once) still gets through.
+METRICS_WAITING = 128
+
+
 class MetricsEndpoint:
-    """The metrics page on its own listening socket: one accept thread, a daemon thread per
-    request (http.server's ThreadingHTTPServer). `open()` binds (raises FatalError), `start()`
-    serves what `collect()` returns, `stop()` closes the socket and ends the accept thread."""
+    """The metrics page on its own listening socket: one accept thread, which holds new
+    connections in a poll until they send (at most METRICS_WAITING, each for HANDSHAKE_TIMEOUT),
+    then a daemon thread per request, at most METRICS_CONNECTIONS at once (http.server's
+    request handling). `open()` binds (raises FatalError), `start()` serves what `collect()`
+    returns, `stop()` closes the socket and ends the accept thread."""
 
     def __init__(self, listener):
         self.address = listener.getsockname()
@@ -4069,6 +4362,7 @@ class MetricsEndpoint:
         self.httpd.block_on_close = False
         self._thread = None
         self._stopping = False
+        self._slots = threading.BoundedSemaphore(METRICS_CONNECTIONS)
 
     @classmethod
     def open(cls, listen):
@@ -4084,16 +4378,69 @@ class MetricsEndpoint:
         log.info("metrics at http://%s%s", format_address(self.address), METRICS_PATH)
 
     def _serve(self):
-        # Accept in a blocking call that stop() wakes: serve_forever() would poll twice a second.
-        accept_until_stopped(self.httpd.get_request, lambda: self._stopping, self._answer,
-                             "metrics: ")
+        """Accept, and hand each connection that has sent something to _answer. The poll
+        waits without a timer until a connection waits; stop() wakes it (a shutdown of the
+        listening socket)."""
+        listener = self.httpd.socket
+        poller = select.poll()
+        poller.register(listener, select.POLLIN)
+        waiting = collections.OrderedDict()  # fd: (socket, peer, Deadline), oldest first
+        try:
+            while not self._stopping:
+                first = next(iter(waiting.values()), None)
+                timeout = None if first is None else max(0, first[2].remaining()) * 1000
+                for fd, _ in poller.poll(timeout):
+                    if fd != listener.fileno():
+                        sock, peer, _ = waiting.pop(fd)
+                        poller.unregister(fd)
+                        self._answer(sock, peer)
+                    elif not self._stopping:
+                        self._accept(listener, poller, waiting)
+                while waiting and next(iter(waiting.values()))[2].remaining() <= 0 or len(
+                        waiting) > METRICS_WAITING:
+                    fd, (sock, _, _) = waiting.popitem(last=False)
+                    poller.unregister(fd)
+                    sock.close()
+        finally:
+            for sock, _, _ in waiting.values():
+                sock.close()
+
+    def _accept(self, listener, poller, waiting):
+        try:
+            sock, peer = listener.accept()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                log.error("metrics: accept: %s; pausing new connections for 1s", exc.strerror)
+                time.sleep(1)
+            return
+        waiting[sock.fileno()] = (sock, peer, Deadline(HANDSHAKE_TIMEOUT))
+        poller.register(sock, select.POLLIN)
 
     def _answer(self, request, peer):
+        """Serve the request in a thread of its own if a slot is free; 503 at once if not."""
+        if not self._slots.acquire(blocking=False):
+            log.debug("metrics: %s refused: %d requests in progress", format_address(peer),
+                      METRICS_CONNECTIONS)
+            refuse_without_waiting(request, 503, "busy: %d metrics requests in progress"
+                                   % METRICS_CONNECTIONS)
+            return
         try:
-            self.httpd.process_request(request, peer)
+            threading.Thread(target=self._serve_request, args=(request, peer), daemon=True,
+                             name="metrics %s" % format_address(peer)).start()
         except Exception as exc:  # no thread to be had: this scrape fails
+            self._slots.release()
             log.error("metrics: cannot answer %s: %s", format_address(peer), exc)
             self.httpd.shutdown_request(request)
+
+    def _serve_request(self, request, peer):
+        try:
+            request.setblocking(True)
+            self.httpd.finish_request(request, peer)
+        except Exception:  # as http.server's own thread: the page fails, the service goes on
+            self.httpd.handle_error(request, peer)
+        finally:
+            self.httpd.shutdown_request(request)
+            self._slots.release()
 
     def stop(self):
         self._stopping = True
@@ -4261,6 +4608,13 @@ def close_match(word, candidates):
     return found[0] if found else None
 
 
+def program_name(argv0=None):
+    """The name the program was started by, for the usage line: `proxyguard` as pipx and pip
+    install it, else proxyguard.py."""
+    name = os.path.basename(sys.argv[0] if argv0 is None and sys.argv else argv0 or "")
+    return name if name in ("proxyguard", "proxyguard.py") else "proxyguard.py"
+
+
 def options_mode(mode):
     """The mode whose options `mode` takes (check: the client's)."""
     return MODE_TAKES_OPTIONS_OF.get(mode, mode)
@@ -4320,7 +4674,7 @@ def build_parser(command_line_only=False, help_mode=None):
                      config_file_parser_class=configargparse.DefaultConfigFileParser)
     parser_class = CommandLineParser if command_line_only else OptionParser
     parser = parser_class(
-        prog="proxyguard.py", usage=usage, add_help=False, description=description,
+        prog=program_name(), usage=usage, add_help=False, description=description,
         epilog=epilog, formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(
             prog, max_help_position=30), **extra)
     groups = {title: parser.add_argument_group(title) for title in HELP_GROUPS}
@@ -4477,6 +4831,10 @@ def config_file_settings(path, names):
     syntax = configargparse.DefaultConfigFileParser()
     for number, line in enumerate(lines, 1):
         where = "config file %s, line %d" % (path, number)
+        if re.match(r"\s*\[[^]]*\]\s*$", line):  # configargparse would skip it silently
+            raise UsageError("%s: %r: sections are not read: one file holds one mode's options "
+                             "(mode = client or server, then that mode's options); use a file "
+                             "per mode" % (where, line.strip()))
         try:  # one line at a time, for its number
             items = syntax.parse([line])
         except configargparse.ConfigFileParserException:
@@ -4507,7 +4865,7 @@ def environment_settings(environ, names):
             continue
         guess = close_match(key, names)
         warnings.append("%s is not an option's variable and is ignored%s" % (name, (
-            " (did you mean %s?)" % env_name(guess)) if guess else ""))
+            " (did you mean %s, for --%s?)" % (env_name(guess), guess)) if guess else ""))
     return settings, warnings
 
 

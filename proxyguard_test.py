@@ -2468,7 +2468,7 @@ def test_unknown_proxyguard_variables_are_warned_about_with_a_suggestion(monkeyp
     assert options.listen == ("::", 443)
     assert options.warnings == [
         "PROXYGUARD_LISTENPORT is not an option's variable and is ignored (did you mean "
-        "PROXYGUARD_LISTEN_PORT?)",
+        "PROXYGUARD_LISTEN_PORT, for --listen-port?)",
         "PROXYGUARD_XYZZY is not an option's variable and is ignored"]
     # before a usage error too, where the misspelling may be the cause
     for name in list(os.environ):
@@ -2478,7 +2478,7 @@ def test_unknown_proxyguard_variables_are_warned_about_with_a_suggestion(monkeyp
     assert pg.main(["client"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         "proxyguard.py: warning: PROXYGUARD_TOO is not an option's variable and is ignored "
-        "(did you mean PROXYGUARD_TO?)",
+        "(did you mean PROXYGUARD_TO, for --to?)",
         "proxyguard.py: error: --to is required for the client: the server's URL, for example "
         "https://vpn.example.org/proxyguard (see --help)"]
 
@@ -8418,3 +8418,608 @@ def test_readme_deployment_runs_end_to_end(tmp_path):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), signal.SIGKILL)
         bed.close()
+
+
+# =============================================================================================
+# Issue 17 (code): peer text shown escaped, fronts that drop the Upgrade, refusal log lines,
+# the routing loop, the metrics cap, the router's module set, smaller messages
+# =============================================================================================
+
+EVIL = "Forb\x1b[31mRED\x07\x1b]0;pwned\x07\rforged"
+EVIL_SHOWN = "Forb\\x1b[31mRED\\x07\\x1b]0;pwned\\x07\\x0dforged"
+RAW_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def serve_answers(answer, stop):
+    """A server on loopback that answers each connection's request head with `answer` (bytes,
+    or a function of the head that returns them) and closes, until `stop` is set; returns its
+    host:port."""
+    listener = socket.create_server((LOOPBACK, 0))
+    listener.settimeout(0.2)
+
+    def serve():
+        with listener:
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except socket.timeout:
+                    continue
+                with conn:
+                    try:
+                        head = read_answer_head(conn)
+                        if callable(answer):
+                            conn.sendall(answer(head))
+                            continue
+                        conn.sendall(answer)
+                        conn.shutdown(socket.SHUT_WR)  # then wait for the client's close,
+                        conn.settimeout(5)  # so that it reads all before any reset
+                        while conn.recv(4096):
+                            pass
+                    except OSError:
+                        pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    return "%s:%d" % listener.getsockname()
+
+
+@pytest.fixture
+def answers():
+    stop = threading.Event()
+    yield lambda answer: serve_answers(answer, stop)
+    stop.set()
+
+
+def assert_no_raw_controls(text):
+    lines = text.split("\n")
+    bad = [line for line in lines if RAW_CONTROLS.search(line)]
+    assert not bad, "raw control characters reached the output: %r" % bad[:3]
+
+
+def websocket_accepting_then_closing(head):
+    key = re.search(rb"Sec-WebSocket-Key: (\S+)", head).group(1).decode()
+    return (("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+             "Sec-WebSocket-Accept: %s\r\nSec-WebSocket-Protocol: proxyguard-udp\r\n\r\n"
+             % pg.websocket_accept(key)).encode()
+            + pg.websocket_frame(pg.OP_CLOSE, pg.close_payload(1000, EVIL)))
+
+
+PEER_TEXT_ROUTES = {
+    # route: (scheme, answer, what check shows, what the client logs)
+    "reason-phrase": ("http", ("HTTP/1.1 403 %s\r\nContent-Length: 0\r\n\r\n" % EVIL).encode(
+        "latin-1"), "got HTTP 403 " + EVIL_SHOWN, "got HTTP 403 " + EVIL_SHOWN),
+    "header-value": ("http", b"HTTP/1.1 302 Found\r\nLocation: http://x/\x9b31mRED\x9b0m\r\n"
+                             b"X-Note: \xc2\x9b]0;pwned\r\nContent-Length: 0\r\n\r\n",
+                     "x-note: \xc2\\x9b]0;pwned",
+                     "redirects to http://x/\\x9b31mRED\\x9b0m"),
+    "quoted-body": ("http", b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+                            b"Content-Length: 14\r\n\r\nfull \xc2\x9b]0;pw\n",
+                    "the server says 'full \\x9b]0;pw'", "the server says 'full \\x9b]0;pw'"),
+    "websocket-close-reason": ("ws", websocket_accepting_then_closing, "result   ok",
+                               "WebSocket close 1000 '%s'" % EVIL_SHOWN),
+}
+
+
+@pytest.mark.parametrize("route", sorted(PEER_TEXT_ROUTES))
+def test_peer_text_is_shown_escaped_in_check_and_the_client_log(route, answers, tmp_path, procs):
+    """Issue 17 item 1: a server's escape sequences (colours, the terminal's title, a forged
+    line after a bare CR) reach neither check's output nor the client's log raw: they are
+    shown escaped, on one line. One real socket server per route."""
+    scheme, answer, in_check, in_log = PEER_TEXT_ROUTES[route]
+    url = "%s://%s/pg" % (scheme, answers(answer))
+    status, output = run_check(url, "--log-level", "debug")
+    assert_no_raw_controls(output)
+    assert in_check in output, output
+    client = start_client(tmp_path, url, "--log-level", "debug")
+    procs.append(client)
+    client.wireguard.send(b"hello")
+    wait_until(lambda: in_log in client.log(), 10, "the escaped text in the client's log")
+    assert_no_raw_controls(client.log())
+
+
+def test_a_proxys_answer_and_certificate_names_are_shown_escaped(answers, tmp_path, procs):
+    """The proxy's answer to CONNECT (check and client), and a certificate's names."""
+    proxy = answers(("HTTP/1.1 502 %s\r\nContent-Length: 0\r\n\r\n" % EVIL).encode("latin-1"))
+    status, output = run_check("http://example.invalid/pg", "--proxy", "http://" + proxy)
+    assert_no_raw_controls(output)
+    assert "the HTTP proxy answered 502 %s to CONNECT" % EVIL_SHOWN in output, output
+    cert = {"subject": ((("commonName", "vpn\x1b]0;pwned\x07"),),), "issuer": (),
+            "subjectAltName": (("DNS", "a\x1b[2Jb"), ("IP Address", "127.0.0.1"))}
+    assert pg.certificate_names(cert) == "a\\x1b[2Jb, 127.0.0.1"
+
+    class Channel:
+        tls_version = "TLSv1.3"
+
+        def peer_certificate(self):
+            return cert
+
+    assert "subject commonName=vpn\\x1b]0;pwned\\x07" in pg.describe_tls(Channel())
+
+
+def test_shown_escapes_bounds_and_keeps_printable_text():
+    assert pg.shown("HTTP/1.1 403 " + EVIL) == "HTTP/1.1 403 " + EVIL_SHOWN
+    assert pg.shown(b"a\\b\x9b\xe9") == "a\\\\b\\x9b\xe9"
+    assert pg.shown("bidi \u202e and line \u2028 end") == "bidi \\u202e and line \\u2028 end"
+    assert pg.shown("x" * 250) == "x" * 200 + "... (50 more)"
+    assert pg.shown("x" * 250, 10) == "x" * 10 + "... (240 more)"
+
+
+def test_server_logs_peer_text_escaped(tmp_path, echo, procs):
+    """The server side: a header value with C1 controls (latin-1 bytes the parser lets
+    through), a forwarded client and a long path are shown escaped and bounded."""
+    server = start_server(tmp_path, echo.port, "--log-level", "debug")
+    procs.append(server)
+    for head in (b"GET /p HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                 b"Upgrade: \x9b31mRED\x9b]0;pwned\r\n\r\n",
+                 b"GET /" + b"a" * 3000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+                 b"GET /p HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: UoTLV/1\r\n"
+                 b"X-Forwarded-For: \x9b31mevil\r\n\r\n"):
+        with socket.create_connection((LOOPBACK, server.port), timeout=5) as sock:
+            sock.sendall(head)
+            sock.recv(4096)
+    server.wait_log("tunnel up: \\x9b31mevil (via")
+    server.wait_log("got: '\\x9b31mRED\\x9b]0;pwned'")
+    server.wait_log("a" * 150)
+    assert_no_raw_controls(server.log())
+    assert "a" * 2000 not in server.log()
+
+
+# --- item 3: a front that drops the Upgrade header ------------------------------------------
+
+def test_our_426_is_marked_and_the_originals_is_not():
+    """A WebSocket request that reached our server without its Upgrade: ours says the front
+    drops it (our server takes WebSocket); the original's 426 (no mark) still says the
+    original speaks UoTLV/1 only."""
+    key = pg.websocket_key()
+    with pytest.raises(pg.HandshakeError) as caught:
+        pg.check_upgrade_request(pg.parse_request(
+            b"GET / HTTP/1.1\r\nHost: x\r\nSec-WebSocket-Key: %s\r\n\r\n" % key.encode()))
+    answer = pg.build_response(426, str(caught.value), caught.value.extra_headers)
+    assert b"\r\nProxyGuard-Server: proxyguard.py/" in answer
+    head, _, body = answer.partition(b"\r\n\r\n")
+    with pytest.raises(pg.UpgradeDropped) as dropped:
+        pg.check_upgrade_response(pg.parse_response(head + b"\r\n\r\n"), body, key)
+    assert "the reverse proxy drops the Upgrade header" in str(dropped.value)
+    assert "proxy_set_header Upgrade $http_upgrade" in str(dropped.value)
+    assert "upgrade=UoTLV/1" in str(dropped.value)
+    original = (b"HTTP/1.1 426 Upgrade Required\r\nConnection: Upgrade\r\nUpgrade: UoTLV/1\r\n"
+                b"Content-Type: text/plain; charset=utf-8\r\n\r\n")
+    with pytest.raises(pg.UpgradeRefused) as caught_original:
+        pg.check_upgrade_response(pg.parse_response(original), b"the 'Upgrade' header is "
+                                  b"not 'UoTLV/1', got: 'websocket'\n", key)
+    assert not isinstance(caught_original.value, pg.UpgradeDropped)
+    assert "(the original ProxyGuard?)" in str(caught_original.value)
+
+
+NGINX_DROPPING_UPGRADE = re.sub(r"\n *proxy_(http_version 1\.1|set_header (Upgrade|Connection))"
+                                r"[^\n]*", "", NGINX_TEMPLATE)
+
+
+@pytest.mark.slow
+def test_nginx_without_the_upgrade_lines_is_named_with_the_fix(tmp_path, certs, echo, procs,
+                                                              front_ends, monkeypatch):
+    """Issue 17 item 3: nginx without proxy_http_version 1.1 and the Upgrade/Connection
+    lines: check says the reverse proxy drops the Upgrade header, for both transports, and
+    shows the fix; the wss:// client's log says so too, not 'the original'."""
+    assert "proxy_set_header Upgrade" not in NGINX_DROPPING_UPGRADE
+    monkeypatch.setitem(PROGRAMS["nginx"], "template", NGINX_DROPPING_UPGRADE)
+    server, front_end, _ = server_behind_proxy("nginx", tmp_path, certs, echo, procs,
+                                               front_ends, with_client=False)
+    status, output = run_check(front_url(front_end), "--ca-file", certs.ca)
+    assert status == 1
+    assert ("result   FAIL: the reverse proxy drops the Upgrade header, for UoTLV/1 and "
+            "WebSocket alike: make it pass it (nginx: proxy_http_version 1.1; proxy_set_header "
+            "Upgrade $http_upgrade;") in output, output
+    assert "original" not in output, output
+    client = start_client(tmp_path, front_url(front_end, "wss"), "--ca-file", certs.ca)
+    procs.append(client)
+    client.wireguard.send(b"hello")
+    client.wait_log("the reverse proxy drops the Upgrade header")
+    assert "original" not in client.log()
+
+
+# --- item 7: refused upgrade requests are logged, at most once a minute per address ---------
+
+def test_refusal_log_admits_one_a_minute_per_source_with_the_count_held_back():
+    clock = FakeClock()
+    refusals = pg.RefusalLog(interval=60, clock=clock, max_sources=2)
+    assert refusals.admit("a") == 0
+    assert refusals.admit("a") is None and refusals.admit("a") is None
+    assert refusals.admit("b") == 0
+    clock.now += 59.9
+    assert refusals.admit("a") is None
+    clock.now += 0.1
+    assert refusals.admit("a") == 3
+    assert refusals.admit("c") == 0  # past max_sources: "b", the oldest, is forgotten
+    assert refusals.admit("b") == 0
+
+
+def test_refused_upgrades_get_an_info_line_and_scanners_stay_at_debug(tmp_path, echo, procs):
+    server = start_server(tmp_path, echo.port, "--path", "/pg")
+    procs.append(server)
+    wrong_path = pg.build_upgrade_request("x", "/other")
+    scanner = b"GET /other HTTP/1.1\r\nHost: x\r\n\r\n"
+    for head in (scanner, wrong_path, wrong_path, wrong_path, scanner):
+        with socket.create_connection((LOOPBACK, server.port), timeout=5) as sock:
+            sock.sendall(head)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 404 ")
+    # The server logs a refusal before it answers: every line is in the log by now.
+    lines = [line for line in server.log().splitlines() if "handshake failed" in line]
+    assert len(lines) == 1 and "INFO handshake failed from 127.0.0.1:" in lines[0], lines
+    assert lines[0].endswith("404 no tunnel at this path"), lines
+
+
+# --- item 11: OpenWrt 23.05's python3-light and the packages the README names ----------------
+
+# The standard library modules OpenWrt's packages repository splits out of python3-light
+# (lang/python/python3/files/python3-package-*.mk, and the python3-light filespec in
+# lang/python/python3/Makefile), by package: what a router with python3-light alone lacks.
+OPENWRT_SPLIT_PACKAGES = {
+    "python3-asyncio": ["asyncio"], "python3-cgi": ["cgi"], "python3-cgitb": ["cgitb"],
+    "python3-codecs": ["_codecs_cn", "_codecs_hk", "_codecs_iso2022", "_codecs_jp",
+                       "_codecs_kr", "_codecs_tw", "unicodedata"],
+    "python3-ctypes": ["ctypes", "_ctypes"], "python3-dbm": ["dbm", "_dbm", "_gdbm"],
+    "python3-decimal": ["decimal", "_decimal"], "python3-distutils": ["distutils"],
+    "python3-email": ["email"], "python3-lib2to3": ["lib2to3"], "python3-logging": ["logging"],
+    "python3-lzma": ["lzma", "_lzma"],
+    "python3-multiprocessing": ["multiprocessing", "_multiprocessing"],
+    "python3-ncurses": ["curses", "_curses", "_curses_panel"],
+    "python3-openssl": ["_ssl", "_hashlib"], "python3-pydoc": ["doctest", "pydoc", "pydoc_data"],
+    "python3-readline": ["readline"], "python3-sqlite3": ["sqlite3", "_sqlite3"],
+    "python3-unittest": ["unittest"], "python3-urllib": ["urllib"],
+    "python3-uuid": ["uuid", "_uuid"], "python3-venv": ["ensurepip", "venv"],
+    "python3-webbrowser": ["webbrowser"],
+    "python3-xml": ["xml", "xmlrpc", "_elementtree", "pyexpat"],
+}
+# Not packaged at all (python3-light's filespec drops them), and what pip would bring.
+OPENWRT_ABSENT = ["idlelib", "tkinter", "_tkinter", "turtledemo", "test", "_osx_support",
+                  "configargparse"]
+# A package's dependencies that opkg installs with it (DEPENDS:= in its .mk).
+OPENWRT_DEPENDS = {"python3-urllib": ["python3-email"], "python3-cgi": ["python3-email"],
+                   "python3-distutils": ["python3-email"]}
+
+OPENWRT_PYTHON = r'''
+"""Run a script as on OpenWrt: a meta-path finder refuses every module that the packages
+in PROXYGUARD_TEST_REFUSED (comma list of top-level names) hold. argv: the interpreter
+(ignored), the script, its arguments."""
+import os, runpy, sys
+REFUSED = set(os.environ["PROXYGUARD_TEST_REFUSED"].split(","))
+
+
+class Refuse:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name.partition(".")[0] in REFUSED:
+            sys.stderr.write("openwrt: refused %s\n" % name)
+            raise ModuleNotFoundError("No module named %r (not installed)" % name, name=name)
+        return None
+
+
+early = sorted(name for name in sys.modules if name.partition(".")[0] in REFUSED)
+for name in early:  # imported by site before us: a router's python has none of them
+    del sys.modules[name]
+sys.meta_path.insert(0, Refuse)
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+def readme_opkg_lines():
+    """The packages of each `opkg install` line of the README's OpenWrt section."""
+    section = readme_section("On OpenWrt")
+    return [line.split("opkg install", 1)[1].split() for line in section.splitlines()
+            if line.strip().startswith("opkg install")]
+
+
+def openwrt_refused(packages):
+    """The module names a router lacks with python3-light plus `packages` (and their deps)."""
+    installed = set(packages)
+    for package in packages:
+        installed.update(OPENWRT_DEPENDS.get(package, ()))
+    return sorted(name for package, names in OPENWRT_SPLIT_PACKAGES.items()
+                  if package not in installed for name in names) + OPENWRT_ABSENT
+
+
+@pytest.mark.parametrize("scheme", ["http", "ws", "https"])
+def test_client_and_server_run_with_openwrts_module_set(scheme, tmp_path, echo, procs, certs):
+    """Issue 17 item 11: with only python3-light and the packages the README's opkg line
+    names importable, a server and a client carry datagrams: plain http:// with the first
+    line (no python3-openssl: ssl cannot be imported), https:// with the second."""
+    plain, with_tls = readme_opkg_lines()
+    tls = scheme == "https"
+    packages = with_tls if tls else plain
+    assert "python3-light" in packages and ("python3-openssl" in packages) == tls
+    refused = openwrt_refused(packages)
+    assert ("_ssl" in refused) != tls and "logging" not in refused
+    wrapper = tmp_path / "openwrt_python.py"
+    wrapper.write_text(OPENWRT_PYTHON)
+    env = dict(no_proxy_env(), PROXYGUARD_TEST_REFUSED=",".join(refused))
+    prefix = (sys.executable, str(wrapper))
+    port = free_port()
+    server_args = ["server", "--listen", "%s:%d" % (LOOPBACK, port),
+                   "--to", "%s:%d" % (LOOPBACK, echo.port)]
+    if tls:
+        server_args += ["--tls-cert", certs.cert, "--tls-key", certs.key]
+    metrics_port = free_port()  # http.server needs python3-email: urllib's dependency
+    server_args += ["--metrics-listen", "%s:%d" % (LOOPBACK, metrics_port)]
+    server = Proc(tmp_path, server_args, name="server", env=env, prefix=prefix)
+    procs.append(server)
+    wireguard = WireGuardStandIn()
+    listen_port = free_port(socket.SOCK_DGRAM)
+    client_args = ["client", "--to", "%s://localhost:%d/pg" % (scheme, port),
+                   "--listen-port", str(listen_port), "--forward-port", str(wireguard.port)]
+    if tls:
+        client_args += ["--ca-file", certs.ca]
+    client = Proc(tmp_path, client_args, name="client", env=env, prefix=prefix)
+    procs.append(client)
+    wireguard.endpoint = (LOOPBACK, listen_port)
+    for index in range(3):
+        assert wireguard.roundtrip(numbered(index, 1200), timeout=10) == numbered(index, 1200)
+    status, _, body = scrape(metrics_port)
+    assert status == 200 and "proxyguard_server_tunnels_open" in body
+    for proc in (server, client):
+        assert "refused configargparse" in proc.log()  # the finder is at work
+        assert "Traceback" not in proc.log() and "ERROR" not in proc.log(), proc.log()
+    # (http.client, under urllib.request and http.server, tries ssl and copes without it.)
+    wireguard.sock.close()
+
+
+# --- item 10: the metrics listener's cap ------------------------------------------------------
+
+@pytest.mark.slow
+def test_metrics_listener_serves_8_at_once_and_a_scrape_gets_through_a_flood(tmp_path, echo,
+                                                                             procs):
+    """Issue 17 item 10: 800 idle connections to the metrics port hold no thread and leave
+    a scrape working; 8 requests in progress (slow ones) take the 8 slots, and the next
+    request gets 503 at once; the threads stay bounded throughout and go back after."""
+    metrics_port = free_port()
+    server = start_server(tmp_path, echo.port, "--metrics-listen",
+                          "%s:%d" % (LOOPBACK, metrics_port))
+    procs.append(server)
+    pid = server.popen.pid
+    before = proc_stats(pid)
+    idle = []
+    try:
+        for _ in range(800):
+            idle.append(socket.create_connection((LOOPBACK, metrics_port), timeout=5))
+        status, _, body = scrape(metrics_port)
+        assert status == 200 and "proxyguard_server_tunnels_open" in body
+        assert proc_stats(pid)["threads"] <= before["threads"] + 1
+        slow = []
+        for _ in range(pg.METRICS_CONNECTIONS):  # a request line, then nothing
+            sock = socket.create_connection((LOOPBACK, metrics_port), timeout=5)
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n")
+            slow.append(sock)
+        idle.extend(slow)
+        wait_until(lambda: proc_stats(pid)["threads"] >= before["threads"]
+                   + pg.METRICS_CONNECTIONS, 10, "8 metrics threads")
+        started = time.monotonic()
+        status, _, body = scrape(metrics_port)
+        assert status == 503 and "busy" in body, (status, body)
+        assert time.monotonic() - started < 1.0  # at once, not after a slot frees
+        assert proc_stats(pid)["threads"] <= before["threads"] + pg.METRICS_CONNECTIONS
+    finally:
+        for sock in idle:
+            sock.close()
+    after = wait_for_stats(pid, before["threads"], before["fds"])
+    assert after["threads"] <= before["threads"] and after["fds"] <= before["fds"], (before,
+                                                                                    after)
+    status, _, _ = scrape(metrics_port)
+    assert status == 200
+
+
+# --- item 2: the routing loop without --fwmark -------------------------------------------------
+
+def test_routing_loop_hint_only_for_a_route_into_a_tunnel(tmp_path):
+    wireguard = tmp_path / "run"
+    sys_net = tmp_path / "net"
+    for name, uevent in (("wg0", "INTERFACE=wg0\nDEVTYPE=wireguard\n"), ("eth0", ""),
+                         ("wgo", ""), ("tun0", "")):
+        (sys_net / name).mkdir(parents=True)
+        (sys_net / name / "uevent").write_text(uevent)
+    wireguard.mkdir()
+    (wireguard / "wgo.sock").write_text("")
+    (sys_net / "tun0" / "tun_flags").write_text("0x1001\n")
+
+    def kind(name):
+        return pg.tunnel_interface_kind(name, str(sys_net), str(wireguard))
+
+    assert [kind(name) for name in ("wg0", "eth0", "wgo", "tun0", "missing")] == [
+        "a WireGuard interface", None, "a WireGuard interface", "a tunnel interface (a VPN?)",
+        None]
+    assert pg.routing_loop_hint("192.0.2.1", lambda ip: "eth0", kind) is None
+    assert pg.routing_loop_hint("192.0.2.1", lambda ip: None, kind) is None
+    assert pg.routing_loop_hint("192.0.2.1", lambda ip: "wg0", kind) == (
+        "the route to 192.0.2.1 goes through wg0, a WireGuard interface: the tunnel's own "
+        "connection would loop into the tunnel; add --fwmark 51820 (wg-quick's FwMark; or "
+        "--peer-ips with a host route to the server outside the tunnel)")
+    assert pg.route_interface("127.0.0.1") == "lo"
+
+
+@pytest.fixture
+def namespace_with_wireguard_default_route(tmp_path):
+    """A network namespace of our own whose default route goes into a wireguard-go interface
+    (no peer: what goes in is dropped), as a client machine with AllowedIPs = 0.0.0.0/0 and
+    no --fwmark; yields (namespace, interface). Nothing leaves the namespace."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
+        skip_or_fail("needs root and /dev/net/tun (network namespace, wireguard-go)")
+    which_or_skip("wireguard-go", "wireguard-go")
+    tag = "%d%04x" % (os.getpid() % 10000, random.getrandbits(16))
+    namespace, interface = "pg17loop-" + tag, "wgl" + tag
+    subprocess.run(["ip", "netns", "add", namespace], check=True)
+    wireguard_go = None
+    try:
+        subprocess.run(["ip", "-n", namespace, "link", "set", "lo", "up"], check=True)
+        log_file = open(tmp_path / "wireguard-go.log", "w")
+        wireguard_go = subprocess.Popen(
+            ["ip", "netns", "exec", namespace, "wireguard-go", "-f", interface],
+            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=dict(os.environ, WG_PROCESS_FOREGROUND="1", LOG_LEVEL="error"))
+        sock_path = os.path.join(WG_RUN_DIR, interface + ".sock")
+        wait_until(lambda: os.path.exists(sock_path), 10, "wireguard-go's socket")
+        for command in (["addr", "add", "10.217.0.2/24", "dev", interface],
+                        ["link", "set", interface, "up"],
+                        ["route", "add", "default", "dev", interface]):
+            subprocess.run(["ip", "-n", namespace] + command, check=True)
+        yield namespace, interface
+    finally:
+        if wireguard_go is not None:
+            wireguard_go.kill()
+            wireguard_go.wait(10)
+        subprocess.run(["ip", "netns", "del", namespace])
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(WG_RUN_DIR, interface + ".sock"))
+
+
+@pytest.mark.slow
+def test_a_route_into_wireguard_without_fwmark_is_named_with_the_fix(
+        namespace_with_wireguard_default_route, tmp_path, procs):
+    """Issue 17 item 2: the server's address routes into the WireGuard interface (its default
+    route): check and the client say so and name --fwmark 51820, instead of a bare timeout."""
+    namespace, interface = namespace_with_wireguard_default_route
+    in_namespace = ["ip", "netns", "exec", namespace]
+    url = "http://192.0.2.80:40443/pg"  # TEST-NET-1, routed into the interface, dropped there
+    hint = ("the route to 192.0.2.80 goes through %s, a WireGuard interface: the tunnel's own "
+            "connection would loop into the tunnel; add --fwmark 51820" % interface)
+    result = subprocess.run(in_namespace + [sys.executable, SCRIPT, "check", "--to", url,
+                                            "--connect-timeout", "1"],
+                            capture_output=True, text=True, timeout=30, env=dict(
+                                os.environ, **no_proxy_env()))
+    assert result.returncode == 1
+    assert re.search(r"connect +FAIL .*timed out; " + re.escape(hint), result.stdout), \
+        result.stdout + result.stderr
+    listen_port = free_port(socket.SOCK_DGRAM)
+    client = Proc(tmp_path, ["client", "--to", url, "--connect-timeout", "1", "--listen-port",
+                             str(listen_port), "--forward-port", str(free_port(socket.SOCK_DGRAM))],
+                  name="client", env=no_proxy_env(), prefix=in_namespace)
+    procs.append(client)
+    subprocess.run(in_namespace + [sys.executable, "-c", "import socket; socket.socket(socket."
+                                   "AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', %d))"
+                                   % listen_port], check=True, timeout=30)
+    client.wait_log("WARNING " + hint)  # at start: WireGuard is up already
+    client.wait_log(hint, timeout=15, count=2)
+    assert "cannot connect to %s: 192.0.2.80:40443: timed out; %s" % (url, hint) in client.log()
+
+
+# --- item 9: smaller messages that lead to the fix -----------------------------------------------
+
+def test_a_dead_proxy_from_the_environment_is_named_with_its_variable(tmp_path, procs):
+    dead = "%s:%d" % (LOOPBACK, free_port())
+    status, output = run_check("https://localhost:%d/pg" % free_port(),
+                               env={"HTTPS_PROXY": "http://" + dead,
+                                    "https_proxy": "http://" + dead})
+    assert status == 1
+    assert ("result   FAIL: cannot reach the HTTP proxy http://%s (from HTTPS_PROXY): %s: "
+            "connection refused; --proxy none ignores HTTPS_PROXY" % (dead, dead)) in output, output
+    status, output = run_check("http://localhost:%d/pg" % free_port(), "--proxy",
+                               "http://" + dead)
+    assert "cannot reach the HTTP proxy http://%s (from --proxy): %s: connection refused\n" % (
+        dead, dead) in output, output
+
+
+@pytest.mark.parametrize("args, text", [
+    (["check", "--to", "http://::1:40871/pg"],
+     "--to 'http://::1:40871/pg': write an IPv6 address in brackets: http://[::1]:40871/pg"),
+    (["check", "--to", "https://fd00::1:8080/"], "--to 'https://fd00::1:8080/': write an IPv6 "
+     "address in brackets: https://[fd00::1]:8080/ or https://[fd00::1:8080]/"),
+    (["client", "--to", "ws://::1/x"],
+     "--to 'ws://::1/x': write an IPv6 address in brackets: ws://[::1]/x (see"),
+])
+def test_ipv6_url_without_brackets_says_write_brackets(args, text):
+    result = run_cli(*args)
+    assert result.returncode == 2 and text in result.stderr, result.stderr
+
+
+def test_wss_to_a_plain_server_suggests_ws(tmp_path, echo, procs):
+    server = start_server(tmp_path, echo.port)
+    procs.append(server)
+    status, output = run_check("wss://localhost:%d/pg" % server.port)
+    assert status == 1
+    assert "(not TLS: is the server plain ws://?)" in output, output
+    status, output = run_check("https://localhost:%d/pg" % server.port)
+    assert "(not TLS: is the server plain http://?)" in output, output
+
+
+def test_a_dns_failure_points_at_peer_ips():
+    status, output = run_check("http://no-such-host.invalid/pg")
+    assert status == 1
+    assert re.search(r"resolve +FAIL .*\(--peer-ips IP,IP gives the server's addresses "
+                     r"without DNS\)", output), output
+
+
+@pytest.mark.parametrize("section", ["[client]", "[server]", "  [proxyguard]  "])
+def test_config_file_sections_are_refused(tmp_path, section):
+    config = tmp_path / "proxyguard.conf"
+    config.write_text("# shared file\n%s\nmode = client\nto = http://127.0.0.1:1/\n" % section)
+    result = run_cli("-c", str(config))
+    assert result.returncode == 2
+    assert ("error: config file %s, line 2: %r: sections are not read: one file holds one "
+            "mode's options" % (config, section.strip())) in result.stderr, result.stderr
+
+
+def test_swapped_listen_and_forward_ports_are_named(tmp_path):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as wireguard:
+        wireguard.bind((LOOPBACK, 0))  # WireGuard's ListenPort
+        listen_port = wireguard.getsockname()[1]
+        forward_port = free_port(socket.SOCK_DGRAM)  # nothing there
+        result = run_cli("client", "--to", "http://127.0.0.1:1/", "--listen-port",
+                         str(listen_port), "--forward-port", str(forward_port))
+    assert result.returncode == 1
+    assert ("if WireGuard listens there, --listen-port %d and --forward-port %d are swapped: "
+            "--listen-port is the port WireGuard's Endpoint names, --forward-port its ListenPort"
+            % (listen_port, forward_port)) in result.stderr, result.stderr
+
+
+def test_a_misspelt_variable_names_the_option_it_likely_meant():
+    settings, warnings = pg.environment_settings({"PROXYGUARD_LISTENPORT": "1"},
+                                                 pg.settable_options(pg.build_parser()))
+    assert warnings == ["PROXYGUARD_LISTENPORT is not an option's variable and is ignored "
+                        "(did you mean PROXYGUARD_LISTEN_PORT, for --listen-port?)"]
+
+
+def test_usage_line_says_the_name_the_program_was_started_by():
+    assert pg.program_name("/root/.local/bin/proxyguard") == "proxyguard"
+    assert pg.program_name("/opt/proxyguard.py") == "proxyguard.py"
+    assert pg.program_name("/usr/bin/pytest") == "proxyguard.py"
+    assert pg.build_parser().prog == pg.program_name()
+
+
+def test_certificate_names_are_shown_escaped_in_check_and_the_client_log(tmp_path, echo, procs):
+    """A certificate whose subject and subjectAltName hold escape sequences (openssl takes
+    them): check's TLS step, the name-mismatch hint and the client's debug log show them
+    escaped."""
+    cert, key = tmp_path / "evil.pem", tmp_path / "evil.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "2", "-subj", "/CN=vpn\x1b]0;pwned\x07",
+                    "-addext", "subjectAltName=DNS:a\x1b[2Jb,IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=30)
+    server = start_server(tmp_path, echo.port, "--tls-cert", str(cert), "--tls-key", str(key))
+    procs.append(server)
+    subject = "subject commonName=vpn\\x1b]0;pwned\\x07"
+    status, output = run_check("https://127.0.0.1:%d/pg" % server.port, "--ca-file", str(cert))
+    assert status == 0 and subject in output, output
+    assert_no_raw_controls(output)
+    status, output = run_check("https://localhost:%d/pg" % server.port, "--ca-file", str(cert))
+    assert status == 1 and "which names: a\\x1b[2Jb, 127.0.0.1)" in output, output
+    assert_no_raw_controls(output)
+    client = start_client(tmp_path, "https://127.0.0.1:%d/pg" % server.port, "--ca-file",
+                          str(cert), "--log-level", "debug")
+    procs.append(client)
+    assert client.wireguard.roundtrip(b"hello") == b"hello"
+    client.wait_log(subject)
+    assert_no_raw_controls(client.log())
+
+
+def test_tls_without_the_tls_module_says_which_package(tmp_path):
+    """On a router without python3-openssl, https:// is refused with one line naming it."""
+    wrapper = tmp_path / "openwrt_python.py"
+    wrapper.write_text(OPENWRT_PYTHON)
+    env = dict(os.environ, **no_proxy_env())
+    env["PROXYGUARD_TEST_REFUSED"] = ",".join(openwrt_refused(readme_opkg_lines()[0]))
+    result = subprocess.run([sys.executable, str(wrapper), sys.executable, SCRIPT, "check",
+                             "--to", "https://localhost:1/pg"], capture_output=True, text=True,
+                            env=env, timeout=30, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2, result.stderr
+    assert ("proxyguard.py: error: https://, wss:// and --tls-cert need Python's ssl module, "
+            "which this Python lacks (No module named '_ssl' (not installed)): on OpenWrt, "
+            "opkg install python3-openssl") in result.stderr, result.stderr
