@@ -147,6 +147,7 @@ WEBSOCKET_VERSION = "13"
 DEFAULT_KEEPALIVE = 25.0
 TRANSPORTS = (PROTOCOL, WEBSOCKET)
 TRANSPORT_LABELS = {PROTOCOL: "uotlv", WEBSOCKET: "websocket"}  # the metrics' label values
+DEFAULT_ROUTE = "default"  # the route name of the server's --to beside --route (no path: no clash)
 
 # The frame header: the datagram length as an unsigned 16-bit big-endian integer.
 FRAME_HEADER = struct.Struct("!H")
@@ -573,16 +574,66 @@ def websocket_response(request):
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
+def path_is_under(path, prefix):
+    """`path` (without its query) is `prefix` or below it: `/pg` takes /pg, /pg/ and /pg/x,
+    not /pgx; `/` takes every path."""
+    base = prefix.rstrip("/")
+    return path == base or path.startswith(base + "/")
+
+
 def check_path(target, prefix):
     """Raise HandshakeError(404) unless the request target's path is `prefix` or below it
-    (`/pg` takes /pg, /pg/ and /pg/x, not /pgx); no prefix takes every path, as the original.
+    (see path_is_under); no prefix takes every path, as the original.
     """
-    if not prefix:
-        return
-    path = target.partition("?")[0]
-    base = prefix.rstrip("/")
-    if path != base and not path.startswith(base + "/"):
+    if prefix and not path_is_under(target.partition("?")[0], prefix):
         raise HandshakeError(404, "no tunnel at this path", routine=True)
+
+
+def is_url_path(text):
+    """A path --path or --route can take: from a /, visible ASCII, no query."""
+    return text.startswith("/") and bool(_TARGET.match(text)) and "?" not in text
+
+
+def parse_route(text):
+    """--route PATH=HOST:PORT into (PATH without a trailing /, (host, port)); raises
+    UsageError naming the value. HOST:PORT has no `=`, so the last one splits."""
+    path, sep, address = text.strip().rpartition("=")
+    if not sep or not is_url_path(path):
+        raise UsageError("--route %r: expected PATH=HOST:PORT with PATH a URL path from a / "
+                         "(visible ASCII, no query), for example /proxyguard/node1=127.0.0.1:51820"
+                         % text)
+    return path.rstrip("/") or "/", parse_host_port(address, "--route %s" % path)
+
+
+class RouteTable:
+    """Which WireGuard a request goes to, by its path (--route PATH=HOST:PORT, repeatable): a
+    route takes its PATH and below it (the rules of check_path), the longest PATH first, so
+    /pg/node1 wins over /pg for /pg/node1/x. A path no route takes goes to `fallback` (the
+    server's --to) if there is one, at `fallback_path` (--path) and below only, else 404.
+    Targets are whatever the caller gives (the server: resolved addresses); pure, no I/O.
+    """
+
+    def __init__(self, routes=(), fallback=None, fallback_path=None):
+        self.routes = sorted(routes, key=lambda route: len(route[0].rstrip("/")), reverse=True)
+        self.fallback = fallback
+        self.fallback_path = fallback_path
+
+    def find(self, target):
+        """(route name, target) for a request target; raises HandshakeError(404). The route's
+        name is its PATH, or DEFAULT_ROUTE for the fallback."""
+        path = target.partition("?")[0]
+        for prefix, wireguard in self.routes:
+            if path_is_under(path, prefix):
+                return prefix, wireguard
+        if self.fallback is None:
+            raise HandshakeError(404, "no tunnel at this path", routine=True)
+        check_path(target, self.fallback_path)
+        return DEFAULT_ROUTE, self.fallback
+
+    def names(self):
+        """Every route's name, the fallback's last (the metrics' label values)."""
+        return [path for path, _ in self.routes] + (
+            [DEFAULT_ROUTE] if self.fallback is not None else [])
 
 
 def parse_networks(text, option):
@@ -2115,6 +2166,7 @@ class Tunnel:
         self.greeting = greeting
         self.unsent = unsent
         self.close_reason = None
+        self.route = None  # the server's: the RouteTable name of the route it took
         self.went_idle = False  # closed by our own idle timeout: a normal end, not a failure
         self.path_down = False  # the kernel gave up on unacknowledged data (TCP_USER_TIMEOUT)
         self.started = time.monotonic()
@@ -2511,7 +2563,7 @@ class Server:
     def __init__(self, listener, wireguard_address, wireguard_family=socket.AF_INET,
                  idle_timeout=DEFAULT_IDLE_TIMEOUT, handshake_timeout=HANDSHAKE_TIMEOUT,
                  tls_context=None, trusted_proxies=(), max_clients=DEFAULT_MAX_CLIENTS,
-                 path=None):
+                 path=None, routes=None):
         self.listener = listener
         self.address = listener.getsockname() if listener is not None else None
         self.wireguard_address = wireguard_address
@@ -2522,12 +2574,18 @@ class Server:
         self.trusted_proxies = list(trusted_proxies)
         self.max_clients = max_clients
         self.path = path  # the path prefix that takes upgrades (None: every path)
+        # Which WireGuard each path goes to: --route's, else every path (under --path) to
+        # wireguard_address. Targets: (sockaddr, family).
+        self.routes = routes or RouteTable(fallback=(wireguard_address, wireguard_family),
+                                           fallback_path=path)
+        self.routed = bool(self.routes.routes)  # the log lines and metrics name the route
         self._stopping = False
         self._serving = False
         self._lock = threading.Lock()
         self._connections = set()
         # Metrics, under _lock: the open tunnels' counters are read live at each scrape.
         self.tunnels_opened = dict.fromkeys(TRANSPORTS, 0)
+        self.route_tunnels_opened = dict.fromkeys(self.routes.names(), 0)
         self.closed_traffic = TrafficTotals()
         self.lifetimes = Histogram(TUNNEL_LIFETIME_BUCKETS)
         self.refused = dict.fromkeys(REFUSAL_STATUSES, 0)
@@ -2535,10 +2593,16 @@ class Server:
         self._admitted = 0  # connections with `admitted` set: counted, not summed (O(1))
 
     @classmethod
-    def open(cls, listen, wireguard, environ=os.environ, **options):
-        """Resolve WireGuard's address and listen on `listen`, or take the listening socket
+    def open(cls, listen, wireguard, environ=os.environ, routes=(), **options):
+        """Resolve WireGuard's address (`wireguard`, None with routes alone) and each route's
+        ((path, (host, port)) pairs), and listen on `listen`, or take the listening socket
         systemd passed (socket activation); raises FatalError."""
-        address, family = resolve_udp(wireguard, "--to")
+        address, family = resolve_udp(wireguard, "--to") if wireguard else (None, None)
+        if routes:
+            options["routes"] = RouteTable(
+                [(path, resolve_udp(target, "--route %s" % path)) for path, target in routes],
+                fallback=(address, family) if wireguard else None,
+                fallback_path=options.get("path"))
         listener = systemd_listener(environ)
         if listener is None:
             listener = open_listener(listen)
@@ -2561,6 +2625,7 @@ class Server:
                 traffic.add(tunnel)
             opened, lifetimes, refused = (dict(self.tunnels_opened), self.lifetimes.copy(),
                                           dict(self.refused))
+            route_opened = dict(self.route_tunnels_opened)
         refusals = Metric("proxyguard_server_handshakes_refused_total", "counter",
                           "Connections refused with an HTTP error status, by status.")
         for status in sorted(refused):
@@ -2576,10 +2641,23 @@ class Server:
                          transport=label)
             opened_total.add(opened[transport], transport=label)
         return process_metrics() + [open_now, opened_total, refusals,
-        ] + traffic_metrics("proxyguard_server_", traffic) + [
+        ] + self._route_metrics(tunnels, route_opened) + traffic_metrics("proxyguard_server_", traffic) + [
             Metric("proxyguard_server_tunnel_lifetime_seconds", "histogram",
                    "How long closed tunnels lived, in seconds.").add_histogram(lifetimes),
         ]
+
+    def _route_metrics(self, tunnels, route_opened):
+        """With --route: tunnels open and opened by route (its PATH, or `default` for --to)."""
+        if not self.routed:
+            return []
+        open_now = Metric("proxyguard_server_route_tunnels_open", "gauge",
+                          "Tunnels open now, by route (--route PATH, or default for --to).")
+        opened_total = Metric("proxyguard_server_route_tunnels_opened_total", "counter",
+                              "Tunnels opened since the start, by route.")
+        for route in route_opened:
+            open_now.add(sum(tunnel.route == route for tunnel in tunnels), route=route)
+            opened_total.add(route_opened[route], route=route)
+        return [open_now, opened_total]
 
     def dump_tunnels(self):
         """SIGUSR1: one log line per open tunnel."""
@@ -2613,11 +2691,21 @@ class Server:
 
     def serve_forever(self):
         scope = listen_scope(self.listener)
-        log.info("server listening on %s (%s%s), %sforwarding to WireGuard at %s",
+        if self.routed:
+            where = "routes %s%s" % (", ".join(
+                "%s to WireGuard at %s" % (path, format_address(target[0]))
+                for path, target in self.routes.routes), (
+                "; other paths%s to WireGuard at %s" % (
+                    " under %s" % self.path if self.path else "",
+                    format_address(self.wireguard_address))
+                if self.routes.fallback else "; 404 at other paths"))
+        else:
+            where = "%sforwarding to WireGuard at %s" % (
+                "upgrades at %s only, " % self.path if self.path else "",
+                format_address(self.wireguard_address))
+        log.info("server listening on %s (%s%s), %s",
                  format_address(self.address), "https" if self.tls_context else "http",
-                 "; " + scope if scope else "",
-                 "upgrades at %s only, " % self.path if self.path else "",
-                 format_address(self.wireguard_address))
+                 "; " + scope if scope else "", where)
         self._serving = True  # the watchdog's sign of life (healthy)
         accept_until_stopped(self.listener.accept, lambda: self._stopping,
                              self.start_connection)
@@ -2694,13 +2782,14 @@ class Server:
             head, first_bytes = read_head(channel)
             request = parse_request(head)
             log.debug("request from %s: %s", peer_text, head_line(head))
-            check_path(request.start[1], self.path)
+            route, wireguard = self.routes.find(request.start[1])
             transport = check_upgrade_request(request)
             client = forwarded_client(request, peer[0], self.trusted_proxies)
             if client is not None:
                 peer_text = "%s (via %s)" % (client, peer_text)
             self._admit(connection)
-            self._run_tunnel(connection, channel, peer_text, request, transport, first_bytes)
+            self._run_tunnel(connection, channel, peer_text, request, transport, first_bytes,
+                             route, wireguard)
         except HandshakeError as exc:  # before the channel is up, the answer goes out plain
             self._refuse(channel or PlainChannel(sock), peer_text, exc)
         except OSError as exc:
@@ -2756,8 +2845,9 @@ class Server:
                 [("Retry-After", "10")])
         self.tunnels_changed()
 
-    def _run_tunnel(self, connection, channel, peer_text, request, transport, first_bytes):
-        endpoint = TunnelUdpEndpoint.connected(self.wireguard_address, self.wireguard_family)
+    def _run_tunnel(self, connection, channel, peer_text, request, transport, first_bytes,
+                    route, wireguard):
+        endpoint = TunnelUdpEndpoint.connected(*wireguard)
         endpoint.label = "tunnel %s" % peer_text
         if transport == WEBSOCKET:
             greeting, framing = websocket_response(request), WebSocketFraming(client_side=False)
@@ -2765,16 +2855,21 @@ class Server:
             greeting, framing = UPGRADE_RESPONSE, UOTLV_FRAMING
         tunnel = Tunnel(channel, endpoint, peer_text, IdleClock(self.idle_timeout), first_bytes,
                         greeting=greeting, framing=framing)
+        tunnel.route = route
+        route_text = ", route %s to %s" % (route, format_address(wireguard[0])) \
+            if self.routed else ""
         with self._lock:
             connection.tunnel = tunnel
             self.tunnels_opened[transport] += 1
+            self.route_tunnels_opened[route] += 1
             if self._stopping:
                 tunnel.close("server shutting down", CLOSE_GOING_AWAY)
-        log.info("tunnel up: %s, path %s, %s%s", peer_text, request.start[1], transport,
-                 ", " + channel.tls_version if channel.tls_version else "")
+        log.info("tunnel up: %s, path %s%s, %s%s", peer_text, request.start[1], route_text,
+                 transport, ", " + channel.tls_version if channel.tls_version else "")
         reason = tunnel.run()
         self._retire(connection)  # first: a scrape or SIGUSR1 the line prompts sees it closed
-        log.info("tunnel down: %s after %s (%s)", peer_text, tunnel.summary(), reason)
+        log.info("tunnel down: %s%s after %s (%s)", peer_text, route_text, tunnel.summary(),
+                 reason)
 
     def _refuse(self, channel, peer_text, error):
         """The one error-answer path: log why, count it and send the HTTP answer; the caller
@@ -3768,7 +3863,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 OPTION_MODES = {
     "listen": ("server",), "tls-cert": ("server",), "tls-key": ("server",),
     "max-clients": ("server",), "trusted-proxies": ("server",),
-    "handshake-timeout": ("server",), "path": ("server",),
+    "handshake-timeout": ("server",), "path": ("server",), "route": ("server",),
     "listen-port": ("client",), "forward-port": ("client",), "peer-ips": ("client",),
     "fwmark": ("client",), "tcp-port": ("client",), "user-agent": ("client",),
     "connect-timeout": ("client",), "proxy": ("client",), "ca-file": ("client",),
@@ -3928,6 +4023,10 @@ def build_parser(command_line_only=False):
              "(default %(default)g)")
     add("--path", metavar="PREFIX", help="take upgrades only at this path and below it "
         "(/pg takes /pg and /pg/x), 404 elsewhere (default: any path)")
+    add("--route", action="append", metavar="PATH=HOST:PORT",
+        help="upgrades at PATH and below it go to the WireGuard at HOST:PORT (one server for "
+             "several nodes); repeat it, or commas in a file or variable; the longest PATH "
+             "wins; other paths get 404 unless --to is given (then --to under --path)")
     add("--metrics-listen", metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics, 127.0.0.1:9821 say "
              "(default: off)")
@@ -4158,20 +4257,23 @@ def check_options(options):
         options.metrics_listen = None
     if options.mode == "server":
         options.listen = parse_host_port(options.listen, "--listen", default_host="0.0.0.0")
+        options.route = check_routes(options.route or [])
         to = options.to or DEFAULT_SERVER_TO
         if "://" in to:
             raise UsageError("--to %r: the server's --to is WireGuard's HOST:PORT, for example "
                              "%s, not a URL (a URL is the client's --to)" % (to, DEFAULT_SERVER_TO))
-        options.to = parse_host_port(to, "--to")
+        # With --route, only a --to given (not its default) serves the other paths.
+        options.to = parse_host_port(to, "--to") if options.to or not options.route else None
+        if options.route and options.to is None and options.path is not None:
+            raise UsageError("--path %r: with --route and no --to there is nothing for --path "
+                             "to limit (give --to, or make it a --route)" % options.path)
         options.trusted_proxies = parse_networks(options.trusted_proxies, "--trusted-proxies")
         if not 0 <= options.max_clients <= MAX_CLIENTS_BOUND:
             raise UsageError("--max-clients %r: must be 0 (no limit) or up to %d"
                              % (options.max_clients, MAX_CLIENTS_BOUND))
         if bool(options.tls_cert) != bool(options.tls_key):
             raise UsageError("--tls-cert and --tls-key go together")
-        if options.path is not None and not (options.path.startswith("/")
-                                             and _TARGET.match(options.path)
-                                             and "?" not in options.path):
+        if options.path is not None and not is_url_path(options.path):
             raise UsageError("--path %r: must be a URL path such as /proxyguard (visible ASCII "
                              "from a /, no query)" % options.path)
         return
@@ -4200,6 +4302,23 @@ def check_options(options):
     options.peer_ips = ips
 
 
+def check_routes(values):
+    """--route's values (each may hold several, split by commas: a config file's list, a
+    variable) as [(PATH, (host, port))]; raises UsageError for a bad one or a PATH twice."""
+    routes, seen = [], {}
+    for value in values:
+        for item in value.split(","):
+            if not item.strip():
+                continue
+            path, target = parse_route(item)
+            if path in seen:
+                raise UsageError("--route %r: the path %s has a route already (%r)"
+                                 % (item.strip(), path, seen[path]))
+            seen[path] = item.strip()
+            routes.append((path, target))
+    return routes
+
+
 def check_header_value(text, option):
     """Refuse what cannot go into an HTTP header as written: control characters (a line
     break would inject headers) and characters beyond latin-1. Raises UsageError."""
@@ -4223,7 +4342,8 @@ def build_service(options):
         return Server.open(options.listen, options.to, idle_timeout=options.idle_timeout,
                            handshake_timeout=options.handshake_timeout, tls_context=tls_context,
                            trusted_proxies=options.trusted_proxies,
-                           max_clients=options.max_clients, path=options.path)
+                           max_clients=options.max_clients, path=options.path,
+                           routes=options.route)
     return Client.open(build_dialer(options), listen_port=options.listen_port,
                        forward_port=options.forward_port, idle_timeout=options.idle_timeout,
                        keepalive=options.keepalive)
