@@ -7369,3 +7369,144 @@ def test_pings_from_a_peer_that_never_reads_keep_memory_bounded(server, good_tun
     after = wait_for_stats(pid, before["threads"], before["fds"])
     assert after["threads"] <= before["threads"] and after["fds"] <= before["fds"], (before,
                                                                                     after)
+
+
+# =============================================================================================
+# Issue 16: the server side of eduVPN: --route per node, the original's command lines,
+# several servers behind HAProxy
+# =============================================================================================
+
+# --- 1. --route PATH=HOST:PORT: the pure table, the options, real processes ------------------
+
+
+def route_table(fallback=None, fallback_path=None):
+    return pg.RouteTable([("/pg", "pg"), ("/pg/node1", "node1"), ("/pg/node10", "node10")],
+                         fallback=fallback, fallback_path=fallback_path)
+
+
+@pytest.mark.parametrize("target,route", [
+    ("/pg", "/pg"), ("/pg/", "/pg"), ("/pg/x", "/pg"), ("/pg?x=1", "/pg"),
+    ("/pg/node1", "/pg/node1"), ("/pg/node1/", "/pg/node1"), ("/pg/node1?a=/b", "/pg/node1"),
+    ("/pg/node1/x/y", "/pg/node1"), ("/pg/node10", "/pg/node10"), ("/pg/node100", "/pg"),
+    ("/pgx", None), ("/", None), ("/other/pg", None), ("/PG", None),
+])
+def test_route_table_takes_a_path_and_below_it_and_the_longest_path_wins(target, route):
+    """check_path's rules per route (PATH, PATH/..., PATH?...), longest first whatever the
+    order given; no fallback: 404 elsewhere."""
+    if route is None:
+        with pytest.raises(pg.HandshakeError) as raised:
+            route_table().find(target)
+        assert raised.value.status == 404 and raised.value.routine
+    else:
+        assert route_table().find(target) == (route, route.rsplit("/", 1)[1])
+
+
+def test_route_table_falls_back_to_to_under_its_path_only():
+    table = route_table(fallback="wg", fallback_path="/other")
+    assert table.find("/pg/node1/x") == ("/pg/node1", "node1")
+    assert table.find("/other/x?y") == (pg.DEFAULT_ROUTE, "wg")
+    with pytest.raises(pg.HandshakeError):
+        table.find("/elsewhere")
+    assert route_table(fallback="wg").find("/elsewhere") == (pg.DEFAULT_ROUTE, "wg")
+    assert route_table(fallback="wg").names() == ["/pg/node10", "/pg/node1", "/pg",
+                                                  pg.DEFAULT_ROUTE]
+    # No --route: the server's table is --to under --path, as check_path was.
+    assert pg.RouteTable(fallback="wg").find("/anything") == (pg.DEFAULT_ROUTE, "wg")
+
+
+def test_route_options_from_command_line_file_and_environment(tmp_path):
+    parse = pg.parse_options
+    options = parse(["server", "--route", "/a/=127.0.0.1:1", "--route", "/b=[::1]:2"], {})
+    assert options.route == [("/a", ("127.0.0.1", 1)), ("/b", ("::1", 2))]
+    assert options.to is None, "with --route, --to's default serves nothing"
+    options = parse(["server", "--route", "/a=127.0.0.1:1"], {"PROXYGUARD_TO": "127.0.0.1:7"})
+    assert options.to == ("127.0.0.1", 7), "a --to from the environment is explicit"
+    config = tmp_path / "server.conf"
+    config.write_text("mode = server\nroute = [/a=127.0.0.1:1, /b=127.0.0.1:2]\n"
+                      "to = 127.0.0.1:9\n")
+    options = parse(["-c", str(config)], {})
+    assert options.route == [("/a", ("127.0.0.1", 1)), ("/b", ("127.0.0.1", 2))]
+    assert options.to == ("127.0.0.1", 9)
+    options = parse(["server"], {"PROXYGUARD_ROUTE": "/a=127.0.0.1:1,/b=127.0.0.1:2"})
+    assert [path for path, _ in options.route] == ["/a", "/b"] and options.to is None
+    assert parse(["server"], {}).to == ("127.0.0.1", 51820), "no --route: --to as before"
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--route", "/x"], "--route '/x': expected PATH=HOST:PORT"),
+    (["--route", "x=127.0.0.1:5"], "--route 'x=127.0.0.1:5': expected PATH=HOST:PORT"),
+    (["--route", "/a?b=127.0.0.1:5"], "expected PATH=HOST:PORT"),
+    (["--route", "/x=127.0.0.1"], "--route /x '127.0.0.1': expected HOST:PORT"),
+    (["--route", "/x=127.0.0.1:99999"], "--route /x '99999': not a port number"),
+    (["--route", "/x=http://127.0.0.1:5"], "not a URL"),
+    (["--route", "/a=127.0.0.1:1", "--route", "/a/=127.0.0.1:2"],
+     "the path /a has a route already"),
+    (["--route", "/a=127.0.0.1:1", "--path", "/pg"], "--path '/pg': with --route and no --to"),
+])
+def test_bad_route_values_are_refused_at_start_in_one_line(args, words):
+    result = subprocess.run([sys.executable, SCRIPT, "server", "--listen", "127.0.0.1:1"] + args,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2, result
+    assert len(result.stderr.splitlines()) == 1 and words in result.stderr, result.stderr
+
+
+def raw_upgrade_status(port, path, websocket):
+    """The status line's code of a real upgrade request for `path` to 127.0.0.1:port."""
+    request_bytes = pg.build_upgrade_request(
+        "example", path, websocket_key=WS_KEY if websocket else None)
+    with socket.create_connection((LOOPBACK, port), timeout=5) as sock:
+        sock.sendall(request_bytes)
+        return read_answer_head(sock).split(b" ")[1].decode()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("explicit_to", [False, True])
+def test_routes_send_each_path_to_its_wireguard_over_both_transports(tmp_path, procs,
+                                                                     explicit_to):
+    """Two UDP echoes stand in for two nodes' WireGuards behind one server: each client's
+    datagrams reach the echo of its route, by http:// and ws://; other paths get 404, unless
+    --to is given, which then takes the paths under --path. The tunnel lines and the metrics
+    name the route."""
+    node1, node2, other = UdpEcho(), UdpEcho(), UdpEcho()
+    try:
+        metrics_port = free_port()
+        extra = ["--route", "/pg/node1=%s:%d" % (LOOPBACK, node1.port),
+                 "--route", "/pg/node10=%s:%d" % (LOOPBACK, node2.port),
+                 "--metrics-listen", "%s:%d" % (LOOPBACK, metrics_port)]
+        port = free_port()
+        if explicit_to:
+            extra += ["--to", "%s:%d" % (LOOPBACK, other.port), "--path", "/pg"]
+        server = Proc(tmp_path, ["server", "--listen", "%s:%d" % (LOOPBACK, port)] + extra)
+        procs.append(server)
+        assert "404 at other paths" in server.log() or explicit_to, server.log()
+        base = "%s:%d" % (LOOPBACK, port)
+        cases = [("http://%s/pg/node1" % base, node1), ("ws://%s/pg/node10/x?y=1" % base, node2),
+                 ("ws://%s/pg/node1?z" % base, node1), ("http://%s/pg/node10" % base, node2)]
+        if explicit_to:
+            cases.append(("ws://%s/pg/node2" % base, other))
+        for index, (url, echo) in enumerate(cases):
+            client = start_client(tmp_path, url, name="client-%d" % index)
+            procs.append(client)
+            before = (node1.count, node2.count, other.count)
+            ping(client, index)
+            after = (node1.count, node2.count, other.count)
+            assert [b - a for a, b in zip(before, after)] == [
+                int(echo is node1), int(echo is node2), int(echo is other)], (url, before, after)
+        for websocket in (False, True):
+            for path in ("/pg/node2", "/pg", "/pg/node1x", "/other", "/"):
+                want = "101" if explicit_to and pg.path_is_under(path, "/pg") else "404"
+                assert raw_upgrade_status(port, path, websocket) == want, (path, websocket)
+        lines = tunnel_up_lines(server)
+        assert sum(", route /pg/node1 to 127.0.0.1:%d," % node1.port in line
+                   for line in lines) == 2, lines
+        assert sum(", route /pg/node10 to " in line for line in lines) == 2, lines
+        _, _, text = scrape(metrics_port)
+        samples = parse_metrics(text)
+        assert samples[("proxyguard_server_route_tunnels_opened_total",
+                        (("route", "/pg/node1"),))] == 2, text
+        assert samples[("proxyguard_server_route_tunnels_open", (("route", "/pg/node10"),))] == 2
+        assert samples.get(("proxyguard_server_route_tunnels_opened_total",
+                            (("route", "default"),)), 0) == (7 if explicit_to else 0), text
+    finally:
+        for echo in (node1, node2, other):
+            echo.close()
