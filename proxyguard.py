@@ -4062,6 +4062,58 @@ class Source:
         return self.where
 
 
+# The original's programs and flags, so its packages' units and sysconfig files run unchanged:
+# `proxyguard-server -listen ${LISTEN} -to ${TO}`. Go's flag package takes -name and --name,
+# `-name value` and `-name=value`. Its flags mean what ours of the same long name mean (-tcp-port
+# is the client's TCP source port in both, cmd/proxyguard-client/main.go); they are
+# translated before parsing, so --help shows only ours.
+ORIGINAL_FLAGS = ("listen", "to", "listen-port", "forward-port", "peer-ips", "fwmark",
+                  "tcp-port", "version")
+# The original's program names (our console scripts, or a link to proxyguard.py) give the mode.
+PROGRAM_MODES = {"proxyguard-client": "client", "proxyguard-server": "server"}
+
+
+def translate_original_flags(argv):
+    """The original's single-dash flags in `argv` as ours (-to X: --to X, -to=X: --to=X,
+    -version=true: --version); anything else, and all after `--`, as given."""
+    translated = []
+    for index, arg in enumerate(argv):
+        if arg == "--":
+            return translated + list(argv[index:])
+        name, sep, value = arg[1:].partition("=")
+        if arg.startswith("-") and not arg.startswith("--") and name in ORIGINAL_FLAGS:
+            if name == "version" and sep:  # Go's bool flag: -version=true or =false
+                if value.lower() in ("false", "0", "f"):
+                    continue
+                arg = "-version"
+            arg = "-" + arg
+        translated.append(arg)
+    return translated
+
+
+def program_mode(program):
+    """The mode the program's name gives (proxyguard-server: server), or None."""
+    name = os.path.basename(program or "")
+    return PROGRAM_MODES.get(name[:-3] if name.endswith(".py") else name)
+
+
+def check_program_mode(options, program):
+    """Take the mode from the program's name unless one is given; refuse one that contradicts
+    it (proxyguard-client also runs check, the client's connection test)."""
+    implied = program_mode(program)
+    if implied is None:
+        return
+    if options.mode is None:
+        options.mode = implied
+    elif options.mode != implied and not (implied == "client" and options.mode == "check"):
+        source = options.sources.get("mode")
+        raise UsageError("%s%s runs the %s: mode %r contradicts its name (for the %s, run "
+                         "proxyguard-%s or proxyguard.py)" % (
+                             "%s: " % source if source else "", os.path.basename(program),
+                             implied, options.mode, options.mode,
+                             "client" if options.mode == "check" else options.mode))
+
+
 def mode_word_first(argv):
     """'client ...' is '--mode client ...'; a misspelt first word gets a suggestion."""
     if not argv or argv[0].startswith("-"):
@@ -4187,17 +4239,18 @@ def check_option_modes(options, parser, on_command_line, sources):
             " (%s)" % hint if hint else ""))
 
 
-def parse_options(argv, environ=None):
+def parse_options(argv, environ=None, program=None):
     """Parse and check every option; return the argparse namespace, with `warnings` (lines
     for the log: unknown PROXYGUARD_* variables) and `sources` (dest: where a value that is
-    not on the command line came from). Raises UsageError; its `warnings` too."""
+    not on the command line came from). `program`: the name run, which may give the mode
+    (PROGRAM_MODES). Raises UsageError; its `warnings` too."""
     environ = os.environ if environ is None else environ
     parser = build_parser()
     names = settable_options(parser)
     env_settings, warnings = environment_settings(environ, names)
     sources = {}
     try:
-        argv = mode_word_first(list(argv))
+        argv = mode_word_first(translate_original_flags(list(argv)))
         # First the command line alone: what it gives, and its own errors as argparse words them.
         try:
             given, _ = build_parser(command_line_only=True).parse_known_args(argv)
@@ -4228,6 +4281,7 @@ def parse_options(argv, environ=None):
         except UsageError as exc:
             raise UsageError(explain_parse_error(str(exc), names, sources))
         options.sources, options.warnings = sources, warnings
+        check_program_mode(options, program)
         if options.mode is not None:
             check_option_modes(options, parser, set(vars(given)), sources)
         try:
@@ -4601,12 +4655,12 @@ def run_until_signal(service, reload=None, notifier=None):
     return 0
 
 
-def reload_settings(service, argv):
+def reload_settings(service, argv, program=None):
     """SIGHUP: read the options again (the config file may have changed) and apply what can
     change under running tunnels: the log level and the TLS files. Logs one line; on any error
     the running settings stay."""
     try:
-        options = parse_options(argv)
+        options = parse_options(argv, program=program)
         done = service.reload(options)
     except ProxyGuardError as exc:
         log.error("SIGHUP: reload failed, the running settings stay: %s", exc)
@@ -4638,11 +4692,12 @@ def configure_logging(level):
                         format=stamp + "%(levelname)s %(message)s")
 
 
-def main(argv=None):
-    """Run proxyguard.py with `argv` (default sys.argv[1:]); return the exit status."""
+def main(argv=None, program=None):
+    """Run proxyguard.py with `argv` (default sys.argv[1:]); return the exit status.
+    `program`: the name it runs as; proxyguard-client and proxyguard-server give the mode."""
     argv = sys.argv[1:] if argv is None else argv
     try:
-        options = parse_options(argv)
+        options = parse_options(argv, program=program)
     except UsageError as exc:
         for warning in getattr(exc, "warnings", ()):  # a misspelt variable may be the cause
             print("proxyguard.py: warning: %s" % warning, file=sys.stderr)
@@ -4681,12 +4736,23 @@ def main(argv=None):
             if metrics is not None:
                 metrics.start(service.metrics)
             tune_threads()
-            return run_until_signal(service, functools.partial(reload_settings, service, argv),
+            return run_until_signal(service, functools.partial(reload_settings, service, argv,
+                                                               program),
                                     SystemdNotifier.from_environment())
         finally:
             if metrics is not None:  # the page stops with the service
                 metrics.stop()
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def client_main():
+    """The proxyguard-client command (pyproject.toml), as the original's program."""
+    return main(program="proxyguard-client")
+
+
+def server_main():
+    """The proxyguard-server command (pyproject.toml), as the original's program."""
+    return main(program="proxyguard-server")
+
+
+if __name__ == "__main__":  # as proxyguard.py, or a link named proxyguard-client/-server
+    sys.exit(main(program=sys.argv[0]))

@@ -122,14 +122,16 @@ class Proc:
     """A `python3 proxyguard.py ...` subprocess whose log goes to a file we can search."""
 
     def __init__(self, tmp_path, args, ready="listening on", name="pg", env=None, wait=True,
-                 prefix=(), preexec_fn=None):
+                 prefix=(), preexec_fn=None, command=None):
         self.log_path = tmp_path / ("%s-%d.log" % (name, time.monotonic_ns()))
         self.log_file = open(self.log_path, "w")
         self.args = list(args)
         full_env = dict(os.environ)
         full_env.update(env or {})
-        # `prefix`: a program that starts ours (systemd-socket-activate).
-        self.popen = subprocess.Popen(list(prefix) + [sys.executable, SCRIPT] + self.args,
+        # `prefix`: a program that starts ours (systemd-socket-activate); `command`: ours
+        # under another name (a console script).
+        self.popen = subprocess.Popen(list(prefix) + list(command or [sys.executable, SCRIPT])
+                                      + self.args,
                                       stdin=subprocess.DEVNULL, stdout=self.log_file,
                                       stderr=subprocess.STDOUT, env=full_env,
                                       preexec_fn=preexec_fn)
@@ -7510,3 +7512,190 @@ def test_routes_send_each_path_to_its_wireguard_over_both_transports(tmp_path, p
     finally:
         for echo in (node1, node2, other):
             echo.close()
+
+
+# --- 2. A drop-in for the original's packages: its flags, its program names, its units ------
+
+ORIGINAL_SYSTEMD = os.path.join(GO_SOURCE, "systemd")
+
+
+@pytest.mark.parametrize("argv,want", [
+    (["-listen", "127.0.0.1:1", "-to", "127.0.0.1:2"], ["--listen", "127.0.0.1:1", "--to",
+                                                        "127.0.0.1:2"]),
+    (["-to=http://x", "-listen-port=5", "-forward-port", "6", "-peer-ips", "::1",
+      "-fwmark", "-1", "-tcp-port", "0"],
+     ["--to=http://x", "--listen-port=5", "--forward-port", "6", "--peer-ips", "::1",
+      "--fwmark", "-1", "--tcp-port", "0"]),
+    (["-version"], ["--version"]), (["-version=true"], ["--version"]), (["-version=false"], []),
+    (["--to", "x", "-c", "f", "-h", "-x", "--", "-to"], ["--to", "x", "-c", "f", "-h", "-x",
+                                                         "--", "-to"]),
+])
+def test_the_originals_single_dash_flags_are_translated_to_ours(argv, want):
+    assert pg.translate_original_flags(argv) == want
+
+
+def test_the_originals_flags_work_and_stay_out_of_help():
+    options = pg.parse_options(["-listen", "127.0.0.1:8", "-to=127.0.0.1:9"], {},
+                               program="/usr/local/bin/proxyguard-server")
+    assert (options.mode, options.listen, options.to) == ("server", ("127.0.0.1", 8),
+                                                          ("127.0.0.1", 9))
+    options = pg.parse_options(["-to", "https://vpn.example.org/proxyguard/", "-listen-port",
+                                "51821", "-forward-port=51820", "-peer-ips",
+                                "192.0.2.5,2001:db8::5", "-fwmark", "54321", "-tcp-port", "7"],
+                               {}, program="proxyguard-client")
+    assert (options.mode, options.listen_port, options.forward_port, options.peer_ips,
+            options.fwmark, options.tcp_port) == ("client", 51821, 51820,
+                                                  ["192.0.2.5", "2001:db8::5"], 54321, 7)
+    assert pg.parse_options(["check", "-to", "http://x"], {},
+                            program="proxyguard-client").mode == "check"
+    help_text = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True,
+                               text=True, timeout=30).stdout
+    assert not re.search(r"(^|[\s,\[])-(to|listen|fwmark|version)\b", help_text), help_text
+
+
+@pytest.mark.parametrize("program,args,words", [
+    ("proxyguard-server", ["client", "-to", "http://x"],
+     "proxyguard-server runs the server: mode 'client' contradicts its name"),
+    ("proxyguard-client", ["--mode", "server"],
+     "proxyguard-client runs the client: mode 'server' contradicts its name"),
+    ("proxyguard-client", ["-c", "@CONFIG@"], "line 1: proxyguard-client runs the client: mode "
+                                              "'server'"),
+])
+def test_a_mode_that_contradicts_the_program_name_is_refused(tmp_path, program, args, words):
+    """Run as a link of that name to proxyguard.py (how a router without pip gets the
+    original's names), so the program name reaches main from argv[0]."""
+    (tmp_path / "server.conf").write_text("mode = server\n")
+    link = tmp_path / program
+    link.symlink_to(SCRIPT)
+    args = [str(tmp_path / "server.conf") if arg == "@CONFIG@" else arg for arg in args]
+    result = subprocess.run([sys.executable, str(link)] + args, capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result
+    assert words in result.stderr, result.stderr
+
+
+def original_unit(name):
+    """(environment, ExecStart line) of the original's systemd/NAME.service: its Environment=
+    values, replaced by the uncommented lines of systemd/NAME.sysconfig, as a package that
+    adds EnvironmentFile=/etc/sysconfig/NAME gets them."""
+    environment, exec_start, section = {}, None, None
+    with open(os.path.join(ORIGINAL_SYSTEMD, name + ".service")) as unit:
+        for line in unit:
+            line = line.strip()
+            if line.startswith("["):
+                section = line
+            elif section == "[Service]" and line.startswith("Environment="):
+                for item in shlex.split(line[len("Environment="):]):
+                    key, _, value = item.partition("=")
+                    environment[key] = value
+            elif section == "[Service]" and line.startswith("ExecStart="):
+                exec_start = line[len("ExecStart="):]
+    with open(os.path.join(ORIGINAL_SYSTEMD, name + ".sysconfig")) as sysconfig:
+        for line in sysconfig:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                key, _, value = line.partition("=")
+                assert key in environment, "%s.sysconfig sets %s, which the unit lacks" % (
+                    name, key)
+                environment[key] = value
+    return environment, exec_start
+
+
+def expand_exec_start(line, environment):
+    """systemd's expansion of an ExecStart line: words split as the shell would, then each
+    ${NAME} in a word replaced (one word, spaces and all; the units use no bare $NAME)."""
+    return [re.sub(r"\$\{(\w+)\}", lambda found: environment[found.group(1)], word)
+            for word in shlex.split(line)]
+
+
+def on_loopback(environment, replacements):
+    """The environment with each named value replaced (the key must be there: the original's
+    files name it), for loopback addresses and free ports."""
+    for key, value in replacements.items():
+        assert key in environment, key
+        environment[key] = value
+    return environment
+
+
+def run_original_units(tmp_path, procs, echo, program_command, env=None):
+    """Start the original's server and client units' ExecStart lines, expanded and with
+    loopback addresses, each program run by `program_command(name)`; carry datagrams
+    WireGuard stand-in -> client -> server -> echo and back. Returns (server, client)."""
+    environment, exec_start = original_unit("proxyguard-server")
+    server_port = free_port()
+    environment = on_loopback(environment, {"LISTEN": "127.0.0.1:%d" % server_port,
+                                            "TO": "127.0.0.1:%d" % echo.port})
+    argv = expand_exec_start(exec_start, environment)
+    assert argv[0] == "proxyguard-server" and "-listen" in argv, argv
+    server = Proc(tmp_path, argv[1:], name="original-server", env=env,
+                  command=program_command(argv[0]))
+    procs.append(server)
+
+    wireguard = WireGuardStandIn()
+    listen_port = free_port(socket.SOCK_DGRAM)
+    environment, exec_start = original_unit("proxyguard-client")
+    # The host stays: -peer-ips takes it to 127.0.0.1 without DNS, as in the original.
+    environment = on_loopback(environment, {
+        "LISTEN_PORT": str(listen_port), "FORWARD_PORT": str(wireguard.port),
+        "TO": "http://vpn.example.org:%d/proxyguard/" % server_port, "PEER_IPS": "127.0.0.1",
+        "FWMARK": environment["FWMARK"] if os.geteuid() == 0 else "-1"})
+    argv = expand_exec_start(exec_start, environment)
+    assert argv[0] == "proxyguard-client" and "-forward-port" in argv, argv
+    full_env = no_proxy_env()
+    full_env.update(env or {})
+    client = Proc(tmp_path, argv[1:], name="original-client", env=full_env,
+                  command=program_command(argv[0]))
+    procs.append(client)
+    wireguard.endpoint = (LOOPBACK, listen_port)
+    client.wireguard = wireguard
+    exchange_datagrams(client, rounds=2)
+    assert "path /proxyguard/" in server.log(), server.log()
+    return server, client
+
+
+def test_the_originals_units_run_with_a_link_named_as_its_programs(tmp_path, procs, echo):
+    """The ExecStart lines of the original's units run unchanged; each program is a link
+    named proxyguard-server or proxyguard-client to proxyguard.py, which takes its mode from
+    that name (argv[0])."""
+    links = tmp_path / "bin"
+    links.mkdir()
+
+    def program_command(name):
+        (links / name).symlink_to(SCRIPT)
+        return [sys.executable, str(links / name)]
+
+    run_original_units(tmp_path, procs, echo, program_command)
+
+
+@pytest.fixture(scope="module")
+def pipx_programs(tmp_path_factory):
+    """`pipx install .` of this source into a temp PIPX_HOME and PIPX_BIN_DIR: the bin dir."""
+    which_or_skip("pipx", "pipx")
+    root = tmp_path_factory.mktemp("pipx-programs")
+    source = root / "source"  # a copy: a build leaves build/ and *.egg-info behind
+    source.mkdir()
+    for name in ("proxyguard.py", "pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(os.path.join(HERE, name), str(source))
+    result = subprocess.run(["pipx", "install", str(source)], capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, PIPX_HOME=str(root / "pipx"),
+                                                  PIPX_BIN_DIR=str(root / "bin")))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return root / "bin"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_the_originals_units_run_with_the_pipx_installed_programs(tmp_path, procs, echo,
+                                                                  pipx_programs):
+    """As a unit finds them: the ExecStart's program name looked up on a PATH that holds
+    PIPX_BIN_DIR (systemd's holds /usr/local/bin), the original's binaries nowhere on it."""
+    search_path = "%s:/usr/bin:/bin" % pipx_programs
+    for name in ("proxyguard-client", "proxyguard-server", "proxyguard"):
+        assert shutil.which(name, path=search_path) == str(pipx_programs / name)
+
+    run_original_units(
+        tmp_path, procs, echo, lambda name: [shutil.which(name, path=search_path)],
+        env={"PATH": search_path})
+    version = subprocess.run([str(pipx_programs / "proxyguard-server"), "-version"],
+                             capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and version.stdout.startswith("proxyguard.py"), version
