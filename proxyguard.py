@@ -708,6 +708,19 @@ def build_response(status, message="", extra_headers=()):
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
+def health_answer(open_tunnels, max_clients, stopping=False):
+    """The answer to a load balancer's check at --health-path: 200 while this server takes
+    another tunnel; 503 when --max-clients are open or it is stopping, so the balancer sends
+    new clients to another server instead of each getting a 503 here. Open tunnels are not
+    affected either way (a balancer keeps established connections)."""
+    if stopping:
+        return build_response(503, "stopping")
+    if max_clients and open_tunnels >= max_clients:
+        return build_response(503, "full: %s open" % plural(open_tunnels, "tunnel"),
+                              [("Retry-After", "10")])
+    return build_response(200, "ok: %s open" % plural(open_tunnels, "tunnel"))
+
+
 def build_upgrade_request(host, path, user_agent=DEFAULT_USER_AGENT, websocket_key=None):
     """Return the client's upgrade request: UoTLV/1 (the original's bytes, less
     Accept-Encoding: gzip) or, given a `websocket_key`, an RFC 6455 opening handshake that
@@ -2563,7 +2576,7 @@ class Server:
     def __init__(self, listener, wireguard_address, wireguard_family=socket.AF_INET,
                  idle_timeout=DEFAULT_IDLE_TIMEOUT, handshake_timeout=HANDSHAKE_TIMEOUT,
                  tls_context=None, trusted_proxies=(), max_clients=DEFAULT_MAX_CLIENTS,
-                 path=None, routes=None):
+                 path=None, routes=None, health_path=None):
         self.listener = listener
         self.address = listener.getsockname() if listener is not None else None
         self.wireguard_address = wireguard_address
@@ -2579,6 +2592,7 @@ class Server:
         self.routes = routes or RouteTable(fallback=(wireguard_address, wireguard_family),
                                            fallback_path=path)
         self.routed = bool(self.routes.routes)  # the log lines and metrics name the route
+        self.health_path = health_path  # a GET here gets health_answer, never a tunnel
         self._stopping = False
         self._serving = False
         self._lock = threading.Lock()
@@ -2782,6 +2796,10 @@ class Server:
             head, first_bytes = read_head(channel)
             request = parse_request(head)
             log.debug("request from %s: %s", peer_text, head_line(head))
+            if self._is_health_check(request):
+                channel.sendall(health_answer(self.tunnels_open(), self.max_clients,
+                                              self._stopping))
+                return
             route, wireguard = self.routes.find(request.start[1])
             transport = check_upgrade_request(request)
             client = forwarded_client(request, peer[0], self.trusted_proxies)
@@ -2800,6 +2818,13 @@ class Server:
         finally:
             self._retire(connection)
             sock.close()
+
+    def _is_health_check(self, request):
+        """A GET of --health-path (any query): a load balancer's check, not counted or logged
+        above debug (one every second or two per balancer)."""
+        method, target, _ = request.start
+        return (self.health_path is not None and method == "GET"
+                and target.partition("?")[0] == self.health_path)
 
     def _retire(self, connection):
         """The connection leaves the live set, once: a tunnel's figures go from live to closed
@@ -3864,6 +3889,7 @@ OPTION_MODES = {
     "listen": ("server",), "tls-cert": ("server",), "tls-key": ("server",),
     "max-clients": ("server",), "trusted-proxies": ("server",),
     "handshake-timeout": ("server",), "path": ("server",), "route": ("server",),
+    "health-path": ("server",),
     "listen-port": ("client",), "forward-port": ("client",), "peer-ips": ("client",),
     "fwmark": ("client",), "tcp-port": ("client",), "user-agent": ("client",),
     "connect-timeout": ("client",), "proxy": ("client",), "ca-file": ("client",),
@@ -4027,6 +4053,9 @@ def build_parser(command_line_only=False):
         help="upgrades at PATH and below it go to the WireGuard at HOST:PORT (one server for "
              "several nodes); repeat it, or commas in a file or variable; the longest PATH "
              "wins; other paths get 404 unless --to is given (then --to under --path)")
+    add("--health-path", metavar="PATH", help="answer a GET of PATH with 200, or 503 when "
+        "--max-clients are open, for a load balancer's health check, /proxyguard-health say "
+        "(default: off; any path may take a tunnel, as the original)")
     add("--metrics-listen", metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics, 127.0.0.1:9821 say "
              "(default: off)")
@@ -4327,6 +4356,9 @@ def check_options(options):
                              % (options.max_clients, MAX_CLIENTS_BOUND))
         if bool(options.tls_cert) != bool(options.tls_key):
             raise UsageError("--tls-cert and --tls-key go together")
+        if options.health_path is not None and not is_url_path(options.health_path):
+            raise UsageError("--health-path %r: must be a URL path such as /proxyguard-health "
+                             "(visible ASCII from a /, no query)" % options.health_path)
         if options.path is not None and not is_url_path(options.path):
             raise UsageError("--path %r: must be a URL path such as /proxyguard (visible ASCII "
                              "from a /, no query)" % options.path)
@@ -4397,7 +4429,7 @@ def build_service(options):
                            handshake_timeout=options.handshake_timeout, tls_context=tls_context,
                            trusted_proxies=options.trusted_proxies,
                            max_clients=options.max_clients, path=options.path,
-                           routes=options.route)
+                           routes=options.route, health_path=options.health_path)
     return Client.open(build_dialer(options), listen_port=options.listen_port,
                        forward_port=options.forward_port, idle_timeout=options.idle_timeout,
                        keepalive=options.keepalive)

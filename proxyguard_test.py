@@ -4542,15 +4542,21 @@ frontend https_in
     default_backend proxyguard
 
 backend proxyguard
-    balance leastconn               # tunnels are long-lived: count them, not requests
+    balance @BALANCE@
     option redispatch 1             # a refused connect goes to another server
     retries 3
+@HEALTH_CHECK@
+@SERVERS@
+"""
+
+# HAPROXY_TEMPLATE's defaults: tunnels are long-lived, so count them, not requests; and a
+# check that any proxyguard server passes (without --health-path).
+HAPROXY_LEASTCONN = "leastconn"
+HAPROXY_CHECK_426 = """\
     # Health check: a plain GET of the path; a live proxyguard server answers 426.
     option httpchk
     http-check send meth GET uri /proxyguard ver HTTP/1.1 hdr Host localhost
-    http-check expect status 426
-@SERVERS@
-"""
+    http-check expect status 426"""
 
 # --- Squid 5 as a reverse proxy (accel mode), WebSocket only -----------------------------------
 
@@ -4654,7 +4660,8 @@ def start_reverse_proxy(front_ends, tmp_path, kind, certs, backend_ports, timeou
     values = {"CERT": certs.cert, "KEY": certs.key, "PEM": certs.pem, "TIMEOUT": timeout,
               "MODULES": APACHE_MODULES, "BACKEND": "%s:%d" % (LOOPBACK, backend_ports[0]),
               "BACKEND_HOST": LOOPBACK, "BACKEND_PORT": backend_ports[0],
-              "UPGRADE": "UoTLV/1", "RULES": "",
+              "UPGRADE": "UoTLV/1", "RULES": "", "BALANCE": HAPROXY_LEASTCONN,
+              "HEALTH_CHECK": HAPROXY_CHECK_426,
               "SERVERS": "\n".join(
                   "    server pg%d %s:%d check inter 500ms fall 1 rise 1" % (i, LOOPBACK, port)
                   for i, port in enumerate(backend_ports, 1))}
@@ -5214,11 +5221,11 @@ def report(capsys):
     return reporter(capsys, "wgbed")
 
 
-def make_bed(tmp_path, request, **options):
+def make_bed(tmp_path, request, bed_class=WireGuardBed, **options):
     reason = WireGuardBed.unavailable()
     if reason is not None:
         skip_or_fail("the WireGuard test bed cannot run here: %s" % reason)
-    bed = WireGuardBed(tmp_path / "bed", **options)
+    bed = bed_class(tmp_path / "bed", **options)
     try:
         bed.start()
     except BaseException:
@@ -7699,3 +7706,205 @@ def test_the_originals_units_run_with_the_pipx_installed_programs(tmp_path, proc
     version = subprocess.run([str(pipx_programs / "proxyguard-server"), "-version"],
                              capture_output=True, text=True, timeout=60)
     assert version.returncode == 0 and version.stdout.startswith("proxyguard.py"), version
+
+
+# --- 3. Several servers behind a load balancer: HAProxy's health check, and a SIGKILL -------
+
+HEALTH_PATH = "/proxyguard-health"
+# The check to give HAProxy in front of servers started with --health-path (README).
+HAPROXY_CHECK_HEALTH = """\
+    # Health check: --health-path answers 200, or 503 when --max-clients tunnels are open.
+    option httpchk
+    http-check send meth GET uri %s ver HTTP/1.1 hdr Host localhost
+    http-check expect status 200""" % HEALTH_PATH
+
+
+def test_health_path_answers_200_or_503_when_full_and_is_no_tunnel(echo, caplog):
+    """In process: a GET of --health-path gets 200 with the open tunnels, 503 with
+    Retry-After when --max-clients are open; not a refusal in the metrics, not logged above
+    debug; other paths still take upgrades, and a plain GET elsewhere still gets 426."""
+    server = pg.Server(None, (LOOPBACK, echo.port), idle_timeout=30, handshake_timeout=5,
+                       max_clients=1, health_path=HEALTH_PATH)
+
+    def answer(target, upgrade=False):
+        request_bytes = (pg.build_upgrade_request("example", target) if upgrade else
+                         ("GET %s HTTP/1.1\r\nHost: lb\r\n\r\n" % target).encode())
+        return upgrade_socketpair(server, request_bytes)
+
+    with caplog.at_level(logging.INFO):
+        sock, thread, head = answer(HEALTH_PATH + "?from=haproxy")
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        thread.join(5)
+        sock, thread, head = answer("/elsewhere")
+        assert head.startswith(b"HTTP/1.1 426 ")
+        thread.join(5)
+        tunnel_sock, tunnel_thread, head = answer("/pg", upgrade=True)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        sock, thread, head = answer(HEALTH_PATH)
+        assert head.startswith(b"HTTP/1.1 503 ") and b"\r\nRetry-After: 10\r\n" in head, head
+        thread.join(5)
+    assert server.refused.get(503, 0) == 0 and server.tunnels_opened[pg.PROTOCOL] == 1
+    assert not [r for r in caplog.records if HEALTH_PATH in r.getMessage()], caplog.text
+    tunnel_sock.close()
+    tunnel_thread.join(5)
+    assert pg.health_answer(0, 0, stopping=True).startswith(b"HTTP/1.1 503 ")
+    assert pg.health_answer(2, 0).endswith(b"\r\n\r\nok: 2 tunnels open\n")
+    assert pg.health_answer(2, 2).endswith(b"\r\n\r\nfull: 2 tunnels open\n")
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.slow
+def test_haproxy_health_checks_keep_healthy_servers_up_and_take_a_full_one_out(
+        tmp_path, certs, echoes, procs, front_ends):
+    """Two servers with --health-path behind HAProxy (round robin, HAPROXY_CHECK_HEALTH, a
+    check every 500 ms, down after one failure): both stay UP through many checks; A, with
+    --max-clients 1, goes DOWN while its one tunnel is open, so the next clients all land on
+    B instead of on A's 503; A is UP again once its tunnel closes."""
+    require("haproxy")
+    echo_a, echo_b = echoes(), echoes()
+    extra = ["--health-path", HEALTH_PATH, "--log-level", "debug"]
+    server_a = start_server(tmp_path, echo_a.port, "--max-clients", "1", *extra, name="server-a")
+    procs.append(server_a)
+    server_b = start_server(tmp_path, echo_b.port, *extra, name="server-b")
+    procs.append(server_b)
+    front_end = start_reverse_proxy(
+        front_ends, tmp_path, "haproxy", certs, [server_a.port, server_b.port], timeout=120,
+        settings={"BALANCE": "roundrobin", "HEALTH_CHECK": HAPROXY_CHECK_HEALTH})
+    checks = "GET %s HTTP/1.1" % HEALTH_PATH
+    for server in (server_a, server_b):
+        server.wait_log(checks, count=6, timeout=20)
+    assert " is DOWN" not in front_end.log(), front_end.log()
+
+    # Round robin: within two clients one lands on A and fills it.
+    clients, on_a = [], None
+    while on_a is None:
+        assert len(clients) < 2, "round robin never chose A"
+        client = start_client(tmp_path, front_url(front_end), "--ca-file", certs.ca,
+                              name="client-%d" % len(clients))
+        procs.append(client)
+        clients.append(client)
+        before = echo_a.count
+        ping(client, len(clients))
+        on_a = client if echo_a.count > before else None
+    wait_until(lambda: "Server proxyguard/pg1 is DOWN" in front_end.log(), 15,
+               "HAProxy taking the full server A out")
+    assert "Server proxyguard/pg2 is DOWN" not in front_end.log(), front_end.log()
+    before_a, before_b = echo_a.count, echo_b.count
+    for index in range(3):
+        client = start_client(tmp_path, front_url(front_end), "--ca-file", certs.ca,
+                              name="client-new-%d" % index)
+        procs.append(client)
+        ping(client, 100 + index)
+    assert (echo_a.count - before_a, echo_b.count - before_b) == (0, 3)
+    assert "503" not in "".join(client.log() for client in clients[-3:])
+    on_a.kill()  # its tunnel closes: A takes tunnels again
+    wait_until(lambda: "Server proxyguard/pg1 is UP" in front_end.log(), 30,
+               "HAProxy taking A back once its tunnel closed")
+    assert "Server proxyguard/pg2 is DOWN" not in front_end.log(), front_end.log()
+
+
+import proxyguard_testbed as testbed  # noqa: E402 (beside its use, as HOLD_BED_SCRIPT's)
+
+HA_BACKEND_PORTS = (8081, 8082)  # inside the bed's server namespace: fixed is fine there
+HA_KILL_RUNS = 3
+HA_GAP_BOUND = 3.0  # seconds without a ping answered through WireGuard, at most
+
+
+class HAProxyBed(WireGuardBed):
+    """The bed with two proxyguard servers for its one server WireGuard, on 127.0.0.1:8081
+    and :8082 in the server namespace, behind HAProxy (HAPROXY_TEMPLATE: TLS at the veth
+    address and NGINX_PORT, where the bed's client goes with front_end="nginx"; round robin;
+    HAPROXY_CHECK_HEALTH). The servers' processes are pg-server-1 and pg-server-2."""
+
+    def start_pg_server(self, wait=True):
+        for index in range(len(HA_BACKEND_PORTS)):
+            self.start_backend(index + 1, wait)
+
+    def start_backend(self, number, wait=True):
+        argv = [self.python, self.proxyguard, "server", "--listen",
+                "127.0.0.1:%d" % HA_BACKEND_PORTS[number - 1], "--to", "127.0.0.1:%d" % WG_PORT,
+                "--health-path", HEALTH_PATH] + self._pg_options()
+        self._start_pg("pg-server-%d" % number, self.ns_server, argv, "listening on", wait)
+
+    def start_front_end(self):
+        directory = os.path.join(self.workdir, "haproxy")
+        os.makedirs(directory, exist_ok=True)
+        tls = os.path.join(self.workdir, "tls")
+        pem = os.path.join(directory, "server.pem")  # certificate and key in one, for `crt`
+        with open(pem, "w") as out:
+            for name in ("server.pem", "server.key"):
+                with open(os.path.join(tls, name)) as part:
+                    out.write(part.read())
+        conf = os.path.join(directory, "haproxy.cfg")
+        with open(conf, "w") as stream:
+            stream.write(render(HAPROXY_TEMPLATE, {
+                "LOOPBACK": testbed.VETH_SERVER_IP, "PORT": testbed.NGINX_PORT, "PEM": pem,
+                "TIMEOUT": 3600, "RULES": "", "BALANCE": "roundrobin",
+                "HEALTH_CHECK": HAPROXY_CHECK_HEALTH,
+                "SERVERS": "\n".join(
+                    "    server pg%d 127.0.0.1:%d check inter 500ms fall 1 rise 1" % (i, port)
+                    for i, port in enumerate(HA_BACKEND_PORTS, 1))}))
+        self.spawn("haproxy", self.ns_server, [require("haproxy"), "-db", "-f", conf])
+        deadline = time.monotonic() + 20
+        while not self._listening():
+            if time.monotonic() > deadline or self.procs["haproxy"].poll() is not None:
+                raise testbed.BedError("HAProxy did not start:\n" + self.log_text("haproxy"))
+            time.sleep(0.05)
+
+    def _listening(self):
+        sockets = self.sh("ss", "-Htln", "src", "%s:%d" % (testbed.VETH_SERVER_IP,
+                                                          testbed.NGINX_PORT), ns=self.ns_server)
+        return bool(sockets.strip())
+
+    def kill_front_end(self, sig=signal.SIGKILL, timeout=5):
+        return self.send_signal("haproxy", sig, timeout=timeout)
+
+    def carrier(self):
+        """The number of the server whose log has a tunnel up and not down, or None."""
+        for number in range(1, len(HA_BACKEND_PORTS) + 1):
+            text = self.log_text("pg-server-%d" % number).split("==== ")[-1]
+            if text.count("tunnel up:") > text.count("tunnel down:"):
+                return number
+        return None
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.slow
+def test_haproxy_two_servers_a_sigkill_of_the_carrier_costs_wireguard_at_most_3_s(
+        tmp_path, request, report):
+    """Two proxyguard servers for one WireGuard behind HAProxy, in the bed: pings through
+    WireGuard every 50 ms; SIGKILL the server carrying the tunnel; the client's reconnect
+    goes through HAProxy to the other (a refused connect is redispatched), WireGuard roams to
+    that server's new UDP source, and the largest gap between answered pings stays within
+    HA_GAP_BOUND. Several runs, the killed server started again in between; HAProxy marks
+    only the killed one DOWN."""
+    require("haproxy")
+    bed = make_bed(tmp_path, request, bed_class=HAProxyBed, front_end="nginx")
+    gaps = []
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        for run in range(HA_KILL_RUNS):
+            carrier = bed.carrier()
+            assert carrier is not None, bed.diagnose()
+            other = 3 - carrier
+            ups_on_other = bed.log_text("pg-server-%d" % other).count("tunnel up:")
+            received = bed.wg_transfer("server")[0]
+            pinging = pool.submit(bed.ping, count=160, interval=0.05, timeout=3)
+            # Kill once pings flow (the server's WireGuard received some), not after a sleep.
+            wait_until(lambda: bed.wg_transfer("server")[0] >= received + 10 * 84, 20,
+                       "pings reaching the server's WireGuard")
+            bed.send_signal("pg-server-%d" % carrier, signal.SIGKILL)
+            answer = pinging.result(60)
+            gaps.append(answer["largest_gap_s"])
+            assert answer["largest_gap_s"] <= HA_GAP_BOUND, "%s\n%s" % (answer, bed.diagnose())
+            assert bed.carrier() == other
+            assert bed.log_text("pg-server-%d" % other).count("tunnel up:") == ups_on_other + 1
+            wait_until(lambda: bed.log_text("haproxy").count(
+                "Server proxyguard/pg%d is DOWN" % carrier) >= 1, 15, "HAProxy marking it DOWN")
+            ups = bed.log_text("haproxy").count("Server proxyguard/pg%d is UP" % carrier)
+            bed.start_backend(carrier)
+            wait_until(lambda: bed.log_text("haproxy").count(
+                "Server proxyguard/pg%d is UP" % carrier) > ups, 15, "HAProxy marking it UP")
+    log = bed.log_text("haproxy")
+    assert log.count(" is DOWN") == HA_KILL_RUNS, log
+    report("HAProxy, two servers, SIGKILL of the carrier: largest ping gap through WireGuard "
+           "%s s (runs), bound %g s" % (", ".join("%.2f" % gap for gap in gaps), HA_GAP_BOUND))
