@@ -7860,8 +7860,11 @@ class HAProxyBed(WireGuardBed):
         return self.send_signal("haproxy", sig, timeout=timeout)
 
     def carrier(self):
-        """The number of the server whose log has a tunnel up and not down, or None."""
+        """The number of the running server whose log (since its start) has a tunnel up and
+        not down, or None."""
         for number in range(1, len(HA_BACKEND_PORTS) + 1):
+            if self.procs["pg-server-%d" % number].poll() is not None:
+                continue
             text = self.log_text("pg-server-%d" % number).split("==== ")[-1]
             if text.count("tunnel up:") > text.count("tunnel down:"):
                 return number
@@ -7881,8 +7884,13 @@ def test_haproxy_two_servers_a_sigkill_of_the_carrier_costs_wireguard_at_most_3_
     require("haproxy")
     bed = make_bed(tmp_path, request, bed_class=HAProxyBed, front_end="nginx")
     gaps = []
+    tunnel_seen = time.monotonic()  # the tunnel is up (the bed pinged through it)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         for run in range(HA_KILL_RUNS):
+            # A tunnel that lived STABLE_TUNNEL_SECONDS is reconnected at once when it ends
+            # (Backoff); a younger one waits its back-off (1, 2, 4 s ...) first. Tunnels in
+            # service are old: let this one age (the time is the product's rule, not a race).
+            time.sleep(max(0.0, tunnel_seen + pg.STABLE_TUNNEL_SECONDS + 0.5 - time.monotonic()))
             carrier = bed.carrier()
             assert carrier is not None, bed.diagnose()
             other = 3 - carrier
@@ -7897,6 +7905,7 @@ def test_haproxy_two_servers_a_sigkill_of_the_carrier_costs_wireguard_at_most_3_
             gaps.append(answer["largest_gap_s"])
             assert answer["largest_gap_s"] <= HA_GAP_BOUND, "%s\n%s" % (answer, bed.diagnose())
             assert bed.carrier() == other
+            tunnel_seen = time.monotonic()
             assert bed.log_text("pg-server-%d" % other).count("tunnel up:") == ups_on_other + 1
             wait_until(lambda: bed.log_text("haproxy").count(
                 "Server proxyguard/pg%d is DOWN" % carrier) >= 1, 15, "HAProxy marking it DOWN")
@@ -7904,7 +7913,7 @@ def test_haproxy_two_servers_a_sigkill_of_the_carrier_costs_wireguard_at_most_3_
             bed.start_backend(carrier)
             wait_until(lambda: bed.log_text("haproxy").count(
                 "Server proxyguard/pg%d is UP" % carrier) > ups, 15, "HAProxy marking it UP")
-    log = bed.log_text("haproxy")
-    assert log.count(" is DOWN") == HA_KILL_RUNS, log
+    downs = re.findall(r"^\[WARNING\].*/(pg\d) is DOWN", bed.log_text("haproxy"), re.M)
+    assert len(downs) == HA_KILL_RUNS, bed.log_text("haproxy")  # the killed ones, once each
     report("HAProxy, two servers, SIGKILL of the carrier: largest ping gap through WireGuard "
            "%s s (runs), bound %g s" % (", ".join("%.2f" % gap for gap in gaps), HA_GAP_BOUND))

@@ -913,8 +913,8 @@ def tool_ping(args):
     pinger = Pinger(args.destination)
     rtts = []
     received = set()
-    # The longest time without a reply (from the start, between replies, to the end): the
-    # interruption a fault caused, to within the interval.
+    # The longest time without a reply (from the start, between replies, to the last send's
+    # interval end; not the wait for late replies): a fault's interruption, to an interval.
     start = last = time.monotonic()
     largest_gap = 0.0
     for sequence in range(args.count):
@@ -932,7 +932,8 @@ def tool_ping(args):
                 largest_gap, last = max(largest_gap, now - last), now
             if len(received) == args.count:
                 break
-    largest_gap = max(largest_gap, time.monotonic() - last)
+    sending_ended = pinger.sent[(args.count - 1) & 0xFFFF] + args.interval
+    largest_gap = max(largest_gap, sending_ended - last)
     return {"sent": args.count, "received": len(received), "rtt_ms": [round(r, 3) for r in rtts],
             "largest_gap_s": round(largest_gap, 3), "seconds": round(time.monotonic() - start, 3)}
 
