@@ -7917,3 +7917,23 @@ def test_haproxy_two_servers_a_sigkill_of_the_carrier_costs_wireguard_at_most_3_
     assert len(downs) == HA_KILL_RUNS, bed.log_text("haproxy")  # the killed ones, once each
     report("HAProxy, two servers, SIGKILL of the carrier: largest ping gap through WireGuard "
            "%s s (runs), bound %g s" % (", ".join("%.2f" % gap for gap in gaps), HA_GAP_BOUND))
+
+
+def test_readme_sections_of_issue_16_say_what_the_tests_run():
+    """The three sections: their commands parse, the HAProxy check is the one the tests give
+    HAProxy, and the install advice names what a unit needs."""
+    for title in ("One server for several nodes", "Several servers behind a load balancer"):
+        commands = readme_commands(readme_section(title))
+        assert commands, title
+        for argv in commands:
+            pg.parse_options(argv, {})
+    routed = pg.parse_options(readme_commands(readme_section("One server for several nodes"))[0],
+                              {})
+    assert len(routed.route) == 2 and routed.to is None
+    balanced = readme_section("Several servers behind a load balancer")
+    for line in HAPROXY_CHECK_HEALTH.splitlines():
+        assert line in balanced, line
+    moving = readme_section("Moving from the original")
+    for words in ("PIPX_BIN_DIR=/usr/local/bin", "ProtectHome=yes", "-tcp-port",
+                  "test_the_originals_units_run_with_the_pipx_installed_programs"):
+        assert words in moving, words
