@@ -2655,7 +2655,8 @@ class Server:
                          transport=label)
             opened_total.add(opened[transport], transport=label)
         return process_metrics() + [open_now, opened_total, refusals,
-        ] + self._route_metrics(tunnels, route_opened) + traffic_metrics("proxyguard_server_", traffic) + [
+        ] + self._route_metrics(tunnels, route_opened) + traffic_metrics(
+            "proxyguard_server_", traffic) + [
             Metric("proxyguard_server_tunnel_lifetime_seconds", "histogram",
                    "How long closed tunnels lived, in seconds.").add_histogram(lifetimes),
         ]
