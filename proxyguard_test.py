@@ -7452,11 +7452,18 @@ def test_route_options_from_command_line_file_and_environment(tmp_path):
      "the path /a has a route already"),
     (["--route", "/a=127.0.0.1:1", "--path", "/pg"], "--path '/pg': with --route and no --to"),
 ])
-def test_bad_route_values_are_refused_at_start_in_one_line(args, words):
-    result = subprocess.run([sys.executable, SCRIPT, "server", "--listen", "127.0.0.1:1"] + args,
+def test_bad_route_values_are_refused_naming_the_value(args, words):
+    with pytest.raises(pg.UsageError) as raised:
+        pg.parse_options(["server", "--listen", "127.0.0.1:1"] + args, {})
+    assert words in str(raised.value)
+
+
+def test_a_bad_route_stops_the_start_in_one_line_with_exit_2():
+    result = subprocess.run([sys.executable, SCRIPT, "server", "--route", "/x=127.0.0.1"],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2, result
-    assert len(result.stderr.splitlines()) == 1 and words in result.stderr, result.stderr
+    assert result.stderr == ("proxyguard.py: error: --route /x '127.0.0.1': expected HOST:PORT, "
+                             "for example 127.0.0.1:51820 (see --help)\n"), result.stderr
 
 
 def raw_upgrade_status(port, path, websocket):
