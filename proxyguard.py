@@ -4137,11 +4137,11 @@ def check_program_mode(options, program):
         options.mode = implied
     elif options.mode != implied and not (implied == "client" and options.mode == "check"):
         source = options.sources.get("mode")
-        raise UsageError("%s%s runs the %s: mode %r contradicts its name (for the %s, run "
-                         "proxyguard-%s or proxyguard.py)" % (
-                             "%s: " % source if source else "", os.path.basename(program),
-                             implied, options.mode, options.mode,
-                             "client" if options.mode == "check" else options.mode))
+        named = [name for name, mode in sorted(PROGRAM_MODES.items()) if mode == options.mode]
+        raise UsageError("%s%s runs the %s: mode %r contradicts its name (run %sproxyguard.py "
+                         "%s)" % ("%s: " % source if source else "", os.path.basename(program),
+                                  implied, options.mode, "".join(name + " or " for name in named),
+                                  options.mode))
 
 
 def mode_word_first(argv):
