@@ -7681,6 +7681,25 @@ def test_the_originals_units_run_with_a_link_named_as_its_programs(tmp_path, pro
     run_original_units(tmp_path, procs, echo, program_command)
 
 
+def test_the_originals_tcp_port_is_the_clients_tcp_source_port(tmp_path, procs, echo):
+    """-tcp-port as in cmd/proxyguard-client: the source port of the client's TCP connection,
+    which the server sees."""
+    server = start_server(tmp_path, echo.port)
+    procs.append(server)
+    link = tmp_path / "proxyguard-client"
+    link.symlink_to(SCRIPT)
+    wireguard = WireGuardStandIn()
+    listen_port, source_port = free_port(socket.SOCK_DGRAM), free_port()
+    client = Proc(tmp_path, ["-to", "http://127.0.0.1:%d/" % server.port, "-listen-port",
+                             str(listen_port), "-forward-port=%d" % wireguard.port,
+                             "-tcp-port", str(source_port)], env=no_proxy_env(),
+                  command=[sys.executable, str(link)])
+    procs.append(client)
+    wireguard.endpoint = (LOOPBACK, listen_port)
+    assert wireguard.roundtrip(b"from a fixed source port") == b"from a fixed source port"
+    assert "tunnel up: 127.0.0.1:%d," % source_port in server.log(), server.log()
+
+
 @pytest.fixture(scope="module")
 def pipx_programs(tmp_path_factory):
     """`pipx install .` of this source into a temp PIPX_HOME and PIPX_BIN_DIR: the bin dir."""
