@@ -52,6 +52,8 @@ header-size limit, every refusal raised as HandshakeError and answered in one pl
 becomes the tunnel's TCP->UDP pump. Each tunnel has its own connected UDP socket to WireGuard
 (TunnelUdpEndpoint), so WireGuard sees one source port per client. The load (--max-clients) is
 a count of admitted connections, kept as they are admitted and end (never summed per tunnel).
+Which WireGuard a request goes to is a RouteTable's answer (--route PATH=HOST:PORT by path,
+else --to); a GET of --health-path gets `health_answer` (a load balancer's check) instead.
 With thousands of threads, `tune_threads()` sets their stack size and the GIL's switch
 interval (see THREAD_STACK_BYTES, SWITCH_INTERVAL).
 
