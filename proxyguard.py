@@ -52,6 +52,8 @@ header-size limit, every refusal raised as HandshakeError and answered in one pl
 becomes the tunnel's TCP->UDP pump. Each tunnel has its own connected UDP socket to WireGuard
 (TunnelUdpEndpoint), so WireGuard sees one source port per client. The load (--max-clients) is
 a count of admitted connections, kept as they are admitted and end (never summed per tunnel).
+Which WireGuard a request goes to is a RouteTable's answer (--route PATH=HOST:PORT by path,
+else --to); a GET of --health-path gets `health_answer` (a load balancer's check) instead.
 With thousands of threads, `tune_threads()` sets their stack size and the GIL's switch
 interval (see THREAD_STACK_BYTES, SWITCH_INTERVAL).
 
@@ -158,6 +160,7 @@ WEBSOCKET_VERSION = "13"
 DEFAULT_KEEPALIVE = 25.0
 TRANSPORTS = (PROTOCOL, WEBSOCKET)
 TRANSPORT_LABELS = {PROTOCOL: "uotlv", WEBSOCKET: "websocket"}  # the metrics' label values
+DEFAULT_ROUTE = "default"  # the route name of the server's --to beside --route (no path: no clash)
 
 # The frame header: the datagram length as an unsigned 16-bit big-endian integer.
 FRAME_HEADER = struct.Struct("!H")
@@ -639,16 +642,66 @@ def asks_upgrade(request):
                 or request.get_all("sec-websocket-key"))
 
 
+def path_is_under(path, prefix):
+    """`path` (without its query) is `prefix` or below it: `/pg` takes /pg, /pg/ and /pg/x,
+    not /pgx; `/` takes every path."""
+    base = prefix.rstrip("/")
+    return path == base or path.startswith(base + "/")
+
+
 def check_path(target, prefix):
     """Raise HandshakeError(404) unless the request target's path is `prefix` or below it
-    (`/pg` takes /pg, /pg/ and /pg/x, not /pgx); no prefix takes every path, as the original.
+    (see path_is_under); no prefix takes every path, as the original.
     """
-    if not prefix:
-        return
-    path = target.partition("?")[0]
-    base = prefix.rstrip("/")
-    if path != base and not path.startswith(base + "/"):
+    if prefix and not path_is_under(target.partition("?")[0], prefix):
         raise HandshakeError(404, "no tunnel at this path", routine=True)
+
+
+def is_url_path(text):
+    """A path --path or --route can take: from a /, visible ASCII, no query."""
+    return text.startswith("/") and bool(_TARGET.match(text)) and "?" not in text
+
+
+def parse_route(text):
+    """--route PATH=HOST:PORT into (PATH without a trailing /, (host, port)); raises
+    UsageError naming the value. HOST:PORT has no `=`, so the last one splits."""
+    path, sep, address = text.strip().rpartition("=")
+    if not sep or not is_url_path(path):
+        raise UsageError("--route %r: expected PATH=HOST:PORT with PATH a URL path from a / "
+                         "(visible ASCII, no query), for example /proxyguard/node1=127.0.0.1:51820"
+                         % text)
+    return path.rstrip("/") or "/", parse_host_port(address, "--route %s" % path)
+
+
+class RouteTable:
+    """Which WireGuard a request goes to, by its path (--route PATH=HOST:PORT, repeatable): a
+    route takes its PATH and below it (the rules of check_path), the longest PATH first, so
+    /pg/node1 wins over /pg for /pg/node1/x. A path no route takes goes to `fallback` (the
+    server's --to) if there is one, at `fallback_path` (--path) and below only, else 404.
+    Targets are whatever the caller gives (the server: resolved addresses); pure, no I/O.
+    """
+
+    def __init__(self, routes=(), fallback=None, fallback_path=None):
+        self.routes = sorted(routes, key=lambda route: len(route[0].rstrip("/")), reverse=True)
+        self.fallback = fallback
+        self.fallback_path = fallback_path
+
+    def find(self, target):
+        """(route name, target) for a request target; raises HandshakeError(404). The route's
+        name is its PATH, or DEFAULT_ROUTE for the fallback."""
+        path = target.partition("?")[0]
+        for prefix, wireguard in self.routes:
+            if path_is_under(path, prefix):
+                return prefix, wireguard
+        if self.fallback is None:
+            raise HandshakeError(404, "no tunnel at this path", routine=True)
+        check_path(target, self.fallback_path)
+        return DEFAULT_ROUTE, self.fallback
+
+    def names(self):
+        """Every route's name, the fallback's last (the metrics' label values)."""
+        return [path for path, _ in self.routes] + (
+            [DEFAULT_ROUTE] if self.fallback is not None else [])
 
 
 def parse_networks(text, option):
@@ -721,6 +774,19 @@ def build_response(status, message="", extra_headers=()):
     lines.append("Content-Type: text/plain; charset=utf-8")
     lines.append("Content-Length: %d" % len(body))
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def health_answer(open_tunnels, max_clients, stopping=False):
+    """The answer to a load balancer's check at --health-path: 200 while this server takes
+    another tunnel; 503 when --max-clients are open or it is stopping, so the balancer sends
+    new clients to another server instead of each getting a 503 here. Open tunnels are not
+    affected either way (a balancer keeps established connections)."""
+    if stopping:
+        return build_response(503, "stopping")
+    if max_clients and open_tunnels >= max_clients:
+        return build_response(503, "full: %s open" % plural(open_tunnels, "tunnel"),
+                              [("Retry-After", "10")])
+    return build_response(200, "ok: %s open" % plural(open_tunnels, "tunnel"))
 
 
 def build_upgrade_request(host, path, user_agent=DEFAULT_USER_AGENT, websocket_key=None):
@@ -2406,6 +2472,7 @@ class Tunnel:
         self.greeting = greeting
         self.unsent = unsent
         self.close_reason = None
+        self.route = None  # the server's: the RouteTable name of the route it took
         self.went_idle = False  # closed by our own idle timeout: a normal end, not a failure
         self.path_down = False  # the kernel gave up on unacknowledged data (TCP_USER_TIMEOUT)
         self.started = time.monotonic()
@@ -2804,7 +2871,7 @@ class Server:
     def __init__(self, listener, wireguard_address, wireguard_family=socket.AF_INET,
                  idle_timeout=DEFAULT_IDLE_TIMEOUT, handshake_timeout=HANDSHAKE_TIMEOUT,
                  tls_context=None, trusted_proxies=(), max_clients=DEFAULT_MAX_CLIENTS,
-                 path=None):
+                 path=None, routes=None, health_path=None):
         self.listener = listener
         self.address = listener.getsockname() if listener is not None else None
         self.wireguard_address = wireguard_address
@@ -2815,12 +2882,19 @@ class Server:
         self.trusted_proxies = list(trusted_proxies)
         self.max_clients = max_clients
         self.path = path  # the path prefix that takes upgrades (None: every path)
+        # Which WireGuard each path goes to: --route's, else every path (under --path) to
+        # wireguard_address. Targets: (sockaddr, family).
+        self.routes = routes or RouteTable(fallback=(wireguard_address, wireguard_family),
+                                           fallback_path=path)
+        self.routed = bool(self.routes.routes)  # the log lines and metrics name the route
+        self.health_path = health_path  # a GET here gets health_answer, never a tunnel
         self._stopping = False
         self._serving = False
         self._lock = threading.Lock()
         self._connections = set()
         # Metrics, under _lock: the open tunnels' counters are read live at each scrape.
         self.tunnels_opened = dict.fromkeys(TRANSPORTS, 0)
+        self.route_tunnels_opened = dict.fromkeys(self.routes.names(), 0)
         self.closed_traffic = TrafficTotals()
         self.lifetimes = Histogram(TUNNEL_LIFETIME_BUCKETS)
         self.refused = dict.fromkeys(REFUSAL_STATUSES, 0)
@@ -2829,10 +2903,16 @@ class Server:
         self.refusal_log = RefusalLog()
 
     @classmethod
-    def open(cls, listen, wireguard, environ=os.environ, **options):
-        """Resolve WireGuard's address and listen on `listen`, or take the listening socket
+    def open(cls, listen, wireguard, environ=os.environ, routes=(), **options):
+        """Resolve WireGuard's address (`wireguard`, None with routes alone) and each route's
+        ((path, (host, port)) pairs), and listen on `listen`, or take the listening socket
         systemd passed (socket activation); raises FatalError."""
-        address, family = resolve_udp(wireguard, "--to")
+        address, family = resolve_udp(wireguard, "--to") if wireguard else (None, None)
+        if routes:
+            options["routes"] = RouteTable(
+                [(path, resolve_udp(target, "--route %s" % path)) for path, target in routes],
+                fallback=(address, family) if wireguard else None,
+                fallback_path=options.get("path"))
         listener = systemd_listener(environ)
         if listener is None:
             listener = open_listener(listen)
@@ -2855,6 +2935,7 @@ class Server:
                 traffic.add(tunnel)
             opened, lifetimes, refused = (dict(self.tunnels_opened), self.lifetimes.copy(),
                                           dict(self.refused))
+            route_opened = dict(self.route_tunnels_opened)
         refusals = Metric("proxyguard_server_handshakes_refused_total", "counter",
                           "Connections refused with an HTTP error status, by status.")
         for status in sorted(refused):
@@ -2870,10 +2951,24 @@ class Server:
                          transport=label)
             opened_total.add(opened[transport], transport=label)
         return process_metrics() + [open_now, opened_total, refusals,
-        ] + traffic_metrics("proxyguard_server_", traffic) + [
+        ] + self._route_metrics(tunnels, route_opened) + traffic_metrics(
+            "proxyguard_server_", traffic) + [
             Metric("proxyguard_server_tunnel_lifetime_seconds", "histogram",
                    "How long closed tunnels lived, in seconds.").add_histogram(lifetimes),
         ]
+
+    def _route_metrics(self, tunnels, route_opened):
+        """With --route: tunnels open and opened by route (its PATH, or `default` for --to)."""
+        if not self.routed:
+            return []
+        open_now = Metric("proxyguard_server_route_tunnels_open", "gauge",
+                          "Tunnels open now, by route (--route PATH, or default for --to).")
+        opened_total = Metric("proxyguard_server_route_tunnels_opened_total", "counter",
+                              "Tunnels opened since the start, by route.")
+        for route in route_opened:
+            open_now.add(sum(tunnel.route == route for tunnel in tunnels), route=route)
+            opened_total.add(route_opened[route], route=route)
+        return [open_now, opened_total]
 
     def dump_tunnels(self):
         """SIGUSR1: one log line per open tunnel."""
@@ -2907,11 +3002,21 @@ class Server:
 
     def serve_forever(self):
         scope = listen_scope(self.listener)
-        log.info("server listening on %s (%s%s), %sforwarding to WireGuard at %s",
+        if self.routed:
+            where = "routes %s%s" % (", ".join(
+                "%s to WireGuard at %s" % (path, format_address(target[0]))
+                for path, target in self.routes.routes), (
+                "; other paths%s to WireGuard at %s" % (
+                    " under %s" % self.path if self.path else "",
+                    format_address(self.wireguard_address))
+                if self.routes.fallback else "; 404 at other paths"))
+        else:
+            where = "%sforwarding to WireGuard at %s" % (
+                "upgrades at %s only, " % self.path if self.path else "",
+                format_address(self.wireguard_address))
+        log.info("server listening on %s (%s%s), %s",
                  format_address(self.address), "https" if self.tls_context else "http",
-                 "; " + scope if scope else "",
-                 "upgrades at %s only, " % self.path if self.path else "",
-                 format_address(self.wireguard_address))
+                 "; " + scope if scope else "", where)
         self._serving = True  # the watchdog's sign of life (healthy)
         accept_until_stopped(self.listener.accept, lambda: self._stopping,
                              self.start_connection)
@@ -2988,13 +3093,18 @@ class Server:
             head, first_bytes = read_head(channel)
             request = parse_request(head)
             log.debug("request from %s: %s", peer_text, head_line(head))
+            if self._is_health_check(request):
+                channel.sendall(health_answer(self.tunnels_open(), self.max_clients,
+                                              self._stopping))
+                return
             client = forwarded_client(request, peer[0], self.trusted_proxies)
             if client is not None:
                 peer_text = "%s (via %s)" % (shown(client, 100), peer_text)
-            check_path(request.start[1], self.path)
+            route, wireguard = self.routes.find(request.start[1])
             transport = check_upgrade_request(request)
             self._admit(connection)
-            self._run_tunnel(connection, channel, peer_text, request, transport, first_bytes)
+            self._run_tunnel(connection, channel, peer_text, request, transport, first_bytes,
+                             route, wireguard)
         except HandshakeError as exc:  # before the channel is up, the answer goes out plain
             source = client or peer[0] if request is not None and asks_upgrade(request) else None
             self._refuse(channel or PlainChannel(sock), peer_text, exc, source)
@@ -3006,6 +3116,13 @@ class Server:
         finally:
             self._retire(connection)
             sock.close()
+
+    def _is_health_check(self, request):
+        """A GET of --health-path (any query): a load balancer's check, not counted or logged
+        above debug (one every second or two per balancer)."""
+        method, target, _ = request.start
+        return (self.health_path is not None and method == "GET"
+                and target.partition("?")[0] == self.health_path)
 
     def _retire(self, connection):
         """The connection leaves the live set, once: a tunnel's figures go from live to closed
@@ -3051,8 +3168,9 @@ class Server:
                 [("Retry-After", "10")])
         self.tunnels_changed()
 
-    def _run_tunnel(self, connection, channel, peer_text, request, transport, first_bytes):
-        endpoint = TunnelUdpEndpoint.connected(self.wireguard_address, self.wireguard_family)
+    def _run_tunnel(self, connection, channel, peer_text, request, transport, first_bytes,
+                    route, wireguard):
+        endpoint = TunnelUdpEndpoint.connected(*wireguard)
         endpoint.label = "tunnel %s" % peer_text
         if transport == WEBSOCKET:
             greeting, framing = websocket_response(request), WebSocketFraming(client_side=False)
@@ -3060,16 +3178,21 @@ class Server:
             greeting, framing = UPGRADE_RESPONSE, UOTLV_FRAMING
         tunnel = Tunnel(channel, endpoint, peer_text, IdleClock(self.idle_timeout), first_bytes,
                         greeting=greeting, framing=framing)
+        tunnel.route = route
+        route_text = ", route %s to %s" % (route, format_address(wireguard[0])) \
+            if self.routed else ""
         with self._lock:
             connection.tunnel = tunnel
             self.tunnels_opened[transport] += 1
+            self.route_tunnels_opened[route] += 1
             if self._stopping:
                 tunnel.close("server shutting down", CLOSE_GOING_AWAY)
-        log.info("tunnel up: %s, path %s, %s%s", peer_text, shown(request.start[1]), transport,
-                 ", " + channel.tls_version if channel.tls_version else "")
+        log.info("tunnel up: %s, path %s%s, %s%s", peer_text, shown(request.start[1]),
+                 route_text, transport, ", " + channel.tls_version if channel.tls_version else "")
         reason = tunnel.run()
         self._retire(connection)  # first: a scrape or SIGUSR1 the line prompts sees it closed
-        log.info("tunnel down: %s after %s (%s)", peer_text, tunnel.summary(), reason)
+        log.info("tunnel down: %s%s after %s (%s)", peer_text, route_text, tunnel.summary(),
+                 reason)
 
     def _refuse(self, channel, peer_text, error, upgrade_from=None):
         """The one error-answer path: log why, count it and send the HTTP answer; the caller
@@ -4469,7 +4592,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 OPTION_MODES = {
     "listen": ("server",), "tls-cert": ("server",), "tls-key": ("server",),
     "max-clients": ("server",), "trusted-proxies": ("server",),
-    "handshake-timeout": ("server",), "path": ("server",),
+    "handshake-timeout": ("server",), "path": ("server",), "route": ("server",),
+    "health-path": ("server",),
     "listen-port": ("client",), "forward-port": ("client",), "peer-ips": ("client",),
     "fwmark": ("client",), "tcp-port": ("client",), "user-agent": ("client",),
     "connect-timeout": ("client",), "proxy": ("client",), "ca-file": ("client",),
@@ -4529,6 +4653,8 @@ OPTION_GROUPS = {
     "version": "operations",
     "profile": "connection",
     "write-config": "operations",
+    "route": "connection",
+    "health-path": "operations",
 }
 # What the user likely meant when an option is in the wrong mode.
 MODE_HINTS = {
@@ -4608,11 +4734,15 @@ def close_match(word, candidates):
     return found[0] if found else None
 
 
+PROGRAM_NAMES = ("proxyguard", "proxyguard.py", "proxyguard-client", "proxyguard-server")
+
+
 def program_name(argv0=None):
-    """The name the program was started by, for the usage line: `proxyguard` as pipx and pip
-    install it, else proxyguard.py."""
+    """The name the program was started by, for the usage line and the error lines: one of
+    PROGRAM_NAMES (`proxyguard` as pipx and pip install it; the original's two names), else
+    proxyguard.py."""
     name = os.path.basename(sys.argv[0] if argv0 is None and sys.argv else argv0 or "")
-    return name if name in ("proxyguard", "proxyguard.py") else "proxyguard.py"
+    return name if name in PROGRAM_NAMES else "proxyguard.py"
 
 
 def options_mode(mode):
@@ -4767,6 +4897,13 @@ def build_parser(command_line_only=False, help_mode=None):
              "(default %(default)g)")
     add("--path", metavar="PREFIX", help="take upgrades only at this path and below it "
         "(/pg takes /pg and /pg/x), 404 elsewhere (default: any path)")
+    add("--route", action="append", metavar="PATH=HOST:PORT",
+        help="upgrades at PATH and below it go to the WireGuard at HOST:PORT (one server for "
+             "several nodes); repeat it, or commas in a file or variable; the longest PATH "
+             "wins; other paths get 404 unless --to is given (then --to under --path)")
+    add("--health-path", metavar="PATH", help="answer a GET of PATH with 200, or 503 when "
+        "--max-clients are open, for a load balancer's health check, /proxyguard-health say "
+        "(default: off; any path may take a tunnel, as the original)")
     add("--metrics-listen", metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics, 127.0.0.1:9821 say "
              "(default: off)")
@@ -4800,6 +4937,58 @@ class Source:
 
     def __str__(self):
         return self.where
+
+
+# The original's programs and flags, so its packages' units and sysconfig files run unchanged:
+# `proxyguard-server -listen ${LISTEN} -to ${TO}`. Go's flag package takes -name and --name,
+# `-name value` and `-name=value`. Its flags mean what ours of the same long name mean (-tcp-port
+# is the client's TCP source port in both, cmd/proxyguard-client/main.go); they are
+# translated before parsing, so --help shows only ours.
+ORIGINAL_FLAGS = ("listen", "to", "listen-port", "forward-port", "peer-ips", "fwmark",
+                  "tcp-port", "version")
+# The original's program names (our console scripts, or a link to proxyguard.py) give the mode.
+PROGRAM_MODES = {"proxyguard-client": "client", "proxyguard-server": "server"}
+
+
+def translate_original_flags(argv):
+    """The original's single-dash flags in `argv` as ours (-to X: --to X, -to=X: --to=X,
+    -version=true: --version); anything else, and all after `--`, as given."""
+    translated = []
+    for index, arg in enumerate(argv):
+        if arg == "--":
+            return translated + list(argv[index:])
+        name, sep, value = arg[1:].partition("=")
+        if arg.startswith("-") and not arg.startswith("--") and name in ORIGINAL_FLAGS:
+            if name == "version" and sep:  # Go's bool flag: -version=true or =false
+                if value.lower() in ("false", "0", "f"):
+                    continue
+                arg = "-version"
+            arg = "-" + arg
+        translated.append(arg)
+    return translated
+
+
+def program_mode(program):
+    """The mode the program's name gives (proxyguard-server: server), or None."""
+    name = os.path.basename(program or "")
+    return PROGRAM_MODES.get(name[:-3] if name.endswith(".py") else name)
+
+
+def check_program_mode(options, program):
+    """Take the mode from the program's name unless one is given; refuse one that contradicts
+    it (proxyguard-client also runs check, the client's connection test)."""
+    implied = program_mode(program)
+    if implied is None:
+        return
+    if options.mode is None:
+        options.mode = implied
+    elif options.mode != implied and not (implied == "client" and options.mode == "check"):
+        source = options.sources.get("mode")
+        named = [name for name, mode in sorted(PROGRAM_MODES.items()) if mode == options.mode]
+        raise UsageError("%s%s runs the %s: mode %r contradicts its name (run %sproxyguard.py "
+                         "%s)" % ("%s: " % source if source else "", os.path.basename(program),
+                                  implied, options.mode, "".join(name + " or " for name in named),
+                                  options.mode))
 
 
 def mode_word_first(argv):
@@ -4933,17 +5122,18 @@ def check_option_modes(options, parser, on_command_line, sources):
             " (%s)" % hint if hint else ""))
 
 
-def parse_options(argv, environ=None):
+def parse_options(argv, environ=None, program=None):
     """Parse and check every option; return the argparse namespace, with `warnings` (lines
     for the log: unknown PROXYGUARD_* variables) and `sources` (dest: where a value that is
-    not on the command line came from). Raises UsageError; its `warnings` too."""
+    not on the command line came from). `program`: the name run, which may give the mode
+    (PROGRAM_MODES). Raises UsageError; its `warnings` too."""
     environ = os.environ if environ is None else environ
     parser = build_parser()
     names = settable_options(parser)
     env_settings, warnings = environment_settings(environ, names)
     sources = {}
     try:
-        argv = mode_word_first(list(argv))
+        argv = mode_word_first(translate_original_flags(list(argv)))
         # First the command line alone: what it gives, and its own errors as argparse words them.
         try:
             given, _ = build_parser(command_line_only=True).parse_known_args(argv)
@@ -4976,6 +5166,7 @@ def parse_options(argv, environ=None):
         except UsageError as exc:
             raise UsageError(explain_parse_error(str(exc), names, sources))
         options.sources, options.warnings = sources, warnings
+        check_program_mode(options, program)
         if options.mode is not None:
             check_option_modes(options, parser, set(vars(given)), sources)
         try:
@@ -5005,20 +5196,26 @@ def check_options(options):
         options.metrics_listen = None
     if options.mode == "server":
         options.listen = parse_host_port(options.listen, "--listen", default_host="0.0.0.0")
+        options.route = check_routes(options.route or [])
         to = options.to or DEFAULT_SERVER_TO
         if "://" in to:
             raise UsageError("--to %r: the server's --to is WireGuard's HOST:PORT, for example "
                              "%s, not a URL (a URL is the client's --to)" % (to, DEFAULT_SERVER_TO))
-        options.to = parse_host_port(to, "--to")
+        # With --route, only a --to given (not its default) serves the other paths.
+        options.to = parse_host_port(to, "--to") if options.to or not options.route else None
+        if options.route and options.to is None and options.path is not None:
+            raise UsageError("--path %r: with --route and no --to there is nothing for --path "
+                             "to limit (give --to, or make it a --route)" % options.path)
         options.trusted_proxies = parse_networks(options.trusted_proxies, "--trusted-proxies")
         if not 0 <= options.max_clients <= MAX_CLIENTS_BOUND:
             raise UsageError("--max-clients %r: must be 0 (no limit) or up to %d"
                              % (options.max_clients, MAX_CLIENTS_BOUND))
         if bool(options.tls_cert) != bool(options.tls_key):
             raise UsageError("--tls-cert and --tls-key go together")
-        if options.path is not None and not (options.path.startswith("/")
-                                             and _TARGET.match(options.path)
-                                             and "?" not in options.path):
+        if options.health_path is not None and not is_url_path(options.health_path):
+            raise UsageError("--health-path %r: must be a URL path such as /proxyguard-health "
+                             "(visible ASCII from a /, no query)" % options.health_path)
+        if options.path is not None and not is_url_path(options.path):
             raise UsageError("--path %r: must be a URL path such as /proxyguard (visible ASCII "
                              "from a /, no query)" % options.path)
         return
@@ -5089,6 +5286,23 @@ def read_up_profile(options):
     options.wireguard_profile, options.interface = profile, interface
 
 
+def check_routes(values):
+    """--route's values (each may hold several, split by commas: a config file's list, a
+    variable) as [(PATH, (host, port))]; raises UsageError for a bad one or a PATH twice."""
+    routes, seen = [], {}
+    for value in values:
+        for item in value.split(","):
+            if not item.strip():
+                continue
+            path, target = parse_route(item)
+            if path in seen:
+                raise UsageError("--route %r: the path %s has a route already (%r)"
+                                 % (item.strip(), path, seen[path]))
+            seen[path] = item.strip()
+            routes.append((path, target))
+    return routes
+
+
 def check_header_value(text, option):
     """Refuse what cannot go into an HTTP header as written: control characters (a line
     break would inject headers) and characters beyond latin-1. Raises UsageError."""
@@ -5112,7 +5326,8 @@ def build_service(options):
         return Server.open(options.listen, options.to, idle_timeout=options.idle_timeout,
                            handshake_timeout=options.handshake_timeout, tls_context=tls_context,
                            trusted_proxies=options.trusted_proxies,
-                           max_clients=options.max_clients, path=options.path)
+                           max_clients=options.max_clients, path=options.path,
+                           routes=options.route, health_path=options.health_path)
     if options.mode == "up":
         return build_client_group(options)
     return Client.open(build_dialer(options), listen_port=options.listen_port,
@@ -5428,12 +5643,12 @@ def run_until_signal(service, reload=None, notifier=None):
     return 0
 
 
-def reload_settings(service, argv):
+def reload_settings(service, argv, program=None):
     """SIGHUP: read the options again (the config file may have changed) and apply what can
     change under running tunnels: the log level and the TLS files. Logs one line; on any error
     the running settings stay."""
     try:
-        options = parse_options(argv)
+        options = parse_options(argv, program=program)
         done = service.reload(options)
     except ProxyGuardError as exc:
         log.error("SIGHUP: reload failed, the running settings stay: %s", exc)
@@ -5465,15 +5680,17 @@ def configure_logging(level):
                         format=stamp + "%(levelname)s %(message)s")
 
 
-def main(argv=None):
-    """Run proxyguard.py with `argv` (default sys.argv[1:]); return the exit status."""
+def main(argv=None, program=None):
+    """Run proxyguard.py with `argv` (default sys.argv[1:]); return the exit status.
+    `program`: the name it runs as; proxyguard-client and proxyguard-server give the mode."""
     argv = sys.argv[1:] if argv is None else argv
+    name = program_name(program)
     try:
-        options = parse_options(argv)
+        options = parse_options(argv, program=program)
     except UsageError as exc:
         for warning in getattr(exc, "warnings", ()):  # a misspelt variable may be the cause
-            print("proxyguard.py: warning: %s" % warning, file=sys.stderr)
-        print("proxyguard.py: error: %s (see --help)" % exc, file=sys.stderr)
+            print("%s: warning: %s" % (name, warning), file=sys.stderr)
+        print("%s: error: %s (see --help)" % (name, exc), file=sys.stderr)
         return 2
     except SystemExit as exc:  # --help and --version print and exit 0
         return exc.code if isinstance(exc.code, int) else 0
@@ -5490,7 +5707,7 @@ def main(argv=None):
         try:
             return run_check(build_dialer(options))
         except UsageError as exc:
-            print("proxyguard.py: error: %s" % name_source(exc, options), file=sys.stderr)
+            print("%s: error: %s" % (name, name_source(exc, options)), file=sys.stderr)
             return 2
     with signals_held():
         metrics = wireguard = None
@@ -5502,7 +5719,7 @@ def main(argv=None):
                 if options.mode == "up":
                     wireguard = start_wireguard(options, service)
             except UsageError as exc:
-                print("proxyguard.py: error: %s" % name_source(exc, options), file=sys.stderr)
+                print("%s: error: %s" % (name, name_source(exc, options)), file=sys.stderr)
                 return 2
             except FatalError as exc:
                 log.error("%s", exc)
@@ -5513,7 +5730,7 @@ def main(argv=None):
             status = 1
             try:
                 status = run_until_signal(service, functools.partial(reload_settings, service,
-                                                                     argv),
+                                                                     argv, program),
                                           SystemdNotifier.from_environment())
             finally:
                 if wireguard is not None and not wireguard.down():
@@ -5524,5 +5741,15 @@ def main(argv=None):
                 metrics.stop()
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def client_main():
+    """The proxyguard-client command (pyproject.toml), as the original's program."""
+    return main(program="proxyguard-client")
+
+
+def server_main():
+    """The proxyguard-server command (pyproject.toml), as the original's program."""
+    return main(program="proxyguard-server")
+
+
+if __name__ == "__main__":  # as proxyguard.py, or a link named proxyguard-client/-server
+    sys.exit(main(program=sys.argv[0]))

@@ -913,6 +913,10 @@ def tool_ping(args):
     pinger = Pinger(args.destination)
     rtts = []
     received = set()
+    # The longest time without a reply (from the start, between replies, to the last send's
+    # interval end; not the wait for late replies): a fault's interruption, to an interval.
+    start = last = time.monotonic()
+    largest_gap = 0.0
     for sequence in range(args.count):
         pinger.send(sequence)
         deadline = time.monotonic() + (args.interval if sequence < args.count - 1
@@ -924,9 +928,14 @@ def tool_ping(args):
             if reply[0] not in received:
                 received.add(reply[0])
                 rtts.append(reply[1] * 1000)
+                now = time.monotonic()
+                largest_gap, last = max(largest_gap, now - last), now
             if len(received) == args.count:
                 break
-    return {"sent": args.count, "received": len(received), "rtt_ms": [round(r, 3) for r in rtts]}
+    sending_ended = pinger.sent[(args.count - 1) & 0xFFFF] + args.interval
+    largest_gap = max(largest_gap, sending_ended - last)
+    return {"sent": args.count, "received": len(received), "rtt_ms": [round(r, 3) for r in rtts],
+            "largest_gap_s": round(largest_gap, 3), "seconds": round(time.monotonic() - start, 3)}
 
 
 def tool_wait_ping(args):
