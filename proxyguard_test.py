@@ -7369,3 +7369,205 @@ def test_pings_from_a_peer_that_never_reads_keep_memory_bounded(server, good_tun
     after = wait_for_stats(pid, before["threads"], before["fds"])
     assert after["threads"] <= before["threads"] and after["fds"] <= before["fds"], (before,
                                                                                     after)
+
+
+# =============================================================================================
+# Several servers for one peer (issue 15, item 3) and a prompt reconnect after an outage (issue
+# 19, item 4): the server-order policy with a fake clock, repeatable --to, failover between two
+# real servers (killed: reset; silently gone: packets dropped by iptables in a namespace made
+# here), staggered connects into a path that comes back, and the WireGuard bed.
+# =============================================================================================
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_server_choice_tries_in_order_from_the_last_carrier_each_with_its_back_off():
+    clock = FakeClock()
+    choice = pg.ServerChoice([pg.Backoff(), pg.Backoff(), pg.Backoff()], clock=clock)
+    assert choice.next() == (0, 0)                     # the first, at once
+    choice.failed(0, clock.now, choice.backoffs[0].failed())
+    assert choice.next() == (1, 0)                     # the next one, at once, no wait
+    choice.carried(1)
+    clock.now += 60
+    choice.tunnel_ended(1, choice.backoffs[1].tunnel_ended(60))
+    assert choice.next() == (1, 0)                     # the last carrier first again
+    choice.failed(1, clock.now, choice.backoffs[1].failed())
+    assert choice.next() == (2, 0)                     # ... then in order, 0 after 2
+    choice.failed(2, clock.now, choice.backoffs[2].failed())
+    assert choice.next() == (0, 0)                     # 0's own 1 s passed long ago
+    choice.failed(0, clock.now, choice.backoffs[0].failed())   # its 2nd failure: 2 s
+    index, wait = choice.next()
+    assert (index, wait) == (1, 1.0)                   # all wait: the first one due
+    clock.now += 1.0
+    assert choice.next() == (1, 0)
+    # A wait counts from the start of the attempt: one that spent 10 s without an answer
+    # (a path down) has waited out a 1-8 s back-off already: the next starts at once.
+    started = clock.now
+    clock.now += 10
+    choice.failed(1, started, choice.backoffs[1].failed())
+    assert choice.next()[1] == 0
+
+
+def test_server_choice_with_one_server_is_the_back_off_of_before():
+    clock = FakeClock()
+    choice = pg.ServerChoice([pg.Backoff()], clock=clock)
+    waits = []
+    for _ in range(6):
+        choice.failed(0, clock.now, choice.backoffs[0].failed())
+        index, wait = choice.next()
+        waits.append(wait)
+        clock.now += wait
+    assert waits == [1, 2, 4, 8, 10, 10]
+
+
+def test_to_may_be_given_several_times_for_the_client(tmp_path):
+    urls = ["http://a.example/pg", "https://b.example/pg"]
+    options = pg.parse_options(["client", "--to", urls[0], "--to", urls[1]], environ={})
+    assert [str(url) for url in options.servers] == urls and options.to.host == "a.example"
+    conf = tmp_path / "client.conf"
+    conf.write_text("mode = client\nto = [%s, %s]\n" % tuple(urls))
+    options = pg.parse_options(["-c", str(conf)], environ={})
+    assert [str(url) for url in options.servers] == urls
+    # The command line replaces the file's list; one URL stays one.
+    options = pg.parse_options(["-c", str(conf), "--to", "http://c.example/"], environ={})
+    assert [str(url) for url in options.servers] == ["http://c.example/"]
+    options = pg.parse_options(["client"], environ={"PROXYGUARD_TO": "[%s, %s]" % tuple(urls)})
+    assert [str(url) for url in options.servers] == urls
+    options = pg.parse_options(["client"], environ={"PROXYGUARD_TO": urls[1]})
+    assert [str(url) for url in options.servers] == urls[1:]
+
+
+def test_server_refuses_a_second_to_and_peer_ips_wants_one_server():
+    result = run_cli("server", "--to", "127.0.0.1:51820", "--to", "127.0.0.1:51830")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "proxyguard.py: error: --to given 2 times (127.0.0.1:51820, 127.0.0.1:51830): the "
+        "server forwards to one WireGuard HOST:PORT (see --help)"]
+    result = run_cli("client", "--to", "http://a.example/", "--to", "http://b.example/",
+                     "--peer-ips", "192.0.2.1")
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+    assert "--peer-ips names one server's addresses" in result.stderr
+
+
+def test_check_with_several_to_checks_each(tmp_path, echo, procs):
+    server = start_server(tmp_path, echo.port)
+    procs.append(server)
+    dead = "http://%s:%d/" % (LOOPBACK, free_port())
+    good = "http://%s:%d/" % (LOOPBACK, server.port)
+    result = run_cli("check", "--to", good, "--to", dead)
+    assert result.returncode == 1, result.stdout
+    assert result.stdout.count("check    ") == 2
+    assert "result   ok:" in result.stdout and "result   FAIL:" in result.stdout
+    assert run_cli("check", "--to", good, "--to", good).returncode == 0
+
+
+def datagram_stream(wireguard, stop, interval=0.05):
+    """Send numbered datagrams through `wireguard` (a WireGuardStandIn) every `interval` s
+    until `stop` is set; returns {number: (sent at, echoed at or None)} (filled as it goes)."""
+    times = {}
+
+    def send():
+        number = 0
+        while not stop.is_set():
+            times[number] = [time.monotonic(), None]
+            wireguard.send(struct.pack("!I", number) + b"failover" * 10)
+            number += 1
+            stop.wait(interval)
+
+    def receive():
+        wireguard.sock.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                data = wireguard.sock.recv(70000)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            entry = times.get(struct.unpack("!I", data[:4])[0])
+            if entry is not None and entry[1] is None:
+                entry[1] = time.monotonic()
+
+    for target in (send, receive):
+        threading.Thread(target=target, daemon=True).start()
+    return times
+
+
+def first_echo_sent_after(times, moment):
+    """When the first datagram sent after `moment` came back (None: none yet)."""
+    echoed = [back for sent, back in list(times.values()) if sent > moment and back]
+    return min(echoed) if echoed else None
+
+
+def test_client_fails_over_to_the_next_server_when_its_server_goes(echo, caplog):
+    """Two servers in-process; the one carrying the tunnel stops (its connections closed, its
+    port refusing): the datagram stream flows again through the other within 3 s."""
+    with caplog.at_level(logging.INFO, logger="proxyguard"), \
+            running_server(echo.port) as second, \
+            contextlib.ExitStack() as stack:
+        first = stack.enter_context(running_server(echo.port))
+        wireguard = WireGuardStandIn()
+        client = pg.Client.open(
+            pg.Dialer(pg.ServerURL("http://%s:%d/" % first.address)), listen_port=0,
+            forward_port=wireguard.port,
+            fallbacks=[pg.Dialer(pg.ServerURL("http://%s:%d/" % second.address))])
+        wireguard.endpoint = client.address
+        thread = threading.Thread(target=client.serve_forever, daemon=True)
+        thread.start()
+        stop = threading.Event()
+        try:
+            times = datagram_stream(wireguard, stop)
+            wait_until(lambda: first_echo_sent_after(times, 0), 5, "the stream through 1")
+            assert "(server 1 of 2)" in caplog.text
+            fault = time.monotonic()
+            stack.close()  # the first server stops: tunnel closed, port closed
+            back = wait_until(lambda: first_echo_sent_after(times, fault), 5,
+                              "the stream through the second server")
+            assert back - fault <= 3.0
+            assert second.tunnels_open() == 1
+            assert re.search(r"tunnel up: .*:%d/ \(server 2 of 2\)" % second.address[1],
+                             caplog.text), caplog.text
+        finally:
+            stop.set()
+            client.stop()
+            thread.join(5)
+            wireguard.sock.close()
+
+
+@pytest.mark.slow  # the cut lasts 5.3 s
+def test_a_connect_into_a_black_hole_gets_fresh_attempts_and_finds_the_path_back():
+    """The server's accept queue is full (its SYNs dropped: a path cut, on loopback) and then
+    has room again 5.3 s into the dial: a fresh attempt connects within CONNECT_STAGGER, not
+    at the first socket's next SYN retry: 7 s after its start where the kernel has
+    tcp_syn_linear_timeouts (Linux 6.5+: 1, 2, 3, 4, 5, 7 s here), 7 s before (1, 3, 7 s)."""
+    port, sockets = blackhole_listeners(1)
+    listener, fillers = sockets[0], sockets[1:]
+    dialer = pg.Dialer(pg.ServerURL("http://%s:%d/" % (LOOPBACK, port)), connect_timeout=10)
+    done = []
+
+    def connect():
+        sock, _ = dialer._connect(dialer.resolve(), pg.Deadline(10))
+        done.append(time.monotonic())
+        sock.close()
+
+    thread = threading.Thread(target=connect, daemon=True)
+    started = time.monotonic()
+    thread.start()
+    time.sleep(5.3)  # the path is cut for this long: the fault itself, not a wait for it
+    for filler in fillers:
+        filler.close()
+    listener.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            listener.accept()[0].close()  # room in the queue again
+    back = time.monotonic()
+    thread.join(10)
+    listener.close()
+    assert done, "no connection within 10 s"
+    assert done[0] - back < 1.0, ("connected %.2f s after the path came back (the dial began "
+                                  "%.2f s before)" % (done[0] - back, back - started))
