@@ -181,12 +181,16 @@ STABLE_TUNNEL_SECONDS = 10.0
 # data stays unacknowledged this long is dead (a server silently gone, a path cut), and the
 # client connects afresh (to its next server, if it has one) instead of waiting for TCP's own
 # retransmissions, which back off to minutes. WireGuard always sends under traffic (data,
-# keepalives, handshakes), so its own datagrams are the probe: UoTLV/1 needs no ping. Why 2.5 s
-# and no less: the kernel checks it when a retransmission timer fires (RTO at least 200 ms,
-# about 300 ms on a 100 ms path, doubling), so by 2.5 s a segment and its three retransmissions
-# (at 0.3, 0.9 and 2.1 s; acknowledged by 2.2 s) must all be lost: 1e-8 at 1 % random loss,
-# one false reconnect in days of bulk traffic. At 2 s, one fewer: a few an hour.
-PATH_DOWN_SECONDS = 2.5
+# keepalives, handshakes), so its own datagrams are the probe: UoTLV/1 needs no ping, and an
+# idle tunnel has nothing to lose. It is PATH_DOWN_RTOS times the connection's retransmission
+# timeout (RTO, from TCP_INFO once connected), at least PATH_DOWN_SECONDS: a segment's
+# retransmissions go at 1, 3 and 7 RTOs, so by 8 RTOs a segment and its three retransmissions
+# must all have been lost before the client gives up: 1e-8 at 1 % random loss, one false
+# reconnect in weeks of bulk traffic. (At a fixed 2 s, a 100 ms path, RTO 300 ms, would lose
+# its third retransmission's chance: 1e-6, a false reconnect every few hours.) On a LAN or a
+# path up to about 120 ms (RTO 200-250 ms) that is 2 s: failover within 3 s of the fault.
+PATH_DOWN_SECONDS = 2.0
+PATH_DOWN_RTOS = 8
 # A connect that gets no answer (SYNs lost: a path cut, a server gone) is not waited for alone:
 # a fresh attempt starts every CONNECT_STAGGER seconds (round robin over the addresses) beside
 # the older ones, at most CONNECT_ATTEMPTS at once (the oldest is dropped), all within
@@ -255,6 +259,7 @@ SWITCH_INTERVAL = 0.5
 # Linux socket option numbers that the socket module may lack on old Pythons.
 SO_MARK = getattr(socket, "SO_MARK", 36)
 TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
+TCP_INFO = getattr(socket, "TCP_INFO", 11)
 IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
 MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
 # struct sock_extended_err (linux/errqueue.h): ee_errno, origin, type, code, pad, info, data.
@@ -1385,6 +1390,12 @@ class ServerChoice:
         self.due[index] = self.clock() + wait
 
 
+def path_down_timeout(rto):
+    """The client's TCP_USER_TIMEOUT in seconds for a connection whose retransmission
+    timeout is `rto` seconds (None: unknown): see PATH_DOWN_SECONDS."""
+    return max(PATH_DOWN_SECONDS, PATH_DOWN_RTOS * (rto or 0))
+
+
 class Histogram:
     """Observations counted into `buckets` (upper bounds), for a Prometheus histogram. Not
     thread-safe: its owner observes under its own lock."""
@@ -1778,6 +1789,17 @@ def prepare_tcp_socket(sock):
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     set_socket_buffers(sock)
+
+
+def retransmission_timeout(sock):
+    """The kernel's retransmission timeout of a connected TCP socket in seconds (TCP_INFO's
+    tcpi_rto, microseconds, after 8 bytes of state); None where it cannot say (not Linux, not
+    TCP: a socketpair in the tests)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 104)
+        return struct.unpack_from("=I", info, 8)[0] / 1e6
+    except (OSError, struct.error):
+        return None
 
 
 class UdpEndpoint:
@@ -3748,7 +3770,8 @@ class Client:
             raise
         tunnel = Tunnel(channel, self.endpoint, peer, IdleClock(self.idle_timeout), first_bytes,
                         unsent=self._keep_unsent, framing=framing,
-                        unacked_timeout=PATH_DOWN_SECONDS)
+                        unacked_timeout=path_down_timeout(
+                            retransmission_timeout(channel.sock)))
         with self._lock:
             self._tunnel = tunnel
             if self._stopping:

@@ -7414,6 +7414,16 @@ def test_server_choice_tries_in_order_from_the_last_carrier_each_with_its_back_o
     assert choice.next()[1] == 0
 
 
+def test_path_down_timeout_is_eight_retransmission_timeouts_and_at_least_2_s():
+    """A segment's 4 tries (at 0, 1, 3, 7 RTOs) all fail before the client gives up."""
+    assert pg.path_down_timeout(None) == pg.path_down_timeout(0.2) == 2.0   # loopback, LAN
+    assert pg.path_down_timeout(0.3) == pytest.approx(2.4)                  # a 100 ms path
+    assert pg.path_down_timeout(1.0) == 8.0                                 # a satellite
+    with socket.create_server((LOOPBACK, 0)) as listener:
+        with socket.create_connection(listener.getsockname()) as sock:
+            assert 0.2 <= pg.retransmission_timeout(sock) < 1.0   # Linux's 200 ms floor
+
+
 def test_server_choice_with_one_server_is_the_back_off_of_before():
     clock = FakeClock()
     choice = pg.ServerChoice([pg.Backoff()], clock=clock)
@@ -7571,3 +7581,193 @@ def test_a_connect_into_a_black_hole_gets_fresh_attempts_and_finds_the_path_back
     assert done, "no connection within 10 s"
     assert done[0] - back < 1.0, ("connected %.2f s after the path came back (the dial began "
                                   "%.2f s before)" % (done[0] - back, back - started))
+
+
+import proxyguard_testbed as testbed  # noqa: E402 (here, in this section: merges cleanly)
+
+# Inside a namespace made for one test (its own loopback, so fixed ports are fine): a UDP echo
+# (WireGuard's stand-in behind the servers) and the stream's driver (WireGuard in front of the
+# client): it sends a numbered datagram every INTERVAL s, notes when each comes back, keeps
+# the count in a progress file, and prints {number: [sent, echoed]} when its stdin closes.
+NS_ECHO = """import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+while True:
+    data, source = s.recvfrom(70000)
+    s.sendto(data, source)
+"""
+NS_DRIVER = """import json, os, socket, struct, sys, threading, time
+port, target, interval, progress = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("127.0.0.1", port))
+times, stop = {}, threading.Event()
+def receive():
+    sock.settimeout(0.2)
+    echoed = 0
+    while not stop.is_set():
+        try:
+            data = sock.recv(70000)
+        except socket.timeout:
+            continue
+        entry = times.get(struct.unpack("!I", data[:4])[0])
+        if entry is not None and entry[1] is None:
+            entry[1] = time.monotonic()
+            echoed += 1
+            with open(progress + ".tmp", "w") as stream:
+                stream.write("%d %f" % (echoed, entry[1]))
+            os.replace(progress + ".tmp", progress)
+def send():
+    number = 0
+    while not stop.is_set():
+        times[number] = [time.monotonic(), None]
+        sock.sendto(struct.pack("!I", number) + b"stream" * 20, ("127.0.0.1", target))
+        number += 1
+        stop.wait(interval)
+threading.Thread(target=receive, daemon=True).start()
+threading.Thread(target=send, daemon=True).start()
+sys.stdin.read()
+stop.set()
+time.sleep(0.3)
+print(json.dumps(times))
+"""
+NS_ECHO_PORT, NS_WIREGUARD_PORT, NS_CLIENT_PORT, NS_SERVER_PORTS = 51820, 51830, 51821, (8081, 8082)
+
+
+class StreamNamespace:
+    """A network namespace of its own with loopback only (named as the bed names its own, so
+    remove_stale_beds clears it after a killed run), the UDP echo, two proxyguard servers and
+    a client for both (`client_extra` options), and the stream's driver; every process dies
+    with the test (setpriv --pdeathsig)."""
+
+    def __init__(self, tmp_path, client_extra=()):
+        if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("iptables") is None:
+            skip_or_fail("needs root, iproute2 and iptables (a network namespace)")
+        self.dir = tmp_path
+        self.name = "pgbed-c%07d%02d-%d" % (os.getpid(), next(testbed._counter) % 100,
+                                            process_start_ticks(os.getpid()))
+        self.procs = {}
+        subprocess.run(["ip", "netns", "add", self.name], check=True, capture_output=True,
+                       timeout=15)
+        try:
+            self.sh("ip", "link", "set", "lo", "up")
+            self.spawn("echo", [sys.executable, "-c", NS_ECHO, str(NS_ECHO_PORT)])
+            for index, port in enumerate(NS_SERVER_PORTS):
+                self.start_server(index)
+            self.spawn("client", [sys.executable, SCRIPT, "client"] + [
+                arg for port in NS_SERVER_PORTS for arg in ("--to", "http://127.0.0.1:%d/" % port)
+            ] + ["--listen-port", str(NS_CLIENT_PORT), "--forward-port",
+                 str(NS_WIREGUARD_PORT)] + list(client_extra))
+            self.wait_log("client", "listening on")
+            self.progress = str(tmp_path / "progress")
+            self.driver = subprocess.Popen(
+                testbed.DIE_WITH_PARENT + ["ip", "netns", "exec", self.name, sys.executable,
+                                           "-c", NS_DRIVER, str(NS_WIREGUARD_PORT),
+                                           str(NS_CLIENT_PORT), "0.05", self.progress],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        except BaseException:
+            self.close()
+            raise
+
+    def sh(self, *cmd):
+        return subprocess.run(["ip", "netns", "exec", self.name] + list(cmd), check=True,
+                              capture_output=True, text=True, timeout=15).stdout
+
+    def spawn(self, name, argv):
+        log_file = open(self.dir / (name + ".log"), "a")
+        self.procs[name] = subprocess.Popen(
+            testbed.DIE_WITH_PARENT + ["ip", "netns", "exec", self.name] + argv,
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            env=dict(os.environ, **no_proxy_env()))
+        log_file.close()
+
+    def start_server(self, index):
+        self.spawn("server%d" % index, [sys.executable, SCRIPT, "server", "--listen",
+                                        "127.0.0.1:%d" % NS_SERVER_PORTS[index], "--to",
+                                        "127.0.0.1:%d" % NS_ECHO_PORT])
+        self.wait_log("server%d" % index, "listening on")
+
+    def log(self, name):
+        return (self.dir / (name + ".log")).read_text()
+
+    def wait_log(self, name, text, timeout=10):
+        wait_until(lambda: text in self.log(name), timeout, "%r in %s's log" % (text, name))
+
+    def echoed(self):
+        """(datagrams echoed so far, when the last came back)."""
+        try:
+            count, at = open(self.progress).read().split()
+        except (OSError, ValueError):
+            return 0, None
+        return int(count), float(at)
+
+    def wait_echoed(self, more, timeout=10):
+        count = self.echoed()[0]
+        wait_until(lambda: self.echoed()[0] >= count + more, timeout,
+                   "%d more datagrams echoed\n%s" % (more, self.log("client")))
+
+    def drop_port(self, port):
+        """Silently gone: every packet to or from `port` dropped, both ways, on loopback."""
+        self.sh("iptables", "-I", "INPUT", "-p", "tcp", "-m", "multiport", "--ports", str(port),
+                "-j", "DROP")
+
+    def stream_times(self):
+        """Stop the driver; [(sent, echoed or None)] of every datagram, in order."""
+        out, _ = self.driver.communicate("", timeout=15)
+        times = json.loads(out)
+        return [tuple(times[key]) for key in sorted(times, key=int)]
+
+    def close(self):
+        if getattr(self, "driver", None) is not None and self.driver.poll() is None:
+            self.driver.kill()
+            self.driver.wait(5)
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=15)
+
+
+def gap_after(times, fault):
+    """Seconds from `fault` to the first echo of a datagram sent after it, and how many of the
+    datagrams sent after it never came back."""
+    after = [(sent, back) for sent, back in times if sent > fault]
+    back = [back for _, back in after if back is not None]
+    return (min(back) - fault if back else None), sum(1 for _, back in after if back is None)
+
+
+@pytest.fixture
+def stream_namespace(tmp_path):
+    space = StreamNamespace(tmp_path)
+    yield space
+    space.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["killed", "silently gone"])
+def test_two_servers_in_a_namespace_the_carrying_one_fails_under_traffic(
+        stream_namespace, fault, capsys):
+    """The server carrying the tunnel is SIGKILLed (its connections reset, its port refusing)
+    or silently gone (iptables drops its packets: only the client's TCP_USER_TIMEOUT of
+    path_down_timeout notices, 2 s on loopback): the stream flows again through the other
+    server within 3 s."""
+    space = stream_namespace
+    space.wait_echoed(20)
+    assert "(server 1 of 2)" in space.log("client"), space.log("client")
+    if fault == "killed":
+        space.procs["server0"].kill()
+    else:
+        space.drop_port(NS_SERVER_PORTS[0])
+    fault_at = time.monotonic()  # the fault is in force (iptables takes a while to start)
+    space.wait_log("client", "(server 2 of 2)", timeout=10)
+    space.wait_echoed(20)
+    gap, lost = gap_after(space.stream_times(), fault_at)
+    with capsys.disabled():
+        print("\nfailover: server %s under a datagram every 50 ms: the stream flowed again "
+              "through the other server %.2f s after the fault; %d datagrams sent after the "
+              "fault lost" % (fault, gap, lost))
+    assert gap is not None and gap <= 3.0, space.log("client")
+    if fault == "silently gone":
+        assert "path down: data unacknowledged for 2s" in space.log("client")
+    # What was lost went into the dead connection before the client knew: never more than
+    # the datagrams sent until it gave the connection up.
+    assert lost <= (pg.PATH_DOWN_SECONDS + 0.5) / 0.05, lost
