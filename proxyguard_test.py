@@ -7771,3 +7771,81 @@ def test_two_servers_in_a_namespace_the_carrying_one_fails_under_traffic(
     # What was lost went into the dead connection before the client knew: never more than
     # the datagrams sent until it gave the connection up.
     assert lost <= (pg.PATH_DOWN_SECONDS + 0.5) / 0.05, lost
+
+
+# The WireGuard bed (proxyguard_testbed.py): pings through real WireGuard every 50 ms while a
+# fault comes. A cut of the path lasts CUT_SECONDS (scaled down so the test is not long; the
+# issue's 20 s with PROXYGUARD_TEST_CUT_SECONDS=20).
+CUT_SECONDS = float(os.environ.get("PROXYGUARD_TEST_CUT_SECONDS", "8"))
+PING_INTERVAL = 0.05
+
+
+def pings_flowing(bed, count=10, timeout=15):
+    """Wait until WireGuard on the client has received `count` more packets' worth (about 100
+    bytes each: answers to the stream's pings)."""
+    received = bed.wg_transfer("client")[0]
+    wait_until(lambda: bed.wg_transfer("client")[0] >= received + 100 * count, timeout,
+               "pings answered through WireGuard\n" + bed.diagnose())
+
+
+def first_answer_after(pings, moment, sent_after=True):
+    """Seconds from `moment` to the first answer (to a ping sent after it, with `sent_after`);
+    None if none came."""
+    answers = [answered for sent, answered in pings
+               if answered is not None and answered > moment and (sent > moment or not sent_after)]
+    return min(answers) - moment if answers else None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["killed", "silently gone"])
+def test_wireguard_two_servers_for_one_peer_the_carrying_one_fails_under_pings(
+        tmp_path, request, fault, report):
+    bed = make_bed(tmp_path, request, pg_servers=2)
+    assert "(server 1 of 2)" in bed.log_text("pg-client"), bed.log_text("pg-client")
+    stream = bed.start_ping_stream(interval=PING_INTERVAL)
+    pings_flowing(bed)
+    if fault == "killed":
+        bed.kill_pg_server()
+    else:
+        bed.cut_path(testbed.PG_SERVER_PORT)
+    fault_at = time.monotonic()
+    bed.wait_log("pg-client", "(server 2 of 2)", timeout=15)
+    pings_flowing(bed)
+    pings = bed.finish(stream, 30)["pings"]
+    gap = first_answer_after(pings, fault_at)
+    lost = sum(1 for sent, answered in pings if sent > fault_at and answered is None)
+    report("two servers for one peer, the carrying one %s under a ping every %g s: pings "
+           "answered again through the other %.2f s after the fault (bound 3 s); %d pings "
+           "sent after it unanswered" % (fault, PING_INTERVAL, gap, lost))
+    assert gap is not None and gap <= 3.0, bed.diagnose()
+
+
+@pytest.mark.slow
+def test_wireguard_path_cut_under_pings_carries_again_within_2s_of_its_return(bed, report):
+    """Cut under a ping stream for CUT_SECONDS: the client gives the dead connection up
+    (path_down_timeout), dials with staggered attempts (a fresh SYN every CONNECT_STAGGER),
+    never waiting out a back-off (a dial that heard nothing has waited already): the first
+    answer comes within 2 s of the path's return, where TCP's own retransmissions (RTO
+    doubling from 200 ms: 12.6 s, 25.4 s ...) would take seconds more."""
+    stream = bed.start_ping_stream(interval=PING_INTERVAL)
+    pings_flowing(bed)
+    bed.cut_path()
+    cut_at = time.monotonic()
+    time.sleep(CUT_SECONDS)  # the fault's length, not a wait for an event
+    bed.restore_path()
+    back = time.monotonic()
+    pings_flowing(bed, timeout=30)
+    pings = bed.finish(stream, 30)["pings"]
+    first = first_answer_after(pings, back, sent_after=False)
+    report("path cut for %.1f s under a ping every %g s: first answer %.2f s after the path "
+           "came back (bound 2 s); %s (%s)" % (
+               back - cut_at, PING_INTERVAL, first,
+               plural_lines(bed.log_text("pg-client"), "cannot connect"),
+               plural_lines(bed.log_text("pg-client"), "tunnel up")))
+    assert first is not None and first <= 2.0, bed.diagnose()
+    assert "path down: data unacknowledged" in bed.log_text("pg-client")
+
+
+def plural_lines(text, word):
+    count = text.count(word)
+    return "%d '%s' line%s" % (count, word, "" if count == 1 else "s")
