@@ -198,6 +198,11 @@ PATH_DOWN_RTOS = 8
 # kernel's next SYN retry of one socket (1, 3, 7, 15 s after its start).
 CONNECT_STAGGER = 0.5
 CONNECT_ATTEMPTS = 4
+# A dial that failed because this machine has no network to the server (no route, the
+# interface down: the Wi-Fi gone) loaded no server: the next comes at most this long after,
+# whatever the back-off says, so a network that comes back is used within a second.
+NO_ROUTE_WAIT = 1.0
+NO_ROUTE_ERRNOS = (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EADDRNOTAVAIL)
 # A 503's Retry-After is honoured up to this many seconds: a front end that asks for an hour
 # must not keep a VPN down that long (RFC 9110 10.2.3 lets the client decide).
 MAX_RETRY_AFTER = 300
@@ -3223,6 +3228,7 @@ class Dialer:
         CONNECT_STAGGER (issue 19). All within `deadline` (--connect-timeout).
         """
         errors = {}  # address text: its last error
+        no_route = []  # the addresses that failed for want of a route
         waiting = []  # [socket, address, started], oldest first
         poller = select.poll()
         answering = list(range(len(addresses)))  # not refused in this dial
@@ -3230,7 +3236,7 @@ class Dialer:
         turn = 0
         next_start = time.monotonic()
 
-        def give_up(attempt, error, retry=True):
+        def give_up(attempt, error, retry=True, code=None):
             sock, address, started = attempt
             waiting.remove(attempt)
             poller.unregister(sock)
@@ -3240,6 +3246,8 @@ class Dialer:
             text = ("proxy " if self.proxy else "") + format_address(address)
             self._reported("connect", False, "%s; %s" % (text, error), started)
             errors[format_address(address)] = error
+            if code in NO_ROUTE_ERRNOS:
+                no_route.append(address)
             if not retry:
                 answering[:] = [i for i in answering if addresses[i][1] != address]
 
@@ -3250,7 +3258,9 @@ class Dialer:
                 if left <= 0 or not (waiting or answering):
                     for attempt in list(waiting):
                         give_up(attempt, "timed out")
-                    raise ConnectionError("; ".join("%s: %s" % item for item in errors.items()))
+                    exc = ConnectionError("; ".join("%s: %s" % item for item in errors.items()))
+                    exc.no_route = len(set(no_route)) == len(addresses)  # see NO_ROUTE_WAIT
+                    raise exc
                 if answering and (not waiting or now >= next_start):
                     family, address = addresses[answering[turn % len(answering)]]
                     turn += 1
@@ -3265,7 +3275,7 @@ class Dialer:
                         return self._connected(attempt, waiting)
                     if error not in (errno.EINPROGRESS, errno.EAGAIN):
                         give_up(attempt, describe_error(OSError(error, os.strerror(error))),
-                                retry=False)
+                                retry=False, code=error)
                     continue
                 if answering:
                     left = min(left, max(0.0, next_start - now))
@@ -3278,7 +3288,7 @@ class Dialer:
                     if error == 0:
                         return self._connected(attempt, waiting)
                     give_up(attempt, describe_error(OSError(error, os.strerror(error))),
-                            retry=False)
+                            retry=False, code=error)
         finally:
             for sock, _, _ in waiting:
                 sock.close()
@@ -3740,7 +3750,8 @@ class Client:
             return self.backoff.refused()
         self._count_failure("network", describe_error(exc))
         log.warning("cannot connect to %s: %s", self.dialer.url, describe_error(exc))
-        return self.backoff.failed()
+        wait = self.backoff.failed()
+        return min(wait, NO_ROUTE_WAIT) if getattr(exc, "no_route", False) else wait
 
     def _count_failure(self, reason, text):
         self.reconnects[reason] += 1

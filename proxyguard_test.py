@@ -7850,3 +7850,44 @@ def test_wireguard_path_cut_under_pings_carries_again_within_2s_of_its_return(be
 def plural_lines(text, word):
     count = text.count(word)
     return "%d '%s' line%s" % (count, word, "" if count == 1 else "s")
+
+
+@pytest.mark.slow
+def test_no_route_to_the_server_waits_at_most_a_second_between_attempts(tmp_path):
+    """In a namespace with loopback only, the server's address has no route (the Wi-Fi gone):
+    each dial fails at once with 'network is unreachable', and the next comes within
+    NO_ROUTE_WAIT instead of the growing back-off (1, 2, 4 s), so a network that comes back is
+    used at once. (The address exists nowhere: nothing leaves the namespace.)"""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        skip_or_fail("needs root and iproute2 (a network namespace)")
+    name = "pgbed-s%07d%02d-%d" % (os.getpid(), next(testbed._counter) % 100,
+                                   process_start_ticks(os.getpid()))
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=15)
+    log_path = tmp_path / "client.log"
+    procs = []
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"],
+                       check=True, timeout=15)
+        with open(log_path, "w") as log_file:
+            procs.append(subprocess.Popen(
+                testbed.DIE_WITH_PARENT + ["ip", "netns", "exec", name, sys.executable, SCRIPT,
+                                           "client", "--to", "http://192.0.2.1:8080/",
+                                           "--listen-port", "51821", "--forward-port", "51820"],
+                stdout=log_file, stderr=subprocess.STDOUT, env=dict(os.environ,
+                                                                     **no_proxy_env())))
+        procs.append(subprocess.Popen(testbed.DIE_WITH_PARENT + [
+            "ip", "netns", "exec", name, sys.executable, "-c",
+            "import socket, time\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "while True:\n    s.sendto(b'handshake', ('127.0.0.1', 51821))\n"
+            "    time.sleep(0.1)\n"]))
+        wait_until(lambda: log_path.read_text().count("next attempt in") >= 4, 15,
+                   "four failed dials")
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(5)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=15)
+    log = log_path.read_text()
+    assert "network is unreachable" in log, log
+    waits = re.findall(r"next attempt in ([\d.]+)s", log)
+    assert waits[:4] == ["1", "1", "1", "1"], log
