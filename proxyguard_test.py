@@ -7380,14 +7380,6 @@ def test_pings_from_a_peer_that_never_reads_keep_memory_bounded(server, good_tun
 # =============================================================================================
 
 
-class FakeClock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
-
-
 def test_server_choice_tries_in_order_from_the_last_carrier_each_with_its_back_off():
     clock = FakeClock()
     choice = pg.ServerChoice([pg.Backoff(), pg.Backoff(), pg.Backoff()], clock=clock)
