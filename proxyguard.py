@@ -41,7 +41,7 @@ code only carries out what they say:
     IdleClock   the time of the last data either way: both pumps touch it; the TCP->UDP pump
                 waits in recv with the kernel's SO_RCVTIMEO and, woken early, waits again for
                 what is left, so a tunnel closes --idle-timeout after its last data;
-    Backoff     the client's reconnect waits;
+    Backoff     the client's reconnect waits; ServerChoice, which of its servers is next;
     HeadReader  the request-head reader, with its size limit and TLS sniff.
 Tunnel sockets stay blocking (a Python timeout would poll before every call); sent data counts
 only once acknowledged (TCP_USER_TIMEOUT = idle timeout), and only the kernel's ETIMEDOUT means
@@ -61,6 +61,11 @@ until a datagram is waiting (lazy connect), connects, upgrades, runs one tunnel 
 and reconnects with back-off (1, 2, 4, 8, 10, 10 ... s; never gives up). Datagrams that the
 UDP pump had read when its tunnel died wait in a small bounded queue for the next tunnel;
 datagrams that arrive while no tunnel is up wait in the UDP socket's receive buffer.
+With several --to (one peer's servers), each reconnect tries them in order from the one that
+carried the last tunnel (ServerChoice). The client's tunnels give up on data unacknowledged for
+path_down_timeout (8 RTOs, at least 2 s) instead of the idle timeout, and its dials start a
+fresh connect every CONNECT_STAGGER seconds without an answer, so a server silently gone or a
+path that comes back is noticed within seconds.
 
 Signals: SIGINT, SIGTERM and SIGHUP are blocked from before the service starts, in every
 thread, and one thread takes them with sigwait: a signal caught by any other thread would only
