@@ -3264,7 +3264,8 @@ class Dialer:
                     for attempt in list(waiting):
                         give_up(attempt, "timed out")
                     exc = ConnectionError("; ".join("%s: %s" % item for item in errors.items()))
-                    exc.no_route = len(set(no_route)) == len(addresses)  # see NO_ROUTE_WAIT
+                    # No route to any address: see NO_ROUTE_WAIT.
+                    exc.no_route = set(no_route) == {address for _, address in addresses}
                     raise exc
                 if answering and (not waiting or now >= next_start):
                     family, address = addresses[answering[turn % len(answering)]]
