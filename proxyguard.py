@@ -3263,7 +3263,8 @@ class Dialer:
                 if left <= 0 or not (waiting or answering):
                     for attempt in list(waiting):
                         give_up(attempt, "timed out")
-                    exc = ConnectionError("; ".join("%s: %s" % item for item in errors.items()))
+                    exc = ConnectionError("; ".join("%s: %s" % item for item in errors.items())
+                                          or "timed out")
                     # No route to any address: see NO_ROUTE_WAIT.
                     exc.no_route = set(no_route) == {address for _, address in addresses}
                     raise exc
