@@ -7479,7 +7479,10 @@ def datagram_stream(wireguard, stop, interval=0.05):
         number = 0
         while not stop.is_set():
             times[number] = [time.monotonic(), None]
-            wireguard.send(struct.pack("!I", number) + b"failover" * 10)
+            try:
+                wireguard.send(struct.pack("!I", number) + b"failover" * 10)
+            except OSError:  # closed at the end of the test
+                return
             number += 1
             stop.wait(interval)
 
