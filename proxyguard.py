@@ -189,11 +189,12 @@ STABLE_TUNNEL_SECONDS = 10.0
 # keepalives, handshakes), so its own datagrams are the probe: UoTLV/1 needs no ping, and an
 # idle tunnel has nothing to lose. It is PATH_DOWN_RTOS times the connection's retransmission
 # timeout (RTO, from TCP_INFO once connected), at least PATH_DOWN_SECONDS: a segment's
-# retransmissions go at 1, 3 and 7 RTOs, so by 8 RTOs a segment and its three retransmissions
-# must all have been lost before the client gives up: 1e-8 at 1 % random loss, one false
-# reconnect in weeks of bulk traffic. (At a fixed 2 s, a 100 ms path, RTO 300 ms, would lose
-# its third retransmission's chance: 1e-6, a false reconnect every few hours.) On a LAN or a
-# path up to about 120 ms (RTO 200-250 ms) that is 2 s: failover within 3 s of the fault.
+# retransmissions on the timer go at 1, 3 and 7 RTOs, so by 8 RTOs a segment and its three
+# retransmissions must all have been lost before the client gives up: 1e-8 at 1 % random loss
+# (at a fixed 2 s, a 100 ms path, RTO 300 ms, would lose its third retransmission's chance:
+# 1e-6, a false reconnect every few hours of bulk traffic); under bulk traffic SACK/RACK
+# recovery resends within about a round trip, more tries still. On a LAN or a path up to about
+# 120 ms (RTO 200-250 ms) that is 2 s: failover within 3 s of the fault.
 PATH_DOWN_SECONDS = 2.0
 PATH_DOWN_RTOS = 8
 # A connect that gets no answer (SYNs lost: a path cut, a server gone) is not waited for alone:
