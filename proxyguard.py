@@ -194,7 +194,7 @@ STABLE_TUNNEL_SECONDS = 10.0
 # (at a fixed 2 s, a 100 ms path, RTO 300 ms, would lose its third retransmission's chance:
 # 1e-6, a false reconnect every few hours of bulk traffic); under bulk traffic SACK/RACK
 # recovery resends within about a round trip, more tries still. On a LAN or a path up to about
-# 120 ms (RTO 200-250 ms) that is 2 s: failover within 3 s of the fault.
+# 50 ms (RTO 200-250 ms) that is 2 s, 2.4 s at 100 ms: failover within 3 s of the fault.
 PATH_DOWN_SECONDS = 2.0
 PATH_DOWN_RTOS = 8
 # A connect that gets no answer (SYNs lost: a path cut, a server gone) is not waited for alone:
