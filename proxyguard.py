@@ -41,7 +41,7 @@ code only carries out what they say:
     IdleClock   the time of the last data either way: both pumps touch it; the TCP->UDP pump
                 waits in recv with the kernel's SO_RCVTIMEO and, woken early, waits again for
                 what is left, so a tunnel closes --idle-timeout after its last data;
-    Backoff     the client's reconnect waits;
+    Backoff     the client's reconnect waits; ServerChoice, which of its servers is next;
     HeadReader  the request-head reader, with its size limit and TLS sniff.
 Tunnel sockets stay blocking (a Python timeout would poll before every call); sent data counts
 only once acknowledged (TCP_USER_TIMEOUT = idle timeout), and only the kernel's ETIMEDOUT means
@@ -63,6 +63,11 @@ until a datagram is waiting (lazy connect), connects, upgrades, runs one tunnel 
 and reconnects with back-off (1, 2, 4, 8, 10, 10 ... s; never gives up). Datagrams that the
 UDP pump had read when its tunnel died wait in a small bounded queue for the next tunnel;
 datagrams that arrive while no tunnel is up wait in the UDP socket's receive buffer.
+With several --to (one peer's servers), each reconnect tries them in order from the one that
+carried the last tunnel (ServerChoice). The client's tunnels give up on data unacknowledged for
+path_down_timeout (8 RTOs, at least 2 s) instead of the idle timeout, and its dials start a
+fresh connect every CONNECT_STAGGER seconds without an answer, so a server silently gone or a
+path that comes back is noticed within seconds.
 
 up (`proxyguard.py up PROFILE.conf`): an eduVPN WireGuard profile in, a VPN up. The profile is
 read (parse_profile, pure); each [Peer] with a ProxyEndpoint gets a Client of its own on a free
@@ -191,6 +196,33 @@ HANDSHAKE_TIMEOUT = 10.0
 RETRY_WAITS = (1, 2, 4, 8, 10)
 # A tunnel that lived this long was healthy: the next failure starts the waits over.
 STABLE_TUNNEL_SECONDS = 10.0
+# The client's TCP_USER_TIMEOUT (issue 15, failover; issue 19, a cut path): a tunnel whose sent
+# data stays unacknowledged this long is dead (a server silently gone, a path cut), and the
+# client connects afresh (to its next server, if it has one) instead of waiting for TCP's own
+# retransmissions, which back off to minutes. WireGuard always sends under traffic (data,
+# keepalives, handshakes), so its own datagrams are the probe: UoTLV/1 needs no ping, and an
+# idle tunnel has nothing to lose. It is PATH_DOWN_RTOS times the connection's retransmission
+# timeout (RTO, from TCP_INFO once connected), at least PATH_DOWN_SECONDS: a segment's
+# retransmissions on the timer go at 1, 3 and 7 RTOs, so by 8 RTOs a segment and its three
+# retransmissions must all have been lost before the client gives up: 1e-8 at 1 % random loss
+# (at a fixed 2 s, a 100 ms path, RTO 300 ms, would lose its third retransmission's chance:
+# 1e-6, a false reconnect every few hours of bulk traffic); under bulk traffic SACK/RACK
+# recovery resends within about a round trip, more tries still. On a LAN or a path up to about
+# 50 ms (RTO 200-250 ms) that is 2 s, 2.4 s at 100 ms: failover within 3 s of the fault.
+PATH_DOWN_SECONDS = 2.0
+PATH_DOWN_RTOS = 8
+# A connect that gets no answer (SYNs lost: a path cut, a server gone) is not waited for alone:
+# a fresh attempt starts every CONNECT_STAGGER seconds (round robin over the addresses) beside
+# the older ones, at most CONNECT_ATTEMPTS at once (the oldest is dropped), all within
+# --connect-timeout. A path that comes back is then found within CONNECT_STAGGER, not at the
+# kernel's next SYN retry of one socket (1, 3, 7, 15 s after its start).
+CONNECT_STAGGER = 0.5
+CONNECT_ATTEMPTS = 4
+# A dial that failed because this machine has no network to the server (no route, the
+# interface down: the Wi-Fi gone) loaded no server: the next comes at most this long after,
+# whatever the back-off says, so a network that comes back is used within a second.
+NO_ROUTE_WAIT = 1.0
+NO_ROUTE_ERRNOS = (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EADDRNOTAVAIL)
 # A 503's Retry-After is honoured up to this many seconds: a front end that asks for an hour
 # must not keep a VPN down that long (RFC 9110 10.2.3 lets the client decide).
 MAX_RETRY_AFTER = 300
@@ -263,6 +295,7 @@ WIREGUARD_RUN_DIR = "/var/run/wireguard"
 # Linux socket option numbers that the socket module may lack on old Pythons.
 SO_MARK = getattr(socket, "SO_MARK", 36)
 TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
+TCP_INFO = getattr(socket, "TCP_INFO", 11)
 IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
 MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
 # struct sock_extended_err (linux/errqueue.h): ee_errno, origin, type, code, pad, info, data.
@@ -1652,6 +1685,52 @@ class Backoff:
         return self.failed()
 
 
+class ServerChoice:
+    """Which of a peer's servers (several --to) the client tries next, and when.
+
+    Each server has its own Backoff (`backoffs`) and the moment it may be tried again. A
+    (re)connect tries them in order, starting with `current`, the one that carried the last
+    tunnel, and skips those still waiting out their back-off; when all are, it waits for the
+    first one due. A wait counts from the start of the attempt that failed: an attempt that
+    spent its whole --connect-timeout without an answer (a path down) has waited already, so
+    the next starts at once, and the path is found soon after it comes back (issue 19).
+    With one server this is the one Backoff of before.
+    """
+
+    def __init__(self, backoffs, clock=time.monotonic):
+        self.backoffs = list(backoffs)
+        self.clock = clock
+        self.due = [clock()] * len(self.backoffs)
+        self.current = 0
+
+    def next(self):
+        """(index, seconds to wait first): the server to try next."""
+        now = self.clock()
+        order = [(self.current + step) % len(self.due) for step in range(len(self.due))]
+        index = next((index for index in order if self.due[index] <= now), None)
+        if index is None:  # all wait: the first one due (in order among equals)
+            index = min(order, key=lambda index: self.due[index])
+        return index, max(0.0, self.due[index] - now)
+
+    def failed(self, index, started, wait):
+        """Server `index`'s attempt that began at `started` failed; its Backoff said `wait`."""
+        self.due[index] = started + wait
+
+    def carried(self, index):
+        """Server `index` carries a tunnel: the next reconnect tries it first."""
+        self.current = index
+
+    def tunnel_ended(self, index, wait):
+        """The tunnel through server `index` ended; its Backoff said `wait`, from now."""
+        self.due[index] = self.clock() + wait
+
+
+def path_down_timeout(rto):
+    """The client's TCP_USER_TIMEOUT in seconds for a connection whose retransmission
+    timeout is `rto` seconds (None: unknown): see PATH_DOWN_SECONDS."""
+    return max(PATH_DOWN_SECONDS, PATH_DOWN_RTOS * (rto or 0))
+
+
 class Histogram:
     """Observations counted into `buckets` (upper bounds), for a Prometheus histogram. Not
     thread-safe: its owner observes under its own lock."""
@@ -2063,6 +2142,17 @@ def prepare_tcp_socket(sock):
     set_socket_buffers(sock)
 
 
+def retransmission_timeout(sock):
+    """The kernel's retransmission timeout of a connected TCP socket in seconds (TCP_INFO's
+    tcpi_rto, microseconds, after 8 bytes of state); None where it cannot say (not Linux, not
+    TCP: a socketpair in the tests)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 104)
+        return struct.unpack_from("=I", info, 8)[0] / 1e6
+    except (OSError, struct.error):
+        return None
+
+
 class UdpEndpoint:
     """WireGuard's side of a tunnel: a UDP socket, and where datagrams for WireGuard go.
 
@@ -2461,7 +2551,7 @@ class Tunnel:
     """
 
     def __init__(self, channel, endpoint, peer, idle, first_bytes=b"", unsent=None,
-                 greeting=b"", framing=UOTLV_FRAMING):
+                 greeting=b"", framing=UOTLV_FRAMING, unacked_timeout=None):
         self.channel = channel
         self.endpoint = endpoint
         self.peer = peer
@@ -2475,6 +2565,9 @@ class Tunnel:
         self.route = None  # the server's: the RouteTable name of the route it took
         self.went_idle = False  # closed by our own idle timeout: a normal end, not a failure
         self.path_down = False  # the kernel gave up on unacknowledged data (TCP_USER_TIMEOUT)
+        # TCP_USER_TIMEOUT: the idle timeout, or less (the client's PATH_DOWN_SECONDS).
+        self.unacked_timeout = min(t for t in (idle.timeout, unacked_timeout, float("inf"))
+                                   if t)
         self.started = time.monotonic()
         # Counters: each is written by one pump thread only.
         self.to_udp_datagrams = self.to_udp_bytes = 0
@@ -2511,12 +2604,13 @@ class Tunnel:
             set_socket_timeout(sock, socket.SO_RCVTIMEO,
                                next_wake(timeout or None, self.keepalive.remaining()))
             set_socket_timeout(sock, socket.SO_SNDTIMEO, timeout)
-            if timeout:
+            if self.unacked_timeout != float("inf"):
                 # Data sent counts as activity only once the peer acknowledged it: into a
                 # dead path, sends still succeed into the kernel's buffer, and without this
                 # both sides would wait for the kernel's retransmissions (about 15 minutes).
                 try:
-                    sock.setsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT, int(timeout * 1000))
+                    sock.setsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT,
+                                    int(self.unacked_timeout * 1000))
                 except OSError:  # not Linux, or no TCP: the peer's silence still ends it
                     pass
             if log.isEnabledFor(logging.DEBUG):  # what the kernel granted of what we asked
@@ -2535,7 +2629,7 @@ class Tunnel:
             self.channel.close()
             self.endpoint.release()
         if self.path_down:  # whichever pump saw the kernel's ETIMEDOUT, that is the cause
-            self.close_reason = "path down: data unacknowledged for %gs" % self.idle.timeout
+            self.close_reason = "path down: data unacknowledged for %gs" % self.unacked_timeout
         return self.close_reason
 
     @property
@@ -3491,6 +3585,7 @@ class Dialer:
         self._addresses = None
         self._lock = threading.Lock()
         self._sock = None
+        self._connecting = set()  # sockets of connects in progress, for abort()
         self._aborted = False
 
     def for_url(self, url):
@@ -3503,8 +3598,10 @@ class Dialer:
     def abort(self):
         with self._lock:
             self._aborted = True
-            if self._sock is not None:
-                PlainChannel(self._sock).shutdown()
+            # A connect in progress wakes too: shutdown of a connecting socket resets it.
+            for sock in [self._sock] + list(self._connecting):
+                if sock is not None:
+                    PlainChannel(sock).shutdown()
 
     @contextlib.contextmanager
     def _step(self, name):
@@ -3577,44 +3674,128 @@ class Dialer:
                 self._sock = None
 
     def _connect(self, addresses, deadline):
-        """A TCP connection to the first of `addresses` that answers: (socket, address)."""
-        errors = []
-        for index, (family, address) in enumerate(addresses):
-            sock = socket.socket(family, socket.SOCK_STREAM)
+        """A TCP connection to one of `addresses`: (socket, address), or ConnectionError.
+
+        The first address is tried at once; every CONNECT_STAGGER seconds without an answer
+        another attempt starts beside the waiting ones (the next address, round robin), at most
+        CONNECT_ATTEMPTS at once (the oldest is dropped: a stuck attempt gives way to a fresh
+        one), and the first to connect wins. An address that refuses is not tried again in this
+        dial; a silent one is, with a fresh socket: a path that comes back (its SYNs lost in a
+        cut, the kernel's next retry of the old socket seconds away) is found within
+        CONNECT_STAGGER (issue 19). All within `deadline` (--connect-timeout).
+        """
+        errors = {}  # address text: its last error
+        no_route = []  # the addresses that failed for want of a route
+        waiting = []  # [socket, address, started], oldest first
+        poller = select.poll()
+        answering = list(range(len(addresses)))  # not refused in this dial
+        most = 1 if self.tcp_port else CONNECT_ATTEMPTS  # one source port: one at a time
+        turn = 0
+        next_start = time.monotonic()
+
+        def give_up(attempt, error, retry=True, code=None, final=True):
+            sock, address, started = attempt
+            if final and self.fwmark < 0:
+                hint = routing_loop_hint(address[0])
+                if hint is not None:
+                    error = "%s; %s" % (error, hint)
+            waiting.remove(attempt)
+            poller.unregister(sock)
+            with self._lock:
+                self._connecting.discard(sock)
+            sock.close()
+            text = ("proxy " if self.proxy else "") + format_address(address)
+            self._reported("connect", False, "%s; %s" % (text, error), started)
+            errors[format_address(address)] = error
+            if code in NO_ROUTE_ERRNOS:
+                no_route.append(address)
+            if not retry:
+                answering[:] = [i for i in answering if addresses[i][1] != address]
+
+        try:
+            while True:
+                now = time.monotonic()
+                left = deadline.remaining()
+                if left <= 0 or not (waiting or answering):
+                    for attempt in list(waiting):
+                        give_up(attempt, "timed out")
+                    message = "; ".join("%s: %s" % item for item in errors.items()) or "timed out"
+                    if self.proxy:  # the server may be fine: say whose address this is
+                        message = "cannot reach the HTTP proxy %s (from %s): %s%s" % (
+                            self.proxy, self.proxy.option, message, "" if self.proxy.option
+                            == "--proxy" else "; --proxy none ignores %s" % self.proxy.option)
+                    exc = ConnectionError(message)
+                    # No route to any address: see NO_ROUTE_WAIT.
+                    exc.no_route = set(no_route) == {address for _, address in addresses}
+                    raise exc
+                if answering and (not waiting or now >= next_start):
+                    family, address = addresses[answering[turn % len(answering)]]
+                    turn += 1
+                    next_start = now + CONNECT_STAGGER
+                    if len(waiting) >= most:
+                        give_up(waiting[0], "no answer: a fresh attempt instead", final=False)
+                    attempt = [self._start_connect(family, address), address, now]
+                    waiting.append(attempt)
+                    poller.register(attempt[0], select.POLLOUT)
+                    error = attempt[0].connect_ex(address)
+                    if error == 0:
+                        return self._connected(attempt, waiting)
+                    if error not in (errno.EINPROGRESS, errno.EAGAIN):
+                        give_up(attempt, describe_error(OSError(error, os.strerror(error))),
+                                retry=False, code=error)
+                    continue
+                if answering:
+                    left = min(left, max(0.0, next_start - now))
+                for fd, _ in poller.poll(left * 1000):
+                    attempt = next(a for a in waiting if a[0].fileno() == fd)
+                    with self._lock:
+                        if self._aborted:
+                            raise ConnectionError("stopped")
+                    error = attempt[0].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if error == 0:
+                        return self._connected(attempt, waiting)
+                    give_up(attempt, describe_error(OSError(error, os.strerror(error))),
+                            retry=False, code=error)
+        finally:
+            for sock, _, _ in waiting:
+                sock.close()
+            with self._lock:
+                self._connecting.clear()
+
+    def _start_connect(self, family, address):
+        """A non-blocking TCP socket for `address`, marked and bound as the options say."""
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
             with self._lock:
                 if self._aborted:
-                    sock.close()
                     raise ConnectionError("stopped")
-                self._sock = sock
-            try:
-                with self._step("connect") as detail:
-                    detail.append(("proxy " if self.proxy else "") + format_address(address))
-                    if self.fwmark >= 0:
-                        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.fwmark)
-                    if self.tcp_port:
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0",
-                                   self.tcp_port))
-                    prepare_tcp_socket(sock)
-                    # An address that does not answer gets its share of the time left, so
-                    # the next ones are still tried within --connect-timeout.
-                    sock.settimeout(deadline.timeout() / (len(addresses) - index))
-                    try:
-                        sock.connect(address)
-                    except OSError as exc:
-                        hint = routing_loop_hint(address[0]) if self.fwmark < 0 else None
-                        if hint is None:
-                            raise
-                        raise ConnectionError("%s; %s" % (describe_error(exc), hint)) from exc
-                return sock, address
-            except OSError as exc:
-                sock.close()
-                errors.append("%s: %s" % (format_address(address), describe_error(exc)))
-        if self.proxy:  # the server may be fine: say whose address this is, and the way round
-            raise ConnectionError("cannot reach the HTTP proxy %s (from %s): %s%s" % (
-                self.proxy, self.proxy.option, "; ".join(errors), "" if self.proxy.option
-                == "--proxy" else "; --proxy none ignores %s" % self.proxy.option))
-        raise ConnectionError("; ".join(errors))
+                self._connecting.add(sock)
+            if self.fwmark >= 0:
+                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.fwmark)
+            if self.tcp_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", self.tcp_port))
+            prepare_tcp_socket(sock)
+            sock.setblocking(False)
+        except BaseException:
+            with self._lock:
+                self._connecting.discard(sock)
+            sock.close()
+            raise
+        return sock
+
+    def _connected(self, attempt, waiting):
+        """The winner of _connect: out of `waiting` (the rest are closed), armed with the
+        deadline's rule again (the channel sets each call's timeout)."""
+        sock, address, started = attempt
+        waiting.remove(attempt)
+        with self._lock:
+            self._connecting.discard(sock)
+            self._sock = sock
+        sock.setblocking(True)
+        self._reported("connect", True, ("proxy " if self.proxy else "") +
+                       format_address(address), started)
+        return sock, address
 
     def _proxy_connect(self, sock, deadline):
         """Ask the HTTP proxy for a tunnel to the server with CONNECT (RFC 9110 9.3.6)."""
@@ -3838,14 +4019,19 @@ class Client:
     """
 
     def __init__(self, dialer, endpoint, idle_timeout=DEFAULT_IDLE_TIMEOUT, backoff=None,
-                 keepalive=DEFAULT_KEEPALIVE):
+                 keepalive=DEFAULT_KEEPALIVE, fallbacks=()):
+        # The peer's servers (issue 15: several --to): `dialer` first, then `fallbacks`, each
+        # with its own back-off; `servers` decides which is tried when. `dialer` and
+        # `backoff` are the server of the current (or last) attempt; `url` names the peer.
+        self.dialers = [dialer] + list(fallbacks)
+        self.servers = ServerChoice([backoff or Backoff()] + [Backoff() for _ in fallbacks])
         self.dialer = dialer
+        self.backoff = self.servers.backoffs[0]
         self.url = dialer.url
         self.endpoint = endpoint
         self.address = endpoint.address
         self.idle_timeout = idle_timeout
         self.keepalive = keepalive  # WebSocket pings (ws://, wss://), seconds; 0: none
-        self.backoff = backoff or Backoff()
         self.pending = collections.deque(maxlen=PENDING_DATAGRAMS)
         self._stopping = False
         self._serving = False
@@ -3863,8 +4049,9 @@ class Client:
 
     @classmethod
     def open(cls, dialer, listen_port=DEFAULT_LISTEN_PORT, forward_port=DEFAULT_FORWARD_PORT,
-             idle_timeout=DEFAULT_IDLE_TIMEOUT, keepalive=DEFAULT_KEEPALIVE, environ=os.environ):
-        """Check --fwmark, bind the UDP socket, resolve the server once; raises FatalError."""
+             idle_timeout=DEFAULT_IDLE_TIMEOUT, keepalive=DEFAULT_KEEPALIVE, fallbacks=(),
+             environ=os.environ):
+        """Check --fwmark, bind the UDP socket, resolve each server once; raises FatalError."""
         unused = unused_listen_fds(environ)
         if unused:  # a socket unit pointed at a client instance: say so, not silently
             log.warning("%s", unused)
@@ -3874,24 +4061,29 @@ class Client:
             log.warning("--keepalive %g does nothing over %s:// (UoTLV/1 has no ping): it is "
                         "for ws:// and wss://", keepalive, dialer.url.scheme)
         endpoint = SharedUdpEndpoint.bind(listen_port, forward_port)
-        try:
-            addresses = dialer.resolve()
-        except OSError as exc:
-            log.error("cannot resolve %s: %s (trying again at each connect)",
-                      dialer.proxy.host if dialer.proxy else dialer.url.host,
-                      describe_error(exc))
-        else:  # WireGuard may be up already (a restart): the loop shows before the first dial
+        for each in [dialer] + list(fallbacks):
+            try:
+                addresses = each.resolve()
+            except OSError as exc:
+                log.error("cannot resolve %s: %s (trying again at each connect)",
+                          each.proxy.host if each.proxy else each.url.host,
+                          describe_error(exc))
+                continue
+            # WireGuard may be up already (a restart): the loop shows before the first dial.
             hint = next(filter(None, (routing_loop_hint(address[0]) for _, address in addresses
-                                      if dialer.fwmark < 0)), None)
+                                      if each.fwmark < 0)), None)
             if hint is not None:
                 log.warning("%s", hint)
-        return cls(dialer, endpoint, idle_timeout, keepalive=keepalive)
+        return cls(dialer, endpoint, idle_timeout, keepalive=keepalive, fallbacks=fallbacks)
 
     def reload(self, options):
         """SIGHUP: load the TLS settings (--ca-file) again for the next connection."""
-        if not self.url.tls:
+        if not any(dialer.url.tls for dialer in self.dialers):
             return []
-        self.dialer.tls_context = client_tls_context(options.ca_file, options.tls_min_version)
+        context = client_tls_context(options.ca_file, options.tls_min_version)
+        for dialer in self.dialers:
+            if dialer.url.tls:
+                dialer.tls_context = context
         return ["TLS settings" + (" (--ca-file %s)" % options.ca_file if options.ca_file
                                   else "")]
 
@@ -3899,7 +4091,8 @@ class Client:
         """One line for systemd's STATUS=."""
         with self._lock:
             up = self._tunnel is not None
-        return ("tunnel up to %s" if up else "no tunnel open to %s") % self.url
+        return "tunnel up to %s" % self.dialer.url if up else "no tunnel open to %s" % (
+            ", ".join(str(dialer.url) for dialer in self.dialers))
 
     def healthy(self):
         """For the watchdog: the connector runs and the tunnel's lock is free."""
@@ -3910,7 +4103,7 @@ class Client:
 
     def serve_forever(self):
         log.info("client listening on %s (UDP), tunnelling to %s%s, replies to WireGuard at %s",
-                 format_address(self.address), self.url,
+                 format_address(self.address), " or ".join(str(d.url) for d in self.dialers),
                  " via proxy %s" % self.dialer.proxy if self.dialer.proxy else "",
                  format_address(self.endpoint.send_to))
         self._serving = True  # the watchdog's sign of life (healthy)
@@ -3919,25 +4112,31 @@ class Client:
                 self.endpoint.rearm()  # forget the last tunnel's wakes; stop() wakes after this
                 if self._stopping or not (self.pending or self.endpoint.wait()):
                     break
-                wait = self._connect_and_run()
+                self._connect_and_run(self.servers.next()[0])
                 self.endpoint.rearm()  # the tunnel's own wake must not cut the wait short
                 if self._stopping:  # stop() sets this before it wakes: no wake is lost
                     break
+                wait = self.servers.next()[1]
                 if wait:
-                    log.info("next attempt in %gs, when WireGuard sends", wait)
+                    log.info("next attempt in %gs, when WireGuard sends", round(wait, 1))
                     self.endpoint.wait(wait, for_datagram=False)
         finally:
             self._serving = False
             self.endpoint.close()
 
-    def _connect_and_run(self):
-        """One attempt: dial, run the tunnel to its end. Returns the wait before the next."""
-        log.debug("connecting to %s%s", self.url, " (after %s in a row)"
+    def _connect_and_run(self, index):
+        """One attempt through server `index`: dial, run the tunnel to its end; tell
+        `servers` how it went."""
+        self.dialer, self.backoff = self.dialers[index], self.servers.backoffs[index]
+        log.debug("connecting to %s%s", self.dialer.url, " (after %s in a row)"
                   % plural(self.backoff.failures, "failure") if self.backoff.failures else "")
+        started = self.servers.clock()
         try:
             tunnel = self._open_tunnel()
         except (OSError, ProxyGuardError) as exc:
-            return self._dial_failed(exc)
+            self.servers.failed(index, started, self._dial_failed(exc))
+            return
+        self.servers.carried(index)
         reason = tunnel.run()
         with self._lock:
             self._tunnel = None
@@ -3948,7 +4147,12 @@ class Client:
         self.tunnels_changed()
         # Last, as on the server: a scrape or SIGUSR1 the line prompts sees the tunnel closed.
         log.info("tunnel down: %s after %s (%s)", tunnel.peer, tunnel.summary(), reason)
-        return self.backoff.tunnel_ended(tunnel.duration, tunnel.went_idle)
+        wait = self.backoff.tunnel_ended(tunnel.duration, tunnel.went_idle)
+        if tunnel.path_down and not wait:
+            # The server or the path to it went silent: a failure, even after a tunnel that
+            # lived (its back-off starts small again), so the next server goes first.
+            wait = self.backoff.failed()
+        self.servers.tunnel_ended(index, wait)
 
     def _last_datagrams(self, tunnel):
         """When the last datagram went to WireGuard and came from it, `tunnel` included."""
@@ -4016,23 +4220,24 @@ class Client:
         if self._stopping:
             # stop() aborted the dial: no failure to warn about (a SIGTERM during a connect
             # logged "cannot connect to ...: stopped").
-            log.debug("connecting to %s ended by stop: %s", self.url, describe_error(exc))
+            log.debug("connecting to %s ended by stop: %s", self.dialer.url, describe_error(exc))
             return 0
         if isinstance(exc, ServerUnavailable):
             self._count_failure("unavailable", str(exc))
-            log.warning("cannot connect to %s: %s", self.url, exc)
+            log.warning("cannot connect to %s: %s", self.dialer.url, exc)
             return self.backoff.failed(exc.retry_after)
         if isinstance(exc, UpgradeRefused):
             self._count_failure("refused", str(exc))
-            log.error("upgrade refused by %s: %s", self.url, exc)
+            log.error("upgrade refused by %s: %s", self.dialer.url, exc)
             return self.backoff.refused()
         if ssl is not None and isinstance(exc, ssl.SSLError):  # a portal's certificate fails
             self._count_failure("tls", describe_error(exc))
-            log.error("cannot connect to %s: %s", self.url, describe_error(exc))
+            log.error("cannot connect to %s: %s", self.dialer.url, describe_error(exc))
             return self.backoff.refused()
         self._count_failure("network", describe_error(exc))
-        log.warning("cannot connect to %s: %s", self.url, describe_error(exc))
-        return self.backoff.failed()
+        log.warning("cannot connect to %s: %s", self.dialer.url, describe_error(exc))
+        wait = self.backoff.failed()
+        return min(wait, NO_ROUTE_WAIT) if getattr(exc, "no_route", False) else wait
 
     def _count_failure(self, reason, text):
         self.reconnects[reason] += 1
@@ -4043,14 +4248,16 @@ class Client:
             self._stopping = True
             if self._tunnel is not None:
                 self._tunnel.close("client shutting down", CLOSE_GOING_AWAY)
-        self.dialer.abort()
+        for dialer in self.dialers:
+            dialer.abort()
         self.endpoint.wake()
 
     def _open_tunnel(self):
         """Dial and send the pending datagrams; return the Tunnel, ready to run."""
         channel, first_bytes, peer = self.dialer.dial()
+        url = self.dialer.url
         framing = (WebSocketFraming(client_side=True, keepalive=self.keepalive)
-                   if self.url.websocket else UOTLV_FRAMING)
+                   if url.websocket else UOTLV_FRAMING)
         try:
             if self.pending:
                 channel.sendall(framing.encode_datagrams(self.pending))
@@ -4059,14 +4266,17 @@ class Client:
             channel.close()
             raise
         tunnel = Tunnel(channel, self.endpoint, peer, IdleClock(self.idle_timeout), first_bytes,
-                        unsent=self._keep_unsent, framing=framing)
+                        unsent=self._keep_unsent, framing=framing,
+                        unacked_timeout=path_down_timeout(
+                            retransmission_timeout(channel.sock)))
         with self._lock:
             self._tunnel = tunnel
             if self._stopping:
                 tunnel.close("client shutting down", CLOSE_GOING_AWAY)
         self.tunnels_changed()
-        log.info("tunnel up: %s, %s, %s%s", peer, self.url, framing.name,
-                 ", " + channel.tls_version if channel.tls_version else "")
+        log.info("tunnel up: %s, %s%s, %s%s", peer, url, " (server %d of %d)" % (
+            self.dialers.index(self.dialer) + 1, len(self.dialers)) if len(self.dialers) > 1
+            else "", framing.name, ", " + channel.tls_version if channel.tls_version else "")
         return tunnel
 
 
@@ -4847,10 +5057,12 @@ def build_parser(command_line_only=False, help_mode=None):
     add("--write-config", metavar="PATH", help="run only the profile's tunnels and write "
         "WireGuard's configuration to PATH (- prints it), for NetworkManager or "
         "systemd-networkd; without it, up runs wg-quick up and, at the end, wg-quick down")
-    add("--to", metavar="TARGET", metavar_by_mode={"client": "URL", "server": "HOST:PORT"},
+    add("--to", action="append", metavar="TARGET", metavar_by_mode={"client": "URL", "server": "HOST:PORT"},
         help_by_mode={
             "client": "the server's URL (required), http(s)://host[:port][/path] for UoTLV/1, "
-                      "ws(s)://... for WebSocket (through fronts that pass nothing else)",
+                      "ws(s)://... for WebSocket (through fronts that pass nothing else); "
+                      "again for another server of the same peer, tried in order when one "
+                      "fails (config file: to = [URL1, URL2])",
             "server": "WireGuard's HOST:PORT (default %s)" % DEFAULT_SERVER_TO})
     add("--listen", metavar="HOST:PORT", default=DEFAULT_SERVER_LISTEN,
         help="where to accept connections, [::]:443 for all (default %(default)s)")
@@ -5034,7 +5246,10 @@ def config_file_settings(path, names):
                 guess = close_match(key, names)
                 raise UsageError("%s: unknown option %r%s" % (where, written, (
                     " (did you mean '%s'?)" % guess) if guess else ""))
-            if isinstance(value, list):  # 'key = [a, b]'
+            if isinstance(value, list) and isinstance(names[key], argparse._AppendAction):
+                import json  # only here: a list for a repeatable option (to = [URL1, URL2])
+                value = json.dumps([str(part) for part in value])
+            elif isinstance(value, list):  # 'key = [a, b]'
                 value = ",".join(str(part) for part in value)
             settings[names[key].dest] = Source(where, key, value)
     return settings
@@ -5197,7 +5412,11 @@ def check_options(options):
     if options.mode == "server":
         options.listen = parse_host_port(options.listen, "--listen", default_host="0.0.0.0")
         options.route = check_routes(options.route or [])
-        to = options.to or DEFAULT_SERVER_TO
+        if options.to and len(options.to) > 1:
+            raise UsageError("--to given %d times (%s): the server forwards to one WireGuard "
+                             "HOST:PORT (several nodes: --route PATH=HOST:PORT)"
+                             % (len(options.to), ", ".join(options.to)))
+        to = options.to[0] if options.to else DEFAULT_SERVER_TO
         if "://" in to:
             raise UsageError("--to %r: the server's --to is WireGuard's HOST:PORT, for example "
                              "%s, not a URL (a URL is the client's --to)" % (to, DEFAULT_SERVER_TO))
@@ -5224,8 +5443,9 @@ def check_options(options):
     elif not options.to:
         raise UsageError("--to is required for the %s: the server's URL, for example "
                          "https://vpn.example.org/proxyguard" % options.mode)
-    else:
-        options.to = ServerURL(options.to)
+    else:  # several --to: one peer's servers, in the order tried (issue 15); `to` the first
+        options.servers = [ServerURL(url) for url in options.to]
+        options.to = options.servers[0]
     options.listen_port = parse_port(options.listen_port, "--listen-port")
     options.forward_port = parse_port(options.forward_port, "--forward-port")
     options.tcp_port = parse_port(options.tcp_port, "--tcp-port", allow_zero=True)
@@ -5244,6 +5464,9 @@ def check_options(options):
             ipaddress.ip_address(ip)
         except ValueError:
             raise UsageError("--peer-ips: %r is not an IP address" % ip)
+    if ips and len(options.servers) > 1:
+        raise UsageError("--peer-ips names one server's addresses: with several --to, write "
+                         "each server's address in its URL")
     options.peer_ips = ips
 
 
@@ -5332,7 +5555,8 @@ def build_service(options):
         return build_client_group(options)
     return Client.open(build_dialer(options), listen_port=options.listen_port,
                        forward_port=options.forward_port, idle_timeout=options.idle_timeout,
-                       keepalive=options.keepalive)
+                       keepalive=options.keepalive,
+                       fallbacks=[build_dialer(options, url) for url in options.servers[1:]])
 
 
 def build_client_group(options):
@@ -5391,7 +5615,8 @@ def start_wireguard(options, group):
 
 
 def build_dialer(options, url=None):
-    """The client's (or check's) Dialer, to `url` (default --to). Raises UsageError."""
+    """The client's (or check's) Dialer for `url` (default: the first --to). Raises
+    UsageError."""
     url = url or options.to
     tls_context = None
     if url.tls:
@@ -5704,8 +5929,8 @@ def main(argv=None, program=None):
             if warning:
                 log.warning("%s", warning)
     if options.mode == "check":
-        try:
-            return run_check(build_dialer(options))
+        try:  # each server in turn: 1 if any fails
+            return max([run_check(build_dialer(options, url)) for url in options.servers])
         except UsageError as exc:
             print("%s: error: %s" % (name, name_source(exc, options)), file=sys.stderr)
             return 2

@@ -5395,8 +5395,9 @@ def test_path_cut_longer_than_idle_timeout_recovers(fault_bed, report):
     # ETIMEDOUT and the other sees a plain end of stream, the tunnel still says "path down".
     for side in ("pg-client", "pg-server"):
         bed.wait_log(side, "tunnel down", timeout=IDLE + 10)
-        assert re.search(r"\((idle for %gs|path down: data unacknowledged for %gs)\)"
-                         % (IDLE, IDLE), bed.log_text(side)), bed.log_text(side)
+        # The client gives up sooner than its idle timeout: path_down_timeout, 2 s here.
+        assert re.search(r"\((idle for %gs|path down: data unacknowledged for [\d.]+s)\)"
+                         % IDLE, bed.log_text(side)), bed.log_text(side)
     assert "unacknowledged" in bed.log_text("pg-client") + bed.log_text("pg-server")
     # The client (WireGuard keeps sending) dials again: the path comes back while a connection
     # attempt of its own is lost in the cut.
@@ -9618,3 +9619,520 @@ def test_readme_sections_of_issue_16_say_what_the_tests_run():
     for words in ("PIPX_BIN_DIR=/usr/local/bin", "ProtectHome=yes", "-tcp-port",
                   "test_the_originals_units_run_with_the_pipx_installed_programs"):
         assert words in moving, words
+
+
+
+# =============================================================================================
+# Several servers for one peer (issue 15, item 3) and a prompt reconnect after an outage (issue
+# 19, item 4): the server-order policy with a fake clock, repeatable --to, failover between two
+# real servers (killed: reset; silently gone: packets dropped by iptables in a namespace made
+# here), staggered connects into a path that comes back, and the WireGuard bed.
+# =============================================================================================
+
+
+def test_server_choice_tries_in_order_from_the_last_carrier_each_with_its_back_off():
+    clock = FakeClock()
+    choice = pg.ServerChoice([pg.Backoff(), pg.Backoff(), pg.Backoff()], clock=clock)
+    assert choice.next() == (0, 0)                     # the first, at once
+    choice.failed(0, clock.now, choice.backoffs[0].failed())
+    assert choice.next() == (1, 0)                     # the next one, at once, no wait
+    choice.carried(1)
+    clock.now += 60
+    choice.tunnel_ended(1, choice.backoffs[1].tunnel_ended(60))
+    assert choice.next() == (1, 0)                     # the last carrier first again
+    choice.failed(1, clock.now, choice.backoffs[1].failed())
+    assert choice.next() == (2, 0)                     # ... then in order, 0 after 2
+    choice.failed(2, clock.now, choice.backoffs[2].failed())
+    assert choice.next() == (0, 0)                     # 0's own 1 s passed long ago
+    choice.failed(0, clock.now, choice.backoffs[0].failed())   # its 2nd failure: 2 s
+    index, wait = choice.next()
+    assert (index, wait) == (1, 1.0)                   # all wait: the first one due
+    clock.now += 1.0
+    assert choice.next() == (1, 0)
+    # A wait counts from the start of the attempt: one that spent 10 s without an answer
+    # (a path down) has waited out a 1-8 s back-off already: the next starts at once.
+    started = clock.now
+    clock.now += 10
+    choice.failed(1, started, choice.backoffs[1].failed())
+    assert choice.next()[1] == 0
+
+
+def test_path_down_timeout_is_eight_retransmission_timeouts_and_at_least_2_s():
+    """A segment's 4 tries (at 0, 1, 3, 7 RTOs) all fail before the client gives up."""
+    assert pg.path_down_timeout(None) == pg.path_down_timeout(0.2) == 2.0   # loopback, LAN
+    assert pg.path_down_timeout(0.3) == pytest.approx(2.4)                  # a 100 ms path
+    assert pg.path_down_timeout(1.0) == 8.0                                 # a satellite
+    with socket.create_server((LOOPBACK, 0)) as listener:
+        with socket.create_connection(listener.getsockname()) as sock:
+            assert 0.2 <= pg.retransmission_timeout(sock) < 1.0   # Linux's 200 ms floor
+
+
+def test_server_choice_with_one_server_is_the_back_off_of_before():
+    clock = FakeClock()
+    choice = pg.ServerChoice([pg.Backoff()], clock=clock)
+    waits = []
+    for _ in range(6):
+        choice.failed(0, clock.now, choice.backoffs[0].failed())
+        index, wait = choice.next()
+        waits.append(wait)
+        clock.now += wait
+    assert waits == [1, 2, 4, 8, 10, 10]
+
+
+def test_to_may_be_given_several_times_for_the_client(tmp_path):
+    urls = ["http://a.example/pg", "https://b.example/pg"]
+    options = pg.parse_options(["client", "--to", urls[0], "--to", urls[1]], environ={})
+    assert [str(url) for url in options.servers] == urls and options.to.host == "a.example"
+    conf = tmp_path / "client.conf"
+    conf.write_text("mode = client\nto = [%s, %s]\n" % tuple(urls))
+    options = pg.parse_options(["-c", str(conf)], environ={})
+    assert [str(url) for url in options.servers] == urls
+    # The command line replaces the file's list; one URL stays one.
+    options = pg.parse_options(["-c", str(conf), "--to", "http://c.example/"], environ={})
+    assert [str(url) for url in options.servers] == ["http://c.example/"]
+    options = pg.parse_options(["client"], environ={"PROXYGUARD_TO": "[%s, %s]" % tuple(urls)})
+    assert [str(url) for url in options.servers] == urls
+    options = pg.parse_options(["client"], environ={"PROXYGUARD_TO": urls[1]})
+    assert [str(url) for url in options.servers] == urls[1:]
+
+
+def test_server_refuses_a_second_to_and_peer_ips_wants_one_server():
+    result = run_cli("server", "--to", "127.0.0.1:51820", "--to", "127.0.0.1:51830")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "proxyguard.py: error: --to given 2 times (127.0.0.1:51820, 127.0.0.1:51830): the "
+        "server forwards to one WireGuard HOST:PORT (several nodes: --route PATH=HOST:PORT) "
+        "(see --help)"]
+    result = run_cli("client", "--to", "http://a.example/", "--to", "http://b.example/",
+                     "--peer-ips", "192.0.2.1")
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+    assert "--peer-ips names one server's addresses" in result.stderr
+
+
+def test_check_with_several_to_checks_each(tmp_path, echo, procs):
+    server = start_server(tmp_path, echo.port)
+    procs.append(server)
+    dead = "http://%s:%d/" % (LOOPBACK, free_port())
+    good = "http://%s:%d/" % (LOOPBACK, server.port)
+    result = run_cli("check", "--to", good, "--to", dead)
+    assert result.returncode == 1, result.stdout
+    assert result.stdout.count("check    ") == 2
+    assert "result   ok:" in result.stdout and "result   FAIL:" in result.stdout
+    assert run_cli("check", "--to", good, "--to", good).returncode == 0
+
+
+def datagram_stream(wireguard, stop, interval=0.05):
+    """Send numbered datagrams through `wireguard` (a WireGuardStandIn) every `interval` s
+    until `stop` is set; returns {number: (sent at, echoed at or None)} (filled as it goes)."""
+    times = {}
+
+    def send():
+        number = 0
+        while not stop.is_set():
+            times[number] = [time.monotonic(), None]
+            try:
+                wireguard.send(struct.pack("!I", number) + b"failover" * 10)
+            except OSError:  # closed at the end of the test
+                return
+            number += 1
+            stop.wait(interval)
+
+    def receive():
+        wireguard.sock.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                data = wireguard.sock.recv(70000)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            entry = times.get(struct.unpack("!I", data[:4])[0])
+            if entry is not None and entry[1] is None:
+                entry[1] = time.monotonic()
+
+    for target in (send, receive):
+        threading.Thread(target=target, daemon=True).start()
+    return times
+
+
+def first_echo_sent_after(times, moment):
+    """When the first datagram sent after `moment` came back (None: none yet)."""
+    echoed = [back for sent, back in list(times.values()) if sent > moment and back]
+    return min(echoed) if echoed else None
+
+
+def test_client_fails_over_to_the_next_server_when_its_server_goes(echo, caplog):
+    """Two servers in-process; the one carrying the tunnel stops (its connections closed, its
+    port refusing): the datagram stream flows again through the other within 3 s."""
+    with caplog.at_level(logging.INFO, logger="proxyguard"), \
+            running_server(echo.port) as second, \
+            contextlib.ExitStack() as stack:
+        first = stack.enter_context(running_server(echo.port))
+        wireguard = WireGuardStandIn()
+        client = pg.Client.open(
+            pg.Dialer(pg.ServerURL("http://%s:%d/" % first.address)), listen_port=0,
+            forward_port=wireguard.port,
+            fallbacks=[pg.Dialer(pg.ServerURL("http://%s:%d/" % second.address))])
+        wireguard.endpoint = client.address
+        thread = threading.Thread(target=client.serve_forever, daemon=True)
+        thread.start()
+        stop = threading.Event()
+        try:
+            times = datagram_stream(wireguard, stop)
+            wait_until(lambda: first_echo_sent_after(times, 0), 5, "the stream through 1")
+            assert "(server 1 of 2)" in caplog.text
+            fault = time.monotonic()
+            stack.close()  # the first server stops: tunnel closed, port closed
+            back = wait_until(lambda: first_echo_sent_after(times, fault), 5,
+                              "the stream through the second server")
+            assert back - fault <= 3.0
+            assert second.tunnels_open() == 1
+            assert re.search(r"tunnel up: .*:%d/ \(server 2 of 2\)" % second.address[1],
+                             caplog.text), caplog.text
+        finally:
+            stop.set()
+            client.stop()
+            thread.join(5)
+            wireguard.sock.close()
+
+
+@pytest.mark.slow  # the cut lasts 5.3 s
+def test_a_connect_into_a_black_hole_gets_fresh_attempts_and_finds_the_path_back():
+    """The server's accept queue is full (its SYNs dropped: a path cut, on loopback) and then
+    has room again 5.3 s into the dial: a fresh attempt connects within CONNECT_STAGGER, not
+    at the first socket's next SYN retry: 7 s after its start where the kernel has
+    tcp_syn_linear_timeouts (Linux 6.5+: 1, 2, 3, 4, 5, 7 s here), 7 s before (1, 3, 7 s)."""
+    port, sockets = blackhole_listeners(1)
+    listener, fillers = sockets[0], sockets[1:]
+    dialer = pg.Dialer(pg.ServerURL("http://%s:%d/" % (LOOPBACK, port)), connect_timeout=10)
+    done = []
+
+    def connect():
+        sock, _ = dialer._connect(dialer.resolve(), pg.Deadline(10))
+        done.append(time.monotonic())
+        sock.close()
+
+    thread = threading.Thread(target=connect, daemon=True)
+    started = time.monotonic()
+    thread.start()
+    time.sleep(5.3)  # the path is cut for this long: the fault itself, not a wait for it
+    for filler in fillers:
+        filler.close()
+    listener.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            listener.accept()[0].close()  # room in the queue again
+    back = time.monotonic()
+    thread.join(10)
+    listener.close()
+    assert done, "no connection within 10 s"
+    assert done[0] - back < 1.0, ("connected %.2f s after the path came back (the dial began "
+                                  "%.2f s before)" % (done[0] - back, back - started))
+
+
+
+# Inside a namespace made for one test (its own loopback, so fixed ports are fine): a UDP echo
+# (WireGuard's stand-in behind the servers) and the stream's driver (WireGuard in front of the
+# client): it sends a numbered datagram every INTERVAL s, notes when each comes back, keeps
+# the count in a progress file, and prints {number: [sent, echoed]} when its stdin closes.
+NS_ECHO = """import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+while True:
+    data, source = s.recvfrom(70000)
+    s.sendto(data, source)
+"""
+NS_DRIVER = """import json, os, socket, struct, sys, threading, time
+port, target, interval, progress = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("127.0.0.1", port))
+times, stop = {}, threading.Event()
+def receive():
+    sock.settimeout(0.2)
+    echoed = 0
+    while not stop.is_set():
+        try:
+            data = sock.recv(70000)
+        except socket.timeout:
+            continue
+        entry = times.get(struct.unpack("!I", data[:4])[0])
+        if entry is not None and entry[1] is None:
+            entry[1] = time.monotonic()
+            echoed += 1
+            with open(progress + ".tmp", "w") as stream:
+                stream.write("%d %f" % (echoed, entry[1]))
+            os.replace(progress + ".tmp", progress)
+def send():
+    number = 0
+    while not stop.is_set():
+        times[number] = [time.monotonic(), None]
+        sock.sendto(struct.pack("!I", number) + b"stream" * 20, ("127.0.0.1", target))
+        number += 1
+        stop.wait(interval)
+threading.Thread(target=receive, daemon=True).start()
+threading.Thread(target=send, daemon=True).start()
+sys.stdin.read()
+stop.set()
+time.sleep(0.3)
+print(json.dumps(times))
+"""
+NS_ECHO_PORT, NS_WIREGUARD_PORT, NS_CLIENT_PORT, NS_SERVER_PORTS = 51820, 51830, 51821, (8081, 8082)
+
+
+class StreamNamespace:
+    """A network namespace of its own with loopback only (named as the bed names its own, so
+    remove_stale_beds clears it after a killed run), the UDP echo, two proxyguard servers and
+    a client for both (`client_extra` options), and the stream's driver; every process dies
+    with the test (setpriv --pdeathsig)."""
+
+    def __init__(self, tmp_path, client_extra=()):
+        if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("iptables") is None:
+            skip_or_fail("needs root, iproute2 and iptables (a network namespace)")
+        self.dir = tmp_path
+        self.name = "pgbed-c%07d%02d-%d" % (os.getpid(), next(testbed._counter) % 100,
+                                            process_start_ticks(os.getpid()))
+        self.procs = {}
+        subprocess.run(["ip", "netns", "add", self.name], check=True, capture_output=True,
+                       timeout=15)
+        try:
+            self.sh("ip", "link", "set", "lo", "up")
+            self.spawn("echo", [sys.executable, "-c", NS_ECHO, str(NS_ECHO_PORT)])
+            for index, port in enumerate(NS_SERVER_PORTS):
+                self.start_server(index)
+            self.spawn("client", [sys.executable, SCRIPT, "client"] + [
+                arg for port in NS_SERVER_PORTS for arg in ("--to", "http://127.0.0.1:%d/" % port)
+            ] + ["--listen-port", str(NS_CLIENT_PORT), "--forward-port",
+                 str(NS_WIREGUARD_PORT)] + list(client_extra))
+            self.wait_log("client", "listening on")
+            self.progress = str(tmp_path / "progress")
+            self.driver = subprocess.Popen(
+                testbed.DIE_WITH_PARENT + ["ip", "netns", "exec", self.name, sys.executable,
+                                           "-c", NS_DRIVER, str(NS_WIREGUARD_PORT),
+                                           str(NS_CLIENT_PORT), "0.05", self.progress],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        except BaseException:
+            self.close()
+            raise
+
+    def sh(self, *cmd):
+        return subprocess.run(["ip", "netns", "exec", self.name] + list(cmd), check=True,
+                              capture_output=True, text=True, timeout=15).stdout
+
+    def spawn(self, name, argv):
+        log_file = open(self.dir / (name + ".log"), "a")
+        self.procs[name] = subprocess.Popen(
+            testbed.DIE_WITH_PARENT + ["ip", "netns", "exec", self.name] + argv,
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            env=dict(os.environ, **no_proxy_env()))
+        log_file.close()
+
+    def start_server(self, index):
+        self.spawn("server%d" % index, [sys.executable, SCRIPT, "server", "--listen",
+                                        "127.0.0.1:%d" % NS_SERVER_PORTS[index], "--to",
+                                        "127.0.0.1:%d" % NS_ECHO_PORT])
+        self.wait_log("server%d" % index, "listening on")
+
+    def log(self, name):
+        return (self.dir / (name + ".log")).read_text()
+
+    def wait_log(self, name, text, timeout=10):
+        wait_until(lambda: text in self.log(name), timeout, "%r in %s's log" % (text, name))
+
+    def echoed(self):
+        """(datagrams echoed so far, when the last came back)."""
+        try:
+            count, at = open(self.progress).read().split()
+        except (OSError, ValueError):
+            return 0, None
+        return int(count), float(at)
+
+    def wait_echoed(self, more, timeout=10):
+        count = self.echoed()[0]
+        wait_until(lambda: self.echoed()[0] >= count + more, timeout,
+                   "%d more datagrams echoed\n%s" % (more, self.log("client")))
+
+    def drop_port(self, port):
+        """Silently gone: every packet to or from `port` dropped, both ways, on loopback."""
+        self.sh("iptables", "-I", "INPUT", "-p", "tcp", "-m", "multiport", "--ports", str(port),
+                "-j", "DROP")
+
+    def stream_times(self):
+        """Stop the driver; [(sent, echoed or None)] of every datagram, in order."""
+        out, _ = self.driver.communicate("", timeout=15)
+        times = json.loads(out)
+        return [tuple(times[key]) for key in sorted(times, key=int)]
+
+    def close(self):
+        if getattr(self, "driver", None) is not None and self.driver.poll() is None:
+            self.driver.kill()
+            self.driver.wait(5)
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=15)
+
+
+def gap_after(times, fault):
+    """Seconds from `fault` to the first echo of a datagram sent after it, and how many of the
+    datagrams sent after it never came back."""
+    after = [(sent, back) for sent, back in times if sent > fault]
+    back = [back for _, back in after if back is not None]
+    return (min(back) - fault if back else None), sum(1 for _, back in after if back is None)
+
+
+@pytest.fixture
+def stream_namespace(tmp_path):
+    space = StreamNamespace(tmp_path)
+    yield space
+    space.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["killed", "silently gone"])
+def test_two_servers_in_a_namespace_the_carrying_one_fails_under_traffic(
+        stream_namespace, fault, capsys):
+    """The server carrying the tunnel is SIGKILLed (its connections reset, its port refusing)
+    or silently gone (iptables drops its packets: only the client's TCP_USER_TIMEOUT of
+    path_down_timeout notices, 2 s on loopback): the stream flows again through the other
+    server within 3 s."""
+    space = stream_namespace
+    space.wait_echoed(20)
+    assert "(server 1 of 2)" in space.log("client"), space.log("client")
+    if fault == "killed":
+        space.procs["server0"].kill()
+    else:
+        space.drop_port(NS_SERVER_PORTS[0])
+    fault_at = time.monotonic()  # the fault is in force (iptables takes a while to start)
+    space.wait_log("client", "(server 2 of 2)", timeout=10)
+    space.wait_echoed(20)
+    gap, lost = gap_after(space.stream_times(), fault_at)
+    with capsys.disabled():
+        print("\nfailover: server %s under a datagram every 50 ms: the stream flowed again "
+              "through the other server %.2f s after the fault; %d datagrams sent after the "
+              "fault lost" % (fault, gap, lost))
+    assert gap is not None and gap <= 3.0, space.log("client")
+    if fault == "silently gone":
+        assert "path down: data unacknowledged for 2s" in space.log("client")
+    # What was lost went into the dead connection before the client knew: never more than
+    # the datagrams sent until it gave the connection up.
+    assert lost <= (pg.PATH_DOWN_SECONDS + 1.0) / 0.05, lost
+
+
+# The WireGuard bed (proxyguard_testbed.py): pings through real WireGuard every 50 ms while a
+# fault comes. A cut of the path lasts CUT_SECONDS (scaled down so the test is not long; the
+# issue's 20 s with PROXYGUARD_TEST_CUT_SECONDS=20).
+CUT_SECONDS = float(os.environ.get("PROXYGUARD_TEST_CUT_SECONDS", "8"))
+PING_INTERVAL = 0.05
+
+
+def pings_flowing(bed, count=10, timeout=15):
+    """Wait until WireGuard on the client has received `count` more packets' worth (about 100
+    bytes each: answers to the stream's pings)."""
+    received = bed.wg_transfer("client")[0]
+    wait_until(lambda: bed.wg_transfer("client")[0] >= received + 100 * count, timeout,
+               "pings answered through WireGuard\n" + bed.diagnose())
+
+
+def first_answer_after(pings, moment, sent_after=True):
+    """Seconds from `moment` to the first answer (to a ping sent after it, with `sent_after`);
+    None if none came."""
+    answers = [answered for sent, answered in pings
+               if answered is not None and answered > moment and (sent > moment or not sent_after)]
+    return min(answers) - moment if answers else None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["killed", "silently gone"])
+def test_wireguard_two_servers_for_one_peer_the_carrying_one_fails_under_pings(
+        tmp_path, request, fault, report):
+    bed = make_bed(tmp_path, request, pg_servers=2)
+    assert "(server 1 of 2)" in bed.log_text("pg-client"), bed.log_text("pg-client")
+    stream = bed.start_ping_stream(interval=PING_INTERVAL)
+    pings_flowing(bed)
+    if fault == "killed":
+        bed.kill_pg_server()
+    else:
+        bed.cut_path(testbed.PG_SERVER_PORT)
+    fault_at = time.monotonic()
+    bed.wait_log("pg-client", "(server 2 of 2)", timeout=15)
+    pings_flowing(bed)
+    pings = bed.finish(stream, 30)["pings"]
+    gap = first_answer_after(pings, fault_at)
+    lost = sum(1 for sent, answered in pings if sent > fault_at and answered is None)
+    report("two servers for one peer, the carrying one %s under a ping every %g s: pings "
+           "answered again through the other %.2f s after the fault (bound 3 s); %d pings "
+           "sent after it unanswered" % (fault, PING_INTERVAL, gap, lost))
+    assert gap is not None and gap <= 3.0, bed.diagnose()
+
+
+@pytest.mark.slow
+def test_wireguard_path_cut_under_pings_carries_again_within_2s_of_its_return(bed, report):
+    """Cut under a ping stream for CUT_SECONDS: the client gives the dead connection up
+    (path_down_timeout), dials with staggered attempts (a fresh SYN every CONNECT_STAGGER),
+    never waiting out a back-off (a dial that heard nothing has waited already): the first
+    answer comes within 2 s of the path's return, where TCP's own retransmissions (RTO
+    doubling from 200 ms: 12.6 s, 25.4 s ...) would take seconds more."""
+    stream = bed.start_ping_stream(interval=PING_INTERVAL)
+    pings_flowing(bed)
+    bed.cut_path()
+    cut_at = time.monotonic()
+    time.sleep(CUT_SECONDS)  # the fault's length, not a wait for an event
+    bed.restore_path()
+    back = time.monotonic()
+    pings_flowing(bed, timeout=30)
+    pings = bed.finish(stream, 30)["pings"]
+    first = first_answer_after(pings, back, sent_after=False)
+    report("path cut for %.1f s under a ping every %g s: first answer %.2f s after the path "
+           "came back (bound 2 s); %s (%s)" % (
+               back - cut_at, PING_INTERVAL, first,
+               plural_lines(bed.log_text("pg-client"), "cannot connect"),
+               plural_lines(bed.log_text("pg-client"), "tunnel up")))
+    assert first is not None and first <= 2.0, bed.diagnose()
+    assert "path down: data unacknowledged" in bed.log_text("pg-client")
+
+
+def plural_lines(text, word):
+    count = text.count(word)
+    return "%d '%s' line%s" % (count, word, "" if count == 1 else "s")
+
+
+@pytest.mark.slow
+def test_no_route_to_the_server_waits_at_most_a_second_between_attempts(tmp_path):
+    """In a namespace with loopback only, the server's address has no route (the Wi-Fi gone):
+    each dial fails at once with 'network is unreachable', and the next comes within
+    NO_ROUTE_WAIT instead of the growing back-off (1, 2, 4 s), so a network that comes back is
+    used at once. (The address exists nowhere: nothing leaves the namespace.)"""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        skip_or_fail("needs root and iproute2 (a network namespace)")
+    name = "pgbed-s%07d%02d-%d" % (os.getpid(), next(testbed._counter) % 100,
+                                   process_start_ticks(os.getpid()))
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=15)
+    log_path = tmp_path / "client.log"
+    procs = []
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"],
+                       check=True, timeout=15)
+        with open(log_path, "w") as log_file:
+            procs.append(subprocess.Popen(
+                testbed.DIE_WITH_PARENT + ["ip", "netns", "exec", name, sys.executable, SCRIPT,
+                                           "client", "--to", "http://192.0.2.1:8080/",
+                                           "--listen-port", "51821", "--forward-port", "51820"],
+                stdout=log_file, stderr=subprocess.STDOUT, env=dict(os.environ,
+                                                                     **no_proxy_env())))
+        procs.append(subprocess.Popen(testbed.DIE_WITH_PARENT + [
+            "ip", "netns", "exec", name, sys.executable, "-c",
+            "import socket, time\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "while True:\n    s.sendto(b'handshake', ('127.0.0.1', 51821))\n"
+            "    time.sleep(0.1)\n"]))
+        wait_until(lambda: log_path.read_text().count("next attempt in") >= 4, 15,
+                   "four failed dials")
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(5)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=15)
+    log = log_path.read_text()
+    assert "network is unreachable" in log, log
+    waits = re.findall(r"next attempt in ([\d.]+)s", log)
+    assert waits[:4] == ["1", "1", "1", "1"], log

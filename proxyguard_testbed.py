@@ -249,12 +249,16 @@ class WireGuardBed:
 
     def __init__(self, workdir, idle_timeout=None, client_keepalive=1, server_keepalive=0,
                  mtu=None, proxyguard=DEFAULT_PROXYGUARD, python=sys.executable,
-                 pg_extra=(), front_end=None, log=None, pg_command=None, websocket=False):
+                 pg_extra=(), front_end=None, log=None, pg_command=None, websocket=False,
+                 pg_servers=1):
         if front_end not in FRONT_END_TOOLS:
             raise ValueError("front_end must be one of %s" % list(FRONT_END_TOOLS))
         if (front_end or websocket) and pg_command is not None:
             raise ValueError("pg_command: plain HTTP (UoTLV/1) only, no front end")
         self.websocket = websocket
+        # pg_servers=2: a second proxyguard server (pg-server2, port PG_SERVER_PORT + 1, plain
+        # HTTP, no front end) for the same WireGuard, the client's second --to (failover).
+        self.pg_servers = pg_servers
         self.pg_command = pg_command
         self.workdir = str(workdir)
         os.makedirs(self.workdir, exist_ok=True)
@@ -422,6 +426,8 @@ class WireGuardBed:
         # proxyguard first: WireGuard's first handshake is lost if nothing listens yet on
         # 127.0.0.1:51821, and the retry comes only 5 s later (REKEY_TIMEOUT).
         self.start_pg_server()
+        if self.pg_servers == 2:
+            self.start_pg_server(name="pg-server2")
         if self.front_end:
             self._make_certificates()
             self.start_front_end()
@@ -554,8 +560,9 @@ class WireGuardBed:
             time.sleep(0.05)
         self.start_wireguard(side)
 
-    def start_pg_server(self, wait=True):
-        listen = "%s:%d" % ("127.0.0.1" if self.front_end else "0.0.0.0", PG_SERVER_PORT)
+    def start_pg_server(self, wait=True, name="pg-server"):
+        port = PG_SERVER_PORT + (name == "pg-server2")
+        listen = "%s:%d" % ("127.0.0.1" if self.front_end else "0.0.0.0", port)
         to = "127.0.0.1:%d" % WG_PORT
         if self.pg_command is not None:
             argv, ready = self.pg_command.server_argv(listen, to), self.pg_command.server_ready
@@ -563,7 +570,7 @@ class WireGuardBed:
             argv = [self.python, self.proxyguard, "server", "--listen", listen,
                     "--to", to] + self._pg_options()
             ready = "listening on"
-        self._start_pg("pg-server", self.ns_server, argv, ready, wait)
+        self._start_pg(name, self.ns_server, argv, ready, wait)
 
     def start_pg_client(self, wait=True):
         if self.pg_command is not None:
@@ -576,8 +583,10 @@ class WireGuardBed:
                                                          VETH_SERVER_IP, NGINX_PORT),
                       "--ca-file", self.ca_file]
             else:
-                to = ["--to", "%s://%s:%d/" % ("ws" if self.websocket else "http",
-                                               VETH_SERVER_IP, PG_SERVER_PORT)]
+                to = []
+                for index in range(self.pg_servers):
+                    to += ["--to", "%s://%s:%d/" % ("ws" if self.websocket else "http",
+                                                    VETH_SERVER_IP, PG_SERVER_PORT + index)]
             argv = [self.python, self.proxyguard, "client"] + to + [
                 "--listen-port", PG_CLIENT_PORT, "--forward-port", WG_PORT] + self._pg_options()
             ready = "listening on"
@@ -603,12 +612,13 @@ class WireGuardBed:
     def kill_pg_client(self, sig=signal.SIGKILL):
         return self.send_signal("pg-client", sig)
 
-    def _cut_rules(self):
+    def _cut_rules(self, port=None):
         # Inserted in this order, each at the top: new connections' SYNs are dropped (and
         # counted, see cut_syns) by the last rule.
-        return [("INPUT", "-p", "tcp", "--dport", self.public_port, "-j", "DROP"),
-                ("OUTPUT", "-p", "tcp", "--sport", self.public_port, "-j", "DROP"),
-                ("INPUT", "-p", "tcp", "--dport", self.public_port, "--syn", "-j", "DROP")]
+        port = port or self.public_port
+        return [("INPUT", "-p", "tcp", "--dport", port, "-j", "DROP"),
+                ("OUTPUT", "-p", "tcp", "--sport", port, "-j", "DROP"),
+                ("INPUT", "-p", "tcp", "--dport", port, "--syn", "-j", "DROP")]
 
     def cut_syns(self):
         """Connection attempts (SYNs, retries included) dropped by the cut so far."""
@@ -618,10 +628,10 @@ class WireGuardBed:
                 return int(line.split()[0])
         raise BedError("the cut's SYN rule is missing:\n" + table)
 
-    def cut_path(self):
+    def cut_path(self, port=None):
         """Drop the TCP port the client connects to on the server host (proxyguard's, or
-        nginx's with a front end), both ways (a silent black hole)."""
-        for chain, *rule in self._cut_rules():
+        nginx's with a front end; or `port`), both ways (a silent black hole)."""
+        for chain, *rule in self._cut_rules(port):
             self.sh("iptables", "-I", chain, *rule, ns=self.ns_server)
         self._cut = True
 
@@ -648,6 +658,18 @@ class WireGuardBed:
         return self.agent(self.ns_client, "ping", WG_SERVER_IP, "--count", count,
                           "--interval", interval, "--timeout", timeout,
                           timeout=count * interval + timeout + 15)
+
+    def start_ping_stream(self, interval=0.05, timeout=300):
+        """Ping the server's tunnel address every `interval` s (background) until
+        finish(proc) closes its stdin; its answer: {"pings": [[sent, answered or None]]}, in
+        time.monotonic() seconds (one clock for every namespace)."""
+        proc = subprocess.Popen(DIE_WITH_PARENT + [
+            "ip", "netns", "exec", self.ns_client, self.python, os.path.abspath(__file__),
+            "ping-stream", WG_SERVER_IP, "--interval", str(interval), "--timeout", str(timeout)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)
+        self.procs["ping-stream"] = proc
+        return proc
 
     def wait_ping(self, timeout=30.0, interval=0.2):
         """Ping every `interval` s until a reply; seconds until it came (from the call), or
@@ -952,6 +974,26 @@ def tool_wait_ping(args):
     return {"ok": False, "seconds": round(time.monotonic() - t0, 3), "sent": sequence}
 
 
+def tool_ping_stream(args):
+    """Ping every `interval` s until stdin ends (or `timeout`); every ping's send and answer
+    times, for the gaps of a fault."""
+    import threading  # only here: the stdin watcher
+    pinger = Pinger(args.destination)
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    pings = []  # [sent, answered or None], by sequence
+    started = time.monotonic()
+    while not stop.is_set() and time.monotonic() - started < args.timeout:
+        pinger.send(len(pings))
+        pings.append([time.monotonic(), None])
+        due = pings[-1][0] + args.interval
+        while time.monotonic() < due:
+            reply = pinger.receive(max(0.0, due - time.monotonic()))
+            if reply is not None and reply[0] < len(pings) and pings[reply[0]][1] is None:
+                pings[reply[0]][1] = time.monotonic()
+    return {"pings": pings}
+
+
 def _write_progress(path, total):
     """Replace the file at `path` with the byte count `total` (read by WireGuardBed.received)."""
     with open(path + ".tmp", "w") as stream:
@@ -1248,6 +1290,10 @@ def main(argv=None):
     p.add_argument("--count", type=int, default=5)
     p.add_argument("--interval", type=float, default=0.2)
     p.add_argument("--timeout", type=float, default=2.0)
+    p = sub.add_parser("ping-stream")
+    p.add_argument("destination")
+    p.add_argument("--interval", type=float, default=0.05)
+    p.add_argument("--timeout", type=float, default=300.0)
     p = sub.add_parser("wait-ping")
     p.add_argument("destination")
     p.add_argument("--timeout", type=float, default=30.0)
@@ -1271,6 +1317,7 @@ def main(argv=None):
     if args.tool == "compare":
         return run_compare(args)
     tool = {"ping": tool_ping, "wait-ping": tool_wait_ping, "sink": tool_sink,
+            "ping-stream": tool_ping_stream,
             "source": tool_source}[args.tool]
     print(json.dumps(tool(args)), flush=True)
     return 0
