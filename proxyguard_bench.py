@@ -210,9 +210,9 @@ def echo_main():
 class Echo:
     """Handle on the echo process."""
 
-    def __init__(self, procs, pinger=None):
-        argv = [pinger, "echo"] if pinger else [sys.executable, os.path.abspath(__file__),
-                                                "_echo"]
+    def __init__(self, procs, pinger=None, blocking=False):
+        argv = ([pinger, "echo-blocking" if blocking else "echo"] if pinger else
+                [sys.executable, os.path.abspath(__file__), "_echo"])
         self.popen = procs.spawn("echo", argv, stdout=subprocess.PIPE)
         line = self.popen.stdout.readline().split()
         if len(line) != 2:
@@ -597,6 +597,8 @@ def build_go(source):
 # `PORT CONTROL_PORT`, answers `stats`); `pinger ping FD SIZE COUNT TIMEOUT_MS` pings through
 # the connected UDP socket it inherits as FD (the bench's, bound to the client's forward
 # port) and prints {"lost": N, "rtts_ns": [...]}: the percentiles are the bench's own.
+# `ping-blocking` and `echo-blocking` wait in blocking system calls instead of Go's poller
+# (--pinger go-blocking), as C programs would: the Go runtime spins a while before it sleeps.
 GO_PINGER = r"""package main
 
 import (
@@ -607,6 +609,7 @@ import (
 	"os"
 	"strconv"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -623,12 +626,8 @@ func arg(i int) int {
 	return v
 }
 
-func echo() {
+func echo(blocking bool) {
 	loopback := &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)}
-	conn, err := net.ListenUDP("udp4", loopback)
-	must(err)
-	must(conn.SetReadBuffer(4 << 20))
-	must(conn.SetWriteBuffer(4 << 20))
 	control, err := net.ListenUDP("udp4", loopback)
 	must(err)
 	var count, size int64
@@ -642,9 +641,33 @@ func echo() {
 			}
 		}
 	}()
+	buf := make([]byte, 70000)
+	if blocking {
+		fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_DGRAM, 0)
+		must(err)
+		must(syscall.SetsockoptInt(fd, syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4<<20))
+		must(syscall.SetsockoptInt(fd, syscall.SOL_SOCKET, syscall.SO_SNDBUF, 4<<20))
+		must(syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}))
+		name, err := syscall.Getsockname(fd)
+		must(err)
+		fmt.Printf("%d %d\n", name.(*syscall.SockaddrInet4).Port,
+			control.LocalAddr().(*net.UDPAddr).Port)
+		for {
+			n, src, err := syscall.Recvfrom(fd, buf, 0)
+			if err != nil {
+				continue
+			}
+			atomic.AddInt64(&count, 1)
+			atomic.AddInt64(&size, int64(n))
+			syscall.Sendto(fd, buf[:n], 0, src)
+		}
+	}
+	conn, err := net.ListenUDP("udp4", loopback)
+	must(err)
+	must(conn.SetReadBuffer(4 << 20))
+	must(conn.SetWriteBuffer(4 << 20))
 	fmt.Printf("%d %d\n", conn.LocalAddr().(*net.UDPAddr).Port,
 		control.LocalAddr().(*net.UDPAddr).Port)
-	buf := make([]byte, 70000)
 	for {
 		n, src, err := conn.ReadFromUDPAddrPort(buf)
 		if err != nil {
@@ -656,11 +679,40 @@ func echo() {
 	}
 }
 
-func ping() {
-	file := os.NewFile(uintptr(arg(2)), "ping socket")
-	packet, err := net.FilePacketConn(file)
-	must(err)
-	conn := packet.(*net.UDPConn)
+// blockingConn waits in the kernel (blocking read, SO_RCVTIMEO) as a C program would,
+// without the Go runtime's poller and its spinning threads.
+type blockingConn struct{ fd int }
+
+func (c blockingConn) Write(b []byte) (int, error) { return syscall.Write(c.fd, b) }
+func (c blockingConn) Read(b []byte) (int, error)  { return syscall.Read(c.fd, b) }
+func (c blockingConn) SetReadDeadline(t time.Time) error {
+	tv := syscall.NsecToTimeval(time.Until(t).Nanoseconds())
+	return syscall.SetsockoptTimeval(c.fd, syscall.SOL_SOCKET, syscall.SO_RCVTIMEO, &tv)
+}
+
+type pingConn interface {
+	Write([]byte) (int, error)
+	Read([]byte) (int, error)
+	SetReadDeadline(time.Time) error
+}
+
+func timedOut(err error) bool {
+	if ne, ok := err.(net.Error); ok && ne.Timeout() {
+		return true
+	}
+	return err == syscall.EAGAIN
+}
+
+func ping(blocking bool) {
+	var conn pingConn
+	if blocking {
+		must(syscall.SetNonblock(arg(2), false))
+		conn = blockingConn{arg(2)}
+	} else {
+		packet, err := net.FilePacketConn(os.NewFile(uintptr(arg(2)), "ping socket"))
+		must(err)
+		conn = packet.(*net.UDPConn)
+	}
 	size, count, timeout := arg(3), arg(4), time.Duration(arg(5))*time.Millisecond
 	payload := make([]byte, size)
 	buf := make([]byte, 70000)
@@ -676,7 +728,7 @@ func ping() {
 		for {
 			n, err := conn.Read(buf)
 			if err != nil {
-				if ne, ok := err.(net.Error); ok && ne.Timeout() {
+				if timedOut(err) {
 					lost++
 					break
 				}
@@ -694,12 +746,12 @@ func ping() {
 }
 
 func main() {
-	if len(os.Args) > 1 && os.Args[1] == "echo" {
-		echo()
-	} else if len(os.Args) == 6 && os.Args[1] == "ping" {
-		ping()
+	if len(os.Args) == 2 && (os.Args[1] == "echo" || os.Args[1] == "echo-blocking") {
+		echo(os.Args[1] == "echo-blocking")
+	} else if len(os.Args) == 6 && (os.Args[1] == "ping" || os.Args[1] == "ping-blocking") {
+		ping(os.Args[1] == "ping-blocking")
 	} else {
-		fmt.Fprintln(os.Stderr, "usage: pinger echo | pinger ping FD SIZE COUNT TIMEOUT_MS")
+		fmt.Fprintln(os.Stderr, "usage: pinger echo[-blocking] | pinger ping[-blocking] FD SIZE COUNT TIMEOUT_MS")
 		os.Exit(2)
 	}
 }
@@ -725,17 +777,19 @@ def build_pinger():
     return os.path.join(bindir, "pinger")
 
 
-def go_ping(pinger, sock, size, count, timeout=1.0):
-    """ping_pong by the compiled pinger, through `sock` (lent to it): the same result dict."""
+def go_ping(pinger, blocking, sock, size, count, timeout=1.0):
+    """ping_pong by the compiled pinger (`blocking`: its ping-blocking), through `sock` (lent
+    to it): the same result dict."""
     drain(sock)
-    blocking = sock.gettimeout()
+    sock_timeout = sock.gettimeout()
     try:
-        out = subprocess.run([pinger, "ping", str(sock.fileno()), str(size), str(count),
+        command = "ping-blocking" if blocking else "ping"
+        out = subprocess.run([pinger, command, str(sock.fileno()), str(size), str(count),
                               str(int(timeout * 1000))], pass_fds=(sock.fileno(),),
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, check=True,
                              timeout=count * timeout + 60).stdout
     finally:
-        sock.settimeout(blocking)  # Go made the shared file description non-blocking
+        sock.settimeout(sock_timeout)  # Go may have changed the shared file description
     result = json.loads(out)
     rtts = sorted(value / 1000.0 for value in result["rtts_ns"])
     return {"roundtrips": count, "lost": result["lost"],
@@ -1435,10 +1489,14 @@ def build_parser():
         help="ping round trips (default %(default)s)")
     add("--ping-size", type=int, default=None, metavar="BYTES",
         help="ping datagram size (default: the first --size)")
-    add("--pinger", choices=("python", "go"), default="python",
+    add("--hogs", type=int, default=0, metavar="N",
+        help="run N CPU hogs at `nice -n 19` meanwhile (busy loops): how a desktop's "
+             "low-priority load delays the tunnel (see the round trip's p99)")
+    add("--pinger", choices=("python", "go", "go-blocking"), default="python",
         help="who pings and echoes: this script (default), or a small compiled Go program "
              "(built offline with go and cached like the original), so that the round trip "
-             "measures the proxies rather than an interpreter at both ends")
+             "measures the proxies rather than an interpreter at both ends); go-blocking: the "
+             "same pinger waiting in blocking system calls, not in Go's poller")
     transport = parser.add_mutually_exclusive_group()
     transport.add_argument("--tls", action="store_true", help="over TLS only (https://)")
     transport.add_argument("--both", action="store_true", help="plain, then TLS")
@@ -1491,7 +1549,8 @@ def measure(setup, options, tests, run, tag, ping_size, direct=True, tunnels=Tru
     if "ping" in tests:
         note("%s: ping %d x %d bytes" % (tag, options.roundtrips, ping_size))
         if options.pinger_path:
-            ping = functools.partial(go_ping, options.pinger_path)
+            ping = functools.partial(go_ping, options.pinger_path,
+                                     options.pinger == "go-blocking")
         else:
             ping = ping_pong
         add("ping", setup.transport, ping_size, 1, ping(setup.sock, ping_size, options.roundtrips))
@@ -1523,7 +1582,7 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     options.pinger_path = None
-    if options.pinger == "go":
+    if options.pinger != "python":
         try:
             options.pinger_path = build_pinger()
         except NoReference as exc:
@@ -1604,7 +1663,9 @@ def main(argv=None):
     entries = []  # every run: {side, test, transport, size, window, run, result}
     status = 0
     try:
-        echo = Echo(procs, options.pinger_path)
+        echo = Echo(procs, options.pinger_path, options.pinger == "go-blocking")
+        for index in range(options.hogs):  # low-priority CPU load, as a desktop's
+            procs.spawn("hog", ["nice", "-n", "19", sys.executable, "-c", "while True: pass"])
         # All up at once, so that runs can alternate between them; the sides, and the
         # protocols, next to each other for plain and for TLS, so that what is compared is
         # measured close in time.
@@ -1687,6 +1748,8 @@ def main(argv=None):
                  ", medians of %d runs" % options.runs if options.runs > 1 else ""))
         for side in sides:
             print("  " + side.describe())
+        if options.hogs:
+            print("  meanwhile %d CPU hogs at nice 19" % options.hogs)
         if comparisons or by_transport:
             print("  %d rounds alternating the %s; load: window %d, %gs per size; "
                   "ping: %d round trips (%s pinger and echo)"
