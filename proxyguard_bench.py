@@ -751,7 +751,8 @@ func main() {
 	} else if len(os.Args) == 6 && (os.Args[1] == "ping" || os.Args[1] == "ping-blocking") {
 		ping(os.Args[1] == "ping-blocking")
 	} else {
-		fmt.Fprintln(os.Stderr, "usage: pinger echo[-blocking] | pinger ping[-blocking] FD SIZE COUNT TIMEOUT_MS")
+		fmt.Fprintln(os.Stderr, "usage: pinger echo[-blocking] | "+
+			"pinger ping[-blocking] FD SIZE COUNT TIMEOUT_MS")
 		os.Exit(2)
 	}
 }
