@@ -1347,9 +1347,7 @@ def measure_cut(bed, cut, timeout=60.0):
     finally:
         if bed._cut:
             bed.restore_path()
-        with contextlib.suppress(OSError):
-            source.stdin.close()
-        bed.finish(source, 30)
+        bed.finish(source, 30)  # closes its stdin: it stops
         bed.finish(sink, 30)
 
 
@@ -1400,6 +1398,12 @@ def format_badnet(results, py_label, go_label):
     return "\n".join(lines)
 
 
+def start_iperf_server(bed):
+    bed.spawn("iperf3", bed.ns_server, ["iperf3", "-s", "-B", WG_SERVER_IP, "-p", IPERF_PORT,
+                                        "--forceflush"])
+    bed.wait_log("iperf3", "Server listening")
+
+
 def run_badnet(args):
     """Two beds, one after the other: the plain one (a clean path; `loss` of the path's TCP
     segments dropped each way by iptables; a `cut` under traffic), then one whose path runs
@@ -1431,8 +1435,7 @@ def run_badnet(args):
                 log("run %d %s %s: %s" % (run + 1, key, condition, json.dumps(figures)))
 
     def plain_study(bed, log):
-        bed.spawn("iperf3", bed.ns_server, ["iperf3", "-s", "-B", WG_SERVER_IP, "-p", IPERF_PORT])
-        bed.wait_log("iperf3", "Server listening")
+        start_iperf_server(bed)
         each_pair(bed, log, "clean", lambda: measure_pair(bed, args.seconds, pings))
         set_loss(bed, args.loss)
         try:
@@ -1442,8 +1445,7 @@ def run_badnet(args):
         each_pair(bed, log, "cut", lambda: measure_cut(bed, args.cut))
 
     def delay_study(bed, log):
-        bed.spawn("iperf3", bed.ns_server, ["iperf3", "-s", "-B", WG_SERVER_IP, "-p", IPERF_PORT])
-        bed.wait_log("iperf3", "Server listening")
+        start_iperf_server(bed)
         each_pair(bed, log, "delay", lambda: measure_pair(bed, args.seconds + 3, pings))
 
     print("A bad path: real WireGuard (wireguard-go both ends) through each pair, plain HTTP; "
