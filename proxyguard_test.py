@@ -7460,3 +7460,11 @@ def test_the_server_masks_with_c_at_its_first_websocket_tunnel(tmp_path, echo, p
         ws_roundtrip(ws, [numbered(1, 1420), numbered(2, 100)])
     server.wait_log("WebSocket masking: websockets' C apply_mask")
     assert server.log().count("WebSocket masking") == 1
+
+
+def test_the_unit_runs_the_tunnel_threads_above_low_priority_load():
+    """Nice=-10 (measured: two nice-19 CPU hogs delayed the sleeping pump threads by a
+    scheduler slice at nice 0; README, "Measurements: issue 19")."""
+    with open(os.path.join(HERE, "proxyguard@.service")) as unit:
+        nice = re.search(r"^Nice=(-?\d+)$", unit.read(), re.M)
+    assert nice and -19 <= int(nice.group(1)) < 0, nice
