@@ -1194,7 +1194,10 @@ def iperf_mbit(bed, seconds, reverse=False):
     -> client, iperf3 -R), as the receiver counted it."""
     argv = ["iperf3", "-c", WG_SERVER_IP, "-p", IPERF_PORT, "-t", seconds, "-J"]
     out = bed.sh(*argv + (["-R"] if reverse else []), ns=bed.ns_client, timeout=seconds + 30)
-    return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e6
+    answer = json.loads(out)
+    if "sum_received" not in answer.get("end", {}):  # an error only (e.g. no connection)
+        raise BedError("iperf3 gave no figure: %s" % answer.get("error", out[-500:]))
+    return answer["end"]["sum_received"]["bits_per_second"] / 1e6
 
 
 def switch_pair(bed, pg_command):
@@ -1426,6 +1429,8 @@ def run_badnet(args):
     pings = 30
 
     def each_pair(bed, log, condition, measure):
+        if condition not in args.conditions:
+            return
         for run in range(args.runs):
             pairs = (("py", None), ("go", go)) if run % 2 == 0 else (("go", go), ("py", None))
             for key, command in pairs:
@@ -1460,8 +1465,10 @@ def run_badnet(args):
           flush=True)
     print("  py: %s" % py.describe(), flush=True)
     print("  Go: %s" % go.describe(), flush=True)
-    status = run_bed_study(args, "pgbed-bad-", plain_study, python=args.python)
-    if status == 0:
+    status = 0
+    if {"clean", "loss", "cut"} & set(args.conditions):
+        status = run_bed_study(args, "pgbed-bad-", plain_study, python=args.python)
+    if status == 0 and "delay" in args.conditions:
         status = run_bed_study(args, "pgbed-bad-", delay_study, python=args.python,
                                delay_line=(args.delay, args.jitter))
     print(format_badnet(results, "proxyguard.py", go.label), flush=True)
@@ -1507,6 +1514,9 @@ def main(argv=None):
     p.add_argument("--delay", type=float, default=0.1, help="one-way delay, s (default 0.1)")
     p.add_argument("--jitter", type=float, default=0.01, help="+- s (default 0.01)")
     p.add_argument("--cut", type=float, default=20.0, help="length of the cut, s (default 20)")
+    p.add_argument("--conditions", default="clean,loss,cut,delay",
+                   type=lambda text: [item.strip() for item in text.split(",")],
+                   help="which paths to measure (default %(default)s)")
     p.add_argument("--python", default="/usr/bin/python3" if os.path.exists("/usr/bin/python3")
                    else sys.executable,
                    help="the interpreter that runs proxyguard.py (default %(default)s)")
