@@ -1117,7 +1117,8 @@ class WebSocketDecoder:
     `cut(view, end)` works as cut_frames: it returns the datagrams of the messages completed in
     `view[:end]` and where the first incomplete frame begins. The datagrams of whole messages
     are slices of `view`, unmasked in place (`view` must be writable): all of a cut's in one
-    XOR (mask_spans); those of fragmented messages are bytes. Then `pong` holds the
+    XOR (mask_spans); those of fragmented messages are bytes, and so are masked ones when
+    `xor` (mask_accelerator) unmasks them. Then `pong` holds the
     payload of the last ping not yet answered (None: none; RFC 6455 5.5.3 allows answering the
     last only), and `closed` a WebSocketClosed once the peer closed or broke the protocol
     (nothing is read after it).
@@ -1138,6 +1139,7 @@ class WebSocketDecoder:
     def cut(self, view, end):
         datagrams = []
         spans = []  # (start, stop, key) of the masked datagrams, unmasked together at the end
+        xor = self.xor
         pos = 0
         while self.closed is None and end - pos >= 2:
             first, second = view[pos], view[pos + 1]
@@ -1170,10 +1172,15 @@ class WebSocketDecoder:
             pos = stop
             opcode = first & 0x0F
             if opcode == OP_BINARY and first & 0x80:  # the usual case: a whole message
-                if size:
+                if not size:
+                    continue
+                if not second & 0x80:
                     datagrams.append(view[start:stop])
-                    if second & 0x80:
-                        spans.append((start, stop, view[start - 4:start]))
+                elif xor is not None:  # unmasked by C into a new bytes: no copy back
+                    datagrams.append(xor(view[start:stop], view[start - 4:start]))
+                else:
+                    datagrams.append(view[start:stop])
+                    spans.append((start, stop, view[start - 4:start]))
                 continue
             payload = view[start:stop]
             if second & 0x80:
