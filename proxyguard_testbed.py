@@ -1396,8 +1396,9 @@ def format_badnet(results, py_label, go_label):
     alive = [run["client_alive"] for (condition, side), runs in results.items()
              if condition == "cut" for run in runs]
     lines.append("ratio: py/Go for throughput, Go/py for times; above 1 = proxyguard.py better")
-    lines.append("after every cut the proxyguard client was still running: %s"
-                 % ("yes" if all(alive) else "NO"))
+    if alive:
+        lines.append("after every cut the proxyguard client was still running: %s"
+                     % ("yes" if all(alive) else "NO"))
     return "\n".join(lines)
 
 
