@@ -1264,28 +1264,41 @@ def format_compare(results, py_label, go_label):
     return "\n".join(lines)
 
 
-def run_compare(args):
-    """One bed; for each of `runs` rounds, proxyguard.py's pair then the original Go pair
-    (only the proxyguard processes restarted), each measured with iperf3 both ways and a ping
-    burst through WireGuard; print the table of medians and the ratios."""
+def comparison_sides(python):
+    """(proxyguard.py run by `python`, the original) as proxyguard_bench sides, for a side by
+    side in the bed with iperf3; None, having said why, if the bed or the original cannot run
+    here."""
     reason = WireGuardBed.unavailable() or (None if shutil.which("iperf3") else "no iperf3")
     if reason:
         print("cannot run the bed here: %s" % reason, file=sys.stderr)
-        return 2
+        return None
     sys.path.insert(0, HERE)
     import proxyguard_bench as bench  # the Go build and its argv: one place for both tools
     try:
         bindir, go_version = bench.build_go(bench.REFERENCE)
     except bench.NoReference as exc:
         print("cannot run the original: %s" % exc, file=sys.stderr)
+        return None
+    return bench.PythonSide(DEFAULT_PROXYGUARD, python), bench.GoSide(bindir, go_version)
+
+
+def start_iperf_server(bed):
+    bed.spawn("iperf3", bed.ns_server, ["iperf3", "-s", "-B", WG_SERVER_IP, "-p", IPERF_PORT,
+                                        "--forceflush"])
+    bed.wait_log("iperf3", "Server listening")
+
+
+def run_compare(args):
+    """One bed; for each of `runs` rounds, proxyguard.py's pair then the original Go pair
+    (only the proxyguard processes restarted), each measured with iperf3 both ways and a ping
+    burst through WireGuard; print the table of medians and the ratios."""
+    sides = comparison_sides(args.python)
+    if sides is None:
         return 2
-    go = bench.GoSide(bindir, go_version)
-    py = bench.PythonSide(DEFAULT_PROXYGUARD, args.python)
+    py, go = sides
 
     def study(bed, log):
-        bed.spawn("iperf3", bed.ns_server, ["iperf3", "-s", "-B", WG_SERVER_IP, "-p", IPERF_PORT,
-                                            "--forceflush"])
-        bed.wait_log("iperf3", "Server listening")
+        start_iperf_server(bed)
         print("Real WireGuard (wireguard-go both ends) through each pair, plain HTTP, one bed; "
               "%d alternating run(s) per pair; iperf3 one TCP stream %gs each way; %d pings "
               "at 0.02 s" % (args.runs, args.seconds, args.pings), flush=True)
@@ -1402,30 +1415,15 @@ def format_badnet(results, py_label, go_label):
     return "\n".join(lines)
 
 
-def start_iperf_server(bed):
-    bed.spawn("iperf3", bed.ns_server, ["iperf3", "-s", "-B", WG_SERVER_IP, "-p", IPERF_PORT,
-                                        "--forceflush"])
-    bed.wait_log("iperf3", "Server listening")
-
-
 def run_badnet(args):
     """Two beds, one after the other: the plain one (a clean path; `loss` of the path's TCP
     segments dropped each way by iptables; a `cut` under traffic), then one whose path runs
     through the delay line (`delay` +- `jitter` each way, reordered). In each, the pairs
     alternate run by run (switch_pair), measured with iperf3 both ways and pings."""
-    reason = WireGuardBed.unavailable() or (None if shutil.which("iperf3") else "no iperf3")
-    if reason:
-        print("cannot run the bed here: %s" % reason, file=sys.stderr)
+    sides = comparison_sides(args.python)
+    if sides is None:
         return 2
-    sys.path.insert(0, HERE)
-    import proxyguard_bench as bench
-    try:
-        bindir, go_version = bench.build_go(bench.REFERENCE)
-    except bench.NoReference as exc:
-        print("cannot run the original: %s" % exc, file=sys.stderr)
-        return 2
-    go = bench.GoSide(bindir, go_version)
-    py = bench.PythonSide(DEFAULT_PROXYGUARD, args.python)
+    py, go = sides
     results = {}  # (condition, "py"|"go") -> [figures of each run]
     pings = 30
 
