@@ -2158,15 +2158,14 @@ class WebSocketFraming:
         # lands `room` bytes on, the longest header this side sends for one (a 16-bit length,
         # and the client's masking key), and head() writes its header; a datagram under 126
         # bytes has 2 bytes less of it, and moves back to close the gap (a copy of under 126
-        # bytes). The batch's figures are kept for encode and payload_bytes.
+        # bytes). What encode and payload_bytes need of a batch is kept until they take it (a
+        # batch that head() began is always encoded, and counted once sent, or the tunnel ends).
         self.room = 8 if client_side else 4
         self.head = self._masked_head if client_side else self._head
         self._spans = []  # (start, stop) of the batch's datagrams, masked by encode
         self._short = 0  # the batch's frames with the 2 bytes shorter header
 
     def _head(self, view, pos, size):
-        if not pos:  # a new batch
-            self._short = 0
         if size >= 126:
             _LENGTH_16.pack_into(view, pos, 0x82, 126, size)
             return pos + 4 + size
@@ -2176,9 +2175,6 @@ class WebSocketFraming:
         return pos + 2 + size
 
     def _masked_head(self, view, pos, size):
-        if not pos:  # a new batch
-            self._short = 0
-            self._spans = []
         if size >= 126:
             _LENGTH_16.pack_into(view, pos, 0x82, 0x80 | 126, size)
             start = pos + 8
@@ -2194,18 +2190,18 @@ class WebSocketFraming:
         """The client's frames get their keys (fresh for each, RFC 6455 5.3: one system call
         for the batch's) and are masked in place; the server's are ready as they are."""
         if self.mask:
-            spans = self._spans
+            spans, self._spans = self._spans, []
             keys = os.urandom(4 * len(spans))
-            keyed = []
-            for index, (start, stop) in enumerate(spans):
-                key = keys[4 * index:4 * index + 4]
+            keyed = [(start, stop, keys[4 * index:4 * index + 4])
+                     for index, (start, stop) in enumerate(spans)]
+            for start, _, key in keyed:
                 view[start - 4:start] = key
-                keyed.append((start, stop, key))
             mask_in_place(view, keyed, self.xor)
         return view[:end]
 
     def payload_bytes(self, end, count):
-        return end - count * self.room + 2 * self._short
+        short, self._short = self._short, 0
+        return end - count * self.room + 2 * short
 
     def datagrams(self, view, end):
         copy = memoryview(bytearray(view[:end]))  # the decoder unmasks in place
