@@ -7405,7 +7405,7 @@ def frames_built_in_place(monkeypatch, client_side, accelerated, sizes):
             sent = [datagram for datagram in datagrams if datagram]
             assert count == len(sent)
             assert framing.payload_bytes(end, count) == sum(map(len, sent))
-            wire = framing.encode(view, end).tobytes()
+            wire = bytes(framing.encode(view, end))
             assert framing.datagrams(view, end) == sent  # what a dying tunnel hands back
             return wire, sent
         finally:
