@@ -1137,6 +1137,7 @@ MAX_CONTROL_PAYLOAD = 125  # RFC 6455 5.5
 # The longest frame header: 2 bytes, 8 of extended length, 4 of masking key (RFC 6455 5.2).
 MAX_WEBSOCKET_HEADER = 14
 _LENGTH_16 = struct.Struct("!BBH")
+_LENGTH_7 = struct.Struct("!BB")
 
 
 def websocket_key():
@@ -1199,6 +1200,60 @@ def mask_spans(data, spans, start):
         pos = last
     return (int.from_bytes(data[start:pos], "little")
             ^ int.from_bytes(b"".join(masks), "little")).to_bytes(pos - start, "little")
+
+
+def mask_in_place(view, spans, xor=None):
+    """XOR each span (start, stop, 4-byte key; in order) of the writable `view` with its key
+    repeated, in place (RFC 6455 5.3: masking and unmasking are the one XOR). `xor` is the
+    accelerator (mask_accelerator), one C call per span; without it, one big-int XOR for all
+    (mask_payload for a lone span: its multiply beats building a mask's bytes)."""
+    if xor is not None:
+        for start, stop, key in spans:
+            view[start:stop] = xor(view[start:stop], key)
+        return
+    first, last = spans[0][0], spans[-1][1]
+    if len(spans) == 1:
+        view[first:last] = mask_payload(view[first:last], int.from_bytes(spans[0][2], "little"))
+    else:
+        view[first:last] = mask_spans(view, spans, first)
+
+
+# The optional accelerator: websockets' C apply_mask(data, key) -> bytes (pip install
+# websockets, or the `fast` extra). None: not looked for yet; False: not importable.
+_MASK_XOR = None
+
+
+def mask_accelerator():
+    """websockets' C apply_mask if the package is installed, else None (the standard library's
+    big-int XOR does the work, at about 4 times the CPU per masked datagram). Looked for once, at the
+    first WebSocket tunnel, never at start. The extension module is loaded from the package's
+    folder without the package itself: `import websockets` takes 60 ms (importlib.metadata),
+    its C module 1 ms, and it needs nothing from the package."""
+    global _MASK_XOR
+    if _MASK_XOR is None:
+        xor = False
+        try:
+            import importlib.machinery
+            import importlib.util
+            spec = importlib.util.find_spec("websockets")
+            for folder in (spec.submodule_search_locations or ()) if spec else ():
+                for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+                    path = os.path.join(folder, "speedups" + suffix)
+                    if os.path.isfile(path):
+                        module_spec = importlib.util.spec_from_file_location(
+                            "websockets.speedups", path)
+                        module = importlib.util.module_from_spec(module_spec)
+                        module_spec.loader.exec_module(module)
+                        xor = module.apply_mask
+                        break
+                if xor:
+                    break
+        except Exception as exc:  # a broken install must not take the tunnel down
+            log.debug("WebSocket masking: websockets' speedups not usable: %s", exc)
+        _MASK_XOR = xor
+        log.debug("WebSocket masking: %s", "websockets' C apply_mask" if xor else
+                  "the standard library's XOR (pip install websockets: less CPU)")
+    return _MASK_XOR or None
 
 
 def websocket_frame(opcode, payload=b"", mask=False):
@@ -1268,7 +1323,8 @@ class WebSocketDecoder:
     `cut(view, end)` works as cut_frames: it returns the datagrams of the messages completed in
     `view[:end]` and where the first incomplete frame begins. The datagrams of whole messages
     are slices of `view`, unmasked in place (`view` must be writable): all of a cut's in one
-    XOR (mask_spans); those of fragmented messages are bytes. Then `pong` holds the
+    XOR (mask_spans); those of fragmented messages are bytes, and so are masked ones when
+    `xor` (mask_accelerator) unmasks them. Then `pong` holds the
     payload of the last ping not yet answered (None: none; RFC 6455 5.5.3 allows answering the
     last only), and `closed` a WebSocketClosed once the peer closed or broke the protocol
     (nothing is read after it).
@@ -1279,8 +1335,9 @@ class WebSocketDecoder:
     sends: a frame of a larger message is refused (1009) from its header.
     """
 
-    def __init__(self, masked):
+    def __init__(self, masked, xor=None):
         self.masked = masked
+        self.xor = xor  # the masking accelerator (mask_in_place), or None
         self.pong = None
         self.closed = None
         self._message = None  # the fragments of a message so far (bytearray), or None
@@ -1288,6 +1345,7 @@ class WebSocketDecoder:
     def cut(self, view, end):
         datagrams = []
         spans = []  # (start, stop, key) of the masked datagrams, unmasked together at the end
+        xor = self.xor
         pos = 0
         while self.closed is None and end - pos >= 2:
             first, second = view[pos], view[pos + 1]
@@ -1320,10 +1378,15 @@ class WebSocketDecoder:
             pos = stop
             opcode = first & 0x0F
             if opcode == OP_BINARY and first & 0x80:  # the usual case: a whole message
-                if size:
+                if not size:
+                    continue
+                if not second & 0x80:
                     datagrams.append(view[start:stop])
-                    if second & 0x80:
-                        spans.append((start, stop, view[start - 4:start]))
+                elif xor is not None:  # unmasked by C into a new bytes: no copy back
+                    datagrams.append(xor(view[start:stop], view[start - 4:start]))
+                else:
+                    datagrams.append(view[start:stop])
+                    spans.append((start, stop, view[start - 4:start]))
                 continue
             payload = view[start:stop]
             if second & 0x80:
@@ -1337,13 +1400,8 @@ class WebSocketDecoder:
                     self._message = None
             else:
                 self._control(opcode, bytes(payload))
-        if spans:
-            first, last = spans[0][0], spans[-1][1]
-            if len(spans) == 1:  # a lone frame: mask_payload's multiply beats a mask's bytes
-                view[first:last] = mask_payload(view[first:last],
-                                                int.from_bytes(spans[0][2], "little"))
-            else:
-                view[first:last] = mask_spans(view, spans, first)
+        if spans:  # masked datagrams without the accelerator
+            mask_in_place(view, spans)
         return datagrams, pos
 
     def _check(self, first, masked, size):
@@ -2177,13 +2235,17 @@ class UdpEndpoint:
     def fileno(self):
         return self.sock.fileno()
 
-    def receive_frames(self, view, limit=UDP_BATCH_BYTES):
+    def receive_frames(self, view, limit=UDP_BATCH_BYTES, framing=None):
         """Wait for a datagram, then take the ones already waiting too, while fewer than
-        `limit` bytes are written: each goes into `view` as a frame, [length][datagram], in
-        place (no bytes object per datagram, no join). `view` holds `limit` bytes plus one
-        largest frame."""
+        `limit` bytes are written: each goes into `view` as a frame, in place (no bytes object
+        per datagram, no join): UoTLV/1's [length][datagram], or, given a `framing` with a
+        `head` (WebSocketFraming), each datagram lands `framing.room` bytes on and
+        `framing.head(view, pos, size)` writes its frame's header and returns where the frame
+        ends. `view` holds `limit` bytes plus one largest frame."""
+        head = framing.head if framing is not None else None
+        room = framing.room if head is not None else 2
         try:
-            size = self._receive_first_into(view[2:])
+            size = self._receive_first_into(view[room:])
         except (BlockingIOError, InterruptedError):
             return 0, 0
         except ConnectionRefusedError:
@@ -2193,8 +2255,12 @@ class UdpEndpoint:
             return 0, 0
         end = count = 0
         if size:
-            FRAME_HEADER.pack_into(view, 0, size)
-            end, count = size + 2, 1
+            if head is None:
+                FRAME_HEADER.pack_into(view, 0, size)
+                end = size + 2
+            else:
+                end = head(view, 0, size)
+            count = 1
         # A drain that finds nothing (one datagram at a time: a ping, an interactive flow)
         # costs a system call and a BlockingIOError: after one, the next few receives skip it.
         if self._skip_drains:
@@ -2204,7 +2270,7 @@ class UdpEndpoint:
         found = False
         while end < limit:
             try:
-                size = receive(view[end + 2:])
+                size = receive(view[end + room:])
             except (BlockingIOError, InterruptedError):
                 break
             except ConnectionRefusedError:  # ICMP from an earlier send: WireGuard not up yet
@@ -2212,8 +2278,11 @@ class UdpEndpoint:
                 continue
             found = True
             if size:
-                FRAME_HEADER.pack_into(view, end, size)
-                end += size + 2
+                if head is None:
+                    FRAME_HEADER.pack_into(view, end, size)
+                    end += size + 2
+                else:
+                    end = head(view, end, size)
                 count += 1
         if not found:
             self._skip_drains = SKIP_DRAINS
@@ -2494,12 +2563,24 @@ class UoTLVFraming:
     name = PROTOCOL
     control = False
     keepalive = 0
+    head = None  # UdpEndpoint.receive_frames writes UoTLV/1's header itself
     cut = staticmethod(cut_frames)
     encode_datagrams = staticmethod(encode_frames)
 
     @staticmethod
     def encode(view, end):
         return view[:end]  # already on the wire's form: no copy
+
+    @staticmethod
+    def payload_bytes(end, count):
+        """The datagrams' bytes in a batch of `count` frames that ends at `end`."""
+        return end - 2 * count
+
+    @staticmethod
+    def datagrams(view, end):
+        """The datagrams of the batch in view[:end], as bytes (the client keeps those it
+        could not send for the next tunnel)."""
+        return [datagram.tobytes() for datagram in cut_frames(view, end)[0]]
 
 
 UOTLV_FRAMING = UoTLVFraming()
@@ -2517,11 +2598,74 @@ class WebSocketFraming:
     def __init__(self, client_side, keepalive=0):
         self.mask = client_side
         self.keepalive = keepalive
-        self.decoder = WebSocketDecoder(masked=not client_side)
+        self.xor = mask_accelerator()
+        self.decoder = WebSocketDecoder(masked=not client_side, xor=self.xor)
         self.cut = self.decoder.cut
+        # The UDP pump's frames are built in place (UdpEndpoint.receive_frames): each datagram
+        # lands `room` bytes on, the longest header this side sends for one (a 16-bit length,
+        # and the client's masking key), and head() writes its header; a datagram under 126
+        # bytes has 2 bytes less of it, and moves back to close the gap (a copy of under 126
+        # bytes). What encode and payload_bytes need of a batch is kept until they take it (a
+        # batch that head() began is always encoded, and counted once sent, or the tunnel ends).
+        self.room = 8 if client_side else 4
+        self.head = self._masked_head if client_side else self._head
+        self._spans = []  # (start, stop) of the batch's datagrams, masked by encode
+        self._short = 0  # the batch's frames with the 2 bytes shorter header
+        if client_side and self.xor is None:
+            # Masking with the standard library's big-int XOR: its conversions cost the same
+            # in place, and a lone small datagram 0.3 µs more (header written apart, then
+            # moved), so the encoder of before stays (the UDP endpoint writes UoTLV/1 frames,
+            # websocket_frames re-frames and masks them): a router without pip is not slowed.
+            self.head = None
+            self.encode = self._encode_joined
+            self.payload_bytes = UoTLVFraming.payload_bytes
+            self.datagrams = UoTLVFraming.datagrams
+
+    def _head(self, view, pos, size):
+        if size >= 126:
+            _LENGTH_16.pack_into(view, pos, 0x82, 126, size)
+            return pos + 4 + size
+        _LENGTH_7.pack_into(view, pos, 0x82, size)
+        view[pos + 2:pos + 2 + size] = view[pos + 4:pos + 4 + size]
+        self._short += 1
+        return pos + 2 + size
+
+    def _masked_head(self, view, pos, size):
+        if size >= 126:
+            _LENGTH_16.pack_into(view, pos, 0x82, 0x80 | 126, size)
+            start = pos + 8
+        else:
+            _LENGTH_7.pack_into(view, pos, 0x82, 0x80 | size)
+            start = pos + 6
+            view[start:start + size] = view[pos + 8:pos + 8 + size]
+            self._short += 1
+        self._spans.append((start, start + size))
+        return start + size
 
     def encode(self, view, end):
+        """The client's frames get their keys (fresh for each, RFC 6455 5.3: one system call
+        for the batch's) and are masked in place; the server's are ready as they are."""
+        if self.mask:
+            spans, self._spans = self._spans, []
+            keys = os.urandom(4 * len(spans))
+            keyed = [(start, stop, keys[4 * index:4 * index + 4])
+                     for index, (start, stop) in enumerate(spans)]
+            for start, _, key in keyed:
+                view[start - 4:start] = key
+            mask_in_place(view, keyed, self.xor)
+        return view[:end]
+
+    def _encode_joined(self, view, end):
         return websocket_frames(cut_frames(view, end)[0], self.mask)
+
+    def payload_bytes(self, end, count):
+        short, self._short = self._short, 0
+        return end - count * self.room + 2 * short
+
+    def datagrams(self, view, end):
+        copy = memoryview(bytearray(view[:end]))  # the decoder unmasks in place
+        return [bytes(datagram) for datagram in
+                WebSocketDecoder(masked=self.mask).cut(copy, end)[0]]
 
     def encode_datagrams(self, datagrams):
         return websocket_frames(datagrams, self.mask)
@@ -2790,10 +2934,11 @@ class Tunnel:
         encode = self.framing.encode
         write_lock = self._write_lock  # uncontended but for a WebSocket reader's answers
         # The frames are written in place, into one buffer for the tunnel's life.
-        buffer = PumpBuffer(UDP_BATCH_BYTES + 2 + MAX_FRAME_PAYLOAD)
+        buffer = PumpBuffer(UDP_BATCH_BYTES + MAX_WEBSOCKET_HEADER + MAX_FRAME_PAYLOAD)
         view = buffer.view
+        framing = self.framing
         while self.close_reason is None:
-            end, count = receive(view)
+            end, count = receive(view, UDP_BATCH_BYTES, framing)
             if not count:
                 continue
             try:
@@ -2802,14 +2947,14 @@ class Tunnel:
                     self.channel.sendall(data)
             except BaseException as exc:
                 if self.unsent is not None:
-                    self.unsent([datagram.tobytes() for datagram in cut_frames(view, end)[0]])
+                    self.unsent(framing.datagrams(view, end))
                 if is_socket_timeout(exc):
                     return "the peer read nothing for %gs" % self.idle.timeout
                 raise
             touch()
             buffer.used(end)
             self.to_tcp_datagrams += count
-            self.to_tcp_bytes += end - 2 * count
+            self.to_tcp_bytes += framing.payload_bytes(end, count)
         return self.close_reason
 
 

@@ -75,6 +75,7 @@ column tells whether the bench itself was the bottleneck.
 import argparse
 import contextlib
 import ctypes
+import functools
 import hashlib
 import json
 import os
@@ -209,9 +210,10 @@ def echo_main():
 class Echo:
     """Handle on the echo process."""
 
-    def __init__(self, procs):
-        self.popen = procs.spawn("echo", [sys.executable, os.path.abspath(__file__), "_echo"],
-                                 stdout=subprocess.PIPE)
+    def __init__(self, procs, pinger=None, blocking=False):
+        argv = ([pinger, "echo-blocking" if blocking else "echo"] if pinger else
+                [sys.executable, os.path.abspath(__file__), "_echo"])
+        self.popen = procs.spawn("echo", argv, stdout=subprocess.PIPE)
         line = self.popen.stdout.readline().split()
         if len(line) != 2:
             raise RuntimeError("the echo process did not start")
@@ -534,45 +536,267 @@ def go_version_of(binary):
         return "go ?"
 
 
-def build_go(source):
-    """Build the original from `source` into a cache under the temp dir; return the bin dir.
+def go_build_cached(what, sources, targets, build):
+    """Build Go code into a cache under the temp dir; return (its bin dir, go's version).
 
-    The cache's name is a hash of the source files and `go version`, so a second run reuses the
-    binaries and a changed source or toolchain builds afresh. Offline: the module has no
-    dependencies, and GOPROXY=off keeps go from looking for any.
-    """
-    if not os.path.isfile(os.path.join(source, "go.mod")):
-        raise NoReference("no reference source at %s" % os.path.normpath(source))
+    `sources` are (relative path, bytes) in a fixed order: the cache's name is a hash of them
+    and `go version`, so a second run reuses the build and a changed source or toolchain
+    builds afresh. `build(staging, env)` runs go build into the folder `staging`, which then
+    becomes the bin dir once it holds `targets`. Offline: GOPROXY=off keeps go from looking
+    for any dependency."""
     if shutil.which("go") is None:
-        raise NoReference("no go command to build %s" % os.path.normpath(source))
+        raise NoReference("no go command to build %s" % what)
     go_version = run_text(["go", "version"])
     digest = hashlib.sha256(go_version.encode())
-    for root, dirs, files in os.walk(source):
-        dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            digest.update(os.path.relpath(path, source).encode() + b"\0")
-            with open(path, "rb") as stream:
-                digest.update(stream.read())
+    for name, data in sources:
+        digest.update(name.encode() + b"\0")
+        digest.update(data)
     cache = os.path.join(tempfile.gettempdir(), "proxyguard_bench-go-" + digest.hexdigest()[:16])
     bindir = os.path.join(cache, "bin")
-    if all(os.access(os.path.join(bindir, name), os.X_OK) for name in GO_PROGRAMS):
+    if all(os.access(os.path.join(bindir, name), os.X_OK) for name in targets):
         return bindir, go_version.split()[2]
     os.makedirs(cache, exist_ok=True)
     staging = tempfile.mkdtemp(prefix="bin-", dir=cache)
-    note("building the original from %s into %s" % (os.path.normpath(source), cache))
+    note("building %s into %s" % (what, cache))
     env = dict(os.environ, GOFLAGS="-mod=mod", GOPROXY="off", GOTOOLCHAIN="local",
                GOCACHE=os.path.join(cache, "gocache"), CGO_ENABLED="0")
     try:
-        run_text(["go", "build", "-o", staging + os.sep, "./cmd/..."], cwd=source, env=env)
+        build(staging, env)
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        raise NoReference("building the original failed: %s" % exc)
+        raise NoReference("building %s failed: %s" % (what, exc))
     try:
         os.rename(staging, bindir)  # atomic: a concurrent bench sees all or nothing
     except OSError:  # another bench was quicker
         shutil.rmtree(staging, ignore_errors=True)
     return bindir, go_version.split()[2]
+
+
+def build_go(source):
+    """Build the original from `source` (go_build_cached); return (the bin dir, go version).
+    The module has no dependencies."""
+    if not os.path.isfile(os.path.join(source, "go.mod")):
+        raise NoReference("no reference source at %s" % os.path.normpath(source))
+    sources = []
+    for root, dirs, files in os.walk(source):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            with open(path, "rb") as stream:
+                sources.append((os.path.relpath(path, source), stream.read()))
+
+    def build(staging, env):
+        run_text(["go", "build", "-o", staging + os.sep, "./cmd/..."], cwd=source, env=env)
+
+    return go_build_cached("the original from %s" % os.path.normpath(source), sources,
+                           GO_PROGRAMS, build)
+
+
+# --pinger go: the ping and the echo compiled, so that what the round trip measures is the
+# proxies, not an interpreter at both ends. `pinger echo` works as echo_main (prints
+# `PORT CONTROL_PORT`, answers `stats`); `pinger ping FD SIZE COUNT TIMEOUT_MS` pings through
+# the connected UDP socket it inherits as FD (the bench's, bound to the client's forward
+# port) and prints {"lost": N, "rtts_ns": [...]}: the percentiles are the bench's own.
+# `ping-blocking` and `echo-blocking` wait in blocking system calls instead of Go's poller
+# (--pinger go-blocking), as C programs would: the Go runtime spins a while before it sleeps.
+GO_PINGER = r"""package main
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+func must(err error) {
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+}
+
+func arg(i int) int {
+	v, err := strconv.Atoi(os.Args[i])
+	must(err)
+	return v
+}
+
+func echo(blocking bool) {
+	loopback := &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)}
+	control, err := net.ListenUDP("udp4", loopback)
+	must(err)
+	var count, size int64
+	go func() {
+		buf := make([]byte, 100)
+		for {
+			n, src, err := control.ReadFromUDPAddrPort(buf)
+			if err == nil && string(buf[:n]) == "stats" {
+				answer := fmt.Sprintf("%d %d", atomic.LoadInt64(&count), atomic.LoadInt64(&size))
+				control.WriteToUDPAddrPort([]byte(answer), src)
+			}
+		}
+	}()
+	buf := make([]byte, 70000)
+	if blocking {
+		fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_DGRAM, 0)
+		must(err)
+		must(syscall.SetsockoptInt(fd, syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4<<20))
+		must(syscall.SetsockoptInt(fd, syscall.SOL_SOCKET, syscall.SO_SNDBUF, 4<<20))
+		must(syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}))
+		name, err := syscall.Getsockname(fd)
+		must(err)
+		fmt.Printf("%d %d\n", name.(*syscall.SockaddrInet4).Port,
+			control.LocalAddr().(*net.UDPAddr).Port)
+		for {
+			n, src, err := syscall.Recvfrom(fd, buf, 0)
+			if err != nil {
+				continue
+			}
+			atomic.AddInt64(&count, 1)
+			atomic.AddInt64(&size, int64(n))
+			syscall.Sendto(fd, buf[:n], 0, src)
+		}
+	}
+	conn, err := net.ListenUDP("udp4", loopback)
+	must(err)
+	must(conn.SetReadBuffer(4 << 20))
+	must(conn.SetWriteBuffer(4 << 20))
+	fmt.Printf("%d %d\n", conn.LocalAddr().(*net.UDPAddr).Port,
+		control.LocalAddr().(*net.UDPAddr).Port)
+	for {
+		n, src, err := conn.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			continue
+		}
+		atomic.AddInt64(&count, 1)
+		atomic.AddInt64(&size, int64(n))
+		conn.WriteToUDPAddrPort(buf[:n], src)
+	}
+}
+
+// blockingConn waits in the kernel (blocking read, SO_RCVTIMEO) as a C program would,
+// without the Go runtime's poller and its spinning threads.
+type blockingConn struct{ fd int }
+
+func (c blockingConn) Write(b []byte) (int, error) { return syscall.Write(c.fd, b) }
+func (c blockingConn) Read(b []byte) (int, error)  { return syscall.Read(c.fd, b) }
+func (c blockingConn) SetReadDeadline(t time.Time) error {
+	tv := syscall.NsecToTimeval(time.Until(t).Nanoseconds())
+	return syscall.SetsockoptTimeval(c.fd, syscall.SOL_SOCKET, syscall.SO_RCVTIMEO, &tv)
+}
+
+type pingConn interface {
+	Write([]byte) (int, error)
+	Read([]byte) (int, error)
+	SetReadDeadline(time.Time) error
+}
+
+func timedOut(err error) bool {
+	if ne, ok := err.(net.Error); ok && ne.Timeout() {
+		return true
+	}
+	return err == syscall.EAGAIN
+}
+
+func ping(blocking bool) {
+	var conn pingConn
+	if blocking {
+		must(syscall.SetNonblock(arg(2), false))
+		conn = blockingConn{arg(2)}
+	} else {
+		packet, err := net.FilePacketConn(os.NewFile(uintptr(arg(2)), "ping socket"))
+		must(err)
+		conn = packet.(*net.UDPConn)
+	}
+	size, count, timeout := arg(3), arg(4), time.Duration(arg(5))*time.Millisecond
+	payload := make([]byte, size)
+	buf := make([]byte, 70000)
+	base := uint64(time.Now().UnixMilli()) << 20
+	rtts := make([]int64, 0, count)
+	lost := 0
+	for i := 0; i < count; i++ {
+		seq := base + uint64(i)
+		binary.BigEndian.PutUint64(payload, seq)
+		start := time.Now()
+		conn.Write(payload)
+		must(conn.SetReadDeadline(start.Add(timeout)))
+		for {
+			n, err := conn.Read(buf)
+			if err != nil {
+				if timedOut(err) {
+					lost++
+					break
+				}
+				continue // an ICMP from earlier
+			}
+			if n >= 8 && binary.BigEndian.Uint64(buf) == seq {
+				rtts = append(rtts, time.Since(start).Nanoseconds())
+				break
+			}
+		}
+	}
+	out, err := json.Marshal(map[string]interface{}{"lost": lost, "rtts_ns": rtts})
+	must(err)
+	fmt.Println(string(out))
+}
+
+func main() {
+	if len(os.Args) == 2 && (os.Args[1] == "echo" || os.Args[1] == "echo-blocking") {
+		echo(os.Args[1] == "echo-blocking")
+	} else if len(os.Args) == 6 && (os.Args[1] == "ping" || os.Args[1] == "ping-blocking") {
+		ping(os.Args[1] == "ping-blocking")
+	} else {
+		fmt.Fprintln(os.Stderr, "usage: pinger echo[-blocking] | "+
+			"pinger ping[-blocking] FD SIZE COUNT TIMEOUT_MS")
+		os.Exit(2)
+	}
+}
+"""
+
+
+def build_pinger():
+    """The compiled pinger and echo (GO_PINGER), built offline and cached; its path."""
+    sources = [("go.mod", b"module pinger\n\ngo 1.18\n"), ("main.go", GO_PINGER.encode())]
+
+    def build(staging, env):
+        workdir = tempfile.mkdtemp(prefix="src-", dir=os.path.dirname(staging))
+        try:
+            for name, data in sources:
+                with open(os.path.join(workdir, name), "wb") as stream:
+                    stream.write(data)
+            run_text(["go", "build", "-o", os.path.join(staging, "pinger"), "."], cwd=workdir,
+                     env=env)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    bindir, _ = go_build_cached("the Go pinger", sources, ["pinger"], build)
+    return os.path.join(bindir, "pinger")
+
+
+def go_ping(pinger, blocking, sock, size, count, timeout=1.0):
+    """ping_pong by the compiled pinger (`blocking`: its ping-blocking), through `sock` (lent
+    to it): the same result dict."""
+    drain(sock)
+    sock_timeout = sock.gettimeout()
+    try:
+        command = "ping-blocking" if blocking else "ping"
+        out = subprocess.run([pinger, command, str(sock.fileno()), str(size), str(count),
+                              str(int(timeout * 1000))], pass_fds=(sock.fileno(),),
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, check=True,
+                             timeout=count * timeout + 60).stdout
+    finally:
+        sock.settimeout(sock_timeout)  # Go may have changed the shared file description
+    result = json.loads(out)
+    rtts = sorted(value / 1000.0 for value in result["rtts_ns"])
+    return {"roundtrips": count, "lost": result["lost"],
+            "p50_us": percentile(rtts, 0.50), "p99_us": percentile(rtts, 0.99),
+            "min_us": rtts[0] if rtts else None,
+            "mean_us": statistics.fmean(rtts) if rtts else None}
 
 
 def against_side(options):
@@ -1266,6 +1490,14 @@ def build_parser():
         help="ping round trips (default %(default)s)")
     add("--ping-size", type=int, default=None, metavar="BYTES",
         help="ping datagram size (default: the first --size)")
+    add("--hogs", type=int, default=0, metavar="N",
+        help="run N CPU hogs at `nice -n 19` meanwhile (busy loops): how a desktop's "
+             "low-priority load delays the tunnel (see the round trip's p99)")
+    add("--pinger", choices=("python", "go", "go-blocking"), default="python",
+        help="who pings and echoes: this script (default), or a small compiled Go program "
+             "(built offline with go and cached like the original), so that the round trip "
+             "measures the proxies rather than an interpreter at both ends); go-blocking: the "
+             "same pinger waiting in blocking system calls, not in Go's poller")
     transport = parser.add_mutually_exclusive_group()
     transport.add_argument("--tls", action="store_true", help="over TLS only (https://)")
     transport.add_argument("--both", action="store_true", help="plain, then TLS")
@@ -1317,11 +1549,15 @@ def measure(setup, options, tests, run, tag, ping_size, direct=True, tunnels=Tru
     setup.wait_tunnel()  # up again if the client had to reconnect meanwhile
     if "ping" in tests:
         note("%s: ping %d x %d bytes" % (tag, options.roundtrips, ping_size))
-        add("ping", setup.transport, ping_size, 1,
-            ping_pong(setup.sock, ping_size, options.roundtrips))
+        if options.pinger_path:
+            ping = functools.partial(go_ping, options.pinger_path,
+                                     options.pinger == "go-blocking")
+        else:
+            ping = ping_pong
+        add("ping", setup.transport, ping_size, 1, ping(setup.sock, ping_size, options.roundtrips))
         if direct:
             add("ping", "direct", ping_size, 1,
-                ping_pong(setup.direct, ping_size, options.roundtrips), side="direct")
+                ping(setup.direct, ping_size, options.roundtrips), side="direct")
     if "load" in tests:
         for size in sizes or options.size:
             note("%s: load %d bytes, window %d, %gs"
@@ -1346,6 +1582,13 @@ def main(argv=None):
         print("proxyguard_bench.py: %s not found (use --proxyguard PATH)" % options.proxyguard,
               file=sys.stderr)
         return 2
+    options.pinger_path = None
+    if options.pinger != "python":
+        try:
+            options.pinger_path = build_pinger()
+        except NoReference as exc:
+            print("proxyguard_bench.py: --pinger go: %s" % exc, file=sys.stderr)
+            return 2
     try:
         sides = [PythonSide(options.proxyguard, options.python)]
         if options.against:
@@ -1421,7 +1664,9 @@ def main(argv=None):
     entries = []  # every run: {side, test, transport, size, window, run, result}
     status = 0
     try:
-        echo = Echo(procs)
+        echo = Echo(procs, options.pinger_path, options.pinger == "go-blocking")
+        for index in range(options.hogs):  # low-priority CPU load, as a desktop's
+            procs.spawn("hog", ["nice", "-n", "19", sys.executable, "-c", "while True: pass"])
         # All up at once, so that runs can alternate between them; the sides, and the
         # protocols, next to each other for plain and for TLS, so that what is compared is
         # measured close in time.
@@ -1504,11 +1749,13 @@ def main(argv=None):
                  ", medians of %d runs" % options.runs if options.runs > 1 else ""))
         for side in sides:
             print("  " + side.describe())
+        if options.hogs:
+            print("  meanwhile %d CPU hogs at nice 19" % options.hogs)
         if comparisons or by_transport:
             print("  %d rounds alternating the %s; load: window %d, %gs per size; "
-                  "ping: %d round trips" % (options.runs, "sides" if comparisons else
-                                            "transports", options.window, options.duration,
-                                            options.roundtrips))
+                  "ping: %d round trips (%s pinger and echo)"
+                  % (options.runs, "sides" if comparisons else "transports", options.window,
+                     options.duration, options.roundtrips, options.pinger.capitalize()))
         for protocol, comparison in comparisons.items():
             print()
             if len(comparisons) > 1:

@@ -10136,3 +10136,103 @@ def test_no_route_to_the_server_waits_at_most_a_second_between_attempts(tmp_path
     assert "network is unreachable" in log, log
     waits = re.findall(r"next attempt in ([\d.]+)s", log)
     assert waits[:4] == ["1", "1", "1", "1"], log
+
+
+
+# =============================================================================================
+# Issue 19: WebSocket frames built where the datagrams land; websockets' C masking if installed
+# =============================================================================================
+
+# Every header form (2-byte length, 16-bit length), an empty datagram (dropped), the largest.
+IN_PLACE_SIZES = [1420, 0, 125, 126, 1, 1420, 100, 65507, 7, 1420, 32, 148]
+
+
+def fake_urandom(count):
+    """Masking keys the same for every run (they come from os.urandom, one call a batch)."""
+    return bytes((7 * index + 1) % 256 for index in range(count))
+
+
+def frames_built_in_place(monkeypatch, client_side, accelerated, sizes):
+    """The bytes a WebSocketFraming gives the channel for `sizes` datagrams that a real UDP
+    endpoint received in one batch, the framing with the C masking or the standard library's;
+    and the framing and the datagrams sent."""
+    monkeypatch.setattr(pg, "_MASK_XOR", None if accelerated else False)
+    monkeypatch.setattr(os, "urandom", fake_urandom)
+    framing = pg.WebSocketFraming(client_side=client_side)
+    assert (framing.xor is not None) == accelerated
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as wireguard:
+        wireguard.bind((LOOPBACK, 0))
+        endpoint = pg.TunnelUdpEndpoint.connected(wireguard.getsockname(), socket.AF_INET)
+        try:
+            datagrams = [numbered(index, size) for index, size in enumerate(sizes)]
+            for datagram in datagrams:  # on loopback, queued at the endpoint when sent
+                wireguard.sendto(datagram, endpoint.sock.getsockname())
+            view = memoryview(bytearray(pg.UDP_BATCH_BYTES + pg.MAX_WEBSOCKET_HEADER
+                                        + pg.MAX_FRAME_PAYLOAD))
+            end, count = endpoint.receive_frames(view, pg.UDP_BATCH_BYTES, framing)
+            sent = [datagram for datagram in datagrams if datagram]
+            assert count == len(sent)
+            assert framing.payload_bytes(end, count) == sum(map(len, sent))
+            wire = bytes(framing.encode(view, end))
+            assert framing.datagrams(view, end) == sent  # what a dying tunnel hands back
+            return wire, sent
+        finally:
+            endpoint.release()
+
+
+@pytest.mark.parametrize("client_side", [True, False], ids=["client-masks", "server"])
+def test_websocket_frames_built_in_place_are_the_same_with_and_without_c_masking(
+        monkeypatch, client_side):
+    """The frames written where the UDP endpoint put the datagrams are those the joined
+    encoder (websocket_frames) makes with the same keys, with websockets' apply_mask and with
+    the standard library's XOR; the decoder gives the datagrams back either way."""
+    pytest.importorskip("websockets.speedups")
+    fast, sent = frames_built_in_place(monkeypatch, client_side, True, IN_PLACE_SIZES)
+    slow, _ = frames_built_in_place(monkeypatch, client_side, False, IN_PLACE_SIZES)
+    assert fast == slow == pg.websocket_frames(sent, client_side)
+    for xor in (None, pg.mask_accelerator()):
+        decoder = pg.WebSocketDecoder(masked=client_side, xor=xor)
+        datagrams, pos = decoder.cut(memoryview(bytearray(fast)), len(fast))
+        assert [bytes(datagram) for datagram in datagrams] == sent and pos == len(fast)
+    # A lone datagram (no load) of each header form.
+    for size in (1420, 60):
+        fast, sent = frames_built_in_place(monkeypatch, client_side, True, [size])
+        slow, _ = frames_built_in_place(monkeypatch, client_side, False, [size])
+        assert fast == slow == pg.websocket_frames(sent, client_side)
+
+
+def test_c_masking_is_used_when_websockets_is_installed_and_loaded_at_the_first_tunnel_only():
+    """Importing proxyguard loads nothing; the first WebSocketFraming takes websockets' C
+    apply_mask (without importing the websockets package, 60 ms); where websockets cannot be
+    imported, the standard library's XOR does the work."""
+    pytest.importorskip("websockets.speedups")
+    script = ("import sys, proxyguard as pg\n"
+              "assert pg._MASK_XOR is None and sys.modules.get('websockets') is None\n"
+              "xor = pg.WebSocketFraming(client_side=True).xor\n"
+              "print(xor and xor.__name__, xor and type(xor).__name__, pg._MASK_XOR is not None)")
+    for blocked, expected in [(False, "apply_mask builtin_function_or_method True"),
+                              (True, "None None True")]:
+        prefix = "import sys; sys.modules['websockets'] = None\n" if blocked else ""
+        out = subprocess.run([sys.executable, "-c", prefix + script], cwd=HERE,
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0 and out.stdout.split("\n")[0] == expected, out
+
+
+def test_the_server_masks_with_c_at_its_first_websocket_tunnel(tmp_path, echo, procs):
+    """A real server: its first WebSocket tunnel says (debug) which XOR unmasks the frames."""
+    pytest.importorskip("websockets.speedups")
+    server = start_server(tmp_path, echo.port, "--log-level", "debug")
+    procs.append(server)
+    assert "WebSocket masking" not in server.log()
+    with ws_connect(server.port, "/") as ws:
+        ws_roundtrip(ws, [numbered(1, 1420), numbered(2, 100)])
+    server.wait_log("WebSocket masking: websockets' C apply_mask")
+    assert server.log().count("WebSocket masking") == 1
+
+
+def test_the_unit_runs_the_tunnel_threads_above_low_priority_load():
+    """Nice=-10 (measured: two nice-19 CPU hogs delayed the sleeping pump threads by a
+    scheduler slice at nice 0; README, "Measurements: issue 19")."""
+    with open(os.path.join(HERE, "proxyguard@.service")) as unit:
+        nice = re.search(r"^Nice=(-?\d+)$", unit.read(), re.M)
+    assert nice and -19 <= int(nice.group(1)) < 0, nice

@@ -155,7 +155,7 @@ class BedError(Exception):
 
 # Namespace names: pgbed-{c,s}<pid:7><counter:2>-<start ticks of pid> (this version),
 # pgbed-{c,s}<pid % 100000:5><counter:2> (older versions) and pgbed-probe<pid> (unavailable()).
-_BED_NAME = re.compile(r"^pgbed-(?:[cs](?P<pid>\d{7})(?P<n>\d{2})-(?P<start>\d+)"
+_BED_NAME = re.compile(r"^pgbed-(?:[csr](?P<pid>\d{7})(?P<n>\d{2})-(?P<start>\d+)"
                        r"|[cs](?P<pid5>\d{5})(?P<n5>\d{2})|probe(?P<probe>\d+))$")
 
 
@@ -250,7 +250,7 @@ class WireGuardBed:
     def __init__(self, workdir, idle_timeout=None, client_keepalive=1, server_keepalive=0,
                  mtu=None, proxyguard=DEFAULT_PROXYGUARD, python=sys.executable,
                  pg_extra=(), front_end=None, log=None, pg_command=None, websocket=False,
-                 pg_servers=1):
+                 pg_servers=1, delay_line=None):
         if front_end not in FRONT_END_TOOLS:
             raise ValueError("front_end must be one of %s" % list(FRONT_END_TOOLS))
         if (front_end or websocket) and pg_command is not None:
@@ -259,6 +259,7 @@ class WireGuardBed:
         # pg_servers=2: a second proxyguard server (pg-server2, port PG_SERVER_PORT + 1, plain
         # HTTP, no front end) for the same WireGuard, the client's second --to (failover).
         self.pg_servers = pg_servers
+        self.delay_line = delay_line  # (seconds, jitter): a relay namespace delays the path
         self.pg_command = pg_command
         self.workdir = str(workdir)
         os.makedirs(self.workdir, exist_ok=True)
@@ -282,6 +283,8 @@ class WireGuardBed:
         owner = "%s-%d" % (tag, process_start_ticks(os.getpid()))
         self.ns_client = "pgbed-c" + owner
         self.ns_server = "pgbed-s" + owner
+        self.ns_relay = "pgbed-r" + owner  # delay_line only
+        self.veth_relay = ("vra" + tag, "vrb" + tag)  # its ends towards client and server
         self.veth_client = "vpc" + tag  # names at most 15 characters
         self.veth_server = "vps" + tag
         self.wg_client = "wgc" + tag
@@ -445,8 +448,11 @@ class WireGuardBed:
             self.sh("ip", "netns", "add", ns)
             self._namespaces.append(ns)
             self.sh("ip", "link", "set", "lo", "up", ns=ns)
-        self.sh("ip", "link", "add", self.veth_client, "netns", self.ns_client, "type", "veth",
-                "peer", "name", self.veth_server, "netns", self.ns_server)
+        if self.delay_line:
+            self._make_delay_line()
+        else:
+            self.sh("ip", "link", "add", self.veth_client, "netns", self.ns_client, "type",
+                    "veth", "peer", "name", self.veth_server, "netns", self.ns_server)
         for ns, dev, ip in ((self.ns_client, self.veth_client, VETH_CLIENT_IP),
                             (self.ns_server, self.veth_server, VETH_SERVER_IP)):
             self.sh("ip", "addr", "add", "%s/%d" % (ip, VETH_PREFIX), "dev", dev, ns=ns)
@@ -454,6 +460,26 @@ class WireGuardBed:
             # Only TCP may cross between the hosts: WireGuard must go through proxyguard.
             self.sh("iptables", "-A", "OUTPUT", "-o", dev, "-p", "udp", "-j", "DROP", ns=ns)
             self.sh("iptables", "-A", "INPUT", "-i", dev, "-p", "udp", "-j", "DROP", ns=ns)
+
+    def _make_delay_line(self):
+        """The path through a third namespace, where this file's delay-line tool (the kernel
+        here has no netem) passes each Ethernet frame on after its own delay, `delay_line`
+        (seconds, jitter): uniform in seconds +- jitter, so frames overtake each other. The
+        hosts' ends send finished frames (no checksum or segmentation offload), which a packet
+        socket can pass on as they are."""
+        self.sh("ip", "netns", "add", self.ns_relay)
+        self._namespaces.append(self.ns_relay)
+        for ns, dev, relay_end in ((self.ns_client, self.veth_client, self.veth_relay[0]),
+                                   (self.ns_server, self.veth_server, self.veth_relay[1])):
+            self.sh("ip", "link", "add", dev, "netns", ns, "type", "veth", "peer", "name",
+                    relay_end, "netns", self.ns_relay)
+            self.sh("ip", "link", "set", relay_end, "up", ns=self.ns_relay)
+            self.sh(self.python, os.path.abspath(__file__), "offloads-off", dev, ns=ns)
+        seconds, jitter = self.delay_line
+        self.spawn("delay-line", self.ns_relay, [
+            self.python, os.path.abspath(__file__), "delay-line", self.veth_relay[0],
+            self.veth_relay[1], "--delay", seconds, "--jitter", jitter])
+        self.wait_log("delay-line", "delay line up")
 
     def _make_keys(self):
         for side in ("client", "server"):
@@ -931,6 +957,77 @@ class Pinger:
                 return sequence, time.monotonic() - self.sent[sequence]
 
 
+ETH_P_ALL = 3
+PACKET_OUTGOING = 4  # a packet socket's own sends, seen again: not passed on
+SIOCETHTOOL = 0x8946
+# Legacy ethtool set commands (linux/ethtool.h): TX checksum, TSO, GSO, GRO.
+ETHTOOL_OFFLOADS = {"tx-checksum": 0x17, "tso": 0x1F, "gso": 0x24, "gro": 0x2C}
+
+
+def tool_offloads_off(args):
+    """Turn checksum and segmentation offloads off on a device (what `ethtool -K DEV tx off
+    tso off gso off gro off` does; no ethtool here): its frames then leave whole, with their
+    checksums, and a packet socket that forwards them passes on valid frames."""
+    import ctypes
+    import fcntl
+    done = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for name, command in ETHTOOL_OFFLOADS.items():
+            value = ctypes.create_string_buffer(struct.pack("II", command, 0))
+            request = struct.pack("16sP", args.device.encode(), ctypes.addressof(value))
+            try:
+                fcntl.ioctl(sock.fileno(), SIOCETHTOOL, request)
+                done.append(name)
+            except OSError:
+                if name == "tx-checksum":
+                    raise
+    return {"device": args.device, "off": done}
+
+
+def tool_delay_line(args):
+    """Bridge two devices through packet sockets, every frame delayed by its own uniform
+    delay in [delay - jitter, delay + jitter] (so frames are reordered, as netem with jitter
+    does); runs until killed."""
+    import heapq
+    sockets = []
+    for device in (args.a, args.b):
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 << 20)
+        sock.bind((device, ETH_P_ALL))
+        sock.setblocking(False)
+        sockets.append(sock)
+    other = {sockets[0].fileno(): sockets[1], sockets[1].fileno(): sockets[0]}
+    by_fd = {sock.fileno(): sock for sock in sockets}
+    poller = select.poll()
+    for sock in sockets:
+        poller.register(sock, select.POLLIN)
+    rng = random.Random(args.seed)
+    low, high = args.delay - args.jitter, args.delay + args.jitter
+    queue = []  # (due, sequence, socket to send on, frame)
+    sequence = itertools.count()
+    print("delay line up: %s <-> %s, %g s +- %g s" % (args.a, args.b, args.delay, args.jitter),
+          flush=True)
+    while True:
+        now = time.monotonic()
+        while queue and queue[0][0] <= now:
+            _, _, sock, frame = heapq.heappop(queue)
+            with contextlib.suppress(OSError):
+                sock.send(frame)
+        wait = (queue[0][0] - now) * 1000 if queue else -1
+        for fd, _ in poller.poll(max(0, wait) if queue else None):
+            source, target = by_fd[fd], other[fd]
+            while True:
+                try:
+                    frame, address = source.recvfrom(65535)
+                except (BlockingIOError, InterruptedError):
+                    break
+                if address[2] == PACKET_OUTGOING:
+                    continue
+                heapq.heappush(queue, (time.monotonic() + rng.uniform(low, high),
+                                       next(sequence), target, frame))
+
+
 def tool_ping(args):
     pinger = Pinger(args.destination)
     rtts = []
@@ -1147,7 +1244,10 @@ def iperf_mbit(bed, seconds, reverse=False):
     -> client, iperf3 -R), as the receiver counted it."""
     argv = ["iperf3", "-c", WG_SERVER_IP, "-p", IPERF_PORT, "-t", seconds, "-J"]
     out = bed.sh(*argv + (["-R"] if reverse else []), ns=bed.ns_client, timeout=seconds + 30)
-    return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e6
+    answer = json.loads(out)
+    if "sum_received" not in answer.get("end", {}):  # an error only (e.g. no connection)
+        raise BedError("iperf3 gave no figure: %s" % answer.get("error", out[-500:]))
+    return answer["end"]["sum_received"]["bits_per_second"] / 1e6
 
 
 def switch_pair(bed, pg_command):
@@ -1214,28 +1314,41 @@ def format_compare(results, py_label, go_label):
     return "\n".join(lines)
 
 
-def run_compare(args):
-    """One bed; for each of `runs` rounds, proxyguard.py's pair then the original Go pair
-    (only the proxyguard processes restarted), each measured with iperf3 both ways and a ping
-    burst through WireGuard; print the table of medians and the ratios."""
+def comparison_sides(python):
+    """(proxyguard.py run by `python`, the original) as proxyguard_bench sides, for a side by
+    side in the bed with iperf3; None, having said why, if the bed or the original cannot run
+    here."""
     reason = WireGuardBed.unavailable() or (None if shutil.which("iperf3") else "no iperf3")
     if reason:
         print("cannot run the bed here: %s" % reason, file=sys.stderr)
-        return 2
+        return None
     sys.path.insert(0, HERE)
     import proxyguard_bench as bench  # the Go build and its argv: one place for both tools
     try:
         bindir, go_version = bench.build_go(bench.REFERENCE)
     except bench.NoReference as exc:
         print("cannot run the original: %s" % exc, file=sys.stderr)
+        return None
+    return bench.PythonSide(DEFAULT_PROXYGUARD, python), bench.GoSide(bindir, go_version)
+
+
+def start_iperf_server(bed):
+    bed.spawn("iperf3", bed.ns_server, ["iperf3", "-s", "-B", WG_SERVER_IP, "-p", IPERF_PORT,
+                                        "--forceflush"])
+    bed.wait_log("iperf3", "Server listening")
+
+
+def run_compare(args):
+    """One bed; for each of `runs` rounds, proxyguard.py's pair then the original Go pair
+    (only the proxyguard processes restarted), each measured with iperf3 both ways and a ping
+    burst through WireGuard; print the table of medians and the ratios."""
+    sides = comparison_sides(args.python)
+    if sides is None:
         return 2
-    go = bench.GoSide(bindir, go_version)
-    py = bench.PythonSide(DEFAULT_PROXYGUARD, args.python)
+    py, go = sides
 
     def study(bed, log):
-        bed.spawn("iperf3", bed.ns_server, ["iperf3", "-s", "-B", WG_SERVER_IP, "-p", IPERF_PORT,
-                                            "--forceflush"])
-        bed.wait_log("iperf3", "Server listening")
+        start_iperf_server(bed)
         print("Real WireGuard (wireguard-go both ends) through each pair, plain HTTP, one bed; "
               "%d alternating run(s) per pair; iperf3 one TCP stream %gs each way; %d pings "
               "at 0.02 s" % (args.runs, args.seconds, args.pings), flush=True)
@@ -1255,6 +1368,160 @@ def run_compare(args):
         print(format_compare(results, "proxyguard.py", go.label), flush=True)
 
     return run_bed_study(args, "pgbed-cmp-", study, python=args.python)
+
+
+# =============================================================================================
+# A bad network: loss, delay with reordering, a cut under traffic; both pairs side by side
+# =============================================================================================
+
+
+def _loss_rules(bed, probability):
+    """iptables rules that drop `probability` of the path's TCP segments, each way."""
+    match = ["-m", "statistic", "--mode", "random", "--probability", probability, "-j", "DROP"]
+    return [["INPUT", "-p", "tcp", "--dport", bed.public_port] + match,
+            ["OUTPUT", "-p", "tcp", "--sport", bed.public_port] + match]
+
+
+def set_loss(bed, probability, on=True):
+    for rule in _loss_rules(bed, probability):
+        bed.sh("iptables", "-I" if on else "-D", *rule, ns=bed.ns_server)
+
+
+def measure_cut(bed, cut, timeout=60.0):
+    """A bulk TCP stream through WireGuard, the path cut for `cut` seconds under it, then
+    restored: seconds from the path's return until a ping through WireGuard is answered, and
+    until the stream's bytes move again (its TCP's own retransmission back-off counts
+    there), or None if not within `timeout`; and whether the proxyguard client still runs."""
+    sink = bed.start_sink(timeout=cut + timeout + 60)
+    source = bed.start_source(until_stopped=True, timeout=cut + timeout + 60)
+    try:
+        bed.wait_received(bed.received() + (1 << 20), timeout=30, source=source)
+        bed.cut_path()
+        time.sleep(cut)  # scenario: the path stays away this long
+        before = bed.received()
+        bed.restore_path()
+        restored = time.monotonic()
+        ping = bed.wait_ping(timeout=timeout, interval=0.1)
+        flowing = None
+        while time.monotonic() - restored < timeout:
+            if bed.received() > before:
+                flowing = time.monotonic() - restored
+                break
+            time.sleep(0.05)  # polling the sink's count, with a deadline
+        return {"cut_ping_s": ping, "cut_data_s": flowing,
+                "client_alive": bed.procs["pg-client"].poll() is None}
+    finally:
+        if bed._cut:
+            bed.restore_path()
+        bed.finish(source, 30)  # closes its stdin: it stops
+        bed.finish(sink, 30)
+
+
+BADNET_ROWS = (  # condition, key, label, unit, higher is better
+    ("clean", "up", "clean: TCP up", "Mbit/s", True),
+    ("clean", "down", "clean: TCP down", "Mbit/s", True),
+    ("clean", "ping_p50", "clean: ping p50", "ms", False),
+    ("loss", "up", "loss: TCP up", "Mbit/s", True),
+    ("loss", "down", "loss: TCP down", "Mbit/s", True),
+    ("loss", "ping_p50", "loss: ping p50", "ms", False),
+    ("delay", "up", "delay: TCP up", "Mbit/s", True),
+    ("delay", "down", "delay: TCP down", "Mbit/s", True),
+    ("delay", "ping_p50", "delay: ping p50", "ms", False),
+    ("cut", "cut_ping_s", "cut: ping back after", "s", False),
+    ("cut", "cut_data_s", "cut: data moves after", "s", False),
+)
+
+
+def format_badnet(results, py_label, go_label):
+    """The table: per condition and figure, medians of the runs, the ratio (above 1:
+    proxyguard.py better) and the runs."""
+    lines = ["%-24s %13s %13s %7s   %s" % ("median of runs", py_label, go_label, "ratio",
+                                         "runs (py | Go)")]
+    for condition, key, label, unit, higher in BADNET_ROWS:
+        runs = {side: [run[key] for run in results.get((condition, side), ())]
+                for side in ("py", "go")}
+        if not runs["py"] and not runs["go"]:
+            continue
+        medians = {}
+        for side, values in runs.items():
+            # A cut the pair never came back from counts as the worst (None: not in time).
+            known = [value for value in values if value is not None]
+            medians[side] = (statistics.median(known) if len(known) * 2 > len(values)
+                             else None)
+        py, go = medians["py"], medians["go"]
+        ratio = "%.2f" % (py / go if higher else go / py) if py and go else "-"
+        fmt = "%.1f" if unit == "Mbit/s" else "%.3f" if unit == "ms" else "%.2f"
+        show = lambda value: "-" if value is None else fmt % value
+        lines.append("%-24s %13s %13s %7s   %s | %s" % (
+            label, show(py) + " " + unit, show(go) + " " + unit, ratio,
+            " ".join(show(value) for value in runs["py"]),
+            " ".join(show(value) for value in runs["go"])))
+    alive = [run["client_alive"] for (condition, side), runs in results.items()
+             if condition == "cut" for run in runs]
+    lines.append("ratio: py/Go for throughput, Go/py for times; above 1 = proxyguard.py better")
+    if alive:
+        lines.append("after every cut the proxyguard client was still running: %s"
+                     % ("yes" if all(alive) else "NO"))
+    return "\n".join(lines)
+
+
+def run_badnet(args):
+    """Two beds, one after the other: the plain one (a clean path; `loss` of the path's TCP
+    segments dropped each way by iptables; a `cut` under traffic), then one whose path runs
+    through the delay line (`delay` +- `jitter` each way, reordered). In each, the pairs
+    alternate run by run (switch_pair), measured with iperf3 both ways and pings."""
+    sides = comparison_sides(args.python)
+    if sides is None:
+        return 2
+    py, go = sides
+    results = {}  # (condition, "py"|"go") -> [figures of each run]
+    pings = 30
+
+    def each_pair(bed, log, condition, measure):
+        if condition not in args.conditions:
+            return
+        for run in range(args.runs):
+            pairs = (("py", None), ("go", go)) if run % 2 == 0 else (("go", go), ("py", None))
+            for key, command in pairs:
+                switch_pair(bed, command)
+                figures = measure()
+                results.setdefault((condition, key), []).append(figures)
+                log("run %d %s %s: %s" % (run + 1, key, condition, json.dumps(figures)))
+
+    def plain_study(bed, log):
+        start_iperf_server(bed)
+        each_pair(bed, log, "clean", lambda: measure_pair(bed, args.seconds, pings))
+        set_loss(bed, args.loss)
+        try:
+            each_pair(bed, log, "loss", lambda: measure_pair(bed, args.seconds, pings))
+        finally:
+            set_loss(bed, args.loss, on=False)
+        each_pair(bed, log, "cut", lambda: measure_cut(bed, args.cut))
+
+    def delay_study(bed, log):
+        start_iperf_server(bed)
+        each_pair(bed, log, "delay", lambda: measure_pair(bed, args.seconds + 3, pings))
+
+    print("A bad path: real WireGuard (wireguard-go both ends) through each pair, plain HTTP; "
+          "%d alternating run(s) per pair and condition; iperf3 one TCP stream %gs each way "
+          "(%gs with the delay), %d pings at 0.02 s" % (args.runs, args.seconds,
+                                                          args.seconds + 3, pings), flush=True)
+    print("  loss: %g %% of the path's TCP segments dropped each way (iptables statistic)"
+          % (100 * args.loss), flush=True)
+    print("  delay: %g ms +- %g ms each way, reordering (a userspace delay line; the kernel "
+          "has no netem)" % (1000 * args.delay, 1000 * args.jitter), flush=True)
+    print("  cut: the path dropped both ways for %gs under a bulk TCP stream" % args.cut,
+          flush=True)
+    print("  py: %s" % py.describe(), flush=True)
+    print("  Go: %s" % go.describe(), flush=True)
+    status = 0
+    if {"clean", "loss", "cut"} & set(args.conditions):
+        status = run_bed_study(args, "pgbed-bad-", plain_study, python=args.python)
+    if status == 0 and "delay" in args.conditions:
+        status = run_bed_study(args, "pgbed-bad-", delay_study, python=args.python,
+                               delay_line=(args.delay, args.jitter))
+    print(format_badnet(results, "proxyguard.py", go.label), flush=True)
+    return status
 
 
 def main(argv=None):
@@ -1285,6 +1552,32 @@ def main(argv=None):
                    help="the interpreter that runs proxyguard.py (default %(default)s)")
     p.add_argument("--workdir", help="keep the bed's logs here (default: a temporary directory, "
                                      "removed after a successful run)")
+    p = sub.add_parser("badnet", help="real WireGuard and iperf3 through proxyguard.py's pair "
+                                      "and the original's on a bad path: loss, delay with "
+                                      "reordering, a cut under traffic; prints the table")
+    p.add_argument("--runs", type=int, default=2, help="runs per pair and path (default 2)")
+    p.add_argument("--seconds", type=float, default=5.0,
+                   help="length of each iperf3 run (default 5; 3 more with the delay)")
+    p.add_argument("--loss", type=float, default=0.01,
+                   help="share of the path's TCP segments dropped, each way (default 0.01)")
+    p.add_argument("--delay", type=float, default=0.1, help="one-way delay, s (default 0.1)")
+    p.add_argument("--jitter", type=float, default=0.01, help="+- s (default 0.01)")
+    p.add_argument("--cut", type=float, default=20.0, help="length of the cut, s (default 20)")
+    p.add_argument("--conditions", default="clean,loss,cut,delay",
+                   type=lambda text: [item.strip() for item in text.split(",")],
+                   help="which paths to measure (default %(default)s)")
+    p.add_argument("--python", default="/usr/bin/python3" if os.path.exists("/usr/bin/python3")
+                   else sys.executable,
+                   help="the interpreter that runs proxyguard.py (default %(default)s)")
+    p.add_argument("--workdir", help="keep the beds' logs here")
+    p = sub.add_parser("offloads-off")
+    p.add_argument("device")
+    p = sub.add_parser("delay-line")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--delay", type=float, default=0.1)
+    p.add_argument("--jitter", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=1)
     p = sub.add_parser("ping")
     p.add_argument("destination")
     p.add_argument("--count", type=int, default=5)
@@ -1316,9 +1609,13 @@ def main(argv=None):
         return run_mtu_study(args)
     if args.tool == "compare":
         return run_compare(args)
+    if args.tool == "badnet":
+        return run_badnet(args)
+    if args.tool == "delay-line":
+        return tool_delay_line(args)
     tool = {"ping": tool_ping, "wait-ping": tool_wait_ping, "sink": tool_sink,
-            "ping-stream": tool_ping_stream,
-            "source": tool_source}[args.tool]
+            "ping-stream": tool_ping_stream, "source": tool_source,
+            "offloads-off": tool_offloads_off}[args.tool]
     print(json.dumps(tool(args)), flush=True)
     return 0
 
