@@ -148,11 +148,15 @@ __version__ = "0.1.0"
 
 log = logging.getLogger("proxyguard")
 
+
 # =============================================================================================
 # Constants
+# Protocol words, sizes, timeouts and defaults, each with why it has its value. Plain
+# values only (no code runs here), so every section below may use them.
 # =============================================================================================
 
 PROTOCOL = "UoTLV/1"
+
 # The second transport (issue "Through any front"): RFC 6455 WebSocket, for the fronts that
 # pass no other Upgrade (cloud load balancers, CDNs, Apache's upgrade=websocket). One binary
 # message per datagram; the client offers this subprotocol and the server echoes it, so a
@@ -160,6 +164,7 @@ PROTOCOL = "UoTLV/1"
 WEBSOCKET = "websocket"
 WEBSOCKET_SUBPROTOCOL = "proxyguard-udp"
 WEBSOCKET_VERSION = "13"
+
 # Fronts cut upgraded connections that stay quiet (AWS ALB 60 s, Heroku 55 s, Cloudflare 100 s,
 # nginx's proxy_read_timeout 60 s): the client pings after this long without traffic.
 DEFAULT_KEEPALIVE = 25.0
@@ -194,8 +199,10 @@ HANDSHAKE_TIMEOUT = 10.0
 
 # Reconnect waits of the client after a failure, in seconds; the last one repeats forever.
 RETRY_WAITS = (1, 2, 4, 8, 10)
+
 # A tunnel that lived this long was healthy: the next failure starts the waits over.
 STABLE_TUNNEL_SECONDS = 10.0
+
 # The client's TCP_USER_TIMEOUT (issue 15, failover; issue 19, a cut path): a tunnel whose sent
 # data stays unacknowledged this long is dead (a server silently gone, a path cut), and the
 # client connects afresh (to its next server, if it has one) instead of waiting for TCP's own
@@ -211,6 +218,7 @@ STABLE_TUNNEL_SECONDS = 10.0
 # 50 ms (RTO 200-250 ms) that is 2 s, 2.4 s at 100 ms: failover within 3 s of the fault.
 PATH_DOWN_SECONDS = 2.0
 PATH_DOWN_RTOS = 8
+
 # A connect that gets no answer (SYNs lost: a path cut, a server gone) is not waited for alone:
 # a fresh attempt starts every CONNECT_STAGGER seconds (round robin over the addresses) beside
 # the older ones, at most CONNECT_ATTEMPTS at once (the oldest is dropped), all within
@@ -218,11 +226,13 @@ PATH_DOWN_RTOS = 8
 # kernel's next SYN retry of one socket (1, 3, 7, 15 s after its start).
 CONNECT_STAGGER = 0.5
 CONNECT_ATTEMPTS = 4
+
 # A dial that failed because this machine has no network to the server (no route, the
 # interface down: the Wi-Fi gone) loaded no server: the next comes at most this long after,
 # whatever the back-off says, so a network that comes back is used within a second.
 NO_ROUTE_WAIT = 1.0
 NO_ROUTE_ERRNOS = (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EADDRNOTAVAIL)
+
 # A 503's Retry-After is honoured up to this many seconds: a front end that asks for an hour
 # must not keep a VPN down that long (RFC 9110 10.2.3 lets the client decide).
 MAX_RETRY_AFTER = 300
@@ -241,46 +251,58 @@ DEFAULT_FORWARD_PORT = 51820
 DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_USER_AGENT = "proxyguard.py/" + __version__
+
 # Our server's 426 carries this header, so a client tells it from the original's 426 (which
 # speaks UoTLV/1 only): ours takes WebSocket too, so a WebSocket request it answers with 426
 # lost its Upgrade header on the way (issue 17).
 SERVER_MARK = ("ProxyGuard-Server", DEFAULT_USER_AGENT)
+
 # How to make a front pass the Upgrade header, for the message that says it does not.
 FRONT_UPGRADE_FIX = (
     "nginx: proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; "
     "proxy_set_header Connection \"upgrade\"; Apache 2.4.47+: ProxyPass ... upgrade=UoTLV/1 "
     "(or upgrade=websocket with ws:// or wss://)")
+
 # Open tunnels a server takes by default: two threads each; beyond this a client gets 503.
 DEFAULT_MAX_CLIENTS = 1000
+
 # Connections still in their handshake beyond --max-clients tunnels: each holds a thread until
 # its handshake deadline, so a flood of silent connections is refused from here on.
 MAX_HANDSHAKING = 256
+
 # Open files beyond the tunnels' (2 each: TCP and UDP) and the handshakes' (1 each): the
 # listening socket, stdio, the log, the notify socket, the interpreter's own.
 SPARE_FILES = 64
+
 # Reverse proxies whose X-Forwarded-For / Forwarded headers the server believes by default.
 DEFAULT_TRUSTED_PROXIES = "127.0.0.0/8,::1"
 
 # Metrics (--metrics-listen): the Prometheus text exposition format, version 0.0.4.
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 METRICS_PATH = "/metrics"
+
 # The statuses the server refuses a handshake with: their series exist from the start at 0,
 # so a rate() sees the first one.
 REFUSAL_STATUSES = (400, 404, 405, 408, 426, 431, 503, 505)
+
 # Why the client connects again: its dial failed (refused: an HTTP answer other than 101 or
 # 503, or the proxy's refusal; unavailable: 503; tls: the TLS handshake or the certificate;
 # network: connect, timeouts, resets), or its tunnel ended (idle: our own idle timeout; ended:
 # any other end).
 RECONNECT_REASONS = ("refused", "unavailable", "tls", "network", "idle", "ended")
+
 # Tunnel lifetimes, in seconds: a reconnect loop (under 1 s) up to a working day and beyond.
 TUNNEL_LIFETIME_BUCKETS = (1, 10, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+
 # When this process started (Unix time), as process exporters count it.
 PROCESS_START_TIME = time.time()
+
 # Thousands of threads (two per tunnel), set for the service by tune_threads():
 # The stack of every thread but the main one. glibc's default is 8 MiB of address space each
 # (80 GiB for 5,000 tunnels, refused under strict overcommit or an address-space limit); the
 # pumps touch 16 KiB of theirs, TLS handshake included (measured from /proc/PID/smaps).
 THREAD_STACK_BYTES = 256 * 1024
+
 # The GIL's switch interval. Every thread waiting for the GIL wakes each interval and takes
 # the GIL's mutex: when thousands of tunnels end (or go idle) at once, thousands wait, and
 # their wake-ups alone took the CPU: at Python's default 5 ms, 5,000 tunnels had not gone
@@ -292,17 +314,39 @@ SWITCH_INTERVAL = 0.5
 
 # Where wireguard-go keeps an interface's control socket (NAME.sock).
 WIREGUARD_RUN_DIR = "/var/run/wireguard"
+
 # Linux socket option numbers that the socket module may lack on old Pythons.
 SO_MARK = getattr(socket, "SO_MARK", 36)
 TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
 TCP_INFO = getattr(socket, "TCP_INFO", 11)
 IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
 MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
+
 # struct sock_extended_err (linux/errqueue.h): ee_errno, origin, type, code, pad, info, data.
 EXTENDED_ERROR = struct.Struct("=IBBBBII")
 
+# UDP GSO (Linux 4.18+): one sendmsg carries a run of equal-sized datagrams, with their size
+# in a control message; the kernel cuts them apart. Numbers the socket module may lack.
+SOL_UDP = getattr(socket, "SOL_UDP", 17)
+UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
+SEGMENT_SIZE = struct.Struct("=H")
+GSO_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS before Linux 6.1
+GSO_BYTES = 65507  # all the segments together fit one IPv4 UDP datagram
+
+
+# rtnetlink (linux/rtnetlink.h): ask the kernel which interface it routes an address through,
+# as `ip route get` does, policy rules (wg-quick's `not fwmark 51820 table 51820`) included.
+NETLINK_ROUTE, RTM_NEWROUTE, RTM_GETROUTE, NLM_F_REQUEST = 0, 24, 26, 1
+RTA_DST, RTA_OIF, RTA_MARK = 1, 4, 16
+NETLINK_HEADER = struct.Struct("=IHHII")  # struct nlmsghdr
+ROUTE_MESSAGE = struct.Struct("=BBBBBBBBI")  # struct rtmsg
+ROUTE_ATTRIBUTE = struct.Struct("=HH")  # struct rtattr
+
+
 # =============================================================================================
 # Errors
+# The exceptions, one class per way to fail; the data an error carries (a status, a retry
+# wait, a certificate's names) are fields of its class. Uses only the constants.
 # =============================================================================================
 
 
@@ -363,9 +407,11 @@ class ServerUnavailable(UpgradeRefused):
 
 
 # =============================================================================================
-# Pure protocol: frames, requests and responses. No I/O here, so tests need no socket.
+# Pure protocol: frames, HTTP heads, WebSocket, addresses, profiles. No I/O here: bytes and
+# text in, values or errors out, so tests need no socket. Uses the constants and errors only.
 # =============================================================================================
 
+# --- UoTLV/1 frames and a peer's text in our lines -------------------------------------------
 
 def frame_header(datagram):
     """The 2-byte length prefix of `datagram`; ValueError past 65535 bytes."""
@@ -466,6 +512,7 @@ def shown(text, limit=SHOWN_LIMIT):
     return text + ("... (%d more)" % more if more > 0 else "")
 
 
+# --- HTTP heads: the upgrade request, its answers and refusals, health checks ----------------
 UPGRADE_RESPONSE = (
     b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: UoTLV/1\r\n\r\n")
 
@@ -474,6 +521,7 @@ TLS_RECORD_STARTS = (b"\x16", b"\x15")
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _VERSION = re.compile(r"^HTTP/(\d)\.(\d)$")
+
 # A request target is visible ASCII (RFC 9112 3.2); this also keeps the logged path clean.
 _TARGET = re.compile(r"^[\x21-\x7e]+$")
 
@@ -675,80 +723,6 @@ def asks_upgrade(request):
                 or request.get_all("sec-websocket-key"))
 
 
-def path_is_under(path, prefix):
-    """`path` (without its query) is `prefix` or below it: `/pg` takes /pg, /pg/ and /pg/x,
-    not /pgx; `/` takes every path."""
-    base = prefix.rstrip("/")
-    return path == base or path.startswith(base + "/")
-
-
-def check_path(target, prefix):
-    """Raise HandshakeError(404) unless the request target's path is `prefix` or below it
-    (see path_is_under); no prefix takes every path, as the original.
-    """
-    if prefix and not path_is_under(target.partition("?")[0], prefix):
-        raise HandshakeError(404, "no tunnel at this path", routine=True)
-
-
-def is_url_path(text):
-    """A path --path or --route can take: from a /, visible ASCII, no query."""
-    return text.startswith("/") and bool(_TARGET.match(text)) and "?" not in text
-
-
-def parse_route(text):
-    """--route PATH=HOST:PORT into (PATH without a trailing /, (host, port)); raises
-    UsageError naming the value. HOST:PORT has no `=`, so the last one splits."""
-    path, sep, address = text.strip().rpartition("=")
-    if not sep or not is_url_path(path):
-        raise UsageError("--route %r: expected PATH=HOST:PORT with PATH a URL path from a / "
-                         "(visible ASCII, no query), for example /proxyguard/node1=127.0.0.1:51820"
-                         % text)
-    return path.rstrip("/") or "/", parse_host_port(address, "--route %s" % path)
-
-
-class RouteTable:
-    """Which WireGuard a request goes to, by its path (--route PATH=HOST:PORT, repeatable): a
-    route takes its PATH and below it (the rules of check_path), the longest PATH first, so
-    /pg/node1 wins over /pg for /pg/node1/x. A path no route takes goes to `fallback` (the
-    server's --to) if there is one, at `fallback_path` (--path) and below only, else 404.
-    Targets are whatever the caller gives (the server: resolved addresses); pure, no I/O.
-    """
-
-    def __init__(self, routes=(), fallback=None, fallback_path=None):
-        self.routes = sorted(routes, key=lambda route: len(route[0].rstrip("/")), reverse=True)
-        self.fallback = fallback
-        self.fallback_path = fallback_path
-
-    def find(self, target):
-        """(route name, target) for a request target; raises HandshakeError(404). The route's
-        name is its PATH, or DEFAULT_ROUTE for the fallback."""
-        path = target.partition("?")[0]
-        for prefix, wireguard in self.routes:
-            if path_is_under(path, prefix):
-                return prefix, wireguard
-        if self.fallback is None:
-            raise HandshakeError(404, "no tunnel at this path", routine=True)
-        check_path(target, self.fallback_path)
-        return DEFAULT_ROUTE, self.fallback
-
-    def names(self):
-        """Every route's name, the fallback's last (the metrics' label values)."""
-        return [path for path, _ in self.routes] + (
-            [DEFAULT_ROUTE] if self.fallback is not None else [])
-
-
-def parse_networks(text, option):
-    """A comma list of IP networks (`10.0.0.0/8,::1`); raises UsageError naming `option`."""
-    networks = []
-    for item in text.split(","):
-        if item.strip():
-            try:
-                networks.append(ipaddress.ip_network(item.strip(), strict=False))
-            except ValueError:
-                raise UsageError("%s: %r is not an IP address or network" % (option, item))
-    return networks
-
-
 def is_trusted(address, networks):
     try:
         ip = ipaddress.ip_address(address)
@@ -852,11 +826,13 @@ def parse_response(head):
 
 # A refusal's body the client reads (within its connect deadline) to show the server's words.
 MAX_BODY_SHOWN = 512
+
 # What a TLS port says to a plain HTTP request in its 400: nginx ("The plain HTTP request was
 # sent to HTTPS port"), Go's net/http ("Client sent an HTTP request to an HTTPS server."),
 # proxyguard.py's own server.
 _PLAIN_TO_TLS_PORT = re.compile(rb"HTTPS (port|server)|speaks HTTPS")
 USE_HTTPS_HINT = "is the server https://? (use https:// in --to)"
+
 # The 426 body of a ProxyGuard server (the original's words, and ours) that got no upgrade.
 _UPGRADE_NOT_RECEIVED = re.compile(rb"the '(Connection|Upgrade)' header is not")
 
@@ -996,6 +972,54 @@ def parse_retry_after(value):
     return min(max(0.0, float(seconds)), MAX_RETRY_AFTER)
 
 
+def build_connect_request(authority, credentials=None, user_agent=DEFAULT_USER_AGENT):
+    """The CONNECT request for an HTTP proxy; `credentials` is 'user:pass' for Basic auth."""
+    lines = ["CONNECT %s HTTP/1.1" % authority, "Host: %s" % authority,
+             "User-Agent: %s" % user_agent]
+    if credentials is not None:
+        token = base64.b64encode(credentials.encode("utf-8")).decode("ascii")
+        lines.append("Proxy-Authorization: Basic %s" % token)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def check_connect_response(response, sent_credentials=False):
+    """Raise unless the proxy's answer to CONNECT is 2xx; name the cause."""
+    status = response.start[1]
+    if 200 <= status < 300:
+        return
+    if status in (401, 407):  # tinyproxy 1.11 answers a wrong password with 401 (its issue 532)
+        if sent_credentials:
+            raise UpgradeRefused("the HTTP proxy refused the user name or password (%d)" % status)
+        raise UpgradeRefused("the HTTP proxy wants authentication (%d): give "
+                             "http://user:password@host:port in --proxy or HTTPS_PROXY" % status)
+    if status == 403:
+        raise UpgradeRefused("the HTTP proxy refuses CONNECT to this host or port (403)")
+    raise ConnectionError("the HTTP proxy answered %d %s to CONNECT"
+                          % (status, shown(response.start[2], 100)))
+
+
+# --- Addresses, URLs and paths: the values options and requests carry ------------------------
+
+def path_is_under(path, prefix):
+    """`path` (without its query) is `prefix` or below it: `/pg` takes /pg, /pg/ and /pg/x,
+    not /pgx; `/` takes every path."""
+    base = prefix.rstrip("/")
+    return path == base or path.startswith(base + "/")
+
+
+def check_path(target, prefix):
+    """Raise HandshakeError(404) unless the request target's path is `prefix` or below it
+    (see path_is_under); no prefix takes every path, as the original.
+    """
+    if prefix and not path_is_under(target.partition("?")[0], prefix):
+        raise HandshakeError(404, "no tunnel at this path", routine=True)
+
+
+def is_url_path(text):
+    """A path --path or --route can take: from a /, visible ASCII, no query."""
+    return text.startswith("/") and bool(_TARGET.match(text)) and "?" not in text
+
+
 def parse_host_port(text, option, default_host=None):
     """Parse `host:port` or `[v6]:port` into (host, port); raise UsageError naming `option`."""
     text = text.strip()
@@ -1029,6 +1053,18 @@ def parse_port(text, option, allow_zero=False):
         raise UsageError("%s %r: not a port number (%d-65535)"
                          % (option, text, 0 if allow_zero else 1))
     return port
+
+
+def parse_networks(text, option):
+    """A comma list of IP networks (`10.0.0.0/8,::1`); raises UsageError naming `option`."""
+    networks = []
+    for item in text.split(","):
+        if item.strip():
+            try:
+                networks.append(ipaddress.ip_network(item.strip(), strict=False))
+            except ValueError:
+                raise UsageError("%s: %r is not an IP address or network" % (option, item))
+    return networks
 
 
 def encode_target(text):
@@ -1115,17 +1151,44 @@ class ServerURL:
         return self.text
 
 
+class ProxyURL:
+    """An HTTP proxy for CONNECT: `http://[user:pass@]host:port`."""
+
+    def __init__(self, text, option="--proxy"):
+        parts = urllib.parse.urlsplit(text.strip() if "://" in text else "http://" + text.strip())
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise UsageError("%s %r: %s" % (option, text, exc))
+        if parts.scheme != "http" or not parts.hostname:
+            raise UsageError("%s %r: expected http://[user:pass@]host:port" % (option, text))
+        if port == 0:
+            raise UsageError("%s %r: port 0 is not a port to connect to (1-65535)"
+                             % (option, text))
+        self.option = option  # where it came from: --proxy, or HTTPS_PROXY / HTTP_PROXY
+        self.host = parts.hostname
+        self.port = port or 3128
+        self.credentials = None
+        if parts.username is not None:
+            self.credentials = "%s:%s" % (urllib.parse.unquote(parts.username),
+                                          urllib.parse.unquote(parts.password or ""))
+        self.text = "http://%s" % format_address((self.host, self.port))
+
+    def __str__(self):
+        return self.text
+
+
 def format_address(address):
     """`host:port`, with IPv6 hosts in brackets."""
     host, port = address[0], address[1]
     return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
 
 
-# --- WebSocket (RFC 6455): the handshake's keys, frames, masking -------------------------------
-
+# --- WebSocket (RFC 6455): the handshake's keys, frames, masking -----------------------------
 _WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 1.3
 OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 _KNOWN_OPCODES = (OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG)
+
 # Close codes (RFC 6455 7.4.1) this program sends or names.
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
@@ -1134,6 +1197,7 @@ CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_INVALID_PAYLOAD = 1007
 CLOSE_TOO_BIG = 1009
 MAX_CONTROL_PAYLOAD = 125  # RFC 6455 5.5
+
 # The longest frame header: 2 bytes, 8 of extended length, 4 of masking key (RFC 6455 5.2).
 MAX_WEBSOCKET_HEADER = 14
 _LENGTH_16 = struct.Struct("!BBH")
@@ -1438,6 +1502,8 @@ class WebSocketDecoder:
             self.pong = payload
         elif opcode == OP_CLOSE:
             self.closed = parse_close(payload)
+
+
         # A pong needs nothing: the keepalive only wants traffic.
 
 
@@ -1462,13 +1528,13 @@ def parse_close(payload):
     return WebSocketClosed(code, text, by_peer=True)
 
 
-# --- WireGuard profiles (up): the eduVPN portal's wg-quick file, with ProxyEndpoint lines -----
-
+# --- WireGuard profiles (up): the eduVPN portal's wg-quick file, with ProxyEndpoint lines ----
 # wg-quick's own test of an interface name taken from a file name (its CONFIG_FILE pattern in
 # wg-quick(8)): 1 to 15 of these characters, the file named NAME.conf.
 WG_INTERFACE_NAME = re.compile(r"^[a-zA-Z0-9_=+.-]{1,15}$")
 _PROFILE_SECTION = re.compile(r"^\[\s*([A-Za-z]+)\s*\]$")
 _PROFILE_SETTING = re.compile(r"^([A-Za-z][A-Za-z0-9]*)\s*=\s*(.*)$")
+
 # The MTU a rewritten profile without one gets: WireGuard's own default for a 1500-byte path
 # (see the README's "The MTU question"). Left to wg-quick, it would be the MTU of the route to
 # the Endpoint, 127.0.0.1: loopback's 65536 less 80, and the VPN server's packets to a
@@ -1585,8 +1651,9 @@ def rewrite_profile(profile, ports, listen_port, fwmark):
 
 
 # =============================================================================================
-# Policies: deadlines, the idle clock, the back-off; the metrics page's text. No I/O: tests
-# drive them with a fake clock, and the socket code only carries out what they decide.
+# Policies: deadlines, clocks, back-off, server choice, routes by path, refusal logs. No I/O:
+# small objects that decide on time and state; tests drive them with a fake clock, and the
+# socket code only carries out what they decide. Uses the sections above.
 # =============================================================================================
 
 
@@ -1789,148 +1856,335 @@ def path_down_timeout(rto):
     return max(PATH_DOWN_SECONDS, PATH_DOWN_RTOS * (rto or 0))
 
 
-class Histogram:
-    """Observations counted into `buckets` (upper bounds), for a Prometheus histogram. Not
-    thread-safe: its owner observes under its own lock."""
-
-    def __init__(self, buckets):
-        self.buckets = tuple(sorted(buckets))
-        self.counts = [0] * (len(self.buckets) + 1)  # the last: above every bound (+Inf)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value):
-        index = 0
-        while index < len(self.buckets) and value > self.buckets[index]:
-            index += 1
-        self.counts[index] += 1
-        self.sum += value
-        self.count += 1
-
-    def copy(self):
-        other = Histogram(self.buckets)
-        other.counts, other.sum, other.count = list(self.counts), self.sum, self.count
-        return other
+def parse_route(text):
+    """--route PATH=HOST:PORT into (PATH without a trailing /, (host, port)); raises
+    UsageError naming the value. HOST:PORT has no `=`, so the last one splits."""
+    path, sep, address = text.strip().rpartition("=")
+    if not sep or not is_url_path(path):
+        raise UsageError("--route %r: expected PATH=HOST:PORT with PATH a URL path from a / "
+                         "(visible ASCII, no query), for example /proxyguard/node1=127.0.0.1:51820"
+                         % text)
+    return path.rstrip("/") or "/", parse_host_port(address, "--route %s" % path)
 
 
-class Metric:
-    """One metric family of the Prometheus text format: its name, type (counter, gauge,
-    histogram), help text and samples. `add()` appends a sample; `render_metrics` writes them."""
+class RouteTable:
+    """Which WireGuard a request goes to, by its path (--route PATH=HOST:PORT, repeatable): a
+    route takes its PATH and below it (the rules of check_path), the longest PATH first, so
+    /pg/node1 wins over /pg for /pg/node1/x. A path no route takes goes to `fallback` (the
+    server's --to) if there is one, at `fallback_path` (--path) and below only, else 404.
+    Targets are whatever the caller gives (the server: resolved addresses); pure, no I/O.
+    """
 
-    def __init__(self, name, kind, help_text):
-        self.name = name
-        self.kind = kind
-        self.help = help_text
-        self.samples = []  # (name suffix, ((label, value), ...), number)
+    def __init__(self, routes=(), fallback=None, fallback_path=None):
+        self.routes = sorted(routes, key=lambda route: len(route[0].rstrip("/")), reverse=True)
+        self.fallback = fallback
+        self.fallback_path = fallback_path
 
-    def add(self, value, suffix="", **labels):
-        self.samples.append((suffix, tuple(labels.items()), value))
-        return self
+    def find(self, target):
+        """(route name, target) for a request target; raises HandshakeError(404). The route's
+        name is its PATH, or DEFAULT_ROUTE for the fallback."""
+        path = target.partition("?")[0]
+        for prefix, wireguard in self.routes:
+            if path_is_under(path, prefix):
+                return prefix, wireguard
+        if self.fallback is None:
+            raise HandshakeError(404, "no tunnel at this path", routine=True)
+        check_path(target, self.fallback_path)
+        return DEFAULT_ROUTE, self.fallback
 
-    def add_histogram(self, histogram, **labels):
-        """The _bucket (cumulative, le="+Inf" last), _sum and _count samples of `histogram`."""
-        total = 0
-        for bound, count in zip(histogram.buckets + (float("inf"),), histogram.counts):
-            total += count
-            self.add(total, "_bucket", **dict(labels, le=format_metric_value(float(bound))))
-        self.add(histogram.sum, "_sum", **labels)
-        return self.add(histogram.count, "_count", **labels)
-
-
-def format_metric_value(value):
-    """A sample value as the text format writes it: integers plainly, +Inf, -Inf, NaN."""
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, int):
-        return str(value)
-    if value != value:
-        return "NaN"
-    if value in (float("inf"), float("-inf")):
-        return "+Inf" if value > 0 else "-Inf"
-    if value == int(value) and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value)
-
-
-def escape_label_value(text):
-    """A label value between double quotes: backslash, double quote and line feed escaped."""
-    return str(text).replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
-
-
-def escape_help(text):
-    """A HELP text: backslash and line feed escaped (quotes stay)."""
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def render_metrics(metrics):
-    """The Prometheus text exposition format (0.0.4) of `metrics` (Metric objects): a HELP
-    and a TYPE line per family, then its samples; ends with a line feed. Returns bytes."""
-    lines = []
-    for metric in metrics:
-        lines.append("# HELP %s %s" % (metric.name, escape_help(metric.help)))
-        lines.append("# TYPE %s %s" % (metric.name, metric.kind))
-        for suffix, labels, value in metric.samples:
-            label_text = ""
-            if labels:
-                label_text = "{%s}" % ",".join('%s="%s"' % (name, escape_label_value(text))
-                                               for name, text in labels)
-            lines.append("%s%s%s %s" % (metric.name, suffix, label_text,
-                                        format_metric_value(value)))
-    return ("\n".join(lines) + "\n").encode("utf-8")
-
-
-def process_metrics():
-    """The metrics of every mode: process start time and build information."""
-    return [
-        Metric("proxyguard_process_start_time_seconds", "gauge",
-               "Start time of the process since the Unix epoch, in seconds.")
-        .add(PROCESS_START_TIME),
-        Metric("proxyguard_build_info", "gauge",
-               "proxyguard.py's version and the Python running it; the value is always 1.")
-        .add(1, version=__version__, python="%d.%d.%d" % tuple(sys.version_info[:3])),
-    ]
-
-
-def traffic_metrics(prefix, totals):
-    """Bytes and datagrams each way, and oversized frames dropped, from `totals` (a
-    TrafficTotals of closed tunnels plus the open ones' live counters)."""
-    ways = (("to_wireguard", totals.to_udp_bytes, totals.to_udp_datagrams),
-            ("from_wireguard", totals.to_tcp_bytes, totals.to_tcp_datagrams))
-    size = Metric(prefix + "bytes_total", "counter",
-                  "UDP payload bytes carried, by direction: to_wireguard (from the tunnel to "
-                  "the local WireGuard) or from_wireguard.")
-    count = Metric(prefix + "datagrams_total", "counter",
-                   "Datagrams carried, by direction (see bytes_total).")
-    for direction, size_value, count_value in ways:
-        size.add(size_value, direction=direction)
-        count.add(count_value, direction=direction)
-    oversized = Metric(prefix + "oversized_frames_dropped_total", "counter",
-                       "Frames dropped because they cannot go out as one UDP datagram.")
-    return [size, count, oversized.add(totals.oversized)]
-
-
-class TrafficTotals:
-    """Sums of the Tunnel counters (see Tunnel): of closed tunnels, plus live ones at a
-    scrape. Its owner adds under its own lock."""
-
-    FIELDS = ("to_udp_datagrams", "to_udp_bytes", "to_tcp_datagrams", "to_tcp_bytes",
-              "oversized")
-
-    def __init__(self):
-        for field in self.FIELDS:
-            setattr(self, field, 0)
-
-    def add(self, tunnel):
-        for field in self.FIELDS:
-            setattr(self, field, getattr(self, field) + getattr(tunnel, field))
-        return self
-
-    def copy(self):
-        return TrafficTotals().add(self)
+    def names(self):
+        """Every route's name, the fallback's last (the metrics' label values)."""
+        return [path for path, _ in self.routes] + (
+            [DEFAULT_ROUTE] if self.fallback is not None else [])
 
 
 # =============================================================================================
-# Channels: a connected TCP stream, plain or TLS, safe for one reader and one writer thread.
+# Sockets and error text: socket options, names, listeners, routes; one line per OS error
+# Thin helpers over the socket module (and rtnetlink) that the channels, endpoints, server and
+# client share, and describe_error, the one place an OSError becomes a line. Uses the above.
+# =============================================================================================
+
+
+def set_socket_buffers(sock):
+    """Ask for large send and receive buffers; the kernel may give less, which is fine."""
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
+        except OSError:
+            pass
+
+
+def buffer_sizes(sock):
+    """'receive 425984, send 425984': the socket's buffers as the kernel granted them."""
+    return "receive %d, send %d" % (sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+                                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+
+
+def prepare_tcp_socket(sock):
+    """TCP_NODELAY: WireGuard carries TCP inside, and Nagle would add tens of milliseconds.
+    (A socketpair in the tests is no TCP socket: it takes the buffers only.)"""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    set_socket_buffers(sock)
+
+
+def retransmission_timeout(sock):
+    """The kernel's retransmission timeout of a connected TCP socket in seconds (TCP_INFO's
+    tcpi_rto, microseconds, after 8 bytes of state); None where it cannot say (not Linux, not
+    TCP: a socketpair in the tests)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 104)
+        return struct.unpack_from("=I", info, 8)[0] / 1e6
+    except (OSError, struct.error):
+        return None
+
+
+def set_socket_timeout(sock, option, seconds):
+    """Make recv (SO_RCVTIMEO) or send (SO_SNDTIMEO) on the blocking `sock` fail with EAGAIN
+    after `seconds` of waiting (0: never).
+
+    The kernel's options, not settimeout(): a Python socket with a timeout polls before every
+    recv and send, one more system call and GIL hand-off per frame batch (measured: part of
+    the round trip). Falls back to settimeout where the options fail (not Linux).
+    """
+    whole = int(seconds)
+    micro = int((seconds - whole) * 1000000)
+    if seconds and not (whole or micro):
+        micro = 1  # a zero timeval means "never": round a tiny remainder up, not down
+    # struct timeval is two native longs, or two 64-bit fields on 32-bit systems with a
+    # 64-bit time_t: the kernel refuses the wrong size, so try both.
+    for layout in ("ll", "qq"):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, struct.pack(layout, whole, micro))
+            return
+        except (OSError, struct.error):
+            continue
+    sock.settimeout(seconds or None)
+
+
+def is_socket_timeout(exc):
+    """True for a timeout of our own (set_socket_timeout), not the kernel's ETIMEDOUT: a
+    blocking socket's SO_RCVTIMEO gives EAGAIN; settimeout gives TimeoutError without errno
+    (since Python 3.10 the kernel's ETIMEDOUT is a TimeoutError too, with its errno)."""
+    if isinstance(exc, BlockingIOError):
+        return True
+    return isinstance(exc, socket.timeout) and exc.errno is None
+
+
+def ascii_host(host):
+    """`host` as bytes for getaddrinfo, which passes a str through the 'idna' codec: that
+    needs unicodedata, which OpenWrt ships apart (python3-codecs), so a router without it
+    cannot even resolve 127.0.0.1 ('unknown encoding: idna'). ServerURL has made an
+    international name ASCII (its xn-- form) already."""
+    return host.encode("ascii") if host is not None and host.isascii() else host
+
+
+def resolve_tcp(host, port, numeric=False):
+    """[(family, sockaddr)] for a TCP connection to host:port; raises OSError (gaierror)."""
+    flags = socket.AI_NUMERICHOST if numeric else 0
+    infos = socket.getaddrinfo(ascii_host(host), port, type=socket.SOCK_STREAM, flags=flags)
+    return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+
+
+def resolve_udp(address, option):
+    """Resolve (host, port) for UDP once; return (sockaddr, family). Raises FatalError."""
+    try:
+        infos = socket.getaddrinfo(ascii_host(address[0]), address[1], type=socket.SOCK_DGRAM)
+    except socket.gaierror as exc:
+        raise FatalError("%s %s: cannot resolve: %s" % (option, format_address(address), exc))
+    family, _, _, _, sockaddr = infos[0]
+    return sockaddr, family
+
+
+def udp_port_taken(port):
+    """True if a UDP socket holds 127.0.0.1:`port` (a bind of ours fails)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def open_listener(listen):
+    """A listening TCP socket for (host, port); IPv6 `::` also takes IPv4. Raises FatalError."""
+    host, port = listen
+    try:
+        infos = socket.getaddrinfo(ascii_host(host), port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        family, _, _, _, address = infos[0]
+        return socket.create_server(address, family=family, backlog=512,
+                                    dualstack_ipv6=(family == socket.AF_INET6
+                                                    and address[0] == "::"))
+    except OSError as exc:
+        raise FatalError("cannot listen on %s: %s"
+                         % (format_address(listen), describe_bind_error(exc, port, "tcp")))
+
+
+def listen_scope(sock):
+    """What a wildcard address that `sock` is bound to takes, '' for any other: `--listen
+    :443` binds every interface without a word otherwise (issue "The first ten minutes")."""
+    host = sock.getsockname()[0]
+    if host == "0.0.0.0":
+        return "all interfaces, IPv4 only"
+    if host == "::":
+        if sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
+            return "all interfaces, IPv6 only"
+        return "all interfaces, IPv6 and IPv4"
+    return ""
+
+
+def accept_until_stopped(accept, stopping, handle, prefix=""):
+    """Give each connection `accept()` returns to `handle(sock, peer)` until `stopping()`
+    (the owner's stop() closes the socket, which wakes a blocked accept). Out of descriptors
+    or memory for now: log it, pause new connections for a second, and go on."""
+    while not stopping():
+        try:
+            sock, peer = accept()
+        except OSError as exc:
+            if stopping():
+                break
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                log.error("%saccept: %s; pausing new connections for 1s", prefix, exc.strerror)
+                time.sleep(1)
+            continue
+        handle(sock, peer)
+
+
+def refuse_without_waiting(sock, status, message):
+    """Answer `status` if the socket takes it at once, and close: for the accept thread, which
+    must never block on one client."""
+    try:
+        sock.setblocking(False)
+        sock.send(build_response(status, message, [("Retry-After", "10")]))
+    except OSError:
+        pass
+    sock.close()
+
+
+def describe_bind_error(exc, port, protocol):
+    """Why a bind failed, with what to do, in one line: the port taken (and how to find who
+    has it), a privileged port, an address this machine lacks. socket.create_server's own
+    text ('... (while attempting to bind on address ...)') repeats the address."""
+    if exc.errno == errno.EADDRINUSE:
+        return ("the port is taken by another process (find it with: ss -l%snp 'sport = :%d')"
+                % ("t" if protocol == "tcp" else "u", port))
+    if exc.errno == errno.EACCES and port < 1024:
+        return ("permission denied: a port below 1024 needs root or CAP_NET_BIND_SERVICE "
+                "(proxyguard@.service: AmbientCapabilities=CAP_NET_BIND_SERVICE), or use a "
+                "port above 1023")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "no interface of this machine has this address"
+    if exc.errno and not isinstance(exc, socket.gaierror):
+        return os.strerror(exc.errno)[:1].lower() + os.strerror(exc.errno)[1:]
+    return describe_error(exc)
+
+
+def describe_error(exc):
+    """A short reason for a log line: 'connection reset by peer', 'certificate verify failed';
+    any other exception (ours, for one) by its message."""
+    if ssl is not None and isinstance(exc, ssl.SSLCertVerificationError):
+        message = exc.verify_message or str(exc.reason)
+        key, hint = next(((key, hint) for key, hint in _CERTIFICATE_HINTS
+                          if key in message.lower()), (None, ""))
+        # The Dialer adds what it knows: the --ca-file tried (then "a private CA needs
+        # --ca-file" is wrong advice), and in check the names the certificate holds.
+        ca_file = getattr(exc, "ca_file", None)
+        if ca_file and key in ("local issuer", "self-signed"):
+            hint = (" (the certificate is not signed by a CA in --ca-file %s nor the system "
+                    "store)" % ca_file)
+        names = getattr(exc, "certificate_names", None)
+        if names and key in ("hostname mismatch", "ip address mismatch"):
+            hint = hint[:-1] + ", which names: %s)" % names
+        return "TLS certificate not accepted: %s%s" % (message, hint)
+    if ssl is not None and isinstance(exc, ssl.SSLError):
+        reason = exc.reason or str(exc)
+        hint = _TLS_HINTS.get(reason, "").replace("http://", "%s://" % getattr(
+            exc, "plain_scheme", "http"))  # wss:// to a plain port: ws://, not http://
+        return "TLS handshake failed: %s%s" % (reason, hint)
+    if isinstance(exc, socket.timeout):
+        return "timed out"
+    strerror = getattr(exc, "strerror", None)
+    if strerror:
+        return strerror[:1].lower() + strerror[1:]
+    return str(exc) or exc.__class__.__name__
+
+
+# --- Routing loops: which interface the kernel routes the server through (as `ip route get`) ---
+def route_interface(ip, mark=None):
+    """The name of the interface the kernel sends packets to `ip` out of (with SO_MARK
+    `mark`), or None where it cannot say (not Linux, no route, not an address)."""
+    try:
+        packed = ipaddress.ip_address(ip).packed
+        family = socket.AF_INET if len(packed) == 4 else socket.AF_INET6
+        attributes = ROUTE_ATTRIBUTE.pack(4 + len(packed), RTA_DST) + packed
+        if mark is not None:
+            attributes += ROUTE_ATTRIBUTE.pack(8, RTA_MARK) + struct.pack("=I", mark)
+        body = ROUTE_MESSAGE.pack(family, len(packed) * 8, 0, 0, 0, 0, 0, 0, 0) + attributes
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE) as sock:
+            sock.settimeout(1)
+            sock.send(NETLINK_HEADER.pack(NETLINK_HEADER.size + len(body), RTM_GETROUTE,
+                                          NLM_F_REQUEST, 1, 0) + body)
+            reply = sock.recv(65536)
+        length, kind = NETLINK_HEADER.unpack_from(reply)[:2]
+        position = NETLINK_HEADER.size + ROUTE_MESSAGE.size
+        while kind == RTM_NEWROUTE and position + ROUTE_ATTRIBUTE.size <= min(length, len(reply)):
+            size, attribute = ROUTE_ATTRIBUTE.unpack_from(reply, position)
+            if attribute == RTA_OIF:
+                return socket.if_indextoname(struct.unpack_from("=I", reply, position + 4)[0])
+            if size < ROUTE_ATTRIBUTE.size:
+                break
+            position += (size + 3) & ~3
+    except (OSError, ValueError, AttributeError, struct.error):
+        pass
+    return None
+
+
+def tunnel_interface_kind(name, sys_net="/sys/class/net", wireguard_run=WIREGUARD_RUN_DIR):
+    """'a WireGuard interface' (the kernel's, or wireguard-go's), 'a tunnel interface' (TUN:
+    another VPN), or None for any other interface."""
+    try:
+        with open(os.path.join(sys_net, name, "uevent")) as stream:
+            if "DEVTYPE=wireguard" in stream.read().split():
+                return "a WireGuard interface"
+    except OSError:
+        pass
+    if os.path.exists(os.path.join(wireguard_run, name + ".sock")):
+        return "a WireGuard interface"
+    if os.path.exists(os.path.join(sys_net, name, "tun_flags")):
+        return "a tunnel interface (a VPN?)"
+    return None
+
+
+def routing_loop_hint(ip, lookup=route_interface, kind=tunnel_interface_kind):
+    """What to do when the route to the server's `ip` goes into a WireGuard (or other
+    tunnel) interface: the tunnel's own connection would go into the tunnel (issue 17: with
+    AllowedIPs = 0.0.0.0/0 and no --fwmark, a plain 'timed out'). None when it does not."""
+    name = lookup(ip)
+    what = kind(name) if name else None
+    if what is None:
+        return None
+    return ("the route to %s goes through %s, %s: the tunnel's own connection would loop "
+            "into the tunnel; add --fwmark 51820 (wg-quick's FwMark; or --peer-ips with a host "
+            "route to the server outside the tunnel)" % (ip, shown(name, 40), what))
+
+
+def check_fwmark(mark):
+    """Fail at start, not at the first connect, when SO_MARK is not allowed."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+    except OSError as exc:
+        raise FatalError("--fwmark %d: %s (it needs Linux and CAP_NET_ADMIN)"
+                         % (mark, describe_error(exc)))
+    finally:
+        probe.close()
+
+
+# =============================================================================================
+# TLS: the ssl module (imported at first use), contexts, certificate files, handshake errors
+# Everything that knows OpenSSL but the channel: contexts from the options, PEM checks, and
+# what a failed handshake most likely means. Uses errors and sockets' error text.
 # =============================================================================================
 
 
@@ -1947,6 +2201,175 @@ def tls():
                              % exc)
         ssl = module
     return ssl
+
+
+# The most a certificate, key or CA file may hold (the system CA bundle is about 200 KiB).
+MAX_PEM_FILE_BYTES = 10 * 1024 * 1024
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+_PEM_ANY_CERTIFICATE = re.compile(rb"-----BEGIN (TRUSTED |X509 )?CERTIFICATE-----")
+_PEM_PRIVATE_KEY = re.compile(rb"-----BEGIN ([A-Z0-9]+ )?PRIVATE KEY-----")
+_PEM_ENCRYPTED_KEY = re.compile(rb"-----BEGIN ENCRYPTED PRIVATE KEY-----|Proc-Type: *4, *ENCRYPTED")
+
+
+def load_tls_files(context, error, cert_file=None, key_file=None, ca_file=None):
+    """Load `cert_file` and `key_file` (the key may be in `cert_file`), or the CA certificates
+    in `ca_file`, into `context`. Checks step by step, so that a failure raises `error`
+    (UsageError or FatalError) with one line naming the option, the file and the problem,
+    not OpenSSL's 'PEM lib'."""
+    cert_option = "--tls-cert %r" % cert_file
+    key_option = "--tls-key %r" % key_file if key_file else cert_option
+
+    def read(option, path):
+        try:
+            with open(path, "rb") as stream:
+                data = stream.read(MAX_PEM_FILE_BYTES + 1)
+        except OSError as exc:
+            raise error("%s: %s" % (option, describe_error(exc)))
+        if len(data) > MAX_PEM_FILE_BYTES:
+            raise error("%s: over %d MiB, not a PEM file"
+                        % (option, MAX_PEM_FILE_BYTES // (1024 * 1024)))
+        return data
+
+    def no_certificate(option, data, what="certificate"):
+        if _PEM_ANY_CERTIFICATE.search(data):
+            return damaged(option)
+        hint = " (it looks like DER: convert it with openssl x509 -inform der)" if (
+            data[:1] == b"\x30") else ""
+        return error("%s: no PEM %s in the file%s" % (option, what, hint))
+
+    def damaged(option):  # OpenSSL only says 'PEM lib' or 'no start line'
+        return error("%s: a certificate in the file is damaged (cut short, or not valid "
+                     "base64 or DER)" % option)
+
+    def words(exc):  # '[X509: KEY_VALUES_MISMATCH] key values mismatch (_ssl.c:3926)'
+        return re.sub(r"^\[[^]]*\] | \(_ssl\.c:\d+\)$", "", str(exc))
+
+    if ca_file:
+        option = "--ca-file %r" % ca_file
+        data = read(option, ca_file)
+        if not _PEM_ANY_CERTIFICATE.search(data):
+            raise no_certificate(option, data, "CA certificate")
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except ssl.SSLError:
+            raise damaged(option)
+        except OSError as exc:  # the file went away under us
+            raise error("%s: %s" % (option, describe_error(exc)))
+    if not cert_file:
+        return
+    data = read(cert_option, cert_file)
+    blocks = _PEM_CERTIFICATE.findall(data)
+    if not blocks:
+        raise no_certificate(cert_option, data)
+    try:  # a throwaway store, to tell a damaged certificate from a damaged key
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(
+            cadata=b"\n".join(blocks).decode("ascii"))
+    except (ssl.SSLError, ValueError):
+        raise damaged(cert_option)
+    key_data = read(key_option, key_file) if key_file else data
+    if not _PEM_PRIVATE_KEY.search(key_data):
+        raise error("%s: no private key in the file%s" % (key_option, "" if key_file else
+                    " (give the key with --tls-key)"))
+    encrypted = error("%s: the private key is encrypted; give it without a passphrase "
+                      "(openssl pkey -in KEY -out PLAIN_KEY)" % key_option)
+    if _PEM_ENCRYPTED_KEY.search(key_data):
+        raise encrypted
+
+    def no_passphrase():  # never let OpenSSL ask on the terminal (SIGHUP in a service)
+        raise encrypted
+
+    try:
+        context.load_cert_chain(cert_file, key_file, password=no_passphrase)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise error("%s does not match the certificate in %s" % (key_option, cert_option))
+        if exc.reason in ("EE_KEY_TOO_SMALL", "CA_KEY_TOO_SMALL", "CA_MD_TOO_WEAK"):
+            raise error("%s: OpenSSL refuses it as too weak (%s): use RSA 2048 or more, or "
+                        "EC, signed with SHA-256" % (cert_option, words(exc)))
+        raise error("%s: cannot load the private key (%s)" % (key_option, words(exc) if (
+            exc.reason) else "damaged, or in a format OpenSSL cannot read"))
+    except OSError as exc:  # a file went away under us
+        raise error("%s / %s: %s" % (cert_option, key_option, describe_error(exc)))
+
+
+def client_tls_context(ca_file=None, min_version="1.3"):
+    """Verify certificate and host name against the system store (plus `ca_file`); ALPN
+    http/1.1 only, since HTTP/2 has no Upgrade. Raises UsageError for a bad CA file.
+    `context.ca_file` remembers the file, for the error when a certificate fails."""
+    context = tls().create_default_context()
+    load_tls_files(context, UsageError, ca_file=ca_file)
+    context.ca_file = ca_file
+    context.minimum_version = getattr(ssl.TLSVersion, TLS_VERSIONS[min_version])
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+def server_tls_context(cert_file, key_file):
+    """The server's context; `num_tickets = 0` spares the post-handshake ticket traffic.
+    Raises FatalError, naming the file and the problem, when the files cannot be loaded."""
+    context = tls().SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    load_tls_files(context, FatalError, cert_file=cert_file, key_file=key_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    context.num_tickets = 0
+    return context
+
+
+TLS_VERSIONS = {"1.2": "TLSv1_2", "1.3": "TLSv1_3"}  # --tls-min-version: ssl.TLSVersion's
+
+# OpenSSL's verify codes of a certificate whose names do not include the URL's host.
+X509_HOSTNAME_MISMATCH = 62
+X509_IP_ADDRESS_MISMATCH = 64
+
+
+def certificate_names(cert):
+    """'localhost, 127.0.0.1': the DNS names and IP addresses of a decoded certificate's
+    subjectAltName (what a host name is checked against)."""
+    names = [value for kind, value in (cert or {}).get("subjectAltName", ())
+             if kind in ("DNS", "IP Address")]
+    return ", ".join(shown(name, 100) for name in names) if names else "no DNS or IP names"
+
+
+# What a failed TLS handshake most likely means, for the one-line error (issue: "says why").
+_CERTIFICATE_HINTS = (
+    ("expired", " (renew the server's certificate, or check this machine's clock)"),
+    ("not yet valid", " (check this machine's clock)"),
+    ("local issuer", " (unknown CA: a private CA needs --ca-file; a captive portal's "
+                     "certificate fails until you log in)"),
+    ("self-signed", " (unknown CA: a private CA needs --ca-file)"),
+    ("hostname mismatch", " (the URL's host is not in the certificate)"),
+    ("ip address mismatch", " (the URL's address is not in the certificate)"),
+)
+_TLS_HINTS = {
+    "TLSV1_ALERT_PROTOCOL_VERSION": " (the server does not offer TLS 1.3: enable it, for nginx "
+                                    "add TLSv1.3 to ssl_protocols, or use --tls-min-version 1.2)",
+    "UNSUPPORTED_PROTOCOL": " (the server offers only old TLS versions: --tls-min-version 1.2?)",
+    "WRONG_VERSION_NUMBER": " (not TLS: is the server plain http://?)",
+    "HTTP_REQUEST": " (plain HTTP sent to a TLS port: use https://)",
+    "NO_APPLICATION_PROTOCOL": " (the server does not offer HTTP/1.1 over ALPN)",
+    "UNEXPECTED_EOF_WHILE_READING": " (the server closed the connection during TLS)",
+}
+
+
+def describe_tls(channel):
+    """'TLSv1.3, CN=vpn.example.org, issuer CN=..., expires ... (in N days)' for check."""
+    cert = channel.peer_certificate() or {}
+    def name(field):
+        return ", ".join("%s=%s" % (key, shown(value, 100))
+                         for rdn in cert.get(field, ()) for key, value in rdn)
+    text = "%s, subject %s, issuer %s" % (channel.tls_version, name("subject"), name("issuer"))
+    if "notAfter" in cert:
+        expires = ssl.cert_time_to_seconds(cert["notAfter"])
+        text += ", expires %s (in %s)" % (cert["notAfter"],
+                                          plural((expires - time.time()) // 86400, "day"))
+    return text
+
+
+# =============================================================================================
+# Channels: a connected TCP stream, plain or TLS, safe for one reader and one writer thread
+# PlainChannel and TLSChannel (OpenSSL kept single-threaded per connection), and the readers
+# of an HTTP head or body from a channel. Uses sockets, TLS and the pure protocol.
+# =============================================================================================
 
 
 class PlainChannel:
@@ -2125,90 +2548,70 @@ class TLSChannel(PlainChannel):
             self._send_lock.release()
 
 
+def read_head(channel, limit=MAX_HEAD_BYTES, sniff=(b"\x16",)):
+    """Read from `channel` until a whole HTTP head arrived; return (head, bytes after it).
+
+    The channel's deadline bounds the whole read. Raises HandshakeError(431) past `limit`
+    bytes, HandshakeError(408) at the deadline, and ClosedEarly when the peer closes first.
+    `sniff`: see HeadReader.
+    """
+    reader = HeadReader(limit, sniff)
+    while True:
+        try:
+            data = channel.recv(4096)
+        except socket.timeout:
+            raise HandshakeError(408, "the HTTP head did not arrive in time (%d bytes came)"
+                                 % reader.received)
+        if not data:
+            raise ClosedEarly(reader.received)
+        parts = reader.feed(data)
+        if parts is not None:
+            return parts
+
+
+def read_response_head(channel):
+    """read_head for the client side: a missing answer is a connection error, not a 408; a
+    TLS alert comes back at once as the head."""
+    try:
+        return read_head(channel, sniff=TLS_RECORD_STARTS)
+    except HandshakeError as exc:
+        raise ConnectionError("no valid answer: %s" % exc)
+
+
+def head_line(head):
+    """An HTTP head on one log line: 'GET / HTTP/1.1 | Host: x | ...', each line shown."""
+    lines = head.decode("latin-1").strip().split("\n")  # a bare CR stays in its line, shown
+    return " | ".join(shown(line.rstrip("\r")) for line in lines)
+
+
+def read_body(channel, response, rest, limit=MAX_BODY_SHOWN):
+    """The start of a refusal's body, at most `limit` bytes of its Content-Length, within the
+    channel's deadline; what came when the peer closes or the time is up. Never raises: the
+    status says what matters, the body only adds the server's words."""
+    length = response.get("content-length", "")
+    if not length.isdigit() or response.get("transfer-encoding") is not None:
+        return b""
+    wanted = min(int(length), limit)
+    body = bytearray(rest[:wanted])
+    while len(body) < wanted:
+        try:
+            data = channel.recv(wanted - len(body))
+        except OSError:
+            break
+        if not data:
+            break
+        body += data
+    return bytes(body)
+
+
 # =============================================================================================
-# Tunnel pumps
+# UDP endpoints: the tunnel's side towards WireGuard
+# TunnelUdpEndpoint (the server's, one connected socket per tunnel) and SharedUdpEndpoint (the
+# client's, one socket for the whole run): receive in batches, send in GSO runs, count datagrams.
 # =============================================================================================
 
 # After a drain of the UDP socket that found nothing, this many receives skip the drain.
 SKIP_DRAINS = 4
-
-# UDP GSO (Linux 4.18+): one sendmsg carries a run of equal-sized datagrams, with their size
-# in a control message; the kernel cuts them apart. Numbers the socket module may lack.
-SOL_UDP = getattr(socket, "SOL_UDP", 17)
-UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
-SEGMENT_SIZE = struct.Struct("=H")
-GSO_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS before Linux 6.1
-GSO_BYTES = 65507  # all the segments together fit one IPv4 UDP datagram
-
-# A pump buffer that a burst filled beyond this gives its pages back at the next small batch,
-# at most once per TRIM_INTERVAL seconds.
-TRIM_ABOVE = 32 * 1024
-TRIM_INTERVAL = 1.0
-
-
-class PumpBuffer:
-    """One pump's buffer for the tunnel's life, `view` its memoryview.
-
-    An anonymous mmap, not a bytearray: its pages take memory only once written, so a tunnel
-    that carries little holds a page, not 128-192 KiB. Written pages stay, though, and a
-    tunnel may sit quiet for hours after a download: `used(end)` after each batch (which used
-    the buffer up to `end`) gives back all pages past the first once a burst used more than
-    TRIM_ABOVE and a batch within the first page follows; at most once per TRIM_INTERVAL, so
-    a load that mixes batch sizes barely pays for it.
-    """
-
-    def __init__(self, size):
-        # mmap(-1) is a shared anonymous mapping (shmem): MADV_REMOVE frees its pages, where
-        # MADV_DONTNEED would not. (A private one measured a page more per idle tunnel.)
-        self.map = mmap.mmap(-1, size)
-        self.view = memoryview(self.map)
-        self.high = 0
-        self.trimmed = -TRIM_INTERVAL
-
-    def used(self, end):
-        if end > self.high:
-            self.high = end
-        elif end <= mmap.PAGESIZE < TRIM_ABOVE < self.high:
-            now = time.monotonic()
-            if now - self.trimmed >= TRIM_INTERVAL and hasattr(mmap, "MADV_REMOVE"):
-                self.trimmed = now
-                self.high = end
-                self.map.madvise(mmap.MADV_REMOVE, mmap.PAGESIZE,
-                                 len(self.map) - mmap.PAGESIZE)
-
-
-def set_socket_buffers(sock):
-    """Ask for large send and receive buffers; the kernel may give less, which is fine."""
-    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
-        except OSError:
-            pass
-
-
-def buffer_sizes(sock):
-    """'receive 425984, send 425984': the socket's buffers as the kernel granted them."""
-    return "receive %d, send %d" % (sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
-                                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
-
-
-def prepare_tcp_socket(sock):
-    """TCP_NODELAY: WireGuard carries TCP inside, and Nagle would add tens of milliseconds.
-    (A socketpair in the tests is no TCP socket: it takes the buffers only.)"""
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    set_socket_buffers(sock)
-
-
-def retransmission_timeout(sock):
-    """The kernel's retransmission timeout of a connected TCP socket in seconds (TCP_INFO's
-    tcpi_rto, microseconds, after 8 bytes of state); None where it cannot say (not Linux, not
-    TCP: a socketpair in the tests)."""
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 104)
-        return struct.unpack_from("=I", info, 8)[0] / 1e6
-    except (OSError, struct.error):
-        return None
 
 
 class UdpEndpoint:
@@ -2389,16 +2792,6 @@ class TunnelUdpEndpoint(UdpEndpoint):
         self.sock.close()
 
 
-def udp_port_taken(port):
-    """True if a UDP socket holds 127.0.0.1:`port` (a bind of ours fails)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
-
-
 class SharedUdpEndpoint(UdpEndpoint):
     """The client's one UDP socket on 127.0.0.1:<listen-port>, used by one tunnel after
     another for the whole run, so it is never shut down: it waits in poll beside a wake pipe.
@@ -2543,6 +2936,49 @@ class SharedUdpEndpoint(UdpEndpoint):
             os.close(self._wake_read)
             os.close(self._wake_write)
             self._wake_write = None
+
+
+# =============================================================================================
+# Tunnel pumps: framing objects and the Tunnel, two threads between a channel and an endpoint
+# The framing (UoTLV/1 or WebSocket) cuts and encodes; the Tunnel runs the two pumps, its
+# keepalive and idle clock, and closes once. Uses channels, endpoints and policies.
+# =============================================================================================
+
+# A pump buffer that a burst filled beyond this gives its pages back at the next small batch,
+# at most once per TRIM_INTERVAL seconds.
+TRIM_ABOVE = 32 * 1024
+TRIM_INTERVAL = 1.0
+
+
+class PumpBuffer:
+    """One pump's buffer for the tunnel's life, `view` its memoryview.
+
+    An anonymous mmap, not a bytearray: its pages take memory only once written, so a tunnel
+    that carries little holds a page, not 128-192 KiB. Written pages stay, though, and a
+    tunnel may sit quiet for hours after a download: `used(end)` after each batch (which used
+    the buffer up to `end`) gives back all pages past the first once a burst used more than
+    TRIM_ABOVE and a batch within the first page follows; at most once per TRIM_INTERVAL, so
+    a load that mixes batch sizes barely pays for it.
+    """
+
+    def __init__(self, size):
+        # mmap(-1) is a shared anonymous mapping (shmem): MADV_REMOVE frees its pages, where
+        # MADV_DONTNEED would not. (A private one measured a page more per idle tunnel.)
+        self.map = mmap.mmap(-1, size)
+        self.view = memoryview(self.map)
+        self.high = 0
+        self.trimmed = -TRIM_INTERVAL
+
+    def used(self, end):
+        if end > self.high:
+            self.high = end
+        elif end <= mmap.PAGESIZE < TRIM_ABOVE < self.high:
+            now = time.monotonic()
+            if now - self.trimmed >= TRIM_INTERVAL and hasattr(mmap, "MADV_REMOVE"):
+                self.trimmed = now
+                self.high = end
+                self.map.madvise(mmap.MADV_REMOVE, mmap.PAGESIZE,
+                                 len(self.map) - mmap.PAGESIZE)
 
 
 class UoTLVFraming:
@@ -2958,131 +3394,11 @@ class Tunnel:
         return self.close_reason
 
 
-# What a failed TLS handshake most likely means, for the one-line error (issue: "says why").
-_CERTIFICATE_HINTS = (
-    ("expired", " (renew the server's certificate, or check this machine's clock)"),
-    ("not yet valid", " (check this machine's clock)"),
-    ("local issuer", " (unknown CA: a private CA needs --ca-file; a captive portal's "
-                     "certificate fails until you log in)"),
-    ("self-signed", " (unknown CA: a private CA needs --ca-file)"),
-    ("hostname mismatch", " (the URL's host is not in the certificate)"),
-    ("ip address mismatch", " (the URL's address is not in the certificate)"),
-)
-_TLS_HINTS = {
-    "TLSV1_ALERT_PROTOCOL_VERSION": " (the server does not offer TLS 1.3: enable it, for nginx "
-                                    "add TLSv1.3 to ssl_protocols, or use --tls-min-version 1.2)",
-    "UNSUPPORTED_PROTOCOL": " (the server offers only old TLS versions: --tls-min-version 1.2?)",
-    "WRONG_VERSION_NUMBER": " (not TLS: is the server plain http://?)",
-    "HTTP_REQUEST": " (plain HTTP sent to a TLS port: use https://)",
-    "NO_APPLICATION_PROTOCOL": " (the server does not offer HTTP/1.1 over ALPN)",
-    "UNEXPECTED_EOF_WHILE_READING": " (the server closed the connection during TLS)",
-}
-
-
-def set_socket_timeout(sock, option, seconds):
-    """Make recv (SO_RCVTIMEO) or send (SO_SNDTIMEO) on the blocking `sock` fail with EAGAIN
-    after `seconds` of waiting (0: never).
-
-    The kernel's options, not settimeout(): a Python socket with a timeout polls before every
-    recv and send, one more system call and GIL hand-off per frame batch (measured: part of
-    the round trip). Falls back to settimeout where the options fail (not Linux).
-    """
-    whole = int(seconds)
-    micro = int((seconds - whole) * 1000000)
-    if seconds and not (whole or micro):
-        micro = 1  # a zero timeval means "never": round a tiny remainder up, not down
-    # struct timeval is two native longs, or two 64-bit fields on 32-bit systems with a
-    # 64-bit time_t: the kernel refuses the wrong size, so try both.
-    for layout in ("ll", "qq"):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, option, struct.pack(layout, whole, micro))
-            return
-        except (OSError, struct.error):
-            continue
-    sock.settimeout(seconds or None)
-
-
-def is_socket_timeout(exc):
-    """True for a timeout of our own (set_socket_timeout), not the kernel's ETIMEDOUT: a
-    blocking socket's SO_RCVTIMEO gives EAGAIN; settimeout gives TimeoutError without errno
-    (since Python 3.10 the kernel's ETIMEDOUT is a TimeoutError too, with its errno)."""
-    if isinstance(exc, BlockingIOError):
-        return True
-    return isinstance(exc, socket.timeout) and exc.errno is None
-
-
-def describe_bind_error(exc, port, protocol):
-    """Why a bind failed, with what to do, in one line: the port taken (and how to find who
-    has it), a privileged port, an address this machine lacks. socket.create_server's own
-    text ('... (while attempting to bind on address ...)') repeats the address."""
-    if exc.errno == errno.EADDRINUSE:
-        return ("the port is taken by another process (find it with: ss -l%snp 'sport = :%d')"
-                % ("t" if protocol == "tcp" else "u", port))
-    if exc.errno == errno.EACCES and port < 1024:
-        return ("permission denied: a port below 1024 needs root or CAP_NET_BIND_SERVICE "
-                "(proxyguard@.service: AmbientCapabilities=CAP_NET_BIND_SERVICE), or use a "
-                "port above 1023")
-    if exc.errno == errno.EADDRNOTAVAIL:
-        return "no interface of this machine has this address"
-    if exc.errno and not isinstance(exc, socket.gaierror):
-        return os.strerror(exc.errno)[:1].lower() + os.strerror(exc.errno)[1:]
-    return describe_error(exc)
-
-
-def describe_error(exc):
-    """A short reason for a log line: 'connection reset by peer', 'certificate verify failed';
-    any other exception (ours, for one) by its message."""
-    if ssl is not None and isinstance(exc, ssl.SSLCertVerificationError):
-        message = exc.verify_message or str(exc.reason)
-        key, hint = next(((key, hint) for key, hint in _CERTIFICATE_HINTS
-                          if key in message.lower()), (None, ""))
-        # The Dialer adds what it knows: the --ca-file tried (then "a private CA needs
-        # --ca-file" is wrong advice), and in check the names the certificate holds.
-        ca_file = getattr(exc, "ca_file", None)
-        if ca_file and key in ("local issuer", "self-signed"):
-            hint = (" (the certificate is not signed by a CA in --ca-file %s nor the system "
-                    "store)" % ca_file)
-        names = getattr(exc, "certificate_names", None)
-        if names and key in ("hostname mismatch", "ip address mismatch"):
-            hint = hint[:-1] + ", which names: %s)" % names
-        return "TLS certificate not accepted: %s%s" % (message, hint)
-    if ssl is not None and isinstance(exc, ssl.SSLError):
-        reason = exc.reason or str(exc)
-        hint = _TLS_HINTS.get(reason, "").replace("http://", "%s://" % getattr(
-            exc, "plain_scheme", "http"))  # wss:// to a plain port: ws://, not http://
-        return "TLS handshake failed: %s%s" % (reason, hint)
-    if isinstance(exc, socket.timeout):
-        return "timed out"
-    strerror = getattr(exc, "strerror", None)
-    if strerror:
-        return strerror[:1].lower() + strerror[1:]
-    return str(exc) or exc.__class__.__name__
-
-
 # =============================================================================================
-# Server
+# Server: accept, handshake, route, admit, tunnel; operations (status, metrics, reload) last
+# One accept thread; per connection a thread that does the handshake under one Deadline and
+# becomes the tunnel's TCP->UDP pump. Uses everything above.
 # =============================================================================================
-
-
-def read_head(channel, limit=MAX_HEAD_BYTES, sniff=(b"\x16",)):
-    """Read from `channel` until a whole HTTP head arrived; return (head, bytes after it).
-
-    The channel's deadline bounds the whole read. Raises HandshakeError(431) past `limit`
-    bytes, HandshakeError(408) at the deadline, and ClosedEarly when the peer closes first.
-    `sniff`: see HeadReader.
-    """
-    reader = HeadReader(limit, sniff)
-    while True:
-        try:
-            data = channel.recv(4096)
-        except socket.timeout:
-            raise HandshakeError(408, "the HTTP head did not arrive in time (%d bytes came)"
-                                 % reader.received)
-        if not data:
-            raise ClosedEarly(reader.received)
-        parts = reader.feed(data)
-        if parts is not None:
-            return parts
 
 
 class Connection:
@@ -3160,85 +3476,6 @@ class Server:
                      format_address(listener.getsockname()))
         return cls(listener, address, family, **options)
 
-    def tunnels_open(self):
-        with self._lock:
-            return self._admitted
-
-    def metrics(self):
-        """The server's metrics now (Metric objects), for the metrics page."""
-        with self._lock:
-            tunnels = [connection.tunnel for connection in self._connections
-                       if connection.tunnel is not None]
-            traffic = self.closed_traffic.copy()
-            for tunnel in tunnels:
-                traffic.add(tunnel)
-            opened, lifetimes, refused = (dict(self.tunnels_opened), self.lifetimes.copy(),
-                                          dict(self.refused))
-            route_opened = dict(self.route_tunnels_opened)
-        refusals = Metric("proxyguard_server_handshakes_refused_total", "counter",
-                          "Connections refused with an HTTP error status, by status.")
-        for status in sorted(refused):
-            refusals.add(refused[status], status=status)
-        open_now = Metric("proxyguard_server_tunnels_open", "gauge",
-                          "Tunnels open now, by transport.")
-        opened_total = Metric("proxyguard_server_tunnels_opened_total", "counter",
-                              "Tunnels opened since the start (upgrades answered with 101), "
-                              "by transport.")
-        for transport in TRANSPORTS:
-            label = TRANSPORT_LABELS[transport]
-            open_now.add(sum(tunnel.framing.name == transport for tunnel in tunnels),
-                         transport=label)
-            opened_total.add(opened[transport], transport=label)
-        return process_metrics() + [open_now, opened_total, refusals,
-        ] + self._route_metrics(tunnels, route_opened) + traffic_metrics(
-            "proxyguard_server_", traffic) + [
-            Metric("proxyguard_server_tunnel_lifetime_seconds", "histogram",
-                   "How long closed tunnels lived, in seconds.").add_histogram(lifetimes),
-        ]
-
-    def _route_metrics(self, tunnels, route_opened):
-        """With --route: tunnels open and opened by route (its PATH, or `default` for --to)."""
-        if not self.routed:
-            return []
-        open_now = Metric("proxyguard_server_route_tunnels_open", "gauge",
-                          "Tunnels open now, by route (--route PATH, or default for --to).")
-        opened_total = Metric("proxyguard_server_route_tunnels_opened_total", "counter",
-                              "Tunnels opened since the start, by route.")
-        for route in route_opened:
-            open_now.add(sum(tunnel.route == route for tunnel in tunnels), route=route)
-            opened_total.add(route_opened[route], route=route)
-        return [open_now, opened_total]
-
-    def dump_tunnels(self):
-        """SIGUSR1: one log line per open tunnel."""
-        with self._lock:
-            tunnels = [connection.tunnel for connection in self._connections
-                       if connection.tunnel is not None]
-        log.info("SIGUSR1: %s open", plural(len(tunnels), "tunnel"))
-        for tunnel in tunnels:
-            log.info("SIGUSR1: tunnel %s: %s", tunnel.peer, tunnel.status_line())
-
-    def status(self):
-        """One line for systemd's STATUS=."""
-        return "%s open" % plural(self.tunnels_open(), "tunnel")
-
-    def healthy(self):
-        """For the watchdog: the accept loop runs and the connection set's lock is free."""
-        if not self._serving or self._stopping or self.listener.fileno() < 0:
-            return False
-        if not self._lock.acquire(timeout=1):
-            return False
-        self._lock.release()
-        return True
-
-    def reload(self, options):
-        """SIGHUP: load the certificate files again for new connections; open tunnels go on.
-        Returns what was reloaded; raises FatalError, keeping the old certificate."""
-        if self.tls_context is None:
-            return []
-        self.tls_context = server_tls_context(options.tls_cert, options.tls_key)
-        return ["certificate %s" % options.tls_cert]
-
     def serve_forever(self):
         scope = listen_scope(self.listener)
         if self.routed:
@@ -3289,31 +3526,6 @@ class Server:
                       format_address(peer), exc)
             refuse_without_waiting(sock, 503, "the server is out of resources; try again later")
 
-    def stop(self):
-        self._stopping = True
-        if self.listener is not None:
-            try:
-                self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
-            except OSError:
-                pass
-            self.listener.close()
-        with self._lock:
-            connections = list(self._connections)
-        for connection in connections:
-            self._stop_connection(connection)
-        deadline = Deadline(5)
-        for connection in connections:
-            # A thread registered but not started yet cannot be joined.
-            if connection.thread is not None and connection.thread.is_alive():
-                connection.thread.join(max(0.0, deadline.remaining()))
-
-    @staticmethod
-    def _stop_connection(connection):
-        if connection.tunnel is not None:
-            connection.tunnel.close("server shutting down", CLOSE_GOING_AWAY)
-        else:  # in its handshake: wake its blocked recv
-            PlainChannel(connection.sock).shutdown()
-
     def handle(self, connection):
         """Error boundary of one connection: handshake, then tunnel; always closes the socket.
 
@@ -3362,20 +3574,6 @@ class Server:
         method, target, _ = request.start
         return (self.health_path is not None and method == "GET"
                 and target.partition("?")[0] == self.health_path)
-
-    def _retire(self, connection):
-        """The connection leaves the live set, once: a tunnel's figures go from live to closed
-        at once (a scrape sees them in one or the other), and it is counted out."""
-        with self._lock:
-            if connection not in self._connections:
-                return
-            self._connections.discard(connection)
-            if connection.tunnel is not None:
-                self.closed_traffic.add(connection.tunnel)
-                self.lifetimes.observe(connection.tunnel.duration)
-            self._admitted -= connection.admitted
-        if connection.admitted:
-            self.tunnels_changed()
 
     def _open_channel(self, sock, deadline):
         """The channel for `sock`: TLS handshake done if the server speaks HTTPS."""
@@ -3433,6 +3631,20 @@ class Server:
         log.info("tunnel down: %s%s after %s (%s)", peer_text, route_text, tunnel.summary(),
                  reason)
 
+    def _retire(self, connection):
+        """The connection leaves the live set, once: a tunnel's figures go from live to closed
+        at once (a scrape sees them in one or the other), and it is counted out."""
+        with self._lock:
+            if connection not in self._connections:
+                return
+            self._connections.discard(connection)
+            if connection.tunnel is not None:
+                self.closed_traffic.add(connection.tunnel)
+                self.lifetimes.observe(connection.tunnel.duration)
+            self._admitted -= connection.admitted
+        if connection.admitted:
+            self.tunnels_changed()
+
     def _refuse(self, channel, peer_text, error, upgrade_from=None):
         """The one error-answer path: log why, count it and send the HTTP answer; the caller
         closes. A refused upgrade request (`upgrade_from`: its source address) gets an info
@@ -3455,255 +3667,116 @@ class Server:
         with self._lock:
             self.refused[status] = self.refused.get(status, 0) + 1
 
+    def stop(self):
+        self._stopping = True
+        if self.listener is not None:
+            try:
+                self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
+            except OSError:
+                pass
+            self.listener.close()
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            self._stop_connection(connection)
+        deadline = Deadline(5)
+        for connection in connections:
+            # A thread registered but not started yet cannot be joined.
+            if connection.thread is not None and connection.thread.is_alive():
+                connection.thread.join(max(0.0, deadline.remaining()))
 
-def accept_until_stopped(accept, stopping, handle, prefix=""):
-    """Give each connection `accept()` returns to `handle(sock, peer)` until `stopping()`
-    (the owner's stop() closes the socket, which wakes a blocked accept). Out of descriptors
-    or memory for now: log it, pause new connections for a second, and go on."""
-    while not stopping():
-        try:
-            sock, peer = accept()
-        except OSError as exc:
-            if stopping():
-                break
-            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                log.error("%saccept: %s; pausing new connections for 1s", prefix, exc.strerror)
-                time.sleep(1)
-            continue
-        handle(sock, peer)
+    @staticmethod
+    def _stop_connection(connection):
+        if connection.tunnel is not None:
+            connection.tunnel.close("server shutting down", CLOSE_GOING_AWAY)
+        else:  # in its handshake: wake its blocked recv
+            PlainChannel(connection.sock).shutdown()
 
+    def tunnels_open(self):
+        with self._lock:
+            return self._admitted
 
-def refuse_without_waiting(sock, status, message):
-    """Answer `status` if the socket takes it at once, and close: for the accept thread, which
-    must never block on one client."""
-    try:
-        sock.setblocking(False)
-        sock.send(build_response(status, message, [("Retry-After", "10")]))
-    except OSError:
-        pass
-    sock.close()
+    def status(self):
+        """One line for systemd's STATUS=."""
+        return "%s open" % plural(self.tunnels_open(), "tunnel")
 
+    def healthy(self):
+        """For the watchdog: the accept loop runs and the connection set's lock is free."""
+        if not self._serving or self._stopping or self.listener.fileno() < 0:
+            return False
+        if not self._lock.acquire(timeout=1):
+            return False
+        self._lock.release()
+        return True
 
-def ascii_host(host):
-    """`host` as bytes for getaddrinfo, which passes a str through the 'idna' codec: that
-    needs unicodedata, which OpenWrt ships apart (python3-codecs), so a router without it
-    cannot even resolve 127.0.0.1 ('unknown encoding: idna'). ServerURL has made an
-    international name ASCII (its xn-- form) already."""
-    return host.encode("ascii") if host is not None and host.isascii() else host
+    def reload(self, options):
+        """SIGHUP: load the certificate files again for new connections; open tunnels go on.
+        Returns what was reloaded; raises FatalError, keeping the old certificate."""
+        if self.tls_context is None:
+            return []
+        self.tls_context = server_tls_context(options.tls_cert, options.tls_key)
+        return ["certificate %s" % options.tls_cert]
 
+    def metrics(self):
+        """The server's metrics now (Metric objects), for the metrics page."""
+        with self._lock:
+            tunnels = [connection.tunnel for connection in self._connections
+                       if connection.tunnel is not None]
+            traffic = self.closed_traffic.copy()
+            for tunnel in tunnels:
+                traffic.add(tunnel)
+            opened, lifetimes, refused = (dict(self.tunnels_opened), self.lifetimes.copy(),
+                                          dict(self.refused))
+            route_opened = dict(self.route_tunnels_opened)
+        refusals = Metric("proxyguard_server_handshakes_refused_total", "counter",
+                          "Connections refused with an HTTP error status, by status.")
+        for status in sorted(refused):
+            refusals.add(refused[status], status=status)
+        open_now = Metric("proxyguard_server_tunnels_open", "gauge",
+                          "Tunnels open now, by transport.")
+        opened_total = Metric("proxyguard_server_tunnels_opened_total", "counter",
+                              "Tunnels opened since the start (upgrades answered with 101), "
+                              "by transport.")
+        for transport in TRANSPORTS:
+            label = TRANSPORT_LABELS[transport]
+            open_now.add(sum(tunnel.framing.name == transport for tunnel in tunnels),
+                         transport=label)
+            opened_total.add(opened[transport], transport=label)
+        return process_metrics() + [open_now, opened_total, refusals,
+        ] + self._route_metrics(tunnels, route_opened) + traffic_metrics(
+            "proxyguard_server_", traffic) + [
+            Metric("proxyguard_server_tunnel_lifetime_seconds", "histogram",
+                   "How long closed tunnels lived, in seconds.").add_histogram(lifetimes),
+        ]
 
-def open_listener(listen):
-    """A listening TCP socket for (host, port); IPv6 `::` also takes IPv4. Raises FatalError."""
-    host, port = listen
-    try:
-        infos = socket.getaddrinfo(ascii_host(host), port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-        family, _, _, _, address = infos[0]
-        return socket.create_server(address, family=family, backlog=512,
-                                    dualstack_ipv6=(family == socket.AF_INET6
-                                                    and address[0] == "::"))
-    except OSError as exc:
-        raise FatalError("cannot listen on %s: %s"
-                         % (format_address(listen), describe_bind_error(exc, port, "tcp")))
+    def _route_metrics(self, tunnels, route_opened):
+        """With --route: tunnels open and opened by route (its PATH, or `default` for --to)."""
+        if not self.routed:
+            return []
+        open_now = Metric("proxyguard_server_route_tunnels_open", "gauge",
+                          "Tunnels open now, by route (--route PATH, or default for --to).")
+        opened_total = Metric("proxyguard_server_route_tunnels_opened_total", "counter",
+                              "Tunnels opened since the start, by route.")
+        for route in route_opened:
+            open_now.add(sum(tunnel.route == route for tunnel in tunnels), route=route)
+            opened_total.add(route_opened[route], route=route)
+        return [open_now, opened_total]
 
-
-def systemd_listener(environ=os.environ, pid=None):
-    """The listening socket systemd passed (socket activation, sd_listen_fds(3)): LISTEN_FDS
-    sockets from fd 3, for this process if LISTEN_PID says so; None when there are none.
-    The variables are removed so that nothing started later takes the socket for its own.
-    Raises FatalError for anything but one listening TCP socket."""
-    if "LISTEN_FDS" not in environ:
-        return None
-    me = str(os.getpid() if pid is None else pid)
-    if environ.get("LISTEN_PID", me) != me:
-        return None  # meant for another process (a parent that did not unset it)
-    count, names = environ.get("LISTEN_FDS"), environ.get("LISTEN_FDNAMES", "")
-    for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
-        environ.pop(name, None)
-    if count == "0":
-        return None
-    if count != "1":
-        raise FatalError("LISTEN_FDS=%s: systemd must pass exactly one listening socket (one "
-                         "ListenStream= in the .socket unit)" % count)
-    what = "the socket systemd passed (LISTEN_FDS, fd 3%s)" % (
-        ", named " + names if names else "")
-    try:
-        sock = socket.socket(fileno=3)
-    except OSError as exc:
-        raise FatalError("%s: %s" % (what, describe_error(exc)))
-    try:
-        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-    except OSError:
-        listening = 0
-    if (sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM
-            or not listening):
-        kind = "%s %s%s" % (getattr(sock.family, "name", sock.family),
-                            getattr(sock.type, "name", sock.type),
-                            "" if listening else ", not listening")
-        sock.detach()  # not ours to close
-        raise FatalError("%s is not a listening TCP socket (%s): use ListenStream= with "
-                         "Accept=no" % (what, kind))
-    sock.set_inheritable(False)
-    sock.setblocking(True)
-    return sock
-
-
-def unused_listen_fds(environ=os.environ, pid=None):
-    """The warning for a client that systemd passed sockets (LISTEN_FDS, meant for this
-    process): only the server takes one (socket activation); None when none were passed."""
-    count = environ.get("LISTEN_FDS")
-    me = str(os.getpid() if pid is None else pid)
-    if count in (None, "", "0") or environ.get("LISTEN_PID", me) != me:
-        return None
-    return ("LISTEN_FDS=%s: the client does not use sockets from systemd: socket activation "
-            "is for the server (proxyguard-server.socket starts proxyguard@server); the client "
-            "binds its own UDP port (--listen-port)" % count)
-
-
-def listen_scope(sock):
-    """What a wildcard address that `sock` is bound to takes, '' for any other: `--listen
-    :443` binds every interface without a word otherwise (issue "The first ten minutes")."""
-    host = sock.getsockname()[0]
-    if host == "0.0.0.0":
-        return "all interfaces, IPv4 only"
-    if host == "::":
-        if sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
-            return "all interfaces, IPv6 only"
-        return "all interfaces, IPv6 and IPv4"
-    return ""
-
-
-def resolve_udp(address, option):
-    """Resolve (host, port) for UDP once; return (sockaddr, family). Raises FatalError."""
-    try:
-        infos = socket.getaddrinfo(ascii_host(address[0]), address[1], type=socket.SOCK_DGRAM)
-    except socket.gaierror as exc:
-        raise FatalError("%s %s: cannot resolve: %s" % (option, format_address(address), exc))
-    family, _, _, _, sockaddr = infos[0]
-    return sockaddr, family
+    def dump_tunnels(self):
+        """SIGUSR1: one log line per open tunnel."""
+        with self._lock:
+            tunnels = [connection.tunnel for connection in self._connections
+                       if connection.tunnel is not None]
+        log.info("SIGUSR1: %s open", plural(len(tunnels), "tunnel"))
+        for tunnel in tunnels:
+            log.info("SIGUSR1: tunnel %s: %s", tunnel.peer, tunnel.status_line())
 
 
 # =============================================================================================
-# Client
+# Client: dial, upgrade, tunnel, reconnect; `check`; several peers (up) and wg-quick
+# Dialer makes one connection (proxy, TLS, upgrade) under one Deadline; Client keeps one tunnel
+# up with back-off; ClientGroup runs a Client per profile peer. Uses everything above.
 # =============================================================================================
-
-
-# The most a certificate, key or CA file may hold (the system CA bundle is about 200 KiB).
-MAX_PEM_FILE_BYTES = 10 * 1024 * 1024
-_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
-_PEM_ANY_CERTIFICATE = re.compile(rb"-----BEGIN (TRUSTED |X509 )?CERTIFICATE-----")
-_PEM_PRIVATE_KEY = re.compile(rb"-----BEGIN ([A-Z0-9]+ )?PRIVATE KEY-----")
-_PEM_ENCRYPTED_KEY = re.compile(rb"-----BEGIN ENCRYPTED PRIVATE KEY-----|Proc-Type: *4, *ENCRYPTED")
-
-
-def load_tls_files(context, error, cert_file=None, key_file=None, ca_file=None):
-    """Load `cert_file` and `key_file` (the key may be in `cert_file`), or the CA certificates
-    in `ca_file`, into `context`. Checks step by step, so that a failure raises `error`
-    (UsageError or FatalError) with one line naming the option, the file and the problem,
-    not OpenSSL's 'PEM lib'."""
-    cert_option = "--tls-cert %r" % cert_file
-    key_option = "--tls-key %r" % key_file if key_file else cert_option
-
-    def read(option, path):
-        try:
-            with open(path, "rb") as stream:
-                data = stream.read(MAX_PEM_FILE_BYTES + 1)
-        except OSError as exc:
-            raise error("%s: %s" % (option, describe_error(exc)))
-        if len(data) > MAX_PEM_FILE_BYTES:
-            raise error("%s: over %d MiB, not a PEM file"
-                        % (option, MAX_PEM_FILE_BYTES // (1024 * 1024)))
-        return data
-
-    def no_certificate(option, data, what="certificate"):
-        if _PEM_ANY_CERTIFICATE.search(data):
-            return damaged(option)
-        hint = " (it looks like DER: convert it with openssl x509 -inform der)" if (
-            data[:1] == b"\x30") else ""
-        return error("%s: no PEM %s in the file%s" % (option, what, hint))
-
-    def damaged(option):  # OpenSSL only says 'PEM lib' or 'no start line'
-        return error("%s: a certificate in the file is damaged (cut short, or not valid "
-                     "base64 or DER)" % option)
-
-    def words(exc):  # '[X509: KEY_VALUES_MISMATCH] key values mismatch (_ssl.c:3926)'
-        return re.sub(r"^\[[^]]*\] | \(_ssl\.c:\d+\)$", "", str(exc))
-
-    if ca_file:
-        option = "--ca-file %r" % ca_file
-        data = read(option, ca_file)
-        if not _PEM_ANY_CERTIFICATE.search(data):
-            raise no_certificate(option, data, "CA certificate")
-        try:
-            context.load_verify_locations(cafile=ca_file)
-        except ssl.SSLError:
-            raise damaged(option)
-        except OSError as exc:  # the file went away under us
-            raise error("%s: %s" % (option, describe_error(exc)))
-    if not cert_file:
-        return
-    data = read(cert_option, cert_file)
-    blocks = _PEM_CERTIFICATE.findall(data)
-    if not blocks:
-        raise no_certificate(cert_option, data)
-    try:  # a throwaway store, to tell a damaged certificate from a damaged key
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(
-            cadata=b"\n".join(blocks).decode("ascii"))
-    except (ssl.SSLError, ValueError):
-        raise damaged(cert_option)
-    key_data = read(key_option, key_file) if key_file else data
-    if not _PEM_PRIVATE_KEY.search(key_data):
-        raise error("%s: no private key in the file%s" % (key_option, "" if key_file else
-                    " (give the key with --tls-key)"))
-    encrypted = error("%s: the private key is encrypted; give it without a passphrase "
-                      "(openssl pkey -in KEY -out PLAIN_KEY)" % key_option)
-    if _PEM_ENCRYPTED_KEY.search(key_data):
-        raise encrypted
-
-    def no_passphrase():  # never let OpenSSL ask on the terminal (SIGHUP in a service)
-        raise encrypted
-
-    try:
-        context.load_cert_chain(cert_file, key_file, password=no_passphrase)
-    except ssl.SSLError as exc:
-        if exc.reason == "KEY_VALUES_MISMATCH":
-            raise error("%s does not match the certificate in %s" % (key_option, cert_option))
-        if exc.reason in ("EE_KEY_TOO_SMALL", "CA_KEY_TOO_SMALL", "CA_MD_TOO_WEAK"):
-            raise error("%s: OpenSSL refuses it as too weak (%s): use RSA 2048 or more, or "
-                        "EC, signed with SHA-256" % (cert_option, words(exc)))
-        raise error("%s: cannot load the private key (%s)" % (key_option, words(exc) if (
-            exc.reason) else "damaged, or in a format OpenSSL cannot read"))
-    except OSError as exc:  # a file went away under us
-        raise error("%s / %s: %s" % (cert_option, key_option, describe_error(exc)))
-
-
-def client_tls_context(ca_file=None, min_version="1.3"):
-    """Verify certificate and host name against the system store (plus `ca_file`); ALPN
-    http/1.1 only, since HTTP/2 has no Upgrade. Raises UsageError for a bad CA file.
-    `context.ca_file` remembers the file, for the error when a certificate fails."""
-    context = tls().create_default_context()
-    load_tls_files(context, UsageError, ca_file=ca_file)
-    context.ca_file = ca_file
-    context.minimum_version = getattr(ssl.TLSVersion, TLS_VERSIONS[min_version])
-    context.set_alpn_protocols(["http/1.1"])
-    return context
-
-
-def server_tls_context(cert_file, key_file):
-    """The server's context; `num_tickets = 0` spares the post-handshake ticket traffic.
-    Raises FatalError, naming the file and the problem, when the files cannot be loaded."""
-    context = tls().SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    load_tls_files(context, FatalError, cert_file=cert_file, key_file=key_file)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_alpn_protocols(["http/1.1"])
-    context.num_tickets = 0
-    return context
-
-
-TLS_VERSIONS = {"1.2": "TLSv1_2", "1.3": "TLSv1_3"}  # --tls-min-version: ssl.TLSVersion's
-# OpenSSL's verify codes of a certificate whose names do not include the URL's host.
-X509_HOSTNAME_MISMATCH = 62
-X509_IP_ADDRESS_MISMATCH = 64
 
 
 class Dialer:
@@ -4032,116 +4105,6 @@ class Dialer:
         return rest
 
 
-def read_response_head(channel):
-    """read_head for the client side: a missing answer is a connection error, not a 408; a
-    TLS alert comes back at once as the head."""
-    try:
-        return read_head(channel, sniff=TLS_RECORD_STARTS)
-    except HandshakeError as exc:
-        raise ConnectionError("no valid answer: %s" % exc)
-
-
-def head_line(head):
-    """An HTTP head on one log line: 'GET / HTTP/1.1 | Host: x | ...', each line shown."""
-    lines = head.decode("latin-1").strip().split("\n")  # a bare CR stays in its line, shown
-    return " | ".join(shown(line.rstrip("\r")) for line in lines)
-
-
-def read_body(channel, response, rest, limit=MAX_BODY_SHOWN):
-    """The start of a refusal's body, at most `limit` bytes of its Content-Length, within the
-    channel's deadline; what came when the peer closes or the time is up. Never raises: the
-    status says what matters, the body only adds the server's words."""
-    length = response.get("content-length", "")
-    if not length.isdigit() or response.get("transfer-encoding") is not None:
-        return b""
-    wanted = min(int(length), limit)
-    body = bytearray(rest[:wanted])
-    while len(body) < wanted:
-        try:
-            data = channel.recv(wanted - len(body))
-        except OSError:
-            break
-        if not data:
-            break
-        body += data
-    return bytes(body)
-
-
-def certificate_names(cert):
-    """'localhost, 127.0.0.1': the DNS names and IP addresses of a decoded certificate's
-    subjectAltName (what a host name is checked against)."""
-    names = [value for kind, value in (cert or {}).get("subjectAltName", ())
-             if kind in ("DNS", "IP Address")]
-    return ", ".join(shown(name, 100) for name in names) if names else "no DNS or IP names"
-
-
-def describe_tls(channel):
-    """'TLSv1.3, CN=vpn.example.org, issuer CN=..., expires ... (in N days)' for check."""
-    cert = channel.peer_certificate() or {}
-    def name(field):
-        return ", ".join("%s=%s" % (key, shown(value, 100))
-                         for rdn in cert.get(field, ()) for key, value in rdn)
-    text = "%s, subject %s, issuer %s" % (channel.tls_version, name("subject"), name("issuer"))
-    if "notAfter" in cert:
-        expires = ssl.cert_time_to_seconds(cert["notAfter"])
-        text += ", expires %s (in %s)" % (cert["notAfter"],
-                                          plural((expires - time.time()) // 86400, "day"))
-    return text
-
-
-class ProxyURL:
-    """An HTTP proxy for CONNECT: `http://[user:pass@]host:port`."""
-
-    def __init__(self, text, option="--proxy"):
-        parts = urllib.parse.urlsplit(text.strip() if "://" in text else "http://" + text.strip())
-        try:
-            port = parts.port
-        except ValueError as exc:
-            raise UsageError("%s %r: %s" % (option, text, exc))
-        if parts.scheme != "http" or not parts.hostname:
-            raise UsageError("%s %r: expected http://[user:pass@]host:port" % (option, text))
-        if port == 0:
-            raise UsageError("%s %r: port 0 is not a port to connect to (1-65535)"
-                             % (option, text))
-        self.option = option  # where it came from: --proxy, or HTTPS_PROXY / HTTP_PROXY
-        self.host = parts.hostname
-        self.port = port or 3128
-        self.credentials = None
-        if parts.username is not None:
-            self.credentials = "%s:%s" % (urllib.parse.unquote(parts.username),
-                                          urllib.parse.unquote(parts.password or ""))
-        self.text = "http://%s" % format_address((self.host, self.port))
-
-    def __str__(self):
-        return self.text
-
-
-def build_connect_request(authority, credentials=None, user_agent=DEFAULT_USER_AGENT):
-    """The CONNECT request for an HTTP proxy; `credentials` is 'user:pass' for Basic auth."""
-    lines = ["CONNECT %s HTTP/1.1" % authority, "Host: %s" % authority,
-             "User-Agent: %s" % user_agent]
-    if credentials is not None:
-        token = base64.b64encode(credentials.encode("utf-8")).decode("ascii")
-        lines.append("Proxy-Authorization: Basic %s" % token)
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
-def check_connect_response(response, sent_credentials=False):
-    """Raise unless the proxy's answer to CONNECT is 2xx; name the cause."""
-    status = response.start[1]
-    if 200 <= status < 300:
-        return
-    if status in (401, 407):  # tinyproxy 1.11 answers a wrong password with 401 (its issue 532)
-        if sent_credentials:
-            raise UpgradeRefused("the HTTP proxy refused the user name or password (%d)" % status)
-        raise UpgradeRefused("the HTTP proxy wants authentication (%d): give "
-                             "http://user:password@host:port in --proxy or HTTPS_PROXY" % status)
-    if status == 403:
-        raise UpgradeRefused("the HTTP proxy refuses CONNECT to this host or port (403)")
-    raise ConnectionError("the HTTP proxy answered %d %s to CONNECT"
-                          % (status, shown(response.start[2], 100)))
-
-
 def proxy_from_environment(url):
     """The proxy the environment names for `url` (HTTPS_PROXY or HTTP_PROXY, by scheme, and
     NO_PROXY), as a ProxyURL, or None. urllib.request implements the conventions."""
@@ -4221,31 +4184,6 @@ class Client:
                 log.warning("%s", hint)
         return cls(dialer, endpoint, idle_timeout, keepalive=keepalive, fallbacks=fallbacks)
 
-    def reload(self, options):
-        """SIGHUP: load the TLS settings (--ca-file) again for the next connection."""
-        if not any(dialer.url.tls for dialer in self.dialers):
-            return []
-        context = client_tls_context(options.ca_file, options.tls_min_version)
-        for dialer in self.dialers:
-            if dialer.url.tls:
-                dialer.tls_context = context
-        return ["TLS settings" + (" (--ca-file %s)" % options.ca_file if options.ca_file
-                                  else "")]
-
-    def status(self):
-        """One line for systemd's STATUS=."""
-        with self._lock:
-            up = self._tunnel is not None
-        return "tunnel up to %s" % self.dialer.url if up else "no tunnel open to %s" % (
-            ", ".join(str(dialer.url) for dialer in self.dialers))
-
-    def healthy(self):
-        """For the watchdog: the connector runs and the tunnel's lock is free."""
-        if not self._serving or self._stopping or not self._lock.acquire(timeout=1):
-            return False
-        self._lock.release()
-        return True
-
     def serve_forever(self):
         log.info("client listening on %s (UDP), tunnelling to %s%s, replies to WireGuard at %s",
                  format_address(self.address), " or ".join(str(d.url) for d in self.dialers),
@@ -4299,6 +4237,33 @@ class Client:
             wait = self.backoff.failed()
         self.servers.tunnel_ended(index, wait)
 
+    def _open_tunnel(self):
+        """Dial and send the pending datagrams; return the Tunnel, ready to run."""
+        channel, first_bytes, peer = self.dialer.dial()
+        url = self.dialer.url
+        framing = (WebSocketFraming(client_side=True, keepalive=self.keepalive)
+                   if url.websocket else UOTLV_FRAMING)
+        try:
+            if self.pending:
+                channel.sendall(framing.encode_datagrams(self.pending))
+                self.pending.clear()
+        except BaseException:
+            channel.close()
+            raise
+        tunnel = Tunnel(channel, self.endpoint, peer, IdleClock(self.idle_timeout), first_bytes,
+                        unsent=self._keep_unsent, framing=framing,
+                        unacked_timeout=path_down_timeout(
+                            retransmission_timeout(channel.sock)))
+        with self._lock:
+            self._tunnel = tunnel
+            if self._stopping:
+                tunnel.close("client shutting down", CLOSE_GOING_AWAY)
+        self.tunnels_changed()
+        log.info("tunnel up: %s, %s%s, %s%s", peer, url, " (server %d of %d)" % (
+            self.dialers.index(self.dialer) + 1, len(self.dialers)) if len(self.dialers) > 1
+            else "", framing.name, ", " + channel.tls_version if channel.tls_version else "")
+        return tunnel
+
     def _last_datagrams(self, tunnel):
         """When the last datagram went to WireGuard and came from it, `tunnel` included."""
         to_wireguard, from_wireguard = self._last_to_wireguard, self._last_from_wireguard
@@ -4314,6 +4279,68 @@ class Client:
         what the full queue pushes out (the oldest) is counted as dropped."""
         self.dropped += max(0, len(self.pending) + len(datagrams) - PENDING_DATAGRAMS)
         self.pending.extend(datagrams)
+
+    def _dial_failed(self, exc):
+        """Log why a dial failed, once; return the wait before the next."""
+        if self._stopping:
+            # stop() aborted the dial: no failure to warn about (a SIGTERM during a connect
+            # logged "cannot connect to ...: stopped").
+            log.debug("connecting to %s ended by stop: %s", self.dialer.url, describe_error(exc))
+            return 0
+        if isinstance(exc, ServerUnavailable):
+            self._count_failure("unavailable", str(exc))
+            log.warning("cannot connect to %s: %s", self.dialer.url, exc)
+            return self.backoff.failed(exc.retry_after)
+        if isinstance(exc, UpgradeRefused):
+            self._count_failure("refused", str(exc))
+            log.error("upgrade refused by %s: %s", self.dialer.url, exc)
+            return self.backoff.refused()
+        if ssl is not None and isinstance(exc, ssl.SSLError):  # a portal's certificate fails
+            self._count_failure("tls", describe_error(exc))
+            log.error("cannot connect to %s: %s", self.dialer.url, describe_error(exc))
+            return self.backoff.refused()
+        self._count_failure("network", describe_error(exc))
+        log.warning("cannot connect to %s: %s", self.dialer.url, describe_error(exc))
+        wait = self.backoff.failed()
+        return min(wait, NO_ROUTE_WAIT) if getattr(exc, "no_route", False) else wait
+
+    def _count_failure(self, reason, text):
+        self.reconnects[reason] += 1
+        self.last_error = text
+
+    def stop(self):
+        with self._lock:
+            self._stopping = True
+            if self._tunnel is not None:
+                self._tunnel.close("client shutting down", CLOSE_GOING_AWAY)
+        for dialer in self.dialers:
+            dialer.abort()
+        self.endpoint.wake()
+
+    def status(self):
+        """One line for systemd's STATUS=."""
+        with self._lock:
+            up = self._tunnel is not None
+        return "tunnel up to %s" % self.dialer.url if up else "no tunnel open to %s" % (
+            ", ".join(str(dialer.url) for dialer in self.dialers))
+
+    def healthy(self):
+        """For the watchdog: the connector runs and the tunnel's lock is free."""
+        if not self._serving or self._stopping or not self._lock.acquire(timeout=1):
+            return False
+        self._lock.release()
+        return True
+
+    def reload(self, options):
+        """SIGHUP: load the TLS settings (--ca-file) again for the next connection."""
+        if not any(dialer.url.tls for dialer in self.dialers):
+            return []
+        context = client_tls_context(options.ca_file, options.tls_min_version)
+        for dialer in self.dialers:
+            if dialer.url.tls:
+                dialer.tls_context = context
+        return ["TLS settings" + (" (--ca-file %s)" % options.ca_file if options.ca_file
+                                  else "")]
 
     def metrics(self):
         """The client's metrics now (Metric objects), for the metrics page."""
@@ -4359,70 +4386,6 @@ class Client:
                  plural(len(self.pending), "datagram"))
         if tunnel is not None:
             log.info("SIGUSR1: tunnel %s: %s", tunnel.peer, tunnel.status_line())
-
-    def _dial_failed(self, exc):
-        """Log why a dial failed, once; return the wait before the next."""
-        if self._stopping:
-            # stop() aborted the dial: no failure to warn about (a SIGTERM during a connect
-            # logged "cannot connect to ...: stopped").
-            log.debug("connecting to %s ended by stop: %s", self.dialer.url, describe_error(exc))
-            return 0
-        if isinstance(exc, ServerUnavailable):
-            self._count_failure("unavailable", str(exc))
-            log.warning("cannot connect to %s: %s", self.dialer.url, exc)
-            return self.backoff.failed(exc.retry_after)
-        if isinstance(exc, UpgradeRefused):
-            self._count_failure("refused", str(exc))
-            log.error("upgrade refused by %s: %s", self.dialer.url, exc)
-            return self.backoff.refused()
-        if ssl is not None and isinstance(exc, ssl.SSLError):  # a portal's certificate fails
-            self._count_failure("tls", describe_error(exc))
-            log.error("cannot connect to %s: %s", self.dialer.url, describe_error(exc))
-            return self.backoff.refused()
-        self._count_failure("network", describe_error(exc))
-        log.warning("cannot connect to %s: %s", self.dialer.url, describe_error(exc))
-        wait = self.backoff.failed()
-        return min(wait, NO_ROUTE_WAIT) if getattr(exc, "no_route", False) else wait
-
-    def _count_failure(self, reason, text):
-        self.reconnects[reason] += 1
-        self.last_error = text
-
-    def stop(self):
-        with self._lock:
-            self._stopping = True
-            if self._tunnel is not None:
-                self._tunnel.close("client shutting down", CLOSE_GOING_AWAY)
-        for dialer in self.dialers:
-            dialer.abort()
-        self.endpoint.wake()
-
-    def _open_tunnel(self):
-        """Dial and send the pending datagrams; return the Tunnel, ready to run."""
-        channel, first_bytes, peer = self.dialer.dial()
-        url = self.dialer.url
-        framing = (WebSocketFraming(client_side=True, keepalive=self.keepalive)
-                   if url.websocket else UOTLV_FRAMING)
-        try:
-            if self.pending:
-                channel.sendall(framing.encode_datagrams(self.pending))
-                self.pending.clear()
-        except BaseException:
-            channel.close()
-            raise
-        tunnel = Tunnel(channel, self.endpoint, peer, IdleClock(self.idle_timeout), first_bytes,
-                        unsent=self._keep_unsent, framing=framing,
-                        unacked_timeout=path_down_timeout(
-                            retransmission_timeout(channel.sock)))
-        with self._lock:
-            self._tunnel = tunnel
-            if self._stopping:
-                tunnel.close("client shutting down", CLOSE_GOING_AWAY)
-        self.tunnels_changed()
-        log.info("tunnel up: %s, %s%s, %s%s", peer, url, " (server %d of %d)" % (
-            self.dialers.index(self.dialer) + 1, len(self.dialers)) if len(self.dialers) > 1
-            else "", framing.name, ", " + channel.tls_version if channel.tls_version else "")
-        return tunnel
 
 
 def run_check(dialer, out=sys.stdout):
@@ -4473,94 +4436,7 @@ def dial_and_close(dialer):
     return peer
 
 
-def resolve_tcp(host, port, numeric=False):
-    """[(family, sockaddr)] for a TCP connection to host:port; raises OSError (gaierror)."""
-    flags = socket.AI_NUMERICHOST if numeric else 0
-    infos = socket.getaddrinfo(ascii_host(host), port, type=socket.SOCK_STREAM, flags=flags)
-    return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
-
-
-# rtnetlink (linux/rtnetlink.h): ask the kernel which interface it routes an address through,
-# as `ip route get` does, policy rules (wg-quick's `not fwmark 51820 table 51820`) included.
-NETLINK_ROUTE, RTM_NEWROUTE, RTM_GETROUTE, NLM_F_REQUEST = 0, 24, 26, 1
-RTA_DST, RTA_OIF, RTA_MARK = 1, 4, 16
-NETLINK_HEADER = struct.Struct("=IHHII")  # struct nlmsghdr
-ROUTE_MESSAGE = struct.Struct("=BBBBBBBBI")  # struct rtmsg
-ROUTE_ATTRIBUTE = struct.Struct("=HH")  # struct rtattr
-
-
-def route_interface(ip, mark=None):
-    """The name of the interface the kernel sends packets to `ip` out of (with SO_MARK
-    `mark`), or None where it cannot say (not Linux, no route, not an address)."""
-    try:
-        packed = ipaddress.ip_address(ip).packed
-        family = socket.AF_INET if len(packed) == 4 else socket.AF_INET6
-        attributes = ROUTE_ATTRIBUTE.pack(4 + len(packed), RTA_DST) + packed
-        if mark is not None:
-            attributes += ROUTE_ATTRIBUTE.pack(8, RTA_MARK) + struct.pack("=I", mark)
-        body = ROUTE_MESSAGE.pack(family, len(packed) * 8, 0, 0, 0, 0, 0, 0, 0) + attributes
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE) as sock:
-            sock.settimeout(1)
-            sock.send(NETLINK_HEADER.pack(NETLINK_HEADER.size + len(body), RTM_GETROUTE,
-                                          NLM_F_REQUEST, 1, 0) + body)
-            reply = sock.recv(65536)
-        length, kind = NETLINK_HEADER.unpack_from(reply)[:2]
-        position = NETLINK_HEADER.size + ROUTE_MESSAGE.size
-        while kind == RTM_NEWROUTE and position + ROUTE_ATTRIBUTE.size <= min(length, len(reply)):
-            size, attribute = ROUTE_ATTRIBUTE.unpack_from(reply, position)
-            if attribute == RTA_OIF:
-                return socket.if_indextoname(struct.unpack_from("=I", reply, position + 4)[0])
-            if size < ROUTE_ATTRIBUTE.size:
-                break
-            position += (size + 3) & ~3
-    except (OSError, ValueError, AttributeError, struct.error):
-        pass
-    return None
-
-
-def tunnel_interface_kind(name, sys_net="/sys/class/net", wireguard_run=WIREGUARD_RUN_DIR):
-    """'a WireGuard interface' (the kernel's, or wireguard-go's), 'a tunnel interface' (TUN:
-    another VPN), or None for any other interface."""
-    try:
-        with open(os.path.join(sys_net, name, "uevent")) as stream:
-            if "DEVTYPE=wireguard" in stream.read().split():
-                return "a WireGuard interface"
-    except OSError:
-        pass
-    if os.path.exists(os.path.join(wireguard_run, name + ".sock")):
-        return "a WireGuard interface"
-    if os.path.exists(os.path.join(sys_net, name, "tun_flags")):
-        return "a tunnel interface (a VPN?)"
-    return None
-
-
-def routing_loop_hint(ip, lookup=route_interface, kind=tunnel_interface_kind):
-    """What to do when the route to the server's `ip` goes into a WireGuard (or other
-    tunnel) interface: the tunnel's own connection would go into the tunnel (issue 17: with
-    AllowedIPs = 0.0.0.0/0 and no --fwmark, a plain 'timed out'). None when it does not."""
-    name = lookup(ip)
-    what = kind(name) if name else None
-    if what is None:
-        return None
-    return ("the route to %s goes through %s, %s: the tunnel's own connection would loop "
-            "into the tunnel; add --fwmark 51820 (wg-quick's FwMark; or --peer-ips with a host "
-            "route to the server outside the tunnel)" % (ip, shown(name, 40), what))
-
-
-def check_fwmark(mark):
-    """Fail at start, not at the first connect, when SO_MARK is not allowed."""
-    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        probe.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
-    except OSError as exc:
-        raise FatalError("--fwmark %d: %s (it needs Linux and CAP_NET_ADMIN)"
-                         % (mark, describe_error(exc)))
-    finally:
-        probe.close()
-
-
-# --- Several peers in one process (up): a Client per ProxyEndpoint peer, and wg-quick ---------
-
+# --- Several peers in one process (up): a Client per ProxyEndpoint peer, and wg-quick --------
 
 class PeerLogNames(logging.Filter):
     """Puts 'peer URL: ' before the log lines of the threads that speak for a peer (each
@@ -4769,8 +4645,150 @@ class WgQuick:
 
 
 # =============================================================================================
-# Metrics endpoint: --metrics-listen serves the metrics page (render_metrics) over HTTP
+# Metrics: the Prometheus text (pure) and the --metrics-listen endpoint that serves it
+# Histogram, Metric and render_metrics write the text exposition format 0.0.4 with no I/O;
+# MetricsEndpoint serves a service's metrics() over http.server. Uses sockets and the above.
 # =============================================================================================
+
+
+class Histogram:
+    """Observations counted into `buckets` (upper bounds), for a Prometheus histogram. Not
+    thread-safe: its owner observes under its own lock."""
+
+    def __init__(self, buckets):
+        self.buckets = tuple(sorted(buckets))
+        self.counts = [0] * (len(self.buckets) + 1)  # the last: above every bound (+Inf)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value):
+        index = 0
+        while index < len(self.buckets) and value > self.buckets[index]:
+            index += 1
+        self.counts[index] += 1
+        self.sum += value
+        self.count += 1
+
+    def copy(self):
+        other = Histogram(self.buckets)
+        other.counts, other.sum, other.count = list(self.counts), self.sum, self.count
+        return other
+
+
+class Metric:
+    """One metric family of the Prometheus text format: its name, type (counter, gauge,
+    histogram), help text and samples. `add()` appends a sample; `render_metrics` writes them."""
+
+    def __init__(self, name, kind, help_text):
+        self.name = name
+        self.kind = kind
+        self.help = help_text
+        self.samples = []  # (name suffix, ((label, value), ...), number)
+
+    def add(self, value, suffix="", **labels):
+        self.samples.append((suffix, tuple(labels.items()), value))
+        return self
+
+    def add_histogram(self, histogram, **labels):
+        """The _bucket (cumulative, le="+Inf" last), _sum and _count samples of `histogram`."""
+        total = 0
+        for bound, count in zip(histogram.buckets + (float("inf"),), histogram.counts):
+            total += count
+            self.add(total, "_bucket", **dict(labels, le=format_metric_value(float(bound))))
+        self.add(histogram.sum, "_sum", **labels)
+        return self.add(histogram.count, "_count", **labels)
+
+
+def format_metric_value(value):
+    """A sample value as the text format writes it: integers plainly, +Inf, -Inf, NaN."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "+Inf" if value > 0 else "-Inf"
+    if value == int(value) and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
+
+
+def escape_label_value(text):
+    """A label value between double quotes: backslash, double quote and line feed escaped."""
+    return str(text).replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
+
+
+def escape_help(text):
+    """A HELP text: backslash and line feed escaped (quotes stay)."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def render_metrics(metrics):
+    """The Prometheus text exposition format (0.0.4) of `metrics` (Metric objects): a HELP
+    and a TYPE line per family, then its samples; ends with a line feed. Returns bytes."""
+    lines = []
+    for metric in metrics:
+        lines.append("# HELP %s %s" % (metric.name, escape_help(metric.help)))
+        lines.append("# TYPE %s %s" % (metric.name, metric.kind))
+        for suffix, labels, value in metric.samples:
+            label_text = ""
+            if labels:
+                label_text = "{%s}" % ",".join('%s="%s"' % (name, escape_label_value(text))
+                                               for name, text in labels)
+            lines.append("%s%s%s %s" % (metric.name, suffix, label_text,
+                                        format_metric_value(value)))
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def process_metrics():
+    """The metrics of every mode: process start time and build information."""
+    return [
+        Metric("proxyguard_process_start_time_seconds", "gauge",
+               "Start time of the process since the Unix epoch, in seconds.")
+        .add(PROCESS_START_TIME),
+        Metric("proxyguard_build_info", "gauge",
+               "proxyguard.py's version and the Python running it; the value is always 1.")
+        .add(1, version=__version__, python="%d.%d.%d" % tuple(sys.version_info[:3])),
+    ]
+
+
+def traffic_metrics(prefix, totals):
+    """Bytes and datagrams each way, and oversized frames dropped, from `totals` (a
+    TrafficTotals of closed tunnels plus the open ones' live counters)."""
+    ways = (("to_wireguard", totals.to_udp_bytes, totals.to_udp_datagrams),
+            ("from_wireguard", totals.to_tcp_bytes, totals.to_tcp_datagrams))
+    size = Metric(prefix + "bytes_total", "counter",
+                  "UDP payload bytes carried, by direction: to_wireguard (from the tunnel to "
+                  "the local WireGuard) or from_wireguard.")
+    count = Metric(prefix + "datagrams_total", "counter",
+                   "Datagrams carried, by direction (see bytes_total).")
+    for direction, size_value, count_value in ways:
+        size.add(size_value, direction=direction)
+        count.add(count_value, direction=direction)
+    oversized = Metric(prefix + "oversized_frames_dropped_total", "counter",
+                       "Frames dropped because they cannot go out as one UDP datagram.")
+    return [size, count, oversized.add(totals.oversized)]
+
+
+class TrafficTotals:
+    """Sums of the Tunnel counters (see Tunnel): of closed tunnels, plus live ones at a
+    scrape. Its owner adds under its own lock."""
+
+    FIELDS = ("to_udp_datagrams", "to_udp_bytes", "to_tcp_datagrams", "to_tcp_bytes",
+              "oversized")
+
+    def __init__(self):
+        for field in self.FIELDS:
+            setattr(self, field, 0)
+
+    def add(self, tunnel):
+        for field in self.FIELDS:
+            setattr(self, field, getattr(self, field) + getattr(tunnel, field))
+        return self
+
+    def copy(self):
+        return TrafficTotals().add(self)
 
 
 @functools.lru_cache(maxsize=None)
@@ -4816,6 +4834,7 @@ def metrics_handler():
 # The metrics page serves this many requests at once; the next gets 503 at once (issue 17:
 # 800 idle connections held 800 threads for 10 s each).
 METRICS_CONNECTIONS = 8
+
 # Connections that have sent nothing yet wait in the accept thread's poll, without a thread,
 # for HANDSHAKE_TIMEOUT; past this many the oldest is closed, so a flood of idle connections
 # costs descriptors, never threads, and a scrape (which sends at once) still gets through.
@@ -4932,7 +4951,336 @@ class MetricsEndpoint:
 
 
 # =============================================================================================
+# Service runtime: signals, systemd (notify, watchdog, socket activation), limits, logging
+# What runs a built service in a process: signals taken by one thread, sd_notify, LISTEN_FDS,
+# the open-files limit and the threads' stacks. Uses the services through their contract.
+# =============================================================================================
+
+# SIGINT and SIGTERM stop the service; SIGHUP reloads what can change while tunnels run;
+# SIGUSR1 logs a line per open tunnel.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+HANDLED_SIGNALS = STOP_SIGNALS + tuple(getattr(signal, name) for name in ("SIGHUP", "SIGUSR1")
+                                       if hasattr(signal, name))
+
+
+class SystemdNotifier:
+    """What the service tells systemd over NOTIFY_SOCKET (sd_notify(3), Type=notify), and
+    when: READY=1 with a first STATUS=, STATUS= again only when it changes, RELOADING=1,
+    STOPPING=1, and WATCHDOG=1 every half WATCHDOG_USEC while the service is healthy.
+
+    The decisions read `clock` (tests drive it); only `send` touches a socket: one datagram
+    per message to `address`, a path or an abstract name ('@' for its leading NUL byte).
+    """
+
+    def __init__(self, address, watchdog_usec=0, clock=time.monotonic):
+        self.address = "\0" + address[1:] if address.startswith("@") else address
+        self.interval = watchdog_usec / 2e6 if watchdog_usec > 0 else None
+        self.clock = clock
+        self.last_status = None
+        self.next_watchdog = clock()  # the first ping goes out at once
+        self._send_failed = False
+
+    @classmethod
+    def from_environment(cls, environ=os.environ, pid=None, clock=time.monotonic):
+        """The notifier NOTIFY_SOCKET asks for, None without it. The watchdog is ours when
+        WATCHDOG_USEC is set and WATCHDOG_PID names this process (or is unset)."""
+        address = environ.get("NOTIFY_SOCKET", "")
+        if not address or not hasattr(socket, "AF_UNIX"):
+            return None
+        me = str(os.getpid() if pid is None else pid)
+        usec = 0
+        if environ.get("WATCHDOG_PID", me) == me:
+            try:
+                usec = int(environ.get("WATCHDOG_USEC", "0"))
+            except ValueError:
+                log.warning("WATCHDOG_USEC=%r is not a number: no watchdog pings",
+                            environ["WATCHDOG_USEC"])
+        return cls(address, usec, clock)
+
+    def ready(self, status):
+        self.last_status = status
+        self.send("READY=1\nSTATUS=%s" % status)
+
+    def status(self, text):
+        if text != self.last_status:
+            self.last_status = text
+            self.send("STATUS=%s" % text)
+
+    def reloading(self):
+        # MONOTONIC_USEC: systemd 253's Type=notify-reload wants it; older ones ignore it.
+        self.send("RELOADING=1\nMONOTONIC_USEC=%d" % int(time.monotonic() * 1e6))
+
+    def stopping(self):
+        self.last_status = "stopping"
+        self.send("STOPPING=1\nSTATUS=stopping")
+
+    def wait(self):
+        """Seconds until the watchdog wants to hear from us; None without a watchdog."""
+        if self.interval is None:
+            return None
+        return max(0.0, self.next_watchdog - self.clock())
+
+    def watchdog(self, healthy):
+        """Send WATCHDOG=1 if it is due and `healthy()` says so; True if sent. An unhealthy
+        service is asked again soon and, still unhealthy, lets systemd's timer run out."""
+        if self.interval is None:
+            return False
+        now = self.clock()
+        if now < self.next_watchdog:
+            return False
+        if not healthy():
+            self.next_watchdog = now + min(self.interval, 1.0)
+            return False
+        self.next_watchdog = now + self.interval
+        self.send("WATCHDOG=1")
+        return True
+
+    def send(self, message):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.sendto(message.encode("utf-8", "replace"), self.address)
+        except OSError as exc:
+            if not self._send_failed:  # once: a missing socket would say it every ping
+                self._send_failed = True
+                log.warning("cannot notify systemd at NOTIFY_SOCKET %s: %s",
+                            self.address.replace("\0", "@"), describe_error(exc))
+        finally:
+            sock.close()
+
+
+def start_notifying(notifier, service):
+    """A thread that keeps systemd informed while `service` runs: STATUS= when its tunnels
+    change (the service calls `tunnels_changed`), WATCHDOG=1 while `service.healthy()`.
+    Returns the function that ends the thread."""
+    wake = threading.Event()
+    done = []
+    service.tunnels_changed = wake.set
+
+    def run():
+        while True:
+            wake.wait(notifier.wait())
+            wake.clear()
+            if done:
+                return
+            notifier.status(service.status())
+            notifier.watchdog(service.healthy)
+
+    thread = threading.Thread(target=run, name="systemd", daemon=True)
+    thread.start()
+
+    def end():
+        done.append(True)
+        wake.set()
+        thread.join()
+    return end
+
+
+def systemd_listener(environ=os.environ, pid=None):
+    """The listening socket systemd passed (socket activation, sd_listen_fds(3)): LISTEN_FDS
+    sockets from fd 3, for this process if LISTEN_PID says so; None when there are none.
+    The variables are removed so that nothing started later takes the socket for its own.
+    Raises FatalError for anything but one listening TCP socket."""
+    if "LISTEN_FDS" not in environ:
+        return None
+    me = str(os.getpid() if pid is None else pid)
+    if environ.get("LISTEN_PID", me) != me:
+        return None  # meant for another process (a parent that did not unset it)
+    count, names = environ.get("LISTEN_FDS"), environ.get("LISTEN_FDNAMES", "")
+    for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+        environ.pop(name, None)
+    if count == "0":
+        return None
+    if count != "1":
+        raise FatalError("LISTEN_FDS=%s: systemd must pass exactly one listening socket (one "
+                         "ListenStream= in the .socket unit)" % count)
+    what = "the socket systemd passed (LISTEN_FDS, fd 3%s)" % (
+        ", named " + names if names else "")
+    try:
+        sock = socket.socket(fileno=3)
+    except OSError as exc:
+        raise FatalError("%s: %s" % (what, describe_error(exc)))
+    try:
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError:
+        listening = 0
+    if (sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM
+            or not listening):
+        kind = "%s %s%s" % (getattr(sock.family, "name", sock.family),
+                            getattr(sock.type, "name", sock.type),
+                            "" if listening else ", not listening")
+        sock.detach()  # not ours to close
+        raise FatalError("%s is not a listening TCP socket (%s): use ListenStream= with "
+                         "Accept=no" % (what, kind))
+    sock.set_inheritable(False)
+    sock.setblocking(True)
+    return sock
+
+
+def unused_listen_fds(environ=os.environ, pid=None):
+    """The warning for a client that systemd passed sockets (LISTEN_FDS, meant for this
+    process): only the server takes one (socket activation); None when none were passed."""
+    count = environ.get("LISTEN_FDS")
+    me = str(os.getpid() if pid is None else pid)
+    if count in (None, "", "0") or environ.get("LISTEN_PID", me) != me:
+        return None
+    return ("LISTEN_FDS=%s: the client does not use sockets from systemd: socket activation "
+            "is for the server (proxyguard-server.socket starts proxyguard@server); the client "
+            "binds its own UDP port (--listen-port)" % count)
+
+
+def raise_open_files_limit():
+    """Raise the soft open-files limit to the hard one, as Go programs do since 1.19: systemd
+    starts services with a soft limit of 1024, about 500 tunnels. Returns the soft limit in
+    force (resource.RLIM_INFINITY for none), None where unknown (not POSIX)."""
+    if resource is None:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError) as exc:  # an infinite hard limit above fs.nr_open
+            log.debug("cannot raise the open-files limit from %d to %d: %s", soft, hard, exc)
+    return soft
+
+
+def open_files_warning(max_clients, limit):
+    """The start-up warning when --max-clients tunnels cannot fit in `limit` open files (each
+    tunnel: a TCP and a UDP socket; each handshake: one), None when they fit."""
+    if not max_clients or limit is None or limit == getattr(resource, "RLIM_INFINITY", -1):
+        return None
+    needed = 2 * max_clients + MAX_HANDSHAKING + SPARE_FILES
+    if needed <= limit:
+        return None
+    return ("--max-clients %d needs about %d open files, but the limit is %d (about %s fit): "
+            "raise LimitNOFILE= in the unit or ulimit -n, or lower --max-clients"
+            % (max_clients, needed, limit,
+               plural(max(0, (limit - MAX_HANDSHAKING - SPARE_FILES) // 2), "tunnel")))
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold SIGINT, SIGTERM, SIGHUP and SIGUSR1 pending, in this thread and every thread it starts,
+    until `run_until_signal` takes them with sigwait; restore the mask at the end.
+
+    Why: a process-directed signal goes to any thread that does not block it. Caught by a
+    tunnel thread, Python only flags it for the main thread, which sleeps on in a lock wait
+    and never runs the handler (the "SIGTERM ignored at start" bug). Held from before the
+    service starts, a signal however early waits for sigwait instead of being lost.
+    """
+    if (not hasattr(signal, "pthread_sigmask")  # not POSIX: Python's handlers do the work
+            or threading.current_thread() is not threading.main_thread()):  # a test's thread
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+    try:
+        yield
+    finally:
+        # A signal still pending (a second SIGTERM, or a SIGUSR1, during shutdown) must not
+        # kill the process once unblocked: ignore it while the mask is restored.
+        previous = [(signum, signal.signal(signum, signal.SIG_IGN)) for signum in HANDLED_SIGNALS]
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for signum, handler in previous:
+            signal.signal(signum, handler)
+
+
+def tune_threads():
+    """Set THREAD_STACK_BYTES and SWITCH_INTERVAL for the threads started from now on."""
+    threading.stack_size(THREAD_STACK_BYTES)
+    sys.setswitchinterval(SWITCH_INTERVAL)
+
+
+def run_until_signal(service, reload=None, notifier=None):
+    """Run `service.serve_forever()` in this thread until SIGINT/SIGTERM; call `reload()` on
+    SIGHUP and `service.dump_tunnels()` on SIGUSR1. Call it inside `signals_held()`; a daemon
+    thread waits for the signals. With a SystemdNotifier, systemd hears of readiness, reloads,
+    the tunnel count and the stop.
+
+    Returns 0 after a stop signal (clean stop), 1 if the service ended by itself (a bug).
+    """
+    signalled = []
+
+    def wait_for_signals():
+        while True:
+            signum = signal.sigwait(HANDLED_SIGNALS)
+            if signum in STOP_SIGNALS:
+                signalled.append(signum)
+                log.info("stopping on %s", signal.Signals(signum).name)
+                if notifier is not None:
+                    notifier.stopping()
+                service.stop()
+                return
+            if signum == getattr(signal, "SIGUSR1", None):
+                try:
+                    service.dump_tunnels()
+                except Exception:  # a bug must not end the signal thread
+                    log.exception("SIGUSR1: unexpected error")
+            elif reload is not None:
+                if notifier is not None:
+                    notifier.reloading()
+                reload()
+                if notifier is not None:
+                    notifier.ready(service.status())
+
+    waiter = threading.Thread(target=wait_for_signals, name="signals", daemon=True)
+    waiter.start()
+    end_notifying = None
+    if notifier is not None:  # the socket is bound (and listening): new clients queue
+        notifier.ready(service.status())
+        end_notifying = start_notifying(notifier, service)
+    try:
+        service.serve_forever()
+    except Exception:
+        log.exception("the service stopped on an unexpected error")
+    if end_notifying is not None:
+        end_notifying()
+    if not signalled:
+        return 1
+    waiter.join()  # stop() ends when every tunnel has closed and logged its end
+    return 0
+
+
+def reload_settings(service, argv, program=None):
+    """SIGHUP: read the options again (the config file may have changed) and apply what can
+    change under running tunnels: the log level and the TLS files. Logs one line; on any error
+    the running settings stay."""
+    try:
+        options = parse_options(argv, program=program)
+        done = service.reload(options)
+    except ProxyGuardError as exc:
+        log.error("SIGHUP: reload failed, the running settings stay: %s", exc)
+        return
+    level = getattr(logging, options.log_level.upper())
+    if level != log.getEffectiveLevel():
+        logging.getLogger().setLevel(level)
+        done.append("log level %s" % options.log_level)
+    log.info("SIGHUP: reloaded %s; other options change on restart",
+             ", ".join(done) if done else "nothing that changed")
+
+
+def logging_to_journal(stream=sys.stderr, environ=os.environ):
+    """True when `stream` is systemd's journal: JOURNAL_STREAM names its device and inode
+    (systemd.exec(5)), and the journal stamps each line itself."""
+    try:
+        if stream.isatty():
+            return False
+        status = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):  # closed, or no file (a test's StringIO)
+        return False
+    return environ.get("JOURNAL_STREAM", "") == "%d:%d" % (status.st_dev, status.st_ino)
+
+
+def configure_logging(level):
+    # Under systemd, a timestamp of our own doubles the journal's on every line.
+    stamp = "" if logging_to_journal() else "%(asctime)s "
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format=stamp + "%(levelname)s %(message)s")
+
+
+# =============================================================================================
 # CLI: one parser for every mode; command line > config file > environment > defaults
+# Options in, checked options and built services out (build_service); usage errors name the
+# option. Uses every section above; nothing above uses it.
 # =============================================================================================
 
 MODES = ("client", "server", "check", "up")
@@ -4956,8 +5304,10 @@ OPTION_MODES = {
     "idle-timeout": ("client", "server"), "metrics-listen": ("client", "server"),
     "profile": ("up",), "write-config": ("up",),
 }
+
 # A mode that takes another mode's options (OPTION_MODES names only client and server).
 MODE_TAKES_OPTIONS_OF = {"check": "client", "up": "client"}
+
 # What each mode does, for --help (the list of modes, and the top of MODE --help).
 MODE_DESCRIPTIONS = {
     "client": "carry WireGuard's UDP from 127.0.0.1 to the server at --to, over one "
@@ -4975,6 +5325,7 @@ MODE_EXAMPLES = {
     "check": "proxyguard.py check --to https://vpn.example.org/proxyguard",
     "up": "proxyguard.py up /etc/proxyguard/eduvpn.conf",
 }
+
 # --help groups each mode's options under these titles, in this order, by OPTION_GROUPS: a
 # new option is one line there (an option missing from it shows under "operations"; a test
 # asks for every option to be listed).
@@ -5011,6 +5362,7 @@ OPTION_GROUPS = {
     "route": "connection",
     "health-path": "operations",
 }
+
 # What the user likely meant when an option is in the wrong mode.
 MODE_HINTS = {
     ("listen", "client"): "the client's UDP port is --listen-port",
@@ -5019,12 +5371,15 @@ MODE_HINTS = {
     ("peer-ips", "up"): "up resolves each ProxyEndpoint's host once, at start",
     ("to", "up"): "up takes the servers' URLs from the profile's ProxyEndpoint lines",
 }
+
 # up runs a client per ProxyEndpoint peer of its profile: like check, it takes the client's
 # options, but not these, which name one server or one port.
 NOT_UP_OPTIONS = ("to", "listen-port", "peer-ips", "tcp-port")
+
 # up's FwMark, for WireGuard and the tunnels' TCP sockets, when neither --fwmark nor the profile
 # gives one: wg-quick's own first choice.
 DEFAULT_UP_FWMARK = 51820
+
 # PROXYGUARD_* variables that are not options: read by proxyguard's own test and bench tools,
 # never warned about.
 NOT_OPTION_VARIABLES = ("PROXYGUARD_TEST_", "PROXYGUARD_SCRIPT")
@@ -5040,8 +5395,10 @@ TIMEOUT_BOUNDS = {
     "handshake_timeout": (0.001, 3600.0, "0.001 to 3600 seconds (1 hour)"),
     "keepalive": (0.001, 86400.0, "0 (off) or 0.001 to 86400 seconds (1 day)"),
 }
+
 # Two threads per tunnel: far beyond what a system's thread limit allows.
 MAX_CLIENTS_BOUND = 100000
+
 # setsockopt passes an int option as a C int: a mark must fit in 31 bits.
 MAX_FWMARK = 0x7FFFFFFF
 
@@ -5303,6 +5660,7 @@ class Source:
 # translated before parsing, so --help shows only ours.
 ORIGINAL_FLAGS = ("listen", "to", "listen-port", "forward-port", "peer-ips", "fwmark",
                   "tcp-port", "version")
+
 # The original's program names (our console scripts, or a link to proxyguard.py) give the mode.
 PROGRAM_MODES = {"proxyguard-client": "client", "proxyguard-server": "server"}
 
@@ -5778,277 +6136,9 @@ def build_dialer(options, url=None):
 
 
 # =============================================================================================
-# main
+# main(argv): options in, a service run until a signal, an exit status out
+# The entry points (proxyguard.py MODE, and the original's program names). No work at import.
 # =============================================================================================
-
-
-# SIGINT and SIGTERM stop the service; SIGHUP reloads what can change while tunnels run;
-# SIGUSR1 logs a line per open tunnel.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-HANDLED_SIGNALS = STOP_SIGNALS + tuple(getattr(signal, name) for name in ("SIGHUP", "SIGUSR1")
-                                       if hasattr(signal, name))
-
-
-class SystemdNotifier:
-    """What the service tells systemd over NOTIFY_SOCKET (sd_notify(3), Type=notify), and
-    when: READY=1 with a first STATUS=, STATUS= again only when it changes, RELOADING=1,
-    STOPPING=1, and WATCHDOG=1 every half WATCHDOG_USEC while the service is healthy.
-
-    The decisions read `clock` (tests drive it); only `send` touches a socket: one datagram
-    per message to `address`, a path or an abstract name ('@' for its leading NUL byte).
-    """
-
-    def __init__(self, address, watchdog_usec=0, clock=time.monotonic):
-        self.address = "\0" + address[1:] if address.startswith("@") else address
-        self.interval = watchdog_usec / 2e6 if watchdog_usec > 0 else None
-        self.clock = clock
-        self.last_status = None
-        self.next_watchdog = clock()  # the first ping goes out at once
-        self._send_failed = False
-
-    @classmethod
-    def from_environment(cls, environ=os.environ, pid=None, clock=time.monotonic):
-        """The notifier NOTIFY_SOCKET asks for, None without it. The watchdog is ours when
-        WATCHDOG_USEC is set and WATCHDOG_PID names this process (or is unset)."""
-        address = environ.get("NOTIFY_SOCKET", "")
-        if not address or not hasattr(socket, "AF_UNIX"):
-            return None
-        me = str(os.getpid() if pid is None else pid)
-        usec = 0
-        if environ.get("WATCHDOG_PID", me) == me:
-            try:
-                usec = int(environ.get("WATCHDOG_USEC", "0"))
-            except ValueError:
-                log.warning("WATCHDOG_USEC=%r is not a number: no watchdog pings",
-                            environ["WATCHDOG_USEC"])
-        return cls(address, usec, clock)
-
-    def ready(self, status):
-        self.last_status = status
-        self.send("READY=1\nSTATUS=%s" % status)
-
-    def status(self, text):
-        if text != self.last_status:
-            self.last_status = text
-            self.send("STATUS=%s" % text)
-
-    def reloading(self):
-        # MONOTONIC_USEC: systemd 253's Type=notify-reload wants it; older ones ignore it.
-        self.send("RELOADING=1\nMONOTONIC_USEC=%d" % int(time.monotonic() * 1e6))
-
-    def stopping(self):
-        self.last_status = "stopping"
-        self.send("STOPPING=1\nSTATUS=stopping")
-
-    def wait(self):
-        """Seconds until the watchdog wants to hear from us; None without a watchdog."""
-        if self.interval is None:
-            return None
-        return max(0.0, self.next_watchdog - self.clock())
-
-    def watchdog(self, healthy):
-        """Send WATCHDOG=1 if it is due and `healthy()` says so; True if sent. An unhealthy
-        service is asked again soon and, still unhealthy, lets systemd's timer run out."""
-        if self.interval is None:
-            return False
-        now = self.clock()
-        if now < self.next_watchdog:
-            return False
-        if not healthy():
-            self.next_watchdog = now + min(self.interval, 1.0)
-            return False
-        self.next_watchdog = now + self.interval
-        self.send("WATCHDOG=1")
-        return True
-
-    def send(self, message):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            sock.sendto(message.encode("utf-8", "replace"), self.address)
-        except OSError as exc:
-            if not self._send_failed:  # once: a missing socket would say it every ping
-                self._send_failed = True
-                log.warning("cannot notify systemd at NOTIFY_SOCKET %s: %s",
-                            self.address.replace("\0", "@"), describe_error(exc))
-        finally:
-            sock.close()
-
-
-def start_notifying(notifier, service):
-    """A thread that keeps systemd informed while `service` runs: STATUS= when its tunnels
-    change (the service calls `tunnels_changed`), WATCHDOG=1 while `service.healthy()`.
-    Returns the function that ends the thread."""
-    wake = threading.Event()
-    done = []
-    service.tunnels_changed = wake.set
-
-    def run():
-        while True:
-            wake.wait(notifier.wait())
-            wake.clear()
-            if done:
-                return
-            notifier.status(service.status())
-            notifier.watchdog(service.healthy)
-
-    thread = threading.Thread(target=run, name="systemd", daemon=True)
-    thread.start()
-
-    def end():
-        done.append(True)
-        wake.set()
-        thread.join()
-    return end
-
-
-def raise_open_files_limit():
-    """Raise the soft open-files limit to the hard one, as Go programs do since 1.19: systemd
-    starts services with a soft limit of 1024, about 500 tunnels. Returns the soft limit in
-    force (resource.RLIM_INFINITY for none), None where unknown (not POSIX)."""
-    if resource is None:
-        return None
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (OSError, ValueError) as exc:  # an infinite hard limit above fs.nr_open
-            log.debug("cannot raise the open-files limit from %d to %d: %s", soft, hard, exc)
-    return soft
-
-
-def open_files_warning(max_clients, limit):
-    """The start-up warning when --max-clients tunnels cannot fit in `limit` open files (each
-    tunnel: a TCP and a UDP socket; each handshake: one), None when they fit."""
-    if not max_clients or limit is None or limit == getattr(resource, "RLIM_INFINITY", -1):
-        return None
-    needed = 2 * max_clients + MAX_HANDSHAKING + SPARE_FILES
-    if needed <= limit:
-        return None
-    return ("--max-clients %d needs about %d open files, but the limit is %d (about %s fit): "
-            "raise LimitNOFILE= in the unit or ulimit -n, or lower --max-clients"
-            % (max_clients, needed, limit,
-               plural(max(0, (limit - MAX_HANDSHAKING - SPARE_FILES) // 2), "tunnel")))
-
-
-@contextlib.contextmanager
-def signals_held():
-    """Hold SIGINT, SIGTERM, SIGHUP and SIGUSR1 pending, in this thread and every thread it starts,
-    until `run_until_signal` takes them with sigwait; restore the mask at the end.
-
-    Why: a process-directed signal goes to any thread that does not block it. Caught by a
-    tunnel thread, Python only flags it for the main thread, which sleeps on in a lock wait
-    and never runs the handler (the "SIGTERM ignored at start" bug). Held from before the
-    service starts, a signal however early waits for sigwait instead of being lost.
-    """
-    if (not hasattr(signal, "pthread_sigmask")  # not POSIX: Python's handlers do the work
-            or threading.current_thread() is not threading.main_thread()):  # a test's thread
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-    try:
-        yield
-    finally:
-        # A signal still pending (a second SIGTERM, or a SIGUSR1, during shutdown) must not
-        # kill the process once unblocked: ignore it while the mask is restored.
-        previous = [(signum, signal.signal(signum, signal.SIG_IGN)) for signum in HANDLED_SIGNALS]
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        for signum, handler in previous:
-            signal.signal(signum, handler)
-
-
-def tune_threads():
-    """Set THREAD_STACK_BYTES and SWITCH_INTERVAL for the threads started from now on."""
-    threading.stack_size(THREAD_STACK_BYTES)
-    sys.setswitchinterval(SWITCH_INTERVAL)
-
-
-def run_until_signal(service, reload=None, notifier=None):
-    """Run `service.serve_forever()` in this thread until SIGINT/SIGTERM; call `reload()` on
-    SIGHUP and `service.dump_tunnels()` on SIGUSR1. Call it inside `signals_held()`; a daemon
-    thread waits for the signals. With a SystemdNotifier, systemd hears of readiness, reloads,
-    the tunnel count and the stop.
-
-    Returns 0 after a stop signal (clean stop), 1 if the service ended by itself (a bug).
-    """
-    signalled = []
-
-    def wait_for_signals():
-        while True:
-            signum = signal.sigwait(HANDLED_SIGNALS)
-            if signum in STOP_SIGNALS:
-                signalled.append(signum)
-                log.info("stopping on %s", signal.Signals(signum).name)
-                if notifier is not None:
-                    notifier.stopping()
-                service.stop()
-                return
-            if signum == getattr(signal, "SIGUSR1", None):
-                try:
-                    service.dump_tunnels()
-                except Exception:  # a bug must not end the signal thread
-                    log.exception("SIGUSR1: unexpected error")
-            elif reload is not None:
-                if notifier is not None:
-                    notifier.reloading()
-                reload()
-                if notifier is not None:
-                    notifier.ready(service.status())
-
-    waiter = threading.Thread(target=wait_for_signals, name="signals", daemon=True)
-    waiter.start()
-    end_notifying = None
-    if notifier is not None:  # the socket is bound (and listening): new clients queue
-        notifier.ready(service.status())
-        end_notifying = start_notifying(notifier, service)
-    try:
-        service.serve_forever()
-    except Exception:
-        log.exception("the service stopped on an unexpected error")
-    if end_notifying is not None:
-        end_notifying()
-    if not signalled:
-        return 1
-    waiter.join()  # stop() ends when every tunnel has closed and logged its end
-    return 0
-
-
-def reload_settings(service, argv, program=None):
-    """SIGHUP: read the options again (the config file may have changed) and apply what can
-    change under running tunnels: the log level and the TLS files. Logs one line; on any error
-    the running settings stay."""
-    try:
-        options = parse_options(argv, program=program)
-        done = service.reload(options)
-    except ProxyGuardError as exc:
-        log.error("SIGHUP: reload failed, the running settings stay: %s", exc)
-        return
-    level = getattr(logging, options.log_level.upper())
-    if level != log.getEffectiveLevel():
-        logging.getLogger().setLevel(level)
-        done.append("log level %s" % options.log_level)
-    log.info("SIGHUP: reloaded %s; other options change on restart",
-             ", ".join(done) if done else "nothing that changed")
-
-
-def logging_to_journal(stream=sys.stderr, environ=os.environ):
-    """True when `stream` is systemd's journal: JOURNAL_STREAM names its device and inode
-    (systemd.exec(5)), and the journal stamps each line itself."""
-    try:
-        if stream.isatty():
-            return False
-        status = os.fstat(stream.fileno())
-    except (OSError, ValueError, AttributeError):  # closed, or no file (a test's StringIO)
-        return False
-    return environ.get("JOURNAL_STREAM", "") == "%d:%d" % (status.st_dev, status.st_ino)
-
-
-def configure_logging(level):
-    # Under systemd, a timestamp of our own doubles the journal's on every line.
-    stamp = "" if logging_to_journal() else "%(asctime)s "
-    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
-                        format=stamp + "%(levelname)s %(message)s")
-
 
 def main(argv=None, program=None):
     """Run proxyguard.py with `argv` (default sys.argv[1:]); return the exit status.
