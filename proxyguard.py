@@ -396,6 +396,32 @@ class UpgradeDropped(UpgradeRefused):
         self.transport = transport
 
 
+class ConnectFailed(ConnectionError):
+    """No TCP connection to any of the server's (or proxy's) addresses. `no_route`: every
+    address failed for want of a route (the client then waits at most NO_ROUTE_WAIT)."""
+
+    def __init__(self, message, no_route=False):
+        super().__init__(message)
+        self.no_route = no_route
+
+
+class TLSFailed(OSError):
+    """The client's TLS handshake failed (`cause`: the ssl.SSLError), with what describe_error
+    needs to name the cause: the --ca-file tried (`ca_file`: then "a private CA needs
+    --ca-file" is wrong advice), the names the certificate holds (`certificate_names`, check
+    only) and the scheme a plain port wants (`plain_scheme`: ws for wss://, else http)."""
+
+    def __init__(self, cause, ca_file=None, certificate_names=None, plain_scheme="http"):
+        super().__init__(*cause.args)
+        self.cause = cause
+        self.ca_file = ca_file
+        self.certificate_names = certificate_names
+        self.plain_scheme = plain_scheme
+
+    def __str__(self):
+        return str(self.cause)
+
+
 class ServerUnavailable(UpgradeRefused):
     """A 502/503/504: a reverse proxy cannot reach the proxyguard server behind it (restarting,
     down) or the server is full. Retried at the normal back-off, or after `retry_after` seconds
@@ -2083,25 +2109,11 @@ def describe_bind_error(exc, port, protocol):
 def describe_error(exc):
     """A short reason for a log line: 'connection reset by peer', 'certificate verify failed';
     any other exception (ours, for one) by its message."""
-    if ssl is not None and isinstance(exc, ssl.SSLCertVerificationError):
-        message = exc.verify_message or str(exc.reason)
-        key, hint = next(((key, hint) for key, hint in _CERTIFICATE_HINTS
-                          if key in message.lower()), (None, ""))
-        # The Dialer adds what it knows: the --ca-file tried (then "a private CA needs
-        # --ca-file" is wrong advice), and in check the names the certificate holds.
-        ca_file = getattr(exc, "ca_file", None)
-        if ca_file and key in ("local issuer", "self-signed"):
-            hint = (" (the certificate is not signed by a CA in --ca-file %s nor the system "
-                    "store)" % ca_file)
-        names = getattr(exc, "certificate_names", None)
-        if names and key in ("hostname mismatch", "ip address mismatch"):
-            hint = hint[:-1] + ", which names: %s)" % names
-        return "TLS certificate not accepted: %s%s" % (message, hint)
+    if isinstance(exc, TLSFailed):
+        return describe_tls_error(exc.cause, exc.ca_file, exc.certificate_names,
+                                  exc.plain_scheme)
     if ssl is not None and isinstance(exc, ssl.SSLError):
-        reason = exc.reason or str(exc)
-        hint = _TLS_HINTS.get(reason, "").replace("http://", "%s://" % getattr(
-            exc, "plain_scheme", "http"))  # wss:// to a plain port: ws://, not http://
-        return "TLS handshake failed: %s%s" % (reason, hint)
+        return describe_tls_error(exc)
     if isinstance(exc, socket.timeout):
         return "timed out"
     strerror = getattr(exc, "strerror", None)
@@ -2294,11 +2306,9 @@ def load_tls_files(context, error, cert_file=None, key_file=None, ca_file=None):
 
 def client_tls_context(ca_file=None, min_version="1.3"):
     """Verify certificate and host name against the system store (plus `ca_file`); ALPN
-    http/1.1 only, since HTTP/2 has no Upgrade. Raises UsageError for a bad CA file.
-    `context.ca_file` remembers the file, for the error when a certificate fails."""
+    http/1.1 only, since HTTP/2 has no Upgrade. Raises UsageError for a bad CA file."""
     context = tls().create_default_context()
     load_tls_files(context, UsageError, ca_file=ca_file)
-    context.ca_file = ca_file
     context.minimum_version = getattr(ssl.TLSVersion, TLS_VERSIONS[min_version])
     context.set_alpn_protocols(["http/1.1"])
     return context
@@ -2349,6 +2359,23 @@ _TLS_HINTS = {
     "NO_APPLICATION_PROTOCOL": " (the server does not offer HTTP/1.1 over ALPN)",
     "UNEXPECTED_EOF_WHILE_READING": " (the server closed the connection during TLS)",
 }
+
+
+def describe_tls_error(exc, ca_file=None, certificate_names=None, plain_scheme="http"):
+    """describe_error's line for an ssl.SSLError, with the Dialer's knowledge (see TLSFailed)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        message = exc.verify_message or str(exc.reason)
+        key, hint = next(((key, hint) for key, hint in _CERTIFICATE_HINTS
+                          if key in message.lower()), (None, ""))
+        if ca_file and key in ("local issuer", "self-signed"):
+            hint = (" (the certificate is not signed by a CA in --ca-file %s nor the system "
+                    "store)" % ca_file)
+        if certificate_names and key in ("hostname mismatch", "ip address mismatch"):
+            hint = hint[:-1] + ", which names: %s)" % certificate_names
+        return "TLS certificate not accepted: %s%s" % (message, hint)
+    reason = exc.reason or str(exc)
+    hint = _TLS_HINTS.get(reason, "").replace("http://", "%s://" % plain_scheme)
+    return "TLS handshake failed: %s%s" % (reason, hint)  # wss:// to a plain port: ws://
 
 
 def describe_tls(channel):
@@ -2747,12 +2774,15 @@ class TunnelUdpEndpoint(UdpEndpoint):
     """The server's UDP socket for one tunnel, connected to WireGuard (so WireGuard sees one
     source port per client). `wake()` shuts it down, which makes a blocked recv return at once
     (defined for connected UDP sockets); `release()` closes it. `label` names the tunnel in
-    its warning."""
+    its warning that nothing listens on `destination`."""
 
-    label = "a tunnel"
+    def __init__(self, sock, destination=None, label="a tunnel"):
+        super().__init__(sock)
+        self.destination = destination  # WireGuard's address, for the warning
+        self.label = label
 
     @classmethod
-    def connected(cls, address, family):
+    def connected(cls, address, family, label="a tunnel"):
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             set_socket_buffers(sock)
@@ -2760,9 +2790,7 @@ class TunnelUdpEndpoint(UdpEndpoint):
         except OSError:
             sock.close()
             raise
-        endpoint = cls(sock)
-        endpoint.destination = address
-        return endpoint
+        return cls(sock, address, label)
 
     def refused_message(self):
         return ("%s: nothing listens on %s (--to): is WireGuard up?"
@@ -3131,7 +3159,7 @@ class Tunnel:
     """
 
     def __init__(self, channel, endpoint, peer, idle, first_bytes=b"", unsent=None,
-                 greeting=b"", framing=UOTLV_FRAMING, unacked_timeout=None):
+                 greeting=b"", framing=UOTLV_FRAMING, unacked_timeout=None, route=None):
         self.channel = channel
         self.endpoint = endpoint
         self.peer = peer
@@ -3142,7 +3170,7 @@ class Tunnel:
         self.greeting = greeting
         self.unsent = unsent
         self.close_reason = None
-        self.route = None  # the server's: the RouteTable name of the route it took
+        self.route = route  # the server's: the RouteTable name of the route it took
         self.went_idle = False  # closed by our own idle timeout: a normal end, not a failure
         self.path_down = False  # the kernel gave up on unacknowledged data (TCP_USER_TIMEOUT)
         # TCP_USER_TIMEOUT: the idle timeout, or less (the client's PATH_DOWN_SECONDS).
@@ -3401,6 +3429,38 @@ class Tunnel:
 # =============================================================================================
 
 
+class Service:
+    """The contract Server, Client and ClientGroup follow (as socketserver's BaseServer does for
+    its servers): what main(argv)'s runtime (run_until_signal, SystemdNotifier, MetricsEndpoint,
+    reload_settings) calls, and nothing else. Docstrings only: each class writes its own.
+
+    A service is built with `tunnels_changed`, a callable it calls (from any thread, cheaply)
+    whenever a tunnel opens or closes; systemd's notifier then sends STATUS=."""
+
+    def serve_forever(self):
+        """Run in the calling thread until `stop()`; return once every tunnel has ended."""
+
+    def stop(self):
+        """From any thread: end serve_forever and every tunnel; idempotent."""
+
+    def status(self):
+        """One line for systemd's STATUS= (open tunnels, last error)."""
+
+    def healthy(self):
+        """True while the service can do its work: the watchdog's WATCHDOG=1 is sent only then."""
+
+    def reload(self, options):
+        """SIGHUP: take what can change while tunnels run (TLS files) from the re-read `options`
+        for new connections; return the names of what was reloaded, for the log line. Raises
+        FatalError (logged) and keeps the old settings if the new ones are bad."""
+
+    def metrics(self):
+        """What the service counts, as a list of Metric for render_metrics; read per scrape."""
+
+    def dump_tunnels(self):
+        """SIGUSR1: log a line per open tunnel."""
+
+
 class Connection:
     """One accepted connection on the server: its socket, its thread, and its tunnel once
     admitted. The server counts the admitted ones as its load."""
@@ -3413,7 +3473,7 @@ class Connection:
         self.admitted = False  # counts against --max-clients from admission to the end
 
 
-class Server:
+class Server(Service):
     """The ProxyGuard server: accepts upgrades on `listener` and tunnels them to WireGuard.
 
     `serve_forever()` accepts in the calling thread until `stop()`; each connection gets a
@@ -3426,7 +3486,7 @@ class Server:
     def __init__(self, listener, wireguard_address, wireguard_family=socket.AF_INET,
                  idle_timeout=DEFAULT_IDLE_TIMEOUT, handshake_timeout=HANDSHAKE_TIMEOUT,
                  tls_context=None, trusted_proxies=(), max_clients=DEFAULT_MAX_CLIENTS,
-                 path=None, routes=None, health_path=None):
+                 path=None, routes=None, health_path=None, tunnels_changed=None):
         self.listener = listener
         self.address = listener.getsockname() if listener is not None else None
         self.wireguard_address = wireguard_address
@@ -3453,7 +3513,8 @@ class Server:
         self.closed_traffic = TrafficTotals()
         self.lifetimes = Histogram(TUNNEL_LIFETIME_BUCKETS)
         self.refused = dict.fromkeys(REFUSAL_STATUSES, 0)
-        self.tunnels_changed = lambda: None  # called when a tunnel opens or closes (systemd)
+        # Called when a tunnel opens or closes (the service contract: systemd's STATUS=).
+        self.tunnels_changed = tunnels_changed or (lambda: None)
         self._admitted = 0  # connections with `admitted` set: counted, not summed (O(1))
         self.refusal_log = RefusalLog()
 
@@ -3607,15 +3668,13 @@ class Server:
 
     def _run_tunnel(self, connection, channel, peer_text, request, transport, first_bytes,
                     route, wireguard):
-        endpoint = TunnelUdpEndpoint.connected(*wireguard)
-        endpoint.label = "tunnel %s" % peer_text
+        endpoint = TunnelUdpEndpoint.connected(*wireguard, label="tunnel %s" % peer_text)
         if transport == WEBSOCKET:
             greeting, framing = websocket_response(request), WebSocketFraming(client_side=False)
         else:
             greeting, framing = UPGRADE_RESPONSE, UOTLV_FRAMING
         tunnel = Tunnel(channel, endpoint, peer_text, IdleClock(self.idle_timeout), first_bytes,
-                        greeting=greeting, framing=framing)
-        tunnel.route = route
+                        greeting=greeting, framing=framing, route=route)
         route_text = ", route %s to %s" % (route, format_address(wireguard[0])) \
             if self.routed else ""
         with self._lock:
@@ -3790,8 +3849,9 @@ class Dialer:
 
     def __init__(self, url, proxy=None, peer_ips=(), fwmark=-1, tcp_port=0,
                  user_agent=DEFAULT_USER_AGENT, connect_timeout=DEFAULT_CONNECT_TIMEOUT,
-                 tls_context=None, report=None):
+                 tls_context=None, report=None, ca_file=None):
         self.url = url
+        self.ca_file = ca_file  # the --ca-file of tls_context, for the error that names it
         self.proxy = proxy
         self.peer_ips = list(peer_ips)
         self.fwmark = fwmark
@@ -3942,10 +4002,8 @@ class Dialer:
                         message = "cannot reach the HTTP proxy %s (from %s): %s%s" % (
                             self.proxy, self.proxy.option, message, "" if self.proxy.option
                             == "--proxy" else "; --proxy none ignores %s" % self.proxy.option)
-                    exc = ConnectionError(message)
-                    # No route to any address: see NO_ROUTE_WAIT.
-                    exc.no_route = set(no_route) == {address for _, address in addresses}
-                    raise exc
+                    raise ConnectFailed(message, no_route=set(no_route) == {
+                        address for _, address in addresses})  # see NO_ROUTE_WAIT
                 if answering and (not waiting or now >= next_start):
                     family, address = addresses[answering[turn % len(answering)]]
                     turn += 1
@@ -4037,18 +4095,16 @@ class Dialer:
                                  server_hostname=self.url.host, deadline=deadline)
             try:
                 channel.handshake()
-            except ssl.SSLCertVerificationError as exc:
+            except ssl.SSLError as exc:
                 # What describe_error needs to name the cause: the --ca-file that was tried,
                 # and (check only: it costs a second connection) the names the certificate
                 # holds, which a failed handshake does not give away.
-                exc.ca_file = getattr(self.tls_context, "ca_file", None)
-                if self.report and exc.verify_code in (X509_HOSTNAME_MISMATCH,
-                                                       X509_IP_ADDRESS_MISMATCH):
-                    exc.certificate_names = self._certificate_names(address, deadline)
-                raise
-            except ssl.SSLError as exc:
-                exc.plain_scheme = "ws" if self.url.websocket else "http"  # for describe_error
-                raise
+                names = None
+                if self.report and getattr(exc, "verify_code", None) in (
+                        X509_HOSTNAME_MISMATCH, X509_IP_ADDRESS_MISMATCH):
+                    names = self._certificate_names(address, deadline)
+                raise TLSFailed(exc, self.ca_file, names,
+                                "ws" if self.url.websocket else "http") from exc
             detail.append(describe_tls(channel))
         return channel
 
@@ -4056,7 +4112,7 @@ class Dialer:
         """The names (subjectAltName) in the server's certificate, read over a second
         connection to `address` that checks the chain but not the host name; None if that
         fails. For `check` only, to show what a name mismatch is a mismatch with."""
-        context = client_tls_context(getattr(self.tls_context, "ca_file", None))
+        context = client_tls_context(self.ca_file)
         context.minimum_version = self.tls_context.minimum_version
         context.check_hostname = False
         report, self.report = self.report, None  # not a step of its own in check's output
@@ -4116,7 +4172,7 @@ def proxy_from_environment(url):
     return ProxyURL(text, option="%s_PROXY" % url.scheme.upper())
 
 
-class Client:
+class Client(Service):
     """The ProxyGuard client: WireGuard's endpoint on 127.0.0.1, tunnelling to the server.
 
     `serve_forever()` runs the connector in the calling thread until `stop()`: wait for a
@@ -4127,7 +4183,7 @@ class Client:
     """
 
     def __init__(self, dialer, endpoint, idle_timeout=DEFAULT_IDLE_TIMEOUT, backoff=None,
-                 keepalive=DEFAULT_KEEPALIVE, fallbacks=()):
+                 keepalive=DEFAULT_KEEPALIVE, fallbacks=(), tunnels_changed=None):
         # The peer's servers (issue 15: several --to): `dialer` first, then `fallbacks`, each
         # with its own back-off; `servers` decides which is tried when. `dialer` and
         # `backoff` are the server of the current (or last) attempt; `url` names the peer.
@@ -4153,12 +4209,13 @@ class Client:
         self.closed_traffic = TrafficTotals()
         # When the last datagram went to WireGuard and came from it (monotonic), if one did.
         self._last_to_wireguard = self._last_from_wireguard = None
-        self.tunnels_changed = lambda: None  # called when the tunnel comes up or goes (systemd)
+        # Called when the tunnel comes up or goes (the service contract: systemd's STATUS=).
+        self.tunnels_changed = tunnels_changed or (lambda: None)
 
     @classmethod
     def open(cls, dialer, listen_port=DEFAULT_LISTEN_PORT, forward_port=DEFAULT_FORWARD_PORT,
              idle_timeout=DEFAULT_IDLE_TIMEOUT, keepalive=DEFAULT_KEEPALIVE, fallbacks=(),
-             environ=os.environ):
+             environ=os.environ, tunnels_changed=None):
         """Check --fwmark, bind the UDP socket, resolve each server once; raises FatalError."""
         unused = unused_listen_fds(environ)
         if unused:  # a socket unit pointed at a client instance: say so, not silently
@@ -4182,7 +4239,8 @@ class Client:
                                       if each.fwmark < 0)), None)
             if hint is not None:
                 log.warning("%s", hint)
-        return cls(dialer, endpoint, idle_timeout, keepalive=keepalive, fallbacks=fallbacks)
+        return cls(dialer, endpoint, idle_timeout, keepalive=keepalive, fallbacks=fallbacks,
+                   tunnels_changed=tunnels_changed)
 
     def serve_forever(self):
         log.info("client listening on %s (UDP), tunnelling to %s%s, replies to WireGuard at %s",
@@ -4295,14 +4353,15 @@ class Client:
             self._count_failure("refused", str(exc))
             log.error("upgrade refused by %s: %s", self.dialer.url, exc)
             return self.backoff.refused()
-        if ssl is not None and isinstance(exc, ssl.SSLError):  # a portal's certificate fails
+        if isinstance(exc, TLSFailed):  # a portal's certificate fails
             self._count_failure("tls", describe_error(exc))
             log.error("cannot connect to %s: %s", self.dialer.url, describe_error(exc))
             return self.backoff.refused()
         self._count_failure("network", describe_error(exc))
         log.warning("cannot connect to %s: %s", self.dialer.url, describe_error(exc))
         wait = self.backoff.failed()
-        return min(wait, NO_ROUTE_WAIT) if getattr(exc, "no_route", False) else wait
+        return min(wait, NO_ROUTE_WAIT) if isinstance(exc, ConnectFailed) and exc.no_route \
+            else wait
 
     def _count_failure(self, reason, text):
         self.reconnects[reason] += 1
@@ -4338,7 +4397,7 @@ class Client:
         context = client_tls_context(options.ca_file, options.tls_min_version)
         for dialer in self.dialers:
             if dialer.url.tls:
-                dialer.tls_context = context
+                dialer.tls_context, dialer.ca_file = context, options.ca_file
         return ["TLS settings" + (" (--ca-file %s)" % options.ca_file if options.ca_file
                                   else "")]
 
@@ -4466,7 +4525,7 @@ class PeerLogNames(logging.Filter):
         return True
 
 
-class ClientGroup:
+class ClientGroup(Service):
     """Several Clients in one process, one per peer of a profile (up): each has its own UDP
     port, tunnel and back-off, and runs its connector in a thread of its own. To main(argv)'s
     runtime (run_until_signal, SystemdNotifier, MetricsEndpoint) the group is one service;
@@ -4477,15 +4536,6 @@ class ClientGroup:
         self.clients = list(clients)
         self.names = PeerLogNames()
         self._serving = False
-
-    @property
-    def tunnels_changed(self):
-        return self.clients[0].tunnels_changed
-
-    @tunnels_changed.setter
-    def tunnels_changed(self, callback):  # systemd's notifier: any peer's tunnel up or down
-        for client in self.clients:
-            client.tunnels_changed = callback
 
     def serve_forever(self):
         """Run every client until `stop()`; returns once all have ended."""
@@ -4799,9 +4849,11 @@ def metrics_handler():
     import http.server
 
     class MetricsHandler(http.server.BaseHTTPRequestHandler):
-        """GET /metrics: the service's metrics now; 404 for any other path. A request is logged
-        at debug only (Prometheus asks every few seconds)."""
+        """GET /metrics: the service's metrics now (`collect()`, which MetricsEndpoint.start
+        gives a subclass of its own); 404 for any other path. A request is logged at debug only
+        (Prometheus asks every few seconds)."""
 
+        collect = staticmethod(list)  # no service yet: an empty page
         server_version = "proxyguard.py/" + __version__
         timeout = HANDSHAKE_TIMEOUT  # a silent connection holds its thread no longer
 
@@ -4811,7 +4863,7 @@ def metrics_handler():
                              b"not found: the metrics are at %s\n" % METRICS_PATH.encode())
                 return
             try:
-                body = render_metrics(self.server.collect())
+                body = render_metrics(self.collect())
             except Exception:  # a bug: the scrape fails, the service goes on
                 log.exception("metrics page: unexpected error")
                 self._answer(500, "text/plain; charset=utf-8", b"internal error\n")
@@ -4869,7 +4921,8 @@ class MetricsEndpoint:
             raise FatalError("--metrics-listen: %s" % exc)
 
     def start(self, collect):
-        self.httpd.collect = collect
+        self.httpd.RequestHandlerClass = type("MetricsHandler", (metrics_handler(),),
+                                              {"collect": staticmethod(collect)})
         self._thread = threading.Thread(target=self._serve, name="metrics", daemon=True)
         self._thread.start()
         log.info("metrics at http://%s%s", format_address(self.address), METRICS_PATH)
@@ -5048,13 +5101,12 @@ class SystemdNotifier:
             sock.close()
 
 
-def start_notifying(notifier, service):
+def start_notifying(notifier, service, wake=None):
     """A thread that keeps systemd informed while `service` runs: STATUS= when its tunnels
-    change (the service calls `tunnels_changed`), WATCHDOG=1 while `service.healthy()`.
-    Returns the function that ends the thread."""
-    wake = threading.Event()
+    change (`wake`, the Event the service sets through its `tunnels_changed`), WATCHDOG=1
+    while `service.healthy()`. Returns the function that ends the thread."""
+    wake = wake or threading.Event()
     done = []
-    service.tunnels_changed = wake.set
 
     def run():
         while True:
@@ -5190,11 +5242,12 @@ def tune_threads():
     sys.setswitchinterval(SWITCH_INTERVAL)
 
 
-def run_until_signal(service, reload=None, notifier=None):
+def run_until_signal(service, reload=None, notifier=None, tunnels_changed=None):
     """Run `service.serve_forever()` in this thread until SIGINT/SIGTERM; call `reload()` on
     SIGHUP and `service.dump_tunnels()` on SIGUSR1. Call it inside `signals_held()`; a daemon
     thread waits for the signals. With a SystemdNotifier, systemd hears of readiness, reloads,
-    the tunnel count and the stop.
+    the tunnel count (when `tunnels_changed`, the Event the service was built to set, is set)
+    and the stop.
 
     Returns 0 after a stop signal (clean stop), 1 if the service ended by itself (a bug).
     """
@@ -5227,7 +5280,7 @@ def run_until_signal(service, reload=None, notifier=None):
     end_notifying = None
     if notifier is not None:  # the socket is bound (and listening): new clients queue
         notifier.ready(service.status())
-        end_notifying = start_notifying(notifier, service)
+        end_notifying = start_notifying(notifier, service, tunnels_changed)
     try:
         service.serve_forever()
     except Exception:
@@ -6043,8 +6096,9 @@ def check_header_value(text, option):
                          % (option, text))
 
 
-def build_service(options):
-    """The Server or Client the options describe. Raises UsageError or FatalError."""
+def build_service(options, tunnels_changed=None):
+    """The Server, Client or ClientGroup the options describe, calling `tunnels_changed`
+    when a tunnel opens or closes. Raises UsageError or FatalError."""
     if options.mode == "server":
         tls_context = None
         if options.tls_cert:
@@ -6053,16 +6107,18 @@ def build_service(options):
                            handshake_timeout=options.handshake_timeout, tls_context=tls_context,
                            trusted_proxies=options.trusted_proxies,
                            max_clients=options.max_clients, path=options.path,
-                           routes=options.route, health_path=options.health_path)
+                           routes=options.route, health_path=options.health_path,
+                           tunnels_changed=tunnels_changed)
     if options.mode == "up":
-        return build_client_group(options)
+        return build_client_group(options, tunnels_changed)
     return Client.open(build_dialer(options), listen_port=options.listen_port,
                        forward_port=options.forward_port, idle_timeout=options.idle_timeout,
                        keepalive=options.keepalive,
-                       fallbacks=[build_dialer(options, url) for url in options.servers[1:]])
+                       fallbacks=[build_dialer(options, url) for url in options.servers[1:]],
+                       tunnels_changed=tunnels_changed)
 
 
-def build_client_group(options):
+def build_client_group(options, tunnels_changed=None):
     """up: check that wg-quick can run (unless --write-config), then a Client per ProxyEndpoint
     peer, each on a free UDP port of 127.0.0.1, its server resolved now, before WireGuard may
     route DNS into the VPN, and kept for every reconnect. Raises FatalError."""
@@ -6079,7 +6135,8 @@ def build_client_group(options):
                 url, dialer.proxy.host if dialer.proxy else url.host, describe_error(exc)))
         clients.append(Client.open(dialer, listen_port=0, forward_port=options.forward_port,
                                    idle_timeout=options.idle_timeout,
-                                   keepalive=options.keepalive))
+                                   keepalive=options.keepalive,
+                                   tunnels_changed=tunnels_changed))
     return ClientGroup(clients)
 
 
@@ -6132,7 +6189,8 @@ def build_dialer(options, url=None):
         proxy = ProxyURL(options.proxy)
     return Dialer(url, proxy=proxy, peer_ips=options.peer_ips, fwmark=options.fwmark,
                   tcp_port=options.tcp_port, user_agent=options.user_agent,
-                  connect_timeout=options.connect_timeout, tls_context=tls_context)
+                  connect_timeout=options.connect_timeout, tls_context=tls_context,
+                  ca_file=options.ca_file)
 
 
 # =============================================================================================
@@ -6175,7 +6233,8 @@ def main(argv=None, program=None):
             try:
                 if options.metrics_listen:
                     metrics = MetricsEndpoint.open(options.metrics_listen)
-                service = build_service(options)
+                tunnels_changed = threading.Event()  # for the systemd notifier's STATUS=
+                service = build_service(options, tunnels_changed.set)
                 if options.mode == "up":
                     wireguard = start_wireguard(options, service)
             except UsageError as exc:
@@ -6191,7 +6250,7 @@ def main(argv=None, program=None):
             try:
                 status = run_until_signal(service, functools.partial(reload_settings, service,
                                                                      argv, program),
-                                          SystemdNotifier.from_environment())
+                                          SystemdNotifier.from_environment(), tunnels_changed)
             finally:
                 if wireguard is not None and not wireguard.down():
                     status = 1
