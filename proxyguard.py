@@ -2,111 +2,30 @@
 """proxyguard.py: carry WireGuard's UDP over one HTTP(S) connection (ProxyGuard, UoTLV/1).
 
 One file, standard library plus `configargparse` (optional: without it, command-line options
-still work). Interoperates byte for byte with the original Go ProxyGuard.
+still work). Interoperates byte for byte with the original Go ProxyGuard. Modes: client,
+server, check, up (an eduVPN profile in, a VPN up); `main(argv)` runs them.
 
-Wire protocol (see README and the ProxyGuard technical document):
+Wire format (README; the ProxyGuard technical document):
     client -> server   GET <path> HTTP/1.1 / Host / Connection: Upgrade / Upgrade: UoTLV/1
     server -> client   HTTP/1.1 101 Switching Protocols / Connection: Upgrade / Upgrade: UoTLV/1
     then, both ways    frames of [2-byte big-endian length][one UDP datagram]
-Or, for fronts that pass no Upgrade but WebSocket (client --to ws:// or wss://; the server
-takes both on one listener, the request's Upgrade decides): an RFC 6455 handshake offering the
-subprotocol `proxyguard-udp`, then one binary message per datagram, the client's frames masked;
-pings answer the client's keepalive, a close frame ends the tunnel. The pumps see either one
-through a framing object (UoTLVFraming, WebSocketFraming): `cut` for the reader, `encode` for
-the writer; the UoTLV/1 reader never writes, the WebSocket reader answers pings and closes.
+or, through fronts that pass only WebSocket (ws://, wss://; one server listener takes both):
+RFC 6455 with the subprotocol `proxyguard-udp`, one binary message per datagram.
 
-Design
-------
-Blocking sockets and threads. Every tunnel is a `Tunnel`: a byte `Channel` (plain TCP or TLS)
-and a UDP endpoint, joined by two pumps that run in two daemon threads:
+Threads: blocking sockets. A tunnel is a Channel (TCP, plain or TLS) and a UDP endpoint joined
+by two pumps, one daemon thread each; the first to stop closes the tunnel, and the thread that
+ran it joins the other before anything is closed. The server has one accept thread and a
+thread per connection (handshake, then the TCP->UDP pump); the client one connector thread per
+peer. Signals are taken by one thread (sigwait); metrics and systemd have one thread each.
 
-    relay_udp_to_tcp   waits for UDP datagrams, drains all that are waiting, and sends them as
-                       length-prefixed frames (written in place in one buffer) in one TCP write;
-    relay_tcp_to_udp   reads the TCP stream in large chunks into one buffer, cuts whole frames
-                       out (`cut_frames`, as `FrameDecoder`), and sends each as one UDP
-                       datagram (a run of equal-sized ones in one system call: UDP GSO).
-
-The first pump to stop closes the tunnel: `Tunnel.close()` shuts the TCP socket down (waking a
-blocked recv or sendall) and wakes the UDP endpoint (a shutdown of the server's own connected
-UDP socket; a wake pipe beside the client's shared one). The thread that ran the tunnel joins
-the other pump before anything is closed, so no thread or socket outlives its tunnel, and no
-stale reader steals datagrams from the next tunnel (the original loses 1-4 datagrams after
-every reconnect that way).
-
-Time and state decide in small pure objects, which tests drive with a fake clock; the socket
-code only carries out what they say:
-    Deadline    one moment for a whole handshake: every socket call of it (TCP connect, proxy
-                CONNECT, TLS, the HTTP head) is armed with the time left, so a peer that trickles
-                bytes cannot stretch it;
-    IdleClock   the time of the last data either way: both pumps touch it; the TCP->UDP pump
-                waits in recv with the kernel's SO_RCVTIMEO and, woken early, waits again for
-                what is left, so a tunnel closes --idle-timeout after its last data;
-    Backoff     the client's reconnect waits; ServerChoice, which of its servers is next;
-    HeadReader  the request-head reader, with its size limit and TLS sniff.
-Tunnel sockets stay blocking (a Python timeout would poll before every call); sent data counts
-only once acknowledged (TCP_USER_TIMEOUT = idle timeout), and only the kernel's ETIMEDOUT means
-"path down".
-
-Server: one accept thread; per connection, a thread does the handshake (one Deadline, a
-header-size limit, every refusal raised as HandshakeError and answered in one place) and then
-becomes the tunnel's TCP->UDP pump. Each tunnel has its own connected UDP socket to WireGuard
-(TunnelUdpEndpoint), so WireGuard sees one source port per client. The load (--max-clients) is
-a count of admitted connections, kept as they are admitted and end (never summed per tunnel).
-Which WireGuard a request goes to is a RouteTable's answer (--route PATH=HOST:PORT by path,
-else --to); a GET of --health-path gets `health_answer` (a load balancer's check) instead.
-With thousands of threads, `tune_threads()` sets their stack size and the GIL's switch
-interval (see THREAD_STACK_BYTES, SWITCH_INTERVAL).
-
-Client: one UDP socket on 127.0.0.1:<listen-port> for the whole run (SharedUdpEndpoint). The
-connector waits
-until a datagram is waiting (lazy connect), connects, upgrades, runs one tunnel to its end,
-and reconnects with back-off (1, 2, 4, 8, 10, 10 ... s; never gives up). Datagrams that the
-UDP pump had read when its tunnel died wait in a small bounded queue for the next tunnel;
-datagrams that arrive while no tunnel is up wait in the UDP socket's receive buffer.
-With several --to (one peer's servers), each reconnect tries them in order from the one that
-carried the last tunnel (ServerChoice). The client's tunnels give up on data unacknowledged for
-path_down_timeout (8 RTOs, at least 2 s) instead of the idle timeout, and its dials start a
-fresh connect every CONNECT_STAGGER seconds without an answer, so a server silently gone or a
-path that comes back is noticed within seconds.
-
-up (`proxyguard.py up PROFILE.conf`): an eduVPN WireGuard profile in, a VPN up. The profile is
-read (parse_profile, pure); each [Peer] with a ProxyEndpoint gets a Client of its own on a free
-UDP port, its server resolved once at start; a ClientGroup runs them all as one service, its
-peers named by their URLs in logs (PeerLogNames), metrics, SIGUSR1 and STATUS. The profile,
-rewritten for those ports (rewrite_profile: Endpoint, ListenPort, FwMark = the tunnels' socket
-mark), goes to wg-quick from a private runtime file (WgQuick), or to --write-config for
-NetworkManager or systemd-networkd; wg-quick down at the stop.
-
-Signals: SIGINT, SIGTERM and SIGHUP are blocked from before the service starts, in every
-thread, and one thread takes them with sigwait: a signal caught by any other thread would only
-be flagged for a main thread asleep in a lock, and never acted on. SIGHUP reads the options
-again and reloads the log level and TLS files; tunnels go on. SIGUSR1 logs a line per open
-tunnel (`dump_tunnels`).
-
-Metrics (--metrics-listen): the Server and the Client each say what they count in `metrics()`,
-read when the page is asked for: the open tunnels' own counters live (each written by one pump
-thread, never locked on the hot path), plus what closed tunnels left in `TrafficTotals`.
-`render_metrics` (pure) writes the Prometheus text format; `MetricsEndpoint` serves it with
-http.server in daemon threads, started and stopped by main(argv) with the service.
-
-systemd (all optional, standard library): under Type=notify a `SystemdNotifier` (decisions on
-a clock; only its send touches NOTIFY_SOCKET) says READY=1 once the service's socket is bound,
-STATUS= when its tunnels change (the service calls `tunnels_changed`), RELOADING=1, STOPPING=1,
-and WATCHDOG=1 from one thread while `service.healthy()`. The server takes its listening socket
-from systemd when LISTEN_FDS passes one (socket activation). At start the soft open-files limit
-is raised to the hard one.
-
+Sections, in order (each banner says what lives there and what it may use):
+    constants; errors; pure protocol (frames, HTTP heads, addresses, WebSocket, profiles; no
+    I/O); policies (Deadline, IdleClock, Backoff, ServerChoice, RouteTable...; no I/O, a fake
+    clock in tests); sockets and error text; TLS; channels; UDP endpoints; tunnel pumps
+    (framing objects, Tunnel); server; client (and up: ClientGroup, WgQuick); metrics; service
+    runtime (signals, systemd); CLI; main(argv).
 Classes take their sockets and policies as arguments (`Server.open`, `Client.open` make them
 from the options), so tests run Server, Client and Tunnel in-process over socketpairs.
-
-TLS: `TLSChannel` keeps OpenSSL single-threaded per connection: an `SSLObject` over two
-`MemoryBIO`s, a lock held only for CPU work, and a second lock that keeps ciphertext in order
-on the wire (OpenSSL does not allow SSL_read and SSL_write on one SSL object from two threads;
-a shared `SSLSocket` corrupts records under load: openssl issues 20446/20622, cpython 137583).
-
-Sections, in order: constants, errors, pure protocol (no I/O), policies and the metrics text
-(no I/O), channels (plain and TLS), tunnel pumps, server, client, metrics endpoint, CLI,
-main(argv).
 """
 
 import argparse
@@ -355,11 +274,23 @@ class ProxyGuardError(Exception):
 
 
 class UsageError(ProxyGuardError):
-    """A bad option or config value: one line for the user, exit status 2."""
+    """A bad option or config value: one line for the user, exit status 2. `option`: the
+    option it is about (--to), if one; name_source adds the config line it came from.
+    `warnings`: parse_options's warnings so far, which main still shows."""
+
+    def __init__(self, message, option=None):
+        super().__init__(message)
+        self.option = option
+        self.warnings = []
 
 
 class FatalError(ProxyGuardError):
-    """A local error that makes running impossible (port taken, no permission): exit status 1."""
+    """A local error that makes running impossible (port taken, no permission): exit status 1.
+    `option`: the option it is about, if one (as UsageError's)."""
+
+    def __init__(self, message, option=None):
+        super().__init__(message)
+        self.option = option
 
 
 class HandshakeError(ProxyGuardError):
@@ -1050,21 +981,21 @@ def parse_host_port(text, option, default_host=None):
     """Parse `host:port` or `[v6]:port` into (host, port); raise UsageError naming `option`."""
     text = text.strip()
     if "://" in text:
-        raise UsageError("%s %r: expected HOST:PORT, not a URL" % (option, text))
+        raise UsageError("%s %r: expected HOST:PORT, not a URL" % (option, text), option=option)
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
         if not sep:
-            raise UsageError("%s %r: write an IPv6 address as [address]:port" % (option, text))
+            raise UsageError("%s %r: write an IPv6 address as [address]:port" % (option, text), option=option)
     else:
         host, sep, port = text.rpartition(":")
         if not sep:
             raise UsageError("%s %r: expected HOST:PORT, for example 127.0.0.1:51820"
-                             % (option, text))
+                             % (option, text), option=option)
         if ":" in host:
-            raise UsageError("%s %r: write an IPv6 address as [address]:port" % (option, text))
+            raise UsageError("%s %r: write an IPv6 address as [address]:port" % (option, text), option=option)
     if not host:
         if default_host is None:
-            raise UsageError("%s %r: the host is missing" % (option, text))
+            raise UsageError("%s %r: the host is missing" % (option, text), option=option)
         host = default_host
     return host, parse_port(port, option)
 
@@ -1077,7 +1008,7 @@ def parse_port(text, option, allow_zero=False):
         port = -1
     if not (0 if allow_zero else 1) <= port <= 65535:
         raise UsageError("%s %r: not a port number (%d-65535)"
-                         % (option, text, 0 if allow_zero else 1))
+                         % (option, text, 0 if allow_zero else 1), option=option)
     return port
 
 
@@ -1089,7 +1020,7 @@ def parse_networks(text, option):
             try:
                 networks.append(ipaddress.ip_network(item.strip(), strict=False))
             except ValueError:
-                raise UsageError("%s: %r is not an IP address or network" % (option, item))
+                raise UsageError("%s: %r is not an IP address or network" % (option, item), option=option)
     return networks
 
 
@@ -1125,10 +1056,10 @@ class ServerURL:
         text = text.strip()
         if "://" not in text:
             raise UsageError("--to %r is not a URL: write http://%s/ (or https://)"
-                             % (text, text.strip("/")))
+                             % (text, text.strip("/")), option='--to')
         if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
             # urlsplit would drop tabs and line breaks without a word
-            raise UsageError("--to %r: control characters are not allowed in a URL" % text)
+            raise UsageError("--to %r: control characters are not allowed in a URL" % text, option='--to')
         try:
             parts = urllib.parse.urlsplit(text)
             port = parts.port
@@ -1136,17 +1067,17 @@ class ServerURL:
             netloc = urllib.parse.urlsplit(text).netloc if "[" not in text else ""
             if netloc.count(":") >= 2:  # http://::1:40871/: 'Port could not be cast ...'
                 raise UsageError("--to %r: write an IPv6 address in brackets: %s"
-                                 % (text, " or ".join(bracketed_urls(text, netloc))))
-            raise UsageError("--to %r is not a valid URL: %s" % (text, exc))
+                                 % (text, " or ".join(bracketed_urls(text, netloc))), option='--to')
+            raise UsageError("--to %r is not a valid URL: %s" % (text, exc), option='--to')
         if parts.scheme not in ("http", "https", "ws", "wss"):
             raise UsageError("--to %r: the scheme must be http:// or https:// (UoTLV/1), or "
-                             "ws:// or wss:// (WebSocket), not %s://" % (text, parts.scheme))
+                             "ws:// or wss:// (WebSocket), not %s://" % (text, parts.scheme), option='--to')
         if not parts.hostname:
-            raise UsageError("--to %r: the host is missing" % text)
+            raise UsageError("--to %r: the host is missing" % text, option='--to')
         if parts.username is not None:
-            raise UsageError("--to %r: user names in the URL are not supported" % text)
+            raise UsageError("--to %r: user names in the URL are not supported" % text, option='--to')
         if port == 0:
-            raise UsageError("--to %r: port 0 is not a port to connect to (1-65535)" % text)
+            raise UsageError("--to %r: port 0 is not a port to connect to (1-65535)" % text, option='--to')
         host = parts.hostname
         # The Host header is the URL's host as written, with its port if one was written.
         host_header = parts.netloc
@@ -1154,10 +1085,10 @@ class ServerURL:
             try:
                 host = host.encode("idna").decode("ascii")
             except UnicodeError as exc:
-                raise UsageError("--to %r: not a valid host name: %s" % (text, exc))
+                raise UsageError("--to %r: not a valid host name: %s" % (text, exc), option='--to')
             host_header = host + (":%d" % port if port is not None else "")
         if " " in host_header:
-            raise UsageError("--to %r: a space in the host" % text)
+            raise UsageError("--to %r: a space in the host" % text, option='--to')
         self.text = text
         self.scheme = parts.scheme
         self.tls = parts.scheme in ("https", "wss")
@@ -1185,12 +1116,12 @@ class ProxyURL:
         try:
             port = parts.port
         except ValueError as exc:
-            raise UsageError("%s %r: %s" % (option, text, exc))
+            raise UsageError("%s %r: %s" % (option, text, exc), option=option)
         if parts.scheme != "http" or not parts.hostname:
-            raise UsageError("%s %r: expected http://[user:pass@]host:port" % (option, text))
+            raise UsageError("%s %r: expected http://[user:pass@]host:port" % (option, text), option=option)
         if port == 0:
             raise UsageError("%s %r: port 0 is not a port to connect to (1-65535)"
-                             % (option, text))
+                             % (option, text), option=option)
         self.option = option  # where it came from: --proxy, or HTTPS_PROXY / HTTP_PROXY
         self.host = parts.hostname
         self.port = port or 3128
@@ -1682,6 +1613,16 @@ def rewrite_profile(profile, ports, listen_port, fwmark):
 # socket code only carries out what they decide. Uses the sections above.
 # =============================================================================================
 
+# The policies:
+#     Deadline    one moment for a whole handshake: every socket call of it (TCP connect, proxy
+#                 CONNECT, TLS, the HTTP head) is armed with the time left, so a peer that
+#                 trickles bytes cannot stretch it;
+#     IdleClock   the time of the last data either way: both pumps touch it; the TCP->UDP pump
+#                 waits in recv with the kernel's SO_RCVTIMEO and, woken early, waits again for
+#                 what is left, so a tunnel closes --idle-timeout after its last data;
+#     Backoff     the client's reconnect waits; ServerChoice, which of its servers is next;
+#     RouteTable  which WireGuard a request's path goes to (--route, else --to).
+
 
 class Deadline:
     """One moment by which a whole multi-step operation must end (a handshake: TCP connect,
@@ -1889,7 +1830,7 @@ def parse_route(text):
     if not sep or not is_url_path(path):
         raise UsageError("--route %r: expected PATH=HOST:PORT with PATH a URL path from a / "
                          "(visible ASCII, no query), for example /proxyguard/node1=127.0.0.1:51820"
-                         % text)
+                         % text, option='--route')
     return path.rstrip("/") or "/", parse_host_port(address, "--route %s" % path)
 
 
@@ -2230,15 +2171,21 @@ def load_tls_files(context, error, cert_file=None, key_file=None, ca_file=None):
     not OpenSSL's 'PEM lib'."""
     cert_option = "--tls-cert %r" % cert_file
     key_option = "--tls-key %r" % key_file if key_file else cert_option
+    ca_option = "--ca-file %r" % ca_file
+    names = {cert_option: "--tls-cert", key_option: "--tls-key" if key_file else "--tls-cert",
+             ca_option: "--ca-file"}
+
+    def fail(option, message):  # the error, with the option's name for name_source
+        return error(message, option=names[option])
 
     def read(option, path):
         try:
             with open(path, "rb") as stream:
                 data = stream.read(MAX_PEM_FILE_BYTES + 1)
         except OSError as exc:
-            raise error("%s: %s" % (option, describe_error(exc)))
+            raise fail(option, "%s: %s" % (option, describe_error(exc)))
         if len(data) > MAX_PEM_FILE_BYTES:
-            raise error("%s: over %d MiB, not a PEM file"
+            raise fail(option, "%s: over %d MiB, not a PEM file"
                         % (option, MAX_PEM_FILE_BYTES // (1024 * 1024)))
         return data
 
@@ -2247,17 +2194,17 @@ def load_tls_files(context, error, cert_file=None, key_file=None, ca_file=None):
             return damaged(option)
         hint = " (it looks like DER: convert it with openssl x509 -inform der)" if (
             data[:1] == b"\x30") else ""
-        return error("%s: no PEM %s in the file%s" % (option, what, hint))
+        return fail(option, "%s: no PEM %s in the file%s" % (option, what, hint))
 
     def damaged(option):  # OpenSSL only says 'PEM lib' or 'no start line'
-        return error("%s: a certificate in the file is damaged (cut short, or not valid "
+        return fail(option, "%s: a certificate in the file is damaged (cut short, or not valid "
                      "base64 or DER)" % option)
 
     def words(exc):  # '[X509: KEY_VALUES_MISMATCH] key values mismatch (_ssl.c:3926)'
         return re.sub(r"^\[[^]]*\] | \(_ssl\.c:\d+\)$", "", str(exc))
 
     if ca_file:
-        option = "--ca-file %r" % ca_file
+        option = ca_option
         data = read(option, ca_file)
         if not _PEM_ANY_CERTIFICATE.search(data):
             raise no_certificate(option, data, "CA certificate")
@@ -2266,7 +2213,7 @@ def load_tls_files(context, error, cert_file=None, key_file=None, ca_file=None):
         except ssl.SSLError:
             raise damaged(option)
         except OSError as exc:  # the file went away under us
-            raise error("%s: %s" % (option, describe_error(exc)))
+            raise fail(option, "%s: %s" % (option, describe_error(exc)))
     if not cert_file:
         return
     data = read(cert_option, cert_file)
@@ -2280,9 +2227,9 @@ def load_tls_files(context, error, cert_file=None, key_file=None, ca_file=None):
         raise damaged(cert_option)
     key_data = read(key_option, key_file) if key_file else data
     if not _PEM_PRIVATE_KEY.search(key_data):
-        raise error("%s: no private key in the file%s" % (key_option, "" if key_file else
+        raise fail(key_option, "%s: no private key in the file%s" % (key_option, "" if key_file else
                     " (give the key with --tls-key)"))
-    encrypted = error("%s: the private key is encrypted; give it without a passphrase "
+    encrypted = fail(key_option, "%s: the private key is encrypted; give it without a passphrase "
                       "(openssl pkey -in KEY -out PLAIN_KEY)" % key_option)
     if _PEM_ENCRYPTED_KEY.search(key_data):
         raise encrypted
@@ -2294,14 +2241,14 @@ def load_tls_files(context, error, cert_file=None, key_file=None, ca_file=None):
         context.load_cert_chain(cert_file, key_file, password=no_passphrase)
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
-            raise error("%s does not match the certificate in %s" % (key_option, cert_option))
+            raise fail(key_option, "%s does not match the certificate in %s" % (key_option, cert_option))
         if exc.reason in ("EE_KEY_TOO_SMALL", "CA_KEY_TOO_SMALL", "CA_MD_TOO_WEAK"):
-            raise error("%s: OpenSSL refuses it as too weak (%s): use RSA 2048 or more, or "
+            raise fail(cert_option, "%s: OpenSSL refuses it as too weak (%s): use RSA 2048 or more, or "
                         "EC, signed with SHA-256" % (cert_option, words(exc)))
-        raise error("%s: cannot load the private key (%s)" % (key_option, words(exc) if (
+        raise fail(key_option, "%s: cannot load the private key (%s)" % (key_option, words(exc) if (
             exc.reason) else "damaged, or in a format OpenSSL cannot read"))
     except OSError as exc:  # a file went away under us
-        raise error("%s / %s: %s" % (cert_option, key_option, describe_error(exc)))
+        raise fail(cert_option, "%s / %s: %s" % (cert_option, key_option, describe_error(exc)))
 
 
 def client_tls_context(ca_file=None, min_version="1.3"):
@@ -2398,6 +2345,19 @@ def describe_tls(channel):
 # of an HTTP head or body from a channel. Uses sockets, TLS and the pure protocol.
 # =============================================================================================
 
+# TLS with two threads on one connection: OpenSSL does not allow SSL_read and SSL_write on one
+# SSL object from two threads at once (openssl issues 20446, 20622: "by design"), TLS 1.3 makes
+# reads write and writes read (session tickets, KeyUpdate), and CPython does not serialize them
+# (a lock added in 3.13.6 deadlocked and was removed: cpython issues 137583, 143756). A shared
+# SSLSocket, read by one pump and written by the other, corrupted records here (5 of 30
+# connections died with DECRYPTION_FAILED_OR_BAD_RECORD_MAC; a test shows it with
+# PROXYGUARD_TEST_NAIVE_TLS=1). So `TLSChannel` keeps OpenSSL single-threaded per connection: an
+# SSLObject over two MemoryBIOs (as urllib3's SSLTransport and trio's SSLStream), the handshake
+# done before the pumps start, a lock held only for CPU work (never across recv or sendall),
+# and a second lock that keeps ciphertext in order on the wire; a reader that must write (a
+# KeyUpdate answer) never blocks behind a writer stuck in sendall. Teardown: never close a
+# socket another thread is blocked on: shut it down, join, then close.
+
 
 class PlainChannel:
     """A plain TCP connection as a byte stream.
@@ -2455,7 +2415,7 @@ class TLSChannel(PlainChannel):
 
     An `SSLObject` over two MemoryBIOs; `_tls_lock` guards the SSLObject and both BIOs and is
     held only for CPU work, never across a blocking socket call; `_send_lock` keeps ciphertext
-    in order on the wire (tls-and-threads.md). The deadline arms every socket call, the TLS
+    in order on the wire (see this section's opening). The deadline arms every socket call, the TLS
     handshake's included, as in PlainChannel.
     """
 
@@ -2742,6 +2702,46 @@ class UdpEndpoint:
             self.refused = True
             log.warning("%s", self.refused_message())
 
+    def send_datagrams(self, datagrams):
+        """Send each datagram to WireGuard; a run of one size goes in one system call (GSO).
+        Returns (datagrams sent, their bytes, the sizes of those dropped as too big for one
+        UDP datagram, or None): the tunnel adds them up."""
+        count = len(datagrams)
+        sent = sent_bytes = 0
+        too_big = None
+        i = 0
+        while i < count:
+            datagram = datagrams[i]
+            size = len(datagram)
+            if count - i > 1 and size and self.gso is not False:
+                # The run: datagrams of this size, then perhaps one shorter (GSO allows it).
+                j = i + 1
+                total = size
+                stop = min(count, i + GSO_SEGMENTS)
+                while j < stop and len(datagrams[j]) == size and total + size <= GSO_BYTES:
+                    total += size
+                    j += 1
+                if j < stop and 0 < len(datagrams[j]) < size and (
+                        total + len(datagrams[j]) <= GSO_BYTES):
+                    total += len(datagrams[j])
+                    j += 1
+                if j - i > 1 and self.send_segments(datagrams[i:j]):
+                    sent += j - i
+                    sent_bytes += total
+                    i = j
+                    continue
+            i += 1
+            try:
+                self.send(datagram)
+            except OSError as exc:
+                if exc.errno != errno.EMSGSIZE:
+                    raise
+                too_big = (too_big or []) + [size]  # dropped; the next goes on
+                continue
+            sent += 1
+            sent_bytes += size
+        return sent, sent_bytes, too_big
+
     def send_segments(self, datagrams):
         """Send `datagrams`, all of one size but the last, which may be shorter (at most
         GSO_SEGMENTS of them, GSO_BYTES in all), in one system call: UDP GSO, and the kernel
@@ -2972,6 +2972,26 @@ class SharedUdpEndpoint(UdpEndpoint):
 # keepalive and idle clock, and closes once. Uses channels, endpoints and policies.
 # =============================================================================================
 
+# The pumps see either transport through a framing object (UoTLVFraming, WebSocketFraming):
+# `cut` for the reader, `encode` for the writer, `answer` for what the reader must send back; the
+# UoTLV/1 reader never writes, the WebSocket reader answers pings and closes.
+#
+# Every tunnel is a `Tunnel`: a byte `Channel` (plain TCP or TLS) and a UDP endpoint, joined by
+# two pumps that run in two daemon threads:
+#     relay_udp_to_tcp   waits for UDP datagrams, drains all that are waiting, and sends them as
+#                        frames (written in place in one buffer) in one TCP write;
+#     relay_tcp_to_udp   reads the TCP stream in large chunks into one buffer, cuts whole frames
+#                        out (`cut_frames`), and has the endpoint send them (a run of
+#                        equal-sized ones in one system call: UDP GSO).
+# The first pump to stop closes the tunnel: `Tunnel.close()` shuts the TCP socket down (waking a
+# blocked recv or sendall) and wakes the UDP endpoint (a shutdown of the server's own connected
+# UDP socket; a wake pipe beside the client's shared one). The thread that ran the tunnel joins
+# the other pump before anything is closed, so no thread or socket outlives its tunnel, and no
+# stale reader steals datagrams from the next tunnel (the original loses 1-4 datagrams after
+# every reconnect that way). Tunnel sockets stay blocking (a Python timeout would poll before
+# every call); sent data counts only once acknowledged (TCP_USER_TIMEOUT = idle timeout), and
+# only the kernel's ETIMEDOUT means "path down".
+
 # A pump buffer that a burst filled beyond this gives its pages back at the next small batch,
 # at most once per TRIM_INTERVAL seconds.
 TRIM_ABOVE = 32 * 1024
@@ -3018,10 +3038,18 @@ class UoTLVFraming:
     encode(view, end)         the writer: the batch the UDP endpoint wrote in place, as
                               UoTLV frames in view[:end], in this framing, ready to send;
     encode_datagrams(list)    the client's queued datagrams, for a new tunnel;
-    control                   whether the reader may have frames of its own to send (a pong,
-                              a close, a keepalive ping) after a cut: False here, so the
-                              UoTLV/1 reader never writes;
+    payload_bytes(end, count) the datagrams' bytes in the batch encode just took;
+    datagrams(view, end)      the batch as bytes again (the failure path: kept for the next);
+    control                   whether the reader may have frames of its own to send after a
+                              cut: False here, so the UoTLV/1 reader never writes; if True:
+    answer()                  after a cut: (reply, close, reason): a frame to send back now
+                              (a pong) or None, and if the tunnel ends, the close frame to
+                              send and why it ends (else None, None);
+    ping()                    the keepalive's frame, every `keepalive` seconds;
+    close_frame(code)         the frame that ends the tunnel in order (a close code, or None);
     keepalive                 seconds between the client's pings (0: none).
+    The Tunnel sees neither a decoder nor an opcode: what to answer, and when it ends, comes
+    from here (as websockets' and h11's protocol objects say it).
     """
 
     name = PROTOCOL
@@ -3134,12 +3162,25 @@ class WebSocketFraming:
     def encode_datagrams(self, datagrams):
         return websocket_frames(datagrams, self.mask)
 
-    def frame(self, opcode, payload=b""):
-        return websocket_frame(opcode, payload, self.mask)
+    def answer(self):
+        """After a cut: the pong a ping asks for (the latest), and the peer's close (or the
+        close our refusal of its protocol error earns) with why the tunnel ends."""
+        decoder = self.decoder
+        reply = None
+        if decoder.pong is not None:
+            reply = websocket_frame(OP_PONG, decoder.pong, self.mask)
+            decoder.pong = None
+        closed = decoder.closed
+        if closed is None:
+            return reply, None, None
+        return reply, self.close_frame(closed.code), closed.reason()
+
+    def ping(self):
+        return websocket_frame(OP_PING, b"", self.mask)
 
     def close_frame(self, code):
         """The close frame for `code` (None: an empty one)."""
-        return self.frame(OP_CLOSE, b"" if code is None else close_payload(code))
+        return websocket_frame(OP_CLOSE, b"" if code is None else close_payload(code), self.mask)
 
 
 class Tunnel:
@@ -3284,6 +3325,7 @@ class Tunnel:
         view = buffer.view
         recv_into = self.channel.recv_into
         touch = self.idle.received
+        send_datagrams = self.endpoint.send_datagrams
         framing = self.framing
         cut = framing.cut
         held = 0
@@ -3294,7 +3336,11 @@ class Tunnel:
                 datagrams, pos = cut(view, end)
                 if datagrams:
                     touch()  # data only: a ping is no data for the idle timeout
-                    self._send_datagrams(datagrams)
+                    sent, sent_bytes, too_big = send_datagrams(datagrams)
+                    self.to_udp_datagrams += sent
+                    self.to_udp_bytes += sent_bytes
+                    if too_big:
+                        self._dropped_too_big(too_big)
                 if framing.control:
                     reason = self._answer_peer()
                     if reason is not None:
@@ -3320,7 +3366,7 @@ class Tunnel:
                     return "idle for %gs" % self.idle.timeout
                 due = self.keepalive.remaining()
                 if due is not None and due <= 0:
-                    self._send_own_frame(framing.frame(OP_PING))
+                    self._send_own_frame(framing.ping())
                     self.keepalive.ping_sent()
                 set_socket_timeout(self.channel.sock, socket.SO_RCVTIMEO, next_wake(
                     self.idle.remaining(), self.keepalive.remaining()))
@@ -3332,64 +3378,29 @@ class Tunnel:
     def _answer_peer(self):
         """After a WebSocket cut: answer the peer's ping, and its close (or the close our
         refusal of its protocol error earns); returns the tunnel's end reason or None."""
-        decoder = self.framing.decoder
-        if decoder.pong is not None:
-            payload, decoder.pong = decoder.pong, None
-            self._send_own_frame(self.framing.frame(OP_PONG, payload))
-        closed = decoder.closed
-        if closed is None:
+        reply, close, reason = self.framing.answer()
+        if reply is not None:
+            self._send_own_frame(reply)
+        if reason is None:
             return None
         with self._write_lock:
             self._close_sent = True
             with contextlib.suppress(OSError):  # gone already: the reason is the close
-                self.channel.sendall(self.framing.close_frame(closed.code))
-        return closed.reason()
+                self.channel.sendall(close)
+        return reason
+
+    def _dropped_too_big(self, sizes):
+        """Frames too big for one UDP datagram (65508-65535 bytes over IPv4), which the
+        endpoint dropped (the original stalls or spins at 100 % CPU there): warned once."""
+        if not self.oversized:
+            log.warning("tunnel %s: dropped a %d-byte frame: too big for one UDP datagram",
+                        self.peer, sizes[0])
+        self.oversized += len(sizes)
 
     def _send_own_frame(self, frame):
         """The reader's own frames (pong, ping) take their turn with the UDP pump's writes."""
         with self._write_lock:
             self.channel.sendall(frame)
-
-    def _send_datagrams(self, datagrams):
-        """Send each datagram to WireGuard; a run of one size goes in one system call (GSO)."""
-        endpoint = self.endpoint
-        count = len(datagrams)
-        i = 0
-        while i < count:
-            datagram = datagrams[i]
-            size = len(datagram)
-            if count - i > 1 and size and endpoint.gso is not False:
-                # The run: datagrams of this size, then perhaps one shorter (GSO allows it).
-                j = i + 1
-                total = size
-                stop = min(count, i + GSO_SEGMENTS)
-                while j < stop and len(datagrams[j]) == size and total + size <= GSO_BYTES:
-                    total += size
-                    j += 1
-                if j < stop and 0 < len(datagrams[j]) < size and (
-                        total + len(datagrams[j]) <= GSO_BYTES):
-                    total += len(datagrams[j])
-                    j += 1
-                if j - i > 1 and endpoint.send_segments(datagrams[i:j]):
-                    self.to_udp_datagrams += j - i
-                    self.to_udp_bytes += total
-                    i = j
-                    continue
-            i += 1
-            try:
-                endpoint.send(datagram)
-            except OSError as exc:
-                if exc.errno != errno.EMSGSIZE:
-                    raise
-                # Too big for one UDP datagram (65508-65535 over IPv4): drop it, go on.
-                # The original stalls or spins at 100 % CPU here.
-                if not self.oversized:
-                    log.warning("tunnel %s: dropped a %d-byte frame: too big for one UDP "
-                                "datagram", self.peer, size)
-                self.oversized += 1
-                continue
-            self.to_udp_datagrams += 1
-            self.to_udp_bytes += size
 
     def relay_udp_to_tcp(self):
         """Wait for datagrams, and send all that are waiting as frames in one channel write."""
@@ -3427,6 +3438,14 @@ class Tunnel:
 # One accept thread; per connection a thread that does the handshake under one Deadline and
 # becomes the tunnel's TCP->UDP pump. Uses everything above.
 # =============================================================================================
+
+# A connection's thread does the handshake (one Deadline, a header-size limit, every refusal
+# raised as HandshakeError and answered in one place, `_refuse`) and then becomes the tunnel's
+# TCP->UDP pump. Each tunnel has its own connected UDP socket to WireGuard (TunnelUdpEndpoint),
+# so WireGuard sees one source port per client. The load (--max-clients) is a count of admitted
+# connections, kept as they are admitted and end (never summed per tunnel). A GET of
+# --health-path gets `health_answer` (a load balancer's check) instead of a tunnel. With
+# thousands of threads, `tune_threads()` sets their stack size and the GIL's switch interval.
 
 
 class Service:
@@ -3836,6 +3855,17 @@ class Server(Service):
 # Dialer makes one connection (proxy, TLS, upgrade) under one Deadline; Client keeps one tunnel
 # up with back-off; ClientGroup runs a Client per profile peer. Uses everything above.
 # =============================================================================================
+
+# The client has one UDP socket on 127.0.0.1:<listen-port> for the whole run
+# (SharedUdpEndpoint). The connector waits until a datagram is waiting (lazy connect), connects,
+# upgrades, runs one tunnel to its end, and reconnects with back-off (1, 2, 4, 8, 10, 10 ... s;
+# never gives up). Datagrams that the UDP pump had read when its tunnel died wait in a small
+# bounded queue for the next tunnel; those that arrive while no tunnel is up wait in the UDP
+# socket's receive buffer. With several --to (one peer's servers), each reconnect tries them in
+# order from the one that carried the last tunnel (ServerChoice). The client's tunnels give up on
+# data unacknowledged for path_down_timeout (8 RTOs, at least 2 s) instead of the idle timeout,
+# and its dials start a fresh connect every CONNECT_STAGGER seconds without an answer, so a
+# server silently gone or a path that comes back is noticed within seconds.
 
 
 class Dialer:
@@ -4496,6 +4526,13 @@ def dial_and_close(dialer):
 
 
 # --- Several peers in one process (up): a Client per ProxyEndpoint peer, and wg-quick --------
+# up (`proxyguard.py up PROFILE.conf`): the profile is read (parse_profile, pure); each [Peer]
+# with a ProxyEndpoint gets a Client of its own on a free UDP port, its server resolved once at
+# start; a ClientGroup runs them all as one service, its peers named by their URLs in logs
+# (PeerLogNames), metrics, SIGUSR1 and STATUS. The profile, rewritten for those ports
+# (rewrite_profile: Endpoint, ListenPort, FwMark = the tunnels' socket mark), goes to wg-quick
+# from a private runtime file (WgQuick), or to --write-config for NetworkManager or
+# systemd-networkd; wg-quick down at the stop.
 
 class PeerLogNames(logging.Filter):
     """Puts 'peer URL: ' before the log lines of the threads that speak for a peer (each
@@ -4699,6 +4736,11 @@ class WgQuick:
 # Histogram, Metric and render_metrics write the text exposition format 0.0.4 with no I/O;
 # MetricsEndpoint serves a service's metrics() over http.server. Uses sockets and the above.
 # =============================================================================================
+
+# The Server and the Client each say what they count in `metrics()`, read when the page is
+# asked for: the open tunnels' own counters live (each written by one pump thread, never locked
+# on the hot path), plus what closed tunnels left in `TrafficTotals`. `MetricsEndpoint` is
+# started and stopped by main(argv) with the service.
 
 
 class Histogram:
@@ -5008,6 +5050,18 @@ class MetricsEndpoint:
 # What runs a built service in a process: signals taken by one thread, sd_notify, LISTEN_FDS,
 # the open-files limit and the threads' stacks. Uses the services through their contract.
 # =============================================================================================
+
+# Signals: SIGINT, SIGTERM and SIGHUP are blocked from before the service starts, in every
+# thread, and one thread takes them with sigwait: a signal caught by any other thread would only
+# be flagged for a main thread asleep in a lock, and never acted on. SIGHUP reads the options
+# again and reloads the log level and TLS files; tunnels go on. SIGUSR1 logs a line per open
+# tunnel (`dump_tunnels`).
+# systemd (all optional, standard library): under Type=notify a `SystemdNotifier` (decisions on
+# a clock; only its send touches NOTIFY_SOCKET) says READY=1 once the service's socket is bound,
+# STATUS= when its tunnels change (the service calls the `tunnels_changed` it was built with),
+# RELOADING=1, STOPPING=1, and WATCHDOG=1 from one thread while `service.healthy()`. The server
+# takes its listening socket from systemd when LISTEN_FDS passes one (socket activation). At
+# start the soft open-files limit is raised to the hard one.
 
 # SIGINT and SIGTERM stop the service; SIGHUP reloads what can change while tunnels run;
 # SIGUSR1 logs a line per open tunnel.
@@ -5864,9 +5918,9 @@ def explain_parse_error(message, names, sources):
 def name_source(exc, options):
     """A check's UsageError naming --option, prefixed with the config file line or variable
     the option came from, if it came from one."""
-    found = re.match(r"--([\w-]+)", str(exc))
-    source = getattr(options, "sources", {}).get(found.group(1).replace("-", "_")) \
-        if found else None
+    option = exc.option.split()[0] if exc.option and exc.option.startswith("--") else None
+    source = getattr(options, "sources", {}).get(option[2:].replace("-", "_")) \
+        if option else None
     return "%s: %s" % (source, exc) if source else str(exc)
 
 
@@ -5954,12 +6008,12 @@ def check_options(options):
     """Mode-dependent checks and conversions; raises UsageError naming the option."""
     if options.mode is None:
         raise UsageError("--mode is required: client, server, check or up (or 'mode = client' "
-                         "in the config file)")
+                         "in the config file)", option='--mode')
     for name, (low, high, words) in TIMEOUT_BOUNDS.items():
         value = getattr(options, name)  # inf and nan fail both comparisons
         if not (low <= value <= high or (value == 0 and name in ("idle_timeout", "keepalive"))):
             shown = repr(value)[:-2] if repr(value).endswith(".0") else repr(value)
-            raise UsageError("--%s %s: must be %s" % (name.replace("_", "-"), shown, words))
+            raise UsageError("--%s %s: must be %s" % (name.replace("_", "-"), shown, words), option="--" + name.replace('_', '-'))
     if options.metrics_listen:  # an empty host takes every interface, as --listen's does
         options.metrics_listen = parse_host_port(options.metrics_listen, "--metrics-listen",
                                                  default_host="0.0.0.0")
@@ -5971,37 +6025,38 @@ def check_options(options):
         if options.to and len(options.to) > 1:
             raise UsageError("--to given %d times (%s): the server forwards to one WireGuard "
                              "HOST:PORT (several nodes: --route PATH=HOST:PORT)"
-                             % (len(options.to), ", ".join(options.to)))
+                             % (len(options.to), ", ".join(options.to)), option='--to')
         to = options.to[0] if options.to else DEFAULT_SERVER_TO
         if "://" in to:
             raise UsageError("--to %r: the server's --to is WireGuard's HOST:PORT, for example "
-                             "%s, not a URL (a URL is the client's --to)" % (to, DEFAULT_SERVER_TO))
-        # With --route, only a --to given (not its default) serves the other paths.
-        options.to = parse_host_port(to, "--to") if options.to or not options.route else None
-        if options.route and options.to is None and options.path is not None:
+                             "%s, not a URL (a URL is the client's --to)" % (to, DEFAULT_SERVER_TO), option='--to')
+        # With --route, only a --to given (not its default) serves the other paths. --to stays
+        # the strings given; `wireguard` is its parsed (host, port), or None.
+        options.wireguard = parse_host_port(to, "--to") if options.to or not options.route \
+            else None
+        if options.route and options.wireguard is None and options.path is not None:
             raise UsageError("--path %r: with --route and no --to there is nothing for --path "
-                             "to limit (give --to, or make it a --route)" % options.path)
+                             "to limit (give --to, or make it a --route)" % options.path, option='--path')
         options.trusted_proxies = parse_networks(options.trusted_proxies, "--trusted-proxies")
         if not 0 <= options.max_clients <= MAX_CLIENTS_BOUND:
             raise UsageError("--max-clients %r: must be 0 (no limit) or up to %d"
-                             % (options.max_clients, MAX_CLIENTS_BOUND))
+                             % (options.max_clients, MAX_CLIENTS_BOUND), option='--max-clients')
         if bool(options.tls_cert) != bool(options.tls_key):
-            raise UsageError("--tls-cert and --tls-key go together")
+            raise UsageError("--tls-cert and --tls-key go together", option='--tls-cert')
         if options.health_path is not None and not is_url_path(options.health_path):
             raise UsageError("--health-path %r: must be a URL path such as /proxyguard-health "
-                             "(visible ASCII from a /, no query)" % options.health_path)
+                             "(visible ASCII from a /, no query)" % options.health_path, option='--health-path')
         if options.path is not None and not is_url_path(options.path):
             raise UsageError("--path %r: must be a URL path such as /proxyguard (visible ASCII "
-                             "from a /, no query)" % options.path)
+                             "from a /, no query)" % options.path, option='--path')
         return
     if options.mode == "up":
         read_up_profile(options)
     elif not options.to:
         raise UsageError("--to is required for the %s: the server's URL, for example "
-                         "https://vpn.example.org/proxyguard" % options.mode)
-    else:  # several --to: one peer's servers, in the order tried (issue 15); `to` the first
-        options.servers = [ServerURL(url) for url in options.to]
-        options.to = options.servers[0]
+                         "https://vpn.example.org/proxyguard" % options.mode, option='--to')
+    else:  # several --to: one peer's servers, in the order tried (issue 15); --to stays
+        options.servers = [ServerURL(url) for url in options.to]  # the strings given
     options.listen_port = parse_port(options.listen_port, "--listen-port")
     options.forward_port = parse_port(options.forward_port, "--forward-port")
     options.tcp_port = parse_port(options.tcp_port, "--tcp-port", allow_zero=True)
@@ -6009,20 +6064,20 @@ def check_options(options):
         raise UsageError("--listen-port %d and --forward-port %d are one port: the client would "
                          "send WireGuard's traffic back to itself (--listen-port is WireGuard's "
                          "Endpoint, --forward-port its ListenPort)"
-                         % (options.listen_port, options.forward_port))
+                         % (options.listen_port, options.forward_port), option='--listen-port')
     if not (options.fwmark == -1 or 0 <= options.fwmark <= MAX_FWMARK):
         raise UsageError("--fwmark %r: must be -1 (off) or 0 to %d (0x%x)"
-                         % (options.fwmark, MAX_FWMARK, MAX_FWMARK))
+                         % (options.fwmark, MAX_FWMARK, MAX_FWMARK), option='--fwmark')
     check_header_value(options.user_agent, "--user-agent")
     ips = [ip.strip() for ip in options.peer_ips.split(",") if ip.strip()]
     for ip in ips:
         try:  # strict: getaddrinfo would read 1.2.3 as 1.2.0.3
             ipaddress.ip_address(ip)
         except ValueError:
-            raise UsageError("--peer-ips: %r is not an IP address" % ip)
+            raise UsageError("--peer-ips: %r is not an IP address" % ip, option='--peer-ips')
     if ips and len(options.servers) > 1:
         raise UsageError("--peer-ips names one server's addresses: with several --to, write "
-                         "each server's address in its URL")
+                         "each server's address in its URL", option='--peer-ips')
     options.peer_ips = ips
 
 
@@ -6076,7 +6131,7 @@ def check_routes(values):
             path, target = parse_route(item)
             if path in seen:
                 raise UsageError("--route %r: the path %s has a route already (%r)"
-                                 % (item.strip(), path, seen[path]))
+                                 % (item.strip(), path, seen[path]), option='--route')
             seen[path] = item.strip()
             routes.append((path, target))
     return routes
@@ -6088,12 +6143,12 @@ def check_header_value(text, option):
     bad = next((ch for ch in text if ord(ch) < 32 or 127 <= ord(ch) < 160), None)
     if bad is not None:
         raise UsageError("%s %r: control character %r not allowed in an HTTP header"
-                         % (option, text, bad))
+                         % (option, text, bad), option=option)
     try:
         text.encode("latin-1")
     except UnicodeEncodeError:
         raise UsageError("%s %r: only ASCII or latin-1 characters can go into an HTTP header"
-                         % (option, text))
+                         % (option, text), option=option)
 
 
 def build_service(options, tunnels_changed=None):
@@ -6103,7 +6158,7 @@ def build_service(options, tunnels_changed=None):
         tls_context = None
         if options.tls_cert:
             tls_context = server_tls_context(options.tls_cert, options.tls_key)
-        return Server.open(options.listen, options.to, idle_timeout=options.idle_timeout,
+        return Server.open(options.listen, options.wireguard, idle_timeout=options.idle_timeout,
                            handshake_timeout=options.handshake_timeout, tls_context=tls_context,
                            trusted_proxies=options.trusted_proxies,
                            max_clients=options.max_clients, path=options.path,
@@ -6177,7 +6232,7 @@ def start_wireguard(options, group):
 def build_dialer(options, url=None):
     """The client's (or check's) Dialer for `url` (default: the first --to). Raises
     UsageError."""
-    url = url or options.to
+    url = url or options.servers[0]
     tls_context = None
     if url.tls:
         tls_context = client_tls_context(options.ca_file, options.tls_min_version)
@@ -6206,7 +6261,7 @@ def main(argv=None, program=None):
     try:
         options = parse_options(argv, program=program)
     except UsageError as exc:
-        for warning in getattr(exc, "warnings", ()):  # a misspelt variable may be the cause
+        for warning in exc.warnings:  # a misspelt variable may be the cause
             print("%s: warning: %s" % (name, warning), file=sys.stderr)
         print("%s: error: %s (see --help)" % (name, exc), file=sys.stderr)
         return 2

@@ -32,7 +32,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from http import HTTPStatus
 from urllib.parse import quote
 
@@ -59,13 +58,14 @@ LOOPBACK = "127.0.0.1"
 
 pytestmark = pytest.mark.timeout(60)
 
-# The `slow` marker: real servers (the WireGuard bed, Apache, nginx, HAProxy, Squid, Caddy,
-# tinyproxy), the corpus, floods and other long tests. `python3 -m pytest -q -m "not slow"
-# proxyguard_test.py` runs the rest in under a minute; without -m everything runs. A test module cannot register a
-# marker (only conftest.py, an ini file or a plugin can, and this repository has none by
-# design); -m selects on unregistered markers all the same, so only pytest's "unknown mark"
-# warning for this one is silenced here. (Hence no --strict-markers.)
-warnings.filterwarnings("ignore", r"Unknown pytest\.mark\.slow\b", pytest.PytestUnknownMarkWarning)
+# What a time bound allows beyond what the code promises (thread wake-ups and scheduling on a
+# loaded 2-core machine), in seconds: one figure for every test that bounds a duration, as
+# `promise + TIME_TOLERANCE` or, for "at once", `< TIME_TOLERANCE`.
+TIME_TOLERANCE = 1.5
+
+# The `slow` marker (registered in pyproject.toml): real servers, the corpus, floods and other
+# long tests. `python3 -m pytest -q -m "not slow" proxyguard_test.py` runs the rest in under a
+# minute; without -m everything runs.
 
 
 def _end_session_on_sigterm(signum, frame):
@@ -1395,7 +1395,6 @@ def tls_client_hello():
 # (a 517-byte ClientHello: 26 s here).
 TRICKLE_INTERVAL = 0.05
 DEADLINE = 0.5
-DEADLINE_TOLERANCE = 1.5  # thread wake-ups on a loaded 2-core machine
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
@@ -1404,7 +1403,7 @@ def test_trickled_handshake_ends_at_the_one_deadline(tls, certs):
     server = pg.Server(None, (LOOPBACK, 9), handshake_timeout=DEADLINE, tls_context=context)
     # A ClientHello, or a head that never ends
     data = tls_client_hello() if tls else UPGRADE[:-2] + b"X-Pad: " + b"a" * 200
-    assert len(data) * TRICKLE_INTERVAL > 3 * (DEADLINE + DEADLINE_TOLERANCE)
+    assert len(data) * TRICKLE_INTERVAL > 3 * (DEADLINE + TIME_TOLERANCE)
     started = time.monotonic()
     sock, thread = serve_socketpair(server)
     for byte in data:
@@ -1418,7 +1417,7 @@ def test_trickled_handshake_ends_at_the_one_deadline(tls, certs):
     thread.join(10)
     elapsed = time.monotonic() - started
     assert not thread.is_alive()
-    assert DEADLINE <= elapsed < DEADLINE + DEADLINE_TOLERANCE
+    assert DEADLINE <= elapsed < DEADLINE + TIME_TOLERANCE
     answer, _ = read_answer(sock, time.monotonic() + 2)
     if not tls:
         assert status_of(answer) == 408
@@ -1465,7 +1464,7 @@ def test_trickling_server_cannot_stretch_the_client_handshake(step):
     finally:
         done.set()
         listener.close()
-    assert DEADLINE - 0.05 <= elapsed < DEADLINE + DEADLINE_TOLERANCE
+    assert DEADLINE - 0.05 <= elapsed < DEADLINE + TIME_TOLERANCE
 
 
 def blackhole_listeners(count):
@@ -1507,7 +1506,7 @@ def test_connect_timeout_bounds_all_addresses_together():
             sock.close()
     assert "127.0.0.1" in str(caught.value) and "127.0.0.2" in str(caught.value)
     # Each address got its share, not the whole 2 s each (4 s): wide of both for a slow CI.
-    assert 1.9 <= elapsed < 3.2
+    assert 1.9 <= elapsed < 2 + TIME_TOLERANCE
 
 
 @pytest.mark.slow  # waits out a 2 s timeout
@@ -1738,7 +1737,7 @@ def test_client_honours_retry_after_of_a_full_server(caplog):
             assert answered.wait(5)
             wait_until(lambda: "next attempt in 3s" in caplog.text, 5, "a 3 s wait logged")
             stopped = time.monotonic()
-        assert time.monotonic() - stopped < 1.0  # stop() ended the 3 s wait at once
+        assert time.monotonic() - stopped < TIME_TOLERANCE  # stop() ended the 3 s wait at once
     listener.close()
 
 
@@ -2137,15 +2136,15 @@ def test_precedence_command_line_then_config_file_then_environment(tmp_path):
            "PROXYGUARD_FORWARD_PORT": "3333", "PROXYGUARD_IDLE_TIMEOUT": "7"}
     options = pg.parse_options(["-c", str(conf)], environ=env)
     assert options.mode == "client"
-    assert options.to.host == "file.example"      # file beats environment
+    assert options.servers[0].host == "file.example"      # file beats environment
     assert options.listen_port == 1111
     assert options.forward_port == 3333           # environment beats default
     assert options.idle_timeout == 7.0
     options = pg.parse_options(["-c", str(conf), "--listen-port", "4444", "--to",
                                 "http://cli.example/"], environ=env)
-    assert (options.listen_port, options.to.host) == (4444, "cli.example")
+    assert (options.listen_port, options.servers[0].host) == (4444, "cli.example")
     options = pg.parse_options(["server"], environ={"PROXYGUARD_LISTEN": "[::]:443"})
-    assert options.listen == ("::", 443) and options.to == ("127.0.0.1", 51820)
+    assert options.listen == ("::", 443) and options.wireguard == ("127.0.0.1", 51820)
 
 
 def test_config_file_alone_runs_a_client(tmp_path, echo, procs):
@@ -2164,7 +2163,7 @@ def test_config_file_alone_runs_a_client(tmp_path, echo, procs):
 
 def test_example_config_file_is_valid():
     options = pg.parse_options(["-c", os.path.join(HERE, "proxyguard.conf.example")], environ={})
-    assert options.mode == "client" and options.to.host == "vpn.example.org"
+    assert options.mode == "client" and options.servers[0].host == "vpn.example.org"
 
 
 @pytest.mark.parametrize("args,text", [
@@ -2342,7 +2341,7 @@ def test_sigterm_at_start_always_ends_with_status_0_within_a_second(mode, tmp_pa
             slowest = max(slowest, time.monotonic() - signalled)
         finally:
             proc.kill()
-    assert slowest < 1.0, "the slowest stop took %.2fs" % slowest
+    assert slowest < TIME_TOLERANCE, "the slowest stop took %.2fs" % slowest
 
 
 def accepts(port):
@@ -8084,6 +8083,8 @@ def test_example_configs_set_only_defaults_beyond_mode_and_url(mode):
     names = pg.settable_options(pg.build_parser())
     for key in active_config_lines(EXAMPLE_CONFIGS[mode]):
         dest = names[key].dest
+        if dest == "to" and mode == "server":  # the file's is the default: compare its meaning
+            dest = "wireguard"
         assert str(getattr(from_file, dest)) == str(getattr(defaults, dest)), key
 
 
@@ -8197,15 +8198,15 @@ def test_readme_deployment_end_to_end_fits_together():
     commands = {words[0]: words for words in readme_commands(section)}
     server = pg.parse_options(commands["server"], environ={})
     client = pg.parse_options(commands["client"], environ={})
-    assert int(value(server_conf, "ListenPort")) == server.to[1]
+    assert int(value(server_conf, "ListenPort")) == server.wireguard[1]
     assert value(client_conf, "Endpoint") == "127.0.0.1:%d" % client.listen_port
     assert int(value(client_conf, "ListenPort")) == client.forward_port
     assert value(server_conf, "AllowedIPs") == value(client_conf, "Address")
     assert client.fwmark == int(value(client_conf, "ListenPort"))  # wg-quick's FwMark
     location, = readme_blocks(section, "nginx")
-    assert re.search(r"^location %s \{" % re.escape(client.to.target), location, re.M), location
+    assert re.search(r"^location %s \{" % re.escape(client.servers[0].target), location, re.M), location
     assert "proxy_pass http://%s:%d;" % server.listen in location
-    assert commands["check"][1:] == ["--to", str(client.to)]
+    assert commands["check"][1:] == ["--to", str(client.servers[0])]
 
 
 def test_readme_nginx_configurations_pass_the_real_client():
@@ -8805,7 +8806,7 @@ def test_metrics_listener_serves_8_at_once_and_a_scrape_gets_through_a_flood(tmp
         started = time.monotonic()
         status, _, body = scrape(metrics_port)
         assert status == 503 and "busy" in body, (status, body)
-        assert time.monotonic() - started < 1.0  # at once, not after a slot frees
+        assert time.monotonic() - started < TIME_TOLERANCE  # at once, not after a slot frees
         assert proc_stats(pid)["threads"] <= before["threads"] + pg.METRICS_CONNECTIONS
     finally:
         for sock in idle:
@@ -9083,18 +9084,18 @@ def test_route_options_from_command_line_file_and_environment(tmp_path):
     parse = pg.parse_options
     options = parse(["server", "--route", "/a/=127.0.0.1:1", "--route", "/b=[::1]:2"], {})
     assert options.route == [("/a", ("127.0.0.1", 1)), ("/b", ("::1", 2))]
-    assert options.to is None, "with --route, --to's default serves nothing"
+    assert options.wireguard is None, "with --route, --to's default serves nothing"
     options = parse(["server", "--route", "/a=127.0.0.1:1"], {"PROXYGUARD_TO": "127.0.0.1:7"})
-    assert options.to == ("127.0.0.1", 7), "a --to from the environment is explicit"
+    assert options.wireguard == ("127.0.0.1", 7), "a --to from the environment is explicit"
     config = tmp_path / "server.conf"
     config.write_text("mode = server\nroute = [/a=127.0.0.1:1, /b=127.0.0.1:2]\n"
                       "to = 127.0.0.1:9\n")
     options = parse(["-c", str(config)], {})
     assert options.route == [("/a", ("127.0.0.1", 1)), ("/b", ("127.0.0.1", 2))]
-    assert options.to == ("127.0.0.1", 9)
+    assert options.wireguard == ("127.0.0.1", 9)
     options = parse(["server"], {"PROXYGUARD_ROUTE": "/a=127.0.0.1:1,/b=127.0.0.1:2"})
-    assert [path for path, _ in options.route] == ["/a", "/b"] and options.to is None
-    assert parse(["server"], {}).to == ("127.0.0.1", 51820), "no --route: --to as before"
+    assert [path for path, _ in options.route] == ["/a", "/b"] and options.wireguard is None
+    assert parse(["server"], {}).wireguard == ("127.0.0.1", 51820), "no --route: --to as before"
 
 
 @pytest.mark.parametrize("args,words", [
@@ -9207,7 +9208,7 @@ def test_the_originals_single_dash_flags_are_translated_to_ours(argv, want):
 def test_the_originals_flags_work_and_stay_out_of_help():
     options = pg.parse_options(["-listen", "127.0.0.1:8", "-to=127.0.0.1:9"], {},
                                program="/usr/local/bin/proxyguard-server")
-    assert (options.mode, options.listen, options.to) == ("server", ("127.0.0.1", 8),
+    assert (options.mode, options.listen, options.wireguard) == ("server", ("127.0.0.1", 8),
                                                           ("127.0.0.1", 9))
     options = pg.parse_options(["-to", "https://vpn.example.org/proxyguard/", "-listen-port",
                                 "51821", "-forward-port=51820", "-peer-ips",
@@ -9682,7 +9683,7 @@ def test_server_choice_with_one_server_is_the_back_off_of_before():
 def test_to_may_be_given_several_times_for_the_client(tmp_path):
     urls = ["http://a.example/pg", "https://b.example/pg"]
     options = pg.parse_options(["client", "--to", urls[0], "--to", urls[1]], environ={})
-    assert [str(url) for url in options.servers] == urls and options.to.host == "a.example"
+    assert [str(url) for url in options.servers] == urls and options.servers[0].host == "a.example"
     conf = tmp_path / "client.conf"
     conf.write_text("mode = client\nto = [%s, %s]\n" % tuple(urls))
     options = pg.parse_options(["-c", str(conf)], environ={})
