@@ -58,7 +58,7 @@ except ImportError:  # a router without pip: command-line options still work
 # (python3-openssl), and a plain http:// router must run without it (issue 17).
 ssl = None
 
-try:  # POSIX only: the open-files limit (raise_open_files_limit)
+try:  # POSIX only: the open-files limit (_raise_open_files_limit)
     import resource
 except ImportError:
     resource = None
@@ -275,7 +275,7 @@ class ProxyGuardError(Exception):
 
 class UsageError(ProxyGuardError):
     """A bad option or config value: one line for the user, exit status 2. `option`: the
-    option it is about (--to), if one; name_source adds the config line it came from.
+    option it is about (--to), if one; _name_source adds the config line it came from.
     `warnings`: parse_options's warnings so far, which main still shows."""
 
     def __init__(self, message, option=None):
@@ -370,7 +370,7 @@ class ServerUnavailable(UpgradeRefused):
 
 # --- UoTLV/1 frames and a peer's text in our lines -------------------------------------------
 
-def frame_header(datagram):
+def _frame_header(datagram):
     """The 2-byte length prefix of `datagram`; ValueError past 65535 bytes."""
     if len(datagram) > MAX_FRAME_PAYLOAD:
         raise ValueError("datagram of %d bytes does not fit a frame" % len(datagram))
@@ -379,7 +379,7 @@ def frame_header(datagram):
 
 def encode_frame(datagram):
     """Return one UoTLV/1 frame for `datagram` (at most 65535 bytes)."""
-    return frame_header(datagram) + bytes(datagram)
+    return _frame_header(datagram) + bytes(datagram)
 
 
 def cut_frames(view, end):
@@ -432,7 +432,7 @@ def encode_frames(datagrams):
     for a datagram over 65535 bytes, as encode_frame."""
     parts = []
     for datagram in datagrams:
-        parts.append(frame_header(datagram))
+        parts.append(_frame_header(datagram))
         parts.append(datagram)
     return b"".join(parts)
 
@@ -633,7 +633,7 @@ def check_upgrade_request(request):
             routine=not request.get_all("upgrade"))
     upgrades = request.tokens("upgrade")
     if WEBSOCKET in upgrades:
-        check_websocket_request(request)
+        _check_websocket_request(request)
         return WEBSOCKET
     if PROTOCOL.lower() not in upgrades:
         raise HandshakeError(
@@ -643,7 +643,7 @@ def check_upgrade_request(request):
     return PROTOCOL
 
 
-def check_websocket_request(request):
+def _check_websocket_request(request):
     """Raise HandshakeError unless `request` is a valid opening handshake (RFC 6455 4.2.1)."""
     if request.start[2] != "HTTP/1.1":
         raise HandshakeError(400, "a WebSocket handshake needs HTTP/1.1 (RFC 6455 4.1)")
@@ -673,14 +673,14 @@ def websocket_response(request):
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def asks_upgrade(request):
+def _asks_upgrade(request):
     """True if `request` tries an upgrade (an Upgrade header, Connection: upgrade, a WebSocket
     key): a refusal of it is worth a log line, a scanner's plain GET is not."""
     return bool(request.get_all("upgrade") or "upgrade" in request.tokens("connection")
                 or request.get_all("sec-websocket-key"))
 
 
-def is_trusted(address, networks):
+def _is_trusted(address, networks):
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:  # "unknown", an obfuscated node name (RFC 7239 6.3)
@@ -706,7 +706,7 @@ def forwarded_client(request, peer_ip, trusted):
     Walks `Forwarded: for=` (or, without it, `X-Forwarded-For`) from the right, past every
     trusted proxy: the first untrusted address is the client (a client can forge the left part).
     """
-    if not is_trusted(peer_ip, trusted):
+    if not _is_trusted(peer_ip, trusted):
         return None
     chain = []
     for value in request.get_all("forwarded"):
@@ -719,7 +719,7 @@ def forwarded_client(request, peer_ip, trusted):
         for value in request.get_all("x-forwarded-for"):
             chain.extend(_forwarded_node(item) for item in value.split(",") if item.strip())
     for address in reversed(chain):
-        if not is_trusted(address, trusted):
+        if not _is_trusted(address, trusted):
             return address
     return chain[0] if chain else None
 
@@ -794,7 +794,7 @@ USE_HTTPS_HINT = "is the server https://? (use https:// in --to)"
 _UPGRADE_NOT_RECEIVED = re.compile(rb"the '(Connection|Upgrade)' header is not")
 
 
-def body_line(response, body):
+def _body_line(response, body):
     """The server's own reason in a one-line text/plain body (ours: 'the server is full ...'),
     or None: an HTML error page says nothing a log line could show."""
     content_type = response.get("content-type", "text/plain").lower()
@@ -813,10 +813,10 @@ def check_upgrade_response(response, body=b"", websocket_key=None):
     refusal's body (at most MAX_BODY_SHOWN bytes), if any came."""
     status = response.start[1]
     got = "HTTP %d %s" % (status, shown(response.start[2], 100))
-    if websocket_key is not None and check_websocket_response(response, websocket_key):
+    if websocket_key is not None and _check_websocket_response(response, websocket_key):
         return
     if status == 101:
-        check_switched(response, PROTOCOL)
+        _check_switched(response, PROTOCOL)
         return
     if status in (200, 204) or 300 <= status < 400:
         location = response.get("location")
@@ -827,11 +827,11 @@ def check_upgrade_response(response, body=b"", websocket_key=None):
     elif status == 426 and WEBSOCKET in response.tokens("upgrade"):
         cause = "the front passes WebSocket only: use ws:// or wss:// in --to"
     elif status == 426 and (PROTOCOL.lower() in response.tokens("upgrade")
-                            or _UPGRADE_NOT_RECEIVED.search(body) or is_ours(response)):
+                            or _UPGRADE_NOT_RECEIVED.search(body) or _is_ours(response)):
         # A ProxyGuard server that got no Upgrade: Apache without upgrade=UoTLV/1, Squid,
         # a cloud load balancer strip it (issue "Through any front"), and the answer's
         # Upgrade header too (hop-by-hop), but not the server's words in the body.
-        if websocket_key is not None:  # not ours (check_websocket_response saw to that)
+        if websocket_key is not None:  # not ours (_check_websocket_response saw to that)
             raise UpgradeRefused(UOTLV_ONLY)
         raise UpgradeDropped(
             "got %s instead of 101 Switching Protocols: a ProxyGuard server got the request "
@@ -843,7 +843,7 @@ def check_upgrade_response(response, body=b"", websocket_key=None):
         cause = "access denied by the server or a proxy"
     elif status in (502, 503, 504):
         retry_after = parse_retry_after(response.get("retry-after"))
-        reason = body_line(response, body) if status == 503 else None
+        reason = _body_line(response, body) if status == 503 else None
         if reason is not None:  # a full server says so itself (issue "The first ten minutes")
             cause = "the server says %r" % reason
         else:
@@ -866,18 +866,18 @@ UOTLV_ONLY = ("got HTTP 426: the server speaks %s only, not WebSocket (the origi
               "ProxyGuard?): use http:// or https:// in --to" % PROTOCOL)
 
 
-def is_ours(response):
+def _is_ours(response):
     """True for an answer of a proxyguard.py server (SERVER_MARK), not of the original."""
     return response.get(SERVER_MARK[0].lower(), "").startswith(SERVER_MARK[1].partition("/")[0])
 
 
-def dropped_websocket_cause():
+def _dropped_websocket_cause():
     return ("a proxyguard.py server, which takes WebSocket, got the request without its "
             "Upgrade header: the reverse proxy drops the Upgrade header; make it pass it ("
             + FRONT_UPGRADE_FIX + ")")
 
 
-def check_switched(response, protocol):
+def _check_switched(response, protocol):
     """Raise UpgradeRefused unless the 101 `response` switched to `protocol`, with
     Connection: Upgrade."""
     if response.tokens("upgrade") != [protocol.lower()]:
@@ -887,14 +887,14 @@ def check_switched(response, protocol):
         raise UpgradeRefused("the 101 answer lacks 'Connection: Upgrade': a broken proxy?")
 
 
-def check_websocket_response(response, key):
+def _check_websocket_response(response, key):
     """True if `response` accepts the WebSocket handshake sent with `key`; raise
     UpgradeRefused for a 101 that does not (RFC 6455 4.1), or a refusal that says only UoTLV/1
     is spoken; False for the other refusals, for check_upgrade_response to name."""
     status = response.start[1]
-    if status == 426 and is_ours(response):
+    if status == 426 and _is_ours(response):
         raise UpgradeDropped("got HTTP %d %s: %s" % (status, shown(response.start[2], 100),
-                                                     dropped_websocket_cause()), WEBSOCKET)
+                                                     _dropped_websocket_cause()), WEBSOCKET)
     if status == 426 and PROTOCOL.lower() in response.tokens("upgrade"):
         raise UpgradeRefused(UOTLV_ONLY)
     if status == 426 and response.get("sec-websocket-version"):
@@ -902,7 +902,7 @@ def check_websocket_response(response, key):
                              % (shown(response.get("sec-websocket-version")), WEBSOCKET_VERSION))
     if status != 101:
         return False
-    check_switched(response, WEBSOCKET)
+    _check_switched(response, WEBSOCKET)
     if response.get_all("sec-websocket-accept") != [websocket_accept(key)]:
         raise UpgradeRefused("the 101 answer's Sec-WebSocket-Accept does not match our key "
                              "(RFC 6455 4.1): a broken proxy?")
@@ -929,7 +929,7 @@ def parse_retry_after(value):
     return min(max(0.0, float(seconds)), MAX_RETRY_AFTER)
 
 
-def build_connect_request(authority, credentials=None, user_agent=DEFAULT_USER_AGENT):
+def _build_connect_request(authority, credentials=None, user_agent=DEFAULT_USER_AGENT):
     """The CONNECT request for an HTTP proxy; `credentials` is 'user:pass' for Basic auth."""
     lines = ["CONNECT %s HTTP/1.1" % authority, "Host: %s" % authority,
              "User-Agent: %s" % user_agent]
@@ -939,7 +939,7 @@ def build_connect_request(authority, credentials=None, user_agent=DEFAULT_USER_A
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def check_connect_response(response, sent_credentials=False):
+def _check_connect_response(response, sent_credentials=False):
     """Raise unless the proxy's answer to CONNECT is 2xx; name the cause."""
     status = response.start[1]
     if 200 <= status < 300:
@@ -972,7 +972,7 @@ def check_path(target, prefix):
         raise HandshakeError(404, "no tunnel at this path", routine=True)
 
 
-def is_url_path(text):
+def _is_url_path(text):
     """A path --path or --route can take: from a /, visible ASCII, no query."""
     return text.startswith("/") and bool(_TARGET.match(text)) and "?" not in text
 
@@ -985,22 +985,24 @@ def parse_host_port(text, option, default_host=None):
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
         if not sep:
-            raise UsageError("%s %r: write an IPv6 address as [address]:port" % (option, text), option=option)
+            raise UsageError("%s %r: write an IPv6 address as [address]:port" % (option, text),
+                             option=option)
     else:
         host, sep, port = text.rpartition(":")
         if not sep:
             raise UsageError("%s %r: expected HOST:PORT, for example 127.0.0.1:51820"
                              % (option, text), option=option)
         if ":" in host:
-            raise UsageError("%s %r: write an IPv6 address as [address]:port" % (option, text), option=option)
+            raise UsageError("%s %r: write an IPv6 address as [address]:port" % (option, text),
+                             option=option)
     if not host:
         if default_host is None:
             raise UsageError("%s %r: the host is missing" % (option, text), option=option)
         host = default_host
-    return host, parse_port(port, option)
+    return host, _parse_port(port, option)
 
 
-def parse_port(text, option, allow_zero=False):
+def _parse_port(text, option, allow_zero=False):
     """Return `text` as a port number; raise UsageError naming `option`."""
     try:
         port = int(str(text).strip())
@@ -1020,11 +1022,12 @@ def parse_networks(text, option):
             try:
                 networks.append(ipaddress.ip_network(item.strip(), strict=False))
             except ValueError:
-                raise UsageError("%s: %r is not an IP address or network" % (option, item), option=option)
+                raise UsageError("%s: %r is not an IP address or network" % (option, item),
+                                 option=option)
     return networks
 
 
-def encode_target(text):
+def _encode_target(text):
     """`text` (a URL's path and query) as a valid request target: what HTTP does not allow
     in one (spaces, controls, non-ASCII as UTF-8, `"<>\\^`{|}`, a `%` without two hex digits)
     is percent-encoded; %XX escapes and reserved characters stay as written."""
@@ -1032,7 +1035,7 @@ def encode_target(text):
     return urllib.parse.quote(text, safe="/?:@!$&'()*+,;=[]%")
 
 
-def bracketed_urls(text, netloc):
+def _bracketed_urls(text, netloc):
     """The URLs `text` (whose host:port part `netloc` has an IPv6 address without brackets)
     may mean: the last part a port ([::1]:40871), or all of it the address ([::1:8080])."""
     scheme, _, rest = text.partition("://")
@@ -1059,7 +1062,8 @@ class ServerURL:
                              % (text, text.strip("/")), option='--to')
         if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
             # urlsplit would drop tabs and line breaks without a word
-            raise UsageError("--to %r: control characters are not allowed in a URL" % text, option='--to')
+            raise UsageError("--to %r: control characters are not allowed in a URL" % text,
+                             option='--to')
         try:
             parts = urllib.parse.urlsplit(text)
             port = parts.port
@@ -1067,17 +1071,21 @@ class ServerURL:
             netloc = urllib.parse.urlsplit(text).netloc if "[" not in text else ""
             if netloc.count(":") >= 2:  # http://::1:40871/: 'Port could not be cast ...'
                 raise UsageError("--to %r: write an IPv6 address in brackets: %s"
-                                 % (text, " or ".join(bracketed_urls(text, netloc))), option='--to')
+                                 % (text, " or ".join(_bracketed_urls(text, netloc))),
+                                 option='--to')
             raise UsageError("--to %r is not a valid URL: %s" % (text, exc), option='--to')
         if parts.scheme not in ("http", "https", "ws", "wss"):
             raise UsageError("--to %r: the scheme must be http:// or https:// (UoTLV/1), or "
-                             "ws:// or wss:// (WebSocket), not %s://" % (text, parts.scheme), option='--to')
+                             "ws:// or wss:// (WebSocket), not %s://" % (text, parts.scheme),
+                             option='--to')
         if not parts.hostname:
             raise UsageError("--to %r: the host is missing" % text, option='--to')
         if parts.username is not None:
-            raise UsageError("--to %r: user names in the URL are not supported" % text, option='--to')
+            raise UsageError("--to %r: user names in the URL are not supported" % text,
+                             option='--to')
         if port == 0:
-            raise UsageError("--to %r: port 0 is not a port to connect to (1-65535)" % text, option='--to')
+            raise UsageError("--to %r: port 0 is not a port to connect to (1-65535)" % text,
+                             option='--to')
         host = parts.hostname
         # The Host header is the URL's host as written, with its port if one was written.
         host_header = parts.netloc
@@ -1097,7 +1105,7 @@ class ServerURL:
         self.host = host
         self.port = port or (443 if self.tls else 80)
         self.host_header = host_header
-        self.target = encode_target((parts.path or "/")
+        self.target = _encode_target((parts.path or "/")
                                     + ("?" + parts.query if parts.query else ""))
 
     def websocket_twin(self):
@@ -1118,7 +1126,8 @@ class ProxyURL:
         except ValueError as exc:
             raise UsageError("%s %r: %s" % (option, text, exc), option=option)
         if parts.scheme != "http" or not parts.hostname:
-            raise UsageError("%s %r: expected http://[user:pass@]host:port" % (option, text), option=option)
+            raise UsageError("%s %r: expected http://[user:pass@]host:port" % (option, text),
+                             option=option)
         if port == 0:
             raise UsageError("%s %r: port 0 is not a port to connect to (1-65535)"
                              % (option, text), option=option)
@@ -1197,7 +1206,7 @@ def mask_payload(data, key):
     return masked.to_bytes(words << 2, "little")[:size]
 
 
-def frame_head(first, size, masked):
+def _frame_head(first, size, masked):
     """A frame's first bytes (RFC 6455 5.2): `first` (FIN, opcode), then the mask bit and
     `size` (at most MAX_FRAME_PAYLOAD: all this program sends) in the fewest bytes."""
     second = 0x80 if masked else 0
@@ -1206,7 +1215,7 @@ def frame_head(first, size, masked):
     return _LENGTH_16.pack(first, second | 126, size)
 
 
-def mask_spans(data, spans, start):
+def _mask_spans(data, spans, start):
     """`data[start:stop]`, stop the end of the last span, with each span (start, stop, 4-byte
     key; in order, from `start` on) XORed with its key repeated (RFC 6455 5.3; masking and
     unmasking are the one XOR), as bytes: all in one big-int XOR, where what lies between the
@@ -1223,7 +1232,7 @@ def mask_spans(data, spans, start):
             ^ int.from_bytes(b"".join(masks), "little")).to_bytes(pos - start, "little")
 
 
-def mask_in_place(view, spans, xor=None):
+def _mask_in_place(view, spans, xor=None):
     """XOR each span (start, stop, 4-byte key; in order) of the writable `view` with its key
     repeated, in place (RFC 6455 5.3: masking and unmasking are the one XOR). `xor` is the
     accelerator (mask_accelerator), one C call per span; without it, one big-int XOR for all
@@ -1236,7 +1245,7 @@ def mask_in_place(view, spans, xor=None):
     if len(spans) == 1:
         view[first:last] = mask_payload(view[first:last], int.from_bytes(spans[0][2], "little"))
     else:
-        view[first:last] = mask_spans(view, spans, first)
+        view[first:last] = _mask_spans(view, spans, first)
 
 
 # The optional accelerator: websockets' C apply_mask(data, key) -> bytes (pip install
@@ -1280,7 +1289,7 @@ def mask_accelerator():
 def websocket_frame(opcode, payload=b"", mask=False):
     """One final frame of `opcode` carrying `payload`; masked with a fresh random key when
     `mask` (the client's frames, RFC 6455 5.1)."""
-    header = frame_head(0x80 | opcode, len(payload), mask)
+    header = _frame_head(0x80 | opcode, len(payload), mask)
     if not mask:
         return header + bytes(payload)
     key = os.urandom(4)
@@ -1295,12 +1304,12 @@ def close_payload(code, reason=""):
 def websocket_frames(datagrams, mask):
     """One binary message per datagram, joined for one TCP write. The client's are masked,
     each with a fresh key (RFC 6455 5.3): keys for several at once, then one XOR for all
-    (mask_spans)."""
+    (_mask_spans)."""
     final_binary = 0x80 | OP_BINARY
     if not mask:
         parts = []
         for datagram in datagrams:
-            parts.append(frame_head(final_binary, len(datagram), False))
+            parts.append(_frame_head(final_binary, len(datagram), False))
             parts.append(datagram)
         return b"".join(parts)
     if len(datagrams) == 1:  # a lone one (no load): mask_payload beats a mask's bytes, 1 us
@@ -1311,13 +1320,13 @@ def websocket_frames(datagrams, mask):
     for index, datagram in enumerate(datagrams):
         size = len(datagram)
         key = keys[4 * index:4 * index + 4]
-        head = frame_head(final_binary, size, True) + key
+        head = _frame_head(final_binary, size, True) + key
         parts.append(head)
         parts.append(datagram)
         pos += len(head)
         spans.append((pos, pos + size, key))
         pos += size
-    return mask_spans(b"".join(parts), spans, 0) if spans else b""
+    return _mask_spans(b"".join(parts), spans, 0) if spans else b""
 
 
 class WebSocketClosed(ProxyGuardError):
@@ -1344,7 +1353,7 @@ class WebSocketDecoder:
     `cut(view, end)` works as cut_frames: it returns the datagrams of the messages completed in
     `view[:end]` and where the first incomplete frame begins. The datagrams of whole messages
     are slices of `view`, unmasked in place (`view` must be writable): all of a cut's in one
-    XOR (mask_spans); those of fragmented messages are bytes, and so are masked ones when
+    XOR (_mask_spans); those of fragmented messages are bytes, and so are masked ones when
     `xor` (mask_accelerator) unmasks them. Then `pong` holds the
     payload of the last ping not yet answered (None: none; RFC 6455 5.5.3 allows answering the
     last only), and `closed` a WebSocketClosed once the peer closed or broke the protocol
@@ -1358,7 +1367,7 @@ class WebSocketDecoder:
 
     def __init__(self, masked, xor=None):
         self.masked = masked
-        self.xor = xor  # the masking accelerator (mask_in_place), or None
+        self.xor = xor  # the masking accelerator (_mask_in_place), or None
         self.pong = None
         self.closed = None
         self._message = None  # the fragments of a message so far (bytearray), or None
@@ -1422,7 +1431,7 @@ class WebSocketDecoder:
             else:
                 self._control(opcode, bytes(payload))
         if spans:  # masked datagrams without the accelerator
-            mask_in_place(view, spans)
+            _mask_in_place(view, spans)
         return datagrams, pos
 
     def _check(self, first, masked, size):
@@ -1458,13 +1467,13 @@ class WebSocketDecoder:
         if opcode == OP_PING:
             self.pong = payload
         elif opcode == OP_CLOSE:
-            self.closed = parse_close(payload)
+            self.closed = _parse_close(payload)
 
 
         # A pong needs nothing: the keepalive only wants traffic.
 
 
-def parse_close(payload):
+def _parse_close(payload):
     """The WebSocketClosed for a close frame's body (RFC 6455 5.5.1, 7.4)."""
     if not payload:
         return WebSocketClosed(None, "WebSocket close without a code", by_peer=True)
@@ -1823,11 +1832,11 @@ def path_down_timeout(rto):
     return max(PATH_DOWN_SECONDS, PATH_DOWN_RTOS * (rto or 0))
 
 
-def parse_route(text):
+def _parse_route(text):
     """--route PATH=HOST:PORT into (PATH without a trailing /, (host, port)); raises
     UsageError naming the value. HOST:PORT has no `=`, so the last one splits."""
     path, sep, address = text.strip().rpartition("=")
-    if not sep or not is_url_path(path):
+    if not sep or not _is_url_path(path):
         raise UsageError("--route %r: expected PATH=HOST:PORT with PATH a URL path from a / "
                          "(visible ASCII, no query), for example /proxyguard/node1=127.0.0.1:51820"
                          % text, option='--route')
@@ -1881,13 +1890,13 @@ def set_socket_buffers(sock):
             pass
 
 
-def buffer_sizes(sock):
+def _buffer_sizes(sock):
     """'receive 425984, send 425984': the socket's buffers as the kernel granted them."""
     return "receive %d, send %d" % (sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
                                     sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
 
 
-def prepare_tcp_socket(sock):
+def _prepare_tcp_socket(sock):
     """TCP_NODELAY: WireGuard carries TCP inside, and Nagle would add tens of milliseconds.
     (A socketpair in the tests is no TCP socket: it takes the buffers only.)"""
     if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -1906,7 +1915,7 @@ def retransmission_timeout(sock):
         return None
 
 
-def set_socket_timeout(sock, option, seconds):
+def _set_socket_timeout(sock, option, seconds):
     """Make recv (SO_RCVTIMEO) or send (SO_SNDTIMEO) on the blocking `sock` fail with EAGAIN
     after `seconds` of waiting (0: never).
 
@@ -1929,8 +1938,8 @@ def set_socket_timeout(sock, option, seconds):
     sock.settimeout(seconds or None)
 
 
-def is_socket_timeout(exc):
-    """True for a timeout of our own (set_socket_timeout), not the kernel's ETIMEDOUT: a
+def _is_socket_timeout(exc):
+    """True for a timeout of our own (_set_socket_timeout), not the kernel's ETIMEDOUT: a
     blocking socket's SO_RCVTIMEO gives EAGAIN; settimeout gives TimeoutError without errno
     (since Python 3.10 the kernel's ETIMEDOUT is a TimeoutError too, with its errno)."""
     if isinstance(exc, BlockingIOError):
@@ -1938,7 +1947,7 @@ def is_socket_timeout(exc):
     return isinstance(exc, socket.timeout) and exc.errno is None
 
 
-def ascii_host(host):
+def _ascii_host(host):
     """`host` as bytes for getaddrinfo, which passes a str through the 'idna' codec: that
     needs unicodedata, which OpenWrt ships apart (python3-codecs), so a router without it
     cannot even resolve 127.0.0.1 ('unknown encoding: idna'). ServerURL has made an
@@ -1946,24 +1955,24 @@ def ascii_host(host):
     return host.encode("ascii") if host is not None and host.isascii() else host
 
 
-def resolve_tcp(host, port, numeric=False):
+def _resolve_tcp(host, port, numeric=False):
     """[(family, sockaddr)] for a TCP connection to host:port; raises OSError (gaierror)."""
     flags = socket.AI_NUMERICHOST if numeric else 0
-    infos = socket.getaddrinfo(ascii_host(host), port, type=socket.SOCK_STREAM, flags=flags)
+    infos = socket.getaddrinfo(_ascii_host(host), port, type=socket.SOCK_STREAM, flags=flags)
     return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
 
 
-def resolve_udp(address, option):
+def _resolve_udp(address, option):
     """Resolve (host, port) for UDP once; return (sockaddr, family). Raises FatalError."""
     try:
-        infos = socket.getaddrinfo(ascii_host(address[0]), address[1], type=socket.SOCK_DGRAM)
+        infos = socket.getaddrinfo(_ascii_host(address[0]), address[1], type=socket.SOCK_DGRAM)
     except socket.gaierror as exc:
         raise FatalError("%s %s: cannot resolve: %s" % (option, format_address(address), exc))
     family, _, _, _, sockaddr = infos[0]
     return sockaddr, family
 
 
-def udp_port_taken(port):
+def _udp_port_taken(port):
     """True if a UDP socket holds 127.0.0.1:`port` (a bind of ours fails)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         try:
@@ -1977,7 +1986,7 @@ def open_listener(listen):
     """A listening TCP socket for (host, port); IPv6 `::` also takes IPv4. Raises FatalError."""
     host, port = listen
     try:
-        infos = socket.getaddrinfo(ascii_host(host), port, type=socket.SOCK_STREAM,
+        infos = socket.getaddrinfo(_ascii_host(host), port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
         family, _, _, _, address = infos[0]
         return socket.create_server(address, family=family, backlog=512,
@@ -1988,7 +1997,7 @@ def open_listener(listen):
                          % (format_address(listen), describe_bind_error(exc, port, "tcp")))
 
 
-def listen_scope(sock):
+def _listen_scope(sock):
     """What a wildcard address that `sock` is bound to takes, '' for any other: `--listen
     :443` binds every interface without a word otherwise (issue "The first ten minutes")."""
     host = sock.getsockname()[0]
@@ -2001,7 +2010,7 @@ def listen_scope(sock):
     return ""
 
 
-def accept_until_stopped(accept, stopping, handle, prefix=""):
+def _accept_until_stopped(accept, stopping, handle, prefix=""):
     """Give each connection `accept()` returns to `handle(sock, peer)` until `stopping()`
     (the owner's stop() closes the socket, which wakes a blocked accept). Out of descriptors
     or memory for now: log it, pause new connections for a second, and go on."""
@@ -2018,7 +2027,7 @@ def accept_until_stopped(accept, stopping, handle, prefix=""):
         handle(sock, peer)
 
 
-def refuse_without_waiting(sock, status, message):
+def _refuse_without_waiting(sock, status, message):
     """Answer `status` if the socket takes it at once, and close: for the accept thread, which
     must never block on one client."""
     try:
@@ -2051,10 +2060,10 @@ def describe_error(exc):
     """A short reason for a log line: 'connection reset by peer', 'certificate verify failed';
     any other exception (ours, for one) by its message."""
     if isinstance(exc, TLSFailed):
-        return describe_tls_error(exc.cause, exc.ca_file, exc.certificate_names,
+        return _describe_tls_error(exc.cause, exc.ca_file, exc.certificate_names,
                                   exc.plain_scheme)
     if ssl is not None and isinstance(exc, ssl.SSLError):
-        return describe_tls_error(exc)
+        return _describe_tls_error(exc)
     if isinstance(exc, socket.timeout):
         return "timed out"
     strerror = getattr(exc, "strerror", None)
@@ -2122,7 +2131,7 @@ def routing_loop_hint(ip, lookup=route_interface, kind=tunnel_interface_kind):
             "route to the server outside the tunnel)" % (ip, shown(name, 40), what))
 
 
-def check_fwmark(mark):
+def _check_fwmark(mark):
     """Fail at start, not at the first connect, when SO_MARK is not allowed."""
     probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
@@ -2164,7 +2173,7 @@ _PEM_PRIVATE_KEY = re.compile(rb"-----BEGIN ([A-Z0-9]+ )?PRIVATE KEY-----")
 _PEM_ENCRYPTED_KEY = re.compile(rb"-----BEGIN ENCRYPTED PRIVATE KEY-----|Proc-Type: *4, *ENCRYPTED")
 
 
-def load_tls_files(context, error, cert_file=None, key_file=None, ca_file=None):
+def _load_tls_files(context, error, cert_file=None, key_file=None, ca_file=None):
     """Load `cert_file` and `key_file` (the key may be in `cert_file`), or the CA certificates
     in `ca_file`, into `context`. Checks step by step, so that a failure raises `error`
     (UsageError or FatalError) with one line naming the option, the file and the problem,
@@ -2175,7 +2184,7 @@ def load_tls_files(context, error, cert_file=None, key_file=None, ca_file=None):
     names = {cert_option: "--tls-cert", key_option: "--tls-key" if key_file else "--tls-cert",
              ca_option: "--ca-file"}
 
-    def fail(option, message):  # the error, with the option's name for name_source
+    def fail(option, message):  # the error, with the option's name for _name_source
         return error(message, option=names[option])
 
     def read(option, path):
@@ -2227,7 +2236,8 @@ def load_tls_files(context, error, cert_file=None, key_file=None, ca_file=None):
         raise damaged(cert_option)
     key_data = read(key_option, key_file) if key_file else data
     if not _PEM_PRIVATE_KEY.search(key_data):
-        raise fail(key_option, "%s: no private key in the file%s" % (key_option, "" if key_file else
+        raise fail(key_option,
+                   "%s: no private key in the file%s" % (key_option, "" if key_file else
                     " (give the key with --tls-key)"))
     encrypted = fail(key_option, "%s: the private key is encrypted; give it without a passphrase "
                       "(openssl pkey -in KEY -out PLAIN_KEY)" % key_option)
@@ -2241,11 +2251,14 @@ def load_tls_files(context, error, cert_file=None, key_file=None, ca_file=None):
         context.load_cert_chain(cert_file, key_file, password=no_passphrase)
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
-            raise fail(key_option, "%s does not match the certificate in %s" % (key_option, cert_option))
+            raise fail(key_option,
+                       "%s does not match the certificate in %s" % (key_option, cert_option))
         if exc.reason in ("EE_KEY_TOO_SMALL", "CA_KEY_TOO_SMALL", "CA_MD_TOO_WEAK"):
-            raise fail(cert_option, "%s: OpenSSL refuses it as too weak (%s): use RSA 2048 or more, or "
+            raise fail(cert_option,
+                       "%s: OpenSSL refuses it as too weak (%s): use RSA 2048 or more, or "
                         "EC, signed with SHA-256" % (cert_option, words(exc)))
-        raise fail(key_option, "%s: cannot load the private key (%s)" % (key_option, words(exc) if (
+        raise fail(key_option,
+                   "%s: cannot load the private key (%s)" % (key_option, words(exc) if (
             exc.reason) else "damaged, or in a format OpenSSL cannot read"))
     except OSError as exc:  # a file went away under us
         raise fail(cert_option, "%s / %s: %s" % (cert_option, key_option, describe_error(exc)))
@@ -2255,7 +2268,7 @@ def client_tls_context(ca_file=None, min_version="1.3"):
     """Verify certificate and host name against the system store (plus `ca_file`); ALPN
     http/1.1 only, since HTTP/2 has no Upgrade. Raises UsageError for a bad CA file."""
     context = tls().create_default_context()
-    load_tls_files(context, UsageError, ca_file=ca_file)
+    _load_tls_files(context, UsageError, ca_file=ca_file)
     context.minimum_version = getattr(ssl.TLSVersion, TLS_VERSIONS[min_version])
     context.set_alpn_protocols(["http/1.1"])
     return context
@@ -2265,7 +2278,7 @@ def server_tls_context(cert_file, key_file):
     """The server's context; `num_tickets = 0` spares the post-handshake ticket traffic.
     Raises FatalError, naming the file and the problem, when the files cannot be loaded."""
     context = tls().SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    load_tls_files(context, FatalError, cert_file=cert_file, key_file=key_file)
+    _load_tls_files(context, FatalError, cert_file=cert_file, key_file=key_file)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
     context.num_tickets = 0
@@ -2308,7 +2321,7 @@ _TLS_HINTS = {
 }
 
 
-def describe_tls_error(exc, ca_file=None, certificate_names=None, plain_scheme="http"):
+def _describe_tls_error(exc, ca_file=None, certificate_names=None, plain_scheme="http"):
     """describe_error's line for an ssl.SSLError, with the Dialer's knowledge (see TLSFailed)."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         message = exc.verify_message or str(exc.reason)
@@ -2425,7 +2438,7 @@ class TLSChannel(PlainChannel):
         self._outgoing = ssl.MemoryBIO()
         # As bytes: ssl passes a str through the 'idna' codec, which a router may lack.
         self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
-                                     server_hostname=ascii_host(server_hostname))
+                                     server_hostname=_ascii_host(server_hostname))
         self._tls_lock = threading.Lock()
         self._send_lock = threading.Lock()
 
@@ -2535,7 +2548,7 @@ class TLSChannel(PlainChannel):
             self._send_lock.release()
 
 
-def read_head(channel, limit=MAX_HEAD_BYTES, sniff=(b"\x16",)):
+def _read_head(channel, limit=MAX_HEAD_BYTES, sniff=(b"\x16",)):
     """Read from `channel` until a whole HTTP head arrived; return (head, bytes after it).
 
     The channel's deadline bounds the whole read. Raises HandshakeError(431) past `limit`
@@ -2556,22 +2569,22 @@ def read_head(channel, limit=MAX_HEAD_BYTES, sniff=(b"\x16",)):
             return parts
 
 
-def read_response_head(channel):
-    """read_head for the client side: a missing answer is a connection error, not a 408; a
+def _read_response_head(channel):
+    """_read_head for the client side: a missing answer is a connection error, not a 408; a
     TLS alert comes back at once as the head."""
     try:
-        return read_head(channel, sniff=TLS_RECORD_STARTS)
+        return _read_head(channel, sniff=TLS_RECORD_STARTS)
     except HandshakeError as exc:
         raise ConnectionError("no valid answer: %s" % exc)
 
 
-def head_line(head):
+def _head_line(head):
     """An HTTP head on one log line: 'GET / HTTP/1.1 | Host: x | ...', each line shown."""
     lines = head.decode("latin-1").strip().split("\n")  # a bare CR stays in its line, shown
     return " | ".join(shown(line.rstrip("\r")) for line in lines)
 
 
-def read_body(channel, response, rest, limit=MAX_BODY_SHOWN):
+def _read_body(channel, response, rest, limit=MAX_BODY_SHOWN):
     """The start of a refusal's body, at most `limit` bytes of its Content-Length, within the
     channel's deadline; what came when the peer closes or the time is up. Never raises: the
     status says what matters, the body only adds the server's words."""
@@ -2859,7 +2872,7 @@ class SharedUdpEndpoint(UdpEndpoint):
         except OSError as exc:
             sock.close()
             swapped = ""
-            if exc.errno == errno.EADDRINUSE and not udp_port_taken(forward_port):
+            if exc.errno == errno.EADDRINUSE and not _udp_port_taken(forward_port):
                 # WireGuard holds its ListenPort, and nothing holds --forward-port.
                 swapped = ("; if WireGuard listens there, --listen-port %d and --forward-port "
                            "%d are swapped: --listen-port is the port WireGuard's Endpoint "
@@ -3144,7 +3157,7 @@ class WebSocketFraming:
                      for index, (start, stop) in enumerate(spans)]
             for start, _, key in keyed:
                 view[start - 4:start] = key
-            mask_in_place(view, keyed, self.xor)
+            _mask_in_place(view, keyed, self.xor)
         return view[:end]
 
     def _encode_joined(self, view, end):
@@ -3250,9 +3263,9 @@ class Tunnel:
             self.channel.deadline = None  # the handshake is over: the idle clock rules now
             sock.settimeout(None)
             timeout = self.idle.timeout
-            set_socket_timeout(sock, socket.SO_RCVTIMEO,
+            _set_socket_timeout(sock, socket.SO_RCVTIMEO,
                                next_wake(timeout or None, self.keepalive.remaining()))
-            set_socket_timeout(sock, socket.SO_SNDTIMEO, timeout)
+            _set_socket_timeout(sock, socket.SO_SNDTIMEO, timeout)
             if self.unacked_timeout != float("inf"):
                 # Data sent counts as activity only once the peer acknowledged it: into a
                 # dead path, sends still succeed into the kernel's buffer, and without this
@@ -3264,7 +3277,8 @@ class Tunnel:
                     pass
             if log.isEnabledFor(logging.DEBUG):  # what the kernel granted of what we asked
                 log.debug("tunnel %s: socket buffers (asked %d): TCP %s; UDP %s", self.peer,
-                          SOCKET_BUFFER_BYTES, buffer_sizes(sock), buffer_sizes(self.endpoint.sock))
+                          SOCKET_BUFFER_BYTES, _buffer_sizes(sock),
+                          _buffer_sizes(self.endpoint.sock))
             if self.greeting:  # the server's 101 goes out before any frame
                 self.channel.sendall(self.greeting)
             thread = threading.Thread(target=self._pump, args=(self.relay_udp_to_tcp,),
@@ -3354,7 +3368,7 @@ class Tunnel:
             try:
                 received = recv_into(view[held:held + TCP_READ_SIZE])
             except OSError as exc:
-                if not is_socket_timeout(exc):
+                if not _is_socket_timeout(exc):
                     raise
                 end = 0
                 # Woken by the receive timeout: idle only if no data crossed either way
@@ -3368,7 +3382,7 @@ class Tunnel:
                 if due is not None and due <= 0:
                     self._send_own_frame(framing.ping())
                     self.keepalive.ping_sent()
-                set_socket_timeout(self.channel.sock, socket.SO_RCVTIMEO, next_wake(
+                _set_socket_timeout(self.channel.sock, socket.SO_RCVTIMEO, next_wake(
                     self.idle.remaining(), self.keepalive.remaining()))
                 continue
             if not received:
@@ -3423,7 +3437,7 @@ class Tunnel:
             except BaseException as exc:
                 if self.unsent is not None:
                     self.unsent(framing.datagrams(view, end))
-                if is_socket_timeout(exc):
+                if _is_socket_timeout(exc):
                     return "the peer read nothing for %gs" % self.idle.timeout
                 raise
             touch()
@@ -3450,8 +3464,8 @@ class Tunnel:
 
 class Service:
     """The contract Server, Client and ClientGroup follow (as socketserver's BaseServer does for
-    its servers): what main(argv)'s runtime (run_until_signal, SystemdNotifier, MetricsEndpoint,
-    reload_settings) calls, and nothing else. Docstrings only: each class writes its own.
+    its servers): what main(argv)'s runtime (_run_until_signal, SystemdNotifier, MetricsEndpoint,
+    _reload_settings) calls, and nothing else. Docstrings only: each class writes its own.
 
     A service is built with `tunnels_changed`, a callable it calls (from any thread, cheaply)
     whenever a tunnel opens or closes; systemd's notifier then sends STATUS=."""
@@ -3542,10 +3556,10 @@ class Server(Service):
         """Resolve WireGuard's address (`wireguard`, None with routes alone) and each route's
         ((path, (host, port)) pairs), and listen on `listen`, or take the listening socket
         systemd passed (socket activation); raises FatalError."""
-        address, family = resolve_udp(wireguard, "--to") if wireguard else (None, None)
+        address, family = _resolve_udp(wireguard, "--to") if wireguard else (None, None)
         if routes:
             options["routes"] = RouteTable(
-                [(path, resolve_udp(target, "--route %s" % path)) for path, target in routes],
+                [(path, _resolve_udp(target, "--route %s" % path)) for path, target in routes],
                 fallback=(address, family) if wireguard else None,
                 fallback_path=options.get("path"))
         listener = systemd_listener(environ)
@@ -3557,7 +3571,7 @@ class Server(Service):
         return cls(listener, address, family, **options)
 
     def serve_forever(self):
-        scope = listen_scope(self.listener)
+        scope = _listen_scope(self.listener)
         if self.routed:
             where = "routes %s%s" % (", ".join(
                 "%s to WireGuard at %s" % (path, format_address(target[0]))
@@ -3574,7 +3588,7 @@ class Server(Service):
                  format_address(self.address), "https" if self.tls_context else "http",
                  "; " + scope if scope else "", where)
         self._serving = True  # the watchdog's sign of life (healthy)
-        accept_until_stopped(self.listener.accept, lambda: self._stopping,
+        _accept_until_stopped(self.listener.accept, lambda: self._stopping,
                              self.start_connection)
         self._serving = False
 
@@ -3594,7 +3608,7 @@ class Server(Service):
             log.warning("connection %s refused: %s open already",
                         format_address(peer), plural(len(self._connections), "connection"))
             self._count_refusal(503)
-            refuse_without_waiting(sock, 503, "the server is full; try again later")
+            _refuse_without_waiting(sock, 503, "the server is full; try again later")
             return
         try:
             connection.thread.start()
@@ -3604,7 +3618,7 @@ class Server(Service):
             self._count_refusal(503)
             log.error("connection %s refused: cannot start a thread (%s)",
                       format_address(peer), exc)
-            refuse_without_waiting(sock, 503, "the server is out of resources; try again later")
+            _refuse_without_waiting(sock, 503, "the server is out of resources; try again later")
 
     def handle(self, connection):
         """Error boundary of one connection: handshake, then tunnel; always closes the socket.
@@ -3618,12 +3632,12 @@ class Server(Service):
         peer_text = format_address(peer)
         channel = request = client = None
         try:
-            prepare_tcp_socket(sock)
+            _prepare_tcp_socket(sock)
             deadline = Deadline(self.handshake_timeout)
             channel = self._open_channel(sock, deadline)
-            head, first_bytes = read_head(channel)
+            head, first_bytes = _read_head(channel)
             request = parse_request(head)
-            log.debug("request from %s: %s", peer_text, head_line(head))
+            log.debug("request from %s: %s", peer_text, _head_line(head))
             if self._is_health_check(request):
                 channel.sendall(health_answer(self.tunnels_open(), self.max_clients,
                                               self._stopping))
@@ -3637,7 +3651,7 @@ class Server(Service):
             self._run_tunnel(connection, channel, peer_text, request, transport, first_bytes,
                              route, wireguard)
         except HandshakeError as exc:  # before the channel is up, the answer goes out plain
-            source = client or peer[0] if request is not None and asks_upgrade(request) else None
+            source = client or peer[0] if request is not None and _asks_upgrade(request) else None
             self._refuse(channel or PlainChannel(sock), peer_text, exc, source)
         except OSError as exc:
             log.info("%s %s: %s", "tunnel" if connection.tunnel else "handshake failed from",
@@ -3694,7 +3708,7 @@ class Server(Service):
             greeting, framing = UPGRADE_RESPONSE, UOTLV_FRAMING
         tunnel = Tunnel(channel, endpoint, peer_text, IdleClock(self.idle_timeout), first_bytes,
                         greeting=greeting, framing=framing, route=route)
-        route_text = ", route %s to %s" % (route, format_address(wireguard[0])) \
+        route_text = ", route %s to %s" % (route, format_address(wireguard[0]))\
             if self.routed else ""
         with self._lock:
             connection.tunnel = tunnel
@@ -3820,8 +3834,8 @@ class Server(Service):
             open_now.add(sum(tunnel.framing.name == transport for tunnel in tunnels),
                          transport=label)
             opened_total.add(opened[transport], transport=label)
-        return process_metrics() + [open_now, opened_total, refusals,
-        ] + self._route_metrics(tunnels, route_opened) + traffic_metrics(
+        return _process_metrics() + [open_now, opened_total, refusals,
+        ] + self._route_metrics(tunnels, route_opened) + _traffic_metrics(
             "proxyguard_server_", traffic) + [
             Metric("proxyguard_server_tunnel_lifetime_seconds", "histogram",
                    "How long closed tunnels lived, in seconds.").add_histogram(lifetimes),
@@ -3938,11 +3952,11 @@ class Dialer:
                 self.url.host, self.url.port)
             with self._step("resolve") as detail:
                 if self.peer_ips and not self.proxy:
-                    addresses = [resolve_tcp(ip, port, numeric=True)[0] for ip in self.peer_ips]
+                    addresses = [_resolve_tcp(ip, port, numeric=True)[0] for ip in self.peer_ips]
                     detail.append("--peer-ips, DNS skipped")
                 else:
                     try:
-                        addresses = resolve_tcp(host, port)
+                        addresses = _resolve_tcp(host, port)
                     except socket.gaierror as exc:
                         if self.proxy:
                             raise
@@ -4081,7 +4095,7 @@ class Dialer:
             if self.tcp_port:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", self.tcp_port))
-            prepare_tcp_socket(sock)
+            _prepare_tcp_socket(sock)
             sock.setblocking(False)
         except BaseException:
             with self._lock:
@@ -4109,13 +4123,13 @@ class Dialer:
         authority = format_address((host, self.url.port))
         with self._step("proxy") as detail:
             channel = PlainChannel(sock, deadline)
-            channel.sendall(build_connect_request(authority, self.proxy.credentials,
+            channel.sendall(_build_connect_request(authority, self.proxy.credentials,
                                                   self.user_agent))
-            head, rest = read_response_head(channel)
+            head, rest = _read_response_head(channel)
             response = parse_response(head)
             detail.append("CONNECT %s -> HTTP %d %s" % (authority, response.start[1],
                                                         shown(response.start[2], 100)))
-            check_connect_response(response, self.proxy.credentials is not None)
+            _check_connect_response(response, self.proxy.credentials is not None)
             if rest:
                 raise UpgradeRefused("the proxy sent data after its 200 answer")
 
@@ -4168,10 +4182,10 @@ class Dialer:
             key = websocket_key() if self.url.websocket else None
             request = build_upgrade_request(self.url.host_header, self.url.target,
                                             self.user_agent, key)
-            log.debug("upgrade request: %s", head_line(request))
+            log.debug("upgrade request: %s", _head_line(request))
             channel.sendall(request)
             try:
-                head, rest = read_response_head(channel)
+                head, rest = _read_response_head(channel)
             except ClosedEarly as exc:
                 # A TLS port may close on a plain request without a byte (OpenSSL's
                 # HTTP_REQUEST; HAProxy, a Python server): the likeliest cause over http://.
@@ -4181,17 +4195,17 @@ class Dialer:
             if plain and head[:1] in TLS_RECORD_STARTS:  # a TLS alert or handshake record
                 raise UpgradeRefused("the server answered in TLS, not HTTP: " + USE_HTTPS_HINT)
             response = parse_response(head)
-            log.debug("upgrade response: %s", head_line(head))
+            log.debug("upgrade response: %s", _head_line(head))
             version, status, reason = response.start
             detail.append("GET %s -> %s %d %s" % (self.url.target, version, status,
                                                   shown(reason, 100)))
             detail.extend("%s: %s" % (name, shown(value)) for name, value in response.headers)
-            body = b"" if response.start[1] == 101 else read_body(channel, response, rest)
+            body = b"" if response.start[1] == 101 else _read_body(channel, response, rest)
             check_upgrade_response(response, body, key)
         return rest
 
 
-def proxy_from_environment(url):
+def _proxy_from_environment(url):
     """The proxy the environment names for `url` (HTTPS_PROXY or HTTP_PROXY, by scheme, and
     NO_PROXY), as a ProxyURL, or None. urllib.request implements the conventions."""
     import urllib.request  # only here: it is slow to import, and only the client needs it
@@ -4251,7 +4265,7 @@ class Client(Service):
         if unused:  # a socket unit pointed at a client instance: say so, not silently
             log.warning("%s", unused)
         if dialer.fwmark >= 0:
-            check_fwmark(dialer.fwmark)
+            _check_fwmark(dialer.fwmark)
         if keepalive != DEFAULT_KEEPALIVE and not dialer.url.websocket:
             log.warning("--keepalive %g does nothing over %s:// (UoTLV/1 has no ping): it is "
                         "for ws:// and wss://", keepalive, dialer.url.scheme)
@@ -4390,7 +4404,7 @@ class Client(Service):
         self._count_failure("network", describe_error(exc))
         log.warning("cannot connect to %s: %s", self.dialer.url, describe_error(exc))
         wait = self.backoff.failed()
-        return min(wait, NO_ROUTE_WAIT) if isinstance(exc, ConnectFailed) and exc.no_route \
+        return min(wait, NO_ROUTE_WAIT) if isinstance(exc, ConnectFailed) and exc.no_route\
             else wait
 
     def _count_failure(self, reason, text):
@@ -4457,7 +4471,7 @@ class Client(Service):
                        "until one fails.")
         if self.last_error is not None:
             error.add(1, reason=self.last_error)
-        return process_metrics() + [
+        return _process_metrics() + [
             Metric("proxyguard_client_tunnel_up", "gauge",
                    "1 while a tunnel to the server is open, else 0.").add(int(tunnel is not None)),
             reconnects, ages, error,
@@ -4466,7 +4480,7 @@ class Client(Service):
             .add(len(self.pending)),
             Metric("proxyguard_client_dropped_datagrams_total", "counter",
                    "Datagrams dropped because the reconnect queue was full.").add(self.dropped),
-        ] + traffic_metrics("proxyguard_client_", traffic)
+        ] + _traffic_metrics("proxyguard_client_", traffic)
 
     def dump_tunnels(self):
         """SIGUSR1: one log line for the open tunnel, if any."""
@@ -4487,7 +4501,7 @@ def run_check(dialer, out=sys.stdout):
     print("check    %s%s" % (dialer.url, " via proxy %s" % dialer.proxy if dialer.proxy else ""),
           file=out)
     try:
-        peer = dial_and_close(dialer)
+        peer = _dial_and_close(dialer)
     except (OSError, ProxyGuardError) as exc:
         print("result   FAIL: %s" % describe_error(exc), file=out)
         # Refused as a WebSocket-only front refuses UoTLV/1 (it strips or blocks the
@@ -4498,7 +4512,7 @@ def run_check(dialer, out=sys.stdout):
         url = dialer.url.websocket_twin()
         print("check    %s: WebSocket on the same URL" % url, file=out)
         try:
-            peer = dial_and_close(dialer.for_url(url))
+            peer = _dial_and_close(dialer.for_url(url))
         except (OSError, ProxyGuardError) as second:
             if isinstance(exc, UpgradeDropped) and isinstance(second, UpgradeDropped):
                 print("result   FAIL: the reverse proxy drops the Upgrade header, for UoTLV/1 "
@@ -4514,7 +4528,7 @@ def run_check(dialer, out=sys.stdout):
     return 0
 
 
-def dial_and_close(dialer):
+def _dial_and_close(dialer):
     """Dial once (check), close at once (over WebSocket with a close frame, so the server and
     any front see an orderly end), and return the peer's text."""
     channel, _, peer = dialer.dial()
@@ -4565,7 +4579,7 @@ class PeerLogNames(logging.Filter):
 class ClientGroup(Service):
     """Several Clients in one process, one per peer of a profile (up): each has its own UDP
     port, tunnel and back-off, and runs its connector in a thread of its own. To main(argv)'s
-    runtime (run_until_signal, SystemdNotifier, MetricsEndpoint) the group is one service;
+    runtime (_run_until_signal, SystemdNotifier, MetricsEndpoint) the group is one service;
     its log lines (PeerLogNames), SIGUSR1 lines, metrics (a `peer` label) and STATUS name each
     peer by its URL."""
 
@@ -4616,7 +4630,7 @@ class ClientGroup(Service):
 
     def metrics(self):
         """Every client's metrics, one family each, its samples labelled peer=URL."""
-        shared = [metric.name for metric in process_metrics()]
+        shared = [metric.name for metric in _process_metrics()]
         families = collections.OrderedDict()
         for client in self.clients:
             for metric in client.metrics():
@@ -4626,7 +4640,7 @@ class ClientGroup(Service):
                                              Metric(metric.name, metric.kind, metric.help))
                 family.samples += [(suffix, (("peer", str(client.url)),) + labels, value)
                                    for suffix, labels, value in metric.samples]
-        return process_metrics() + list(families.values())
+        return _process_metrics() + list(families.values())
 
     def dump_tunnels(self):
         """SIGUSR1: each client's lines, named by its peer."""
@@ -4786,12 +4800,12 @@ class Metric:
         total = 0
         for bound, count in zip(histogram.buckets + (float("inf"),), histogram.counts):
             total += count
-            self.add(total, "_bucket", **dict(labels, le=format_metric_value(float(bound))))
+            self.add(total, "_bucket", **dict(labels, le=_format_metric_value(float(bound))))
         self.add(histogram.sum, "_sum", **labels)
         return self.add(histogram.count, "_count", **labels)
 
 
-def format_metric_value(value):
+def _format_metric_value(value):
     """A sample value as the text format writes it: integers plainly, +Inf, -Inf, NaN."""
     if isinstance(value, bool):
         return "1" if value else "0"
@@ -4806,12 +4820,12 @@ def format_metric_value(value):
     return repr(value)
 
 
-def escape_label_value(text):
+def _escape_label_value(text):
     """A label value between double quotes: backslash, double quote and line feed escaped."""
     return str(text).replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
 
 
-def escape_help(text):
+def _escape_help(text):
     """A HELP text: backslash and line feed escaped (quotes stay)."""
     return text.replace("\\", "\\\\").replace("\n", "\\n")
 
@@ -4821,19 +4835,19 @@ def render_metrics(metrics):
     and a TYPE line per family, then its samples; ends with a line feed. Returns bytes."""
     lines = []
     for metric in metrics:
-        lines.append("# HELP %s %s" % (metric.name, escape_help(metric.help)))
+        lines.append("# HELP %s %s" % (metric.name, _escape_help(metric.help)))
         lines.append("# TYPE %s %s" % (metric.name, metric.kind))
         for suffix, labels, value in metric.samples:
             label_text = ""
             if labels:
-                label_text = "{%s}" % ",".join('%s="%s"' % (name, escape_label_value(text))
+                label_text = "{%s}" % ",".join('%s="%s"' % (name, _escape_label_value(text))
                                                for name, text in labels)
             lines.append("%s%s%s %s" % (metric.name, suffix, label_text,
-                                        format_metric_value(value)))
+                                        _format_metric_value(value)))
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
-def process_metrics():
+def _process_metrics():
     """The metrics of every mode: process start time and build information."""
     return [
         Metric("proxyguard_process_start_time_seconds", "gauge",
@@ -4845,7 +4859,7 @@ def process_metrics():
     ]
 
 
-def traffic_metrics(prefix, totals):
+def _traffic_metrics(prefix, totals):
     """Bytes and datagrams each way, and oversized frames dropped, from `totals` (a
     TrafficTotals of closed tunnels plus the open ones' live counters)."""
     ways = (("to_wireguard", totals.to_udp_bytes, totals.to_udp_datagrams),
@@ -4884,7 +4898,7 @@ class TrafficTotals:
 
 
 @functools.lru_cache(maxsize=None)
-def metrics_handler():
+def _metrics_handler():
     """The request handler class of the metrics page, made on first use: importing http.server
     costs about 40 ms of start-up (python3 -X importtime), which a router would pay at every
     start even without --metrics-listen."""
@@ -4944,8 +4958,8 @@ class MetricsEndpoint:
 
     def __init__(self, listener):
         self.address = listener.getsockname()
-        import http.server  # see metrics_handler
-        self.httpd = http.server.ThreadingHTTPServer(self.address[:2], metrics_handler(),
+        import http.server  # see _metrics_handler
+        self.httpd = http.server.ThreadingHTTPServer(self.address[:2], _metrics_handler(),
                                                      bind_and_activate=False)
         self.httpd.socket.close()
         self.httpd.socket = listener
@@ -4963,7 +4977,7 @@ class MetricsEndpoint:
             raise FatalError("--metrics-listen: %s" % exc)
 
     def start(self, collect):
-        self.httpd.RequestHandlerClass = type("MetricsHandler", (metrics_handler(),),
+        self.httpd.RequestHandlerClass = type("MetricsHandler", (_metrics_handler(),),
                                               {"collect": staticmethod(collect)})
         self._thread = threading.Thread(target=self._serve, name="metrics", daemon=True)
         self._thread.start()
@@ -5013,7 +5027,7 @@ class MetricsEndpoint:
         if not self._slots.acquire(blocking=False):
             log.debug("metrics: %s refused: %d requests in progress", format_address(peer),
                       METRICS_CONNECTIONS)
-            refuse_without_waiting(request, 503, "busy: %d metrics requests in progress"
+            _refuse_without_waiting(request, 503, "busy: %d metrics requests in progress"
                                    % METRICS_CONNECTIONS)
             return
         try:
@@ -5155,7 +5169,7 @@ class SystemdNotifier:
             sock.close()
 
 
-def start_notifying(notifier, service, wake=None):
+def _start_notifying(notifier, service, wake=None):
     """A thread that keeps systemd informed while `service` runs: STATUS= when its tunnels
     change (`wake`, the Event the service sets through its `tunnels_changed`), WATCHDOG=1
     while `service.healthy()`. Returns the function that ends the thread."""
@@ -5234,7 +5248,7 @@ def unused_listen_fds(environ=os.environ, pid=None):
             "binds its own UDP port (--listen-port)" % count)
 
 
-def raise_open_files_limit():
+def _raise_open_files_limit():
     """Raise the soft open-files limit to the hard one, as Go programs do since 1.19: systemd
     starts services with a soft limit of 1024, about 500 tunnels. Returns the soft limit in
     force (resource.RLIM_INFINITY for none), None where unknown (not POSIX)."""
@@ -5265,9 +5279,9 @@ def open_files_warning(max_clients, limit):
 
 
 @contextlib.contextmanager
-def signals_held():
+def _signals_held():
     """Hold SIGINT, SIGTERM, SIGHUP and SIGUSR1 pending, in this thread and every thread it starts,
-    until `run_until_signal` takes them with sigwait; restore the mask at the end.
+    until `_run_until_signal` takes them with sigwait; restore the mask at the end.
 
     Why: a process-directed signal goes to any thread that does not block it. Caught by a
     tunnel thread, Python only flags it for the main thread, which sleeps on in a lock wait
@@ -5296,9 +5310,9 @@ def tune_threads():
     sys.setswitchinterval(SWITCH_INTERVAL)
 
 
-def run_until_signal(service, reload=None, notifier=None, tunnels_changed=None):
+def _run_until_signal(service, reload=None, notifier=None, tunnels_changed=None):
     """Run `service.serve_forever()` in this thread until SIGINT/SIGTERM; call `reload()` on
-    SIGHUP and `service.dump_tunnels()` on SIGUSR1. Call it inside `signals_held()`; a daemon
+    SIGHUP and `service.dump_tunnels()` on SIGUSR1. Call it inside `_signals_held()`; a daemon
     thread waits for the signals. With a SystemdNotifier, systemd hears of readiness, reloads,
     the tunnel count (when `tunnels_changed`, the Event the service was built to set, is set)
     and the stop.
@@ -5334,7 +5348,7 @@ def run_until_signal(service, reload=None, notifier=None, tunnels_changed=None):
     end_notifying = None
     if notifier is not None:  # the socket is bound (and listening): new clients queue
         notifier.ready(service.status())
-        end_notifying = start_notifying(notifier, service, tunnels_changed)
+        end_notifying = _start_notifying(notifier, service, tunnels_changed)
     try:
         service.serve_forever()
     except Exception:
@@ -5347,7 +5361,7 @@ def run_until_signal(service, reload=None, notifier=None, tunnels_changed=None):
     return 0
 
 
-def reload_settings(service, argv, program=None):
+def _reload_settings(service, argv, program=None):
     """SIGHUP: read the options again (the config file may have changed) and apply what can
     change under running tunnels: the log level and the TLS files. Logs one line; on any error
     the running settings stay."""
@@ -5365,7 +5379,7 @@ def reload_settings(service, argv, program=None):
              ", ".join(done) if done else "nothing that changed")
 
 
-def logging_to_journal(stream=sys.stderr, environ=os.environ):
+def _logging_to_journal(stream=sys.stderr, environ=os.environ):
     """True when `stream` is systemd's journal: JOURNAL_STREAM names its device and inode
     (systemd.exec(5)), and the journal stamps each line itself."""
     try:
@@ -5377,16 +5391,16 @@ def logging_to_journal(stream=sys.stderr, environ=os.environ):
     return environ.get("JOURNAL_STREAM", "") == "%d:%d" % (status.st_dev, status.st_ino)
 
 
-def configure_logging(level):
+def _configure_logging(level):
     # Under systemd, a timestamp of our own doubles the journal's on every line.
-    stamp = "" if logging_to_journal() else "%(asctime)s "
+    stamp = "" if _logging_to_journal() else "%(asctime)s "
     logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
                         format=stamp + "%(levelname)s %(message)s")
 
 
 # =============================================================================================
 # CLI: one parser for every mode; command line > config file > environment > defaults
-# Options in, checked options and built services out (build_service); usage errors name the
+# Options in, checked options and built services out (_build_service); usage errors name the
 # option. Uses every section above; nothing above uses it.
 # =============================================================================================
 
@@ -5526,7 +5540,7 @@ class CommandLineParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def fwmark_value(text):
+def _fwmark_value(text):
     """--fwmark: decimal, or hexadecimal as `wg` shows it (0xca6c)."""
     text = text.strip()
     for base in (10, 0):
@@ -5537,7 +5551,7 @@ def fwmark_value(text):
     raise argparse.ArgumentTypeError("%r: not a number (decimal, or hex as 0xca6c)" % text)
 
 
-def choice_in(choices):
+def _choice_in(choices):
     """A choice in any case (--log-level DEBUG, mode = Client); anything else as written, for
     argparse's 'invalid choice'."""
     def choice(text):
@@ -5546,7 +5560,7 @@ def choice_in(choices):
     return choice
 
 
-def close_match(word, candidates):
+def _close_match(word, candidates):
     """The candidate `word` most likely misspells, or None."""
     import difflib  # only for a mistake's hint
     found = difflib.get_close_matches(word, list(candidates), n=1)
@@ -5564,7 +5578,7 @@ def program_name(argv0=None):
     return name if name in PROGRAM_NAMES else "proxyguard.py"
 
 
-def options_mode(mode):
+def _options_mode(mode):
     """The mode whose options `mode` takes (check: the client's)."""
     return MODE_TAKES_OPTIONS_OF.get(mode, mode)
 
@@ -5575,7 +5589,7 @@ def takes_option(mode, key):
     if mode == "up" and key in NOT_UP_OPTIONS:
         return False
     modes = OPTION_MODES.get(key)
-    return not modes or mode in modes or options_mode(mode) in modes
+    return not modes or mode in modes or _options_mode(mode) in modes
 
 
 def help_text(help_mode):
@@ -5597,9 +5611,9 @@ def help_text(help_mode):
         usage = ("%%(prog)s %s [options]\n       %%(prog)s -c FILE [options]  (the file "
                  "says mode = %s)" % (help_mode, help_mode))
         description = [fill("%s: %s." % (help_mode, MODE_DESCRIPTIONS.get(help_mode, "")))]
-        if help_mode != options_mode(help_mode):
+        if help_mode != _options_mode(help_mode):
             description.append(fill("It takes the %s's options, so a %s's config file works "
-                                    "as it is." % ((options_mode(help_mode),) * 2)))
+                                    "as it is." % ((_options_mode(help_mode),) * 2)))
         example = MODE_EXAMPLES.get(help_mode, MODE_EXAMPLES["client"])
     epilog = [fill("Precedence: command line > config file > environment > defaults. A "
                    "config file (-c FILE) holds 'option = value' lines (see "
@@ -5640,8 +5654,8 @@ def build_parser(command_line_only=False, help_mode=None):
             if not takes_option(help_mode, key) or key == "mode":
                 kwargs["help"] = argparse.SUPPRESS
             elif by_mode:
-                kwargs["help"] = by_mode[options_mode(help_mode)]
-                kwargs["metavar"] = metavars.get(options_mode(help_mode), kwargs.get("metavar"))
+                kwargs["help"] = by_mode[_options_mode(help_mode)]
+                kwargs["metavar"] = metavars.get(_options_mode(help_mode), kwargs.get("metavar"))
         elif modes:
             kwargs["help"] = "%s: %s" % (", ".join(modes), kwargs["help"])
         return groups[OPTION_GROUPS.get(key, "operations")].add_argument(*names, **kwargs)
@@ -5656,7 +5670,7 @@ def build_parser(command_line_only=False, help_mode=None):
     else:
         add("-c", "--config", metavar="FILE",
             help="config file (needs configargparse: %s)" % INSTALL_CONFIGARGPARSE)
-    add("--mode", type=choice_in(MODES), choices=MODES, help="client, server, or check (try one "
+    add("--mode", type=_choice_in(MODES), choices=MODES, help="client, server, or check (try one "
         "connection to --to and print each step; takes the client's options), or up (a VPN "
         "from a WireGuard profile, see --profile); required. "
         "'proxyguard.py client ...' is short for '--mode client ...'")
@@ -5681,7 +5695,7 @@ def build_parser(command_line_only=False, help_mode=None):
         help="WireGuard's ListenPort on 127.0.0.1, where replies go (default %(default)s)")
     add("--peer-ips", default="", metavar="IP,IP",
         help="the server's IP addresses, tried in order; skips DNS")
-    add("--fwmark", type=fwmark_value, default=-1, metavar="MARK",
+    add("--fwmark", type=_fwmark_value, default=-1, metavar="MARK",
         help="Linux SO_MARK on the TCP socket, so it bypasses the VPN route, 0 to "
              "0x7fffffff, decimal or hex; needs CAP_NET_ADMIN (default -1, off)")
     add("--tcp-port", type=int, default=0, metavar="PORT",
@@ -5694,7 +5708,7 @@ def build_parser(command_line_only=False, help_mode=None):
         "with CONNECT, http://[user:pass@]host:port; 'none' ignores HTTPS_PROXY/HTTP_PROXY "
         "(default: those variables, honouring NO_PROXY)")
     add("--ca-file", metavar="PEM", help="also trust the CAs in this file for https://")
-    add("--tls-min-version", type=choice_in(TLS_VERSIONS), choices=sorted(TLS_VERSIONS),
+    add("--tls-min-version", type=_choice_in(TLS_VERSIONS), choices=sorted(TLS_VERSIONS),
         default="1.3", metavar="VERSION", help="oldest TLS version accepted, %s (default "
         "%%(default)s, as the original)" % " or ".join(sorted(TLS_VERSIONS)))
     add("--tls-cert", metavar="PEM", help="speak HTTPS with this certificate chain "
@@ -5728,7 +5742,7 @@ def build_parser(command_line_only=False, help_mode=None):
     add("--metrics-listen", metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics, 127.0.0.1:9821 say "
              "(default: off)")
-    add("--log-level", type=choice_in(LOG_LEVELS), choices=LOG_LEVELS, default="info",
+    add("--log-level", type=_choice_in(LOG_LEVELS), choices=LOG_LEVELS, default="info",
         metavar="LEVEL", help="%s (default %%(default)s)" % ", ".join(LOG_LEVELS))
     if command_line_only:
         for action in parser._actions:
@@ -5746,7 +5760,7 @@ def settable_options(parser):
             and action.dest not in ("help", "version", "config")}
 
 
-def env_name(key):
+def _env_name(key):
     return ENV_PREFIX + key.upper().replace("-", "_")
 
 
@@ -5790,16 +5804,16 @@ def translate_original_flags(argv):
     return translated
 
 
-def program_mode(program):
+def _program_mode(program):
     """The mode the program's name gives (proxyguard-server: server), or None."""
     name = os.path.basename(program or "")
     return PROGRAM_MODES.get(name[:-3] if name.endswith(".py") else name)
 
 
-def check_program_mode(options, program):
+def _check_program_mode(options, program):
     """Take the mode from the program's name unless one is given; refuse one that contradicts
     it (proxyguard-client also runs check, the client's connection test)."""
-    implied = program_mode(program)
+    implied = _program_mode(program)
     if implied is None:
         return
     if options.mode is None:
@@ -5813,7 +5827,7 @@ def check_program_mode(options, program):
                                   options.mode))
 
 
-def mode_word_first(argv):
+def _mode_word_first(argv):
     """'client ...' is '--mode client ...'; a misspelt first word gets a suggestion."""
     if not argv or argv[0].startswith("-"):
         return argv
@@ -5822,12 +5836,12 @@ def mode_word_first(argv):
         return ["--mode", word, "--profile"] + argv[1:]
     if word in MODES:
         return ["--mode", word] + argv[1:]
-    guess = close_match(word, MODES)
+    guess = _close_match(word, MODES)
     raise UsageError("unknown mode %r: %s" % (argv[0], "did you mean %r?" % guess if guess else
                                               "the first word is client, server, check or up"))
 
 
-def config_file_settings(path, names):
+def _config_file_settings(path, names):
     """{dest: Source} of the file's lines. Keys as on the command line without the dashes, in
     any case, '_' for '-'. Raises UsageError naming the file and the line."""
     try:
@@ -5853,7 +5867,7 @@ def config_file_settings(path, names):
         for written, value in items.items():
             key = written.lstrip("-").replace("_", "-").lower()
             if key not in names:
-                guess = close_match(key, names)
+                guess = _close_match(key, names)
                 raise UsageError("%s: unknown option %r%s" % (where, written, (
                     " (did you mean '%s'?)" % guess) if guess else ""))
             if isinstance(value, list) and isinstance(names[key], argparse._AppendAction):
@@ -5877,19 +5891,19 @@ def environment_settings(environ, names):
             settings[names[key].dest] = Source("environment variable %s" % name, key,
                                                environ[name])
             continue
-        guess = close_match(key, names)
+        guess = _close_match(key, names)
         warnings.append("%s is not an option's variable and is ignored%s" % (name, (
-            " (did you mean %s, for --%s?)" % (env_name(guess), guess)) if guess else ""))
+            " (did you mean %s, for --%s?)" % (_env_name(guess), guess)) if guess else ""))
     return settings, warnings
 
 
-def explain_parse_error(message, names, sources):
+def _explain_parse_error(message, names, sources):
     """argparse's message, with where a value came from, and a suggestion for a misspelling."""
     found = re.match(r"argument (?:-\w/)?--([\w-]+): (.*)$", message)
     if found:
         key, rest = found.groups()
         choice = re.match(r"invalid choice: '([^']*)'", rest)
-        guess = close_match(choice.group(1).lower(), names[key].choices) \
+        guess = _close_match(choice.group(1).lower(), names[key].choices)\
             if choice and key in names else None
         if guess:
             message += "; did you mean '%s'?" % guess
@@ -5907,7 +5921,7 @@ def explain_parse_error(message, names, sources):
             if word.lower() in MODES:
                 hints.append("the mode goes first: proxyguard.py %s ..." % word.lower())
             elif word.startswith("--"):
-                guess = close_match(word[2:].split("=")[0], names)
+                guess = _close_match(word[2:].split("=")[0], names)
                 if guess:
                     hints.append("%s: did you mean --%s?" % (word, guess))
         if hints:
@@ -5915,16 +5929,16 @@ def explain_parse_error(message, names, sources):
     return message
 
 
-def name_source(exc, options):
+def _name_source(exc, options):
     """A check's UsageError naming --option, prefixed with the config file line or variable
     the option came from, if it came from one."""
     option = exc.option.split()[0] if exc.option and exc.option.startswith("--") else None
-    source = getattr(options, "sources", {}).get(option[2:].replace("-", "_")) \
+    source = getattr(options, "sources", {}).get(option[2:].replace("-", "_"))\
         if option else None
     return "%s: %s" % (source, exc) if source else str(exc)
 
 
-def check_option_modes(options, parser, on_command_line, sources):
+def _check_option_modes(options, parser, on_command_line, sources):
     """Refuse an option of another mode: on the command line always, from a config file or
     the environment unless it holds its default (a shared file's, the example file's)."""
     for key, action in settable_options(parser).items():
@@ -5942,7 +5956,7 @@ def check_option_modes(options, parser, on_command_line, sources):
             hint = "check takes the client's options"
         raise UsageError("%s--%s is a %s option: %s would ignore it%s" % (
             "%s: " % source if source else "", key,
-            " and ".join(modes) if modes else options_mode(options.mode),
+            " and ".join(modes) if modes else _options_mode(options.mode),
             options.mode if options.mode in ("check", "up") else "the " + options.mode,
             " (%s)" % hint if hint else ""))
 
@@ -5958,18 +5972,18 @@ def parse_options(argv, environ=None, program=None):
     env_settings, warnings = environment_settings(environ, names)
     sources = {}
     try:
-        argv = mode_word_first(translate_original_flags(list(argv)))
+        argv = _mode_word_first(translate_original_flags(list(argv)))
         # First the command line alone: what it gives, and its own errors as argparse words them.
         try:
             given, _ = build_parser(command_line_only=True).parse_known_args(argv)
         except UsageError as exc:
-            raise UsageError(explain_parse_error(str(exc), names, {}))
+            raise UsageError(_explain_parse_error(str(exc), names, {}))
         asks = any(arg in ("-h", "--help", "--version") for arg in argv)
         if any(arg in ("-h", "--help") for arg in argv) and getattr(given, "mode", None):
             parser = build_parser(help_mode=given.mode)  # that mode's options alone
         path = getattr(given, "config", None)
         if configargparse is None and (env_settings or path is not None):
-            used = sorted(env_name(source.key) for source in env_settings.values())
+            used = sorted(_env_name(source.key) for source in env_settings.values())
             raise UsageError("config files and %s* environment variables (%s) need the "
                              "configargparse package: %s; or give every option on the "
                              "command line" % (ENV_PREFIX, ", ".join(used) or "-c",
@@ -5979,7 +5993,7 @@ def parse_options(argv, environ=None, program=None):
         # command line.
         sources.update(env_settings)
         if path is not None and not asks:
-            sources.update(config_file_settings(path, names))
+            sources.update(_config_file_settings(path, names))
         for dest in vars(given):
             sources.pop(dest, None)
         try:
@@ -5987,24 +6001,24 @@ def parse_options(argv, environ=None, program=None):
                 options = parser.parse_args(argv)
             else:
                 options = parser.parse_args(argv, config_file_contents="", env_vars={
-                    env_name(source.key): source.value for source in sources.values()})
+                    _env_name(source.key): source.value for source in sources.values()})
         except UsageError as exc:
-            raise UsageError(explain_parse_error(str(exc), names, sources))
+            raise UsageError(_explain_parse_error(str(exc), names, sources))
         options.sources, options.warnings = sources, warnings
-        check_program_mode(options, program)
+        _check_program_mode(options, program)
         if options.mode is not None:
-            check_option_modes(options, parser, set(vars(given)), sources)
+            _check_option_modes(options, parser, set(vars(given)), sources)
         try:
-            check_options(options)
+            _check_options(options)
         except UsageError as exc:
-            raise UsageError(name_source(exc, options))
+            raise UsageError(_name_source(exc, options))
     except UsageError as exc:
         exc.warnings = warnings
         raise
     return options
 
 
-def check_options(options):
+def _check_options(options):
     """Mode-dependent checks and conversions; raises UsageError naming the option."""
     if options.mode is None:
         raise UsageError("--mode is required: client, server, check or up (or 'mode = client' "
@@ -6013,7 +6027,8 @@ def check_options(options):
         value = getattr(options, name)  # inf and nan fail both comparisons
         if not (low <= value <= high or (value == 0 and name in ("idle_timeout", "keepalive"))):
             shown = repr(value)[:-2] if repr(value).endswith(".0") else repr(value)
-            raise UsageError("--%s %s: must be %s" % (name.replace("_", "-"), shown, words), option="--" + name.replace('_', '-'))
+            raise UsageError("--%s %s: must be %s" % (name.replace("_", "-"), shown, words),
+                             option="--" + name.replace('_', '-'))
     if options.metrics_listen:  # an empty host takes every interface, as --listen's does
         options.metrics_listen = parse_host_port(options.metrics_listen, "--metrics-listen",
                                                  default_host="0.0.0.0")
@@ -6021,7 +6036,7 @@ def check_options(options):
         options.metrics_listen = None
     if options.mode == "server":
         options.listen = parse_host_port(options.listen, "--listen", default_host="0.0.0.0")
-        options.route = check_routes(options.route or [])
+        options.route = _check_routes(options.route or [])
         if options.to and len(options.to) > 1:
             raise UsageError("--to given %d times (%s): the server forwards to one WireGuard "
                              "HOST:PORT (several nodes: --route PATH=HOST:PORT)"
@@ -6029,37 +6044,40 @@ def check_options(options):
         to = options.to[0] if options.to else DEFAULT_SERVER_TO
         if "://" in to:
             raise UsageError("--to %r: the server's --to is WireGuard's HOST:PORT, for example "
-                             "%s, not a URL (a URL is the client's --to)" % (to, DEFAULT_SERVER_TO), option='--to')
+                             "%s, not a URL (a URL is the client's --to)"
+                             % (to, DEFAULT_SERVER_TO), option='--to')
         # With --route, only a --to given (not its default) serves the other paths. --to stays
         # the strings given; `wireguard` is its parsed (host, port), or None.
-        options.wireguard = parse_host_port(to, "--to") if options.to or not options.route \
+        options.wireguard = parse_host_port(to, "--to") if options.to or not options.route\
             else None
         if options.route and options.wireguard is None and options.path is not None:
             raise UsageError("--path %r: with --route and no --to there is nothing for --path "
-                             "to limit (give --to, or make it a --route)" % options.path, option='--path')
+                             "to limit (give --to, or make it a --route)" % options.path,
+                             option='--path')
         options.trusted_proxies = parse_networks(options.trusted_proxies, "--trusted-proxies")
         if not 0 <= options.max_clients <= MAX_CLIENTS_BOUND:
             raise UsageError("--max-clients %r: must be 0 (no limit) or up to %d"
                              % (options.max_clients, MAX_CLIENTS_BOUND), option='--max-clients')
         if bool(options.tls_cert) != bool(options.tls_key):
             raise UsageError("--tls-cert and --tls-key go together", option='--tls-cert')
-        if options.health_path is not None and not is_url_path(options.health_path):
+        if options.health_path is not None and not _is_url_path(options.health_path):
             raise UsageError("--health-path %r: must be a URL path such as /proxyguard-health "
-                             "(visible ASCII from a /, no query)" % options.health_path, option='--health-path')
-        if options.path is not None and not is_url_path(options.path):
+                             "(visible ASCII from a /, no query)" % options.health_path,
+                             option='--health-path')
+        if options.path is not None and not _is_url_path(options.path):
             raise UsageError("--path %r: must be a URL path such as /proxyguard (visible ASCII "
                              "from a /, no query)" % options.path, option='--path')
         return
     if options.mode == "up":
-        read_up_profile(options)
+        _read_up_profile(options)
     elif not options.to:
         raise UsageError("--to is required for the %s: the server's URL, for example "
                          "https://vpn.example.org/proxyguard" % options.mode, option='--to')
     else:  # several --to: one peer's servers, in the order tried (issue 15); --to stays
         options.servers = [ServerURL(url) for url in options.to]  # the strings given
-    options.listen_port = parse_port(options.listen_port, "--listen-port")
-    options.forward_port = parse_port(options.forward_port, "--forward-port")
-    options.tcp_port = parse_port(options.tcp_port, "--tcp-port", allow_zero=True)
+    options.listen_port = _parse_port(options.listen_port, "--listen-port")
+    options.forward_port = _parse_port(options.forward_port, "--forward-port")
+    options.tcp_port = _parse_port(options.tcp_port, "--tcp-port", allow_zero=True)
     if options.mode == "client" and options.listen_port == options.forward_port:
         raise UsageError("--listen-port %d and --forward-port %d are one port: the client would "
                          "send WireGuard's traffic back to itself (--listen-port is WireGuard's "
@@ -6068,7 +6086,7 @@ def check_options(options):
     if not (options.fwmark == -1 or 0 <= options.fwmark <= MAX_FWMARK):
         raise UsageError("--fwmark %r: must be -1 (off) or 0 to %d (0x%x)"
                          % (options.fwmark, MAX_FWMARK, MAX_FWMARK), option='--fwmark')
-    check_header_value(options.user_agent, "--user-agent")
+    _check_header_value(options.user_agent, "--user-agent")
     ips = [ip.strip() for ip in options.peer_ips.split(",") if ip.strip()]
     for ip in ips:
         try:  # strict: getaddrinfo would read 1.2.3 as 1.2.0.3
@@ -6081,7 +6099,7 @@ def check_options(options):
     options.peer_ips = ips
 
 
-def read_up_profile(options):
+def _read_up_profile(options):
     """up: read --profile into options.wireguard_profile (a WireGuardProfile) and
     options.interface (its file name without .conf), and settle WireGuard's ListenPort
     (--forward-port, else the profile's, else the default) and FwMark (--fwmark, else the
@@ -6104,13 +6122,13 @@ def read_up_profile(options):
     profile = parse_profile(text, where)
     listen_port = profile.setting("listenport")
     if options.forward_port == DEFAULT_FORWARD_PORT and listen_port:
-        options.forward_port = parse_port(listen_port, "%s: ListenPort" % where)
+        options.forward_port = _parse_port(listen_port, "%s: ListenPort" % where)
     mark = profile.setting("fwmark")
     if options.fwmark == -1:
         options.fwmark = DEFAULT_UP_FWMARK
         if mark and mark.lower() != "off":
             try:
-                value = fwmark_value(mark)
+                value = _fwmark_value(mark)
             except argparse.ArgumentTypeError as exc:
                 raise UsageError("%s: FwMark %s" % (where, exc))
             if not 0 <= value <= MAX_FWMARK:
@@ -6120,7 +6138,7 @@ def read_up_profile(options):
     options.wireguard_profile, options.interface = profile, interface
 
 
-def check_routes(values):
+def _check_routes(values):
     """--route's values (each may hold several, split by commas: a config file's list, a
     variable) as [(PATH, (host, port))]; raises UsageError for a bad one or a PATH twice."""
     routes, seen = [], {}
@@ -6128,7 +6146,7 @@ def check_routes(values):
         for item in value.split(","):
             if not item.strip():
                 continue
-            path, target = parse_route(item)
+            path, target = _parse_route(item)
             if path in seen:
                 raise UsageError("--route %r: the path %s has a route already (%r)"
                                  % (item.strip(), path, seen[path]), option='--route')
@@ -6137,7 +6155,7 @@ def check_routes(values):
     return routes
 
 
-def check_header_value(text, option):
+def _check_header_value(text, option):
     """Refuse what cannot go into an HTTP header as written: control characters (a line
     break would inject headers) and characters beyond latin-1. Raises UsageError."""
     bad = next((ch for ch in text if ord(ch) < 32 or 127 <= ord(ch) < 160), None)
@@ -6151,7 +6169,7 @@ def check_header_value(text, option):
                          % (option, text), option=option)
 
 
-def build_service(options, tunnels_changed=None):
+def _build_service(options, tunnels_changed=None):
     """The Server, Client or ClientGroup the options describe, calling `tunnels_changed`
     when a tunnel opens or closes. Raises UsageError or FatalError."""
     if options.mode == "server":
@@ -6165,15 +6183,15 @@ def build_service(options, tunnels_changed=None):
                            routes=options.route, health_path=options.health_path,
                            tunnels_changed=tunnels_changed)
     if options.mode == "up":
-        return build_client_group(options, tunnels_changed)
-    return Client.open(build_dialer(options), listen_port=options.listen_port,
+        return _build_client_group(options, tunnels_changed)
+    return Client.open(_build_dialer(options), listen_port=options.listen_port,
                        forward_port=options.forward_port, idle_timeout=options.idle_timeout,
                        keepalive=options.keepalive,
-                       fallbacks=[build_dialer(options, url) for url in options.servers[1:]],
+                       fallbacks=[_build_dialer(options, url) for url in options.servers[1:]],
                        tunnels_changed=tunnels_changed)
 
 
-def build_client_group(options, tunnels_changed=None):
+def _build_client_group(options, tunnels_changed=None):
     """up: check that wg-quick can run (unless --write-config), then a Client per ProxyEndpoint
     peer, each on a free UDP port of 127.0.0.1, its server resolved now, before WireGuard may
     route DNS into the VPN, and kept for every reconnect. Raises FatalError."""
@@ -6182,7 +6200,7 @@ def build_client_group(options, tunnels_changed=None):
         check_can_bring_up(profile)
     clients = []
     for _, url in profile.proxy_peers:
-        dialer = build_dialer(options, url)
+        dialer = _build_dialer(options, url)
         try:
             dialer.resolve()
         except OSError as exc:
@@ -6229,7 +6247,7 @@ def start_wireguard(options, group):
     return wireguard
 
 
-def build_dialer(options, url=None):
+def _build_dialer(options, url=None):
     """The client's (or check's) Dialer for `url` (default: the first --to). Raises
     UsageError."""
     url = url or options.servers[0]
@@ -6237,7 +6255,7 @@ def build_dialer(options, url=None):
     if url.tls:
         tls_context = client_tls_context(options.ca_file, options.tls_min_version)
     if options.proxy is None:
-        proxy = proxy_from_environment(url)
+        proxy = _proxy_from_environment(url)
     elif options.proxy.lower() in ("", "none", "direct"):
         proxy = None
     else:
@@ -6267,33 +6285,33 @@ def main(argv=None, program=None):
         return 2
     except SystemExit as exc:  # --help and --version print and exit 0
         return exc.code if isinstance(exc.code, int) else 0
-    configure_logging(options.log_level)
+    _configure_logging(options.log_level)
     for warning in options.warnings:
         log.warning("%s", warning)
     if options.mode != "check":
-        limit = raise_open_files_limit()
+        limit = _raise_open_files_limit()
         if options.mode == "server":
             warning = open_files_warning(options.max_clients, limit)
             if warning:
                 log.warning("%s", warning)
     if options.mode == "check":
         try:  # each server in turn: 1 if any fails
-            return max([run_check(build_dialer(options, url)) for url in options.servers])
+            return max([run_check(_build_dialer(options, url)) for url in options.servers])
         except UsageError as exc:
-            print("%s: error: %s" % (name, name_source(exc, options)), file=sys.stderr)
+            print("%s: error: %s" % (name, _name_source(exc, options)), file=sys.stderr)
             return 2
-    with signals_held():
+    with _signals_held():
         metrics = wireguard = None
         try:
             try:
                 if options.metrics_listen:
                     metrics = MetricsEndpoint.open(options.metrics_listen)
                 tunnels_changed = threading.Event()  # for the systemd notifier's STATUS=
-                service = build_service(options, tunnels_changed.set)
+                service = _build_service(options, tunnels_changed.set)
                 if options.mode == "up":
                     wireguard = start_wireguard(options, service)
             except UsageError as exc:
-                print("%s: error: %s" % (name, name_source(exc, options)), file=sys.stderr)
+                print("%s: error: %s" % (name, _name_source(exc, options)), file=sys.stderr)
                 return 2
             except FatalError as exc:
                 log.error("%s", exc)
@@ -6303,7 +6321,7 @@ def main(argv=None, program=None):
             tune_threads()
             status = 1
             try:
-                status = run_until_signal(service, functools.partial(reload_settings, service,
+                status = _run_until_signal(service, functools.partial(_reload_settings, service,
                                                                      argv, program),
                                           SystemdNotifier.from_environment(), tunnels_changed)
             finally:
