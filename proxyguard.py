@@ -377,15 +377,10 @@ def _frame_header(datagram):
     return FRAME_HEADER.pack(len(datagram))
 
 
-def encode_frame(datagram):
-    """Return one UoTLV/1 frame for `datagram` (at most 65535 bytes)."""
-    return _frame_header(datagram) + bytes(datagram)
-
-
 def cut_frames(view, end):
     """Cut the whole frames out of `view[:end]` (a memoryview of bytes): return the list of
     their datagrams, as memoryview slices of `view`, and where the first incomplete frame
-    begins. The one frame-cutting loop: FrameDecoder and the tunnel's TCP->UDP pump share it."""
+    begins. The one frame-cutting loop (the tunnel's TCP->UDP pump; the tests' FrameDecoder)."""
     datagrams = []
     pos = 0
     while end - pos >= 2:
@@ -397,39 +392,9 @@ def cut_frames(view, end):
     return datagrams, pos
 
 
-class FrameDecoder:
-    """Cut UoTLV/1 frames out of a TCP byte stream that may split them anywhere.
-
-    `feed(data)` returns the list of whole datagrams completed by `data`, in order; a partial
-    frame is kept for the next call. `pending` tells how many bytes are buffered.
-    """
-
-    def __init__(self):
-        self._buffer = bytearray()
-
-    @property
-    def pending(self):
-        return len(self._buffer)
-
-    def feed(self, data):
-        buffer = self._buffer
-        if buffer:
-            buffer += data
-            data = buffer
-        with memoryview(data) as view:
-            slices, pos = cut_frames(view, len(view))
-            datagrams = [datagram.tobytes() for datagram in slices]
-            del slices  # the slices pin `buffer`, which must stay resizable
-        if data is buffer:
-            del buffer[:pos]
-        else:
-            buffer += data[pos:]
-        return datagrams
-
-
 def encode_frames(datagrams):
     """Return the frames of all `datagrams` as one bytes object (one TCP write); ValueError
-    for a datagram over 65535 bytes, as encode_frame."""
+    for a datagram over 65535 bytes."""
     parts = []
     for datagram in datagrams:
         parts.append(_frame_header(datagram))
@@ -1691,8 +1656,8 @@ class IdleClock:
     """When a tunnel has been idle for `timeout` seconds (0: never): no data either way.
 
     The pumps tell it when data crosses: `received()` from the peer, `sent()` to it (sent data
-    counts once acknowledged, through TCP_USER_TIMEOUT); `touch()` is both. The reader waits at most `remaining()` and, woken early,
-    waits again for what is left, so the tunnel closes `timeout` after the last data, not
+    counts once acknowledged, through TCP_USER_TIMEOUT). The reader waits at most `remaining()`
+    and, woken early, waits again for what is left, so the tunnel closes `timeout` after the last data, not
     anywhere up to twice that (a fixed receive timeout restarts at every wait).
     """
 
@@ -1707,9 +1672,6 @@ class IdleClock:
 
     def sent(self):
         self.last_sent = self.clock()
-
-    def touch(self):
-        self.last_received = self.last_sent = self.clock()
 
     @property
     def last(self):

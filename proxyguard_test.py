@@ -85,8 +85,42 @@ if (threading.current_thread() is threading.main_thread()
 
 
 # =============================================================================================
-# Helpers: ports, a UDP echo, proxyguard processes, a WireGuard stand-in
+# Helpers: ports, a UDP echo, proxyguard processes, a WireGuard stand-in, UoTLV/1 frames
 # =============================================================================================
+
+
+def encode_frame(datagram):
+    """One UoTLV/1 frame for `datagram` (at most 65535 bytes; ValueError beyond): the tests'
+    peers write frames one by one (the product writes them in place, in batches)."""
+    return pg.encode_frames([datagram])
+
+
+class FrameDecoder:
+    """Cut UoTLV/1 frames out of a TCP byte stream that may split them anywhere, as the tests'
+    peers read them: `feed(data)` returns the whole datagrams completed by `data`, in order; a
+    partial frame is kept for the next call; `pending` is how many bytes are held."""
+
+    def __init__(self):
+        self._buffer = bytearray()
+
+    @property
+    def pending(self):
+        return len(self._buffer)
+
+    def feed(self, data):
+        buffer = self._buffer
+        if buffer:
+            buffer += data
+            data = buffer
+        with memoryview(data) as view:
+            slices, pos = pg.cut_frames(view, len(view))
+            datagrams = [datagram.tobytes() for datagram in slices]
+            del slices  # the slices pin `buffer`, which must stay resizable
+        if data is buffer:
+            del buffer[:pos]
+        else:
+            buffer += data[pos:]
+        return datagrams
 
 
 class UdpEcho:
@@ -282,11 +316,6 @@ HANDSHAKE_TIMEOUT = 2.0
 MARGIN = 4.0
 CASE_LIMIT = HANDSHAKE_TIMEOUT + MARGIN
 
-# =============================================================================================
-# Helpers
-# =============================================================================================
-
-
 def wait_until(predicate, timeout, what, interval=0.02):
     """Poll `predicate` until it returns something true, and return that; AssertionError naming
     `what` after `timeout` seconds. For conditions no event announces (a counter, a socket
@@ -369,11 +398,11 @@ class RawTunnel:
         if status_of(head) != 101:
             self.sock.close()
             raise ConnectionError("not upgraded: %r" % head[:200])
-        self.decoder = pg.FrameDecoder()
+        self.decoder = FrameDecoder()
         self.queue = collections.deque(self.decoder.feed(rest))
 
     def send(self, datagram):
-        self.sock.sendall(pg.encode_frame(datagram))
+        self.sock.sendall(encode_frame(datagram))
 
     def recv(self, timeout=5.0):
         deadline = time.monotonic() + timeout
@@ -459,22 +488,22 @@ FRAME_SIZES = [0, 1, 1420, 65507, 65535]
 
 
 def test_encode_frame_prefixes_big_endian_length():
-    assert pg.encode_frame(b"abc") == b"\x00\x03abc"
-    assert pg.encode_frame(b"") == b"\x00\x00"
-    assert pg.encode_frame(b"x" * 65535)[:2] == b"\xff\xff"
+    assert encode_frame(b"abc") == b"\x00\x03abc"
+    assert encode_frame(b"") == b"\x00\x00"
+    assert encode_frame(b"x" * 65535)[:2] == b"\xff\xff"
     with pytest.raises(ValueError):
-        pg.encode_frame(b"x" * 65536)
+        encode_frame(b"x" * 65536)
     assert pg.encode_frames([b"a", b"", b"bc"]) == b"\x00\x01a\x00\x00\x00\x02bc"
 
 
 @pytest.mark.parametrize("size", FRAME_SIZES)
 def test_decoder_every_split_point_of_one_frame(size):
     datagram = numbered(7, size)
-    stream = pg.encode_frame(datagram)
+    stream = encode_frame(datagram)
     points = range(len(stream) + 1) if size < 2000 else list(range(0, 5)) + list(
         range(len(stream) - 4, len(stream) + 1)) + [len(stream) // 2, 1000, 40000]
     for split in points:
-        decoder = pg.FrameDecoder()
+        decoder = FrameDecoder()
         got = decoder.feed(stream[:split]) + decoder.feed(stream[split:])
         assert got == [datagram], split
         assert decoder.pending == 0
@@ -482,11 +511,11 @@ def test_decoder_every_split_point_of_one_frame(size):
 
 def test_decoder_several_frames_per_read_and_byte_by_byte():
     datagrams = [numbered(i, size) for i, size in enumerate(FRAME_SIZES * 2)]
-    stream = b"".join(pg.encode_frame(d) for d in datagrams)
-    assert pg.FrameDecoder().feed(stream) == datagrams
-    decoder = pg.FrameDecoder()
+    stream = b"".join(encode_frame(d) for d in datagrams)
+    assert FrameDecoder().feed(stream) == datagrams
+    decoder = FrameDecoder()
     small = [numbered(i, i % 50) for i in range(40)]
-    small_stream = b"".join(pg.encode_frame(d) for d in small)
+    small_stream = b"".join(encode_frame(d) for d in small)
     got = []
     for i in range(len(small_stream)):
         got += decoder.feed(small_stream[i:i + 1])
@@ -495,17 +524,17 @@ def test_decoder_several_frames_per_read_and_byte_by_byte():
 
 def test_decoder_every_split_point_of_mixed_stream():
     datagrams = [numbered(i, size) for i, size in enumerate([0, 1, 3, 0, 100, 2])]
-    stream = b"".join(pg.encode_frame(d) for d in datagrams)
+    stream = b"".join(encode_frame(d) for d in datagrams)
     for first in range(len(stream) + 1):
         for second in range(first, len(stream) + 1):
-            decoder = pg.FrameDecoder()
+            decoder = FrameDecoder()
             got = (decoder.feed(stream[:first]) + decoder.feed(stream[first:second])
                    + decoder.feed(stream[second:]))
             assert got == datagrams
 
 
 def test_decoder_keeps_partial_frame_pending():
-    decoder = pg.FrameDecoder()
+    decoder = FrameDecoder()
     assert decoder.feed(b"\x00\x05ab") == []
     assert decoder.pending == 4
     assert decoder.feed(bytearray(b"cde\x00")) == [b"abcde"]
@@ -690,7 +719,7 @@ def test_tunnel_frames_datagrams_in_place_and_drops_empty_ones():
                 if size:
                     sent.append(datagram)
             time.sleep(0.01)  # scenario: bursts apart, so single-datagram receives happen too
-        assert read_frames(ours, pg.FrameDecoder(), len(sent)) == sent
+        assert read_frames(ours, FrameDecoder(), len(sent)) == sent
         wait_until(lambda: (tunnel.to_tcp_datagrams, tunnel.to_tcp_bytes)
                    == (len(sent), sum(map(len, sent))), 5, "the counters")
 
@@ -974,7 +1003,8 @@ def test_idle_clock_counts_from_the_last_data_either_way():
     for advance, touch, remaining in steps:
         clock.advance(advance)
         if touch:
-            idle.touch()
+            idle.received()
+            idle.sent()
         assert idle.remaining() == pytest.approx(remaining)
     assert idle.expired()
     never = pg.IdleClock(0, clock)
@@ -1317,7 +1347,7 @@ def test_server_handles_a_socketpair_in_process(echo):
     server = pg.Server(None, (LOOPBACK, echo.port), idle_timeout=30, handshake_timeout=5)
     sock, thread = serve_socketpair(server)
     datagrams = [numbered(i, size) for i, size in enumerate((1, 1420, 65507))]
-    sock.sendall(UPGRADE + b"".join(pg.encode_frame(d) for d in datagrams))
+    sock.sendall(UPGRADE + b"".join(encode_frame(d) for d in datagrams))
     reader = pg.HeadReader()
     parts = None
     while parts is None:
@@ -1326,7 +1356,7 @@ def test_server_handles_a_socketpair_in_process(echo):
     assert parts[0] == pg.UPGRADE_RESPONSE
     # The echoes may come in the same read as the 101 (CI saw the first one there): the
     # frames already cut count towards the three.
-    decoder = pg.FrameDecoder()
+    decoder = FrameDecoder()
     echoed = decoder.feed(parts[1])
     assert echoed + read_frames(sock, decoder, len(datagrams) - len(echoed)) == datagrams
     assert server.tunnels_open() == 1
@@ -1359,7 +1389,7 @@ def test_a_closed_tunnel_is_in_the_totals_when_its_down_line_is_written(echo, ca
     pg.log.addHandler(handler)
     try:
         sock, thread = serve_socketpair(server)
-        sock.sendall(UPGRADE + pg.encode_frame(b"one"))
+        sock.sendall(UPGRADE + encode_frame(b"one"))
         wait_until(lambda: echo.count == 1, 5, "the datagram at WireGuard")
         sock.close()
         thread.join(5)
@@ -1527,7 +1557,7 @@ def test_tunnel_closes_at_the_idle_timeout_after_the_last_data_either_way():
     assert ours.recv(2) == b"go"  # the tunnel runs
     thread.join(0.6 * timeout)  # let part of the timeout pass with no data (scenario, no sync)
     wireguard.sendto(b"keepalive", endpoint.sock.getsockname())
-    assert read_frames(ours, pg.FrameDecoder(), 1) == [b"keepalive"]
+    assert read_frames(ours, FrameDecoder(), 1) == [b"keepalive"]
     last_data = time.monotonic()
     assert ours.recv(100) == b""  # the tunnel closed
     closed_after = time.monotonic() - last_data
@@ -1859,12 +1889,12 @@ def test_frames_split_anywhere_and_bytes_with_the_request(tmp_path, echo, procs)
     procs.append(server)
     datagrams = [numbered(i, size) for i, size in enumerate([5, 0, 1420, 3])]
     with socket.create_connection((LOOPBACK, server.port), timeout=5) as sock:
-        sock.sendall(UPGRADE + pg.encode_frame(datagrams[0]))
+        sock.sendall(UPGRADE + encode_frame(datagrams[0]))
         reply = sock.recv(len(pg.UPGRADE_RESPONSE))
         assert reply == pg.UPGRADE_RESPONSE
-        for byte in b"".join(pg.encode_frame(d) for d in datagrams[1:]):
+        for byte in b"".join(encode_frame(d) for d in datagrams[1:]):
             sock.sendall(bytes([byte]))
-        decoder = pg.FrameDecoder()
+        decoder = FrameDecoder()
         got = []
         # The empty datagram reaches the echo, which sends back an empty datagram that is
         # dropped as the original does; the others come back.
@@ -1956,12 +1986,12 @@ def test_client_is_lazy_and_sends_the_request_of_the_original(tmp_path, procs):
             # A 101 with other case and a Date header is accepted; the queued datagram follows.
             conn.sendall(b"HTTP/1.1 101 switching\r\nDate: x\r\nconnection: UPGRADE\r\n"
                          b"upgrade: uotlv/1\r\n\r\n")
-            decoder = pg.FrameDecoder()
+            decoder = FrameDecoder()
             got = []
             while not got:
                 got += decoder.feed(conn.recv(100))
             assert got == [b"first"]
-            conn.sendall(pg.encode_frame(b"reply"))
+            conn.sendall(encode_frame(b"reply"))
             assert client.wireguard.recv() == b"reply"
 
 
@@ -3234,7 +3264,7 @@ def pump_both_ways(channel, frames_out, expected_in, errors):
 
     writer = threading.Thread(target=write)
     writer.start()
-    decoder = pg.FrameDecoder()
+    decoder = FrameDecoder()
     got = 0
     try:
         while got < len(expected_in):
@@ -3272,7 +3302,7 @@ def test_tls_two_threads_per_connection_never_corrupt(certs):
                 down = [payload[:rng.randint(1, 1420)] for _ in range(frames_each_way)]
                 errors = []
                 for channel, out, expect in ((client, up, down), (server, down, up)):
-                    frames = [pg.encode_frame(d) for d in out]
+                    frames = [encode_frame(d) for d in out]
                     threads.append(threading.Thread(target=pump_both_ways,
                                                     args=(channel, frames, expect, errors)))
                 threads[-1].errors = errors
@@ -3827,7 +3857,7 @@ def test_tune_threads_sets_stack_and_switch_interval_and_tls_fits_the_stack(cert
         down = up[::-1]
         errors = []
         threads = [threading.Thread(target=pump_both_ways,
-                                    args=(channel, [pg.encode_frame(d) for d in out], expect,
+                                    args=(channel, [encode_frame(d) for d in out], expect,
                                           errors))
                    for channel, out, expect in ((client, up, down), (server, down, up))]
         for thread in threads:
@@ -3942,14 +3972,14 @@ def test_frame_decoder_matches_a_model(data):
             datagrams.append(data.draw(st.binary(min_size=size, max_size=size)))
         else:
             datagrams.append(numbered(i, size))
-    stream = b"".join(pg.encode_frame(d) for d in datagrams)
+    stream = b"".join(encode_frame(d) for d in datagrams)
     ends = []  # stream offset where each frame ends
     position = 0
     for d in datagrams:
         position += 2 + len(d)
         ends.append(position)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8), label="cuts"))
-    decoder = pg.FrameDecoder()
+    decoder = FrameDecoder()
     got = []
     previous = 0
     for cut in cuts + [len(stream)]:
@@ -3968,7 +3998,7 @@ def test_frame_decoder_matches_a_model(data):
 def test_frame_decoder_on_arbitrary_bytes_conserves_and_bounds(chunks):
     """Any byte stream: never raises, every byte is in a datagram, a header or `pending`, and
     `pending` never exceeds one unfinished frame (2 + 65535 - 1 bytes)."""
-    decoder = pg.FrameDecoder()
+    decoder = FrameDecoder()
     fed = out = 0
     for chunk in chunks:
         datagrams = decoder.feed(chunk)
@@ -3986,7 +4016,7 @@ def test_frame_decoder_on_arbitrary_bytes_conserves_and_bounds(chunks):
 def one_tunnel(port, index, mode="echo"):
     if mode == "rst-before-101":
         sock = socket.create_connection((LOOPBACK, port), timeout=5)
-        sock.sendall(UPGRADE + pg.encode_frame(numbered(index, 100)))
+        sock.sendall(UPGRADE + encode_frame(numbered(index, 100)))
         set_rst_on_close(sock)
         sock.close()
         return
