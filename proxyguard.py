@@ -55,7 +55,7 @@ except ImportError:  # a router without pip: command-line options still work
     configargparse = None
 
 # Python's ssl module, imported at the first TLS use (see tls()): OpenWrt ships it apart
-# (python3-openssl), and a plain http:// router must run without it (issue 17).
+# (python3-openssl), and a plain http:// router must run without it.
 ssl = None
 
 try:  # POSIX only: the open-files limit (_raise_open_files_limit)
@@ -76,7 +76,7 @@ log = logging.getLogger("proxyguard")
 
 PROTOCOL = "UoTLV/1"
 
-# The second transport (issue "Through any front"): RFC 6455 WebSocket, for the fronts that
+# The second transport: RFC 6455 WebSocket, for the fronts that
 # pass no other Upgrade (cloud load balancers, CDNs, Apache's upgrade=websocket). One binary
 # message per datagram; the client offers this subprotocol and the server echoes it, so a
 # client can tell a proxyguard server from any other WebSocket endpoint.
@@ -122,7 +122,7 @@ RETRY_WAITS = (1, 2, 4, 8, 10)
 # A tunnel that lived this long was healthy: the next failure starts the waits over.
 STABLE_TUNNEL_SECONDS = 10.0
 
-# The client's TCP_USER_TIMEOUT (issue 15, failover; issue 19, a cut path): a tunnel whose sent
+# The client's TCP_USER_TIMEOUT (failover; a cut path): a tunnel whose sent
 # data stays unacknowledged this long is dead (a server silently gone, a path cut), and the
 # client connects afresh (to its next server, if it has one) instead of waiting for TCP's own
 # retransmissions, which back off to minutes. WireGuard always sends under traffic (data,
@@ -173,7 +173,7 @@ DEFAULT_USER_AGENT = "proxyguard.py/" + __version__
 
 # Our server's 426 carries this header, so a client tells it from the original's 426 (which
 # speaks UoTLV/1 only): ours takes WebSocket too, so a WebSocket request it answers with 426
-# lost its Upgrade header on the way (issue 17).
+# lost its Upgrade header on the way.
 SERVER_MARK = ("ProxyGuard-Server", DEFAULT_USER_AGENT)
 
 # How to make a front pass the Upgrade header, for the message that says it does not.
@@ -423,7 +423,7 @@ def shown(text, limit=SHOWN_LIMIT):
     path, a certificate's name; str, or bytes read as latin-1), fit for a log line or the
     terminal: what is not printable (escape sequences, BEL, a bare CR, C1 controls, line and
     bidi marks) and the backslash written as Python escapes (\\x1b), on one line, at most
-    `limit` characters of it (issue 17: a server's `403 Forb\\x1b]0;pwned\\x07` set the
+    `limit` characters of it (a server's `403 Forb\\x1b]0;pwned\\x07` set the
     terminal's title). The one place such text is made safe: use it at every route."""
     if isinstance(text, (bytes, bytearray, memoryview)):
         text = bytes(text).decode("latin-1")
@@ -794,7 +794,7 @@ def check_upgrade_response(response, body=b"", websocket_key=None):
     elif status == 426 and (PROTOCOL.lower() in response.tokens("upgrade")
                             or _UPGRADE_NOT_RECEIVED.search(body) or _is_ours(response)):
         # A ProxyGuard server that got no Upgrade: Apache without upgrade=UoTLV/1, Squid,
-        # a cloud load balancer strip it (issue "Through any front"), and the answer's
+        # a cloud load balancer strip it, and the answer's
         # Upgrade header too (hop-by-hop), but not the server's words in the body.
         if websocket_key is not None:  # not ours (_check_websocket_response saw to that)
             raise UpgradeRefused(UOTLV_ONLY)
@@ -809,7 +809,7 @@ def check_upgrade_response(response, body=b"", websocket_key=None):
     elif status in (502, 503, 504):
         retry_after = parse_retry_after(response.get("retry-after"))
         reason = _body_line(response, body) if status == 503 else None
-        if reason is not None:  # a full server says so itself (issue "The first ten minutes")
+        if reason is not None:  # a full server says so itself
             cause = "the server says %r" % reason
         else:
             cause = ("the reverse proxy cannot reach the proxyguard server behind it, or the "
@@ -1624,7 +1624,7 @@ class Deadline:
 
 
 class RefusalLog:
-    """Which refused upgrade requests get an info line (issue 17: a wrong path or a front that
+    """Which refused upgrade requests get an info line (a wrong path or a front that
     drops the Upgrade was logged at debug only): the first from a source address, then at most
     one per `interval`, which says how many were held back since the last. `admit(source)`
     returns None to hold this one back, or that count. Memory stays bounded: past
@@ -1756,7 +1756,7 @@ class ServerChoice:
     tunnel, and skips those still waiting out their back-off; when all are, it waits for the
     first one due. A wait counts from the start of the attempt that failed: an attempt that
     spent its whole --connect-timeout without an answer (a path down) has waited already, so
-    the next starts at once, and the path is found soon after it comes back (issue 19).
+    the next starts at once, and the path is found soon after it comes back.
     With one server this is the one Backoff of before.
     """
 
@@ -1961,7 +1961,7 @@ def open_listener(listen):
 
 def _listen_scope(sock):
     """What a wildcard address that `sock` is bound to takes, '' for any other: `--listen
-    :443` binds every interface without a word otherwise (issue "The first ten minutes")."""
+    :443` binds every interface without a word otherwise."""
     host = sock.getsockname()[0]
     if host == "0.0.0.0":
         return "all interfaces, IPv4 only"
@@ -2082,7 +2082,7 @@ def tunnel_interface_kind(name, sys_net="/sys/class/net", wireguard_run=WIREGUAR
 
 def routing_loop_hint(ip, lookup=route_interface, kind=tunnel_interface_kind):
     """What to do when the route to the server's `ip` goes into a WireGuard (or other
-    tunnel) interface: the tunnel's own connection would go into the tunnel (issue 17: with
+    tunnel) interface: the tunnel's own connection would go into the tunnel (with
     AllowedIPs = 0.0.0.0/0 and no --fwmark, a plain 'timed out'). None when it does not."""
     name = lookup(ip)
     what = kind(name) if name else None
@@ -2198,11 +2198,10 @@ def _load_tls_files(context, error, cert_file=None, key_file=None, ca_file=None)
         raise damaged(cert_option)
     key_data = read(key_option, key_file) if key_file else data
     if not _PEM_PRIVATE_KEY.search(key_data):
-        raise fail(key_option,
-                   "%s: no private key in the file%s" % (key_option, "" if key_file else
-                    " (give the key with --tls-key)"))
-    encrypted = fail(key_option, "%s: the private key is encrypted; give it without a passphrase "
-                      "(openssl pkey -in KEY -out PLAIN_KEY)" % key_option)
+        raise fail(key_option, "%s: no private key in the file%s" % (
+            key_option, "" if key_file else " (give the key with --tls-key)"))
+    encrypted = fail(key_option, "%s: the private key is encrypted; give it without a "
+                     "passphrase (openssl pkey -in KEY -out PLAIN_KEY)" % key_option)
     if _PEM_ENCRYPTED_KEY.search(key_data):
         raise encrypted
 
@@ -2216,12 +2215,10 @@ def _load_tls_files(context, error, cert_file=None, key_file=None, ca_file=None)
             raise fail(key_option,
                        "%s does not match the certificate in %s" % (key_option, cert_option))
         if exc.reason in ("EE_KEY_TOO_SMALL", "CA_KEY_TOO_SMALL", "CA_MD_TOO_WEAK"):
-            raise fail(cert_option,
-                       "%s: OpenSSL refuses it as too weak (%s): use RSA 2048 or more, or "
-                        "EC, signed with SHA-256" % (cert_option, words(exc)))
-        raise fail(key_option,
-                   "%s: cannot load the private key (%s)" % (key_option, words(exc) if (
-            exc.reason) else "damaged, or in a format OpenSSL cannot read"))
+            raise fail(cert_option, "%s: OpenSSL refuses it as too weak (%s): use RSA 2048 or "
+                       "more, or EC, signed with SHA-256" % (cert_option, words(exc)))
+        raise fail(key_option, "%s: cannot load the private key (%s)" % (key_option, words(exc)
+                   if exc.reason else "damaged, or in a format OpenSSL cannot read"))
     except OSError as exc:  # a file went away under us
         raise fail(cert_option, "%s / %s: %s" % (cert_option, key_option, describe_error(exc)))
 
@@ -2262,7 +2259,7 @@ def certificate_names(cert):
     return ", ".join(shown(name, 100) for name in names) if names else "no DNS or IP names"
 
 
-# What a failed TLS handshake most likely means, for the one-line error (issue: "says why").
+# What a failed TLS handshake most likely means, for the one-line error.
 _CERTIFICATE_HINTS = (
     ("expired", " (renew the server's certificate, or check this machine's clock)"),
     ("not yet valid", " (check this machine's clock)"),
@@ -2672,7 +2669,7 @@ class UdpEndpoint:
                 pass
 
     def _nothing_listens(self):
-        # The server swallowed these without a word (issue "The first ten minutes").
+        # The server swallowed these without a word.
         if not self.refused:
             self.refused = True
             log.warning("%s", self.refused_message())
@@ -3670,7 +3667,7 @@ class Server(Service):
             greeting, framing = UPGRADE_RESPONSE, UOTLV_FRAMING
         tunnel = Tunnel(channel, endpoint, peer_text, IdleClock(self.idle_timeout), first_bytes,
                         greeting=greeting, framing=framing, route=route)
-        route_text = ", route %s to %s" % (route, format_address(wireguard[0]))\
+        route_text = ", route %s to %s" % (route, format_address(wireguard[0])) \
             if self.routed else ""
         with self._lock:
             connection.tunnel = tunnel
@@ -3904,7 +3901,7 @@ class Dialer:
         if self.report:
             self.report(name, ok, detail, seconds)
         # The client's steps at debug level, one line each: every address tried, TLS, the
-        # upgrade's answer (issue "The first ten minutes": debug added almost nothing).
+        # upgrade's answer (debug added almost nothing).
         log.debug("%s %s in %.1f ms: %s", name, "ok" if ok else "failed", seconds * 1000, detail)
 
     def resolve(self):
@@ -3966,7 +3963,7 @@ class Dialer:
         one), and the first to connect wins. An address that refuses is not tried again in this
         dial; a silent one is, with a fresh socket: a path that comes back (its SYNs lost in a
         cut, the kernel's next retry of the old socket seconds away) is found within
-        CONNECT_STAGGER (issue 19). All within `deadline` (--connect-timeout).
+        CONNECT_STAGGER. All within `deadline` (--connect-timeout).
         """
         errors = {}  # address text: its last error
         no_route = []  # the addresses that failed for want of a route
@@ -4190,7 +4187,7 @@ class Client(Service):
 
     def __init__(self, dialer, endpoint, idle_timeout=DEFAULT_IDLE_TIMEOUT, backoff=None,
                  keepalive=DEFAULT_KEEPALIVE, fallbacks=(), tunnels_changed=None):
-        # The peer's servers (issue 15: several --to): `dialer` first, then `fallbacks`, each
+        # The peer's servers (several --to): `dialer` first, then `fallbacks`, each
         # with its own back-off; `servers` decides which is tried when. `dialer` and
         # `backoff` are the server of the current (or last) attempt; `url` names the peer.
         self.dialers = [dialer] + list(fallbacks)
@@ -4366,7 +4363,7 @@ class Client(Service):
         self._count_failure("network", describe_error(exc))
         log.warning("cannot connect to %s: %s", self.dialer.url, describe_error(exc))
         wait = self.backoff.failed()
-        return min(wait, NO_ROUTE_WAIT) if isinstance(exc, ConnectFailed) and exc.no_route\
+        return min(wait, NO_ROUTE_WAIT) if isinstance(exc, ConnectFailed) and exc.no_route \
             else wait
 
     def _count_failure(self, reason, text):
@@ -4901,8 +4898,8 @@ def _metrics_handler():
     return MetricsHandler
 
 
-# The metrics page serves this many requests at once; the next gets 503 at once (issue 17:
-# 800 idle connections held 800 threads for 10 s each).
+# The metrics page serves this many requests at once; the next gets 503 at once (800 idle
+# connections held 800 threads for 10 s each).
 METRICS_CONNECTIONS = 8
 
 # Connections that have sent nothing yet wait in the accept thread's poll, without a thread,
@@ -5865,7 +5862,7 @@ def _explain_parse_error(message, names, sources):
     if found:
         key, rest = found.groups()
         choice = re.match(r"invalid choice: '([^']*)'", rest)
-        guess = _close_match(choice.group(1).lower(), names[key].choices)\
+        guess = _close_match(choice.group(1).lower(), names[key].choices) \
             if choice and key in names else None
         if guess:
             message += "; did you mean '%s'?" % guess
@@ -5895,7 +5892,7 @@ def _name_source(exc, options):
     """A check's UsageError naming --option, prefixed with the config file line or variable
     the option came from, if it came from one."""
     option = exc.option.split()[0] if exc.option and exc.option.startswith("--") else None
-    source = getattr(options, "sources", {}).get(option[2:].replace("-", "_"))\
+    source = getattr(options, "sources", {}).get(option[2:].replace("-", "_")) \
         if option else None
     return "%s: %s" % (source, exc) if source else str(exc)
 
@@ -6010,7 +6007,7 @@ def _check_options(options):
                              % (to, DEFAULT_SERVER_TO), option='--to')
         # With --route, only a --to given (not its default) serves the other paths. --to stays
         # the strings given; `wireguard` is its parsed (host, port), or None.
-        options.wireguard = parse_host_port(to, "--to") if options.to or not options.route\
+        options.wireguard = parse_host_port(to, "--to") if options.to or not options.route \
             else None
         if options.route and options.wireguard is None and options.path is not None:
             raise UsageError("--path %r: with --route and no --to there is nothing for --path "
@@ -6035,7 +6032,7 @@ def _check_options(options):
     elif not options.to:
         raise UsageError("--to is required for the %s: the server's URL, for example "
                          "https://vpn.example.org/proxyguard" % options.mode, option='--to')
-    else:  # several --to: one peer's servers, in the order tried (issue 15); --to stays
+    else:  # several --to: one peer's servers, in the order tried; --to stays
         options.servers = [ServerURL(url) for url in options.to]  # the strings given
     options.listen_port = _parse_port(options.listen_port, "--listen-port")
     options.forward_port = _parse_port(options.forward_port, "--forward-port")
