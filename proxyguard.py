@@ -3014,9 +3014,10 @@ class UoTLVFraming:
     datagrams(view, end)      the batch as bytes again (the failure path: kept for the next);
     control                   whether the reader may have frames of its own to send after a
                               cut: False here, so the UoTLV/1 reader never writes; if True:
-    answer()                  after a cut: (reply, close, reason): a frame to send back now
-                              (a pong) or None, and if the tunnel ends, the close frame to
-                              send and why it ends (else None, None);
+    answer()                  after a cut: None (nothing to do: the usual case, cheap), or
+                              (reply, close, reason): a frame to send back now (a pong) or
+                              None, and if the tunnel ends, the close frame to send and why
+                              it ends (else None, None);
     ping()                    the keepalive's frame, every `keepalive` seconds;
     close_frame(code)         the frame that ends the tunnel in order (a close code, or None);
     keepalive                 seconds between the client's pings (0: none).
@@ -3026,6 +3027,7 @@ class UoTLVFraming:
 
     name = PROTOCOL
     control = False
+    answer = None  # the UoTLV/1 reader never has anything to answer (control is False)
     keepalive = 0
     head = None  # UdpEndpoint.receive_frames writes UoTLV/1's header itself
     cut = staticmethod(cut_frames)
@@ -3138,6 +3140,8 @@ class WebSocketFraming:
         """After a cut: the pong a ping asks for (the latest), and the peer's close (or the
         close our refusal of its protocol error earns) with why the tunnel ends."""
         decoder = self.decoder
+        if decoder.pong is None and decoder.closed is None:
+            return None  # after nearly every cut: no call nor tuple more than before
         reply = None
         if decoder.pong is not None:
             reply = websocket_frame(OP_PONG, decoder.pong, self.mask)
@@ -3301,6 +3305,7 @@ class Tunnel:
         send_datagrams = self.endpoint.send_datagrams
         framing = self.framing
         cut = framing.cut
+        control, answer = framing.control, framing.answer
         held = 0
         end = len(self.first_bytes)  # what came with the 101 is read first
         view[:end] = self.first_bytes
@@ -3314,10 +3319,12 @@ class Tunnel:
                     self.to_udp_bytes += sent_bytes
                     if too_big:
                         self._dropped_too_big(too_big)
-                if framing.control:
-                    reason = self._answer_peer()
-                    if reason is not None:
-                        return reason
+                if control:
+                    answered = answer()
+                    if answered is not None:
+                        reason = self._answer_peer(*answered)
+                        if reason is not None:
+                            return reason
                 held = end - pos
                 if held and pos:
                     buffer.map.move(0, pos, held)  # the incomplete frame to the start
@@ -3348,10 +3355,10 @@ class Tunnel:
                 return "closed by peer" if self.close_reason is None else self.close_reason
             end = held + received
 
-    def _answer_peer(self):
-        """After a WebSocket cut: answer the peer's ping, and its close (or the close our
-        refusal of its protocol error earns); returns the tunnel's end reason or None."""
-        reply, close, reason = self.framing.answer()
+    def _answer_peer(self, reply, close, reason):
+        """After a WebSocket cut, what the framing's `answer()` said: send the pong to the
+        peer's ping, and the close to its close (or the one our refusal of its protocol error
+        earns); returns the tunnel's end reason or None."""
         if reply is not None:
             self._send_own_frame(reply)
         if reason is None:
