@@ -8066,7 +8066,7 @@ def test_install_gives_a_proxyguard_command(tmp_path, installer):
 
 def test_the_unit_runs_the_tunnel_threads_above_low_priority_load():
     """Nice=-10 (measured: two nice-19 CPU hogs delayed the sleeping pump threads by a
-    scheduler slice at nice 0; README, "Measurements: issue 19")."""
+    scheduler slice at nice 0; MEASUREMENTS.md, "This round")."""
     with open(os.path.join(HERE, "proxyguard@.service")) as unit:
         nice = re.search(r"^Nice=(-?\d+)$", unit.read(), re.M)
     assert nice and -19 <= int(nice.group(1)) < 0, nice
