@@ -5533,15 +5533,13 @@ def _close_match(word, candidates):
     return found[0] if found else None
 
 
-PROGRAM_NAMES = ("proxyguard", "proxyguard.py", "proxyguard-client", "proxyguard-server")
-
-
 def program_name(argv0=None):
-    """The name the program was started by, for the usage line and the error lines: one of
-    PROGRAM_NAMES (`proxyguard` as pipx and pip install it; the original's two names), else
-    proxyguard.py."""
+    """The name the program was started by, for the usage line and the error lines: `proxyguard`
+    (as pipx and pip install it), proxyguard.py, or a name of the original's that gives the mode
+    (PROGRAM_MODES); anything else shows as proxyguard.py."""
     name = os.path.basename(sys.argv[0] if argv0 is None and sys.argv else argv0 or "")
-    return name if name in PROGRAM_NAMES else "proxyguard.py"
+    known = name in ("proxyguard", "proxyguard.py") or _program_mode(name) is not None
+    return name if known else "proxyguard.py"
 
 
 def _options_mode(mode):
