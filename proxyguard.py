@@ -77,11 +77,18 @@ log = logging.getLogger("proxyguard")
 PROTOCOL = "UoTLV/1"
 
 # The second transport: RFC 6455 WebSocket, for the fronts that
-# pass no other Upgrade (cloud load balancers, CDNs, Apache's upgrade=websocket). One binary
-# message per datagram; the client offers this subprotocol and the server echoes it, so a
-# client can tell a proxyguard server from any other WebSocket endpoint.
+# pass no other Upgrade (cloud load balancers, CDNs, Apache's upgrade=websocket). The client
+# offers two subprotocols and the server echoes the one it takes, so a client can tell a
+# proxyguard server from any other WebSocket endpoint:
+#     proxyguard-uotlv  each binary message carries one or more whole UoTLV/1 frames: the
+#                       datagrams one pump read at once, so one header and one masking XOR
+#                       serve them all (preferred: UoTLV/1's cost per datagram);
+#     proxyguard-udp    one binary message per datagram (proxyguard.py's first WebSocket
+#                       version, and any WebSocket peer that offers it or nothing).
 WEBSOCKET = "websocket"
 WEBSOCKET_SUBPROTOCOL = "proxyguard-udp"
+WEBSOCKET_BATCH_SUBPROTOCOL = "proxyguard-uotlv"
+WEBSOCKET_SUBPROTOCOLS = (WEBSOCKET_BATCH_SUBPROTOCOL, WEBSOCKET_SUBPROTOCOL)  # preferred first
 WEBSOCKET_VERSION = "13"
 
 # Fronts cut upgraded connections that stay quiet (AWS ALB 60 s, Heroku 55 s, Cloudflare 100 s,
@@ -628,13 +635,21 @@ def _check_websocket_request(request):
                                   "(RFC 6455 4.1)")
 
 
-def websocket_response(request):
-    """The 101 that accepts a checked WebSocket request; it echoes our subprotocol if offered
-    (a generic client that offers none is served too)."""
+def choose_subprotocol(request):
+    """The subprotocol the server takes of those a WebSocket request offers: the first of
+    WEBSOCKET_SUBPROTOCOLS offered, or None (a generic client that offers none of them gets
+    one message per datagram)."""
+    offered = request.tokens("sec-websocket-protocol")
+    return next((name for name in WEBSOCKET_SUBPROTOCOLS if name in offered), None)
+
+
+def websocket_response(request, subprotocol):
+    """The 101 that accepts a checked WebSocket request, echoing `subprotocol` (None: none;
+    see choose_subprotocol)."""
     lines = ["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade",
              "Sec-WebSocket-Accept: " + websocket_accept(request.get("sec-websocket-key"))]
-    if WEBSOCKET_SUBPROTOCOL in request.tokens("sec-websocket-protocol"):
-        lines.append("Sec-WebSocket-Protocol: " + WEBSOCKET_SUBPROTOCOL)
+    if subprotocol is not None:
+        lines.append("Sec-WebSocket-Protocol: " + subprotocol)
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
@@ -721,13 +736,13 @@ def health_answer(open_tunnels, max_clients, stopping=False):
 def build_upgrade_request(host, path, user_agent=DEFAULT_USER_AGENT, websocket_key=None):
     """Return the client's upgrade request: UoTLV/1 (the original's bytes, less
     Accept-Encoding: gzip) or, given a `websocket_key`, an RFC 6455 opening handshake that
-    offers our subprotocol."""
+    offers our subprotocols, the preferred first."""
     if websocket_key is None:
         upgrade = "Upgrade: %s\r\n" % PROTOCOL
     else:
         upgrade = ("Upgrade: websocket\r\nSec-WebSocket-Version: %s\r\nSec-WebSocket-Key: %s"
                    "\r\nSec-WebSocket-Protocol: %s\r\n"
-                   % (WEBSOCKET_VERSION, websocket_key, WEBSOCKET_SUBPROTOCOL))
+                   % (WEBSOCKET_VERSION, websocket_key, ", ".join(WEBSOCKET_SUBPROTOCOLS)))
     return ("GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: %s\r\nConnection: Upgrade\r\n%s\r\n"
             % (path, host, user_agent, upgrade)).encode("latin-1")
 
@@ -774,15 +789,18 @@ def _body_line(response, body):
 
 def check_upgrade_response(response, body=b"", websocket_key=None):
     """Raise UpgradeRefused, naming the likely cause, unless `response` accepts UoTLV/1 (or,
-    given the `websocket_key` of the request, the WebSocket). `body` is the start of a
-    refusal's body (at most MAX_BODY_SHOWN bytes), if any came."""
+    given the `websocket_key` of the request, the WebSocket: then return the subprotocol the
+    server took). `body` is the start of a refusal's body (at most MAX_BODY_SHOWN bytes), if
+    any came."""
     status = response.start[1]
     got = "HTTP %d %s" % (status, shown(response.start[2], 100))
-    if websocket_key is not None and _check_websocket_response(response, websocket_key):
-        return
+    if websocket_key is not None:
+        subprotocol = _check_websocket_response(response, websocket_key)
+        if subprotocol is not None:
+            return subprotocol
     if status == 101:
         _check_switched(response, PROTOCOL)
-        return
+        return None
     if status in (200, 204) or 300 <= status < 400:
         location = response.get("location")
         cause = ("a captive portal (log in with a browser) or a web page, not ProxyGuard, at "
@@ -853,9 +871,9 @@ def _check_switched(response, protocol):
 
 
 def _check_websocket_response(response, key):
-    """True if `response` accepts the WebSocket handshake sent with `key`; raise
+    """The subprotocol if `response` accepts the WebSocket handshake sent with `key`; raise
     UpgradeRefused for a 101 that does not (RFC 6455 4.1), or a refusal that says only UoTLV/1
-    is spoken; False for the other refusals, for check_upgrade_response to name."""
+    is spoken; None for the other refusals, for check_upgrade_response to name."""
     status = response.start[1]
     if status == 426 and _is_ours(response):
         raise UpgradeDropped("got HTTP %d %s: %s" % (status, shown(response.start[2], 100),
@@ -866,15 +884,16 @@ def _check_websocket_response(response, key):
         raise UpgradeRefused("got HTTP 426: the server wants WebSocket version %s, not %s"
                              % (shown(response.get("sec-websocket-version")), WEBSOCKET_VERSION))
     if status != 101:
-        return False
+        return None
     _check_switched(response, WEBSOCKET)
     if response.get_all("sec-websocket-accept") != [websocket_accept(key)]:
         raise UpgradeRefused("the 101 answer's Sec-WebSocket-Accept does not match our key "
                              "(RFC 6455 4.1): a broken proxy?")
-    if response.get_all("sec-websocket-protocol") != [WEBSOCKET_SUBPROTOCOL]:
+    taken = response.get_all("sec-websocket-protocol")
+    if len(taken) != 1 or taken[0] not in WEBSOCKET_SUBPROTOCOLS:
         raise UpgradeRefused("the WebSocket server did not take the %s subprotocol: not a "
-                             "proxyguard.py server" % WEBSOCKET_SUBPROTOCOL)
-    return True
+                             "proxyguard.py server" % " or ".join(WEBSOCKET_SUBPROTOCOLS))
+    return taken[0]
 
 
 def parse_retry_after(value):
@@ -1131,8 +1150,16 @@ MAX_CONTROL_PAYLOAD = 125  # RFC 6455 5.5
 
 # The longest frame header: 2 bytes, 8 of extended length, 4 of masking key (RFC 6455 5.2).
 MAX_WEBSOCKET_HEADER = 14
+_LENGTH_64 = struct.Struct("!BBQ")
 _LENGTH_16 = struct.Struct("!BBH")
 _LENGTH_7 = struct.Struct("!BB")
+# proxyguard-uotlv: a pump gathers datagrams into one message until it holds this much, so a
+# message is at most MAX_BATCH_MESSAGE (the batch, and the frame that crossed the mark). The
+# reader cuts frames out of whole messages only: half of UoTLV/1's batch keeps what it holds
+# back small (64 KiB: half a millisecond of a gigabit), and 45 datagrams of 1420 bytes share
+# one header and one XOR.
+WEBSOCKET_BATCH_BYTES = 64 * 1024
+MAX_BATCH_MESSAGE = WEBSOCKET_BATCH_BYTES + 2 + MAX_FRAME_PAYLOAD
 
 
 def websocket_key():
@@ -1173,11 +1200,13 @@ def mask_payload(data, key):
 
 def _frame_head(first, size, masked):
     """A frame's first bytes (RFC 6455 5.2): `first` (FIN, opcode), then the mask bit and
-    `size` (at most MAX_FRAME_PAYLOAD: all this program sends) in the fewest bytes."""
+    `size` in the fewest bytes."""
     second = 0x80 if masked else 0
     if size < 126:
         return bytes((first, second | size))
-    return _LENGTH_16.pack(first, second | 126, size)
+    if size <= 0xFFFF:
+        return _LENGTH_16.pack(first, second | 126, size)
+    return _LENGTH_64.pack(first, second | 127, size)
 
 
 def _mask_spans(data, spans, start):
@@ -1294,6 +1323,22 @@ def websocket_frames(datagrams, mask):
     return _mask_spans(b"".join(parts), spans, 0) if spans else b""
 
 
+def websocket_batches(datagrams, mask):
+    """proxyguard-uotlv: the `datagrams` as UoTLV/1 frames in binary messages, a new one
+    begun once one holds WEBSOCKET_BATCH_BYTES (as the pump's batches), joined for one TCP
+    write; the client's masked (websocket_frame draws a fresh key for each)."""
+    messages, frames, size = [], [], 0
+    for datagram in datagrams:
+        frames.append(datagram)
+        size += 2 + len(datagram)
+        if size >= WEBSOCKET_BATCH_BYTES:
+            messages.append(websocket_frame(OP_BINARY, encode_frames(frames), mask))
+            frames, size = [], 0
+    if frames:
+        messages.append(websocket_frame(OP_BINARY, encode_frames(frames), mask))
+    return b"".join(messages)
+
+
 class WebSocketClosed(ProxyGuardError):
     """The WebSocket ended: the peer's close frame (`by_peer`), or a protocol error of the
     peer. `code` is the close code to answer with (None: an empty close answers a close
@@ -1325,14 +1370,19 @@ class WebSocketDecoder:
     (nothing is read after it).
 
     `masked`: the peer must mask its frames (the server's side) or must not (the client's).
+    `batched` (proxyguard-uotlv): a message carries whole UoTLV/1 frames, cut apart here
+    (unmasked first: into a new bytes); one that ends inside a frame is refused (1007).
     Every check that needs only a frame's header is made before its payload is waited for,
-    so a peer can make it hold at most one message of MAX_FRAME_PAYLOAD bytes, whatever it
-    sends: a frame of a larger message is refused (1009) from its header.
+    so a peer can make it hold at most one message of `limit` bytes (MAX_FRAME_PAYLOAD, or
+    MAX_BATCH_MESSAGE batched), whatever it sends: a frame of a larger message is refused
+    (1009) from its header.
     """
 
-    def __init__(self, masked, xor=None):
+    def __init__(self, masked, xor=None, batched=False):
         self.masked = masked
         self.xor = xor  # the masking accelerator (_mask_in_place), or None
+        self.batched = batched
+        self.limit = MAX_BATCH_MESSAGE if batched else MAX_FRAME_PAYLOAD
         self.pong = None
         self.closed = None
         self._message = None  # the fragments of a message so far (bytearray), or None
@@ -1341,6 +1391,7 @@ class WebSocketDecoder:
         datagrams = []
         spans = []  # (start, stop, key) of the masked datagrams, unmasked together at the end
         xor = self.xor
+        batched, limit = self.batched, self.limit
         pos = 0
         while self.closed is None and end - pos >= 2:
             first, second = view[pos], view[pos + 1]
@@ -1359,7 +1410,7 @@ class WebSocketDecoder:
             # A whole binary message, masked as it must be, outside a fragmented one, within
             # the limit: nothing to check (the usual frame, so no call for it).
             if not (first == 0x82 and (second >= 0x80) == self.masked
-                    and size <= MAX_FRAME_PAYLOAD and self._message is None):
+                    and size <= limit and self._message is None):
                 problem = self._check(first, second & 0x80, size)
                 if problem is not None:
                     self.closed = problem
@@ -1374,6 +1425,15 @@ class WebSocketDecoder:
             opcode = first & 0x0F
             if opcode == OP_BINARY and first & 0x80:  # the usual case: a whole message
                 if not size:
+                    continue
+                if batched:
+                    payload = view[start:stop]
+                    if second & 0x80:
+                        payload = (xor(payload, view[start - 4:start]) if xor is not None else
+                                   mask_payload(payload, int.from_bytes(view[start - 4:start],
+                                                                        "little")))
+                    if not self._cut_batch(payload, datagrams):
+                        break
                     continue
                 if not second & 0x80:
                     datagrams.append(view[start:stop])
@@ -1390,14 +1450,27 @@ class WebSocketDecoder:
                 self._message = (bytearray() if opcode == OP_BINARY else self._message)
                 self._message += payload
                 if first & 0x80:
-                    if self._message:
-                        datagrams.append(bytes(self._message))
-                    self._message = None
+                    message, self._message = bytes(self._message), None
+                    if batched and message and not self._cut_batch(message, datagrams):
+                        break
+                    if message and not batched:
+                        datagrams.append(message)
             else:
                 self._control(opcode, bytes(payload))
         if spans:  # masked datagrams without the accelerator
             _mask_in_place(view, spans)
         return datagrams, pos
+
+    def _cut_batch(self, payload, datagrams):
+        """A proxyguard-uotlv message's datagrams onto `datagrams`; False (and `closed`) if
+        it ends inside a frame."""
+        frames, used = cut_frames(memoryview(payload), len(payload))
+        if used != len(payload):
+            self.closed = WebSocketClosed(CLOSE_INVALID_PAYLOAD, "a %s message that ends "
+                                          "inside a UoTLV/1 frame" % WEBSOCKET_BATCH_SUBPROTOCOL)
+            return False
+        datagrams += frames
+        return True
 
     def _check(self, first, masked, size):
         """The WebSocketClosed a frame's header earns, or None if it may be read."""
@@ -1423,9 +1496,10 @@ class WebSocketDecoder:
             return WebSocketClosed(CLOSE_PROTOCOL_ERROR, "a continuation frame without a "
                                    "message" if opcode == OP_CONTINUATION else
                                    "a new message inside a fragmented one")
-        if size + (len(self._message) if self._message is not None else 0) > MAX_FRAME_PAYLOAD:
-            return WebSocketClosed(CLOSE_TOO_BIG, "a message over %d bytes, larger than any "
-                                                  "UDP datagram" % MAX_FRAME_PAYLOAD)
+        if size + (len(self._message) if self._message is not None else 0) > self.limit:
+            return WebSocketClosed(CLOSE_TOO_BIG, "a message over %d bytes, larger than %s"
+                                   % (self.limit, "a batch" if self.batched else
+                                      "any UDP datagram"))
         return None
 
     def _control(self, opcode, payload):
@@ -3020,16 +3094,23 @@ class UoTLVFraming:
                               it ends (else None, None);
     ping()                    the keepalive's frame, every `keepalive` seconds;
     close_frame(code)         the frame that ends the tunnel in order (a close code, or None);
-    keepalive                 seconds between the client's pings (0: none).
+    keepalive                 seconds between the client's pings (0: none);
+    offset                    where in the writer's buffer the UDP endpoint begins a batch
+                              (room for a header before it: encode writes it there);
+    batch_limit               the bytes the writer gathers before it sends (receive_frames);
+    largest                   the longest frame the reader must hold whole (its buffer).
     The Tunnel sees neither a decoder nor an opcode: what to answer, and when it ends, comes
     from here (as websockets' and h11's protocol objects say it).
     """
 
-    name = PROTOCOL
+    name = label = PROTOCOL  # label: the tunnel-up line's
     control = False
     answer = None  # the UoTLV/1 reader never has anything to answer (control is False)
     keepalive = 0
     head = None  # UdpEndpoint.receive_frames writes UoTLV/1's header itself
+    offset = 0
+    batch_limit = UDP_BATCH_BYTES
+    largest = 2 + MAX_FRAME_PAYLOAD
     cut = staticmethod(cut_frames)
     encode_datagrams = staticmethod(encode_frames)
 
@@ -3058,14 +3139,19 @@ class WebSocketFraming:
     the other way round. `decoder` (a WebSocketDecoder) tells the reader what the peer asked
     for; the frames to answer come from here. See UoTLVFraming for the contract."""
 
-    name = WEBSOCKET
+    name = label = WEBSOCKET
     control = True
+    batched = False
+    offset = 0
+    batch_limit = UDP_BATCH_BYTES
+    largest = MAX_WEBSOCKET_HEADER + MAX_FRAME_PAYLOAD
 
     def __init__(self, client_side, keepalive=0):
         self.mask = client_side
         self.keepalive = keepalive
         self.xor = mask_accelerator()
-        self.decoder = WebSocketDecoder(masked=not client_side, xor=self.xor)
+        self.decoder = WebSocketDecoder(masked=not client_side, xor=self.xor,
+                                        batched=self.batched)
         self.cut = self.decoder.cut
         # The UDP pump's frames are built in place (UdpEndpoint.receive_frames): each datagram
         # lands `room` bytes on, the longest header this side sends for one (a 16-bit length,
@@ -3157,6 +3243,67 @@ class WebSocketFraming:
     def close_frame(self, code):
         """The close frame for `code` (None: an empty one)."""
         return websocket_frame(OP_CLOSE, b"" if code is None else close_payload(code), self.mask)
+
+
+class WebSocketBatchFraming(WebSocketFraming):
+    """proxyguard-uotlv: each binary message carries the UoTLV/1 frames of one batch, so the
+    UDP endpoint writes UoTLV/1 frames (head None) `offset` bytes into the writer's buffer,
+    and encode puts one message header before them: the client's masked with one key and one
+    XOR for the batch (websockets' C one if installed, else one big-int XOR). Keys come from a
+    pool of os.urandom bytes, fresh for every message (RFC 6455 5.3), one system call for
+    KEY_POOL_BYTES / 4 of them. The reader cuts the frames out of whole messages (the
+    decoder, batched). What is kept for the next tunnel is the batch as it was: the masked
+    copy goes to the channel, the buffer stays as received."""
+
+    batched = True
+    head = None
+    offset = MAX_WEBSOCKET_HEADER
+    batch_limit = WEBSOCKET_BATCH_BYTES
+    largest = MAX_WEBSOCKET_HEADER + MAX_BATCH_MESSAGE
+    KEY_POOL_BYTES = 4096
+    payload_bytes = staticmethod(UoTLVFraming.payload_bytes)
+
+    def __init__(self, client_side, keepalive=0):
+        super().__init__(client_side, keepalive)
+        self.head = None  # the per-datagram framing's choices do not apply
+        self.encode = self._encode_batch
+        self.datagrams = self._batch_datagrams
+        self._keys, self._key_at = b"", 0
+
+    def _next_key(self):
+        at = self._key_at
+        if at >= len(self._keys):
+            self._keys, at = os.urandom(self.KEY_POOL_BYTES), 0
+        self._key_at = at + 4
+        return self._keys[at:at + 4]
+
+    def _encode_batch(self, view, end):
+        offset = self.offset
+        if not self.mask:
+            head = _frame_head(0x82, end, False)
+            start = offset - len(head)
+            view[start:offset] = head
+            return view[start:offset + end]
+        key = self._next_key()
+        payload = view[offset:offset + end]
+        masked = (self.xor(payload, key) if self.xor is not None else
+                  mask_payload(payload, int.from_bytes(key, "little")))
+        return _frame_head(0x82, end, True) + key + masked
+
+    def _batch_datagrams(self, view, end):
+        return UoTLVFraming.datagrams(view[self.offset:], end)
+
+    def encode_datagrams(self, datagrams):
+        return websocket_batches(datagrams, self.mask)
+
+
+def websocket_framing(subprotocol, client_side, keepalive=0):
+    """The framing for the WebSocket `subprotocol` the server took (choose_subprotocol)."""
+    framing = (WebSocketBatchFraming if subprotocol == WEBSOCKET_BATCH_SUBPROTOCOL else
+               WebSocketFraming)(client_side, keepalive)
+    if subprotocol is not None:
+        framing.label = "%s (%s)" % (WEBSOCKET, subprotocol)
+    return framing
 
 
 class Tunnel:
@@ -3298,7 +3445,7 @@ class Tunnel:
         # One buffer for the tunnel's life: each read lands behind the incomplete frame the
         # last one left at the start, and datagrams go out as slices of it (no bytes object
         # per read or datagram). It holds one largest frame, header and all, plus a read.
-        buffer = PumpBuffer(MAX_FRAME_PAYLOAD + MAX_WEBSOCKET_HEADER + TCP_READ_SIZE)
+        buffer = PumpBuffer(self.framing.largest + TCP_READ_SIZE)
         view = buffer.view
         recv_into = self.channel.recv_into
         touch = self.idle.received
@@ -3388,12 +3535,15 @@ class Tunnel:
         touch = self.idle.sent
         encode = self.framing.encode
         write_lock = self._write_lock  # uncontended but for a WebSocket reader's answers
-        # The frames are written in place, into one buffer for the tunnel's life.
+        # The frames are written in place, into one buffer for the tunnel's life, from the
+        # framing's offset on (room for its header before them).
         buffer = PumpBuffer(UDP_BATCH_BYTES + MAX_WEBSOCKET_HEADER + MAX_FRAME_PAYLOAD)
         view = buffer.view
         framing = self.framing
+        batch = view[framing.offset:]
+        limit = framing.batch_limit
         while self.close_reason is None:
-            end, count = receive(view, UDP_BATCH_BYTES, framing)
+            end, count = receive(batch, limit, framing)
             if not count:
                 continue
             try:
@@ -3407,7 +3557,7 @@ class Tunnel:
                     return "the peer read nothing for %gs" % self.idle.timeout
                 raise
             touch()
-            buffer.used(end)
+            buffer.used(framing.offset + end)
             self.to_tcp_datagrams += count
             self.to_tcp_bytes += framing.payload_bytes(end, count)
         return self.close_reason
@@ -3669,7 +3819,9 @@ class Server(Service):
                     route, wireguard):
         endpoint = TunnelUdpEndpoint.connected(*wireguard, label="tunnel %s" % peer_text)
         if transport == WEBSOCKET:
-            greeting, framing = websocket_response(request), WebSocketFraming(client_side=False)
+            subprotocol = choose_subprotocol(request)
+            greeting = websocket_response(request, subprotocol)
+            framing = websocket_framing(subprotocol, client_side=False)
         else:
             greeting, framing = UPGRADE_RESPONSE, UOTLV_FRAMING
         tunnel = Tunnel(channel, endpoint, peer_text, IdleClock(self.idle_timeout), first_bytes,
@@ -3683,7 +3835,8 @@ class Server(Service):
             if self._stopping:
                 tunnel.close("server shutting down", CLOSE_GOING_AWAY)
         log.info("tunnel up: %s, path %s%s, %s%s", peer_text, shown(request.start[1]),
-                 route_text, transport, ", " + channel.tls_version if channel.tls_version else "")
+                 route_text, framing.label,
+                 ", " + channel.tls_version if channel.tls_version else "")
         reason = tunnel.run()
         self._retire(connection)  # first: a scrape or SIGUSR1 the line prompts sees it closed
         log.info("tunnel down: %s%s after %s (%s)", peer_text, route_text, tunnel.summary(),
@@ -3934,8 +4087,9 @@ class Dialer:
         return self._addresses
 
     def dial(self):
-        """Return (channel, bytes after the 101, peer text); raises OSError (ssl.SSLError,
-        ConnectionError, socket.timeout) or UpgradeRefused. The channel is open and upgraded.
+        """Return (channel, bytes after the 101, peer text, the WebSocket subprotocol the
+        server took or None); raises OSError (ssl.SSLError, ConnectionError, socket.timeout)
+        or UpgradeRefused. The channel is open and upgraded.
 
         One Deadline of `connect_timeout` bounds the whole: the TCP connects (the time left
         is shared among the addresses still to try), the proxy's CONNECT, TLS, the upgrade.
@@ -3953,7 +4107,8 @@ class Dialer:
                 channel = self._tls(sock, deadline, (sock.family, address))
             else:
                 channel = PlainChannel(sock, deadline)
-            return channel, self._upgrade(channel), peer
+            rest, subprotocol = self._upgrade(channel)
+            return channel, rest, peer, subprotocol
         except BaseException:
             sock.close()
             raise
@@ -4167,8 +4322,8 @@ class Dialer:
                                                   shown(reason, 100)))
             detail.extend("%s: %s" % (name, shown(value)) for name, value in response.headers)
             body = b"" if response.start[1] == 101 else _read_body(channel, response, rest)
-            check_upgrade_response(response, body, key)
-        return rest
+            subprotocol = check_upgrade_response(response, body, key)
+        return rest, subprotocol
 
 
 def _proxy_from_environment(url):
@@ -4307,9 +4462,9 @@ class Client(Service):
 
     def _open_tunnel(self):
         """Dial and send the pending datagrams; return the Tunnel, ready to run."""
-        channel, first_bytes, peer = self.dialer.dial()
+        channel, first_bytes, peer, subprotocol = self.dialer.dial()
         url = self.dialer.url
-        framing = (WebSocketFraming(client_side=True, keepalive=self.keepalive)
+        framing = (websocket_framing(subprotocol, client_side=True, keepalive=self.keepalive)
                    if url.websocket else UOTLV_FRAMING)
         try:
             if self.pending:
@@ -4329,7 +4484,7 @@ class Client(Service):
         self.tunnels_changed()
         log.info("tunnel up: %s, %s%s, %s%s", peer, url, " (server %d of %d)" % (
             self.dialers.index(self.dialer) + 1, len(self.dialers)) if len(self.dialers) > 1
-            else "", framing.name, ", " + channel.tls_version if channel.tls_version else "")
+            else "", framing.label, ", " + channel.tls_version if channel.tls_version else "")
         return tunnel
 
     def _last_datagrams(self, tunnel):
@@ -4497,7 +4652,7 @@ def run_check(dialer, out=sys.stdout):
 def _dial_and_close(dialer):
     """Dial once (check), close at once (over WebSocket with a close frame, so the server and
     any front see an orderly end), and return the peer's text."""
-    channel, _, peer = dialer.dial()
+    channel, _, peer, _ = dialer.dial()
     if dialer.url.websocket:
         channel.send_without_waiting(WebSocketFraming(client_side=True).close_frame(CLOSE_NORMAL))
     channel.shutdown()

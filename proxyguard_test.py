@@ -1220,12 +1220,18 @@ def test_websocket_request_gets_the_rfc_answer_and_our_subprotocol_only_if_offer
     head = request(WS_REQUEST_LINES + ["Sec-WebSocket-Protocol: chat, proxyguard-udp"])
     parsed = pg.parse_request(head)
     assert pg.check_upgrade_request(parsed) == pg.WEBSOCKET
-    assert pg.websocket_response(parsed) == (
+    assert pg.choose_subprotocol(parsed) == "proxyguard-udp"
+    assert pg.websocket_response(parsed, pg.choose_subprotocol(parsed)) == (
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"
         b"Sec-WebSocket-Protocol: proxyguard-udp\r\n\r\n")
     plain = pg.parse_request(request(WS_REQUEST_LINES))
-    assert b"Sec-WebSocket-Protocol" not in pg.websocket_response(plain)
+    assert pg.choose_subprotocol(plain) is None
+    assert b"Sec-WebSocket-Protocol" not in pg.websocket_response(plain, None)
+    # Our client offers both: the batches are taken, whatever the order of the offer.
+    for offer in ("proxyguard-uotlv, proxyguard-udp", "proxyguard-udp, chat, proxyguard-uotlv"):
+        both = pg.parse_request(request(WS_REQUEST_LINES + ["Sec-WebSocket-Protocol: " + offer]))
+        assert pg.choose_subprotocol(both) == "proxyguard-uotlv"
     assert pg.check_upgrade_request(pg.parse_request(request(
         ["Host: a", "Connection: keep-alive, Upgrade", "Upgrade: UoTLV/1"]))) == pg.PROTOCOL
 
@@ -1245,11 +1251,12 @@ def test_websocket_requests_that_break_rfc_6455_are_refused(change, status, text
     assert refusal(request(WS_REQUEST_LINES, version="HTTP/1.0")).status == 400
 
 
-def test_the_client_request_offers_our_subprotocol():
+def test_the_client_request_offers_our_subprotocols_the_batches_first():
     assert pg.build_upgrade_request("vpn:8443", "/pg", "ua", WS_KEY) == (
         b"GET /pg HTTP/1.1\r\nHost: vpn:8443\r\nUser-Agent: ua\r\nConnection: Upgrade\r\n"
         b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " +
-        WS_KEY.encode() + b"\r\nSec-WebSocket-Protocol: proxyguard-udp\r\n\r\n")
+        WS_KEY.encode() + b"\r\nSec-WebSocket-Protocol: proxyguard-uotlv, proxyguard-udp"
+        b"\r\n\r\n")
 
 
 GOOD_WS_ANSWER = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
@@ -1261,6 +1268,9 @@ GOOD_WS_ANSWER = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
     (GOOD_WS_ANSWER.replace(b"s3pP", b"AAAA"), "Sec-WebSocket-Accept does not match"),
     (GOOD_WS_ANSWER.replace(b"Sec-WebSocket-Protocol: proxyguard-udp\r\n", b""),
      "not a proxyguard.py server"),
+    (GOOD_WS_ANSWER.replace(b"proxyguard-udp", b"proxyguard-uotlv, proxyguard-udp"),
+     "did not take the proxyguard-uotlv or proxyguard-udp subprotocol"),
+    (GOOD_WS_ANSWER.replace(b"proxyguard-udp", b"chat"), "not a proxyguard.py server"),
     (GOOD_WS_ANSWER.replace(b"Upgrade: websocket", b"Upgrade: UoTLV/1"), "instead of websocket"),
     (b"HTTP/1.1 426 Upgrade Required\r\nConnection: Upgrade\r\nUpgrade: UoTLV/1\r\n\r\n",
      "speaks UoTLV/1 only, not WebSocket (the original ProxyGuard?): use http:// or https://"),
@@ -1268,7 +1278,10 @@ GOOD_WS_ANSWER = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
     (b"HTTP/1.1 404 Not Found\r\n\r\n", "wrong path"),
 ])
 def test_the_client_checks_the_websocket_answer(head, cause):
-    pg.check_upgrade_response(pg.parse_response(GOOD_WS_ANSWER), websocket_key=WS_KEY)
+    for taken in ("proxyguard-udp", "proxyguard-uotlv"):  # the one taken is returned
+        answer = GOOD_WS_ANSWER.replace(b"proxyguard-udp", taken.encode())
+        assert pg.check_upgrade_response(pg.parse_response(answer),
+                                         websocket_key=WS_KEY) == taken
     with pytest.raises(pg.UpgradeRefused, match=re.escape(cause)):
         pg.check_upgrade_response(pg.parse_response(head), websocket_key=WS_KEY)
 
@@ -1327,13 +1340,14 @@ def fake_urandom(count):
     return bytes((7 * index + 1) % 256 for index in range(count))
 
 
-def frames_built_in_place(monkeypatch, client_side, accelerated, sizes):
-    """The bytes a WebSocketFraming gives the channel for `sizes` datagrams that a real UDP
-    endpoint received in one batch, the framing with the C masking or the standard library's;
-    and the framing and the datagrams sent."""
+def frames_built_in_place(monkeypatch, client_side, accelerated, sizes,
+                           framing_class=pg.WebSocketFraming):
+    """The bytes a WebSocketFraming (or `framing_class`) gives the channel for `sizes`
+    datagrams that a real UDP endpoint received in one batch, the framing with the C masking
+    or the standard library's; and the datagrams sent."""
     monkeypatch.setattr(pg, "_MASK_XOR", None if accelerated else False)
     monkeypatch.setattr(os, "urandom", fake_urandom)
-    framing = pg.WebSocketFraming(client_side=client_side)
+    framing = framing_class(client_side=client_side)
     assert (framing.xor is not None) == accelerated
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as wireguard:
         wireguard.bind((LOOPBACK, 0))
@@ -1344,7 +1358,8 @@ def frames_built_in_place(monkeypatch, client_side, accelerated, sizes):
                 wireguard.sendto(datagram, endpoint.sock.getsockname())
             view = memoryview(bytearray(pg.UDP_BATCH_BYTES + pg.MAX_WEBSOCKET_HEADER
                                         + pg.MAX_FRAME_PAYLOAD))
-            end, count = endpoint.receive_frames(view, pg.UDP_BATCH_BYTES, framing)
+            end, count = endpoint.receive_frames(view[framing.offset:], framing.batch_limit,
+                                                 framing)
             sent = [datagram for datagram in datagrams if datagram]
             assert count == len(sent)
             assert framing.payload_bytes(end, count) == sum(map(len, sent))
@@ -1403,6 +1418,94 @@ def test_the_server_masks_with_c_at_its_first_websocket_tunnel(tmp_path, echo, p
         ws_roundtrip(ws, [numbered(1, 1420), numbered(2, 100)])
     server.wait_log("WebSocket masking: websockets' C apply_mask")
     assert server.log().count("WebSocket masking") == 1
+
+
+# --- proxyguard-uotlv: the UoTLV/1 frames of a batch in one message -------------------------
+# A batch that crosses WEBSOCKET_BATCH_BYTES with its last datagram, an empty one (dropped),
+# every length form of the message header.
+BATCH_SIZES = [1420, 0, 125, 126, 1, 1420, 100, 7, 1420, 32, 148, 61000]
+
+
+@pytest.mark.parametrize("client_side", [True, False], ids=["client-masks", "server"])
+def test_a_batch_goes_in_one_message_of_uotlv_frames_with_and_without_c_masking(
+        monkeypatch, client_side):
+    """The UDP endpoint writes UoTLV/1 frames behind room for one header; the message is what
+    websocket_batches makes of the same datagrams with the same key, with websockets'
+    apply_mask and with the standard library's XOR; unmasked, its payload is the UoTLV/1
+    frames exactly; the batched decoder gives the datagrams back either way."""
+    pytest.importorskip("websockets.speedups")
+    fast, sent = frames_built_in_place(monkeypatch, client_side, True, BATCH_SIZES,
+                                       pg.WebSocketBatchFraming)
+    slow, _ = frames_built_in_place(monkeypatch, client_side, False, BATCH_SIZES,
+                                    pg.WebSocketBatchFraming)
+    assert fast == slow == pg.websocket_batches(sent, client_side)
+    payload = pg.encode_frames(sent)
+    assert len(payload) > 0xFFFF  # the 64-bit length form (RFC 6455 5.2)
+    assert fast[:2] == bytes((0x82, (0x80 if client_side else 0) | 127))
+    assert int.from_bytes(fast[2:10], "big") == len(payload)
+    if client_side:
+        assert fast[14:] == pg.mask_payload(payload, int.from_bytes(fast[10:14], "little"))
+    else:
+        assert fast[10:] == payload
+    for xor in (None, pg.mask_accelerator()):
+        decoder = pg.WebSocketDecoder(masked=client_side, xor=xor, batched=True)
+        datagrams, pos = decoder.cut(memoryview(bytearray(fast)), len(fast))
+        assert [bytes(datagram) for datagram in datagrams] == sent and pos == len(fast)
+        assert decoder.closed is None
+    # A lone datagram (no load): a 2-byte header, and the 16-bit length form.
+    for size, head_size in ((60, 2), (1420, 4)):
+        fast, sent = frames_built_in_place(monkeypatch, client_side, True, [size],
+                                           pg.WebSocketBatchFraming)
+        assert fast == pg.websocket_batches(sent, client_side)
+        assert len(fast) == head_size + 4 * client_side + 2 + size
+
+
+def test_batches_of_queued_datagrams_are_cut_at_the_batch_size_and_keys_are_fresh():
+    """The client's queue for a new tunnel: 100 datagrams of 1420 bytes make three messages
+    (a new one once one holds WEBSOCKET_BATCH_BYTES: 47 + 47 + 6 frames), each with a key of
+    its own, and come back whole."""
+    sent = [numbered(index, 1420) for index in range(100)]
+    wire = pg.websocket_batches(sent, True)
+    decoder = pg.WebSocketDecoder(masked=True, batched=True)
+    view = memoryview(bytearray(wire))
+    pos, counts, keys = 0, [], set()
+    while pos < len(wire):
+        header = 4 if view[pos + 1] & 0x7F == 126 else 10
+        length = int.from_bytes(view[pos + 2:pos + header], "big")
+        keys.add(bytes(view[pos + header:pos + header + 4]))
+        stop = pos + header + 4 + length
+        datagrams, used = decoder.cut(view[pos:stop], stop - pos)
+        assert used == stop - pos
+        counts.append(len(datagrams))
+        assert all(bytes(d) == sent[sum(counts[:-1]) + i] for i, d in enumerate(datagrams))
+        pos = stop
+    assert counts == [47, 47, 6] and len(keys) == 3
+    framing = pg.WebSocketBatchFraming(client_side=True)
+    assert len({framing._next_key() for _ in range(2000)}) > 1990  # os.urandom's, fresh
+
+
+def test_a_batched_message_that_ends_inside_a_frame_is_refused_and_fragments_are_joined():
+    frames = pg.encode_frames([b"one", b"two" * 100])
+    # Fragmented (RFC 6455 5.4), cut inside the second UoTLV/1 frame: joined first, then cut.
+    wire = (ws_frame(pg.OP_BINARY, frames[:9], fin=False)
+            + ws_frame(pg.OP_CONTINUATION, frames[9:]))
+    decoder = pg.WebSocketDecoder(masked=True, batched=True)
+    assert ws_cut(decoder, wire) == ([b"one", b"two" * 100], 0)
+    # One frame and part of the next: 1007, and nothing of the message delivered.
+    broken = ws_frame(pg.OP_BINARY, frames[:9])
+    decoder = pg.WebSocketDecoder(masked=True, batched=True)
+    assert ws_cut(decoder, broken)[0] == []
+    assert decoder.closed.code == pg.CLOSE_INVALID_PAYLOAD
+    assert "ends inside a UoTLV/1 frame" in str(decoder.closed)
+    # A message longer than any batch is refused from its header alone (1009).
+    decoder = pg.WebSocketDecoder(masked=True, batched=True)
+    assert ws_cut(decoder, ws_frame(pg.OP_BINARY, length=pg.MAX_BATCH_MESSAGE + 1))[0] == []
+    assert decoder.closed.code == pg.CLOSE_TOO_BIG and "a batch" in str(decoder.closed)
+    decoder = pg.WebSocketDecoder(masked=True, batched=True)  # the largest is waited for
+    assert ws_cut(decoder, ws_frame(pg.OP_BINARY, length=pg.MAX_BATCH_MESSAGE)) == ([], 14)
+    assert decoder.closed is None
+    # Without the batches, a message is one datagram, and the same frames stay one.
+    assert ws_cut(pg.WebSocketDecoder(masked=True), broken) == ([frames[:9]], 0)
 
 
 # =============================================================================================
@@ -8293,7 +8396,7 @@ class WebSocketsServer:
     logging handler hands them over. websockets itself refuses unmasked client frames (RFC 6455
     5.1, "incorrect masking") and anything else out of protocol, closing with 1002."""
 
-    def __init__(self, ssl_context=None):
+    def __init__(self, ssl_context=None, subprotocols=(SUBPROTOCOL,)):
         self.connections = []
         self.frames = []  # (monotonic time, websockets.frames.Frame) received, in order
         self.changed = threading.Condition()
@@ -8302,7 +8405,7 @@ class WebSocketsServer:
         logger.propagate = False
         logger.addHandler(self._FrameHandler(self))
         self.server = websockets.sync.server.serve(
-            self._handle, LOOPBACK, 0, ssl=ssl_context, subprotocols=[SUBPROTOCOL],
+            self._handle, LOOPBACK, 0, ssl=ssl_context, subprotocols=list(subprotocols),
             ping_interval=None, logger=logger)
         self.port = self.server.socket.getsockname()[1]
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -8379,7 +8482,8 @@ def test_our_client_through_a_websockets_server(tmp_path, procs, certs, tls):
         assert connection.request.path == "/pg/ws?x=1"
         assert headers["Host"] == ("localhost:%d" if tls else "127.0.0.1:%d") % peer.port
         assert headers["Sec-WebSocket-Version"] == "13"  # RFC 6455 4.1
-        assert headers["Sec-WebSocket-Protocol"] == SUBPROTOCOL
+        # Both offered, the batches first; this server knows only the first version's.
+        assert headers["Sec-WebSocket-Protocol"] == "proxyguard-uotlv, " + SUBPROTOCOL
         assert connection.subprotocol == SUBPROTOCOL
         if tls:  # it offers http/1.1 alone: this server would rather have picked h2
             assert connection.socket.selected_alpn_protocol() == "http/1.1"
@@ -8391,6 +8495,68 @@ def test_our_client_through_a_websockets_server(tmp_path, procs, certs, tls):
         client.wait_log("tunnel up")
     finally:
         peer.close()
+
+
+BATCH_SUBPROTOCOL = "proxyguard-uotlv"
+
+
+def uotlv_datagrams(message):
+    """The datagrams of a proxyguard-uotlv message, cut by the tests' FrameDecoder, which
+    must leave nothing over: a message holds whole UoTLV/1 frames."""
+    decoder = FrameDecoder()
+    datagrams = decoder.feed(message)
+    assert decoder.pending == 0, "a message ends inside a UoTLV/1 frame"
+    return datagrams
+
+
+def test_our_client_batches_datagrams_for_a_websockets_server_that_takes_them(tmp_path, procs):
+    """A `websockets` server that takes proxyguard-uotlv, echoing each message: a burst sent
+    before the (lazy) tunnel is up leaves in fewer messages than datagrams, each masked and
+    holding whole UoTLV/1 frames, and comes back to WireGuard whole and in order."""
+    peer = WebSocketsServer(subprotocols=(BATCH_SUBPROTOCOL,))
+    try:
+        client = start_client(tmp_path, "ws://%s:%d/" % (LOOPBACK, peer.port))
+        procs.append(client)
+        burst = [numbered(i, size) for i, size in enumerate([1420] * 30 + WS_SIZES)]
+        for datagram in burst:
+            client.wireguard.send(datagram)
+        got = [client.wireguard.recv() for _ in burst]
+        assert [(d[:4].hex(), len(d)) for d in got] == [(d[:4].hex(), len(d)) for d in burst]
+        assert got == burst
+        assert peer.connections[0].subprotocol == BATCH_SUBPROTOCOL
+        messages = [frame.data for _, frame in peer.frames
+                    if frame.opcode is websockets.frames.Opcode.BINARY]
+        assert [d for message in messages for d in uotlv_datagrams(message)] == burst
+        assert len(messages) < len(burst)
+        client.wait_log("websocket (proxyguard-uotlv)")  # the tunnel-up line says which
+    finally:
+        peer.close()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
+def test_websockets_client_sending_uotlv_batches_through_our_server(tmp_path, echo, procs,
+                                                                    certs, tls):
+    """A `websockets` client that offers only proxyguard-uotlv: our server takes it, cuts the
+    datagrams out of each message (several in one, and the largest alone), answers in
+    messages of whole UoTLV/1 frames, and refuses a message that ends inside a frame (1007)."""
+    extra = ["--tls-cert", certs.cert, "--tls-key", certs.key] if tls else []
+    server = start_server(tmp_path, echo.port, *extra)
+    procs.append(server)
+    with ws_connect(server.port, "/", subprotocols=(BATCH_SUBPROTOCOL,),
+                    ca_file=certs.ca if tls else None) as ws:
+        assert ws.subprotocol == BATCH_SUBPROTOCOL
+        burst = [numbered(i, size) for i, size in enumerate(WS_SIZES)]
+        ws.send(pg.encode_frames(burst[:-1]))
+        ws.send(pg.encode_frames(burst[-1:]))
+        got = []
+        while len(got) < len(burst):
+            got += uotlv_datagrams(ws.recv(timeout=5))
+        assert got == burst
+        ws.send(pg.encode_frames([b"whole"]) + b"\x00\x09half")
+        with pytest.raises(websockets.exceptions.ConnectionClosedError) as closed:
+            ws.recv(timeout=5)
+        assert closed.value.rcvd.code == 1007
+    server.wait_log("ends inside a UoTLV/1 frame")
 
 
 def test_our_client_answers_a_websockets_ping(tmp_path, procs, websockets_server):
