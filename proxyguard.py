@@ -10,7 +10,8 @@ Wire format (README; the ProxyGuard technical document):
     server -> client   HTTP/1.1 101 Switching Protocols / Connection: Upgrade / Upgrade: UoTLV/1
     then, both ways    frames of [2-byte big-endian length][one UDP datagram]
 or, through fronts that pass only WebSocket (ws://, wss://; one server listener takes both):
-RFC 6455 with the subprotocol `proxyguard-udp`, one binary message per datagram.
+RFC 6455 with the subprotocol `proxyguard-uotlv` (each binary message carries whole UoTLV/1
+frames: a batch of datagrams) or `proxyguard-udp` (one binary message per datagram).
 
 Threads: blocking sockets. A tunnel is a Channel (TCP, plain or TLS) and a UDP endpoint joined
 by two pumps, one daemon thread each; the first to stop closes the tunnel, and the thread that

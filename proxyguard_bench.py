@@ -8,8 +8,9 @@ the client itself:
     bench socket --UDP--> client --HTTP(S) UoTLV/1--> server --UDP--> echo
                  <-------        <--------------------        <------
 
-or, with --transport websocket, the same over WebSocket (ws:// or wss://): the client masks
-every frame, the server unmasks it (one binary message per datagram).
+or, with --transport websocket, the same over WebSocket (ws:// or wss://; the subprotocol
+proxyguard-uotlv that client and server agree on: the datagrams a pump finds waiting go as UoTLV/1
+frames in one binary message, which the client masks and the server unmasks).
 
 Measurements, one table line each:
 
