@@ -1176,9 +1176,26 @@ def websocket_accept(key):
 
 
 # Ints with a 1 in every 32-bit word, by word count, for mask_payload: WireGuard sends a few
-# sizes only, so a small cache serves nearly every datagram; beyond it they are made each time.
+# sizes only, so a small cache serves nearly every datagram. A batch (proxyguard-uotlv) may be
+# of any size up to MAX_BATCH_MESSAGE: its ones are the next power of two's, cached, shifted
+# down (a shift costs half of making them anew, which costs as much as the XOR's conversions).
 _WORD_ONES = {}
 _WORD_ONES_CACHED = 512  # words, 2 KiB: at most about 0.5 MiB for all the cached ints
+
+
+def _word_ones(words):
+    ones = _WORD_ONES.get(words)
+    if ones is None:
+        if words <= _WORD_ONES_CACHED:
+            ones = _WORD_ONES[words] = int.from_bytes(b"\x01\x00\x00\x00" * words, "little")
+        else:  # the powers of two up to MAX_BATCH_MESSAGE: at most 256 KiB in all
+            power = 1 << (words - 1).bit_length()
+            ones = _WORD_ONES.get(power)
+            if ones is None:
+                ones = _WORD_ONES[power] = int.from_bytes(b"\x01\x00\x00\x00" * power,
+                                                          "little")
+            ones >>= 32 * (power - words)
+    return ones
 
 
 def mask_payload(data, key):
@@ -1190,12 +1207,7 @@ def mask_payload(data, key):
     every word without building its bytes."""
     size = len(data)
     words = (size + 3) >> 2
-    ones = _WORD_ONES.get(words)
-    if ones is None:
-        ones = int.from_bytes(b"\x01\x00\x00\x00" * words, "little")
-        if words <= _WORD_ONES_CACHED:
-            _WORD_ONES[words] = ones
-    masked = int.from_bytes(data, "little") ^ (key * ones)
+    masked = int.from_bytes(data, "little") ^ (key * _word_ones(words))
     return masked.to_bytes(words << 2, "little")[:size]
 
 

@@ -1112,7 +1112,8 @@ def test_websocket_accept_and_the_rfc_masking_example():
     assert pg.websocket_key() != pg.websocket_key()
 
 
-@pytest.mark.parametrize("size", [0, 1, 3, 4, 5, 125, 1420, 4097, 65535])
+@pytest.mark.parametrize("size", [0, 1, 3, 4, 5, 125, 1420, 2047, 2049, 4097, 65535, 65537,
+                                  pg.MAX_BATCH_MESSAGE])
 def test_mask_payload_is_the_rfc_xor_and_its_own_inverse(size):
     data = os.urandom(size)
     key_bytes = os.urandom(4)
@@ -1811,18 +1812,25 @@ def test_client_and_server_in_process_close_every_socket_and_thread(echo):
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
-def test_websocket_client_and_server_in_process(tls, echo, certs):
-    """ws:// and wss:// end to end in-process: datagrams of every size come back whole, the
-    server counts the tunnel as WebSocket, and every thread and socket is gone after."""
+def test_websocket_client_and_server_in_process(tls, echo, certs, caplog):
+    """ws:// and wss:// end to end in-process: client and server agree on proxyguard-uotlv,
+    datagrams of every size come back whole, a burst too (in batches), the server counts the
+    tunnel as WebSocket, and every thread and socket is gone after."""
     threads_before, fds_before = threading.active_count(), open_fds()
     server_context = pg.server_tls_context(certs.cert, certs.key) if tls else None
-    with running_server(echo.port, idle_timeout=30, tls_context=server_context) as server:
+    with running_server(echo.port, idle_timeout=30, tls_context=server_context) as server, \
+            caplog.at_level(logging.INFO, logger="proxyguard"):
         url = "%s://localhost:%d/pg" % ("wss" if tls else "ws", server.address[1])
         with running_client(url, tls_context=pg.client_tls_context(certs.ca) if tls else None
                             ) as (_, wireguard):
             for size in (1, 125, 126, 1420, 65507):
                 datagram = numbered(size, size)
                 assert wireguard.roundtrip(datagram) == datagram
+            burst = [numbered(index, 1420) for index in range(40)]
+            for datagram in burst:
+                wireguard.send(datagram)
+            assert [wireguard.recv() for _ in burst] == burst
+            assert caplog.text.count("websocket (proxyguard-uotlv)") == 2  # both tunnel-up lines
             metrics = {(metric.name, tuple(labels)): value for metric in server.metrics()
                        for labels, value in metric_samples(metric)}
             assert metrics[("proxyguard_server_tunnels_open", (("transport", "websocket"),))] == 1
