@@ -23,9 +23,16 @@ Measurements, one table line each:
     ping direct  the same straight to the echo, without proxyguard: the baseline.
     tunnels    (--tunnels N) N more tunnels at once, opened by raw TCP (or TLS) sockets of the
                bench that do the UoTLV/1 upgrade and framing by hand, each passing a few round
-               trips; then the server's RSS and threads, and the CPU (and scheduler wake-ups)
-               of server and client while everything sits idle for IDLE seconds: ~0 means no
-               polling. "closed in": until the server's descriptors are back to before.
+               trips; then the server's RSS and threads, new handshakes timed (connect to 101)
+               with the N open, and the CPU (and scheduler wake-ups) of server and client
+               while everything sits idle for IDLE seconds: ~0 means no polling. Then all N
+               are closed at once: "fds back in", "threads back in" are the seconds until the
+               server's descriptors and threads are back to before, and meanwhile a probe
+               process (`proxyguard_bench.py _probe`, away from the bench's GIL) makes new
+               handshakes one at a time, one every 10 ms ("during the teardown": p50, p99).
+               After the table, the worst of the runs (medians hide a slow one): every run's
+               teardown, how many within 5 s, the handshakes during the teardowns pooled over
+               all runs, the largest RSS with the N open.
 
 Transports (--transport): uotlv (http://, https://; the table's "via" says plain, tls) or
 websocket (ws://, wss://; via ws, wss), or both, alternating in each run like the sides of
@@ -63,6 +70,8 @@ Examples:
     python3 proxyguard_bench.py --transport both --both --size 1420,100 --runs 5
                                                         # WebSocket vs UoTLV/1, plain and TLS
     python3 proxyguard_bench.py --tunnels 500           # tunnel count: RSS and idle CPU
+    python3 proxyguard_bench.py --tunnels 5000 --runs 10 --idle 0.5 --nofile 1024
+                                                        # teardown of 5,000, as under systemd
     python3 proxyguard_bench.py --json > bench.json
     python3 proxyguard_bench.py --against go            # vs the original, 5 rounds, ~3 min
     python3 proxyguard_bench.py --against /usr/bin/python3 --python python3.11  # interpreters
@@ -1682,8 +1691,10 @@ def build_parser():
              "(ws://, wss://), or both, alternating, with the WebSocket/UoTLV/1 ratios; the "
              "tunnels test and the original (--against go) are UoTLV/1 only")
     add("--tunnels", type=int, default=None, metavar="N",
-        help="open N tunnels at once (raw sockets): server RSS and idle CPU; runs only "
-             "this test unless --tests says otherwise")
+        help="open N tunnels at once (raw sockets): server RSS and idle CPU, then close them "
+             "all at once: seconds until the server's descriptors and threads are back, and "
+             "new handshakes meanwhile; with --runs, the worst run too; runs only this test "
+             "unless --tests says otherwise")
     add("--tunnel-roundtrips", type=int, default=3, metavar="R",
         help="round trips per raw tunnel (default %(default)s)")
     add("--nofile", type=int, default=None, metavar="SOFT",
@@ -1699,7 +1710,8 @@ def build_parser():
              "all three with --against, %d tunnels, on plain HTTP)" % AGAINST["tunnels"])
     add("--runs", type=int, default=None, metavar="K",
         help="repeat K times, print medians (default 1; %d with --against)" % AGAINST["runs"])
-    add("--json", action="store_true", help="print JSON (every run and the medians)")
+    add("--json", action="store_true",
+        help="print JSON (every run, the medians, and the tunnels test's worst run)")
     add("--keep", action="store_true", help="keep the temp dir with the process logs")
     return parser
 
