@@ -24,9 +24,16 @@ Measurements, one table line each:
     ping direct  the same straight to the echo, without proxyguard: the baseline.
     tunnels    (--tunnels N) N more tunnels at once, opened by raw TCP (or TLS) sockets of the
                bench that do the UoTLV/1 upgrade and framing by hand, each passing a few round
-               trips; then the server's RSS and threads, and the CPU (and scheduler wake-ups)
-               of server and client while everything sits idle for IDLE seconds: ~0 means no
-               polling. "closed in": until the server's descriptors are back to before.
+               trips; then the server's RSS and threads, new handshakes timed (connect to 101)
+               with the N open, and the CPU (and scheduler wake-ups) of server and client
+               while everything sits idle for IDLE seconds: ~0 means no polling. Then all N
+               are closed at once: "fds back in", "threads back in" are the seconds until the
+               server's descriptors and threads are back to before, and meanwhile a probe
+               process (`proxyguard_bench.py _probe`, away from the bench's GIL) makes new
+               handshakes one at a time, one every 10 ms ("during the teardown": p50, p99).
+               After the table, the worst of the runs (medians hide a slow one): every run's
+               teardown, how many within 5 s, the handshakes during the teardowns pooled over
+               all runs, the largest RSS with the N open.
 
 Transports (--transport): uotlv (http://, https://; the table's "via" says plain, tls) or
 websocket (ws://, wss://; via ws, wss), or both, alternating in each run like the sides of
@@ -64,6 +71,8 @@ Examples:
     python3 proxyguard_bench.py --transport both --both --size 1420,100 --runs 5
                                                         # WebSocket vs UoTLV/1, plain and TLS
     python3 proxyguard_bench.py --tunnels 500           # tunnel count: RSS and idle CPU
+    python3 proxyguard_bench.py --tunnels 5000 --runs 10 --idle 0.5 --nofile 1024
+                                                        # teardown of 5,000, as under systemd
     python3 proxyguard_bench.py --json > bench.json
     python3 proxyguard_bench.py --against go            # vs the original, 5 rounds, ~3 min
     python3 proxyguard_bench.py --against /usr/bin/python3 --python python3.11  # interpreters
@@ -236,13 +245,18 @@ class Echo:
 # =============================================================================================
 
 
-def _die_with_parent():
-    """preexec_fn: the child gets SIGTERM if the bench dies (even by SIGKILL). Linux only."""
+def _prepare_child(nofile=None):
+    """preexec_fn: the child gets SIGTERM if the bench dies (even by SIGKILL; Linux only), and
+    starts with the soft open-files limit `nofile` if given (as systemd's 1024)."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except Exception:
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the bench stops us in order
+    if nofile:
+        import resource
+        resource.setrlimit(resource.RLIMIT_NOFILE,
+                           (nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
 
 class Processes:
@@ -252,12 +266,15 @@ class Processes:
         self.workdir = workdir
         self.children = []
 
-    def spawn(self, name, argv, stdout=None):
+    def spawn(self, name, argv, stdout=None, stdin=subprocess.DEVNULL, nofile=None):
+        """Start `argv`, its stderr (and stdout unless given) to a log; `nofile`: its soft
+        open-files limit."""
         log_path = os.path.join(self.workdir, "%s-%d.log" % (name, len(self.children)))
         log_file = open(log_path, "w")
-        popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+        popen = subprocess.Popen(argv, stdin=stdin,
                                  stdout=stdout if stdout is not None else log_file,
-                                 stderr=log_file, preexec_fn=_die_with_parent)
+                                 stderr=log_file,
+                                 preexec_fn=functools.partial(_prepare_child, nofile))
         popen.log_path = log_path
         popen.log_file = log_file
         popen.name = name
@@ -286,8 +303,9 @@ class Processes:
                 popen.kill()
                 popen.wait(5)
         popen.log_file.close()
-        if popen.stdout is not None:
-            popen.stdout.close()
+        for stream in (popen.stdin, popen.stdout):
+            if stream is not None:
+                stream.close()
         if popen in self.children:
             self.children.remove(popen)
 
@@ -350,7 +368,7 @@ class Setup:
     (UOTLV or WEBSOCKET) and TLS or not."""
 
     def __init__(self, procs, echo, impl, tls, workdir, server_args=(), client_args=(),
-                 protocol=UOTLV):
+                 protocol=UOTLV, nofile=None):
         self.procs = procs
         self.echo = echo
         self.impl = impl
@@ -374,7 +392,7 @@ class Setup:
             self.server_port = free_port(socket.SOCK_STREAM)
             self.server = procs.spawn(impl.key + "-server", impl.server_argv(
                 "%s:%d" % (LOOPBACK, self.server_port),
-                "%s:%d" % (LOOPBACK, echo.port)) + server_extra)
+                "%s:%d" % (LOOPBACK, echo.port)) + server_extra, nofile=nofile)
             try:
                 procs.wait_log(self.server, impl.server_ready)
                 break
@@ -386,7 +404,7 @@ class Setup:
         for attempt in range(3):
             self.listen_port = free_port(socket.SOCK_DGRAM)
             self.client = procs.spawn(impl.key + "-client", impl.client_argv(
-                self.url, self.listen_port, forward_port) + client_extra)
+                self.url, self.listen_port, forward_port) + client_extra, nofile=nofile)
             try:
                 procs.wait_log(self.client, impl.client_ready)
                 break
@@ -1061,30 +1079,140 @@ def tunnel_roundtrips(tunnels, buffers, size, rounds, timeout=20):
 # waits for the server to let go of them.
 HANDSHAKE_SAMPLES = 200
 TEARDOWN_LIMIT = 60.0
+# The issue's target: every run's descriptors and threads back within this many seconds.
+TEARDOWN_TARGET = 5.0
+# The teardown probe starts a handshake this often (one at a time: a client reconnecting, not
+# a flood).
+PROBE_INTERVAL = 0.01
+# While the probe runs, the server holds its tunnel in hand and may still be letting go of
+# the one before: 2 descriptors (TCP, UDP) and 2 threads (the pumps) each. "Back" allows
+# that much above the count before; once the probe has stopped, the exact count must come
+# back too (within SETTLE_LIMIT), so a leak of even one tunnel still shows.
+PROBE_SLACK = 2 * 2
+SETTLE_LIMIT = 5.0
+
+
+def client_tls_context(ca_file):
+    """The bench's TLS context for raw tunnels to a server with `ca_file`'s certificate; None
+    for plain HTTP."""
+    return None if ca_file is None else ssl.create_default_context(cafile=ca_file)
+
+
+def timed_handshake(port, ssl_context):
+    """One new tunnel, timed from connect to the 101 answer and closed at once: the time in
+    ms, or None if it failed."""
+    start = time.perf_counter()
+    sock = None
+    try:
+        sock = open_raw_tunnel(port, ssl_context, 0)
+        read_upgrade_answer(sock)
+        return (time.perf_counter() - start) * 1000
+    except (OSError, RuntimeError):
+        return None
+    finally:
+        if sock is not None:
+            sock.close()
+
+
+def handshake_figures(times, failed, keep_times=False):
+    """{count, failed, p50_ms, p99_ms, max_ms} of handshake `times` (ms), and the times
+    themselves if `keep_times` (to pool runs)."""
+    times = sorted(times)
+    figures = {"count": len(times) + failed, "failed": failed,
+               "p50_ms": percentile(times, 0.50), "p99_ms": percentile(times, 0.99),
+               "max_ms": times[-1] if times else None}
+    if keep_times:
+        figures["times_ms"] = times
+    return figures
 
 
 def new_handshakes(setup, count):
-    """`count` new tunnels one after another, each timed from connect to the 101 answer and
-    closed at once. Returns {count, failed, p50_ms, p99_ms, max_ms}."""
-    ssl_context = None
-    if setup.tls:
-        ssl_context = ssl.create_default_context(cafile=setup.ca_file)
+    """`count` new tunnels one after another, each timed (timed_handshake). Returns
+    handshake_figures."""
+    ssl_context = client_tls_context(setup.ca_file)
+    times = [timed_handshake(setup.server_port, ssl_context) for _ in range(count)]
+    return handshake_figures([t for t in times if t is not None], times.count(None))
+
+
+def probe_main(port, ca_file=None):
+    """`proxyguard_bench.py _probe PORT [CA_FILE]`: prints `ready`; from the line `go` on
+    stdin makes a handshake (timed_handshake) every PROBE_INTERVAL, one at a time, until the
+    line `stop` (or the end of stdin); then prints handshake_figures as one JSON line.
+
+    Its own process: in the bench's, the GIL (the bench polls /proc meanwhile) would be
+    timed along with the server."""
+    ssl_context = client_tls_context(ca_file)
+    print("ready", flush=True)
+    if os.read(0, 100).strip() != b"go":
+        return
     times, failed = [], 0
-    for _ in range(count):
-        start = time.perf_counter()
-        sock = None
-        try:
-            sock = open_raw_tunnel(setup.server_port, ssl_context, 0)
-            read_upgrade_answer(sock)
-            times.append((time.perf_counter() - start) * 1000)
-        except (OSError, RuntimeError):
+    next_start = time.monotonic()
+    # The pacing wait is a wait for stdin: `stop` ends it at once.
+    while not select.select([0], [], [], max(0.0, next_start - time.monotonic()))[0]:
+        next_start = time.monotonic() + PROBE_INTERVAL
+        elapsed = timed_handshake(port, ssl_context)
+        if elapsed is None:
             failed += 1
+        else:
+            times.append(elapsed)
+    print(json.dumps(handshake_figures(times, failed, keep_times=True)), flush=True)
+
+
+class HandshakeProbe:
+    """The probe process (probe_main) against `setup`'s server: `start()`, then `stop()`
+    returns its figures."""
+
+    def __init__(self, procs, setup):
+        self.procs = procs
+        argv = [sys.executable, os.path.abspath(__file__), "_probe", str(setup.server_port)]
+        if setup.ca_file:
+            argv.append(setup.ca_file)
+        self.popen = procs.spawn("probe", argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        if self.popen.stdout.readline().strip() != b"ready":
+            procs.stop(self.popen)
+            raise RuntimeError("the handshake probe did not start; its log: %s"
+                               % self.popen.log_path)
+
+    def start(self):
+        self.popen.stdin.write(b"go\n")
+        self.popen.stdin.flush()
+
+    def stop(self):
+        try:
+            self.popen.stdin.write(b"stop\n")
+            self.popen.stdin.flush()
+            line = self.popen.stdout.readline()
         finally:
-            if sock is not None:
-                sock.close()
-    times.sort()
-    return {"count": count, "failed": failed, "p50_ms": percentile(times, 0.50),
-            "p99_ms": percentile(times, 0.99), "max_ms": times[-1] if times else None}
+            self.procs.stop(self.popen)
+        if not line:
+            raise RuntimeError("the handshake probe gave no figures; its log: %s"
+                               % self.popen.log_path)
+        return json.loads(line)
+
+
+def wait_teardown(pid, fds_before, threads_before, slack, limit=TEARDOWN_LIMIT):
+    """Poll until `pid`'s descriptors, and its threads, are back to at most `slack` above
+    the counts before (descriptors: a measure for any server; threads: for a thread per
+    tunnel). Returns (fds_back, threads_back): seconds, None if not back within `limit`.
+
+    Listing /proc/PID/fd with 10,000 entries costs milliseconds of the CPU the server needs:
+    the threads are looked at every 20 ms, the descriptors every 100 ms until the threads
+    are back."""
+    started = time.perf_counter()
+    fds_back = threads_back = None
+    polls = 0
+    while time.perf_counter() - started < limit:
+        now = time.perf_counter() - started
+        if threads_back is None and proc_status(pid)[1] <= threads_before + slack:
+            threads_back = now
+        if fds_back is None and (polls % 5 == 0 or threads_back is not None) \
+                and proc_fds(pid) <= fds_before + slack:
+            fds_back = now
+        if fds_back is not None and threads_back is not None:
+            break
+        polls += 1
+        time.sleep(0.02)
+    return fds_back, threads_back
 
 
 def many_tunnels(setup, count, size, rounds, idle_seconds):
@@ -1094,10 +1222,9 @@ def many_tunnels(setup, count, size, rounds, idle_seconds):
     rss_before, threads_before = proc_status(server_pid)
     fds_before = proc_fds(server_pid)
     handshakes_before = new_handshakes(setup, HANDSHAKE_SAMPLES // 4)
-    ssl_context = None
-    if setup.tls:
-        ssl_context = ssl.create_default_context(cafile=setup.ca_file)
+    ssl_context = client_tls_context(setup.ca_file)
     tunnels, buffers = [], []
+    probe = None
     started = time.perf_counter()
     try:
         batch = 50  # below the server's listen backlog (512)
@@ -1123,29 +1250,19 @@ def many_tunnels(setup, count, size, rounds, idle_seconds):
         cpu1 = {"server": proc_cpu(server_pid), "client": proc_cpu(client_pid)}
         sched1 = {"server": proc_sched(server_pid), "client": proc_sched(client_pid)}
         rss_idle, _ = proc_status(server_pid)
+        probe = HandshakeProbe(setup.procs, setup)
+        probe.start()  # new tunnels while the server lets go of the N
     finally:
         for sock in tunnels:
             with contextlib.suppress(OSError):
                 sock.close()
-    # How fast the server lets go of the tunnels: until its descriptors, and its threads, are
-    # back to where they were before (descriptors: a measure for any server; threads: for a
-    # thread per tunnel). None: not back within TEARDOWN_LIMIT seconds.
-    # Listing /proc/PID/fd with 10,000 entries costs milliseconds of the CPU the server needs:
-    # the threads are looked at every 20 ms, the descriptors every 100 ms.
-    started = time.perf_counter()
-    fds_back = threads_back = None
-    polls = 0
-    while time.perf_counter() - started < TEARDOWN_LIMIT:
-        now = time.perf_counter() - started
-        if threads_back is None and proc_status(server_pid)[1] <= threads_before:
-            threads_back = now
-        if fds_back is None and (polls % 5 == 0 or threads_back is not None) \
-                and proc_fds(server_pid) <= fds_before:
-            fds_back = now
-        if fds_back is not None and threads_back is not None:
-            break
-        polls += 1
-        time.sleep(0.02)
+    try:
+        fds_back, threads_back = wait_teardown(server_pid, fds_before, threads_before,
+                                               PROBE_SLACK)
+    finally:
+        handshakes_teardown = probe.stop() if probe is not None else None
+    # The probe's last tunnels gone too: exactly as before, or some are leaked.
+    settled = wait_teardown(server_pid, fds_before, threads_before, 0, SETTLE_LIMIT)
     teardown_seconds = (None if fds_back is None or threads_back is None
                         else max(fds_back, threads_back))
     rss_after, threads_after = proc_status(server_pid)
@@ -1172,6 +1289,7 @@ def many_tunnels(setup, count, size, rounds, idle_seconds):
         "server_fds_after_close": fds_after,
         "fds_back_seconds": fds_back, "threads_back_seconds": threads_back,
         "handshake_before": handshakes_before, "handshake_up": handshakes,
+        "handshake_teardown": handshakes_teardown, "settled": None not in settled,
         "idle_seconds": idle_seconds, "idle": idle,
     }
 
@@ -1182,16 +1300,19 @@ def many_tunnels(setup, count, size, rounds, idle_seconds):
 
 
 def median_result(results):
-    """Field-wise median of result dicts (nested dicts too); non-numbers from the first."""
+    """Field-wise median of result dicts (nested dicts too); flags (bools) true only if true in
+    every run; other non-numbers from the first; lists (one run's samples) left out."""
     first = results[0]
-    if len(results) == 1:
-        return first
     merged = {}
     for key, value in first.items():
         values = [result.get(key) for result in results]
-        if isinstance(value, dict):
+        if isinstance(value, list):
+            continue
+        if isinstance(value, dict) and all(isinstance(v, dict) for v in values):
             merged[key] = median_result(values)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        elif isinstance(value, bool):
+            merged[key] = all(v is True for v in values)
+        elif isinstance(value, (int, float)) and \
                 all(isinstance(v, (int, float)) for v in values):
             merged[key] = statistics.median(values)
         else:
@@ -1253,7 +1374,8 @@ def format_line(entry):
         text = ("server RSS %.1f -> %.1f MiB (%+.0f KiB/tunnel), threads %d -> %d, "
                 "fds %d -> %d  idle %gs: server %s, client %s  "
                 "open %.0f/s, %d/%d round trips ok  new handshakes: before %s, "
-                "with %d open %s  after close: fds back in %s, threads back in %s"
+                "with %d open %s, during the teardown %s  after close: fds back in %s, "
+                "threads back in %s"
                 % (result["server_rss_kib_before"] / 1024, result["server_rss_kib_up"] / 1024,
                    result["server_rss_kib_per_tunnel"], result["server_threads_before"],
                    result["server_threads_up"], result.get("server_fds_before", 0),
@@ -1262,8 +1384,12 @@ def format_line(entry):
                    result["tunnels_per_s"], result["roundtrips_ok"], result["roundtrips"],
                    handshake_text(result.get("handshake_before")), result["tunnels"],
                    handshake_text(result.get("handshake_up")),
+                   handshake_text(result.get("handshake_teardown")),
                    seconds(result.get("fds_back_seconds", result["teardown_seconds"])),
                    seconds(result.get("threads_back_seconds"))))
+        if result.get("settled") is False:
+            text += "  (NOT BACK TO THE COUNTS BEFORE %gs AFTER THE PROBE: a leak?)" % (
+                SETTLE_LIMIT)
         if result.get("tunnels_closed_by_server"):
             text += "  (%d TUNNELS CLOSED BY THE SERVER: see its log, --keep)" % (
                 result["tunnels_closed_by_server"])
@@ -1271,6 +1397,65 @@ def format_line(entry):
 
 
 HEADER = "%-8s %-6s %5s %5s  %s" % ("test", "via", "size", "W/N", "result")
+
+
+def tunnels_worst(entries):
+    """The tunnels test's worst over its runs, per (side, via): medians hide a teardown that
+    is slow in one run of ten. Teardown seconds of every run (None: not back within
+    TEARDOWN_LIMIT), how many within TEARDOWN_TARGET, the handshakes during the teardown
+    pooled over all runs, the largest RSS with the tunnels open, runs not settled."""
+    groups = {}
+    for entry in entries:
+        if entry["test"] == "tunnels":
+            groups.setdefault((entry["side"], entry["transport"]), []).append(entry["result"])
+    worst = []
+    for (side, via), results in groups.items():
+        seconds = [result["teardown_seconds"] for result in results]
+        times, failed = [], 0
+        for result in results:
+            probe = result.get("handshake_teardown") or {}
+            times += probe.get("times_ms", [])
+            failed += probe.get("failed", 0)
+        worst.append({
+            "side": side, "transport": via, "tunnels": results[0]["tunnels"],
+            "runs": len(results), "teardown_seconds": seconds,
+            "teardown_max_seconds": None if None in seconds else max(seconds),
+            "within_target": sum(1 for value in seconds
+                                 if value is not None and value <= TEARDOWN_TARGET),
+            "target_seconds": TEARDOWN_TARGET,
+            "handshake_teardown": handshake_figures(times, failed),
+            "handshake_teardown_p99_ms": [(result.get("handshake_teardown") or {}).get("p99_ms")
+                                          for result in results],
+            "server_rss_mib_open_max": max(max(result["server_rss_kib_up"],
+                                               result["server_rss_kib_idle"])
+                                           for result in results) / 1024,
+            "not_settled": sum(1 for result in results if result.get("settled") is False),
+        })
+    return worst
+
+
+def format_worst(worst):
+    """The line of tunnels_worst, and every run's teardown seconds."""
+    handshakes = worst["handshake_teardown"]
+    text = ("teardown over %d runs (%s, %d tunnels): fds/threads back max %s, %d of %d within "
+            "%gs; handshakes during teardown p99 (all runs pooled) %s ms, max %s, failed %d "
+            "of %d; RSS with %d open max %.0f MiB"
+            % (worst["runs"], worst["transport"], worst["tunnels"],
+               "> %gs" % TEARDOWN_LIMIT if worst["teardown_max_seconds"] is None
+               else "%.2f s" % worst["teardown_max_seconds"],
+               worst["within_target"], worst["runs"], worst["target_seconds"],
+               "-" if handshakes["p99_ms"] is None else "%.1f" % handshakes["p99_ms"],
+               "-" if handshakes["max_ms"] is None else "%.1f" % handshakes["max_ms"],
+               handshakes["failed"], handshakes["count"], worst["tunnels"],
+               worst["server_rss_mib_open_max"]))
+    if worst["not_settled"]:
+        text += "; NOT BACK TO THE COUNTS BEFORE in %d runs" % worst["not_settled"]
+    runs = "  per run: teardown %s s; handshake p99 during it %s ms" % (
+        " ".join("-" if value is None else "%.2f" % value
+                 for value in worst["teardown_seconds"]),
+        " ".join("-" if value is None else "%.1f" % value
+                 for value in worst["handshake_teardown_p99_ms"]))
+    return [text, runs]
 
 
 def medians_picker(summary):
@@ -1507,10 +1692,17 @@ def build_parser():
              "(ws://, wss://), or both, alternating, with the WebSocket/UoTLV/1 ratios; the "
              "tunnels test and the original (--against go) are UoTLV/1 only")
     add("--tunnels", type=int, default=None, metavar="N",
-        help="open N tunnels at once (raw sockets): server RSS and idle CPU; runs only "
-             "this test unless --tests says otherwise")
+        help="open N tunnels at once (raw sockets): server RSS and idle CPU, then close them "
+             "all at once: seconds until the server's descriptors and threads are back, and "
+             "new handshakes meanwhile; with --runs, the worst run too; runs only this test "
+             "unless --tests says otherwise")
     add("--tunnel-roundtrips", type=int, default=3, metavar="R",
         help="round trips per raw tunnel (default %(default)s)")
+    add("--nofile", type=int, default=None, metavar="SOFT",
+        help="start the servers and clients under test with this soft open-files limit "
+             "(RLIMIT_NOFILE; the hard one stays), as systemd starts services with 1024; "
+             "proxyguard.py raises its own to the hard one (the bench raises its own "
+             "regardless)")
     add("--idle", type=float, default=None, metavar="SECONDS",
         help="idle time measured with the tunnels up (default 3; %g with --against)"
              % AGAINST["idle"])
@@ -1519,7 +1711,8 @@ def build_parser():
              "all three with --against, %d tunnels, on plain HTTP)" % AGAINST["tunnels"])
     add("--runs", type=int, default=None, metavar="K",
         help="repeat K times, print medians (default 1; %d with --against)" % AGAINST["runs"])
-    add("--json", action="store_true", help="print JSON (every run and the medians)")
+    add("--json", action="store_true",
+        help="print JSON (every run, the medians, and the tunnels test's worst run)")
     add("--keep", action="store_true", help="keep the temp dir with the process logs")
     return parser
 
@@ -1578,6 +1771,8 @@ def measure(setup, options, tests, run, tag, ping_size, direct=True, tunnels=Tru
 def main(argv=None):
     if argv is None and sys.argv[1:2] == ["_echo"]:
         return echo_main()
+    if argv is None and sys.argv[1:2] == ["_probe"]:
+        return probe_main(int(sys.argv[2]), *sys.argv[3:4])
     options = build_parser().parse_args(argv)
     if not os.path.exists(options.proxyguard):
         print("proxyguard_bench.py: %s not found (use --proxyguard PATH)" % options.proxyguard,
@@ -1685,7 +1880,8 @@ def main(argv=None):
                         server_args = ["--max-clients", str(max(
                             1000, options.tunnels + HANDSHAKE_SAMPLES + 16))]
                     setups.append(Setup(procs, echo, side, tls, workdir,
-                                        server_args=server_args, protocol=protocol))
+                                        server_args=server_args, protocol=protocol,
+                                        nofile=options.nofile))
         for run in range(options.runs):
             # Test by test (load: size by size), each on every setup in turn, so that what is compared is measured
             # seconds apart; the order alternates, so neither side always goes first.
@@ -1738,10 +1934,12 @@ def main(argv=None):
                    if len(sides) > 1 and all(protocol in side.protocols for side in sides)}
     by_transport = compare_transports(sides, summary, options, ping_size) \
         if len(protocols) > 1 else None
+    worst = tunnels_worst(entries)
     if options.json:
         json.dump({"info": info, "comparison": comparisons.get(UOTLV),
                    "comparison_websocket": comparisons.get(WEBSOCKET),
-                   "websocket_vs_uotlv": by_transport, "medians": summary,
+                   "websocket_vs_uotlv": by_transport, "tunnels_worst": worst,
+                   "medians": summary,
                    "runs": entries}, sys.stdout, indent=1)
         print()
     elif summary:
@@ -1777,6 +1975,9 @@ def main(argv=None):
             if len(sides) > 1:
                 line = "%-*s %s" % (width, labels[entry["side"]], line)
             print(line)
+        for item in worst:
+            for line in format_worst(item):
+                print(line if len(sides) == 1 else "%s: %s" % (labels[item["side"]], line))
     return status
 
 if __name__ == "__main__":

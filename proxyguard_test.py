@@ -748,6 +748,55 @@ def test_datagrams_a_dying_tunnel_could_not_send_go_to_unsent_as_bytes():
         wireguard.close()
 
 
+class WatchedLane:
+    """A teardown lane (pg.TEARDOWN_LANES) that tells when a tunnel asks for it."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.asked = threading.Event()
+
+    def acquire(self, timeout=-1):
+        self.asked.set()
+        return self.lock.acquire(timeout=timeout)
+
+    def release(self):
+        self.lock.release()
+
+
+def test_an_ended_tunnel_closes_only_in_its_teardown_lane(monkeypatch):
+    """Thousands of tunnels ending at once must not all queue for the GIL: a tunnel whose peer
+    closed waits for its lane (another tunnel's teardown holds it) before it wakes its UDP
+    pump, which relays meanwhile, or closes a socket; then it ends and frees the lane."""
+    lane = WatchedLane()
+    monkeypatch.setattr(pg.Tunnel, "_teardown_lanes", [lane] * pg.TEARDOWN_LANES)
+    tunnel, ours, wireguard = pump_tunnel()
+    thread, result = run_in_thread(tunnel)
+    try:
+        with lane.lock:
+            ours.shutdown(socket.SHUT_WR)
+            assert lane.asked.wait(5)
+            wireguard.sendto(b"still relayed", tunnel.endpoint.sock.getsockname())
+            assert read_frames(ours, FrameDecoder(), 1) == [b"still relayed"]
+            assert tunnel.close_reason is None and tunnel.endpoint.sock.fileno() != -1
+        thread.join(5)
+        assert result == ["closed by peer"] and tunnel.endpoint.sock.fileno() == -1
+        assert not lane.lock.locked()
+    finally:
+        ours.close()
+        wireguard.close()
+
+
+def test_a_tunnel_waits_for_a_busy_teardown_lane_at_most_teardown_lane_wait(monkeypatch):
+    """A teardown that hangs holds up the others of its lane for TEARDOWN_LANE_WAIT only."""
+    lane = WatchedLane()
+    monkeypatch.setattr(pg.Tunnel, "_teardown_lanes", [lane] * pg.TEARDOWN_LANES)
+    monkeypatch.setattr(pg, "TEARDOWN_LANE_WAIT", 0.1)
+    with lane.lock:
+        with running_pump_tunnel():  # ends "closed by peer" within 5 s, or fails
+            pass
+    assert lane.asked.is_set()
+
+
 # =============================================================================================
 # Pure protocol: requests and responses
 # =============================================================================================
@@ -4635,6 +4684,31 @@ def test_thousand_tunnels_in_a_row_leak_nothing(server, good_tunnel):
         assert stats["threads"] <= before["threads"], (before, stats)
         assert stats["fds"] <= before["fds"], (before, stats)
         assert stats["rss_kib"] - before["rss_kib"] < 8 * 1024, (before, stats)
+
+
+@pytest.mark.slow  # a bench run: processes, 2 rounds of 20 tunnels
+def test_bench_times_the_teardown_and_handshakes_during_it():
+    """The bench's tunnels test (proxyguard_bench.py --tunnels): every round's descriptors and
+    threads come back (the probe's own handshakes meanwhile allowed for, and gone after it),
+    the probe's handshakes during the teardown are timed and none fails, and the worst of the
+    rounds is summed up; --nofile starts the server at systemd's soft limit."""
+    output = subprocess.run(
+        [sys.executable, os.path.join(HERE, "proxyguard_bench.py"), "--tunnels", "20",
+         "--runs", "2", "--idle", "0.1", "--nofile", "1024", "--json"],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=120, text=True)
+    assert output.returncode == 0, output.stderr
+    report = json.loads(output.stdout)
+    rounds = [entry["result"] for entry in report["runs"] if entry["test"] == "tunnels"]
+    assert len(rounds) == 2
+    for result in rounds:
+        assert result["teardown_seconds"] is not None and result["settled"] is True
+        probe = result["handshake_teardown"]
+        assert probe["count"] >= 1 and probe["failed"] == 0 and probe["max_ms"] > 0
+    [worst] = report["tunnels_worst"]
+    assert worst["runs"] == 2 and worst["teardown_seconds"] == [
+        result["teardown_seconds"] for result in rounds]
+    assert worst["handshake_teardown"]["count"] == sum(
+        result["handshake_teardown"]["count"] for result in rounds)
 
 
 # =============================================================================================
