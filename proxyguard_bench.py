@@ -26,6 +26,17 @@ Measurements, one table line each:
                trips; then the server's RSS and threads, and the CPU (and scheduler wake-ups)
                of server and client while everything sits idle for IDLE seconds: ~0 means no
                polling. "closed in": until the server's descriptors are back to before.
+    peers      (--tests peers, --peers N) N tunnels to one server, from one `proxyguard.py up
+               PROFILE --write-config FILE` process (a profile the bench writes, a [Peer] with
+               a ProxyEndpoint per tunnel: ClientGroup) and from N `client` processes,
+               alternating; the bench's socket spreads the load's window over the N tunnel
+               ports. Saturated, then paced at one rate for both (--peers-rate; default half
+               the lower saturated rate of the first round: on 2 cores N processes use both
+               and one process is bound by its GIL, so only below saturation is the CPU per
+               datagram compared at the same load). Client CPU is all client processes
+               summed; the ratio separate/one process of client CPU per round trip, per
+               round and its median: >= 1 means one process costs no more. Needs
+               CAP_NET_ADMIN (up marks its tunnels' sockets: both arrangements get the mark).
 
 Transports (--transport): uotlv (http://, https://; the table's "via" says plain, tls) or
 websocket (ws://, wss://; via ws, wss), or both, alternating in each run like the sides of
@@ -63,6 +74,8 @@ Examples:
     python3 proxyguard_bench.py --transport both --both --size 1420,100 --runs 5
                                                         # WebSocket vs UoTLV/1, plain and TLS
     python3 proxyguard_bench.py --tunnels 500           # tunnel count: RSS and idle CPU
+    python3 proxyguard_bench.py --tests peers --peers 4 --runs 5
+                                                        # 4 peers: one process vs 4, ~2 min
     python3 proxyguard_bench.py --json > bench.json
     python3 proxyguard_bench.py --against go            # vs the original, 5 rounds, ~3 min
     python3 proxyguard_bench.py --against /usr/bin/python3 --python python3.11  # interpreters
