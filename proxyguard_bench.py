@@ -34,6 +34,17 @@ Measurements, one table line each:
                After the table, the worst of the runs (medians hide a slow one): every run's
                teardown, how many within 5 s, the handshakes during the teardowns pooled over
                all runs, the largest RSS with the N open.
+    peers      (--tests peers, --peers N) N tunnels to one server, from one `proxyguard.py up
+               PROFILE --write-config FILE` process (a profile the bench writes, a [Peer] with
+               a ProxyEndpoint per tunnel: ClientGroup) and from N `client` processes,
+               alternating; the bench's socket spreads the load's window over the N tunnel
+               ports. Saturated, then paced at one rate for both (--peers-rate; default half
+               the lower saturated rate of the first round: on 2 cores N processes use both
+               and one process is bound by its GIL, so only below saturation is the CPU per
+               datagram compared at the same load). Client CPU is all client processes
+               summed; the ratio separate/one process of client CPU per round trip, per
+               round and its median: >= 1 means one process costs no more. Needs
+               CAP_NET_ADMIN (up marks its tunnels' sockets: both arrangements get the mark).
 
 Transports (--transport): uotlv (http://, https://; the table's "via" says plain, tls) or
 websocket (ws://, wss://; via ws, wss), or both, alternating in each run like the sides of
@@ -73,6 +84,8 @@ Examples:
     python3 proxyguard_bench.py --tunnels 500           # tunnel count: RSS and idle CPU
     python3 proxyguard_bench.py --tunnels 5000 --runs 10 --idle 0.5 --nofile 1024
                                                         # teardown of 5,000, as under systemd
+    python3 proxyguard_bench.py --tests peers --peers 4 --runs 5
+                                                        # 4 peers: one process vs 4, ~2 min
     python3 proxyguard_bench.py --json > bench.json
     python3 proxyguard_bench.py --against go            # vs the original, 5 rounds, ~3 min
     python3 proxyguard_bench.py --against /usr/bin/python3 --python python3.11  # interpreters
@@ -83,13 +96,16 @@ column tells whether the bench itself was the bottleneck.
 """
 
 import argparse
+import collections
 import contextlib
 import ctypes
 import functools
 import hashlib
+import itertools
 import json
 import os
 import platform
+import re
 import select
 import shutil
 import signal
@@ -363,59 +379,149 @@ def make_certificates(workdir):
     return tuple(os.path.join(workdir, name) for name in ("ca.pem", "server.pem", "server.key"))
 
 
+def spawn_on_free_port(procs, name, argv_of, ready, kind, nofile=None):
+    """Start `argv_of(port)` on a free port of `kind` until it logs `ready`; (port, popen).
+    `nofile`: its soft open-files limit (Processes.spawn).
+
+    A free port can be taken between probe and bind: three attempts."""
+    for attempt in range(3):
+        port = free_port(kind)
+        popen = procs.spawn(name, argv_of(port), nofile=nofile)
+        try:
+            procs.wait_log(popen, ready)
+            return port, popen
+        except RuntimeError:
+            procs.stop(popen)
+            if attempt == 2:
+                raise
+
+
+# The peers test's arrangements of N tunnels to one server: N client processes, or one
+# `up --write-config` process with a peer for each (ClientGroup).
+SEPARATE, ONE_PROCESS = "separate", "one process"
+# Both arrangements mark their tunnels' TCP sockets alike: up marks them with its FwMark
+# (wg-quick's 51820 by default), which needs CAP_NET_ADMIN, so the separate clients get the
+# same --fwmark and only the arrangement differs.
+PEERS_FWMARK = 51820
+# A placeholder WireGuard key for the bench's profile: up passes keys through unread.
+PEER_KEY = "cHJveHlndWFyZF9iZW5jaCBwbGFjZWhvbGRlciBrZXk="
+
+
+def peers_profile(urls):
+    """A WireGuard profile for `up`: an [Interface] and one [Peer] per URL (its
+    ProxyEndpoint), each with AllowedIPs of its own, as eduVPN's portal writes them."""
+    return "[Interface]\nPrivateKey = %s\nAddress = 10.49.0.2/24\n" % PEER_KEY + "".join(
+        "\n[Peer]\nPublicKey = %s\nAllowedIPs = 10.%d.%d.0/24\nProxyEndpoint = %s\n"
+        % (PEER_KEY, 50 + index // 256, index % 256, url) for index, url in enumerate(urls))
+
+
+def endpoint_ports(config_text):
+    """The tunnels' ports in the configuration up writes: its `Endpoint = 127.0.0.1:PORT`
+    lines, in the order of the peers."""
+    return [int(port) for port in re.findall(r"^Endpoint = 127\.0\.0\.1:(\d+)$", config_text,
+                                             re.MULTILINE)]
+
+
+def round_robin_sender(sock, addresses):
+    """send(payload) through the unconnected `sock` to each of `addresses` in turn."""
+    sendto, turns = sock.sendto, itertools.cycle(addresses)
+
+    def send(payload):
+        return sendto(payload, next(turns))
+
+    return send
+
+
 class Setup:
-    """echo <- server <- client <- bench socket, running for one implementation, protocol
-    (UOTLV or WEBSOCKET) and TLS or not."""
+    """echo <- server <- client(s) <- bench socket, running for one implementation, protocol
+    (UOTLV or WEBSOCKET) and TLS or not.
+
+    The clients: one (`peers` 0), the bench's socket connected to its port; or `peers`
+    tunnels to the same server (paths /peer0, /peer1...), each on a UDP port of its own, the
+    bench's socket sending to them in turn (`send`) and receiving from all: `peers` client
+    processes (`arrangement` SEPARATE) or one `up --write-config` process (ONE_PROCESS).
+    `server_of`: another Setup whose server this one uses (and leaves running at stop)."""
 
     def __init__(self, procs, echo, impl, tls, workdir, server_args=(), client_args=(),
-                 protocol=UOTLV, nofile=None):
+                 protocol=UOTLV, nofile=None, peers=0, arrangement=SEPARATE, server_of=None):
         self.procs = procs
         self.echo = echo
         self.impl = impl
         self.tls = tls
         self.protocol = protocol
+        self.arrangement = arrangement if peers else None
         self.ca_file = None
         server_extra, client_extra = list(server_args), list(client_args)
         if tls:
             if not impl.tls:
                 raise RuntimeError("%s has no TLS server" % impl.label)
-            self.ca_file, cert, key = make_certificates(workdir)
-            server_extra += ["--tls-cert", cert, "--tls-key", key]
+            if server_of is None:
+                self.ca_file, cert, key = make_certificates(workdir)
+                server_extra += ["--tls-cert", cert, "--tls-key", key]
+            else:
+                self.ca_file = server_of.ca_file
             client_extra += ["--ca-file", self.ca_file]
-        # The bench's socket is WireGuard: bound to the client's --forward-port.
+        # The bench's socket is WireGuard: bound to the clients' --forward-port.
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             self.sock.setsockopt(socket.SOL_SOCKET, option, BUFFER_BYTES)
         self.sock.bind((LOOPBACK, 0))
         forward_port = self.sock.getsockname()[1]
-        for attempt in range(3):  # a free port can be taken between probe and bind
-            self.server_port = free_port(socket.SOCK_STREAM)
-            self.server = procs.spawn(impl.key + "-server", impl.server_argv(
-                "%s:%d" % (LOOPBACK, self.server_port),
-                "%s:%d" % (LOOPBACK, echo.port)) + server_extra, nofile=nofile)
-            try:
-                procs.wait_log(self.server, impl.server_ready)
-                break
-            except RuntimeError:
-                procs.stop(self.server)
-                if attempt == 2:
-                    raise
-        self.url = "%s://%s:%d/bench" % (SCHEMES[protocol, tls], LOOPBACK, self.server_port)
-        for attempt in range(3):
-            self.listen_port = free_port(socket.SOCK_DGRAM)
-            self.client = procs.spawn(impl.key + "-client", impl.client_argv(
-                self.url, self.listen_port, forward_port) + client_extra, nofile=nofile)
-            try:
-                procs.wait_log(self.client, impl.client_ready)
-                break
-            except RuntimeError:
-                procs.stop(self.client)
-                if attempt == 2:
-                    raise
-        self.sock.connect((LOOPBACK, self.listen_port))
+        self.owns_server = server_of is None
+        if server_of is None:
+            self.server_port, self.server = spawn_on_free_port(
+                procs, impl.key + "-server", lambda port: impl.server_argv(
+                    "%s:%d" % (LOOPBACK, port), "%s:%d" % (LOOPBACK, echo.port)) + server_extra,
+                impl.server_ready, socket.SOCK_STREAM, nofile)
+        else:
+            self.server_port, self.server = server_of.server_port, server_of.server
+        base = "%s://%s:%d/" % (SCHEMES[protocol, tls], LOOPBACK, self.server_port)
+        self.url = base + "bench"
+        if not peers:
+            port, client = spawn_on_free_port(
+                procs, impl.key + "-client",
+                lambda port: impl.client_argv(self.url, port, forward_port) + client_extra,
+                impl.client_ready, socket.SOCK_DGRAM, nofile)
+            ports, self.clients = [port], [client]
+        elif arrangement == ONE_PROCESS:
+            ports, self.clients = self._start_up_process(
+                workdir, [base + "peer%d" % index for index in range(peers)], forward_port,
+                client_extra)
+        else:
+            ports, self.clients = zip(*[spawn_on_free_port(
+                procs, "%s-client%d" % (impl.key, index),
+                lambda port, index=index: impl.client_argv(
+                    base + "peer%d" % index, port, forward_port)
+                + ["--fwmark", str(PEERS_FWMARK)] + client_extra,
+                impl.client_ready, socket.SOCK_DGRAM, nofile) for index in range(peers)])
+        self.client = self.clients[0]
+        self.client_pids = [client.pid for client in self.clients]
+        self.targets = [(LOOPBACK, port) for port in ports]
+        if peers:
+            self.send = round_robin_sender(self.sock, self.targets)
+        else:
+            self.sock.connect(self.targets[0])
+            self.send = self.sock.send
         self.direct = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.direct.connect((LOOPBACK, echo.port))
         self.wait_tunnel()
+
+    def _start_up_process(self, workdir, urls, forward_port, client_extra):
+        """`up PROFILE --write-config FILE` with a peer for each of `urls`; (its tunnels'
+        ports, [its process])."""
+        profile = os.path.join(workdir, "pgbench%d.conf" % len(self.procs.children))
+        written = profile[:-len(".conf")] + "-wg.conf"
+        with open(profile, "w") as stream:
+            stream.write(peers_profile(urls))
+        popen = self.procs.spawn(self.impl.key + "-up", self.impl.up_argv(
+            profile, written, forward_port, PEERS_FWMARK) + client_extra)
+        self.procs.wait_log(popen, "written to")
+        with open(written) as stream:
+            ports = endpoint_ports(stream.read())
+        if len(ports) != len(urls):
+            raise RuntimeError("up wrote %d endpoints for %d peers in %s"
+                               % (len(ports), len(urls), written))
+        return ports, [popen]
 
     @property
     def transport(self):
@@ -423,26 +529,33 @@ class Setup:
         return VIA[SCHEMES[self.protocol, self.tls]]
 
     def wait_tunnel(self, timeout=15):
-        """Ping until one comes back: the client connects lazily, on the first datagram."""
+        """Ping each tunnel until one comes back: clients connect lazily, on the first
+        datagram."""
         deadline = time.monotonic() + timeout
         payload = bytearray(64)
         seq = 1 << 62
-        while time.monotonic() < deadline:
-            seq += 1
-            SEQ.pack_into(payload, 0, seq)
-            try:
-                self.sock.send(payload)
-            except ConnectionRefusedError:
-                pass
-            if wait_reply(self.sock, seq, 0.5) is not None:
-                drain(self.sock)
-                return
-        raise RuntimeError("no reply through the tunnel within %ds; client log:\n%s"
-                           % (timeout, open(self.client.log_path).read()))
+        for target in self.targets:
+            while True:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        "no reply through the tunnel at %s within %ds; client logs:\n%s"
+                        % ("%s:%d" % target, timeout, "".join(
+                            open(client.log_path).read() for client in self.clients)))
+                seq += 1
+                SEQ.pack_into(payload, 0, seq)
+                try:
+                    self.sock.sendto(payload, target)
+                except ConnectionRefusedError:
+                    pass
+                if wait_reply(self.sock, seq, 0.5) is not None:
+                    break
+        drain(self.sock)
 
     def stop(self):
-        self.procs.stop(self.client)
-        self.procs.stop(self.server)
+        for client in self.clients:
+            self.procs.stop(client)
+        if self.owns_server:
+            self.procs.stop(self.server)
         self.sock.close()
         self.direct.close()
 
@@ -512,6 +625,12 @@ class PythonSide:
     def client_argv(self, url, listen_port, forward_port):
         return [self.python, self.script, "client", "--to", url,
                 "--listen-port", str(listen_port), "--forward-port", str(forward_port)]
+
+    def up_argv(self, profile, write_config, forward_port, fwmark):
+        """Several peers in one process: the profile's tunnels alone, their WireGuard
+        configuration written to `write_config` (no wg-quick)."""
+        return [self.python, self.script, "up", profile, "--write-config", write_config,
+                "--forward-port", str(forward_port), "--fwmark", str(fwmark)]
 
 
 class GoSide:
@@ -909,9 +1028,13 @@ def ping_pong(sock, size, count, timeout=1.0):
             "mean_us": statistics.fmean(rtts) if rtts else None}
 
 
-def windowed_load(setup, size, window, duration, stall_timeout=0.2):
-    """Keep `window` datagrams in flight for `duration` s. Returns a result dict.
+def windowed_load(setup, size, window, duration, stall_timeout=0.2, rate=None):
+    """Keep `window` datagrams in flight for `duration` s, sent by `setup.send` (to its
+    client, or to its peers' tunnels in turn). Returns a result dict; CPU of the clients
+    summed.
 
+    `rate`: paced, at most `rate` datagrams/s sent (the window still caps those in flight),
+    so that different setups can be compared at the same offered load, below saturation.
     A datagram lost would shrink the window for good, so after `stall_timeout` without any
     reply the bench counts everything in flight as lost and fills the window again (`stalls`).
     """
@@ -921,20 +1044,24 @@ def windowed_load(setup, size, window, duration, stall_timeout=0.2):
     buffer = bytearray(70000)
     poller = select.poll()
     poller.register(sock, select.POLLIN)
-    send, recv_into, poll = sock.send, sock.recv_into, poller.poll
+    send, recv_into, poll = setup.send, sock.recv_into, poller.poll
     dontwait = socket.MSG_DONTWAIT
-    timeout_ms = stall_timeout * 1000
-    pids = {"client": setup.client.pid, "server": setup.server.pid, "echo": echo.pid}
+    pids = {"client": setup.client_pids, "server": [setup.server.pid], "echo": [echo.pid]}
 
-    cpu_before = {name: proc_cpu(pid) for name, pid in pids.items()}
-    cpu_before["gen"] = self_cpu()
+    def cpu_now():
+        cpu = {name: sum(proc_cpu(pid) for pid in group) for name, group in pids.items()}
+        cpu["gen"] = self_cpu()
+        return cpu
+
+    cpu_before = cpu_now()
     echo_before = echo.stats()
     sent = received = inflight = stalls = send_errors = 0
     start = time.perf_counter()
     end = start + duration
-    now = start
+    now = last_progress = start
     while now < end:
-        while inflight < window:
+        due = sent + window if rate is None else int((now - start) * rate) + 1  # sent by now
+        while inflight < window and sent < due:
             try:
                 send(payload)
             except (BlockingIOError, ConnectionRefusedError, OSError):
@@ -949,17 +1076,26 @@ def windowed_load(setup, size, window, duration, stall_timeout=0.2):
             except (BlockingIOError, ConnectionRefusedError):
                 break
             got += 1
+        now = time.perf_counter()
         if got:
             received += got
             inflight = max(0, inflight - got)
-        elif not poll(timeout_ms):
-            stalls += 1
+            last_progress = now
+            continue
+        # Nothing came: wait for a reply, paced no longer than until the next send is due.
+        wait = stall_timeout - (now - last_progress)
+        if rate is not None:
+            wait = min(wait, start + (sent + 1) / rate - now)
+        if not poll(max(0.0, wait) * 1000) and time.perf_counter() - last_progress \
+                >= stall_timeout:
+            if inflight:
+                stalls += 1
             inflight = 0
+            last_progress = time.perf_counter()
         now = time.perf_counter()
     elapsed = now - start
     echo_after = echo.stats()
-    cpu_after = {name: proc_cpu(pid) for name, pid in pids.items()}
-    cpu_after["gen"] = self_cpu()
+    cpu_after = cpu_now()
     received_in_time = received
     # Drain what is still in flight, for the loss count.
     quiet_deadline = time.perf_counter() + 1.0
@@ -992,6 +1128,7 @@ def windowed_load(setup, size, window, duration, stall_timeout=0.2):
                                  else None) for name in ("client", "server")},
         "relayed_bytes": relayed,
         "cpu_s_per_gb": (cpu["client"] + cpu["server"]) / (relayed / 1e9) if relayed else None,
+        "offered_per_s": rate,
     }
     return result
 
@@ -1586,6 +1723,75 @@ def compare(sides, summary, options, ping_size, protocol=UOTLV):
     return [entry for entry in rows if any(v is not None for v in entry["values"].values())]
 
 
+def compare_peers(entries):
+    """The peers test's two arrangements side by side: one row per (via, size, load: None =
+    saturated, else the paced rate), with the median of each arrangement's figures, each
+    round's ratio separate/one process of client CPU per round trip (and of server CPU), and
+    their medians: >= 1 means one process costs no more per datagram than separate ones."""
+    rows = collections.OrderedDict()
+    for entry in entries:
+        if entry["test"] != "peers":
+            continue
+        key = (entry["transport"], entry["size"], entry["rate"])
+        row = rows.setdefault(key, {"transport": key[0], "size": key[1], "rate": key[2],
+                                    "peers": entry["peers"], "window": entry["window"],
+                                    "rounds": collections.OrderedDict()})
+        row["rounds"].setdefault(entry["run"], {})[entry["arrangement"]] = entry["result"]
+    figures = (("rt_per_s",), ("loss_pct",), ("cpu_us_per_rt", "client"),
+               ("cpu_us_per_rt", "server"), ("cpu_pct", "client"), ("cpu_pct", "server"),
+               ("cpu_pct", "gen"))
+
+    def figure(result, path):
+        for key in path:
+            result = result[key]
+        return result
+
+    for row in rows.values():
+        rounds = [pair for pair in row["rounds"].values() if len(pair) == 2]
+        for arrangement in (ONE_PROCESS, SEPARATE):
+            row[arrangement] = {".".join(path): statistics.median(
+                figure(pair[arrangement], path) for pair in rounds) for path in figures}
+        for name in ("client", "server"):
+            ratios = [pair[SEPARATE]["cpu_us_per_rt"][name] / pair[ONE_PROCESS]
+                      ["cpu_us_per_rt"][name] for pair in rounds
+                      if pair[ONE_PROCESS]["cpu_us_per_rt"][name]]
+            row["%s_ratio_per_round" % name] = ratios
+            row["%s_ratio" % name] = statistics.median(ratios) if ratios else None
+        del row["rounds"]
+    return list(rows.values())
+
+
+def format_peers(rows, options):
+    """The peers test's table: each arrangement's medians, then the ratio of client CPU per
+    round trip, separate/one process, per round and its median."""
+    lines = ["peers: %d tunnels to one server, window %d spread over them, %gs per load, "
+             "medians of %d rounds alternating the arrangements"
+             % (rows[0]["peers"], rows[0]["window"], options.duration, options.runs),
+             "%-6s %5s %-15s %-12s %9s %6s  %-23s %s" % (
+                 "via", "size", "load", "arrangement", "rt/s", "loss",
+                 "CPU µs/rt client server", "CPU % client server gen")]
+    for row in rows:
+        load = "saturated" if row["rate"] is None else "paced %s/s" % fmt_rate(row["rate"])
+        for arrangement in (ONE_PROCESS, SEPARATE):
+            values = row[arrangement]
+            lines.append("%-6s %5d %-15s %-12s %9s %5.2f%%  %13.1f %6.1f   %9.0f %6.0f %3.0f" % (
+                row["transport"], row["size"], load, arrangement, fmt_rate(values["rt_per_s"]),
+                values["loss_pct"], values["cpu_us_per_rt.client"],
+                values["cpu_us_per_rt.server"], values["cpu_pct.client"],
+                values["cpu_pct.server"], values["cpu_pct.gen"]))
+        for name in ("client", "server"):
+            ratios = row["%s_ratio_per_round" % name]
+            lines.append("%-6s %5d %-15s %s CPU per round trip, separate/one process: %s "
+                         "(rounds: %s)" % (
+                             row["transport"], row["size"], load, name,
+                             "-" if row["%s_ratio" % name] is None else
+                             "%.2f×" % row["%s_ratio" % name],
+                             " ".join("%.2f" % ratio for ratio in ratios)))
+    lines.append("ratio >= 1: one process costs no more CPU per datagram than separate ones "
+                 "(target 5 of issue 19, client CPU)")
+    return lines
+
+
 # How the comparison table writes a figure of each unit ("k": thousands).
 UNIT_FORMATS = {"µs": "%.0f µs", "s": "%.1f s", "%": "%.2f %%", "x": "%.2f", "n": "%.0f",
                 "ms": "%.1f ms"}
@@ -1707,8 +1913,17 @@ def build_parser():
         help="idle time measured with the tunnels up (default 3; %g with --against)"
              % AGAINST["idle"])
     add("--tests", default=None, metavar="LIST",
-        help="comma list of ping,load,tunnels (default ping,load; tunnels with --tunnels; "
-             "all three with --against, %d tunnels, on plain HTTP)" % AGAINST["tunnels"])
+        help="comma list of ping,load,tunnels,peers (default ping,load; tunnels with "
+             "--tunnels; ping,load,tunnels with --against, %d tunnels, on plain HTTP; peers "
+             "only when named)" % AGAINST["tunnels"])
+    add("--peers", type=int, default=4, metavar="N",
+        help="the peers test: N tunnels to one server, from one `up --write-config` process "
+             "and from N client processes, alternating (default %(default)s; needs "
+             "CAP_NET_ADMIN: up marks its tunnels' sockets)")
+    add("--peers-rate", type=float, default=None, metavar="DGRAMS/S",
+        help="the peers test's paced load, datagrams/s offered to either arrangement (default "
+             "%g of the lower saturated rate of the first round; 0: saturated only)"
+             % PEERS_PACED_SHARE)
     add("--runs", type=int, default=None, metavar="K",
         help="repeat K times, print medians (default 1; %d with --against)" % AGAINST["runs"])
     add("--json", action="store_true",
@@ -1768,6 +1983,54 @@ def measure(setup, options, tests, run, tag, ping_size, direct=True, tunnels=Tru
     return entries
 
 
+# The peers test's paced load, unless --peers-rate says: this share of the lower of the two
+# arrangements' saturated rates in the first round, so that both run below saturation (where a
+# process bound by one core and N processes on two cores would not be compared fairly).
+PEERS_PACED_SHARE = 0.5
+
+
+def start_peers(procs, echo, side, tls, protocol, workdir, peers):
+    """The peers test's two arrangements of `peers` tunnels to one server: [one `up`
+    process with them all, `peers` client processes]."""
+    one = Setup(procs, echo, side, tls, workdir, protocol=protocol, peers=peers,
+                arrangement=ONE_PROCESS)
+    return [one, Setup(procs, echo, side, tls, workdir, protocol=protocol, peers=peers,
+                       arrangement=SEPARATE, server_of=one)]
+
+
+def measure_peers(arrangements, options, run, rate):
+    """One round of the peers test: saturated, then paced at `rate` (datagrams/s; None: not
+    yet known, then half the lower saturated rate, PEERS_PACED_SHARE), on each arrangement in
+    turn, the order alternating between rounds. Returns (entries, the paced rate)."""
+    entries = []
+    order = arrangements if run % 2 == 0 else arrangements[::-1]
+    size = options.size[0]
+
+    def load(paced_rate):
+        for setup in order:
+            setup.wait_tunnel()  # up again if a client had to reconnect meanwhile
+            note("run %d/%d peers: %d tunnels, %s, %s, %d bytes, window %d, %gs"
+                 % (run + 1, options.runs, options.peers, setup.arrangement, "saturated"
+                    if paced_rate is None else "paced %.0f/s" % paced_rate, size,
+                    options.window, options.duration))
+            if options.warmup > 0:
+                windowed_load(setup, size, options.window, options.warmup, rate=paced_rate)
+            entries.append(dict(side=setup.impl.key, test="peers", transport=setup.transport,
+                                size=size, window=options.window, run=run,
+                                arrangement=setup.arrangement, peers=options.peers,
+                                rate=paced_rate, result=windowed_load(
+                                    setup, size, options.window, options.duration,
+                                    rate=paced_rate)))
+
+    load(None)
+    if rate is None:
+        rate = round(PEERS_PACED_SHARE * min(entry["result"]["rt_per_s"] for entry in entries),
+                     -2) or 100.0
+    if rate > 0:
+        load(rate)
+    return entries, rate
+
+
 def main(argv=None):
     if argv is None and sys.argv[1:2] == ["_echo"]:
         return echo_main()
@@ -1816,13 +2079,20 @@ def main(argv=None):
     if options.tests is None:
         options.tests = defaults["tests"] or ("tunnels" if options.tunnels else "ping,load")
     tests = [test.strip() for test in options.tests.split(",") if test.strip()]
-    unknown = set(tests) - {"ping", "load", "tunnels"}
+    pair_tests = [test for test in tests if test != "peers"]  # on a server-client pair
+    unknown = set(tests) - {"ping", "load", "tunnels", "peers"}
     if unknown:
         print("proxyguard_bench.py: unknown test(s): %s" % ", ".join(sorted(unknown)),
               file=sys.stderr)
         return 2
     if "tunnels" in tests and options.tunnels <= 0:
         options.tunnels = 500
+    if "peers" in tests and options.peers < 2:
+        print("proxyguard_bench.py: --peers %d: the peers test needs 2 or more" % options.peers,
+              file=sys.stderr)
+        return 2
+    if "peers" in tests and options.against:
+        note("the peers test measures proxyguard.py alone (--against is for the other tests)")
     if options.against:
         transports = [False, True]  # TLS for whichever side has it
     else:
@@ -1866,11 +2136,11 @@ def main(argv=None):
         # All up at once, so that runs can alternate between them; the sides, and the
         # protocols, next to each other for plain and for TLS, so that what is compared is
         # measured close in time.
-        setups = []
+        setups, peer_pairs = [], []
         for tls in transports:
             for protocol in protocols:
                 for side in sides:
-                    if (tls and not side.tls) or protocol not in side.protocols:
+                    if not pair_tests or (tls and not side.tls) or protocol not in side.protocols:
                         continue
                     note("starting %s server and client (%s)"
                          % (side.label, SCHEMES[protocol, tls]))
@@ -1882,11 +2152,18 @@ def main(argv=None):
                     setups.append(Setup(procs, echo, side, tls, workdir,
                                         server_args=server_args, protocol=protocol,
                                         nofile=options.nofile))
+                if "peers" in tests:
+                    note("starting a server and %d tunnels to it twice: %d client processes, "
+                         "one up process (%s)" % (options.peers, options.peers,
+                                                  SCHEMES[protocol, tls]))
+                    peer_pairs.append(start_peers(procs, echo, sides[0], tls, protocol,
+                                                  workdir, options.peers))
+        peers_rate = options.peers_rate
         for run in range(options.runs):
             # Test by test (load: size by size), each on every setup in turn, so that what is compared is measured
             # seconds apart; the order alternates, so neither side always goes first.
             order = setups if run % 2 == 0 else setups[::-1]
-            steps = [(test, [size]) for test in tests
+            steps = [(test, [size]) for test in pair_tests
                      for size in (options.size if test == "load" else [None])]
             for test, sizes in steps:
                 for index, setup in enumerate(order):
@@ -1896,7 +2173,10 @@ def main(argv=None):
                                        direct=index == 0, sizes=sizes,
                                        tunnels=not (options.against and setup.tls)
                                        and setup.protocol == UOTLV)
-        for setup in setups:
+            for pair in peer_pairs:
+                measured, peers_rate = measure_peers(pair, options, run, peers_rate)
+                entries += measured
+        for setup in setups + [setup for pair in peer_pairs for setup in pair[::-1]]:
             setup.stop()
     except KeyboardInterrupt:
         note("interrupted")
@@ -1914,10 +2194,13 @@ def main(argv=None):
     # Medians over runs, in the order first measured.
     groups = {}
     for entry in entries:
-        key = (entry["side"], entry["test"], entry["transport"], entry["size"], entry["window"])
+        key = (entry["side"], entry["test"], entry["transport"], entry["size"], entry["window"],
+               entry.get("arrangement"), entry.get("rate"))
         groups.setdefault(key, []).append(entry)
     summary = [dict(side=key[0], test=key[1], transport=key[2], size=key[3], window=key[4],
-                    runs=len(items), result=median_result([item["result"] for item in items]))
+                    runs=len(items), result=median_result([item["result"] for item in items]),
+                    **({"arrangement": key[5], "peers": items[0]["peers"], "rate": key[6]}
+                       if key[1] == "peers" else {}))
                for key, items in groups.items()]
     info = {"python": platform.python_version(), "machine": platform.machine(),
             "cpus": os.cpu_count(), "kernel": platform.release(),
@@ -1933,16 +2216,18 @@ def main(argv=None):
                    for protocol in protocols
                    if len(sides) > 1 and all(protocol in side.protocols for side in sides)}
     by_transport = compare_transports(sides, summary, options, ping_size) \
-        if len(protocols) > 1 else None
+        if len(protocols) > 1 and pair_tests else None
     worst = tunnels_worst(entries)
+    peers = compare_peers(entries) if "peers" in tests else None
     if options.json:
         json.dump({"info": info, "comparison": comparisons.get(UOTLV),
                    "comparison_websocket": comparisons.get(WEBSOCKET),
-                   "websocket_vs_uotlv": by_transport, "tunnels_worst": worst,
+                   "websocket_vs_uotlv": by_transport, "tunnels_worst": worst, "peers": peers,
                    "medians": summary,
                    "runs": entries}, sys.stdout, indent=1)
         print()
     elif summary:
+        pair_summary = [entry for entry in summary if entry["test"] != "peers"]
         print("proxyguard_bench: %s, %d CPUs, Linux %s%s"
               % (info["machine"], info["cpus"], info["kernel"],
                  ", medians of %d runs" % options.runs if options.runs > 1 else ""))
@@ -1967,10 +2252,15 @@ def main(argv=None):
                 print(line)
         if comparisons or by_transport:
             print()
+        if peers:
+            for line in format_peers(peers, options):
+                print(line)
+            print()
         labels = dict({side.key: side.label for side in sides}, direct="no proxy")
         width = max(len(label) for label in labels.values())
-        print(HEADER if len(sides) == 1 else "%-*s %s" % (width, "side", HEADER))
-        for entry in summary:
+        if pair_summary:
+            print(HEADER if len(sides) == 1 else "%-*s %s" % (width, "side", HEADER))
+        for entry in pair_summary:
             line = format_line(entry)
             if len(sides) > 1:
                 line = "%-*s %s" % (width, labels[entry["side"]], line)

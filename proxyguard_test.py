@@ -50,7 +50,8 @@ import proxyguard as pg
 # What the tests, the bed and the bench share (free ports, the original's Go build) lives in
 # the bench: it runs on its own, so it cannot import the tests, and one more module would be one
 # more file to ship beside the three (the bed imports it too).
-from proxyguard_bench import NoReference, build_go, free_port
+import proxyguard_bench
+from proxyguard_bench import NoReference, build_go, endpoint_ports, free_port
 from proxyguard_testbed import (NETNS_DIR, VETH_CLIENT_IP, WG_PORT, WG_RUN_DIR, WireGuardBed,
                                  process_start_ticks, remove_stale_beds)
 from proxyguard_testbed import VETH_SERVER_IP
@@ -9129,11 +9130,6 @@ def two_peer_profile(directory, urls):
     return path
 
 
-def endpoints_of(config_text):
-    return [int(port) for port in re.findall(r"^Endpoint = 127\.0\.0\.1:(\d+)$", config_text,
-                                             re.MULTILINE)]
-
-
 def test_two_peers_in_one_process_each_with_its_own_tunnel_port_and_backoff(
         tmp_path, echo, procs, notify_socket):
     """up --write-config (the tunnels alone, as for NetworkManager): two ProxyEndpoint peers,
@@ -9154,7 +9150,7 @@ def test_two_peers_in_one_process_each_with_its_own_tunnel_port_and_backoff(
               ready="written to", name="up", env=env)
     procs.append(up)
     assert oct(os.stat(str(written)).st_mode & 0o777) == "0o600"  # it holds the private key
-    ports = endpoints_of(written.read_text())
+    ports = endpoint_ports(written.read_text())
     assert len(set(ports)) == 2 and "ProxyEndpoint" not in written.read_text()
     assert "ListenPort = %d\nFwMark = 51820\n" % wireguard.port in written.read_text()
     for index, port in enumerate(ports):
@@ -9503,6 +9499,26 @@ def test_peer_log_names_prefix_only_the_threads_speaking_for_a_peer(caplog):
     assert [record.getMessage() for record in caplog.records] == [
         "peer http://a/100%25: tunnel up: x", "peer http://a/100%25: no arguments, 100%",
         "another thread", "after the block"]
+
+
+def test_bench_peers_profile_goes_through_up_and_its_ports_come_back_in_peer_order():
+    """The bench's peers test writes a profile for up (peers_profile) and reads the tunnels'
+    ports from what up writes (endpoint_ports): up's own parser and rewriter in between."""
+    urls = ["http://127.0.0.1:8080/peer%d" % index for index in range(300)]
+    profile = pg.parse_profile(proxyguard_bench.peers_profile(urls), "bench")
+    assert [str(url) for _, url in profile.proxy_peers] == urls
+    allowed = [profile.values(section, "allowedips")[0] for section, _ in profile.proxy_peers]
+    assert len(set(allowed)) == len(urls)  # WireGuard refuses one AllowedIPs for two peers
+    ports = {section: 40000 + index for index, (section, _) in enumerate(profile.proxy_peers)}
+    written = pg.rewrite_profile(profile, ports, 51821, proxyguard_bench.PEERS_FWMARK)
+    assert endpoint_ports(written) == list(range(40000, 40000 + len(urls)))
+
+
+def test_bench_peers_test_refuses_fewer_than_two_peers_before_starting_anything(capsys):
+    assert proxyguard_bench.main(["--tests", "peers", "--peers", "1"]) == 2
+    assert "--peers 1: the peers test needs 2 or more" in capsys.readouterr().err
+    assert proxyguard_bench.main(["--tests", "peers,pong"]) == 2
+    assert "unknown test(s): pong" in capsys.readouterr().err
 
 
 # =============================================================================================
