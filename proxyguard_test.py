@@ -5583,7 +5583,8 @@ def test_websocket_keepalive_outlasts_the_front_read_timeout(keepalive, tmp_path
     following = exchange_datagrams(client, rounds=1)
     client.wait_log("tunnel up")
     server.wait_log("tunnel up:")
-    assert re.search(r"tunnel up: .*wss://.*, websocket, TLSv1\.[23]", client.log()), client.log()
+    assert re.search(r"tunnel up: .*wss://.*, websocket \(proxyguard-uotlv\), TLSv1\.[23]",
+                     client.log()), client.log()
     assert re.search(r"tunnel up: 127\.0\.0\.1 \(via 127\.0\.0\.1:\d+\), path /proxyguard, "
                      r"websocket", server.log()), server.log()
 
@@ -6112,7 +6113,8 @@ def nginx_bed(tmp_path, request):
 @pytest.mark.slow
 def test_ping_and_50mb_bulk_transfer_behind_nginx_tls(nginx_bed, report):
     bed = nginx_bed
-    scheme, transport = ("wss", "websocket") if bed.websocket else ("https", "UoTLV/1")
+    scheme, transport = (("wss", "websocket (proxyguard-uotlv)") if bed.websocket else
+                         ("https", "UoTLV/1"))
     answer = assert_pings(bed, count=20)
     report("behind nginx (TLS, %s://): ping through WireGuard+proxyguard: 20/20 answered, rtt "
            "median %.2f ms, max %.2f ms" % (scheme, median(answer["rtt_ms"]),
