@@ -1306,6 +1306,14 @@ def mask_accelerator():
     return _MASK_XOR or None
 
 
+def _masked(data, key, xor=None):
+    """`data` masked (or unmasked) with the 4-byte `key`, as a new bytes: by `xor`, the
+    accelerator (mask_accelerator), if given, else by mask_payload."""
+    if xor is not None:
+        return xor(data, key)
+    return mask_payload(data, int.from_bytes(key, "little"))
+
+
 def websocket_frame(opcode, payload=b"", mask=False):
     """One final frame of `opcode` carrying `payload`; masked with a fresh random key when
     `mask` (the client's frames, RFC 6455 5.1)."""
@@ -1455,9 +1463,7 @@ class WebSocketDecoder:
                 if batched:
                     payload = view[start:stop]
                     if second & 0x80:
-                        payload = (xor(payload, view[start - 4:start]) if xor is not None else
-                                   mask_payload(payload, int.from_bytes(view[start - 4:start],
-                                                                        "little")))
+                        payload = _masked(payload, view[start - 4:start], xor)
                     if not self._cut_batch(payload, datagrams):
                         break
                     continue
@@ -1471,7 +1477,7 @@ class WebSocketDecoder:
                 continue
             payload = view[start:stop]
             if second & 0x80:
-                payload = mask_payload(payload, int.from_bytes(view[start - 4:start], "little"))
+                payload = _masked(payload, view[start - 4:start], xor)
             if opcode in (OP_BINARY, OP_CONTINUATION):
                 self._message = (bytearray() if opcode == OP_BINARY else self._message)
                 self._message += payload
@@ -3282,7 +3288,6 @@ class WebSocketBatchFraming(WebSocketFraming):
     copy goes to the channel, the buffer stays as received."""
 
     batched = True
-    head = None
     offset = MAX_WEBSOCKET_HEADER
     batch_limit = WEBSOCKET_BATCH_BYTES
     largest = MAX_WEBSOCKET_HEADER + MAX_BATCH_MESSAGE
@@ -3311,10 +3316,8 @@ class WebSocketBatchFraming(WebSocketFraming):
             view[start:offset] = head
             return view[start:offset + end]
         key = self._next_key()
-        payload = view[offset:offset + end]
-        masked = (self.xor(payload, key) if self.xor is not None else
-                  mask_payload(payload, int.from_bytes(key, "little")))
-        return _frame_head(0x82, end, True) + key + masked
+        return (_frame_head(0x82, end, True) + key
+                + _masked(view[offset:offset + end], key, self.xor))
 
     def _batch_datagrams(self, view, end):
         return UoTLVFraming.datagrams(view[self.offset:], end)
