@@ -252,6 +252,20 @@ SWITCH_INTERVAL = 0.5
 TEARDOWN_LANES = 2
 TEARDOWN_LANE_WAIT = 10.0
 
+# up with two or more peers keeps all its threads on one CPU (--cpu auto; CpuPlacement). The
+# peers' pump threads hand Python's GIL to each other several times a datagram, and on two
+# CPUs each hand-off wakes a thread on the other one (a futex wake, an interrupt, a cold
+# cache): 4 peers in one process took 5-13 % more CPU a round trip than 4 client processes.
+# On one CPU the hand-offs stay there: 1.00x the separate processes' CPU paced, 0.83x
+# saturated, with more round trips (proxyguard_bench.py --tests peers; issue 19, target 5). One
+# client's two threads gain nothing (the same CPU a datagram, 3-5 % fewer datagrams/s), so
+# only a group is pinned. Every CPU_CHECK_SECONDS the group's CPU is compared with the others:
+# when other work keeps it busier than the least busy one by CPU_MOVE_MARGIN (of one CPU's
+# time), the threads move there; a smaller difference is noise (the scheduler moves the
+# unpinned processes away by itself).
+CPU_CHECK_SECONDS = 10.0
+CPU_MOVE_MARGIN = 0.25
+
 # Where wireguard-go keeps an interface's control socket (NAME.sock).
 WIREGUARD_RUN_DIR = "/var/run/wireguard"
 
@@ -1701,7 +1715,8 @@ def rewrite_profile(profile, ports, listen_port, fwmark):
 #                 waits in recv with the kernel's SO_RCVTIMEO and, woken early, waits again for
 #                 what is left, so a tunnel closes --idle-timeout after its last data;
 #     Backoff     the client's reconnect waits; ServerChoice, which of its servers is next;
-#     RouteTable  which WireGuard a request's path goes to (--route, else --to).
+#     RouteTable  which WireGuard a request's path goes to (--route, else --to);
+#     CpuPlacement  which CPU up's threads share (--cpu), from /proc/stat's figures.
 
 
 class Deadline:
@@ -1940,6 +1955,69 @@ class RouteTable:
         """Every route's name, the fallback's last (the metrics' label values)."""
         return [path for path, _ in self.routes] + (
             [DEFAULT_ROUTE] if self.fallback is not None else [])
+
+
+def cpu_times(text, ticks):
+    """Each CPU's cumulative (busy, idle) seconds from the text of /proc/stat (proc(5): the
+    `cpuN` lines, in `ticks` a second): idle is idle and iowait; busy is user, nice, system,
+    irq, softirq and steal (guest time is counted in user already)."""
+    times = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(" ")
+        if not (name.startswith("cpu") and name[3:].isdigit()):
+            continue
+        fields = [int(field) for field in rest.split()[:8]]
+        times[int(name[3:])] = ((sum(fields[:3]) + sum(fields[5:8])) / ticks,
+                                sum(fields[3:5]) / ticks)
+    return times
+
+
+class CpuPlacement:
+    """Which one CPU a ClientGroup's threads share (--cpu; see CPU_CHECK_SECONDS): `fixed` if
+    given, for good; else first the highest-numbered of `cpus` (those the process may use: the
+    first CPUs take most interrupts), then, after each `measured()`, the one where other work
+    leaves the most room, when it leaves CPU_MOVE_MARGIN more than the current one.
+
+    `measured(times, own)`: `times` each CPU's cumulative (busy, idle) seconds (cpu_times),
+    `own` this process's cumulative CPU seconds, all spent on the current CPU. Compares with
+    the previous call; returns the CPU to move to, or None to stay. `others` holds the last
+    figures: each CPU's share of time busy with other work than this process's.
+    """
+
+    def __init__(self, cpus, fixed=None, margin=CPU_MOVE_MARGIN):
+        self.cpus = sorted(cpus)
+        self.fixed = fixed
+        self.margin = margin
+        self.current = fixed if fixed is not None else self.cpus[-1]
+        self.others = {}
+        self._last = None
+
+    def measured(self, times, own):
+        last, self._last = self._last, (times, own)
+        if last is None or self.fixed is not None:
+            return None
+        before, own_before = last
+        others = {}
+        for cpu in self.cpus:
+            if cpu not in times or cpu not in before:  # offline now or then
+                continue
+            busy = times[cpu][0] - before[cpu][0]
+            total = busy + times[cpu][1] - before[cpu][1]
+            if total <= 0:
+                continue
+            if cpu == self.current:
+                busy -= own - own_before
+            others[cpu] = min(1.0, max(0.0, busy / total))
+        self.others = others
+        if not others:
+            return None
+        best = min(others, key=lambda cpu: (others[cpu], -cpu))
+        if self.current in others and others[self.current] - others[best] < self.margin:
+            return None
+        if best == self.current:
+            return None
+        self.current = best
+        return best
 
 
 # =============================================================================================
@@ -4748,23 +4826,32 @@ class ClientGroup(Service):
     its log lines (PeerLogNames), SIGUSR1 lines, metrics (a `peer` label) and STATUS name each
     peer by its URL."""
 
-    def __init__(self, clients):
+    def __init__(self, clients, pinning=None):
         self.clients = list(clients)
         self.names = PeerLogNames()
+        self.pinning = pinning
         self._serving = False
 
     def serve_forever(self):
-        """Run every client until `stop()`; returns once all have ended."""
+        """Run every client until `stop()`; returns once all have ended. Meanwhile this
+        thread carries out `pinning` (a CpuPinning or None): its start before the clients'
+        threads, its check every `interval` seconds."""
         log.addFilter(self.names)
         threads = [threading.Thread(target=self._serve, args=(client,),
                                     name="peer %s" % client.url, daemon=True)
                    for client in self.clients]
+        pinning = self.pinning
         try:
+            if pinning is not None:
+                pinning.start()
             for thread in threads:
                 thread.start()
             self._serving = True
             for thread in threads:
-                thread.join()
+                while thread.is_alive():
+                    thread.join(pinning.interval if pinning is not None else None)
+                    if pinning is not None and pinning.interval is not None:
+                        pinning.check()
         finally:
             self._serving = False
             log.removeFilter(self.names)
@@ -5443,6 +5530,108 @@ def open_files_warning(max_clients, limit):
                plural(max(0, (limit - MAX_HANDSHAKING - SPARE_FILES) // 2), "tunnel")))
 
 
+# up's CPU (--cpu; CpuPlacement decides, CpuPinning carries it out): Linux only. Elsewhere
+# (no sched_setaffinity) --cpu auto does nothing and a CPU number is refused.
+
+def allowed_cpus():
+    """The CPUs this process may run on (a cgroup or taskset may narrow them), sorted; None
+    where the system can neither say nor pin (not Linux)."""
+    if not (hasattr(os, "sched_getaffinity") and hasattr(os, "sched_setaffinity")):
+        return None
+    return sorted(os.sched_getaffinity(0))
+
+
+def pin_threads(cpus):
+    """Every thread of this process onto the set `cpus`, and the threads they start later: on
+    Linux affinity is a thread's own (sched_setaffinity(2)), and a new thread inherits its
+    starter's."""
+    os.sched_setaffinity(0, cpus)
+    for name in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+            os.sched_setaffinity(int(name), cpus)
+
+
+def _read_cpu_times(path="/proc/stat"):
+    with open(path) as stream:
+        return cpu_times(stream.read(), os.sysconf("SC_CLK_TCK"))
+
+
+def _own_cpu_seconds():
+    times = os.times()
+    return times.user + times.system
+
+
+class CpuPinning:
+    """Carries out a CpuPlacement for this process (up's --cpu `choice`). `start()` pins every
+    thread to its CPU, before the tunnels' threads start (they inherit it); `check()`, every
+    `interval` seconds (None: never, a fixed CPU), reads the CPUs' figures, moves the threads
+    if the placement says so, and pins them all again (a thread started during a move may have
+    missed it). An OSError ends the pinning with one warning: from then on the scheduler
+    places the threads. The readings and the pinning are arguments, for tests."""
+
+    def __init__(self, placement, choice, read_times=_read_cpu_times,
+                 own_seconds=_own_cpu_seconds, pin=pin_threads):
+        self.placement = placement
+        self.choice = choice
+        self.read_times = read_times
+        self.own_seconds = own_seconds
+        self.pin = pin
+        self.interval = None if placement.fixed is not None else CPU_CHECK_SECONDS
+
+    def start(self):
+        try:
+            self.pin({self.placement.current})
+            if self.interval is not None:
+                self.placement.measured(self.read_times(), self.own_seconds())  # the baseline
+        except OSError as exc:
+            self._give_up(exc)
+            return
+        log.info("up: the tunnels' threads run on CPU %d (--cpu %s%s)", self.placement.current,
+                 self.choice, "" if self.interval is None else
+                 ": several peers' threads cost less CPU on one; checked every %gs"
+                 % self.interval)
+
+    def check(self):
+        placement = self.placement
+        before = placement.current
+        try:
+            moved = placement.measured(self.read_times(), self.own_seconds())
+            self.pin({placement.current})
+        except OSError as exc:
+            self._give_up(exc)
+            return
+        if moved is not None:
+            log.info("the tunnels' threads moved to CPU %d: other work kept CPU %d %s busy, "
+                     "CPU %d %d%%", moved, before, "%d%%" % (100 * placement.others[before])
+                     if before in placement.others else "(offline)",
+                     moved, 100 * placement.others[moved])
+
+    def _give_up(self, exc):
+        log.warning("cannot keep the tunnels' threads on CPU %d (--cpu %s): %s; the scheduler "
+                    "places them", self.placement.current, self.choice, describe_error(exc))
+        self.interval = None
+        with contextlib.suppress(OSError):
+            self.pin(set(self.placement.cpus))
+
+
+def cpu_pinning(choice, peers, cpus=None):
+    """up's CpuPinning for --cpu `choice` ("auto", "any" or a CPU number) and `peers` tunnels
+    on `cpus` (default: those the process may use), or None, not pinned: "any", or "auto" with
+    fewer than two peers or CPUs, or where the system cannot pin. Raises UsageError for a CPU
+    number the process may not use."""
+    cpus = allowed_cpus() if cpus is None else cpus
+    if choice == "any" or (choice == "auto" and (peers < 2 or not cpus or len(cpus) < 2)):
+        return None
+    if choice == "auto":
+        return CpuPinning(CpuPlacement(cpus), choice)
+    if cpus is None:
+        raise UsageError("--cpu %d: needs Linux (sched_setaffinity)" % choice, option="--cpu")
+    if choice not in cpus:
+        raise UsageError("--cpu %d: this process may run on CPU %s only"
+                         % (choice, ", ".join(map(str, cpus))), option="--cpu")
+    return CpuPinning(CpuPlacement(cpus, fixed=choice), choice)
+
+
 @contextlib.contextmanager
 def _signals_held():
     """Hold SIGINT, SIGTERM, SIGHUP and SIGUSR1 pending, in this thread and every thread it starts,
@@ -5588,7 +5777,7 @@ OPTION_MODES = {
     "connect-timeout": ("client",), "proxy": ("client",), "ca-file": ("client",),
     "tls-min-version": ("client",), "keepalive": ("client",),
     "idle-timeout": ("client", "server"), "metrics-listen": ("client", "server"),
-    "profile": ("up",), "write-config": ("up",),
+    "profile": ("up",), "write-config": ("up",), "cpu": ("up",),
 }
 
 # A mode that takes another mode's options (OPTION_MODES names only client and server).
@@ -5645,6 +5834,7 @@ OPTION_GROUPS = {
     "version": "operations",
     "profile": "connection",
     "write-config": "operations",
+    "cpu": "limits and tuning",
     "route": "connection",
     "health-path": "operations",
 }
@@ -5714,6 +5904,16 @@ def _fwmark_value(text):
         except ValueError:
             pass
     raise argparse.ArgumentTypeError("%r: not a number (decimal, or hex as 0xca6c)" % text)
+
+
+def _cpu_value(text):
+    """--cpu: auto, any, or a CPU's number."""
+    word = text.strip().lower()
+    if word in ("auto", "any"):
+        return word
+    if word.isdigit():
+        return int(word)
+    raise argparse.ArgumentTypeError("%r: auto, any, or a CPU's number (0, 1, ...)" % text)
 
 
 def _choice_in(choices):
@@ -5843,6 +6043,11 @@ def build_parser(command_line_only=False, help_mode=None):
     add("--write-config", metavar="PATH", help="run only the profile's tunnels and write "
         "WireGuard's configuration to PATH (- prints it), for NetworkManager or "
         "systemd-networkd; without it, up runs wg-quick up and, at the end, wg-quick down")
+    add("--cpu", type=_cpu_value, default="auto", metavar="auto|any|CPU",
+        help="where up's threads run: auto (default) keeps two or more peers' tunnels on one "
+             "CPU, which costs less CPU than several (Python's threads take turns), on the "
+             "least busy one, checked every %g s; any leaves them to the scheduler; a "
+             "number pins them to that CPU (Linux)" % CPU_CHECK_SECONDS)
     add("--to", action="append", metavar="TARGET", metavar_by_mode={"client": "URL", "server": "HOST:PORT"},
         help_by_mode={
             "client": "the server's URL (required), http(s)://host[:port][/path] for UoTLV/1, "
@@ -6361,6 +6566,7 @@ def _build_client_group(options, tunnels_changed=None):
     profile = options.wireguard_profile
     if not options.write_config:
         check_can_bring_up(profile)
+    pinning = cpu_pinning(options.cpu, len(profile.proxy_peers))
     clients = []
     for _, url in profile.proxy_peers:
         dialer = _build_dialer(options, url)
@@ -6373,7 +6579,7 @@ def _build_client_group(options, tunnels_changed=None):
                                    idle_timeout=options.idle_timeout,
                                    keepalive=options.keepalive,
                                    tunnels_changed=tunnels_changed))
-    return ClientGroup(clients)
+    return ClientGroup(clients, pinning)
 
 
 def start_wireguard(options, group):
