@@ -5614,12 +5614,11 @@ class CpuPinning:
             self.pin(set(self.placement.cpus))
 
 
-def cpu_pinning(choice, peers, cpus=None):
+def cpu_pinning(choice, peers, cpus):
     """up's CpuPinning for --cpu `choice` ("auto", "any" or a CPU number) and `peers` tunnels
-    on `cpus` (default: those the process may use), or None, not pinned: "any", or "auto" with
-    fewer than two peers or CPUs, or where the system cannot pin. Raises UsageError for a CPU
-    number the process may not use."""
-    cpus = allowed_cpus() if cpus is None else cpus
+    on `cpus` (allowed_cpus(): None where the system cannot pin), or None, not pinned: "any",
+    or "auto" with fewer than two peers or CPUs, or where the system cannot pin. Raises
+    UsageError for a CPU number the process may not use."""
     if choice == "any" or (choice == "auto" and (peers < 2 or not cpus or len(cpus) < 2)):
         return None
     if choice == "auto":
@@ -6045,9 +6044,9 @@ def build_parser(command_line_only=False, help_mode=None):
         "systemd-networkd; without it, up runs wg-quick up and, at the end, wg-quick down")
     add("--cpu", type=_cpu_value, default="auto", metavar="auto|any|CPU",
         help="where up's threads run: auto (default) keeps two or more peers' tunnels on one "
-             "CPU, which costs less CPU than several (Python's threads take turns), on the "
-             "least busy one, checked every %g s; any leaves them to the scheduler; a "
-             "number pins them to that CPU (Linux)" % CPU_CHECK_SECONDS)
+             "CPU, which costs less CPU than several (Python's threads take turns), and moves "
+             "them off it when other work keeps it busy (checked every %gs); any leaves them "
+             "to the scheduler; a number pins them to that CPU (Linux)" % CPU_CHECK_SECONDS)
     add("--to", action="append", metavar="TARGET", metavar_by_mode={"client": "URL", "server": "HOST:PORT"},
         help_by_mode={
             "client": "the server's URL (required), http(s)://host[:port][/path] for UoTLV/1, "
@@ -6322,9 +6321,9 @@ def _check_option_modes(options, parser, on_command_line, sources):
         hint = MODE_HINTS.get((key, options.mode))
         if options.mode == "check":
             hint = "check takes the client's options"
-        raise UsageError("%s--%s is a %s option: %s would ignore it%s" % (
-            "%s: " % source if source else "", key,
-            " and ".join(modes) if modes else _options_mode(options.mode),
+        owner = " and ".join(modes) if modes else _options_mode(options.mode)
+        raise UsageError("%s--%s is %s %s option: %s would ignore it%s" % (
+            "%s: " % source if source else "", key, "an" if owner[0] in "aeiou" else "a", owner,
             options.mode if options.mode in ("check", "up") else "the " + options.mode,
             " (%s)" % hint if hint else ""))
 
@@ -6564,9 +6563,9 @@ def _build_client_group(options, tunnels_changed=None):
     peer, each on a free UDP port of 127.0.0.1, its server resolved now, before WireGuard may
     route DNS into the VPN, and kept for every reconnect. Raises FatalError."""
     profile = options.wireguard_profile
+    pinning = cpu_pinning(options.cpu, len(profile.proxy_peers), allowed_cpus())
     if not options.write_config:
         check_can_bring_up(profile)
-    pinning = cpu_pinning(options.cpu, len(profile.proxy_peers))
     clients = []
     for _, url in profile.proxy_peers:
         dialer = _build_dialer(options, url)

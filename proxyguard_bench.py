@@ -439,11 +439,13 @@ class Setup:
     The clients: one (`peers` 0), the bench's socket connected to its port; or `peers`
     tunnels to the same server (paths /peer0, /peer1...), each on a UDP port of its own, the
     bench's socket sending to them in turn (`send`) and receiving from all: `peers` client
-    processes (`arrangement` SEPARATE) or one `up --write-config` process (ONE_PROCESS).
+    processes (`arrangement` SEPARATE) or one `up --write-config` process (ONE_PROCESS, with
+    `up_args`).
     `server_of`: another Setup whose server this one uses (and leaves running at stop)."""
 
     def __init__(self, procs, echo, impl, tls, workdir, server_args=(), client_args=(),
-                 protocol=UOTLV, nofile=None, peers=0, arrangement=SEPARATE, server_of=None):
+                 protocol=UOTLV, nofile=None, peers=0, arrangement=SEPARATE, server_of=None,
+                 up_args=()):
         self.procs = procs
         self.echo = echo
         self.impl = impl
@@ -486,7 +488,7 @@ class Setup:
         elif arrangement == ONE_PROCESS:
             ports, self.clients = self._start_up_process(
                 workdir, [base + "peer%d" % index for index in range(peers)], forward_port,
-                client_extra)
+                client_extra + list(up_args))
         else:
             ports, self.clients = zip(*[spawn_on_free_port(
                 procs, "%s-client%d" % (impl.key, index),
@@ -1765,8 +1767,9 @@ def format_peers(rows, options):
     """The peers test's table: each arrangement's medians, then the ratio of client CPU per
     round trip, separate/one process, per round and its median."""
     lines = ["peers: %d tunnels to one server, window %d spread over them, %gs per load, "
-             "medians of %d rounds alternating the arrangements"
-             % (rows[0]["peers"], rows[0]["window"], options.duration, options.runs),
+             "medians of %d rounds alternating the arrangements; up --cpu %s"
+             % (rows[0]["peers"], rows[0]["window"], options.duration, options.runs,
+                options.peers_cpu or "auto (its default)"),
              "%-6s %5s %-15s %-12s %9s %6s  %-23s %s" % (
                  "via", "size", "load", "arrangement", "rt/s", "loss",
                  "CPU µs/rt client server", "CPU % client server gen")]
@@ -1924,6 +1927,9 @@ def build_parser():
         help="the peers test's paced load, datagrams/s offered to either arrangement (default "
              "%g of the lower saturated rate of the first round; 0: saturated only)"
              % PEERS_PACED_SHARE)
+    add("--peers-cpu", default=None, metavar="auto|any|CPU",
+        help="the peers test: up's --cpu (default: up's own, auto: its threads on one CPU); "
+             "any shows what the pinning saves")
     add("--runs", type=int, default=None, metavar="K",
         help="repeat K times, print medians (default 1; %d with --against)" % AGAINST["runs"])
     add("--json", action="store_true",
@@ -1989,11 +1995,11 @@ def measure(setup, options, tests, run, tag, ping_size, direct=True, tunnels=Tru
 PEERS_PACED_SHARE = 0.5
 
 
-def start_peers(procs, echo, side, tls, protocol, workdir, peers):
+def start_peers(procs, echo, side, tls, protocol, workdir, peers, cpu=None):
     """The peers test's two arrangements of `peers` tunnels to one server: [one `up`
-    process with them all, `peers` client processes]."""
+    process with them all (its --cpu `cpu`, if given), `peers` client processes]."""
     one = Setup(procs, echo, side, tls, workdir, protocol=protocol, peers=peers,
-                arrangement=ONE_PROCESS)
+                arrangement=ONE_PROCESS, up_args=["--cpu", cpu] if cpu else [])
     return [one, Setup(procs, echo, side, tls, workdir, protocol=protocol, peers=peers,
                        arrangement=SEPARATE, server_of=one)]
 
@@ -2157,7 +2163,7 @@ def main(argv=None):
                          "one up process (%s)" % (options.peers, options.peers,
                                                   SCHEMES[protocol, tls]))
                     peer_pairs.append(start_peers(procs, echo, sides[0], tls, protocol,
-                                                  workdir, options.peers))
+                                                  workdir, options.peers, options.peers_cpu))
         peers_rate = options.peers_rate
         for run in range(options.runs):
             # Test by test (load: size by size), each on every setup in turn, so that what is compared is measured

@@ -1111,6 +1111,105 @@ def test_head_reader_limits_and_tls_sniff():
     assert pg.HeadReader().feed(b"\x16\x03\x01\x02") == (b"\x16\x03\x01\x02", b"")
 
 
+# --- up's CPU (--cpu): the placement on /proc/stat's figures, and its pinning ---------------
+
+PROC_STAT = """cpu  900 0 300 8000 100 0 0 0 0 0
+cpu0 500 10 100 4000 50 20 30 5 40 0
+cpu1 400 0 200 4000 50 0 0 0 0 0
+intr 12345 0 1
+"""
+
+
+def test_cpu_times_reads_busy_and_idle_seconds_of_each_cpu_from_proc_stat():
+    # busy: user nice system irq softirq steal (guest is in user already); idle: idle iowait
+    assert pg.cpu_times(PROC_STAT, 100) == {0: (6.65, 40.5), 1: (6.0, 40.5)}
+
+
+def seconds(*pairs):
+    """{cpu: (busy, idle)} cumulative seconds, CPUs numbered from 0."""
+    return dict(enumerate(pairs))
+
+
+def test_cpu_placement_starts_on_the_last_cpu_and_moves_only_when_other_work_crowds_it():
+    placement = pg.CpuPlacement([0, 1, 2, 3])
+    assert placement.current == 3  # the first CPUs take most interrupts
+    assert placement.measured(seconds((0, 0), (0, 0), (0, 0), (0, 0)), own=0) is None  # baseline
+    # 10 s: CPU 3 busy 6 s, 5 of them ours; the others 2-4 s: 0.1 of other work on ours
+    assert placement.measured(seconds((3, 7), (4, 6), (2, 8), (6, 4)), own=5) is None
+    assert placement.others == {0: 0.3, 1: 0.4, 2: 0.2, 3: 0.1}
+    # Next 10 s: something else takes 4 s of CPU 3 (0.4 beside our 0.5); CPU 2 stays at 0.2:
+    # 0.2 more than there, below the margin (0.25): noise, no move.
+    assert placement.measured(seconds((6, 14), (8, 12), (4, 16), (15, 5)), own=10) is None
+    # Then 7 s of 10 for the other work: CPU 2's 0.2 leaves 0.5 more room there.
+    assert placement.measured(seconds((9, 21), (12, 18), (6, 24), (27, 3)), own=15) == 2
+    assert placement.current == 2 and round(placement.others[3], 2) == 0.7
+    # Our own time now counts against CPU 2, not against the CPU left behind.
+    assert placement.measured(seconds((12, 28), (16, 24), (14, 26), (30, 10)), own=21) is None
+
+
+def test_cpu_placement_leaves_an_offline_cpu_and_a_fixed_cpu_never_moves():
+    placement = pg.CpuPlacement([0, 1])
+    placement.measured(seconds((0, 0), (0, 0)), own=0)
+    assert placement.measured({0: (1, 9)}, own=1) == 0  # CPU 1 gone from /proc/stat
+    fixed = pg.CpuPlacement([0, 1], fixed=0)
+    fixed.measured(seconds((0, 0), (0, 0)), own=0)
+    assert fixed.current == 0
+    assert fixed.measured(seconds((10, 0), (0, 10)), own=0) is None and fixed.current == 0
+
+
+@pytest.mark.parametrize("choice, peers, cpus, pinned, interval", [
+    ("auto", 2, [0, 1], 1, pg.CPU_CHECK_SECONDS),
+    ("auto", 1, [0, 1], None, None),  # one client's two threads gain nothing
+    ("auto", 4, [3], None, None),  # nowhere else to go
+    ("auto", 4, None, None, None),  # not Linux: nothing said, nothing done
+    ("any", 4, [0, 1], None, None),
+    (0, 1, [0, 1], 0, None),  # a CPU number: pinned for good, even one peer
+])
+def test_cpu_pinning_for_the_cpu_option(choice, peers, cpus, pinned, interval):
+    pinning = pg.cpu_pinning(choice, peers, cpus)
+    if pinned is None:
+        assert pinning is None
+    else:
+        assert (pinning.placement.current, pinning.interval) == (pinned, interval)
+
+
+@pytest.mark.parametrize("cpus, error", [
+    ([0, 1], "--cpu 5: this process may run on CPU 0, 1 only"),
+    (None, "--cpu 5: needs Linux (sched_setaffinity)"),
+])
+def test_cpu_pinning_refuses_a_cpu_the_process_may_not_use(cpus, error):
+    with pytest.raises(pg.UsageError, match=re.escape(error)):
+        pg.cpu_pinning(5, 2, cpus)
+
+
+def test_cpu_pinning_pins_checks_moves_and_gives_up_on_an_error_with_one_warning(caplog):
+    readings = [seconds((0, 0), (0, 0)), seconds((1, 9), (9, 1)), seconds((2, 18), (18, 2))]
+    pins = []
+    fail = []
+
+    def read_times():
+        if fail:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return readings.pop(0)
+
+    pinning = pg.CpuPinning(pg.CpuPlacement([0, 1]), "auto", read_times=read_times,
+                            own_seconds=lambda: 0.0, pin=pins.append)
+    with caplog.at_level(logging.INFO, logger="proxyguard"):
+        pinning.start()
+        assert pins == [{1}] and "threads run on CPU 1 (--cpu auto" in caplog.text
+        pinning.check()  # CPU 1 90 % busy with other work, CPU 0 10 %
+        assert pins[-1] == {0}
+        assert "moved to CPU 0: other work kept CPU 1 90% busy, CPU 0 10%" in caplog.text
+        pinning.check()  # stays, and pins every thread again
+        assert pins[-1] == {0} and len(pins) == 3
+        fail.append(True)
+        pinning.check()
+    assert pins[-1] == {0, 1} and pinning.interval is None  # the scheduler's from now on
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["cannot keep the tunnels' threads on CPU 0 (--cpu auto): permission "
+                        "denied; the scheduler places them"], warnings
+
+
 def test_encode_frames_refuses_what_does_not_fit_as_encode_frame_does():
     assert pg.encode_frames([b"a", b""]) == b"\x00\x01a\x00\x00"
     with pytest.raises(ValueError):
@@ -9057,6 +9156,8 @@ def test_up_file_is_mode_up_with_a_profile_and_fwmark_comes_from_the_command_lin
     ("eduvpn.conf", ["--listen-port", "5"], "--listen-port is a client option: up would "
                                             "ignore it"),
     ("plain.conf", [], "no [Peer] has a ProxyEndpoint line"),
+    ("eduvpn.conf", ["--cpu", "first"], "--cpu: 'first': auto, any, or a CPU's number"),
+    ("eduvpn.conf", ["--cpu", "4096"], "--cpu 4096: this process may run on CPU 0"),
 ])
 def test_up_command_line_errors_exit_2_with_one_line(tmp_path, name, args, error):
     argv = list(args)
@@ -9190,6 +9291,88 @@ def test_two_peers_in_one_process_each_with_its_own_tunnel_port_and_backoff(
     assert "peer %s: cannot connect" % urls[1] not in up.log()
     assert up.stop() == 0
     notify_socket.wait_for("STOPPING=1")
+
+
+def threads_cpus(pid):
+    """Each thread's Cpus_allowed_list (/proc/PID/task/TID/status: "1", "0-1"...)."""
+    lists = []
+    for tid in os.listdir("/proc/%d/task" % pid):
+        with contextlib.suppress(FileNotFoundError):  # ended meanwhile
+            with open("/proc/%d/task/%s/status" % (pid, tid)) as stream:
+                lists += re.findall(r"^Cpus_allowed_list:\s*(\S+)$", stream.read(), re.M)
+    return lists
+
+
+def start_up_tunnels(tmp_path, urls, *args, name="up"):
+    """`up --write-config` (the tunnels alone) with a peer for each of `urls`; the Proc."""
+    return Proc(tmp_path, ["up", str(two_peer_profile(tmp_path, urls) if len(urls) > 1 else
+                                     write_profile(tmp_path, url=urls[0])),
+                           "--write-config", str(tmp_path / "wg.conf")] + list(args),
+                ready="written to", name=name)
+
+
+def two_cpus_or_skip():
+    """The CPUs this test may use, two at least (CI's machines have two)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("one CPU: nowhere to pin or move to")
+    return cpus
+
+
+@pytest.mark.parametrize("peers, args, expected", [
+    (2, [], "last"),  # auto: a group on one CPU, the last one
+    (2, ["--cpu", "any"], "free"),
+    (1, [], "free"),  # auto: one peer's threads gain nothing from it
+    (1, ["--cpu", "0"], "0"),  # a CPU number: there, even one peer
+])
+def test_up_keeps_two_peers_threads_on_one_cpu_unless_told(tmp_path, echo, procs, peers, args,
+                                                           expected):
+    """Several peers' pump threads cost less CPU on one CPU (issue 19, target 5): every thread
+    of the up process, started before and after the pin (tunnels), runs on that CPU."""
+    cpus = two_cpus_or_skip()
+    with open("/proc/self/status") as stream:
+        free = re.search(r"^Cpus_allowed_list:\s*(\S+)$", stream.read(), re.M).group(1)
+    server = start_server(tmp_path, echo.port)
+    procs.append(server)
+    urls = ["http://%s:%d/pg%d" % (LOOPBACK, server.port, index) for index in range(peers)]
+    wireguard = WireGuardStandIn()
+    up = start_up_tunnels(tmp_path, urls, "--forward-port", str(wireguard.port), *args)
+    procs.append(up)
+    for index, port in enumerate(endpoint_ports((tmp_path / "wg.conf").read_text())):
+        wireguard.endpoint = (LOOPBACK, port)  # the tunnels' pump threads start now
+        assert wireguard.roundtrip(b"peer %d" % index) == b"peer %d" % index
+    up.wait_log("tunnel up", count=peers)
+    want = {"last": str(cpus[-1]), "free": free, "0": "0"}[expected]
+    assert set(threads_cpus(up.popen.pid)) == {want}
+    assert len(threads_cpus(up.popen.pid)) >= 2 + 2 * peers  # main, signals, connectors, pumps
+    if expected == "free":
+        assert "threads run on CPU" not in up.log()
+    else:
+        up.wait_log("up: the tunnels' threads run on CPU %s (--cpu %s" % (
+            want, "auto" if not args else want))
+    assert up.stop() == 0
+
+
+@pytest.mark.slow
+def test_up_moves_its_threads_off_a_cpu_that_other_work_keeps_busy(tmp_path, procs):
+    """A CPU-bound process pinned to up's CPU: at its next check (CPU_CHECK_SECONDS) up moves
+    every thread to the CPU that other work leaves free, and says so in one line."""
+    cpus = two_cpus_or_skip()
+    up = start_up_tunnels(tmp_path, ["http://%s:%d/pg%d" % (LOOPBACK, free_port(), index)
+                                     for index in range(2)])
+    procs.append(up)
+    up.wait_log("threads run on CPU %d (--cpu auto" % cpus[-1])
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                           preexec_fn=lambda: os.sched_setaffinity(0, {cpus[-1]}))
+    try:
+        up.wait_log("the tunnels' threads moved to CPU ", timeout=3 * pg.CPU_CHECK_SECONDS)
+    finally:
+        hog.kill()
+        hog.wait()
+    moved = int(re.search(r"moved to CPU (\d+): other work kept CPU %d (\d+)%% busy"
+                          % cpus[-1], up.log()).group(1))
+    assert moved != cpus[-1] and set(threads_cpus(up.popen.pid)) == {str(moved)}
+    assert up.stop() == 0
 
 
 class ProfileBed(WireGuardBed):
