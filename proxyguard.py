@@ -255,11 +255,12 @@ TEARDOWN_LANE_WAIT = 10.0
 # up with two or more peers keeps all its threads on one CPU (--cpu auto; CpuPlacement). The
 # peers' pump threads hand Python's GIL to each other several times a datagram, and on two
 # CPUs each hand-off wakes a thread on the other one (a futex wake, an interrupt, a cold
-# cache): 4 peers in one process took 5-13 % more CPU a round trip than 4 client processes.
-# On one CPU the hand-offs stay there: 1.00x the separate processes' CPU paced, 0.83x
-# saturated, with more round trips (proxyguard_bench.py --tests peers; issue 19, target 5). One
-# client's two threads gain nothing (the same CPU a datagram, 3-5 % fewer datagrams/s), so
-# only a group is pinned. Every CPU_CHECK_SECONDS the group's CPU is compared with the others:
+# cache): 2 or 4 peers in one process took 5-14 % more CPU a round trip than as many client
+# processes. On one CPU the hand-offs stay there: the separate processes' CPU a round trip is
+# 1.00-1.06x the one process's paced, 1.05-1.36x saturated, plain and TLS, and the one
+# process carries more (proxyguard_bench.py --tests peers; MEASUREMENTS.md; issue 19, target
+# 5). One client's two threads gain nothing (about the same CPU a datagram, 3-5 % fewer
+# datagrams/s), so only a group is pinned. Every CPU_CHECK_SECONDS the group's CPU is compared with the others:
 # when other work keeps it busier than the least busy one by CPU_MOVE_MARGIN (of one CPU's
 # time), the threads move there; a smaller difference is noise (the scheduler moves the
 # unpinned processes away by itself).
@@ -1959,16 +1960,19 @@ class RouteTable:
 
 def cpu_times(text, ticks):
     """Each CPU's cumulative (busy, idle) seconds from the text of /proc/stat (proc(5): the
-    `cpuN` lines, in `ticks` a second): idle is idle and iowait; busy is user, nice, system,
-    irq, softirq and steal (guest time is counted in user already)."""
+    `cpuN` lines, in `ticks` a second): busy is the time tasks ran (user, nice, system; guest
+    is counted in user already) or the hypervisor took (steal); idle is idle and iowait.
+    Interrupt time (irq, softirq) counts as neither: much of it is our own traffic's, which
+    follows the threads to any CPU (a kernel with CONFIG_IRQ_TIME_ACCOUNTING shows it there,
+    not in our process's time), so counted as other work it would move them back and forth."""
     times = {}
     for line in text.splitlines():
         name, _, rest = line.partition(" ")
         if not (name.startswith("cpu") and name[3:].isdigit()):
             continue
-        fields = [int(field) for field in rest.split()[:8]]
-        times[int(name[3:])] = ((sum(fields[:3]) + sum(fields[5:8])) / ticks,
-                                sum(fields[3:5]) / ticks)
+        user, nice, system, idle, iowait, _, _, steal = [int(field)
+                                                         for field in rest.split()[:8]]
+        times[int(name[3:])] = ((user + nice + system + steal) / ticks, (idle + iowait) / ticks)
     return times
 
 
