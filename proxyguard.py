@@ -6047,10 +6047,8 @@ def build_parser(command_line_only=False, help_mode=None):
         "WireGuard's configuration to PATH (- prints it), for NetworkManager or "
         "systemd-networkd; without it, up runs wg-quick up and, at the end, wg-quick down")
     add("--cpu", type=_cpu_value, default="auto", metavar="auto|any|CPU",
-        help="where up's threads run: auto (default) keeps two or more peers' tunnels on one "
-             "CPU, which costs less CPU than several (Python's threads take turns), and moves "
-             "them off it when other work keeps it busy (checked every %gs); any leaves them "
-             "to the scheduler; a number pins them to that CPU (Linux)" % CPU_CHECK_SECONDS)
+        help="auto (default): two or more peers' threads on one CPU (less CPU per datagram), "
+             "moved if other work keeps it busy; any: anywhere; a number: that CPU (Linux)")
     add("--to", action="append", metavar="TARGET", metavar_by_mode={"client": "URL", "server": "HOST:PORT"},
         help_by_mode={
             "client": "the server's URL (required), http(s)://host[:port][/path] for UoTLV/1, "
