@@ -5040,15 +5040,16 @@ class WgQuick:
         import tempfile
         self.directory = tempfile.mkdtemp(prefix=self.PREFIX, dir=self.runtime)
         self.path = os.path.join(self.directory, self.interface + ".conf")
-        try:  # the owner first: a directory with a configuration always says whose it is
-            self._write(self.OWNER_FILE, own_runtime_owner(self.interface).text())
-            self._write(self.interface + ".conf", text)
-            self._run("up", self.path)
-        except (OSError, FatalError) as exc:
-            remove_runtime_directory(self.directory)
-            if isinstance(exc, OSError):
+        try:
+            try:  # the owner first: a directory with a configuration always says whose it is
+                self._write(self.OWNER_FILE, own_runtime_owner(self.interface).text())
+                self._write(self.interface + ".conf", text)
+            except OSError as exc:
                 raise FatalError("cannot write the runtime file %s: %s"
                                  % (self.path, describe_error(exc)))
+            self._run("up", self.path)
+        except FatalError:
+            remove_runtime_directory(self.directory)
             raise
         log.info("WireGuard up: wg-quick up %s", self.path)
 
@@ -5067,9 +5068,9 @@ class WgQuick:
     def clear_leftovers(self):
         """Carry out judge_leftovers on the runtime directories under `runtime`, a line
         each. Raises FatalError."""
-        netns = os.stat("/proc/self/ns/net").st_ino
         found = self._find_leftovers()
-        for action, leftover in judge_leftovers(found, self.interface, netns, interface_exists):
+        for action, leftover in judge_leftovers(found, self.interface, network_namespace(),
+                                                interface_exists):
             owner = leftover.owner
             path = os.path.join(leftover.directory, owner.interface + ".conf")
             if action == "keep":
@@ -5082,8 +5083,9 @@ class WgQuick:
                 try:
                     self._take_down(path)
                 except FatalError as exc:
-                    raise FatalError("%s, left up by an earlier up (pid %d, gone): %s" % (
-                        owner.interface, owner.pid, exc))
+                    raise FatalError("%s, left up by an earlier up (pid %d, gone), cannot be "
+                                     "taken down: %s; check with 'ip link show %s'" % (
+                                         owner.interface, owner.pid, exc, owner.interface))
             remove_runtime_directory(leftover.directory)
             if action == "down":
                 log.warning("%s was left up by an earlier up (pid %d) that ended without taking "
@@ -5164,7 +5166,12 @@ def own_runtime_owner(interface):
     """This process as the RuntimeOwner of an up of `interface`."""
     with open("/proc/self/stat") as stream:
         start = process_start_time(stream.read())
-    return RuntimeOwner(interface, os.getpid(), start, os.stat("/proc/self/ns/net").st_ino)
+    return RuntimeOwner(interface, os.getpid(), start, network_namespace())
+
+
+def network_namespace():
+    """This process's network namespace: its inode (as `ip netns identify` compares them)."""
+    return os.stat("/proc/self/ns/net").st_ino
 
 
 def process_runs(pid, start):
