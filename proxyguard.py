@@ -1718,6 +1718,8 @@ def rewrite_profile(profile, ports, listen_port, fwmark):
 #     Backoff     the client's reconnect waits; ServerChoice, which of its servers is next;
 #     RouteTable  which WireGuard a request's path goes to (--route, else --to);
 #     CpuPlacement  which CPU up's threads share (--cpu), from /proc/stat's figures.
+#     judge_leftovers  what up does with the runtime directories of earlier ups that were
+#                 killed (WireGuard still up) or still run, before its own.
 
 
 class Deadline:
@@ -2022,6 +2024,94 @@ class CpuPlacement:
             return None
         self.current = best
         return best
+
+
+# --- up after a crash: whose runtime directory is left, and what the next up does with it ----
+# up's runtime directory (WgQuick) holds INTERFACE.conf (with the private key) and `owner`,
+# which names the up that made it. An up killed hard (SIGKILL, the OOM killer, a crash) leaves
+# the directory, and WireGuard up with wg-quick's routes, rules and DNS; then the next up of the
+# profile would fail with wg-quick's "`eduvpn' already exists", and `wg-quick down eduvpn`
+# looks in /etc/wireguard. So before its own, up judges what earlier ups left (judge_leftovers).
+
+def process_start_time(stat_text):
+    """A process's start, in clock ticks after boot, from the text of its /proc/PID/stat
+    (proc(5), field 22), or None if it has ended and only waits to be reaped (state Z or X).
+    The fields are counted after the last ')': the command name (field 2) may hold spaces and
+    parentheses."""
+    fields = stat_text.rpartition(")")[2].split()
+    if len(fields) < 20 or fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+class RuntimeOwner(collections.namedtuple("RuntimeOwner", "interface pid start netns")):
+    """Who made an up's runtime directory, as its file `owner` says: the interface, the process
+    (its pid, and its start in clock ticks after boot, process_start_time: a pid is reused, the
+    pair is not) and its network namespace (the inode of /proc/PID/ns/net: the interface lives
+    there, and every namespace of `ip netns exec` shares /run)."""
+
+    __slots__ = ()
+
+    def text(self):
+        return "interface=%s pid=%d start=%d netns=%d\n" % self
+
+    @classmethod
+    def parse(cls, text):
+        """The owner the file's `text` names, or None if it names none."""
+        fields = dict(word.partition("=")[::2] for word in text.split())
+        try:
+            owner = cls(fields["interface"], int(fields["pid"]), int(fields["start"]),
+                        int(fields["netns"]))
+        except (KeyError, ValueError):
+            return None
+        return owner if WG_INTERFACE_NAME.match(owner.interface) else None
+
+
+# A runtime directory an earlier up left: its owner, and whether the owner's process still runs.
+Leftover = collections.namedtuple("Leftover", "directory owner alive")
+
+
+def judge_leftovers(leftovers, interface, netns, interface_exists):
+    """What up of `interface` in network namespace `netns` does, before wg-quick up, with the
+    runtime directories of earlier ups (`leftovers`, Leftovers); `interface_exists(name)` says
+    whether the namespace has that interface. Returns [(action, Leftover)]:
+        'down'    an earlier up of this interface is gone and its WireGuard still up: wg-quick
+                  down on its file (that undoes the routes, rules and DNS as wg-quick set
+                  them), then remove its directory;
+        'remove'  an earlier up is gone and so is its interface: remove its directory (the
+                  private key);
+        'keep'    an earlier up of another interface is gone, its WireGuard still up: its file
+                  is what takes that down (the next up of its profile does), so it stays.
+    Running ups of other interfaces, and directories of other namespaces (whose interfaces
+    cannot be seen from here) are left alone. Raises FatalError (one line, what to do) if
+    `interface` is up by a running up, or by anything but an earlier up."""
+    actions = []
+    for leftover in leftovers:
+        owner = leftover.owner
+        if owner.netns != netns:
+            continue
+        ours = owner.interface == interface
+        if leftover.alive:
+            if ours:
+                raise FatalError("%s is up already, by proxyguard.py up (pid %d), which still "
+                                 "runs: stop that one first (kill %d)"
+                                 % (interface, owner.pid, owner.pid))
+            continue
+        if not interface_exists(owner.interface):
+            actions.append(("remove", leftover))
+        elif not ours:
+            actions.append(("keep", leftover))
+        elif any(action == "down" for action, _ in actions):
+            actions.append(("remove", leftover))  # one wg-quick down takes the interface away
+        else:
+            actions.append(("down", leftover))
+    if interface_exists(interface) and not any(action == "down" for action, _ in actions):
+        raise FatalError("interface %s exists already, and no proxyguard.py up of this profile "
+                         "brought it up: take it down first (ip link del %s; wg-quick down "
+                         "FILE if wg-quick brought it up from FILE), or copy the profile to "
+                         "another name (the interface is named after the file)"
+                         % (interface, interface))
+    return actions
 
 
 # =============================================================================================
@@ -4927,60 +5017,142 @@ def check_can_bring_up(profile, euid=None, which=None):
 
 class WgQuick:
     """up's WireGuard: `up(text)` writes the configuration to a private runtime file, a
-    directory of its own (0700) holding INTERFACE.conf (0600: it holds the private key),
+    directory of its own (0700, under `runtime`: /run, else the temporary directory) holding
+    INTERFACE.conf (0600: it holds the private key) and `owner` (RuntimeOwner: this process),
     and runs `wg-quick up` on it by absolute path (a bare name would be a file in
     /etc/wireguard); `down()` runs `wg-quick down`, waits for a userspace WireGuard
     (wireguard-go, wg-quick's fallback without the kernel module) to end, and removes the
-    file. Raises FatalError with wg-quick's last line."""
+    directory. `clear_leftovers()`, before, deals with what earlier ups left (judge_leftovers).
+    Raises FatalError with wg-quick's last line."""
 
     # wireguard-go's control socket, there while it runs (for every network namespace).
     CONTROL_SOCKET = "/var/run/wireguard/%s.sock"
     # After `wg-quick down` deleted the interface, wireguard-go ends within milliseconds.
     USERSPACE_END_SECONDS = 5.0
+    PREFIX = "proxyguard-"
+    OWNER_FILE = "owner"
 
-    def __init__(self, interface):
+    def __init__(self, interface, runtime=None):
+        import tempfile  # only here: client and server never write files
         self.interface = interface
+        if runtime is None:
+            runtime = "/run" if os.access("/run", os.W_OK) else tempfile.gettempdir()
+        self.runtime = runtime
         self.directory = self.path = None
 
     def up(self, text):
-        import tempfile  # only here: client and server never write files
-        runtime = "/run" if os.access("/run", os.W_OK) else None
-        self.directory = tempfile.mkdtemp(prefix="proxyguard-", dir=runtime)
+        import tempfile
+        self.directory = tempfile.mkdtemp(prefix=self.PREFIX, dir=self.runtime)
         self.path = os.path.join(self.directory, self.interface + ".conf")
-        descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as stream:
-            stream.write(text)
         try:
-            self._run("up")
+            try:  # the owner first: a directory with a configuration always says whose it is
+                self._write(self.OWNER_FILE, own_runtime_owner(self.interface).text())
+                self._write(self.interface + ".conf", text)
+            except OSError as exc:
+                raise FatalError("cannot write the runtime file %s: %s"
+                                 % (self.path, describe_error(exc)))
+            self._run("up", self.path)
         except FatalError:
-            self._remove()
+            remove_runtime_directory(self.directory)
             raise
+        log.info("WireGuard up: wg-quick up %s", self.path)
 
     def down(self):
         """Returns whether the interface went down."""
         try:
-            self._run("down")
+            self._take_down(self.path)
         except FatalError as exc:
             log.error("%s: check with 'ip link show %s'", exc, self.interface)
             return False
         finally:
-            self._remove()
-        deadline = Deadline(self.USERSPACE_END_SECONDS)
-        while os.path.exists(self.CONTROL_SOCKET % self.interface):
-            if deadline.remaining() <= 0:
-                log.warning("wireguard-go of %s still runs after wg-quick down", self.interface)
-                break
-            time.sleep(0.01)  # polling for the process's end, with a deadline
+            remove_runtime_directory(self.directory)
+        log.info("WireGuard down: wg-quick down %s", self.path)
         return True
 
-    def _run(self, action):
+    def clear_leftovers(self):
+        """Carry out judge_leftovers on the runtime directories under `runtime`, a line
+        each. Raises FatalError."""
+        found = self._find_leftovers()
+        for action, leftover in judge_leftovers(found, self.interface, network_namespace(),
+                                                interface_exists):
+            owner = leftover.owner
+            path = os.path.join(leftover.directory, owner.interface + ".conf")
+            if action == "keep":
+                log.warning("%s of an earlier up of %s (pid %d, gone) stays: it is what takes "
+                            "%s down, which the next up of that profile does (or wg-quick down "
+                            "%s)", leftover.directory, owner.interface, owner.pid,
+                            owner.interface, path)
+                continue
+            if action == "down":
+                try:
+                    self._take_down(path)
+                except FatalError as exc:
+                    raise FatalError("%s, left up by an earlier up (pid %d, gone), cannot be "
+                                     "taken down: %s; check with 'ip link show %s'" % (
+                                         owner.interface, owner.pid, exc, owner.interface))
+            remove_runtime_directory(leftover.directory)
+            if action == "down":
+                log.warning("%s was left up by an earlier up (pid %d) that ended without taking "
+                            "it down: taken down (wg-quick down %s), its runtime directory "
+                            "removed", owner.interface, owner.pid, path)
+            else:
+                log.warning("removed %s, left by an earlier up of %s (pid %d) that ended "
+                            "without removing it (its interface is gone)", leftover.directory,
+                            owner.interface, owner.pid)
+
+    def _find_leftovers(self):
+        """The Leftovers under `runtime`: directories named PREFIX... that an `owner` file
+        names the owner of. Only this user's, private ones: another user's file could name any
+        program for wg-quick down to run as root (PreDown, PostDown)."""
+        import stat
+        try:
+            names = sorted(os.listdir(self.runtime))
+        except OSError:
+            return []
+        found = []
+        for name in names:
+            directory = os.path.join(self.runtime, name)
+            if not name.startswith(self.PREFIX):
+                continue
+            try:
+                info = os.lstat(directory)
+                if (not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid()
+                        or info.st_mode & 0o077):
+                    continue
+                with open(os.path.join(directory, self.OWNER_FILE)) as stream:
+                    owner = RuntimeOwner.parse(stream.read())
+            except (OSError, UnicodeDecodeError):  # being made or removed; not ours
+                continue
+            if owner is not None:
+                found.append(Leftover(directory, owner, process_runs(owner.pid, owner.start)))
+        return found
+
+    def _write(self, name, text):
+        descriptor = os.open(os.path.join(self.directory, name),
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as stream:
+            stream.write(text)
+
+    def _take_down(self, path):
+        """wg-quick down `path`, then wait for the interface's wireguard-go (if any) to end."""
+        self._run("down", path)
+        interface = os.path.basename(path)[:-len(".conf")]
+        deadline = Deadline(self.USERSPACE_END_SECONDS)
+        while os.path.exists(self.CONTROL_SOCKET % interface):
+            if deadline.remaining() <= 0:
+                log.warning("wireguard-go of %s still runs after wg-quick down", interface)
+                break
+            time.sleep(0.01)  # polling for the process's end, with a deadline
+
+    @staticmethod
+    def _run(action, path):
         import subprocess
         import tempfile
         # Its output into a file, not a pipe: wireguard-go, which wg-quick starts in the
         # background, keeps wg-quick's stdout and stderr open for as long as it runs.
         with tempfile.TemporaryFile() as output:
             try:
-                status = subprocess.run(["wg-quick", action, self.path],
+                status = subprocess.run(["wg-quick", action, path],
                                         stdin=subprocess.DEVNULL, stdout=output,
                                         stderr=subprocess.STDOUT).returncode
             except OSError as exc:
@@ -4991,14 +5163,47 @@ class WgQuick:
             log.debug("wg-quick %s: %s", action, line)
         if status != 0:
             raise FatalError("wg-quick %s %s failed (exit %d): %s" % (
-                action, self.path, status, lines[-1][:200] if lines else "no output"))
-        log.info("WireGuard %s: wg-quick %s %s", action, action, self.path)
+                action, path, status, lines[-1][:200] if lines else "no output"))
 
-    def _remove(self):
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
-        with contextlib.suppress(OSError):
-            os.rmdir(self.directory)
+
+def own_runtime_owner(interface):
+    """This process as the RuntimeOwner of an up of `interface`."""
+    with open("/proc/self/stat") as stream:
+        start = process_start_time(stream.read())
+    return RuntimeOwner(interface, os.getpid(), start, network_namespace())
+
+
+def network_namespace():
+    """This process's network namespace: its inode (as `ip netns identify` compares them)."""
+    return os.stat("/proc/self/ns/net").st_ino
+
+
+def process_runs(pid, start):
+    """Whether process `pid` runs and is the one that started at `start` (process_start_time),
+    not a later one given the same pid."""
+    try:
+        with open("/proc/%d/stat" % pid) as stream:
+            return process_start_time(stream.read()) == start
+    except OSError:
+        return False
+
+
+def interface_exists(name):
+    """Whether this network namespace has an interface `name`."""
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
+
+
+def remove_runtime_directory(directory):
+    """Remove an up's runtime directory and its files (they are ours: see _find_leftovers)."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(directory):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
+        os.rmdir(directory)
 
 
 # =============================================================================================
@@ -6561,13 +6766,17 @@ def _build_service(options, tunnels_changed=None):
 
 
 def _build_client_group(options, tunnels_changed=None):
-    """up: check that wg-quick can run (unless --write-config), then a Client per ProxyEndpoint
+    """up: check that wg-quick can run and clear what earlier ups left (WgQuick's
+    clear_leftovers; neither with --write-config), then a Client per ProxyEndpoint
     peer, each on a free UDP port of 127.0.0.1, its server resolved now, before WireGuard may
     route DNS into the VPN, and kept for every reconnect. Raises FatalError."""
     profile = options.wireguard_profile
     pinning = cpu_pinning(options.cpu, len(profile.proxy_peers), allowed_cpus())
     if not options.write_config:
         check_can_bring_up(profile)
+        # Before the servers' names are resolved: a killed up's WireGuard may still route
+        # everything, DNS included, into its dead tunnel.
+        WgQuick(options.interface).clear_leftovers()
     clients = []
     for _, url in profile.proxy_peers:
         dialer = _build_dialer(options, url)

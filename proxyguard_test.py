@@ -9224,6 +9224,134 @@ def test_up_without_wg_quick_resolvconf_or_root_exits_1_with_one_line(tmp_path):
     readable.cleanup()
 
 
+# --- up after a crash: the runtime directories earlier ups left --------------------------------
+
+def test_process_start_time_counts_fields_after_the_command_name_and_none_for_a_zombie():
+    fields = " ".join(str(number) for number in range(4, 23))  # fields 4..22
+    assert pg.process_start_time("41 (a) b (c)) S %s 23 24\n" % fields) == 22
+    assert pg.process_start_time("41 (up) Z %s\n" % fields) is None
+    assert pg.process_start_time("41 (up) X %s\n" % fields) is None
+    with open("/proc/self/stat") as stream:
+        assert pg.process_start_time(stream.read()) > 0
+
+
+def test_runtime_owner_reads_back_what_it_writes_and_nothing_else():
+    owner = pg.RuntimeOwner("eduvpn", 41, 123456, 4026531840)
+    assert owner.text() == "interface=eduvpn pid=41 start=123456 netns=4026531840\n"
+    assert pg.RuntimeOwner.parse(owner.text()) == owner
+    assert pg.RuntimeOwner.parse("interface=a=b pid=1 start=2 netns=3") == ("a=b", 1, 2, 3)
+    for text in ("", "interface=eduvpn pid=41 start=123456", "pid=41 start=1 netns=3",
+                 "interface=eduvpn pid=x start=1 netns=3",
+                 "interface=../../etc/x pid=41 start=1 netns=3",
+                 "interface=a-name-too-long-for-linux pid=41 start=1 netns=3"):
+        assert pg.RuntimeOwner.parse(text) is None, text
+
+
+HERE_NS, THERE_NS = 4026531840, 4026532999
+
+
+def leftover(interface, alive, netns=HERE_NS, pid=41):
+    return pg.Leftover("/run/proxyguard-%s%d" % (interface, pid),
+                       pg.RuntimeOwner(interface, pid, 1000 + pid, netns), alive)
+
+
+@pytest.mark.parametrize("leftovers, interfaces, actions", [
+    ([], [], []),
+    ([], ["other"], []),
+    # The earlier up of this profile was killed: its WireGuard is taken down (wg-quick down).
+    ([leftover("eduvpn", False)], ["eduvpn"], ["down"]),
+    # ... or, gone already (ip link del), only its directory is removed.
+    ([leftover("eduvpn", False)], [], ["remove"]),
+    # Two killed ones (the first's clean-up killed too): one wg-quick down, both removed.
+    ([leftover("eduvpn", False, pid=41), leftover("eduvpn", False, pid=42)], ["eduvpn"],
+     ["down", "remove"]),
+    # Other profiles' killed ups: the directory of a gone interface is removed (the private
+    # key); one whose interface is still up keeps the file that takes it down.
+    ([leftover("work", False), leftover("home", False, pid=42)], ["home"], ["remove", "keep"]),
+    # Running ups of other interfaces, and other namespaces' directories, are not ours.
+    ([leftover("work", True), leftover("eduvpn", False, THERE_NS),
+      leftover("eduvpn", True, THERE_NS, pid=42)], ["work"], []),
+])
+def test_judge_leftovers_takes_down_removes_or_keeps(leftovers, interfaces, actions):
+    found = pg.judge_leftovers(leftovers, "eduvpn", HERE_NS, interfaces.__contains__)
+    assert [action for action, _ in found] == actions
+    assert [item for _, item in found] == [item for item in leftovers
+                                           if item.owner.netns == HERE_NS and not item.alive]
+
+
+@pytest.mark.parametrize("leftovers, interfaces, error", [
+    ([leftover("eduvpn", False), leftover("eduvpn", True, pid=42)], ["eduvpn"],
+     "eduvpn is up already, by proxyguard.py up (pid 42), which still runs: stop that one "
+     "first (kill 42)"),
+    ([leftover("eduvpn", True)], [],  # wg-quick up still running, say
+     "eduvpn is up already, by proxyguard.py up (pid 41), which still runs: stop that one "
+     "first (kill 41)"),
+    # An interface of the profile's name that no up here made (another namespace's up does not
+    # count: its interface is another one).
+    ([leftover("work", False), leftover("eduvpn", False, THERE_NS)], ["eduvpn", "work"],
+     "interface eduvpn exists already, and no proxyguard.py up of this profile brought it up: "
+     "take it down first (ip link del eduvpn; wg-quick down FILE if wg-quick brought it up "
+     "from FILE), or copy the profile to another name (the interface is named after the "
+     "file)"),
+])
+def test_judge_leftovers_refuses_a_running_up_or_a_foreign_interface(leftovers, interfaces,
+                                                                     error):
+    with pytest.raises(pg.FatalError) as raised:
+        pg.judge_leftovers(leftovers, "eduvpn", HERE_NS, interfaces.__contains__)
+    assert str(raised.value) == error
+
+
+def make_runtime_directory(runtime, owner, mode=0o700):
+    directory = runtime / ("proxyguard-%s-%d" % (owner.interface, owner.pid))
+    directory.mkdir(mode=mode)
+    (directory / "owner").write_text(owner.text())
+    (directory / (owner.interface + ".conf")).write_text("[Interface]\nPrivateKey = x\n")
+    return directory
+
+
+def test_wg_quick_clears_what_gone_ups_left_and_refuses_a_running_one(tmp_path, caplog):
+    """WgQuick.clear_leftovers on a runtime directory of its own (no wg-quick runs: the
+    interfaces are gone, or lo): a gone up's directory (its pid ended, or was reused by a later
+    process) is removed with a line; a gone up's whose interface (lo here) is still up stays,
+    with a line; a running up of the profile's interface is refused; directories that are
+    another user's or open to others, or have no owner, are none of ours."""
+    with open("/proc/self/stat") as stream:
+        start = pg.process_start_time(stream.read())
+    netns = os.stat("/proc/self/ns/net").st_ino
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    gone = make_runtime_directory(tmp_path, pg.RuntimeOwner("pgtgone0", ended.pid, 1, netns))
+    reused = make_runtime_directory(tmp_path, pg.RuntimeOwner("pgtgone1", os.getpid(),
+                                                              start - 1, netns))
+    still_up = make_runtime_directory(tmp_path, pg.RuntimeOwner("lo", ended.pid, 1, netns))
+    running = make_runtime_directory(tmp_path, pg.RuntimeOwner("pgtrun", os.getpid(), start,
+                                                               netns))
+    others = [make_runtime_directory(tmp_path, pg.RuntimeOwner("pgtopen", ended.pid, 1, netns),
+                                     mode=0o755)]
+    others.append(tmp_path / "proxyguard-unowned")
+    others[-1].mkdir(mode=0o700)
+    os.chmod(str(others[0]), 0o755)  # mkdir's mode passes the umask
+    with caplog.at_level(logging.INFO, logger="proxyguard"):
+        pg.WgQuick("pgtnew", runtime=str(tmp_path)).clear_leftovers()
+    assert not gone.exists() and not reused.exists()
+    assert still_up.exists() and running.exists() and all(other.exists() for other in others)
+    lines = sorted(record.getMessage() for record in caplog.records)
+    assert lines == sorted([
+        "removed %s, left by an earlier up of pgtgone0 (pid %d) that ended without removing it "
+        "(its interface is gone)" % (gone, ended.pid),
+        "removed %s, left by an earlier up of pgtgone1 (pid %d) that ended without removing it "
+        "(its interface is gone)" % (reused, os.getpid()),
+        "%s of an earlier up of lo (pid %d, gone) stays: it is what takes lo down, which the "
+        "next up of that profile does (or wg-quick down %s)"
+        % (still_up, ended.pid, still_up / "lo.conf")]), lines
+    with pytest.raises(pg.FatalError, match=r"^pgtrun is up already, by proxyguard.py up "
+                       r"\(pid %d\)" % os.getpid()):
+        pg.WgQuick("pgtrun", runtime=str(tmp_path)).clear_leftovers()
+    if os.geteuid() == 0:  # another user's directory, though private, is none of ours
+        os.chown(str(running), 65534, 65534)
+        pg.WgQuick("pgtrun", runtime=str(tmp_path)).clear_leftovers()
+
+
 def two_peer_profile(directory, urls):
     path = directory / "twopeers.conf"
     path.write_text("[Interface]\nPrivateKey = %s\nAddress = 10.43.43.2/24\n"
@@ -9491,12 +9619,13 @@ class ProfileBed(WireGuardBed):
             stream.write(private + "\n")
         return path, self.sh("wg", "pubkey", input=private + "\n").strip()
 
-    def run_up(self):
-        """Start `proxyguard.py up PROFILE` in the client host, wg-quick forced to wireguard-go
-        (as it falls back to it where the kernel has no WireGuard module)."""
-        return self.spawn("pg-up", self.ns_client, [self.python, self.proxyguard, "up",
-                                                    self.profile, "--log-level", "debug"],
-                          env={"WG_QUICK_USERSPACE_IMPLEMENTATION": "wireguard-go",
+    def run_up(self, name="pg-up", userspace="wireguard-go"):
+        """Start `proxyguard.py up PROFILE` in the client host as process `name`, wg-quick
+        forced to `userspace` (as it falls back to wireguard-go where the kernel has no
+        WireGuard module)."""
+        return self.spawn(name, self.ns_client, [self.python, self.proxyguard, "up",
+                                                 self.profile, "--log-level", "debug"],
+                          env={"WG_QUICK_USERSPACE_IMPLEMENTATION": userspace,
                                "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"})
 
     def wait_ping_to(self, index, timeout=20.0):
@@ -9559,11 +9688,15 @@ def profile_bed(tmp_path, request, servers):
     return bed
 
 
+def runtime_directories():
+    return {name for name in os.listdir("/run") if name.startswith("proxyguard-")}
+
+
 def up_runtime_file(bed):
-    """The runtime file `up` gave wg-quick (from its log line)."""
-    found = re.search(r"WireGuard up: wg-quick up (\S+)", bed.log_text("pg-up"))
+    """The runtime file the last `up` gave wg-quick (from its log line)."""
+    found = re.findall(r"WireGuard up: wg-quick up (\S+)", bed.log_text("pg-up"))
     assert found, bed.log_text("pg-up")
-    return found.group(1)
+    return found[-1]
 
 
 def assert_up_stops_cleanly(bed, runtime_file, sig=signal.SIGTERM):
@@ -9651,21 +9784,77 @@ def test_up_two_peers_in_one_profile_both_pingable_and_reconnect_without_dns(tmp
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_up_when_wg_quick_fails_exits_1_with_its_line_and_leaves_no_file(tmp_path, request):
-    """An interface of the profile's name exists already: wg-quick up refuses; up says so in
-    one line with wg-quick's own words, exits 1, and removes its runtime file."""
+def test_up_refuses_an_interface_not_its_own_and_when_wg_quick_fails_leaves_no_file(
+        tmp_path, request):
+    """An interface of the profile's name exists already, and no up of ours made it: up says
+    what to do in one line, exits 1, and writes no runtime file. Then wg-quick up itself
+    fails (its userspace WireGuard cannot run): up says so in one line with wg-quick's own
+    words, exits 1, and removes its runtime file."""
     bed = profile_bed(tmp_path, request, servers=1)
     bed.sh("ip", "link", "add", bed.wg_client, "type", "veth", "peer", "name",
            "wgd" + bed.tag, ns=bed.ns_client)  # this kernel has no dummy interfaces
+    before = runtime_directories()
     proc = bed.run_up()
     assert proc.wait(30) == 1, bed.log_text("pg-up")
     errors = [line for line in bed.log_text("pg-up").splitlines() if " ERROR " in line]
-    assert len(errors) == 1 and "wg-quick up /run/proxyguard-" in errors[0], errors
-    assert "`%s' already exists" % bed.wg_client in errors[0], errors
-    runtime_file = re.search(r"wg-quick up (\S+) failed", errors[0]).group(1)
-    assert not os.path.exists(os.path.dirname(runtime_file))
+    assert errors == [errors[0]] and errors[0].endswith(
+        "interface %s exists already, and no proxyguard.py up of this profile brought it up: "
+        "take it down first (ip link del %s; wg-quick down FILE if wg-quick brought it up from "
+        "FILE), or copy the profile to another name (the interface is named after the file)"
+        % (bed.wg_client, bed.wg_client)), errors
+    assert "wg-quick up" not in bed.log_text("pg-up")
+    assert runtime_directories() <= before
     bed.sh("ip", "link", "del", bed.wg_client, ns=bed.ns_client)
+
+    proc = bed.run_up(userspace=os.path.join(bed.workdir, "no-such-wireguard"))
+    assert proc.wait(30) == 1, bed.log_text("pg-up")
+    errors = [line for line in bed.log_text("pg-up").splitlines() if " ERROR " in line]
+    assert len(errors) == 2 and "wg-quick up /run/proxyguard-" in errors[1], errors
+    runtime_file = re.search(r"wg-quick up (\S+) failed", errors[1]).group(1)
+    assert not os.path.exists(os.path.dirname(runtime_file))
     assert bed.leftovers() == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_up_after_a_sigkill_takes_the_dead_ups_wireguard_down_and_comes_up_again(
+        tmp_path, request):
+    """up killed hard (SIGKILL: no wg-quick down) leaves its interface, routes, DNS and runtime
+    directory. While it ran, a second up of the profile was refused in one line naming its pid;
+    once it is gone, the next up says in one line that it takes the dead one's WireGuard down
+    (with its runtime file), removes its directory, comes up (the ping answers again), and after
+    SIGTERM nothing is left."""
+    bed = profile_bed(tmp_path, request, servers=1)
+    first = bed.run_up()
+    assert bed.wait_ping_to(0, timeout=20) is not None, bed.log_text("pg-up") + bed.diagnose()
+    runtime_file = up_runtime_file(bed)
+    with open(os.path.join(os.path.dirname(runtime_file), "owner")) as stream:
+        owner = pg.RuntimeOwner.parse(stream.read())
+    assert (owner.interface, owner.pid) == (bed.wg_client, first.pid), owner
+
+    second = bed.run_up("pg-up2")
+    assert second.wait(30) == 1, bed.log_text("pg-up2")
+    errors = [line for line in bed.log_text("pg-up2").splitlines() if " ERROR " in line]
+    assert errors == [errors[0]] and errors[0].endswith(
+        "%s is up already, by proxyguard.py up (pid %d), which still runs: stop that one first "
+        "(kill %d)" % (bed.wg_client, first.pid, first.pid)), errors
+    assert bed.wait_ping_to(0, timeout=5) is not None  # the refusal changed nothing
+
+    bed.send_signal("pg-up", signal.SIGKILL)
+    assert bed.wg_client in bed.sh("ip", "link", "show", ns=bed.ns_client)  # the crash's leftovers
+    assert os.path.exists(runtime_file) and "nameserver 10.214.7.2" in bed.resolv_conf()
+
+    bed.run_up()
+    bed.wait_log("pg-up", "WireGuard up: wg-quick up", count=2, timeout=30)
+    assert bed.wait_ping_to(0, timeout=20) is not None, bed.log_text("pg-up") + bed.diagnose()
+    log_text = bed.log_text("pg-up")
+    taken_down = ("%s was left up by an earlier up (pid %d) that ended without taking it down: "
+                  "taken down (wg-quick down %s), its runtime directory removed"
+                  % (bed.wg_client, first.pid, runtime_file))
+    assert log_text.count(taken_down) == 1, log_text
+    assert not os.path.exists(os.path.dirname(runtime_file))
+    assert up_runtime_file(bed) != runtime_file
+    assert_up_stops_cleanly(bed, up_runtime_file(bed))
 
 
 def test_peer_log_names_prefix_only_the_threads_speaking_for_a_peer(caplog):
