@@ -5374,7 +5374,7 @@ class MetricsEndpoint:
 # Signals: SIGINT, SIGTERM and SIGHUP are blocked from before the service starts, in every
 # thread, and one thread takes them with sigwait: a signal caught by any other thread would only
 # be flagged for a main thread asleep in a lock, and never acted on. SIGHUP reads the options
-# again and reloads the log level and TLS files; tunnels go on. SIGUSR1 logs a line per open
+# again and reloads the log level, TLS files and the server's routes; tunnels go on. SIGUSR1 logs a line per open
 # tunnel (`dump_tunnels`).
 # systemd (all optional, standard library): under Type=notify a `SystemdNotifier` (decisions on
 # a clock; only its send touches NOTIFY_SOCKET) says READY=1 once the service's socket is bound,
@@ -6156,7 +6156,8 @@ def build_parser(command_line_only=False, help_mode=None):
     add("--route", action="append", metavar="PATH=HOST:PORT",
         help="upgrades at PATH and below it go to the WireGuard at HOST:PORT (one server for "
              "several nodes); repeat it, or commas in a file or variable; the longest PATH "
-             "wins; other paths get 404 unless --to is given (then --to under --path)")
+             "wins; other paths get 404 unless --to is given (then --to under --path); "
+             "reloaded on SIGHUP")
     add("--health-path", metavar="PATH", help="answer a GET of PATH with 200, or 503 when "
         "--max-clients are open, for a load balancer's health check, /proxyguard-health say "
         "(default: off; any path may take a tunnel, as the original)")
