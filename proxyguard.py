@@ -1956,8 +1956,23 @@ class RouteTable:
 
     def names(self):
         """Every route's name, the fallback's last (the metrics' label values)."""
-        return [path for path, _ in self.routes] + (
-            [DEFAULT_ROUTE] if self.fallback is not None else [])
+        return list(self.entries())
+
+    def entries(self):
+        """{route name: (target, path limit)}, in names() order: a route's limit is its name,
+        the fallback's is `fallback_path` (None: every path)."""
+        entries = {path: (target, path) for path, target in self.routes}
+        if self.fallback is not None:
+            entries[DEFAULT_ROUTE] = (self.fallback, self.fallback_path)
+        return entries
+
+    def changes(self, new):
+        """What the table `new` changes from this one (a SIGHUP's): the names of the routes
+        (added, removed, changed), a changed one going to another target or path limit."""
+        old, now = self.entries(), new.entries()
+        return ([name for name in now if name not in old],
+                [name for name in old if name not in now],
+                [name for name in now if name in old and now[name] != old[name]])
 
 
 def cpu_times(text, ticks):
@@ -3632,11 +3647,13 @@ class Tunnel:
             text += ", %s dropped" % plural(self.oversized, "oversized frame")
         return text
 
-    def status_line(self):
-        """One line for SIGUSR1: the summary and the last data each way."""
+    def status_line(self, show_route=False):
+        """One line for SIGUSR1: the route taken (`show_route`: the server's, with --route),
+        the summary and the last data each way."""
         now = self.idle.clock()
-        return "%s; last data from the peer %.1fs ago, to the peer %.1fs ago" % (
-            self.summary(), now - self.idle.last_received, now - self.idle.last_sent)
+        return "%s%s; last data from the peer %.1fs ago, to the peer %.1fs ago" % (
+            "route=%s, " % self.route if show_route else "", self.summary(),
+            now - self.idle.last_received, now - self.idle.last_sent)
 
     def _pump(self, relay):
         """The UDP pump's thread: run `relay`, then close the tunnel with its reason."""
@@ -3815,8 +3832,8 @@ class Service:
         """True while the service can do its work: the watchdog's WATCHDOG=1 is sent only then."""
 
     def reload(self, options):
-        """SIGHUP: take what can change while tunnels run (TLS files) from the re-read `options`
-        for new connections; return the names of what was reloaded, for the log line. Raises
+        """SIGHUP: take what can change while tunnels run (TLS files, the server's routes) from
+        the re-read `options` for new connections; return the names of what was reloaded, for the log line. Raises
         FatalError (logged) and keeps the old settings if the new ones are bad."""
 
     def metrics(self):
@@ -3824,6 +3841,22 @@ class Service:
 
     def dump_tunnels(self):
         """SIGUSR1: log a line per open tunnel."""
+
+
+def resolve_route_table(routes, wireguard, path):
+    """The server's RouteTable from its options: each --route's (PATH, (host, port)) and
+    --to's (host, port) (`wireguard`, None with routes alone) resolved once, --to's taking the
+    paths under `path` (--path). At start and on SIGHUP; raises FatalError naming the option."""
+    fallback = _resolve_udp(wireguard, "--to") if wireguard else None
+    return RouteTable([(prefix, _resolve_udp(target, "--route %s" % prefix))
+                       for prefix, target in routes], fallback=fallback, fallback_path=path)
+
+
+def describe_route(table, name):
+    """A route of `table` in a line: "/pg/node1 to 10.0.0.1:51820", "default to ... under /pg"."""
+    target, limit = table.entries()[name]
+    return "%s to %s%s" % (name, format_address(target[0]),
+                           " under %s" % limit if name == DEFAULT_ROUTE and limit else "")
 
 
 class Connection:
@@ -3854,19 +3887,20 @@ class Server(Service):
                  path=None, routes=None, health_path=None, tunnels_changed=None):
         self.listener = listener
         self.address = listener.getsockname() if listener is not None else None
-        self.wireguard_address = wireguard_address
-        self.wireguard_family = wireguard_family
         self.idle_timeout = idle_timeout
         self.handshake_timeout = handshake_timeout
         self.tls_context = tls_context  # replaced by a SIGHUP reload for new connections
         self.trusted_proxies = list(trusted_proxies)
         self.max_clients = max_clients
-        self.path = path  # the path prefix that takes upgrades (None: every path)
-        # Which WireGuard each path goes to: --route's, else every path (under --path) to
-        # wireguard_address. Targets: (sockaddr, family).
+        # Which WireGuard each path goes to: --route's, else every path under `path` (None:
+        # every path) to wireguard_address. Targets: (sockaddr, family). A SIGHUP replaces the
+        # table whole (one attribute: a handshake reads the old one or the new one).
         self.routes = routes or RouteTable(fallback=(wireguard_address, wireguard_family),
                                            fallback_path=path)
-        self.routed = bool(self.routes.routes)  # the log lines and metrics name the route
+        # Routes in use at some time in this process's life: the log lines, SIGUSR1's lines
+        # and the metrics name the route (so a SIGHUP that removes every --route does not
+        # hide the series of tunnels still open on them).
+        self.routed = bool(self.routes.routes)
         self.health_path = health_path  # a GET here gets health_answer, never a tunnel
         self._stopping = False
         self._serving = False
@@ -3888,34 +3922,30 @@ class Server(Service):
         """Resolve WireGuard's address (`wireguard`, None with routes alone) and each route's
         ((path, (host, port)) pairs), and listen on `listen`, or take the listening socket
         systemd passed (socket activation); raises FatalError."""
-        address, family = _resolve_udp(wireguard, "--to") if wireguard else (None, None)
-        if routes:
-            options["routes"] = RouteTable(
-                [(path, _resolve_udp(target, "--route %s" % path)) for path, target in routes],
-                fallback=(address, family) if wireguard else None,
-                fallback_path=options.get("path"))
+        table = resolve_route_table(routes, wireguard, options.get("path"))
         listener = systemd_listener(environ)
         if listener is None:
             listener = open_listener(listen)
         else:
             log.info("listening socket %s from systemd (LISTEN_FDS); --listen is not used",
                      format_address(listener.getsockname()))
-        return cls(listener, address, family, **options)
+        return cls(listener, *(table.fallback or (None, None)), routes=table, **options)
 
     def serve_forever(self):
         scope = _listen_scope(self.listener)
-        if self.routed:
+        table = self.routes
+        fallback = table.fallback and format_address(table.fallback[0])
+        under = " under %s" % table.fallback_path if table.fallback_path else ""
+        if table.routes:
             where = "routes %s%s" % (", ".join(
                 "%s to WireGuard at %s" % (path, format_address(target[0]))
-                for path, target in self.routes.routes), (
-                "; other paths%s to WireGuard at %s" % (
-                    " under %s" % self.path if self.path else "",
-                    format_address(self.wireguard_address))
-                if self.routes.fallback else "; 404 at other paths"))
+                for path, target in table.routes), (
+                "; other paths%s to WireGuard at %s" % (under, fallback)
+                if fallback else "; 404 at other paths"))
         else:
             where = "%sforwarding to WireGuard at %s" % (
-                "upgrades at %s only, " % self.path if self.path else "",
-                format_address(self.wireguard_address))
+                "upgrades at %s only, " % table.fallback_path if table.fallback_path else "",
+                fallback)
         log.info("server listening on %s (%s%s), %s",
                  format_address(self.address), "https" if self.tls_context else "http",
                  "; " + scope if scope else "", where)
@@ -4137,12 +4167,32 @@ class Server(Service):
         return True
 
     def reload(self, options):
-        """SIGHUP: load the certificate files again for new connections; open tunnels go on.
-        Returns what was reloaded; raises FatalError, keeping the old certificate."""
-        if self.tls_context is None:
-            return []
-        self.tls_context = server_tls_context(options.tls_cert, options.tls_key)
-        return ["certificate %s" % options.tls_cert]
+        """SIGHUP, for new connections: load the certificate files again, and take the routes
+        (--route, --to under --path) anew, every target resolved again. Open tunnels go on to
+        the WireGuard they have (their UDP socket is connected). Returns what was reloaded;
+        raises FatalError, keeping every running setting, if anything fails to load."""
+        if options.mode != "server":  # the file's `mode =` changed: --route means nothing now
+            raise FatalError("--mode %s: the server takes another mode on restart only"
+                             % options.mode)
+        context = self.tls_context and server_tls_context(options.tls_cert, options.tls_key)
+        table = resolve_route_table(options.route, options.wireguard, options.path)
+        done = ["certificate %s" % options.tls_cert] if context else []
+        self.tls_context = context
+        return done + self._take_routes(table)
+
+    def _take_routes(self, table):
+        """Route new handshakes by `table`; return what changed, as a reload names it."""
+        with self._lock:
+            old = self.routes
+            for name in table.names():  # its series exist before a tunnel can take the route
+                self.route_tunnels_opened.setdefault(name, 0)
+            self.routes = table
+            self.routed = self.routed or bool(table.routes)
+        added, removed, changed = old.changes(table)
+        words = (["added %s" % describe_route(table, name) for name in added]
+                 + ["removed %s" % name for name in removed]
+                 + ["changed %s" % describe_route(table, name) for name in changed])
+        return ["routes (%s)" % ", ".join(words)] if words else []
 
     def metrics(self):
         """The server's metrics now (Metric objects), for the metrics page."""
@@ -4177,7 +4227,10 @@ class Server(Service):
         ]
 
     def _route_metrics(self, tunnels, route_opened):
-        """With --route: tunnels open and opened by route (its PATH, or `default` for --to)."""
+        """With --route: tunnels open and opened by route (its PATH, or `default` for --to).
+        A route a SIGHUP removed keeps both series until the restart: tunnels may still be
+        open on it (the gauge counts them down), and a counter that vanished and came back
+        with the route would read as a reset. The names are the operator's, so few."""
         if not self.routed:
             return []
         open_now = Metric("proxyguard_server_route_tunnels_open", "gauge",
@@ -4196,7 +4249,8 @@ class Server(Service):
                        if connection.tunnel is not None]
         log.info("SIGUSR1: %s open", plural(len(tunnels), "tunnel"))
         for tunnel in tunnels:
-            log.info("SIGUSR1: tunnel %s: %s", tunnel.peer, tunnel.status_line())
+            log.info("SIGUSR1: tunnel %s: %s", tunnel.peer,
+                     tunnel.status_line(show_route=self.routed))
 
 
 # =============================================================================================
@@ -5529,7 +5583,7 @@ class MetricsEndpoint:
 # Signals: SIGINT, SIGTERM and SIGHUP are blocked from before the service starts, in every
 # thread, and one thread takes them with sigwait: a signal caught by any other thread would only
 # be flagged for a main thread asleep in a lock, and never acted on. SIGHUP reads the options
-# again and reloads the log level and TLS files; tunnels go on. SIGUSR1 logs a line per open
+# again and reloads the log level, TLS files and the server's routes; tunnels go on. SIGUSR1 logs a line per open
 # tunnel (`dump_tunnels`).
 # systemd (all optional, standard library): under Type=notify a `SystemdNotifier` (decisions on
 # a clock; only its send touches NOTIFY_SOCKET) says READY=1 once the service's socket is bound,
@@ -5925,8 +5979,8 @@ def _run_until_signal(service, reload=None, notifier=None, tunnels_changed=None)
 
 def _reload_settings(service, argv, program=None):
     """SIGHUP: read the options again (the config file may have changed) and apply what can
-    change under running tunnels: the log level and the TLS files. Logs one line; on any error
-    the running settings stay."""
+    change under running tunnels: the log level, the TLS files and the server's routes. Logs
+    one line; on any error the running settings stay."""
     try:
         options = parse_options(argv, program=program)
         done = service.reload(options)
@@ -6309,7 +6363,8 @@ def build_parser(command_line_only=False, help_mode=None):
     add("--route", action="append", metavar="PATH=HOST:PORT",
         help="upgrades at PATH and below it go to the WireGuard at HOST:PORT (one server for "
              "several nodes); repeat it, or commas in a file or variable; the longest PATH "
-             "wins; other paths get 404 unless --to is given (then --to under --path)")
+             "wins; other paths get 404 unless --to is given (then --to under --path); "
+             "reloaded on SIGHUP")
     add("--health-path", metavar="PATH", help="answer a GET of PATH with 200, or 503 when "
         "--max-clients are open, for a load balancer's health check, /proxyguard-health say "
         "(default: off; any path may take a tunnel, as the original)")

@@ -2711,6 +2711,146 @@ def test_routes_send_each_path_to_its_wireguard_over_both_transports(tmp_path, p
             echo.close()
 
 
+def test_route_table_changes_name_added_removed_and_changed_routes():
+    """What a SIGHUP's new table changes: routes by name, --to's as `default`, which changes
+    with its target or its --path as well."""
+    old = pg.RouteTable([("/a", "wg-a"), ("/b", "wg-b"), ("/c", "wg-c")], fallback="wg")
+    new = pg.RouteTable([("/c", "wg-c2"), ("/d", "wg-d"), ("/a", "wg-a")], fallback="wg",
+                        fallback_path="/pg")
+    assert old.changes(new) == (["/d"], ["/b"], ["/c", pg.DEFAULT_ROUTE])
+    assert new.changes(new) == ([], [], [])
+    assert old.changes(pg.RouteTable([("/a", "wg-a")])) == ([], ["/b", "/c", pg.DEFAULT_ROUTE],
+                                                            [])
+    assert new.entries()[pg.DEFAULT_ROUTE] == ("wg", "/pg")
+
+
+def test_server_reload_takes_new_routes_or_keeps_the_running_ones():
+    """Server.reload with re-read options (no socket: the targets are addresses): the table
+    is replaced and the change named; a bad one (unresolvable, another mode) raises and the
+    running table stays. A removed route keeps its metric series, a new one gets them."""
+    def options(*args):
+        return pg.parse_options(["server"] + list(args), {})
+
+    table = pg.resolve_route_table([("/a", (LOOPBACK, 1)), ("/b", (LOOPBACK, 2))], None, None)
+    server = pg.Server(None, None, None, routes=table)
+    assert server.reload(options("--route", "/a=127.0.0.1:1", "--route", "/b=127.0.0.1:2")) == []
+    assert server.reload(options("--route", "/b=127.0.0.1:3", "--route", "/c=127.0.0.1:4",
+                                 "--to", "127.0.0.1:9", "--path", "/pg")) == [
+        "routes (added /c to 127.0.0.1:4, added default to 127.0.0.1:9 under /pg, removed /a, "
+        "changed /b to 127.0.0.1:3)"]
+    assert server.routes.find("/b/x") == ("/b", (("127.0.0.1", 3), socket.AF_INET))
+    assert server.routes.find("/pg/x")[0] == pg.DEFAULT_ROUTE
+    with pytest.raises(pg.HandshakeError):
+        server.routes.find("/a")
+    running = server.routes
+    for bad in (options("--route", "/b=nonexistent.invalid:3"),
+                pg.parse_options(["client", "--to", "http://127.0.0.1:1/"], {})):
+        with pytest.raises(pg.FatalError):
+            server.reload(bad)
+        assert server.routes is running
+    samples = parse_metrics(pg.render_metrics(server.metrics()).decode())
+    assert {dict(labels)["route"] for name, labels in samples
+            if name == "proxyguard_server_route_tunnels_opened_total"} == {
+        "/a", "/b", "/c", pg.DEFAULT_ROUTE}
+    # Back to --to alone: new tunnels' lines and the metrics still name the route (default).
+    assert server.reload(options("--to", "127.0.0.1:9")) == [
+        "routes (removed /b, removed /c, changed default to 127.0.0.1:9)"]
+    assert server.routed and server.routes.find("/x")[0] == pg.DEFAULT_ROUTE
+
+
+def test_sighup_on_a_plain_server_takes_a_new_to():
+    """Without --route, --to (and --path) is the table's fallback, and reloads the same way."""
+    server = pg.Server(None, (LOOPBACK, 9))
+    assert server.reload(pg.parse_options(["server", "--to", "127.0.0.1:9"], {})) == []
+    assert server.reload(pg.parse_options(["server", "--to", "127.0.0.1:10"], {})) == [
+        "routes (changed default to 127.0.0.1:10)"]
+    assert not server.routed and server.routes.find("/")[1][0] == ("127.0.0.1", 10)
+
+
+@pytest.mark.timeout(120)
+def test_sighup_adds_and_removes_routes_and_open_tunnels_keep_their_wireguard(tmp_path, procs):
+    """The operator adds a node and removes one in the config file, then SIGHUP: the new
+    path takes tunnels, the removed one answers 404 to new handshakes while the tunnel open on
+    it goes on carrying datagrams to its WireGuard; SIGUSR1 names each tunnel's route; a bad
+    route (unresolvable, or no port) keeps the running table with one error line; the
+    removed route's series stay on the metrics page."""
+    node1, node2, node3 = UdpEcho(), UdpEcho(), UdpEcho()
+    try:
+        port, metrics_port = free_port(), free_port()
+        config = tmp_path / "server.conf"
+
+        def configure(*routes):
+            config.write_text("mode = server\nlisten = %s:%d\nmetrics-listen = %s:%d\n"
+                              "route = [%s]\n" % (LOOPBACK, port, LOOPBACK, metrics_port,
+                                                  ", ".join(routes)))
+
+        def reload(words):
+            errors = server.log().count(" ERROR ")
+            server.popen.send_signal(signal.SIGHUP)
+            server.wait_log(words)
+            return server.log().count(" ERROR ") - errors
+
+        def route(path, echo):
+            return "%s=%s:%d" % (path, LOOPBACK, echo.port)
+
+        configure(route("/pg/node1", node1), route("/pg/node2", node2))
+        server = Proc(tmp_path, ["-c", str(config)], name="server")
+        procs.append(server)
+        old = start_client(tmp_path, "http://%s:%d/pg/node2" % (LOOPBACK, port), name="old")
+        procs.append(old)
+        ping(old, 0)
+        assert node2.count == 1
+        configure(route("/pg/node1", node1), route("/pg/node3", node3))
+        assert reload("SIGHUP: reloaded") == 0
+        assert ("SIGHUP: reloaded routes (added /pg/node3 to 127.0.0.1:%d, removed /pg/node2); "
+                "other options change on restart" % node3.port) in server.log()
+        for websocket in (False, True):
+            assert raw_upgrade_status(port, "/pg/node2", websocket) == "404"
+            assert raw_upgrade_status(port, "/pg/node3", websocket) == "101"
+        new = start_client(tmp_path, "ws://%s:%d/pg/node3" % (LOOPBACK, port), name="new")
+        procs.append(new)
+        ping(new, 1)
+        ping(old, 2)
+        assert (node1.count, node2.count) == (0, 2), "the open tunnel keeps its WireGuard"
+        assert node3.count == 1 and old.log().count("tunnel up") == 1
+        server.popen.send_signal(signal.SIGUSR1)
+        for path in ("/pg/node2", "/pg/node3"):  # the lines come in no set order
+            server.wait_log("route=%s, " % path)
+        dumped = [line for line in server.log().splitlines() if "SIGUSR1: tunnel " in line]
+        assert sum(bool(re.search(r"SIGUSR1: tunnel 127\.0\.0\.1:\d+: route=/pg/node2, "
+                                  r"\d+\.\ds, 2 datagrams/", line)) for line in dumped) == 1, \
+            dumped
+
+        for bad, words in ((route("/pg/node4", node1).replace(LOOPBACK, "nonexistent.invalid"),
+                            "--route /pg/node4 nonexistent.invalid:%d: cannot resolve"
+                            % node1.port),
+                           ("/pg/node4=%s" % LOOPBACK, "--route /pg/node4 '127.0.0.1': "
+                            "expected HOST:PORT")):
+            configure(route("/pg/node1", node1), bad)
+            assert reload(words) == 1, server.log()
+            assert "SIGHUP: reload failed, the running settings stay: " in server.log()
+            for path, status in (("/pg/node3", "101"), ("/pg/node4", "404"),
+                                 ("/pg/node2", "404")):
+                assert raw_upgrade_status(port, path, True) == status, (bad, path)
+        assert server.log().count("SIGHUP: reloaded") == 1
+
+        samples = parse_metrics(scrape(metrics_port)[2])
+        opened, open_now = ("proxyguard_server_route_tunnels_%s" % kind
+                            for kind in ("opened_total", "open"))
+        assert samples[(opened, (("route", "/pg/node3"),))] == 5  # 2 + 2 raw, the new client
+        assert samples[(opened, (("route", "/pg/node2"),))] == 1
+        assert samples[(open_now, (("route", "/pg/node2"),))] == 1, "the old tunnel lives on"
+        assert old.stop() == 0
+        server.wait_log(", route /pg/node2 to 127.0.0.1:%d after " % node2.port)
+        samples = parse_metrics(scrape(metrics_port)[2])
+        assert samples[(open_now, (("route", "/pg/node2"),))] == 0
+        assert samples[(opened, (("route", "/pg/node2"),))] == 1
+        assert new.stop() == 0 and server.stop() == 0
+    finally:
+        for echo in (node1, node2, node3):
+            echo.close()
+
+
 # =============================================================================================
 # The server's answers to bad requests
 # =============================================================================================
