@@ -3833,8 +3833,9 @@ class Service:
 
     def reload(self, options):
         """SIGHUP: take what can change while tunnels run (TLS files, the server's routes) from
-        the re-read `options` for new connections; return the names of what was reloaded, for the log line. Raises
-        FatalError (logged) and keeps the old settings if the new ones are bad."""
+        the re-read `options` for new connections; return the names of what was reloaded, for
+        the log line. Raises FatalError (logged) and keeps the old settings if the new ones are
+        bad."""
 
     def metrics(self):
         """What the service counts, as a list of Metric for render_metrics; read per scrape."""
@@ -5583,8 +5584,8 @@ class MetricsEndpoint:
 # Signals: SIGINT, SIGTERM and SIGHUP are blocked from before the service starts, in every
 # thread, and one thread takes them with sigwait: a signal caught by any other thread would only
 # be flagged for a main thread asleep in a lock, and never acted on. SIGHUP reads the options
-# again and reloads the log level, TLS files and the server's routes; tunnels go on. SIGUSR1 logs a line per open
-# tunnel (`dump_tunnels`).
+# again and reloads the log level, TLS files and the server's routes; tunnels go on. SIGUSR1
+# logs a line per open tunnel (`dump_tunnels`).
 # systemd (all optional, standard library): under Type=notify a `SystemdNotifier` (decisions on
 # a clock; only its send touches NOTIFY_SOCKET) says READY=1 once the service's socket is bound,
 # STATUS= when its tunnels change (the service calls the `tunnels_changed` it was built with),
