@@ -3442,6 +3442,10 @@ class Tunnel:
         self.greeting = greeting
         self.unsent = unsent
         self.close_reason = None
+        # The reason the calling thread's pump stopped on, kept while it waits for its lane:
+        # the UDP pump, still running, may meanwhile fail on the connection the peer closed
+        # ("broken pipe"), and that consequence must not become the tunnel's reason.
+        self._stopped_on = None
         self.route = route  # the server's: the RouteTable name of the route it took
         self.went_idle = False  # closed by our own idle timeout: a normal end, not a failure
         self.path_down = False  # the kernel gave up on unacknowledged data (TCP_USER_TIMEOUT)
@@ -3464,13 +3468,14 @@ class Tunnel:
     _tunnel_numbers = itertools.count()
 
     def close(self, reason, code=CLOSE_NORMAL):
-        """Stop both pumps (idempotent, any thread); the first reason given is kept. Over
-        WebSocket, a close frame with `code` goes first if it can without waiting (1001 when
-        shutting down): a front then sees an orderly end."""
+        """Stop both pumps (idempotent, any thread); the first reason found is kept: the
+        calling thread's pump's if it stopped before and waits for its lane, else the first
+        given. Over WebSocket, a close frame with `code` goes first if it can without waiting
+        (1001 when shutting down): a front then sees an orderly end."""
         with self._close_lock:
             if self.close_reason is not None:
                 return
-            self.close_reason = reason
+            self.close_reason = self._stopped_on or reason
         if self.framing.control and not self._close_sent and self._write_lock.acquire(False):
             try:
                 self._close_sent = True
@@ -3509,7 +3514,7 @@ class Tunnel:
                                       name="udp->tcp %s" % self.peer, daemon=True)
             thread.start()
             udp_thread = thread
-            reason = self._relay(self.relay_tcp_to_udp)
+            reason = self._stopped_on = self._relay(self.relay_tcp_to_udp)
             if self._teardown_lane.acquire(timeout=TEARDOWN_LANE_WAIT):
                 lane = self._teardown_lane
             self.close(reason)

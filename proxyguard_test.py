@@ -787,6 +787,27 @@ def test_an_ended_tunnel_closes_only_in_its_teardown_lane(monkeypatch):
         wireguard.close()
 
 
+def test_a_peers_close_stays_the_reason_when_the_udp_pump_errs_while_the_lane_is_busy(
+        monkeypatch):
+    """The peer closes; its tunnel's TCP pump, which found that, waits for its lane while a
+    datagram makes the UDP pump write to the closed connection (broken pipe): the reason the
+    first pump to stop found is the tunnel's, not that consequence of it."""
+    lane = WatchedLane()
+    monkeypatch.setattr(pg.Tunnel, "_teardown_lanes", [lane] * pg.TEARDOWN_LANES)
+    tunnel, ours, wireguard = pump_tunnel()
+    thread, result = run_in_thread(tunnel)
+    try:
+        with lane.lock:
+            ours.close()
+            assert lane.asked.wait(5)
+            wireguard.sendto(b"into a closed connection", tunnel.endpoint.sock.getsockname())
+            wait_until(lambda: tunnel.close_reason is not None, 5, "the UDP pump's error")
+        thread.join(5)
+        assert result == ["closed by peer"]
+    finally:
+        wireguard.close()
+
+
 def test_a_tunnel_waits_for_a_busy_teardown_lane_at_most_teardown_lane_wait(monkeypatch):
     """A teardown that hangs holds up the others of its lane for TEARDOWN_LANE_WAIT only."""
     lane = WatchedLane()
