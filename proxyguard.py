@@ -5975,8 +5975,11 @@ def help_text(help_mode):
                              subsequent_indent=" " * 10) for mode in MODES]
         example = MODE_EXAMPLES["client"]
     else:
-        usage = ("%%(prog)s %s [options]\n       %%(prog)s -c FILE [options]  (the file "
-                 "says mode = %s)" % (help_mode, help_mode))
+        if help_mode == _program_mode(program_name()):  # proxyguard-client: its name says it
+            usage = "%(prog)s [options]\n       %(prog)s -c FILE [options]"
+        else:
+            usage = ("%%(prog)s %s [options]\n       %%(prog)s -c FILE [options]  (the file "
+                     "says mode = %s)" % (help_mode, help_mode))
         description = [fill("%s: %s." % (help_mode, MODE_DESCRIPTIONS.get(help_mode, "")))]
         if help_mode != _options_mode(help_mode):
             description.append(fill("It takes the %s's options, so a %s's config file works "
@@ -6153,6 +6156,9 @@ class Source:
 # translated before parsing, so --help shows only ours.
 ORIGINAL_FLAGS = ("listen", "to", "listen-port", "forward-port", "peer-ips", "fwmark",
                   "tcp-port", "version")
+# Go's flag package answers -h and -help (one dash or two, with any =value: flag.go's parseOne)
+# with the usage and exit status 0: ours is --help, that mode's (the program name's) help.
+ORIGINAL_HELP_FLAGS = ("h", "help")
 
 # The original's program names (our console scripts, or a link to proxyguard.py) give the mode.
 PROGRAM_MODES = {"proxyguard-client": "client", "proxyguard-server": "server"}
@@ -6160,13 +6166,16 @@ PROGRAM_MODES = {"proxyguard-client": "client", "proxyguard-server": "server"}
 
 def translate_original_flags(argv):
     """The original's single-dash flags in `argv` as ours (-to X: --to X, -to=X: --to=X,
-    -version=true: --version); anything else, and all after `--`, as given."""
+    -version=true: --version), its help flags as --help (-help, --h, -h=1); anything else,
+    and all after `--`, as given."""
     translated = []
     for index, arg in enumerate(argv):
         if arg == "--":
             return translated + list(argv[index:])
         name, sep, value = arg[1:].partition("=")
-        if arg.startswith("-") and not arg.startswith("--") and name in ORIGINAL_FLAGS:
+        if arg.startswith("-") and name.lstrip("-") in ORIGINAL_HELP_FLAGS:
+            arg = "--help"
+        elif arg.startswith("-") and not arg.startswith("--") and name in ORIGINAL_FLAGS:
             if name == "version" and sep:  # Go's bool flag: -version=true or =false
                 if value.lower() in ("false", "0", "f"):
                     continue
@@ -6351,8 +6360,9 @@ def parse_options(argv, environ=None, program=None):
         except UsageError as exc:
             raise UsageError(_explain_parse_error(str(exc), names, {}))
         asks = any(arg in ("-h", "--help", "--version") for arg in argv)
-        if any(arg in ("-h", "--help") for arg in argv) and getattr(given, "mode", None):
-            parser = build_parser(help_mode=given.mode)  # that mode's options alone
+        help_mode = getattr(given, "mode", None) or _program_mode(program)
+        if any(arg in ("-h", "--help") for arg in argv) and help_mode:
+            parser = build_parser(help_mode=help_mode)  # that mode's options alone
         path = getattr(given, "config", None)
         if configargparse is None and (env_settings or path is not None):
             used = sorted(_env_name(source.key) for source in env_settings.values())

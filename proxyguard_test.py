@@ -7201,8 +7201,10 @@ ORIGINAL_SYSTEMD = os.path.join(GO_SOURCE, "systemd")
      ["--to=http://x", "--listen-port=5", "--forward-port", "6", "--peer-ips", "::1",
       "--fwmark", "-1", "--tcp-port", "0"]),
     (["-version"], ["--version"]), (["-version=true"], ["--version"]), (["-version=false"], []),
-    (["--to", "x", "-c", "f", "-h", "-x", "--", "-to"], ["--to", "x", "-c", "f", "-h", "-x",
+    (["--to", "x", "-c", "f", "-h", "-x", "--", "-to"], ["--to", "x", "-c", "f", "--help", "-x",
                                                          "--", "-to"]),
+    (["-help"], ["--help"]), (["--h"], ["--help"]), (["-h=1"], ["--help"]),
+    (["-help=false"], ["--help"]), (["--help"], ["--help"]), (["-hx"], ["-hx"]),
 ])
 def test_the_originals_single_dash_flags_are_translated_to_ours(argv, want):
     assert pg.translate_original_flags(argv) == want
@@ -7225,6 +7227,27 @@ def test_the_originals_flags_work_and_stay_out_of_help():
     help_text = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True,
                                text=True, timeout=30).stdout
     assert not re.search(r"(^|[\s,\[])-(to|listen|fwmark|version)\b", help_text), help_text
+
+
+@pytest.mark.parametrize("program,args,usage,mode", [
+    ("proxyguard-client", ["-help"], "proxyguard-client [options]", "client"),
+    ("proxyguard-server", ["-h"], "proxyguard-server [options]", "server"),
+    ("proxyguard-client", ["check", "-help"], "proxyguard-client check [options]", "check"),
+    ("proxyguard.py", ["server", "-help"], "proxyguard.py server [options]", "server"),
+])
+def test_the_originals_help_flag_shows_that_modes_help(tmp_path, program, args, usage, mode):
+    """Go's flag package answers -help and -h with the usage, exit status 0: ours shows the
+    help of the mode the program name (or the mode word) gives, that mode's options alone."""
+    link = tmp_path / program
+    link.symlink_to(SCRIPT)
+    result = subprocess.run([sys.executable, str(link)] + args, capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0 and not result.stderr, result
+    assert result.stdout.startswith("usage: %s\n" % usage), result.stdout
+    assert "\n%s: %s" % (mode, pg.MODE_DESCRIPTIONS[mode][:20]) in result.stdout
+    shown, hidden = ("--max-clients", "--listen-port") if mode == "server" else (
+        "--listen-port", "--max-clients")
+    assert shown in result.stdout and hidden not in result.stdout, result.stdout
 
 
 @pytest.mark.parametrize("program,args,words", [
