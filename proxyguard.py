@@ -33,6 +33,7 @@ import argparse
 import base64
 import collections
 import contextlib
+import contextvars
 import errno
 import functools
 import ipaddress
@@ -3416,11 +3417,13 @@ def websocket_framing(subprotocol, client_side, keepalive=0):
 class Tunnel:
     """One tunnel: a channel and a UDP endpoint joined by two pumps.
 
-    `run()` starts relay_udp_to_tcp in a new daemon thread, runs relay_tcp_to_udp in the calling
-    thread, and returns the reason once both have stopped. The first pump to stop calls
-    `close()`, which shuts the channel down and wakes the endpoint, so the other returns too;
-    the calling thread's pump first takes its teardown lane (TEARDOWN_LANES), which it holds
-    until `run()` has closed the channel and released the endpoint.
+    `run()` starts relay_udp_to_tcp in a new daemon thread (in the calling thread's context,
+    so its log lines are the caller's), runs relay_tcp_to_udp in the calling thread, and
+    returns the reason once both have stopped. The first pump to stop calls `close()`, which
+    shuts the channel down and wakes the endpoint, so the other returns too; the calling
+    thread's pump first takes its teardown lane (TEARDOWN_LANES), which it holds until `run()`
+    has closed the channel and released the endpoint. Its reason stands meanwhile: an error of
+    the UDP pump in that time is a consequence, not the tunnel's reason.
 
     `idle` (an IdleClock) decides when the tunnel is idle; both pumps feed it, with data only.
     `greeting` (the server's 101) is sent before either pump starts. `unsent` receives
@@ -3510,7 +3513,12 @@ class Tunnel:
                           _buffer_sizes(self.endpoint.sock))
             if self.greeting:  # the server's 101 goes out before any frame
                 self.channel.sendall(self.greeting)
-            thread = threading.Thread(target=self._pump, args=(self.relay_udp_to_tcp,),
+            # The UDP pump runs in a copy of this thread's context (contextvars), as
+            # asyncio.to_thread runs a function: what the caller set for its log lines (up's
+            # PeerLogNames: the peer's URL) holds for the pump's too, and the Tunnel needs to
+            # know nothing of it. Once per tunnel: nothing per packet.
+            thread = threading.Thread(target=contextvars.copy_context().run,
+                                      args=(self._pump, self.relay_udp_to_tcp),
                                       name="udp->tcp %s" % self.peer, daemon=True)
             thread.start()
             udp_thread = thread
@@ -4798,25 +4806,28 @@ def _dial_and_close(dialer):
 
 class PeerLogNames(logging.Filter):
     """Puts 'peer URL: ' before the log lines of the threads that speak for a peer (each
-    client's connector, which runs its tunnels' TCP->UDP pump too), so that with several peers
-    in one process every line says whose it is. A filter on `log`, added by ClientGroup."""
+    client's connector, which runs its tunnels' TCP->UDP pump too, and the UDP->TCP pump that
+    Tunnel.run starts in the connector's context), so that with several peers in one process
+    every line says whose it is. A filter on `log`, added by ClientGroup.
 
-    def __init__(self):
-        super().__init__()
-        self._names = {}  # thread ident -> the peer's URL
+    The name is a context variable, not a table of threads: a thread started with a copy of
+    the speaking thread's context (Tunnel.run's UDP pump) speaks for the same peer, and any
+    other thread for none. A filter runs in the thread that logs, once per line."""
+
+    _speaking_for = contextvars.ContextVar("proxyguard_peer", default=None)
 
     @contextlib.contextmanager
     def speaking_for(self, name):
-        """Lines this thread logs inside the block name peer `name`."""
-        ident = threading.get_ident()
-        self._names[ident] = str(name)
+        """Lines this thread logs inside the block, and the threads it starts there in its
+        context, name peer `name`."""
+        token = self._speaking_for.set(str(name))
         try:
             yield
         finally:
-            self._names.pop(ident, None)
+            self._speaking_for.reset(token)
 
     def filter(self, record):
-        name = self._names.get(record.thread)
+        name = self._speaking_for.get()
         if name is not None:
             # The message is formatted with its arguments later: a % in the URL stays one.
             record.msg = "peer %s: %s" % (name.replace("%", "%%") if record.args else name,

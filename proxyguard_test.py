@@ -12,6 +12,7 @@ import base64
 import collections
 import concurrent.futures
 import contextlib
+import contextvars
 import ctypes
 import errno
 import io
@@ -9337,6 +9338,32 @@ def test_two_peers_in_one_process_each_with_its_own_tunnel_port_and_backoff(
     notify_socket.wait_for("STOPPING=1")
 
 
+def test_every_line_of_a_peers_tunnel_names_the_peer_its_udp_pump_thread_too(tmp_path, echo,
+                                                                              procs):
+    """up with two peers: a peer's tunnel logs from two threads, its connector (which runs the
+    TCP->UDP pump) and the UDP->TCP pump it starts; the latter's lines (here the warning that
+    WireGuard sends from a port other than --forward-port) name the peer too."""
+    servers = [start_server(tmp_path, echo.port, name="server%d" % index) for index in range(2)]
+    procs.extend(servers)
+    urls = ["http://%s:%d/pg%d" % (LOOPBACK, server.port, index)
+            for index, server in enumerate(servers)]
+    wireguard = WireGuardStandIn()  # --forward-port; the datagrams come from elsewhere
+    written = tmp_path / "wg.conf"
+    up = Proc(tmp_path, ["up", str(two_peer_profile(tmp_path, urls)), "--write-config",
+                         str(written), "--forward-port", str(wireguard.port)],
+              ready="written to", name="up", env=no_proxy_env())
+    procs.append(up)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as elsewhere:
+        elsewhere.bind((LOOPBACK, 0))
+        source = "%s:%d" % elsewhere.getsockname()
+        for url, port in zip(urls, endpoint_ports(written.read_text())):
+            elsewhere.sendto(b"from elsewhere", (LOOPBACK, port))
+            assert wireguard.recv() == b"from elsewhere"  # echoed, to --forward-port
+            up.wait_log("peer %s: datagrams arrive from %s, but replies go to " % (url, source))
+    assert up.log().count("datagrams arrive from %s" % source) == 2, up.log()
+    assert up.stop() == 0
+
+
 def threads_cpus(pid):
     """Each thread's Cpus_allowed_list (/proc/PID/task/TID/status: "1", "0-1"...)."""
     lists = []
@@ -9722,12 +9749,16 @@ def test_peer_log_names_prefix_only_the_threads_speaking_for_a_peer(caplog):
                 other = threading.Thread(target=pg.log.info, args=("another thread",))
                 other.start()
                 other.join()
+                started = threading.Thread(target=contextvars.copy_context().run,
+                                           args=(pg.log.info, "a thread in its context"))
+                started.start()  # as Tunnel.run starts its UDP pump
+                started.join()
             pg.log.info("after the block")
     finally:
         pg.log.removeFilter(names)
     assert [record.getMessage() for record in caplog.records] == [
         "peer http://a/100%25: tunnel up: x", "peer http://a/100%25: no arguments, 100%",
-        "another thread", "after the block"]
+        "another thread", "peer http://a/100%25: a thread in its context", "after the block"]
 
 
 def test_bench_peers_profile_goes_through_up_and_its_ports_come_back_in_peer_order():
