@@ -33,6 +33,7 @@ import argparse
 import base64
 import collections
 import contextlib
+import contextvars
 import errno
 import functools
 import ipaddress
@@ -3525,11 +3526,13 @@ def websocket_framing(subprotocol, client_side, keepalive=0):
 class Tunnel:
     """One tunnel: a channel and a UDP endpoint joined by two pumps.
 
-    `run()` starts relay_udp_to_tcp in a new daemon thread, runs relay_tcp_to_udp in the calling
-    thread, and returns the reason once both have stopped. The first pump to stop calls
-    `close()`, which shuts the channel down and wakes the endpoint, so the other returns too;
-    the calling thread's pump first takes its teardown lane (TEARDOWN_LANES), which it holds
-    until `run()` has closed the channel and released the endpoint.
+    `run()` starts relay_udp_to_tcp in a new daemon thread (in the calling thread's context,
+    so its log lines are the caller's), runs relay_tcp_to_udp in the calling thread, and
+    returns the reason once both have stopped. The first pump to stop calls `close()`, which
+    shuts the channel down and wakes the endpoint, so the other returns too; the calling
+    thread's pump first takes its teardown lane (TEARDOWN_LANES), which it holds until `run()`
+    has closed the channel and released the endpoint. Its reason stands meanwhile: an error of
+    the UDP pump in that time is a consequence, not the tunnel's reason.
 
     `idle` (an IdleClock) decides when the tunnel is idle; both pumps feed it, with data only.
     `greeting` (the server's 101) is sent before either pump starts. `unsent` receives
@@ -3551,6 +3554,10 @@ class Tunnel:
         self.greeting = greeting
         self.unsent = unsent
         self.close_reason = None
+        # The reason the calling thread's pump stopped on, kept while it waits for its lane:
+        # the UDP pump, still running, may meanwhile fail on the connection the peer closed
+        # ("broken pipe"), and that consequence must not become the tunnel's reason.
+        self._stopped_on = None
         self.route = route  # the server's: the RouteTable name of the route it took
         self.went_idle = False  # closed by our own idle timeout: a normal end, not a failure
         self.path_down = False  # the kernel gave up on unacknowledged data (TCP_USER_TIMEOUT)
@@ -3573,13 +3580,14 @@ class Tunnel:
     _tunnel_numbers = itertools.count()
 
     def close(self, reason, code=CLOSE_NORMAL):
-        """Stop both pumps (idempotent, any thread); the first reason given is kept. Over
-        WebSocket, a close frame with `code` goes first if it can without waiting (1001 when
-        shutting down): a front then sees an orderly end."""
+        """Stop both pumps (idempotent, any thread); the first reason found is kept: the
+        calling thread's pump's if it stopped before and waits for its lane, else the first
+        given. Over WebSocket, a close frame with `code` goes first if it can without waiting
+        (1001 when shutting down): a front then sees an orderly end."""
         with self._close_lock:
             if self.close_reason is not None:
                 return
-            self.close_reason = reason
+            self.close_reason = self._stopped_on or reason
         if self.framing.control and not self._close_sent and self._write_lock.acquire(False):
             try:
                 self._close_sent = True
@@ -3614,11 +3622,16 @@ class Tunnel:
                           _buffer_sizes(self.endpoint.sock))
             if self.greeting:  # the server's 101 goes out before any frame
                 self.channel.sendall(self.greeting)
-            thread = threading.Thread(target=self._pump, args=(self.relay_udp_to_tcp,),
+            # The UDP pump runs in a copy of this thread's context (contextvars), as
+            # asyncio.to_thread runs a function: what the caller set for its log lines (up's
+            # PeerLogNames: the peer's URL) holds for the pump's too, and the Tunnel needs to
+            # know nothing of it. Once per tunnel: nothing per packet.
+            thread = threading.Thread(target=contextvars.copy_context().run,
+                                      args=(self._pump, self.relay_udp_to_tcp),
                                       name="udp->tcp %s" % self.peer, daemon=True)
             thread.start()
             udp_thread = thread
-            reason = self._relay(self.relay_tcp_to_udp)
+            reason = self._stopped_on = self._relay(self.relay_tcp_to_udp)
             if self._teardown_lane.acquire(timeout=TEARDOWN_LANE_WAIT):
                 lane = self._teardown_lane
             self.close(reason)
@@ -4942,25 +4955,28 @@ def _dial_and_close(dialer):
 
 class PeerLogNames(logging.Filter):
     """Puts 'peer URL: ' before the log lines of the threads that speak for a peer (each
-    client's connector, which runs its tunnels' TCP->UDP pump too), so that with several peers
-    in one process every line says whose it is. A filter on `log`, added by ClientGroup."""
+    client's connector, which runs its tunnels' TCP->UDP pump too, and the UDP->TCP pump that
+    Tunnel.run starts in the connector's context), so that with several peers in one process
+    every line says whose it is. A filter on `log`, added by ClientGroup.
 
-    def __init__(self):
-        super().__init__()
-        self._names = {}  # thread ident -> the peer's URL
+    The name is a context variable, not a table of threads: a thread started with a copy of
+    the speaking thread's context (Tunnel.run's UDP pump) speaks for the same peer, and any
+    other thread for none. A filter runs in the thread that logs, once per line."""
+
+    _speaking_for = contextvars.ContextVar("proxyguard_peer", default=None)
 
     @contextlib.contextmanager
     def speaking_for(self, name):
-        """Lines this thread logs inside the block name peer `name`."""
-        ident = threading.get_ident()
-        self._names[ident] = str(name)
+        """Lines this thread logs inside the block, and the threads it starts there in its
+        context, name peer `name`."""
+        token = self._speaking_for.set(str(name))
         try:
             yield
         finally:
-            self._names.pop(ident, None)
+            self._speaking_for.reset(token)
 
     def filter(self, record):
-        name = self._names.get(record.thread)
+        name = self._speaking_for.get()
         if name is not None:
             # The message is formatted with its arguments later: a % in the URL stays one.
             record.msg = "peer %s: %s" % (name.replace("%", "%%") if record.args else name,
@@ -6234,8 +6250,11 @@ def help_text(help_mode):
                              subsequent_indent=" " * 10) for mode in MODES]
         example = MODE_EXAMPLES["client"]
     else:
-        usage = ("%%(prog)s %s [options]\n       %%(prog)s -c FILE [options]  (the file "
-                 "says mode = %s)" % (help_mode, help_mode))
+        if help_mode == _program_mode(program_name()):  # proxyguard-client: its name says it
+            usage = "%(prog)s [options]\n       %(prog)s -c FILE [options]"
+        else:
+            usage = ("%%(prog)s %s [options]\n       %%(prog)s -c FILE [options]  (the file "
+                     "says mode = %s)" % (help_mode, help_mode))
         description = [fill("%s: %s." % (help_mode, MODE_DESCRIPTIONS.get(help_mode, "")))]
         if help_mode != _options_mode(help_mode):
             description.append(fill("It takes the %s's options, so a %s's config file works "
@@ -6411,6 +6430,9 @@ class Source:
 # translated before parsing, so --help shows only ours.
 ORIGINAL_FLAGS = ("listen", "to", "listen-port", "forward-port", "peer-ips", "fwmark",
                   "tcp-port", "version")
+# Go's flag package answers -h and -help (one dash or two, with any =value: flag.go's parseOne)
+# with the usage and exit status 0: ours is --help, that mode's (the program name's) help.
+ORIGINAL_HELP_FLAGS = ("h", "help")
 
 # The original's program names (our console scripts, or a link to proxyguard.py) give the mode.
 PROGRAM_MODES = {"proxyguard-client": "client", "proxyguard-server": "server"}
@@ -6418,13 +6440,16 @@ PROGRAM_MODES = {"proxyguard-client": "client", "proxyguard-server": "server"}
 
 def translate_original_flags(argv):
     """The original's single-dash flags in `argv` as ours (-to X: --to X, -to=X: --to=X,
-    -version=true: --version); anything else, and all after `--`, as given."""
+    -version=true: --version), its help flags as --help (-help, --h, -h=1); anything else,
+    and all after `--`, as given."""
     translated = []
     for index, arg in enumerate(argv):
         if arg == "--":
             return translated + list(argv[index:])
         name, sep, value = arg[1:].partition("=")
-        if arg.startswith("-") and not arg.startswith("--") and name in ORIGINAL_FLAGS:
+        if arg.startswith("-") and name.lstrip("-") in ORIGINAL_HELP_FLAGS:
+            arg = "--help"
+        elif arg.startswith("-") and not arg.startswith("--") and name in ORIGINAL_FLAGS:
             if name == "version" and sep:  # Go's bool flag: -version=true or =false
                 if value.lower() in ("false", "0", "f"):
                     continue
@@ -6609,8 +6634,9 @@ def parse_options(argv, environ=None, program=None):
         except UsageError as exc:
             raise UsageError(_explain_parse_error(str(exc), names, {}))
         asks = any(arg in ("-h", "--help", "--version") for arg in argv)
-        if any(arg in ("-h", "--help") for arg in argv) and getattr(given, "mode", None):
-            parser = build_parser(help_mode=given.mode)  # that mode's options alone
+        help_mode = getattr(given, "mode", None) or _program_mode(program)
+        if any(arg in ("-h", "--help") for arg in argv) and help_mode:
+            parser = build_parser(help_mode=help_mode)  # that mode's options alone
         path = getattr(given, "config", None)
         if configargparse is None and (env_settings or path is not None):
             used = sorted(_env_name(source.key) for source in env_settings.values())

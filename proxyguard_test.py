@@ -12,6 +12,7 @@ import base64
 import collections
 import concurrent.futures
 import contextlib
+import contextvars
 import ctypes
 import errno
 import io
@@ -784,6 +785,27 @@ def test_an_ended_tunnel_closes_only_in_its_teardown_lane(monkeypatch):
         assert not lane.lock.locked()
     finally:
         ours.close()
+        wireguard.close()
+
+
+def test_a_peers_close_stays_the_reason_when_the_udp_pump_errs_while_the_lane_is_busy(
+        monkeypatch):
+    """The peer closes; its tunnel's TCP pump, which found that, waits for its lane while a
+    datagram makes the UDP pump write to the closed connection (broken pipe): the reason the
+    first pump to stop found is the tunnel's, not that consequence of it."""
+    lane = WatchedLane()
+    monkeypatch.setattr(pg.Tunnel, "_teardown_lanes", [lane] * pg.TEARDOWN_LANES)
+    tunnel, ours, wireguard = pump_tunnel()
+    thread, result = run_in_thread(tunnel)
+    try:
+        with lane.lock:
+            ours.close()
+            assert lane.asked.wait(5)
+            wireguard.sendto(b"into a closed connection", tunnel.endpoint.sock.getsockname())
+            wait_until(lambda: tunnel.close_reason is not None, 5, "the UDP pump's error")
+        thread.join(5)
+        assert result == ["closed by peer"]
+    finally:
         wireguard.close()
 
 
@@ -7321,8 +7343,10 @@ ORIGINAL_SYSTEMD = os.path.join(GO_SOURCE, "systemd")
      ["--to=http://x", "--listen-port=5", "--forward-port", "6", "--peer-ips", "::1",
       "--fwmark", "-1", "--tcp-port", "0"]),
     (["-version"], ["--version"]), (["-version=true"], ["--version"]), (["-version=false"], []),
-    (["--to", "x", "-c", "f", "-h", "-x", "--", "-to"], ["--to", "x", "-c", "f", "-h", "-x",
+    (["--to", "x", "-c", "f", "-h", "-x", "--", "-to"], ["--to", "x", "-c", "f", "--help", "-x",
                                                          "--", "-to"]),
+    (["-help"], ["--help"]), (["--h"], ["--help"]), (["-h=1"], ["--help"]),
+    (["-help=false"], ["--help"]), (["--help"], ["--help"]), (["-hx"], ["-hx"]),
 ])
 def test_the_originals_single_dash_flags_are_translated_to_ours(argv, want):
     assert pg.translate_original_flags(argv) == want
@@ -7345,6 +7369,27 @@ def test_the_originals_flags_work_and_stay_out_of_help():
     help_text = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True,
                                text=True, timeout=30).stdout
     assert not re.search(r"(^|[\s,\[])-(to|listen|fwmark|version)\b", help_text), help_text
+
+
+@pytest.mark.parametrize("program,args,usage,mode", [
+    ("proxyguard-client", ["-help"], "proxyguard-client [options]", "client"),
+    ("proxyguard-server", ["-h"], "proxyguard-server [options]", "server"),
+    ("proxyguard-client", ["check", "-help"], "proxyguard-client check [options]", "check"),
+    ("proxyguard.py", ["server", "-help"], "proxyguard.py server [options]", "server"),
+])
+def test_the_originals_help_flag_shows_that_modes_help(tmp_path, program, args, usage, mode):
+    """Go's flag package answers -help and -h with the usage, exit status 0: ours shows the
+    help of the mode the program name (or the mode word) gives, that mode's options alone."""
+    link = tmp_path / program
+    link.symlink_to(SCRIPT)
+    result = subprocess.run([sys.executable, str(link)] + args, capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0 and not result.stderr, result
+    assert result.stdout.startswith("usage: %s\n" % usage), result.stdout
+    assert "\n%s: %s" % (mode, pg.MODE_DESCRIPTIONS[mode][:20]) in result.stdout
+    shown, hidden = ("--max-clients", "--listen-port") if mode == "server" else (
+        "--listen-port", "--max-clients")
+    assert shown in result.stdout and hidden not in result.stdout, result.stdout
 
 
 @pytest.mark.parametrize("program,args,words", [
@@ -9562,6 +9607,32 @@ def test_two_peers_in_one_process_each_with_its_own_tunnel_port_and_backoff(
     notify_socket.wait_for("STOPPING=1")
 
 
+def test_every_line_of_a_peers_tunnel_names_the_peer_its_udp_pump_thread_too(tmp_path, echo,
+                                                                              procs):
+    """up with two peers: a peer's tunnel logs from two threads, its connector (which runs the
+    TCP->UDP pump) and the UDP->TCP pump it starts; the latter's lines (here the warning that
+    WireGuard sends from a port other than --forward-port) name the peer too."""
+    servers = [start_server(tmp_path, echo.port, name="server%d" % index) for index in range(2)]
+    procs.extend(servers)
+    urls = ["http://%s:%d/pg%d" % (LOOPBACK, server.port, index)
+            for index, server in enumerate(servers)]
+    wireguard = WireGuardStandIn()  # --forward-port; the datagrams come from elsewhere
+    written = tmp_path / "wg.conf"
+    up = Proc(tmp_path, ["up", str(two_peer_profile(tmp_path, urls)), "--write-config",
+                         str(written), "--forward-port", str(wireguard.port)],
+              ready="written to", name="up", env=no_proxy_env())
+    procs.append(up)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as elsewhere:
+        elsewhere.bind((LOOPBACK, 0))
+        source = "%s:%d" % elsewhere.getsockname()
+        for url, port in zip(urls, endpoint_ports(written.read_text())):
+            elsewhere.sendto(b"from elsewhere", (LOOPBACK, port))
+            assert wireguard.recv() == b"from elsewhere"  # echoed, to --forward-port
+            up.wait_log("peer %s: datagrams arrive from %s, but replies go to " % (url, source))
+    assert up.log().count("datagrams arrive from %s" % source) == 2, up.log()
+    assert up.stop() == 0
+
+
 def threads_cpus(pid):
     """Each thread's Cpus_allowed_list (/proc/PID/task/TID/status: "1", "0-1"...)."""
     lists = []
@@ -10008,12 +10079,16 @@ def test_peer_log_names_prefix_only_the_threads_speaking_for_a_peer(caplog):
                 other = threading.Thread(target=pg.log.info, args=("another thread",))
                 other.start()
                 other.join()
+                started = threading.Thread(target=contextvars.copy_context().run,
+                                           args=(pg.log.info, "a thread in its context"))
+                started.start()  # as Tunnel.run starts its UDP pump
+                started.join()
             pg.log.info("after the block")
     finally:
         pg.log.removeFilter(names)
     assert [record.getMessage() for record in caplog.records] == [
         "peer http://a/100%25: tunnel up: x", "peer http://a/100%25: no arguments, 100%",
-        "another thread", "after the block"]
+        "another thread", "peer http://a/100%25: a thread in its context", "after the block"]
 
 
 def test_bench_peers_profile_goes_through_up_and_its_ports_come_back_in_peer_order():
