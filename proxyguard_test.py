@@ -765,14 +765,21 @@ class WatchedLane:
         self.lock.release()
 
 
-def test_an_ended_tunnel_closes_only_in_its_teardown_lane(monkeypatch):
-    """Thousands of tunnels ending at once must not all queue for the GIL: a tunnel whose peer
-    closed waits for its lane (another tunnel's teardown holds it) before it wakes its UDP
-    pump, which relays meanwhile, or closes a socket; then it ends and frees the lane."""
+def run_in_watched_lane(monkeypatch):
+    """A pump_tunnel running in a thread, every teardown lane one WatchedLane: (lane, tunnel,
+    our end, WireGuard's socket, the thread, its result list)."""
     lane = WatchedLane()
     monkeypatch.setattr(pg.Tunnel, "_teardown_lanes", [lane] * pg.TEARDOWN_LANES)
     tunnel, ours, wireguard = pump_tunnel()
     thread, result = run_in_thread(tunnel)
+    return lane, tunnel, ours, wireguard, thread, result
+
+
+def test_an_ended_tunnel_closes_only_in_its_teardown_lane(monkeypatch):
+    """Thousands of tunnels ending at once must not all queue for the GIL: a tunnel whose peer
+    closed waits for its lane (another tunnel's teardown holds it) before it wakes its UDP
+    pump, which relays meanwhile, or closes a socket; then it ends and frees the lane."""
+    lane, tunnel, ours, wireguard, thread, result = run_in_watched_lane(monkeypatch)
     try:
         with lane.lock:
             ours.shutdown(socket.SHUT_WR)
@@ -793,10 +800,7 @@ def test_a_peers_close_stays_the_reason_when_the_udp_pump_errs_while_the_lane_is
     """The peer closes; its tunnel's TCP pump, which found that, waits for its lane while a
     datagram makes the UDP pump write to the closed connection (broken pipe): the reason the
     first pump to stop found is the tunnel's, not that consequence of it."""
-    lane = WatchedLane()
-    monkeypatch.setattr(pg.Tunnel, "_teardown_lanes", [lane] * pg.TEARDOWN_LANES)
-    tunnel, ours, wireguard = pump_tunnel()
-    thread, result = run_in_thread(tunnel)
+    lane, tunnel, ours, wireguard, thread, result = run_in_watched_lane(monkeypatch)
     try:
         with lane.lock:
             ours.close()
