@@ -5060,10 +5060,12 @@ class ClientGroup(Service):
         return _process_metrics() + list(families.values())
 
     def dump_tunnels(self):
-        """SIGUSR1: each client's lines, named by its peer."""
+        """SIGUSR1: each client's lines, named by its peer; then where the threads run."""
         for client in self.clients:
             with self.names.speaking_for(client.url):
                 client.dump_tunnels()
+        if self.pinning is not None:
+            log.info("SIGUSR1: %s", self.pinning.status())
 
 
 def check_can_bring_up(profile, euid=None, which=None):
@@ -5129,14 +5131,16 @@ class WgQuick:
         log.info("WireGuard up: wg-quick up %s", self.path)
 
     def down(self):
-        """Returns whether the interface went down."""
+        """Returns whether the interface went down. If wg-quick down fails, the runtime
+        directory stays: its file is what undoes wg-quick's routes, rules and DNS, and the next
+        up tries again with it (clear_leftovers), or removes it if the interface is gone."""
         try:
             self._take_down(self.path)
         except FatalError as exc:
-            log.error("%s: check with 'ip link show %s'", exc, self.interface)
+            log.error("%s: check with 'ip link show %s'; %s stays for the next up to take it "
+                      "down (or wg-quick down %s)", exc, self.interface, self.path, self.path)
             return False
-        finally:
-            remove_runtime_directory(self.directory)
+        remove_runtime_directory(self.directory)
         log.info("WireGuard down: wg-quick down %s", self.path)
         return True
 
@@ -5870,6 +5874,16 @@ class CpuPinning:
                  self.choice, "" if self.interval is None else
                  ": several peers' threads cost less CPU on one; checked every %gs"
                  % self.interval)
+
+    def status(self):
+        """Where the threads run, and the last check's figures, in a line (SIGUSR1)."""
+        placement = self.placement
+        if self.interval is None and placement.fixed is None:
+            return "the tunnels' threads: anywhere (pinning ended on an error)"
+        return "the tunnels' threads on CPU %d (--cpu %s)%s" % (
+            placement.current, self.choice, "; other work at the last check: %s" % ", ".join(
+                "CPU %d %d%%" % (cpu, 100 * share) for cpu, share in
+                sorted(placement.others.items())) if placement.others else "")
 
     def check(self):
         placement = self.placement

@@ -1229,9 +1229,12 @@ def test_cpu_pinning_pins_checks_moves_and_gives_up_on_an_error_with_one_warning
         assert "moved to CPU 0: other work kept CPU 1 90% busy, CPU 0 10%" in caplog.text
         pinning.check()  # stays, and pins every thread again
         assert pins[-1] == {0} and len(pins) == 3
+        assert pinning.status() == ("the tunnels' threads on CPU 0 (--cpu auto); other work "
+                                    "at the last check: CPU 0 10%, CPU 1 90%")
         fail.append(True)
         pinning.check()
     assert pins[-1] == {0, 1} and pinning.interval is None  # the scheduler's from now on
+    assert pinning.status() == "the tunnels' threads: anywhere (pinning ended on an error)"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ["cannot keep the tunnels' threads on CPU 0 (--cpu auto): permission "
                         "denied; the scheduler places them"], warnings
@@ -9689,10 +9692,14 @@ def test_up_keeps_two_peers_threads_on_one_cpu_unless_told(tmp_path, echo, procs
     want = {"last": str(cpus[-1]), "free": free, "0": "0"}[expected]
     assert set(threads_cpus(up.popen.pid)) == {want}
     assert len(threads_cpus(up.popen.pid)) >= 2 + 2 * peers  # main, signals, connectors, pumps
+    up.popen.send_signal(signal.SIGUSR1)
+    up.wait_log("SIGUSR1: 1 tunnel open", count=peers)
     if expected == "free":
-        assert "threads run on CPU" not in up.log()
+        assert "threads run on CPU" not in up.log() and "threads on CPU" not in up.log()
     else:
         up.wait_log("up: the tunnels' threads run on CPU %s (--cpu %s" % (
+            want, "auto" if not args else want))
+        up.wait_log("SIGUSR1: the tunnels' threads on CPU %s (--cpu %s)" % (
             want, "auto" if not args else want))
     assert up.stop() == 0
 
@@ -10069,6 +10076,36 @@ def test_up_after_a_sigkill_takes_the_dead_ups_wireguard_down_and_comes_up_again
     assert log_text.count(taken_down) == 1, log_text
     assert not os.path.exists(os.path.dirname(runtime_file))
     assert up_runtime_file(bed) != runtime_file
+    assert_up_stops_cleanly(bed, up_runtime_file(bed))
+
+
+@pytest.mark.slow
+def test_up_keeps_its_runtime_file_when_wg_quick_down_fails_and_the_next_up_clears_it(
+        tmp_path, request):
+    """The interface deleted under a running up (ip link del): at SIGTERM wg-quick down fails;
+    up says so in one line, exits 1 and keeps its runtime directory (the file that takes
+    wg-quick's rules and DNS down); the next up, finding the interface gone, removes the
+    directory with one line and comes up."""
+    bed = profile_bed(tmp_path, request, servers=1)
+    first = bed.run_up()
+    assert bed.wait_ping_to(0, timeout=20) is not None, bed.log_text("pg-up") + bed.diagnose()
+    runtime_file = up_runtime_file(bed)
+    bed.sh("ip", "link", "del", bed.wg_client, ns=bed.ns_client)
+    assert bed.send_signal("pg-up", signal.SIGTERM, timeout=20) == 1, bed.log_text("pg-up")
+    errors = [line for line in bed.log_text("pg-up").splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and errors[0].endswith(
+        "%s stays for the next up to take it down (or wg-quick down %s)"
+        % (runtime_file, runtime_file)), errors
+    assert os.path.exists(runtime_file)
+
+    bed.run_up()
+    bed.wait_log("pg-up", "WireGuard up: wg-quick up", count=2, timeout=30)
+    assert bed.wait_ping_to(0, timeout=20) is not None, bed.log_text("pg-up") + bed.diagnose()
+    removed = ("removed %s, left by an earlier up of %s (pid %d) that ended without removing "
+               "it (its interface is gone)" % (os.path.dirname(runtime_file), bed.wg_client,
+                                               first.pid))
+    assert bed.log_text("pg-up").count(removed) == 1, bed.log_text("pg-up")
+    assert not os.path.exists(os.path.dirname(runtime_file))
     assert_up_stops_cleanly(bed, up_runtime_file(bed))
 
 
