@@ -4635,11 +4635,13 @@ class Client(Service):
                  keepalive=DEFAULT_KEEPALIVE, fallbacks=(), tunnels_changed=None):
         # The peer's servers (several --to): `dialer` first, then `fallbacks`, each
         # with its own back-off; `servers` decides which is tried when. `dialer` and
-        # `backoff` are the server of the current (or last) attempt; `url` names the peer.
+        # `backoff` are the server of the current (or last) attempt, `server_index` its place
+        # in `dialers`; `url` names the peer.
         self.dialers = [dialer] + list(fallbacks)
         self.servers = ServerChoice([backoff or Backoff()] + [Backoff() for _ in fallbacks])
         self.dialer = dialer
         self.backoff = self.servers.backoffs[0]
+        self.server_index = 0
         self.url = dialer.url
         self.endpoint = endpoint
         self.address = endpoint.address
@@ -4656,6 +4658,11 @@ class Client(Service):
         self.last_error = None  # the text of the last failed dial
         self.dropped = 0  # datagrams the full reconnect queue pushed out
         self.closed_traffic = TrafficTotals()
+        # Each server's (by its index in `dialers`): tunnels opened through it, failed dials,
+        # and failed dials since it last opened a tunnel.
+        self.tunnels_opened = [0] * len(self.dialers)
+        self.dial_failures = [0] * len(self.dialers)
+        self.failures_in_a_row = [0] * len(self.dialers)
         # When the last datagram went to WireGuard and came from it (monotonic), if one did.
         self._last_to_wireguard = self._last_from_wireguard = None
         # Called when the tunnel comes up or goes (the service contract: systemd's STATUS=).
@@ -4718,6 +4725,7 @@ class Client(Service):
         """One attempt through server `index`: dial, run the tunnel to its end; tell
         `servers` how it went."""
         self.dialer, self.backoff = self.dialers[index], self.servers.backoffs[index]
+        self.server_index = index
         log.debug("connecting to %s%s", self.dialer.url, " (after %s in a row)"
                   % plural(self.backoff.failures, "failure") if self.backoff.failures else "")
         started = self.servers.clock()
@@ -4761,15 +4769,24 @@ class Client(Service):
                         unsent=self._keep_unsent, framing=framing,
                         unacked_timeout=path_down_timeout(
                             retransmission_timeout(channel.sock)))
-        with self._lock:
+        with self._lock:  # a scrape sees the tunnel and its server's counts together
             self._tunnel = tunnel
+            self.tunnels_opened[self.server_index] += 1
+            self.failures_in_a_row[self.server_index] = 0
             if self._stopping:
                 tunnel.close("client shutting down", CLOSE_GOING_AWAY)
         self.tunnels_changed()
-        log.info("tunnel up: %s, %s%s, %s%s", peer, url, " (server %d of %d)" % (
-            self.dialers.index(self.dialer) + 1, len(self.dialers)) if len(self.dialers) > 1
-            else "", framing.label, ", " + channel.tls_version if channel.tls_version else "")
+        log.info("tunnel up: %s, %s, %s%s", peer, self._server_text(), framing.label,
+                 ", " + channel.tls_version if channel.tls_version else "")
         return tunnel
+
+    def _server_text(self):
+        """The URL of the server of the current (or last) attempt, and with several --to
+        which one it is: for the tunnel-up and SIGUSR1 lines."""
+        if len(self.dialers) == 1:
+            return str(self.dialer.url)
+        return "%s (server %d of %d)" % (self.dialer.url, self.server_index + 1,
+                                         len(self.dialers))
 
     def _last_datagrams(self, tunnel):
         """When the last datagram went to WireGuard and came from it, `tunnel` included."""
@@ -4814,6 +4831,8 @@ class Client(Service):
 
     def _count_failure(self, reason, text):
         self.reconnects[reason] += 1
+        self.dial_failures[self.server_index] += 1
+        self.failures_in_a_row[self.server_index] += 1
         self.last_error = text
 
     def stop(self):
@@ -4858,6 +4877,10 @@ class Client(Service):
             if tunnel is not None:
                 traffic.add(tunnel)
             last = self._last_datagrams(tunnel)
+            carrying = self.server_index if tunnel is not None else None
+            per_server = list(zip([str(dialer.url) for dialer in self.dialers],
+                                  self.tunnels_opened, self.dial_failures,
+                                  self.failures_in_a_row))
         now = time.monotonic()
         ages = Metric("proxyguard_client_last_datagram_age_seconds", "gauge",
                       "Seconds since the last datagram went to WireGuard (to_wireguard) or "
@@ -4885,15 +4908,43 @@ class Client(Service):
             .add(len(self.pending)),
             Metric("proxyguard_client_dropped_datagrams_total", "counter",
                    "Datagrams dropped because the reconnect queue was full.").add(self.dropped),
-        ] + _traffic_metrics("proxyguard_client_", traffic)
+        ] + _traffic_metrics("proxyguard_client_", traffic) + self._server_metrics(
+            carrying, per_server)
+
+    @staticmethod
+    def _server_metrics(carrying, per_server):
+        """The series of each server (its --to URL in the `server` label, every one from the
+        start): which carries the tunnel, and how each has done. `carrying`: the index of the
+        server whose tunnel is open, or None; `per_server`: (URL, tunnels opened, failed
+        dials, failed dials in a row) in the order of --to."""
+        families = [
+            Metric("proxyguard_client_server_carrying", "gauge",
+                   "1 for the server (--to URL) whose tunnel is open now, 0 for the others; "
+                   "all 0 while no tunnel is open."),
+            Metric("proxyguard_client_server_tunnels_opened_total", "counter",
+                   "Tunnels opened through each server: a rise on another server than before "
+                   "is a failover, seen even between two scrapes."),
+            Metric("proxyguard_client_server_dial_failures_total", "counter",
+                   "Failed connection attempts to each server, for any reason "
+                   "(proxyguard_client_reconnects_total gives the reasons of all)."),
+            Metric("proxyguard_client_server_failures_in_a_row", "gauge",
+                   "Failed connection attempts to each server since it last opened a tunnel: "
+                   "above 0, its last attempt failed (it stays so until it is tried again)."),
+        ]
+        for index, (server, opened, failed, in_a_row) in enumerate(per_server):
+            for family, value in zip(families, (int(index == carrying), opened, failed,
+                                                in_a_row)):
+                family.add(value, server=server)
+        return families
 
     def dump_tunnels(self):
-        """SIGUSR1: one log line for the open tunnel, if any."""
-        tunnel = self._tunnel
+        """SIGUSR1: one log line for the open tunnel, if any, naming its server."""
+        with self._lock:  # the tunnel and its server's name together
+            tunnel, server = self._tunnel, self._server_text()
         log.info("SIGUSR1: %s open, %s waiting", plural(int(tunnel is not None), "tunnel"),
                  plural(len(self.pending), "datagram"))
         if tunnel is not None:
-            log.info("SIGUSR1: tunnel %s: %s", tunnel.peer, tunnel.status_line())
+            log.info("SIGUSR1: tunnel %s, %s: %s", tunnel.peer, server, tunnel.status_line())
 
 
 def run_check(dialer, out=sys.stdout):
@@ -6745,6 +6796,12 @@ def _check_options(options):
                          "https://vpn.example.org/proxyguard" % options.mode, option='--to')
     else:  # several --to: one peer's servers, in the order tried; --to stays
         options.servers = [ServerURL(url) for url in options.to]  # the strings given
+        texts = [str(url) for url in options.servers]
+        twice = next((text for text in texts if texts.count(text) > 1), None)
+        if options.mode == "client" and twice is not None:  # check may try one twice
+            raise UsageError("--to %s given %d times: name each server once (the client "
+                             "tries them in order, and its metrics label each by its URL)"
+                             % (twice, texts.count(twice)), option='--to')
     options.listen_port = _parse_port(options.listen_port, "--listen-port")
     options.forward_port = _parse_port(options.forward_port, "--forward-port")
     options.tcp_port = _parse_port(options.tcp_port, "--tcp-port", allow_zero=True)

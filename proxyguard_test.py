@@ -9589,7 +9589,11 @@ def test_two_peers_in_one_process_each_with_its_own_tunnel_port_and_backoff(
         assert samples[("proxyguard_client_tunnel_up", (("peer", url),))] == 1
         assert samples[("proxyguard_client_datagrams_total",
                         (("direction", "to_wireguard"), ("peer", url)))] == 1
+        # A peer's one server: its series carry the peer label and the server label both.
+        assert [server_series(samples, name, peer=url) for name in SERVER_SERIES] == [
+            {url: 1}, {url: 1}, {url: 0}, {url: 0}]
     assert page.count("# TYPE proxyguard_client_tunnel_up gauge") == 1
+    assert page.count("# TYPE proxyguard_client_server_carrying gauge") == 1
     assert page.count("# TYPE proxyguard_build_info gauge") == 1
     checked = subprocess.run([which_or_skip("promtool", "prometheus"), "check", "metrics"],
                              input=page.encode(), capture_output=True, timeout=30)
@@ -9607,6 +9611,9 @@ def test_two_peers_in_one_process_each_with_its_own_tunnel_port_and_backoff(
     wireguard.send(b"lost")
     up.wait_log("peer %s: cannot connect to %s" % (urls[0], urls[0]))
     up.wait_log("peer %s: next attempt in 1s" % urls[0])
+    samples = parse_metrics(scrape(metrics_port)[2])
+    assert [server_series(samples, name, peer=urls[0]) for name in SERVER_SERIES] == [
+        {urls[0]: 0}, {urls[0]: 1}, {urls[0]: 1}, {urls[0]: 1}]
     wireguard.endpoint = (LOOPBACK, ports[1])
     assert wireguard.roundtrip(b"still here") == b"still here"
     assert "peer %s: cannot connect" % urls[1] not in up.log()
@@ -10723,6 +10730,102 @@ def test_server_refuses_a_second_to_and_peer_ips_wants_one_server():
                      "--peer-ips", "192.0.2.1")
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
     assert "--peer-ips names one server's addresses" in result.stderr
+
+
+def test_client_refuses_a_server_named_twice_check_tries_it_twice():
+    """The client's metrics label each server by its URL: the same URL twice would be one
+    series twice, which Prometheus refuses (and trying one server twice in a row is no
+    failover). check may (test_check_with_several_to_checks_each)."""
+    result = run_cli("client", "--to", "http://a.example/", "--to", "http://b.example/",
+                     "--to", "http://a.example/")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "proxyguard.py: error: --to http://a.example/ given 2 times: name each server once "
+        "(the client tries them in order, and its metrics label each by its URL) (see --help)"]
+
+
+def server_series(samples, name, **labels):
+    """{server URL: value} of the per-server series `name` in parsed `samples` whose other
+    labels are `labels`."""
+    found = {}
+    for (sample_name, pairs), value in samples.items():
+        rest = dict(pairs)
+        server = rest.pop("server", None)
+        if sample_name == name and rest == labels:
+            found[server] = value
+    return found
+
+
+SERVER_SERIES = ("proxyguard_client_server_carrying",
+                 "proxyguard_client_server_tunnels_opened_total",
+                 "proxyguard_client_server_dial_failures_total",
+                 "proxyguard_client_server_failures_in_a_row")
+
+
+def test_client_server_metrics_list_every_server_and_mark_the_carrying_one():
+    urls = ["http://a.example/pg", "https://b.example/pg"]
+    page = pg.render_metrics(pg.Client._server_metrics(1, [(urls[0], 0, 3, 2),
+                                                           (urls[1], 4, 1, 0)])).decode()
+    samples = parse_metrics(page)
+    assert [server_series(samples, name) for name in SERVER_SERIES] == [
+        {urls[0]: 0, urls[1]: 1}, {urls[0]: 0, urls[1]: 4}, {urls[0]: 3, urls[1]: 1},
+        {urls[0]: 2, urls[1]: 0}]
+    for name, kind in zip(SERVER_SERIES, ("gauge", "counter", "counter", "gauge")):
+        assert "# TYPE %s %s\n" % (name, kind) in page
+        assert re.search(r"# HELP %s \S.{30,}\n" % name, page), name
+    # No tunnel open: every server listed, none carrying.
+    samples = parse_metrics(pg.render_metrics(pg.Client._server_metrics(
+        None, [(urls[0], 1, 0, 0), (urls[1], 0, 0, 0)])).decode())
+    assert server_series(samples, "proxyguard_client_server_carrying") == {urls[0]: 0,
+                                                                           urls[1]: 0}
+
+
+def test_client_metrics_follow_the_failover_between_two_real_servers(tmp_path, echo, procs):
+    """A client with two servers, the first down at the start: the page says the second
+    carries and the first failed; the first comes back and the second goes: the page says the
+    first carries and the second none, both had a tunnel; promtool accepts the pages; SIGUSR1
+    names the carrying server."""
+    promtool = which_or_skip("promtool", "prometheus")
+    down_port = free_port()  # the first server's, nothing listening on it yet
+    second = start_server(tmp_path, echo.port, name="second")
+    procs.append(second)
+    urls = ["http://%s:%d/pg" % (LOOPBACK, port) for port in (down_port, second.port)]
+    metrics_port = free_port()
+    client = start_client(tmp_path, urls[0], "--to", urls[1], "--metrics-listen",
+                          "%s:%d" % (LOOPBACK, metrics_port))
+    procs.append(client)
+
+    def page():
+        status, _, text = scrape(metrics_port)
+        checked = subprocess.run([promtool, "check", "metrics"], input=text.encode(),
+                                 capture_output=True, timeout=30)
+        assert status == 200 and checked.returncode == 0 and not (
+            checked.stdout + checked.stderr), checked
+        samples = parse_metrics(text)
+        return [server_series(samples, name) for name in SERVER_SERIES]
+
+    # Before the first datagram: both servers listed, nothing tried yet.
+    assert page() == [dict.fromkeys(urls, 0)] * 4
+    assert client.wireguard.roundtrip(b"through the second") == b"through the second"
+    client.wait_log("tunnel up: ")
+    assert "cannot connect to %s" % urls[0] in client.log()
+    assert page() == [{urls[0]: 0, urls[1]: 1}, {urls[0]: 0, urls[1]: 1},
+                      {urls[0]: 1, urls[1]: 0}, {urls[0]: 1, urls[1]: 0}]
+    client.popen.send_signal(signal.SIGUSR1)
+    client.wait_log("SIGUSR1: tunnel ")
+    assert re.search(r"SIGUSR1: tunnel 127\.0\.0\.1:%d, %s \(server 2 of 2\): \d+\.\ds, "
+                     % (second.port, re.escape(urls[1])), client.log()), client.log()
+    # The first comes back, the second goes: the next datagram's tunnel is the first's (the
+    # second waits out the back-off of its short-lived tunnel, so it is not dialled).
+    first = start_server(tmp_path, echo.port, port=down_port, name="first")
+    procs.append(first)
+    assert second.stop() == 0
+    client.wait_log("tunnel down: ")
+    assert client.wireguard.roundtrip(b"through the first") == b"through the first"
+    client.wait_log("(server 1 of 2)")
+    assert page() == [{urls[0]: 1, urls[1]: 0}, {urls[0]: 1, urls[1]: 1},
+                      {urls[0]: 1, urls[1]: 0}, {urls[0]: 0, urls[1]: 0}]
+    assert client.stop() == 0 and first.stop() == 0
 
 
 def test_check_with_several_to_checks_each(tmp_path, echo, procs):
