@@ -3646,6 +3646,19 @@ def test_promtool_accepts_the_metrics_pages(echo):
             result.stdout + result.stderr).decode()
 
 
+def test_readme_metrics_table_is_the_series_of_the_pages(echo):
+    """Every family of the server's and the client's pages has its row in the README's
+    metrics table, and the table names no family the pages do not have."""
+    with running_server(echo.port) as server:
+        with running_client("http://%s:%d/" % server.address) as (client, _):
+            names = {metric.name for service in (server, client)
+                     for metric in service.metrics()}
+    text = readme_text()
+    section = text[text.index("### Metrics\n"):text.index("### SIGUSR1\n")]
+    table = "\n".join(line for line in section.splitlines() if line.startswith("| `"))
+    assert set(re.findall(r"`(proxyguard_\w+)", table)) == names
+
+
 def test_sigusr1_logs_one_line_per_open_tunnel(tmp_path, echo, procs):
     server = start_server(tmp_path, echo.port)
     procs.append(server)
