@@ -3647,9 +3647,9 @@ def test_promtool_accepts_the_metrics_pages(echo):
 
 
 def test_readme_metrics_table_is_the_series_of_the_pages(echo):
-    """Every family of the server's and the client's pages has its row in the README's
-    metrics table, and the table names no family the pages do not have."""
-    with running_server(echo.port) as server:
+    """Every family of the server's (with --route) and the client's pages has its row in the
+    README's metrics table, and the table names no family the pages do not have."""
+    with running_server(echo.port, routes=[("/pg/node1", (LOOPBACK, echo.port))]) as server:
         with running_client("http://%s:%d/" % server.address) as (client, _):
             names = {metric.name for service in (server, client)
                      for metric in service.metrics()}
