@@ -3143,7 +3143,8 @@ class SharedUdpEndpoint(UdpEndpoint):
             sock.bind(("127.0.0.1", listen_port))
             # Linux tells an unconnected UDP socket of an ICMP port unreachable only with
             # IP_RECVERR (udp(7)): how the client learns that nothing listens on
-            # --forward-port. The errors then wait in a queue that wait() drains.
+            # --forward-port. The errors then wait in a queue that wait() drains, or
+            # _refused() when a receive or send raises ECONNREFUSED.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
         except OSError as exc:
@@ -3303,12 +3304,12 @@ class SharedUdpEndpoint(UdpEndpoint):
 #                        equal-sized ones in one system call: UDP GSO).
 # The first pump to stop closes the tunnel: `Tunnel.close()` shuts the TCP socket down (waking a
 # blocked recv or sendall) and wakes the UDP endpoint (a shutdown of the server's own connected
-# UDP socket; a wake pipe beside the client's shared one). The thread that ran the tunnel joins
-# the other pump before anything is closed, so no thread or socket outlives its tunnel, and no
-# stale reader steals datagrams from the next tunnel (the original loses 1-4 datagrams after
-# every reconnect that way). Tunnel sockets stay blocking (a Python timeout would poll before
-# every call); sent data counts only once acknowledged (TCP_USER_TIMEOUT = idle timeout), and
-# only the kernel's ETIMEDOUT means "path down".
+# UDP socket; an empty datagram from itself to the client's shared one). The thread that ran
+# the tunnel joins the other pump before anything is closed, so no thread or socket outlives
+# its tunnel, and no stale reader steals datagrams from the next tunnel (the original loses
+# 1-4 datagrams after every reconnect that way). Tunnel sockets stay blocking (a Python timeout
+# would poll before every call); sent data counts only once acknowledged (TCP_USER_TIMEOUT =
+# idle timeout), and only the kernel's ETIMEDOUT means "path down".
 
 # A pump buffer that a burst filled beyond this gives its pages back at the next small batch,
 # at most once per TRIM_INTERVAL seconds.
