@@ -2873,13 +2873,15 @@ class UdpEndpoint:
     Contract for Tunnel: `receive_frames(view)` blocks until datagrams wait or `wake()` is
     called (any thread), writes the non-empty datagrams waiting into `view` as frames, and
     returns (bytes written, frame count); (0, 0) after a wake, or for an empty datagram, which
-    the original drops too; the caller checks why it was woken. `send(datagram)` sends one;
+    the original drops too; the caller checks why it was woken (a wake may be stale: one meant
+    for an earlier tunnel). `send(datagram)` sends one;
     `send_segments(datagrams)` sends several of one size in one system call if it can;
     `release()` is called once the tunnel is done with it.
     An ICMP port unreachable (WireGuard down or restarting) is no error either way: it is
     warned about once (`refused_message()`), and again only after WireGuard answered, never
     per datagram.
-    Subclasses say how to wait for the first datagram, where replies go, and how to wake.
+    Subclasses say how to wait for the first datagram, where replies go, and how to wake;
+    their receives return None for a wake.
     """
 
     def __init__(self, sock):
@@ -2905,7 +2907,7 @@ class UdpEndpoint:
         except (BlockingIOError, InterruptedError):
             return 0, 0
         except ConnectionRefusedError:
-            self._nothing_listens()
+            self._refused()
             return 0, 0
         if size is None:
             return 0, 0
@@ -2930,9 +2932,11 @@ class UdpEndpoint:
             except (BlockingIOError, InterruptedError):
                 break
             except ConnectionRefusedError:  # ICMP from an earlier send: WireGuard not up yet
-                self._nothing_listens()
+                self._refused()
                 continue
             found = True
+            if size is None:  # a wake: the datagrams behind it are perhaps the next tunnel's
+                break
             if size:
                 if head is None:
                     FRAME_HEADER.pack_into(view, end, size)
@@ -2956,11 +2960,15 @@ class UdpEndpoint:
         try:
             send(*args)
         except ConnectionRefusedError:
-            self._nothing_listens()
+            self._refused()
             try:
                 send(*args)
             except ConnectionRefusedError:
                 pass
+
+    def _refused(self):
+        """A receive or send raised ConnectionRefusedError: an ICMP port unreachable."""
+        self._nothing_listens()
 
     def _nothing_listens(self):
         # The server swallowed these without a word.
@@ -3088,17 +3096,33 @@ class TunnelUdpEndpoint(UdpEndpoint):
 
 class SharedUdpEndpoint(UdpEndpoint):
     """The client's one UDP socket on 127.0.0.1:<listen-port>, used by one tunnel after
-    another for the whole run, so it is never shut down: it waits in poll beside a wake pipe.
+    another for the whole run, so it is never shut down (that would end it for good).
 
     Replies go to `send_to` (WireGuard's ListenPort); a datagram from another port is warned
-    about once. `wait()` serves the client's connector (lazy connect, back-off sleeps); `wake()`
-    ends any wait and `rearm()` forgets earlier wakes; `close()` at the end of the client.
+    about once. `wait()` serves the client's connector (lazy connect, back-off sleeps): it
+    polls beside a wake pipe. The tunnel's UDP pump blocks in recvfrom; `wake()` writes the
+    pipe and sends the socket an empty datagram from itself, the wake datagram (WAKE
+    DATAGRAMS below). `rearm()` forgets earlier wakes; `close()` at the end of the client.
     """
+
+    # WAKE DATAGRAMS. The UDP pump waits in recvfrom itself, not in poll beside the pipe and
+    # then recvfrom: one system call per wake-up instead of two, each of which hands the GIL
+    # over. A wake datagram is empty and comes from the socket's own address (no datagram
+    # from WireGuard or anyone else can): receives take it for a wake (None), so it never
+    # reaches WireGuard, counts nowhere and draws no "datagrams arrive from" warning. Not a
+    # second socket: its ephemeral port could be WireGuard's ListenPort (51820 is in Linux's
+    # range). One left unread (its tunnel's pump had stopped already) is stale: the next
+    # tunnel's pump reads it while its own close_reason is None (Tunnel.close sets that before
+    # it wakes) and goes on; it ends a drain, so the datagrams behind it wait for the next
+    # receive; and the connector's wait() takes one off the head of the queue without
+    # connecting. Dropped for a full receive buffer, it is not needed: the pump has datagrams
+    # to read and checks close_reason after them (its channel is shut down already).
 
     def __init__(self, sock, send_to):
         super().__init__(sock)
         self.send_to = send_to
         self.warned_source = None
+        self._own_address = sock.getsockname()  # where wake datagrams come from
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
@@ -3119,7 +3143,8 @@ class SharedUdpEndpoint(UdpEndpoint):
             sock.bind(("127.0.0.1", listen_port))
             # Linux tells an unconnected UDP socket of an ICMP port unreachable only with
             # IP_RECVERR (udp(7)): how the client learns that nothing listens on
-            # --forward-port. The errors then wait in a queue that wait() drains.
+            # --forward-port. The errors then wait in a queue that wait() drains, or
+            # _refused() when a receive or send raises ECONNREFUSED.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
         except OSError as exc:
@@ -3154,8 +3179,28 @@ class SharedUdpEndpoint(UdpEndpoint):
             # taken for a new outage after its first answer (a second warning). Nothing
             # queued (a pending error only) is for the caller's recvfrom to raise.
             errors = any(mask & select.POLLERR for _, mask in events) and self._read_errors()
-            if not errors or any(mask & select.POLLIN for _, mask in events):
+            readable = any(mask & select.POLLIN for _, mask in events)
+            if readable and self._took_stale_wake():
+                continue
+            if not errors or readable:
                 return True
+
+    def _took_stale_wake(self):
+        """Whether the datagram at the head of the queue was a wake datagram, now read: one
+        that a tunnel's pump left (wait() runs between tunnels), no reason to connect."""
+        try:
+            _, source = self.sock.recvfrom(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            if source != self._own_address:
+                return False
+            self.sock.recvfrom(1, socket.MSG_DONTWAIT)
+        except OSError:  # gone meanwhile, or an error: the caller's receive sees what is there
+            return False
+        return True
+
+    def _refused(self):
+        # The ICMP also waits in the error queue: read it now, as no poll will see it for us.
+        self._nothing_listens()
+        self._read_errors()
 
     def _read_errors(self):
         """Drain the socket's error queue (IP_RECVERR); a port unreachable there means that
@@ -3173,14 +3218,18 @@ class SharedUdpEndpoint(UdpEndpoint):
                     self._nothing_listens()
 
     def _receive_first_into(self, view):
-        if not self.wait():
-            return None
-        return self._receive_waiting_into(view)
+        return self._receive_into(view, 0)
 
     def _receive_waiting_into(self, view):
-        size, source = self.sock.recvfrom_into(view, MAX_FRAME_PAYLOAD, socket.MSG_DONTWAIT)
+        return self._receive_into(view, socket.MSG_DONTWAIT)
+
+    def _receive_into(self, view, flags):
+        """One datagram into `view`: its size, or None for a wake datagram."""
+        size, source = self.sock.recvfrom_into(view, MAX_FRAME_PAYLOAD, flags)
         if source[1] == self.send_to[1]:
             self.refused = False  # WireGuard answered from its ListenPort
+        elif source == self._own_address:
+            return None
         else:
             self._warn_source(source)
         return size
@@ -3212,6 +3261,10 @@ class SharedUdpEndpoint(UdpEndpoint):
                 os.write(self._wake_write, b"x")
             except BlockingIOError:  # the pipe is full of wakes: woken either way
                 pass
+            # The pump's wake (see WAKE DATAGRAMS); a pending ICMP error would fail the send
+            # and be cleared by it, so it is read and the send tried again.
+            with contextlib.suppress(OSError):
+                self._send_past_refusal(self.sock.sendto, b"", self._own_address)
 
     def rearm(self):
         """Forget earlier wakes before the next wait or tunnel."""
@@ -3251,12 +3304,12 @@ class SharedUdpEndpoint(UdpEndpoint):
 #                        equal-sized ones in one system call: UDP GSO).
 # The first pump to stop closes the tunnel: `Tunnel.close()` shuts the TCP socket down (waking a
 # blocked recv or sendall) and wakes the UDP endpoint (a shutdown of the server's own connected
-# UDP socket; a wake pipe beside the client's shared one). The thread that ran the tunnel joins
-# the other pump before anything is closed, so no thread or socket outlives its tunnel, and no
-# stale reader steals datagrams from the next tunnel (the original loses 1-4 datagrams after
-# every reconnect that way). Tunnel sockets stay blocking (a Python timeout would poll before
-# every call); sent data counts only once acknowledged (TCP_USER_TIMEOUT = idle timeout), and
-# only the kernel's ETIMEDOUT means "path down".
+# UDP socket; an empty datagram from itself to the client's shared one). The thread that ran
+# the tunnel joins the other pump before anything is closed, so no thread or socket outlives
+# its tunnel, and no stale reader steals datagrams from the next tunnel (the original loses
+# 1-4 datagrams after every reconnect that way). Tunnel sockets stay blocking (a Python timeout
+# would poll before every call); sent data counts only once acknowledged (TCP_USER_TIMEOUT =
+# idle timeout), and only the kernel's ETIMEDOUT means "path down".
 
 # A pump buffer that a burst filled beyond this gives its pages back at the next small batch,
 # at most once per TRIM_INTERVAL seconds.

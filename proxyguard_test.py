@@ -709,6 +709,85 @@ def test_client_reads_an_old_icmp_before_the_datagram_beside_it(caplog):
         close()
 
 
+@contextlib.contextmanager
+def running_client_tunnel(endpoint):
+    """A Tunnel between a socketpair (our end yielded) and the client's shared `endpoint`,
+    running in a thread. After the test's block our end stops sending: the tunnel must end
+    "closed by peer", which only the wake of its UDP pump, blocked in recvfrom, lets happen."""
+    ours, theirs = socket.socketpair()
+    tunnel = pg.Tunnel(pg.PlainChannel(theirs), endpoint, "test", pg.IdleClock(30))
+    thread, result = run_in_thread(tunnel)
+    try:
+        yield tunnel, ours
+        ours.shutdown(socket.SHUT_WR)
+        thread.join(5)
+        assert result == ["closed by peer"]
+    finally:
+        ours.close()
+
+
+def test_client_stale_wakes_neither_reach_wireguard_nor_warn_nor_lose_datagrams(caplog):
+    """Wake datagrams (SharedUdpEndpoint: the tunnel's UDP pump blocks in recvfrom) left in
+    the queue by tunnels that had ended: one before a real datagram at the next tunnel's
+    start, one amid its traffic, one at the connector's lazy-connect wait. None goes to the
+    peer, draws the "datagrams arrive from" warning, or connects; every real datagram, also
+    those queued behind a wake, goes out in order, and each tunnel ends at its own wake."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as wireguard:
+        wireguard.bind((LOOPBACK, 0))
+        endpoint = pg.SharedUdpEndpoint.bind(0, wireguard.getsockname()[1])
+        try:
+            endpoint.wake()  # no pump reads: stale for the next tunnel
+            endpoint.rearm()
+            wireguard.sendto(b"queued behind a wake", endpoint.address)
+            decoder = FrameDecoder()
+            with running_client_tunnel(endpoint) as (tunnel, ours):
+                assert read_frames(ours, decoder, 1) == [b"queued behind a wake"]
+                endpoint.wake()  # amid the traffic, with the tunnel's close_reason None
+                wireguard.sendto(b"after a wake", endpoint.address)
+                assert read_frames(ours, decoder, 1) == [b"after a wake"]
+            assert (tunnel.to_tcp_datagrams, tunnel.to_tcp_bytes) == (2, 32)
+            # Between tunnels: the wake at the head is taken, no reason to connect.
+            endpoint.wake()
+            endpoint.rearm()
+            assert not endpoint.wait(0.05)
+            wireguard.sendto(b"the next tunnel's", endpoint.address)
+            assert endpoint.wait(5)
+            with running_client_tunnel(endpoint) as (tunnel, ours):
+                assert read_frames(ours, FrameDecoder(), 1) == [b"the next tunnel's"]
+            with pytest.raises(BlockingIOError):  # nothing went to WireGuard
+                wireguard.recv(100, socket.MSG_DONTWAIT)
+        finally:
+            endpoint.close()
+    assert "arrive from" not in caplog.text and "nothing listens" not in caplog.text
+
+
+def test_client_pump_reads_the_icmp_queue_and_warns_once_per_outage(caplog):
+    """With nothing on --forward-port, the tunnel's datagrams to WireGuard draw ICMPs, which
+    wake the UDP pump blocked in recvfrom (ECONNREFUSED): it reads the error queue (left, it
+    would fill the receive buffer) and warns once; WireGuard's answer ends the outage, and a
+    second outage is warned about again."""
+    port = free_port(socket.SOCK_DGRAM)
+    endpoint = pg.SharedUdpEndpoint.bind(0, port)
+    errors = select.poll()
+    errors.register(endpoint.sock, select.POLLERR)
+    try:
+        with running_client_tunnel(endpoint) as (tunnel, ours):
+            for outage in (1, 2):
+                ours.sendall(pg.encode_frames([b"to nobody"] * 3))
+                wait_until(lambda: tunnel.to_udp_datagrams == 3 * outage, 5, "the sends")
+                wait_until(lambda: caplog.text.count("nothing listens on") == outage, 5,
+                           "the warning")
+                wait_until(lambda: not errors.poll(0), 5, "the error queue read")
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as wireguard:
+                    wireguard.bind((LOOPBACK, port))
+                    wireguard.sendto(b"back", endpoint.address)
+                    assert read_frames(ours, FrameDecoder(), 1) == [b"back"]
+                    wait_until(lambda: not endpoint.refused, 5, "the outage's end")
+        assert caplog.text.count("nothing listens on") == 2
+    finally:
+        endpoint.close()
+
+
 def test_tunnel_frames_datagrams_in_place_and_drops_empty_ones():
     """Datagrams from WireGuard, empty ones among them, bursts and single ones: the frames on
     the stream are those of the non-empty datagrams, in order, and the counters agree."""
