@@ -261,10 +261,10 @@ TEARDOWN_LANE_WAIT = 10.0
 # 1.00-1.06x the one process's paced, 1.05-1.36x saturated, plain and TLS, and the one
 # process carries more (proxyguard_bench.py --tests peers; MEASUREMENTS.md; issue 19, target
 # 5). One client's two threads gain nothing (about the same CPU a datagram, 3-5 % fewer
-# datagrams/s), so only a group is pinned. Every CPU_CHECK_SECONDS the group's CPU is compared with the others:
-# when other work keeps it busier than the least busy one by CPU_MOVE_MARGIN (of one CPU's
-# time), the threads move there; a smaller difference is noise (the scheduler moves the
-# unpinned processes away by itself).
+# datagrams/s), so only a group is pinned. Every CPU_CHECK_SECONDS the group's CPU is
+# compared with the others: when other work keeps it busier than the least busy one by
+# CPU_MOVE_MARGIN (of one CPU's time), the threads move there; a smaller difference is noise
+# (the scheduler moves the unpinned processes away by itself).
 CPU_CHECK_SECONDS = 10.0
 CPU_MOVE_MARGIN = 0.25
 
