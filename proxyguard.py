@@ -5347,9 +5347,8 @@ class WgQuick:
 
 def own_runtime_owner(interface):
     """This process as the RuntimeOwner of an up of `interface`."""
-    with open("/proc/self/stat") as stream:
-        start = process_start_time(stream.read())
-    return RuntimeOwner(interface, os.getpid(), start, network_namespace())
+    pid = os.getpid()
+    return RuntimeOwner(interface, pid, _started(pid), network_namespace())
 
 
 def network_namespace():
@@ -5357,14 +5356,20 @@ def network_namespace():
     return os.stat("/proc/self/ns/net").st_ino
 
 
+def _started(pid):
+    """When process `pid` started (process_start_time, from its /proc/PID/stat), or None if it
+    is gone."""
+    try:
+        with open("/proc/%d/stat" % pid) as stream:
+            return process_start_time(stream.read())
+    except OSError:
+        return None
+
+
 def process_runs(pid, start):
     """Whether process `pid` runs and is the one that started at `start` (process_start_time),
     not a later one given the same pid."""
-    try:
-        with open("/proc/%d/stat" % pid) as stream:
-            return process_start_time(stream.read()) == start
-    except OSError:
-        return False
+    return start is not None and _started(pid) == start
 
 
 def interface_exists(name):
