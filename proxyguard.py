@@ -2102,6 +2102,7 @@ def judge_leftovers(leftovers, interface, netns, interface_exists):
     cannot be seen from here) are left alone. Raises FatalError (one line, what to do) if
     `interface` is up by a running up, or by anything but an earlier up."""
     actions = []
+    taking_down = False  # one wg-quick down takes the interface away: later ones only remove
     for leftover in leftovers:
         owner = leftover.owner
         if owner.netns != netns:
@@ -2113,15 +2114,14 @@ def judge_leftovers(leftovers, interface, netns, interface_exists):
                                  "runs: stop that one first (kill %d)"
                                  % (interface, owner.pid, owner.pid))
             continue
-        if not interface_exists(owner.interface):
+        if not interface_exists(owner.interface) or (ours and taking_down):
             actions.append(("remove", leftover))
         elif not ours:
             actions.append(("keep", leftover))
-        elif any(action == "down" for action, _ in actions):
-            actions.append(("remove", leftover))  # one wg-quick down takes the interface away
         else:
             actions.append(("down", leftover))
-    if interface_exists(interface) and not any(action == "down" for action, _ in actions):
+            taking_down = True
+    if interface_exists(interface) and not taking_down:
         raise FatalError("interface %s exists already, and no proxyguard.py up of this profile "
                          "brought it up: take it down first (ip link del %s; wg-quick down "
                          "FILE if wg-quick brought it up from FILE), or copy the profile to "
