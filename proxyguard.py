@@ -268,6 +268,25 @@ TEARDOWN_LANE_WAIT = 10.0
 CPU_CHECK_SECONDS = 10.0
 CPU_MOVE_MARGIN = 0.25
 
+# Busy polling (--busy-poll; BusyPoll, BusyPoller). A pump done with a lone datagram (a ping,
+# a request, its answer: one at a time) polls its socket for the next for up to
+# DEFAULT_BUSY_POLL_US before it blocks, giving its CPU away between polls (sched_yield), as
+# the original's Go runtime spins before it parks. Why: a blocked thread is woken through the
+# scheduler, and a CPU that went idle first has to wake up (on a virtual machine, a halted
+# vCPU: an exit to the host); four such wake-ups per round trip made most of ours. Measured
+# on this project's 2-CPU VM, Go pinger and echo: with the idle CPUs polling (PM QoS, for the
+# study only) ours took 65-73 us p50 against the original's 110-115 us, at half its CPU a
+# round trip; without, 173-191 us against 163-171 us (MEASUREMENTS.md, issue 19, target 3).
+# 100 us covers the gap between a round trip's datagrams once both pumps poll. After
+# BUSY_POLL_MISSES polls in a row that found nothing, a pump blocks at once, until a blocking
+# wait ends within the budget again (polling would have found it): a sparse flow (keepalives,
+# a quiet SSH) costs two polls, not one per datagram. At most max(2, CPUs) pumps of a
+# process poll at once (BusyPolling), so a server with many quiet tunnels cannot spin all
+# its threads. A batch of several datagrams (bulk) does not poll: more is waiting anyway.
+DEFAULT_BUSY_POLL_US = 100
+MAX_BUSY_POLL_US = 1000
+BUSY_POLL_MISSES = 2
+
 # Where wireguard-go keeps an interface's control socket (NAME.sock).
 WIREGUARD_RUN_DIR = "/var/run/wireguard"
 
@@ -1719,6 +1738,7 @@ def rewrite_profile(profile, ports, listen_port, fwmark):
 #     Backoff     the client's reconnect waits; ServerChoice, which of its servers is next;
 #     RouteTable  which WireGuard a request's path goes to (--route, else --to);
 #     CpuPlacement  which CPU up's threads share (--cpu), from /proc/stat's figures.
+#     BusyPoll    whether a pump polls for its next datagram before it blocks (--busy-poll).
 #     judge_leftovers  what up does with the runtime directories of earlier ups that were
 #                 killed (WireGuard still up) or still run, before its own.
 
@@ -1974,6 +1994,34 @@ class RouteTable:
         return ([name for name in now if name not in old],
                 [name for name in old if name not in now],
                 [name for name in now if name in old and now[name] != old[name]])
+
+
+class BusyPoll:
+    """Whether one pump polls for its next data before it blocks, and for how long (see
+    DEFAULT_BUSY_POLL_US). `budget` is in seconds; 0 never polls.
+
+    `poll_for(lone)` before each wait: the seconds to poll (0: block at once); `lone` says the
+    last batch was one datagram. Then `polled(found)` when the poll ended, or, after a
+    blocking wait while `backed_off`, `blocked(waited)` with how long it took.
+    """
+
+    def __init__(self, budget):
+        self.budget = budget
+        self.misses = 0  # polls in a row that found nothing
+
+    @property
+    def backed_off(self):
+        return self.misses >= BUSY_POLL_MISSES
+
+    def poll_for(self, lone):
+        return self.budget if lone and not self.backed_off else 0
+
+    def polled(self, found):
+        self.misses = 0 if found else self.misses + 1
+
+    def blocked(self, waited):
+        if waited <= self.budget:  # a poll would have found it: try polling again
+            self.misses = 0
 
 
 def cpu_times(text, ticks):
@@ -2666,6 +2714,10 @@ class PlainChannel:
         except OSError:
             pass
 
+    def buffered(self):
+        """Whether a read would find data without the socket (never, in plain TCP)."""
+        return False
+
     def shutdown(self):
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -2778,6 +2830,11 @@ class TLSChannel(PlainChannel):
             if data is not None:
                 return data
             self._receive_ciphertext()
+
+    def buffered(self):
+        """Whether plaintext, or ciphertext not yet decrypted, waits in the TLS object."""
+        with self._tls_lock:
+            return bool(self._tls.pending() or self._incoming.pending)
 
     def sendall(self, data):
         view = memoryview(data)
@@ -3348,6 +3405,68 @@ class PumpBuffer:
                                  len(self.map) - mmap.PAGESIZE)
 
 
+class BusyPolling:
+    """A process's busy polling (--busy-poll): the budget in seconds (0: off), and how many
+    pumps may poll at once, `spinners` (the service runtime's busy_polling() gives one a
+    CPU, and at least two: one tunnel's pumps). `poller(fd)` gives a pump its BusyPoller,
+    or None when off."""
+
+    def __init__(self, budget, spinners=2):
+        self.budget = budget
+        self._slots = threading.BoundedSemaphore(spinners)
+
+    def poller(self, fd):
+        if not self.budget:
+            return None
+        return BusyPoller(fd, BusyPoll(self.budget), self._slots)
+
+
+# sched_yield(2) where the system has it (every Linux); elsewhere a poll just spins.
+_give_way = getattr(os, "sched_yield", lambda: None)
+
+
+class BusyPoller:
+    """Carries out one pump's BusyPoll on the descriptor it receives from. The pump calls
+    `before_wait(lone)` just before its blocking receive and `after_wait()` once it returned
+    with data. A poll is poll(2) with no timeout, then sched_yield: any thread that is ready
+    takes the CPU at once, and the GIL is free meanwhile. A shutdown or a wake makes the
+    descriptor readable, so a poll never delays a close."""
+
+    def __init__(self, fd, policy, slots, clock=time.monotonic):
+        self._poller = select.poll()
+        self._poller.register(fd, select.POLLIN)
+        self.policy = policy
+        self._slots = slots
+        self._clock = clock
+        self._blocked_at = None
+
+    def before_wait(self, lone):
+        self._blocked_at = None
+        budget = self.policy.poll_for(lone)
+        if budget and self._slots.acquire(False):
+            try:
+                found = self._poll(budget)
+            finally:
+                self._slots.release()
+            self.policy.polled(found)
+        elif self.policy.backed_off:
+            self._blocked_at = self._clock()
+
+    def after_wait(self):
+        if self._blocked_at is not None:
+            self.policy.blocked(self._clock() - self._blocked_at)
+            self._blocked_at = None
+
+    def _poll(self, budget):
+        poll, clock, give_way = self._poller.poll, self._clock, _give_way
+        deadline = clock() + budget
+        while not poll(0):
+            if clock() >= deadline:
+                return False
+            give_way()
+        return True
+
+
 class UoTLVFraming:
     """How datagrams look on the wire: UoTLV/1, [2-byte length][datagram]. The contract the
     Tunnel's pumps rely on (WebSocketFraming keeps it too):
@@ -3593,11 +3712,15 @@ class Tunnel:
     tunnel); None drops them. `framing` is how datagrams look on the wire (UOTLV_FRAMING, or
     a WebSocketFraming, whose reader also answers pings and closes and sends the client's
     keepalive pings: its writes and the UDP pump's take turns under `_write_lock`).
+    `busy_polling` (a BusyPolling, or None: off) lets each pump poll for its next datagram
+    before it blocks.
     """
 
     def __init__(self, channel, endpoint, peer, idle, first_bytes=b"", unsent=None,
-                 greeting=b"", framing=UOTLV_FRAMING, unacked_timeout=None, route=None):
+                 greeting=b"", framing=UOTLV_FRAMING, unacked_timeout=None, route=None,
+                 busy_polling=None):
         self.channel = channel
+        self.busy_polling = busy_polling
         self.endpoint = endpoint
         self.peer = peer
         self.idle = idle
@@ -3752,10 +3875,12 @@ class Tunnel:
         framing = self.framing
         cut = framing.cut
         control, answer = framing.control, framing.answer
+        poller = self._poller(self.channel.sock)
         held = 0
         end = len(self.first_bytes)  # what came with the 101 is read first
         view[:end] = self.first_bytes
         while True:
+            lone = False
             if end:
                 datagrams, pos = cut(view, end)
                 if datagrams:
@@ -3775,8 +3900,12 @@ class Tunnel:
                 if held and pos:
                     buffer.map.move(0, pos, held)  # the incomplete frame to the start
                 buffer.used(end)
+                lone = (poller is not None and len(datagrams) == 1 and not held
+                        and not self.channel.buffered())
             if self.close_reason is not None:
                 return self.close_reason
+            if poller is not None:
+                poller.before_wait(lone)
             try:
                 received = recv_into(view[held:held + TCP_READ_SIZE])
             except OSError as exc:
@@ -3799,6 +3928,8 @@ class Tunnel:
                 continue
             if not received:
                 return "closed by peer" if self.close_reason is None else self.close_reason
+            if poller is not None:
+                poller.after_wait()
             end = held + received
 
     def _answer_peer(self, reply, close, reason):
@@ -3823,6 +3954,12 @@ class Tunnel:
                         self.peer, sizes[0])
         self.oversized += len(sizes)
 
+    def _poller(self, sock):
+        """The pump's BusyPoller on `sock`'s descriptor, or None without busy polling."""
+        if self.busy_polling is None:
+            return None
+        return self.busy_polling.poller(sock.fileno())
+
     def _send_own_frame(self, frame):
         """The reader's own frames (pong, ping) take their turn with the UDP pump's writes."""
         with self._write_lock:
@@ -3841,10 +3978,16 @@ class Tunnel:
         framing = self.framing
         batch = view[framing.offset:]
         limit = framing.batch_limit
+        poller = self._poller(self.endpoint)
+        count = 0
         while self.close_reason is None:
+            if poller is not None:
+                poller.before_wait(count == 1)
             end, count = receive(batch, limit, framing)
             if not count:
                 continue
+            if poller is not None:
+                poller.after_wait()
             try:
                 data = encode(view, end)
                 with write_lock:
@@ -3951,8 +4094,10 @@ class Server(Service):
     def __init__(self, listener, wireguard_address, wireguard_family=socket.AF_INET,
                  idle_timeout=DEFAULT_IDLE_TIMEOUT, handshake_timeout=HANDSHAKE_TIMEOUT,
                  tls_context=None, trusted_proxies=(), max_clients=DEFAULT_MAX_CLIENTS,
-                 path=None, routes=None, health_path=None, tunnels_changed=None):
+                 path=None, routes=None, health_path=None, tunnels_changed=None,
+                 busy_polling=None):
         self.listener = listener
+        self.busy_polling = busy_polling  # a BusyPolling for every tunnel's pumps, or None
         self.address = listener.getsockname() if listener is not None else None
         self.idle_timeout = idle_timeout
         self.handshake_timeout = handshake_timeout
@@ -4138,7 +4283,8 @@ class Server(Service):
         else:
             greeting, framing = UPGRADE_RESPONSE, UOTLV_FRAMING
         tunnel = Tunnel(channel, endpoint, peer_text, IdleClock(self.idle_timeout), first_bytes,
-                        greeting=greeting, framing=framing, route=route)
+                        greeting=greeting, framing=framing, route=route,
+                        busy_polling=self.busy_polling)
         route_text = ", route %s to %s" % (route, format_address(wireguard[0])) \
             if self.routed else ""
         with self._lock:
@@ -4685,7 +4831,9 @@ class Client(Service):
     """
 
     def __init__(self, dialer, endpoint, idle_timeout=DEFAULT_IDLE_TIMEOUT, backoff=None,
-                 keepalive=DEFAULT_KEEPALIVE, fallbacks=(), tunnels_changed=None):
+                 keepalive=DEFAULT_KEEPALIVE, fallbacks=(), tunnels_changed=None,
+                 busy_polling=None):
+        self.busy_polling = busy_polling  # a BusyPolling for the tunnels' pumps, or None
         # The peer's servers (several --to): `dialer` first, then `fallbacks`, each
         # with its own back-off; `servers` decides which is tried when. `dialer` and
         # `backoff` are the server of the current (or last) attempt, `server_index` its place
@@ -4724,7 +4872,7 @@ class Client(Service):
     @classmethod
     def open(cls, dialer, listen_port=DEFAULT_LISTEN_PORT, forward_port=DEFAULT_FORWARD_PORT,
              idle_timeout=DEFAULT_IDLE_TIMEOUT, keepalive=DEFAULT_KEEPALIVE, fallbacks=(),
-             environ=os.environ, tunnels_changed=None):
+             environ=os.environ, tunnels_changed=None, busy_polling=None):
         """Check --fwmark, bind the UDP socket, resolve each server once; raises FatalError."""
         unused = unused_listen_fds(environ)
         if unused:  # a socket unit pointed at a client instance: say so, not silently
@@ -4749,7 +4897,7 @@ class Client(Service):
             if hint is not None:
                 log.warning("%s", hint)
         return cls(dialer, endpoint, idle_timeout, keepalive=keepalive, fallbacks=fallbacks,
-                   tunnels_changed=tunnels_changed)
+                   tunnels_changed=tunnels_changed, busy_polling=busy_polling)
 
     def serve_forever(self):
         log.info("client listening on %s (UDP), tunnelling to %s%s, replies to WireGuard at %s",
@@ -4821,7 +4969,8 @@ class Client(Service):
         tunnel = Tunnel(channel, self.endpoint, peer, IdleClock(self.idle_timeout), first_bytes,
                         unsent=self._keep_unsent, framing=framing,
                         unacked_timeout=path_down_timeout(
-                            retransmission_timeout(channel.sock)))
+                            retransmission_timeout(channel.sock)),
+                        busy_polling=self.busy_polling)
         with self._lock:  # a scrape sees the tunnel and its server's counts together
             self._tunnel = tunnel
             self.tunnels_opened[self.server_index] += 1
@@ -6017,6 +6166,14 @@ class CpuPinning:
             self.pin(set(self.placement.cpus))
 
 
+def busy_polling(microseconds, cpus):
+    """--busy-poll as a BusyPolling (None when 0): as many pumps may poll at once as the
+    process may use CPUs (`cpus`, None where unknown: os.cpu_count()), and at least two."""
+    if not microseconds:
+        return None
+    return BusyPolling(microseconds / 1e6, max(2, len(cpus) if cpus else os.cpu_count() or 1))
+
+
 def cpu_pinning(choice, peers, cpus):
     """up's CpuPinning for --cpu `choice` ("auto", "any" or a CPU number) and `peers` tunnels
     on `cpus` (allowed_cpus(): None where the system cannot pin), or None, not pinned: "any",
@@ -6179,6 +6336,7 @@ OPTION_MODES = {
     "connect-timeout": ("client",), "proxy": ("client",), "ca-file": ("client",),
     "tls-min-version": ("client",), "keepalive": ("client",),
     "idle-timeout": ("client", "server"), "metrics-listen": ("client", "server"),
+    "busy-poll": ("client", "server"),
     "profile": ("up",), "write-config": ("up",), "cpu": ("up",),
 }
 
@@ -6237,6 +6395,7 @@ OPTION_GROUPS = {
     "profile": "connection",
     "write-config": "operations",
     "cpu": "limits and tuning",
+    "busy-poll": "limits and tuning",
     "route": "connection",
     "health-path": "operations",
 }
@@ -6488,6 +6647,10 @@ def build_parser(command_line_only=False, help_mode=None):
     add("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT, metavar="SECONDS",
         help="close a tunnel after this long without data either way, at most 86400; "
              "0 = never (default %(default)g)")
+    add("--busy-poll", type=int, default=DEFAULT_BUSY_POLL_US, metavar="MICROSECONDS",
+        help="after a lone datagram, poll this long for the next before sleeping: shorter "
+             "round trips for more CPU while they flow, up to %d; 0 = off (default "
+             "%%(default)s)" % MAX_BUSY_POLL_US)
     add("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS, metavar="N",
         help="open tunnels at most (up to %d); the next client gets 503 (default "
              "%%(default)s, 0 = no limit)" % MAX_CLIENTS_BOUND)
@@ -6808,6 +6971,9 @@ def _check_options(options):
             shown = repr(value)[:-2] if repr(value).endswith(".0") else repr(value)
             raise UsageError("--%s %s: must be %s" % (name.replace("_", "-"), shown, words),
                              option="--" + name.replace('_', '-'))
+    if not 0 <= options.busy_poll <= MAX_BUSY_POLL_US:
+        raise UsageError("--busy-poll %d: must be 0 (off) to %d microseconds"
+                         % (options.busy_poll, MAX_BUSY_POLL_US), option="--busy-poll")
     if options.metrics_listen:  # an empty host takes every interface, as --listen's does
         options.metrics_listen = parse_host_port(options.metrics_listen, "--metrics-listen",
                                                  default_host="0.0.0.0")
@@ -6966,14 +7132,16 @@ def _build_service(options, tunnels_changed=None):
                            trusted_proxies=options.trusted_proxies,
                            max_clients=options.max_clients, path=options.path,
                            routes=options.route, health_path=options.health_path,
-                           tunnels_changed=tunnels_changed)
+                           tunnels_changed=tunnels_changed,
+                           busy_polling=busy_polling(options.busy_poll, allowed_cpus()))
     if options.mode == "up":
         return _build_client_group(options, tunnels_changed)
     return Client.open(_build_dialer(options), listen_port=options.listen_port,
                        forward_port=options.forward_port, idle_timeout=options.idle_timeout,
                        keepalive=options.keepalive,
                        fallbacks=[_build_dialer(options, url) for url in options.servers[1:]],
-                       tunnels_changed=tunnels_changed)
+                       tunnels_changed=tunnels_changed,
+                       busy_polling=busy_polling(options.busy_poll, allowed_cpus()))
 
 
 def _build_client_group(options, tunnels_changed=None):
@@ -6988,6 +7156,7 @@ def _build_client_group(options, tunnels_changed=None):
         # Before the servers' names are resolved: a killed up's WireGuard may still route
         # everything, DNS included, into its dead tunnel.
         WgQuick(options.interface).clear_leftovers()
+    polling = busy_polling(options.busy_poll, allowed_cpus())  # one for all the peers
     clients = []
     for _, url in profile.proxy_peers:
         dialer = _build_dialer(options, url)
@@ -6999,7 +7168,7 @@ def _build_client_group(options, tunnels_changed=None):
         clients.append(Client.open(dialer, listen_port=0, forward_port=options.forward_port,
                                    idle_timeout=options.idle_timeout,
                                    keepalive=options.keepalive,
-                                   tunnels_changed=tunnels_changed))
+                                   tunnels_changed=tunnels_changed, busy_polling=polling))
     return ClientGroup(clients, pinning)
 
 
