@@ -2008,6 +2008,7 @@ class BusyPoll:
     def __init__(self, budget):
         self.budget = budget
         self.misses = 0  # polls in a row that found nothing
+        self.found = self.missed = 0  # polls in all, by their end (for tests and debugging)
 
     @property
     def backed_off(self):
@@ -2017,7 +2018,12 @@ class BusyPoll:
         return self.budget if lone and not self.backed_off else 0
 
     def polled(self, found):
-        self.misses = 0 if found else self.misses + 1
+        if found:
+            self.misses = 0
+            self.found += 1
+        else:
+            self.misses += 1
+            self.missed += 1
 
     def blocked(self, waited):
         if waited <= self.budget:  # a poll would have found it: try polling again

@@ -1319,6 +1319,72 @@ def test_cpu_pinning_pins_checks_moves_and_gives_up_on_an_error_with_one_warning
                         "denied; the scheduler places them"], warnings
 
 
+def test_busy_poll_polls_after_a_lone_datagram_only_and_backs_off_after_two_misses():
+    policy = pg.BusyPoll(0.0001)
+    assert policy.poll_for(lone=False) == 0  # a batch: more is waiting anyway
+    assert policy.poll_for(lone=True) == 0.0001
+    policy.polled(found=False)
+    assert policy.poll_for(lone=True) == 0.0001  # one miss: poll again
+    policy.polled(found=True)
+    policy.polled(found=False)
+    assert not policy.backed_off  # a find starts the count over
+    policy.polled(found=False)
+    assert policy.backed_off and policy.poll_for(lone=True) == 0  # sparse: block at once
+    policy.blocked(0.5)  # a keepalive's gap: polling would not have found it
+    assert policy.poll_for(lone=True) == 0
+    policy.blocked(0.0001)  # a wait within the budget: polling would have found it
+    assert policy.poll_for(lone=True) == 0.0001
+    assert pg.BusyPoll(0).poll_for(lone=True) == 0  # --busy-poll 0
+
+
+class TickingClock:
+    """A fake clock that moves `step` seconds at every reading."""
+
+    def __init__(self, step):
+        self.now, self.step = 0.0, step
+
+    def __call__(self):
+        self.now += self.step
+        return self.now
+
+
+def test_busy_poller_finds_waiting_data_misses_within_its_budget_and_needs_a_slot():
+    reader, writer = socket.socketpair()
+    with reader, writer:
+        slots = threading.BoundedSemaphore(1)
+        policy = pg.BusyPoll(0.01)
+        poller = pg.BusyPoller(reader.fileno(), policy, slots, clock=TickingClock(0.001))
+        poller.before_wait(lone=True)  # nothing comes: the deadline's reading, ten polls', a miss
+        assert policy.misses == 1 and poller._clock.now == pytest.approx(0.011)
+        writer.send(b"x")
+        poller.before_wait(lone=True)  # found at the first poll
+        assert policy.misses == 0 and reader.recv(1) == b"x"
+        slots.acquire()  # another pump polls: this one blocks at once, its policy as it was
+        before = poller._clock.now
+        poller.before_wait(lone=True)
+        assert poller._clock.now == before and policy.misses == 0
+        slots.release()
+        poller.before_wait(lone=True)
+        poller.before_wait(lone=True)
+        assert policy.backed_off
+        poller.before_wait(lone=True)  # backed off: the blocking wait is timed
+        poller.after_wait()  # one tick later: within the budget
+        assert not policy.backed_off
+
+
+def test_busy_polling_is_off_at_zero_and_a_shut_down_socket_ends_a_poll_at_once():
+    assert pg.busy_polling(0, [0, 1]) is None
+    polling = pg.busy_polling(1000, [0])  # at least two pumps: one tunnel's
+    assert polling.budget == 0.001 and polling._slots._value == 2
+    assert pg.busy_polling(1000, [0, 1, 2, 3])._slots._value == 4
+    reader, writer = socket.socketpair()
+    with reader, writer:
+        poller = polling.poller(reader.fileno())
+        reader.shutdown(socket.SHUT_RDWR)  # Tunnel.close() wakes a polling pump so
+        poller.before_wait(lone=True)
+        assert poller.policy.misses == 0  # found: readable, the receive sees the end
+
+
 def test_encode_frames_refuses_what_does_not_fit_as_encode_frame_does():
     assert pg.encode_frames([b"a", b""]) == b"\x00\x01a\x00\x00"
     with pytest.raises(ValueError):
@@ -3175,6 +3241,9 @@ CLIENT = ["client", "--to", "http://x/"]
      "--connect-timeout 10000000000: must"),
     (["server", "--handshake-timeout", "inf"], "--handshake-timeout inf: must be"),
     (["server", "--handshake-timeout", "3601"], "--handshake-timeout 3601: must be"),
+    (["server", "--busy-poll", "1001"], "--busy-poll 1001: must be 0 (off) to 1000 "
+                                        "microseconds"),
+    (CLIENT + ["--busy-poll", "-1"], "--busy-poll -1: must be 0 (off) to 1000 microseconds"),
     # the client would feed its own replies back to itself
     (CLIENT + ["--listen-port", "51820"], "--listen-port 51820 and --forward-port 51820 are "
                                           "one port"),
@@ -11346,3 +11415,68 @@ def test_no_route_to_the_server_waits_at_most_a_second_between_attempts(tmp_path
     assert "network is unreachable" in log, log
     waits = re.findall(r"next attempt in ([\d.]+)s", log)
     assert waits[:4] == ["1", "1", "1", "1"], log
+
+
+# =============================================================================================
+# Busy polling (--busy-poll): real processes
+# =============================================================================================
+
+class RecordingBusyPolling(pg.BusyPolling):
+    """BusyPolling that keeps the BusyPollers it gives out, for their policies' counts."""
+
+    def __init__(self, budget):
+        super().__init__(budget)
+        self.pollers = []
+
+    def poller(self, fd):
+        poller = super().poller(fd)
+        self.pollers.append(poller)
+        return poller
+
+
+def test_busy_polling_pumps_find_a_ping_floods_datagrams_by_polling_and_still_close():
+    """A flood of lone round trips through a client's tunnel: both pumps find most of their
+    next datagrams by polling (the budget, 1 ms, is far above a loopback round trip), every
+    datagram arrives once and in order, and the tunnel ends at its peer's close while both
+    pumps poll."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as wireguard:
+        wireguard.bind((LOOPBACK, 0))
+        wireguard.settimeout(5)
+        endpoint = pg.SharedUdpEndpoint.bind(0, wireguard.getsockname()[1])
+        polling = RecordingBusyPolling(0.001)
+        ours, theirs = socket.socketpair()
+        tunnel = pg.Tunnel(pg.PlainChannel(theirs), endpoint, "test", pg.IdleClock(30),
+                           busy_polling=polling)
+        thread, result = run_in_thread(tunnel)
+        try:
+            decoder = FrameDecoder()
+            roundtrips = 500
+            for index in range(roundtrips):
+                wireguard.sendto(numbered(index, 100), endpoint.address)
+                assert read_frames(ours, decoder, 1) == [numbered(index, 100)]
+                ours.sendall(pg.encode_frames([numbered(index, 60)]))
+                assert wireguard.recv(100) == numbered(index, 60)
+            ours.shutdown(socket.SHUT_WR)
+            thread.join(5)
+            assert result == ["closed by peer"]
+        finally:
+            ours.close()
+            endpoint.close()
+    assert len(polling.pollers) == 2  # one a pump
+    for poller in polling.pollers:
+        assert poller.policy.found > roundtrips / 2, vars(poller.policy)
+
+
+def test_busy_poll_option_reaches_the_tunnels_and_0_turns_it_off():
+    client = ["client", "--to", "http://127.0.0.1:1/", "--listen-port",
+              str(free_port(socket.SOCK_DGRAM))]
+    service = pg._build_service(pg.parse_options(client, {}))
+    try:
+        assert service.busy_polling.budget == pg.DEFAULT_BUSY_POLL_US / 1e6 == 0.0001
+    finally:
+        service.endpoint.close()
+    service = pg._build_service(pg.parse_options(client + ["--busy-poll", "0"], {}))
+    try:
+        assert service.busy_polling is None
+    finally:
+        service.endpoint.close()
