@@ -6614,8 +6614,8 @@ def build_parser(command_line_only=False, help_mode=None):
         "WireGuard's configuration to PATH (- prints it), for NetworkManager or "
         "systemd-networkd; without it, up runs wg-quick up and, at the end, wg-quick down")
     add("--cpu", type=_cpu_value, default="auto", metavar="auto|any|CPU",
-        help="auto (default): two or more peers' threads on one CPU (less CPU per datagram), "
-             "moved if other work keeps it busy; any: anywhere; a number: that CPU (Linux)")
+        help="auto (default): two or more peers' threads on one CPU, moved if other work "
+             "keeps it busy; any: anywhere; a number: that CPU (Linux)")
     add("--to", action="append", metavar="TARGET", metavar_by_mode={"client": "URL", "server": "HOST:PORT"},
         help_by_mode={
             "client": "the server's URL (required), http(s)://host[:port][/path] for UoTLV/1, "
@@ -6654,9 +6654,8 @@ def build_parser(command_line_only=False, help_mode=None):
         help="close a tunnel after this long without data either way, at most 86400; "
              "0 = never (default %(default)g)")
     add("--busy-poll", type=int, default=DEFAULT_BUSY_POLL_US, metavar="MICROSECONDS",
-        help="after a lone datagram, poll this long for the next before sleeping: shorter "
-             "round trips for more CPU while they flow, up to %d; 0 = off (default "
-             "%%(default)s)" % MAX_BUSY_POLL_US)
+        help="after a lone datagram, poll this long before sleeping (faster round "
+             "trips); 0 = off (default %(default)s)")
     add("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS, metavar="N",
         help="open tunnels at most (up to %d); the next client gets 503 (default "
              "%%(default)s, 0 = no limit)" % MAX_CLIENTS_BOUND)
