@@ -1738,7 +1738,8 @@ def rewrite_profile(profile, ports, listen_port, fwmark):
 #     Backoff     the client's reconnect waits; ServerChoice, which of its servers is next;
 #     RouteTable  which WireGuard a request's path goes to (--route, else --to);
 #     CpuPlacement  which CPU up's threads share (--cpu), from /proc/stat's figures.
-#     BusyPoll    whether a pump polls for its next datagram before it blocks (--busy-poll).
+#     BusyPoll    whether a pump polls for its next datagram before it blocks (--busy-poll);
+#     RoundTrips  whether a tunnel's datagrams go one at a time (a pump may poll only then).
 #     judge_leftovers  what up does with the runtime directories of earlier ups that were
 #                 killed (WireGuard still up) or still run, before its own.
 
@@ -2028,6 +2029,35 @@ class BusyPoll:
     def blocked(self, waited):
         if waited <= self.budget:  # a poll would have found it: try polling again
             self.misses = 0
+
+
+# The two pumps of a tunnel, by where their data comes from (RoundTrips' sides).
+FROM_PEER, FROM_WIREGUARD = 0, 1
+
+
+class RoundTrips:
+    """Whether a tunnel carries round trips one at a time, from what its two pumps report: a
+    pump busy polls (BusyPoll) only then, when its last batch was one datagram, the other
+    pump's too, and the other waits for data now. Beside a busy other pump (a window of
+    datagrams in flight, a download and its lone ACKs) a poll would only take turns for the
+    GIL from that pump. Each pump writes its own side only.
+
+    `waits(side, lone)` just before `side`'s pump waits (`lone`: its last batch was one
+    datagram) returns whether it may poll; `busy(side)` once its wait returned with data.
+    """
+
+    def __init__(self):
+        self.lone = [False, False]
+        self.waiting = [False, False]
+
+    def waits(self, side, lone):
+        self.lone[side] = lone
+        self.waiting[side] = True
+        other = 1 - side
+        return lone and self.lone[other] and self.waiting[other]
+
+    def busy(self, side):
+        self.waiting[side] = False
 
 
 def cpu_times(text, ticks):
@@ -3435,7 +3465,10 @@ class BusyPoller:
     """Carries out one pump's BusyPoll on the descriptor it receives from. The pump calls
     `before_wait(lone)` just before its blocking receive and `after_wait()` once it returned
     with data. A poll is poll(2) with no timeout, then sched_yield: any thread that is ready
-    takes the CPU at once, and the GIL is free meanwhile. A shutdown or a wake makes the
+    takes the CPU at once. The GIL is free in both calls but taken for a moment between them,
+    which another thread of the process may keep losing until the poll ends: hence a Tunnel
+    polls only while its round trips go one at a time (RoundTrips: nothing else of its own
+    needs the GIL then), and at most one pump per CPU polls. A shutdown or a wake makes the
     descriptor readable, so a poll never delays a close."""
 
     def __init__(self, fd, policy, slots, clock=time.monotonic):
@@ -3727,6 +3760,7 @@ class Tunnel:
                  busy_polling=None):
         self.channel = channel
         self.busy_polling = busy_polling
+        self._turns = RoundTrips()  # whether a pump may poll: round trips one at a time
         self.endpoint = endpoint
         self.peer = peer
         self.idle = idle
@@ -3911,7 +3945,7 @@ class Tunnel:
             if self.close_reason is not None:
                 return self.close_reason
             if poller is not None:
-                poller.before_wait(lone)
+                poller.before_wait(self._turns.waits(FROM_PEER, lone))
             try:
                 received = recv_into(view[held:held + TCP_READ_SIZE])
             except OSError as exc:
@@ -3935,6 +3969,7 @@ class Tunnel:
             if not received:
                 return "closed by peer" if self.close_reason is None else self.close_reason
             if poller is not None:
+                self._turns.busy(FROM_PEER)
                 poller.after_wait()
             end = held + received
 
@@ -3988,11 +4023,12 @@ class Tunnel:
         count = 0
         while self.close_reason is None:
             if poller is not None:
-                poller.before_wait(count == 1)
+                poller.before_wait(self._turns.waits(FROM_WIREGUARD, count == 1))
             end, count = receive(batch, limit, framing)
             if not count:
                 continue
             if poller is not None:
+                self._turns.busy(FROM_WIREGUARD)
                 poller.after_wait()
             try:
                 data = encode(view, end)

@@ -1337,6 +1337,17 @@ def test_busy_poll_polls_after_a_lone_datagram_only_and_backs_off_after_two_miss
     assert pg.BusyPoll(0).poll_for(lone=True) == 0  # --busy-poll 0
 
 
+def test_round_trips_let_a_pump_poll_only_while_the_other_waits_after_a_lone_datagram_too():
+    turns = pg.RoundTrips()
+    assert not turns.waits(pg.FROM_WIREGUARD, lone=True)  # the peer's side has said nothing
+    assert turns.waits(pg.FROM_PEER, lone=True)  # a ping's answer, the other pump waits
+    turns.busy(pg.FROM_WIREGUARD)  # the next ping came: that pump works
+    assert not turns.waits(pg.FROM_PEER, lone=True)  # it must not lose the GIL to a poll
+    assert turns.waits(pg.FROM_WIREGUARD, lone=True)
+    assert not turns.waits(pg.FROM_PEER, lone=False)  # a batch: datagrams in flight
+    assert not turns.waits(pg.FROM_WIREGUARD, lone=True)
+
+
 class TickingClock:
     """A fake clock that moves `step` seconds at every reading."""
 
