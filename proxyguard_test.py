@@ -1321,20 +1321,30 @@ def test_cpu_pinning_pins_checks_moves_and_gives_up_on_an_error_with_one_warning
 
 def test_busy_poll_polls_after_a_lone_datagram_only_and_backs_off_after_two_misses():
     policy = pg.BusyPoll(0.0001)
-    assert policy.poll_for(lone=False) == 0  # a batch: more is waiting anyway
-    assert policy.poll_for(lone=True) == 0.0001
+    assert policy.poll_for(lone=False, now=0) == 0  # a batch: more is waiting anyway
+    assert policy.poll_for(lone=True, now=0) == 0.0001
     policy.polled(found=False)
-    assert policy.poll_for(lone=True) == 0.0001  # one miss: poll again
+    assert policy.poll_for(lone=True, now=0) == 0.0001  # one miss: poll again
     policy.polled(found=True)
     policy.polled(found=False)
     assert not policy.backed_off  # a find starts the count over
     policy.polled(found=False)
-    assert policy.backed_off and policy.poll_for(lone=True) == 0  # sparse: block at once
+    assert policy.backed_off and policy.poll_for(lone=True, now=0) == 0  # sparse: block at once
     policy.blocked(0.5)  # a keepalive's gap: polling would not have found it
-    assert policy.poll_for(lone=True) == 0
+    assert policy.poll_for(lone=True, now=0) == 0
     policy.blocked(0.0001)  # a wait within the budget: polling would have found it
-    assert policy.poll_for(lone=True) == 0.0001
-    assert pg.BusyPoll(0).poll_for(lone=True) == 0  # --busy-poll 0
+    assert policy.poll_for(lone=True, now=0) == 0.0001
+    assert pg.BusyPoll(0).poll_for(lone=True, now=0) == 0  # --busy-poll 0
+
+
+def test_busy_poll_stops_for_a_second_after_a_poll_lost_its_cpu_to_other_work():
+    policy = pg.BusyPoll(0.0001)
+    policy.lost_cpu(now=10.0)  # a nice-19 hog had the CPU until the next tick
+    policy.polled(found=False)
+    assert policy.crowded == 1 and not policy.backed_off
+    assert policy.poll_for(lone=True, now=10.5) == 0  # crowded: block at once
+    assert policy.poll_for(lone=True, now=10.0 + pg.BUSY_POLL_CROWDED_SECONDS) == 0.0001
+    assert policy.poll_for(lone=True, now=10.1) == 0.0001  # the pause is over, not a window
 
 
 def test_round_trips_let_a_pump_poll_only_while_the_other_waits_after_a_lone_datagram_too():
@@ -1365,15 +1375,17 @@ def test_busy_poller_finds_waiting_data_misses_within_its_budget_and_needs_a_slo
         slots = threading.BoundedSemaphore(1)
         policy = pg.BusyPoll(0.01)
         poller = pg.BusyPoller(reader.fileno(), policy, slots, clock=TickingClock(0.001))
-        poller.before_wait(lone=True)  # nothing comes: the deadline's reading, ten polls', a miss
-        assert policy.misses == 1 and poller._clock.now == pytest.approx(0.011)
+        poller.before_wait(lone=True)  # nothing comes: the policy's reading, the deadline's,
+        # then two readings a poll (before and after its give-way) until the deadline: a miss
+        assert policy.misses == 1 and poller._clock.now == pytest.approx(0.013)
         writer.send(b"x")
         poller.before_wait(lone=True)  # found at the first poll
         assert policy.misses == 0 and reader.recv(1) == b"x"
         slots.acquire()  # another pump polls: this one blocks at once, its policy as it was
         before = poller._clock.now
         poller.before_wait(lone=True)
-        assert poller._clock.now == before and policy.misses == 0
+        assert poller._clock.now == pytest.approx(before + 0.001)  # the policy's reading only
+        assert policy.misses == 0
         slots.release()
         poller.before_wait(lone=True)
         poller.before_wait(lone=True)
@@ -1381,6 +1393,24 @@ def test_busy_poller_finds_waiting_data_misses_within_its_budget_and_needs_a_slo
         poller.before_wait(lone=True)  # backed off: the blocking wait is timed
         poller.after_wait()  # one tick later: within the budget
         assert not policy.backed_off
+
+
+def test_busy_poller_ends_a_poll_whose_give_way_lost_the_cpu_and_pauses_polling(monkeypatch):
+    clock = TickingClock(0.00001)
+    monkeypatch.setattr(pg, "_give_way", lambda: setattr(clock, "now", clock.now + 0.004))
+    reader, writer = socket.socketpair()
+    with reader, writer:
+        policy = pg.BusyPoll(0.0001)
+        poller = pg.BusyPoller(reader.fileno(), policy, threading.BoundedSemaphore(1), clock)
+        poller.before_wait(lone=True)  # the first give-way took a 4 ms tick: crowded
+        assert policy.crowded == 1 and policy.missed == 1
+        before = clock.now
+        writer.send(b"x")
+        poller.before_wait(lone=True)  # within the pause: blocks at once, nothing polled
+        assert policy.found == 0 and clock.now - before < 0.0001
+        clock.now += pg.BUSY_POLL_CROWDED_SECONDS
+        poller.before_wait(lone=True)  # the pause is over: the waiting datagram is found
+        assert policy.found == 1
 
 
 def test_busy_polling_is_off_at_zero_and_a_shut_down_socket_ends_a_poll_at_once():
@@ -3255,6 +3285,9 @@ CLIENT = ["client", "--to", "http://x/"]
     (["server", "--busy-poll", "1001"], "--busy-poll 1001: must be 0 (off) to 1000 "
                                         "microseconds"),
     (CLIENT + ["--busy-poll", "-1"], "--busy-poll -1: must be 0 (off) to 1000 microseconds"),
+    (["server", "--sched-slice", "99"], "--sched-slice 99: must be 0 (the kernel's) or 100 to "
+                                        "100000 microseconds"),
+    (CLIENT + ["--sched-slice", "100001"], "--sched-slice 100001: must be 0"),
     # the client would feed its own replies back to itself
     (CLIENT + ["--listen-port", "51820"], "--listen-port 51820 and --forward-port 51820 are "
                                           "one port"),
@@ -11476,6 +11509,39 @@ def test_busy_polling_pumps_find_a_ping_floods_datagrams_by_polling_and_still_cl
     assert len(polling.pollers) == 2  # one a pump
     for poller in polling.pollers:
         assert poller.policy.found > roundtrips / 2, vars(poller.policy)
+
+
+def thread_slices(pid):
+    """The scheduler slice (ns) of each thread of process `pid`, from /proc (Linux 6.12+: the
+    `se.slice` line; older kernels show none, and --sched-slice does nothing there)."""
+    slices = []
+    for name in os.listdir("/proc/%d/task" % pid):
+        with open("/proc/%d/task/%s/sched" % (pid, name)) as stream:
+            slices += [int(line.split(":")[1]) for line in stream if
+                       line.startswith("se.slice ")]
+    return slices
+
+
+def test_sched_slice_reaches_every_thread_of_the_server_and_0_leaves_the_kernels(tmp_path):
+    if not thread_slices(os.getpid()):
+        skip_or_fail("this kernel shows no se.slice (before Linux 6.12): nothing to set")
+    kernels = max(thread_slices(os.getpid()))  # pytest's own threads: the kernel's default
+    server = start_server(tmp_path, free_port(socket.SOCK_DGRAM), "--sched-slice", "250")
+    try:
+        slices = thread_slices(server.popen.pid)
+        assert slices and set(slices) == {250000}, slices  # the threads started later too
+        assert "--sched-slice" not in server.log()  # no warning
+    finally:
+        server.stop()
+    server = start_server(tmp_path, free_port(socket.SOCK_DGRAM), "--sched-slice", "0")
+    try:
+        assert set(thread_slices(server.popen.pid)) == {kernels}
+    finally:
+        server.stop()
+
+
+def test_sched_slice_says_why_it_cannot_be_set_on_an_unknown_machine():
+    assert pg.set_sched_slice(100, machine="vax") == "sched_setattr's number on vax is not known"
 
 
 def test_busy_poll_option_reaches_the_tunnels_and_0_turns_it_off():
