@@ -1401,7 +1401,8 @@ def test_busy_poller_ends_a_poll_whose_give_way_lost_the_cpu_and_pauses_polling(
     reader, writer = socket.socketpair()
     with reader, writer:
         policy = pg.BusyPoll(0.0001)
-        poller = pg.BusyPoller(reader.fileno(), policy, threading.BoundedSemaphore(1), clock)
+        poller = pg.BusyPoller(reader.fileno(), policy, threading.BoundedSemaphore(1),
+                               clock=clock)
         poller.before_wait(lone=True)  # the first give-way took a 4 ms tick: crowded
         assert policy.crowded == 1 and policy.missed == 1
         before = clock.now
@@ -1411,6 +1412,17 @@ def test_busy_poller_ends_a_poll_whose_give_way_lost_the_cpu_and_pauses_polling(
         clock.now += pg.BUSY_POLL_CROWDED_SECONDS
         poller.before_wait(lone=True)  # the pause is over: the waiting datagram is found
         assert policy.found == 1
+
+
+def test_busy_poller_asks_for_the_short_slice_while_round_trips_go_one_at_a_time_only():
+    reader, writer = socket.socketpair()
+    with reader, writer:
+        asked = []
+        poller = pg.busy_polling(0, [0, 1], asked.append).poller(reader.fileno())
+        for lone in (False, True, True, True, False, False, True):
+            poller.before_wait(lone)  # budget 0: never polls, nor blocks the test
+        assert asked == [True, False, True]  # once a change
+        assert poller.policy.found == poller.policy.missed == 0
 
 
 def test_busy_polling_is_off_at_zero_and_a_shut_down_socket_ends_a_poll_at_once():
@@ -11522,26 +11534,70 @@ def thread_slices(pid):
     return slices
 
 
-def test_sched_slice_reaches_every_thread_of_the_server_and_0_leaves_the_kernels(tmp_path):
-    if not thread_slices(os.getpid()):
+def kernels_slice():
+    """The kernel's own slice (ns), from pytest's threads; skips (fails under CI) on a kernel
+    that shows none (before Linux 6.12: --sched-slice does nothing there)."""
+    slices = thread_slices(os.getpid())
+    if not slices:
         skip_or_fail("this kernel shows no se.slice (before Linux 6.12): nothing to set")
-    kernels = max(thread_slices(os.getpid()))  # pytest's own threads: the kernel's default
-    server = start_server(tmp_path, free_port(socket.SOCK_DGRAM), "--sched-slice", "250")
+    return max(slices)
+
+
+def test_own_slice_setter_gives_the_calling_thread_its_slice_and_takes_it_back():
+    kernels = kernels_slice()
+    set_own_slice, why = pg.own_slice_setter(250)
+    assert why is None
+    seen = []
+
+    def in_a_thread():
+        tid = threading.get_native_id()
+        for short in (True, False):
+            set_own_slice(short)
+            seen.append([ns for ns in thread_slices(os.getpid()) if ns != kernels])
+            with open("/proc/self/task/%d/sched" % tid) as stream:
+                seen.append([int(line.split(":")[1]) for line in stream
+                             if line.startswith("se.slice ")])
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join(10)
+    assert seen == [[250000], [250000], [], [kernels]]  # that thread's only
+
+
+def test_sched_slice_goes_to_a_tunnels_pumps_while_its_round_trips_go_one_at_a_time(tmp_path):
+    """Both processes' two pumps take the slice once pings go back and forth one at a time
+    (RoundTrips; the pumps ask as they turn to wait, so the test pings until they have), the
+    other threads keep the kernel's; with 0 no thread is given one."""
+    kernels = kernels_slice()
+    echo = UdpEcho()
     try:
-        slices = thread_slices(server.popen.pid)
-        assert slices and set(slices) == {250000}, slices  # the threads started later too
-        assert "--sched-slice" not in server.log()  # no warning
+        for value, short in (("250", 2), ("0", 0)):
+            server = start_server(tmp_path, echo.port, "--sched-slice", value)
+            client = start_client(tmp_path, "http://%s:%d/" % (LOOPBACK, server.port),
+                                  "--sched-slice", value)
+            try:
+                assert set(thread_slices(server.popen.pid)) == {kernels}  # no tunnel yet
+                expected = {kernels: None, 250000: short}
+                for index in range(500):
+                    assert client.wireguard.roundtrip(numbered(index, 100)) == numbered(
+                        index, 100)
+                    seen = [collections.Counter(thread_slices(proc.popen.pid)) for proc in (server, client)]
+                    if index >= 20 and all(count[250000] == short and set(count) <= set(expected)
+                                           for count in seen):
+                        break
+                else:
+                    raise AssertionError("--sched-slice %s: slices %r" % (value, seen))
+                assert "--sched-slice" not in server.log() + client.log()  # no warning
+            finally:
+                client.stop()
+                server.stop()
     finally:
-        server.stop()
-    server = start_server(tmp_path, free_port(socket.SOCK_DGRAM), "--sched-slice", "0")
-    try:
-        assert set(thread_slices(server.popen.pid)) == {kernels}
-    finally:
-        server.stop()
+        echo.close()
 
 
 def test_sched_slice_says_why_it_cannot_be_set_on_an_unknown_machine():
-    assert pg.set_sched_slice(100, machine="vax") == "sched_setattr's number on vax is not known"
+    assert pg.own_slice_setter(100, machine="vax") == (
+        None, "sched_setattr's number on vax is not known")
 
 
 def test_busy_poll_option_reaches_the_tunnels_and_0_turns_it_off():
