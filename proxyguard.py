@@ -6795,8 +6795,8 @@ def build_parser(command_line_only=False, help_mode=None):
         help="poll this long after a lone datagram before sleeping; 0 = off (default "
              "%(default)s)")
     add("--sched-slice", type=int, default=DEFAULT_SCHED_SLICE_US, metavar="MICROSECONDS",
-        help="scheduler slice for round trips (Linux 6.12+): woken sooner on a busy CPU; "
-             "0 = the kernel's (default %(default)s)")
+        help="round trips' scheduler slice (Linux 6.12+), to be woken sooner; 0 = "
+             "off (default %(default)s)")
     add("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS, metavar="N",
         help="open tunnels at most (up to %d); the next client gets 503 (default "
              "%%(default)s, 0 = no limit)" % MAX_CLIENTS_BOUND)
