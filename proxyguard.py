@@ -287,12 +287,16 @@ CPU_MOVE_MARGIN = 0.25
 DEFAULT_BUSY_POLL_US = 100
 MAX_BUSY_POLL_US = 1000
 BUSY_POLL_MISSES = 2
-# A poll whose give-way kept it off the CPU for longer than its whole budget found the CPU
-# crowded: other work was ready (a desktop's nice-19 CPU hogs, measured), sched_yield handed it
-# the CPU, and the pump got it back only at the scheduler's next tick (4 ms at HZ=250): round
-# trips' p99 2.5 ms against 0.18 ms without polling (issue 19). The pump then blocks for
-# BUSY_POLL_CROWDED_SECONDS before it polls again: one such loss a second at most.
+# A poll whose give-way kept it off the CPU for BUSY_POLL_CROWDED_AFTER or longer found the
+# CPU crowded: other work was ready (a desktop's nice-19 CPU hogs, measured), sched_yield
+# handed it the CPU, and the pump got it back only at the scheduler's next tick (4 ms at
+# HZ=250): round trips' p99 2.5 ms against 0.18 ms without polling (issue 19). The pump then
+# blocks for BUSY_POLL_CROWDED_SECONDS before it polls again: one such loss a second at most.
+# Not the budget (100 us): the round trip's own other tasks (the peer process's pump, the
+# pinger) take the CPU for that long at a give-way, and polling stopped most of the time
+# (measured: 30 polls in 10,000 round trips; then no faster than without polling).
 BUSY_POLL_CROWDED_SECONDS = 1.0
+BUSY_POLL_CROWDED_AFTER = 0.001
 
 # The scheduler slice a tunnel's pump threads ask for while its round trips go one at a time
 # (--sched-slice; BusyPoller; sched_setattr(2)'s sched_runtime for SCHED_OTHER: Linux 6.12 and
@@ -307,6 +311,9 @@ BUSY_POLL_CROWDED_SECONDS = 1.0
 # it 7-11 % of its rate.
 DEFAULT_SCHED_SLICE_US = 100
 SCHED_SLICE_US_RANGE = (100, 100000)
+# A pump keeps the short slice until this many waits in a row were not one at a time
+# (ShortSlice): a ping flood's odd miss keeps it, bulk traffic gives it back within a batch.
+SHORT_SLICE_KEPT_WAITS = 16
 
 # sched_setattr(2)'s number on each machine that has one (platform.machine()), from the
 # architectures' syscall tables: Python's os has no wrapper for it. mips is o32 (routers).
@@ -1768,7 +1775,8 @@ def rewrite_profile(profile, ports, listen_port, fwmark):
 #     RouteTable  which WireGuard a request's path goes to (--route, else --to);
 #     CpuPlacement  which CPU up's threads share (--cpu), from /proc/stat's figures.
 #     BusyPoll    whether a pump polls for its next datagram before it blocks (--busy-poll);
-#     RoundTrips  whether a tunnel's datagrams go one at a time (a pump may poll only then).
+#     RoundTrips  whether a tunnel's datagrams go one at a time (a pump may poll only then);
+#     ShortSlice  whether a pump's thread has the short scheduler slice (--sched-slice).
 #     judge_leftovers  what up does with the runtime directories of earlier ups that were
 #                 killed (WireGuard still up) or still run, before its own.
 
@@ -2056,8 +2064,9 @@ class BusyPoll:
         return self.budget
 
     def lost_cpu(self, now):
-        """The poll just ended because a give-way kept it off the CPU longer than the budget
-        (BUSY_POLL_CROWDED_SECONDS): no poll for that long. Call it before `polled(False)`."""
+        """The poll just ended because a give-way kept it off the CPU for
+        BUSY_POLL_CROWDED_AFTER or longer: no poll for BUSY_POLL_CROWDED_SECONDS. Call it
+        before `polled(False)`."""
         self.resume_at = now + BUSY_POLL_CROWDED_SECONDS
         self.crowded += 1
 
@@ -2101,6 +2110,36 @@ class RoundTrips:
 
     def busy(self, side):
         self.waiting[side] = False
+
+
+class ShortSlice:
+    """Whether a pump's thread has the short scheduler slice (--sched-slice; see
+    DEFAULT_SCHED_SLICE_US): from the first wait that RoundTrips calls one at a time until
+    SHORT_SLICE_KEPT_WAITS waits in a row are not. Why the hold: a fast pinger's next request
+    often comes while the other pump is still on its way back to its wait, and RoundTrips then
+    says no for that one wait (measured: 1 wait in 5 behind two CPU hogs); dropping the slice
+    there put the next wake-up back behind the hogs (p99 0.9 ms against 0.2 ms).
+
+    `wants(lone)` before each wait, with RoundTrips' verdict: True or False when the thread
+    must ask for the short slice or give it back now, None when it keeps what it has.
+    """
+
+    def __init__(self):
+        self.short = False
+        self.not_lone = 0  # waits in a row that RoundTrips did not call one at a time
+
+    def wants(self, lone):
+        if lone:
+            self.not_lone = 0
+            if not self.short:
+                self.short = True
+                return True
+            return None
+        self.not_lone += 1
+        if self.short and self.not_lone >= SHORT_SLICE_KEPT_WAITS:
+            self.short = False
+            return False
+        return None
 
 
 def cpu_times(text, ticks):
@@ -3516,10 +3555,10 @@ class BusyPoller:
     descriptor readable, so a poll never delays a close.
 
     With `set_slice`, the pump's thread has the short scheduler slice while `lone` holds
-    and the kernel's otherwise (asked for when that changes): a woken pump then takes a busy
-    CPU at once (DEFAULT_SCHED_SLICE_US), and bulk traffic, whose wake-ups are many and wait
-    anyway, keeps the kernel's batching (measured: 7-11 % more throughput than with the short
-    slice for every thread)."""
+    (ShortSlice says when to ask and to give it back): a woken pump then takes a busy CPU at
+    once (DEFAULT_SCHED_SLICE_US), and bulk traffic, whose wake-ups are many and wait anyway,
+    keeps the kernel's batching (measured: 7-11 % more throughput than with the short slice
+    for every thread)."""
 
     def __init__(self, fd, policy, slots, set_slice=None, clock=time.monotonic):
         self._poller = select.poll()
@@ -3527,15 +3566,16 @@ class BusyPoller:
         self.policy = policy
         self._slots = slots
         self._set_slice = set_slice
-        self._short = False  # whether this thread has the short slice now
+        self.slice = ShortSlice()
         self._clock = clock
         self._blocked_at = None
 
     def before_wait(self, lone):
         self._blocked_at = None
-        if self._set_slice is not None and lone != self._short:
-            self._short = lone
-            self._set_slice(lone)
+        if self._set_slice is not None:
+            short = self.slice.wants(lone)
+            if short is not None:
+                self._set_slice(short)
         budget = self.policy.poll_for(lone, self._clock())
         if budget and self._slots.acquire(False):
             try:
@@ -3559,7 +3599,7 @@ class BusyPoller:
             if now >= deadline:
                 return False
             give_way()
-            if clock() - now > budget:  # another task had the CPU: BUSY_POLL_CROWDED_SECONDS
+            if clock() - now >= BUSY_POLL_CROWDED_AFTER:  # other work had the CPU
                 self.policy.lost_cpu(clock())
                 return False
         return True

@@ -1373,18 +1373,19 @@ def test_busy_poller_finds_waiting_data_misses_within_its_budget_and_needs_a_slo
     reader, writer = socket.socketpair()
     with reader, writer:
         slots = threading.BoundedSemaphore(1)
-        policy = pg.BusyPoll(0.01)
-        poller = pg.BusyPoller(reader.fileno(), policy, slots, clock=TickingClock(0.001))
+        policy = pg.BusyPoll(0.005)
+        poller = pg.BusyPoller(reader.fileno(), policy, slots, clock=TickingClock(0.0005))
         poller.before_wait(lone=True)  # nothing comes: the policy's reading, the deadline's,
         # then two readings a poll (before and after its give-way) until the deadline: a miss
-        assert policy.misses == 1 and poller._clock.now == pytest.approx(0.013)
+        assert policy.misses == 1 and poller._clock.now == pytest.approx(0.0065)
+        assert policy.crowded == 0  # each give-way took a tick, below BUSY_POLL_CROWDED_AFTER
         writer.send(b"x")
         poller.before_wait(lone=True)  # found at the first poll
         assert policy.misses == 0 and reader.recv(1) == b"x"
         slots.acquire()  # another pump polls: this one blocks at once, its policy as it was
         before = poller._clock.now
         poller.before_wait(lone=True)
-        assert poller._clock.now == pytest.approx(before + 0.001)  # the policy's reading only
+        assert poller._clock.now == pytest.approx(before + 0.0005)  # the policy's reading only
         assert policy.misses == 0
         slots.release()
         poller.before_wait(lone=True)
@@ -1414,12 +1415,27 @@ def test_busy_poller_ends_a_poll_whose_give_way_lost_the_cpu_and_pauses_polling(
         assert policy.found == 1
 
 
+def test_short_slice_is_asked_for_at_once_and_given_back_after_waits_in_a_row_not_lone():
+    policy = pg.ShortSlice()
+    assert policy.wants(False) is None  # it has the kernel's already
+    assert policy.wants(True) is True and policy.wants(True) is None
+    for _ in range(pg.SHORT_SLICE_KEPT_WAITS - 1):
+        assert policy.wants(False) is None
+    assert policy.wants(True) is None and policy.not_lone == 0  # the count starts again
+    for _ in range(pg.SHORT_SLICE_KEPT_WAITS - 1):
+        assert policy.wants(False) is None
+    assert policy.wants(False) is False and not policy.short
+    assert policy.wants(False) is None
+
+
 def test_busy_poller_asks_for_the_short_slice_while_round_trips_go_one_at_a_time_only():
     reader, writer = socket.socketpair()
     with reader, writer:
         asked = []
         poller = pg.busy_polling(0, [0, 1], asked.append).poller(reader.fileno())
-        for lone in (False, True, True, True, False, False, True):
+        kept = pg.SHORT_SLICE_KEPT_WAITS
+        # A miss now and then keeps the slice; `kept` in a row give it back.
+        for lone in [False, True, True] + [False] * (kept - 1) + [True] + [False] * kept + [True]:
             poller.before_wait(lone)  # budget 0: never polls, nor blocks the test
         assert asked == [True, False, True]  # once a change
         assert poller.policy.found == poller.policy.missed == 0
