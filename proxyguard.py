@@ -3528,15 +3528,15 @@ class BusyPolling:
     polling (--busy-poll), `budget` seconds (0: off), with at most `spinners` pumps polling at
     once (the service runtime's busy_polling() gives one a CPU, and at least two: one tunnel's
     pumps); and `set_slice` (own_slice_setter's; None: off), which asks for a short scheduler
-    slice meanwhile (--sched-slice). `poller(fd)` gives a pump its BusyPoller."""
+    slice meanwhile (--sched-slice). `poller(fd, turns, side)` gives a pump its BusyPoller."""
 
     def __init__(self, budget, spinners=2, set_slice=None):
         self.budget = budget
         self.set_slice = set_slice
         self._slots = threading.BoundedSemaphore(spinners)
 
-    def poller(self, fd):
-        return BusyPoller(fd, BusyPoll(self.budget), self._slots, self.set_slice)
+    def poller(self, fd, turns=None, side=None):
+        return BusyPoller(fd, BusyPoll(self.budget), self._slots, self.set_slice, turns, side)
 
 
 # sched_yield(2) where the system has it (every Linux); elsewhere a poll just spins.
@@ -3545,38 +3545,52 @@ _give_way = getattr(os, "sched_yield", lambda: None)
 
 class BusyPoller:
     """Carries out one pump's BusyPoll on the descriptor it receives from. The pump calls
-    `before_wait(lone)` just before its blocking receive, in its own thread, and `after_wait()`
-    once it returned with data; `lone` is RoundTrips' word that round trips go one at a time.
-    A poll is poll(2) with no timeout, then sched_yield: any thread that is ready
-    takes the CPU at once. The GIL is free in both calls but taken for a moment between them,
-    which another thread of the process may keep losing until the poll ends: hence a Tunnel
-    polls only while its round trips go one at a time (RoundTrips: nothing else of its own
-    needs the GIL then), and at most one pump per CPU polls. A shutdown or a wake makes the
-    descriptor readable, so a poll never delays a close.
+    `before_wait(lone)` just before its blocking receive, in its own thread (`lone`: its last
+    batch was one datagram), and then `after_wait()` once it returned with data; both only
+    while `engaged` or `lone` (a bulk pump skips them: two calls a wait cost it 3-6 % of its
+    rate). With `turns` (the tunnel's RoundTrips) the poller reports its `side` there, and
+    polls only when RoundTrips says round trips go one at a time; without, `lone` is taken
+    for that word (tests).
 
-    With `set_slice`, the pump's thread has the short scheduler slice while `lone` holds
-    (ShortSlice says when to ask and to give it back): a woken pump then takes a busy CPU at
-    once (DEFAULT_SCHED_SLICE_US), and bulk traffic, whose wake-ups are many and wait anyway,
-    keeps the kernel's batching (measured: 7-11 % more throughput than with the short slice
-    for every thread)."""
+    A poll is poll(2) with no timeout, then sched_yield: any thread that is ready takes the CPU
+    at once. The GIL is free in both calls but taken for a moment between them, which another
+    thread of the process may keep losing until the poll ends: hence a Tunnel polls only
+    while its round trips go one at a time (RoundTrips: nothing else of its own needs the GIL
+    then), and at most one pump per CPU polls. A shutdown or a wake makes the descriptor
+    readable, so a poll never delays a close.
 
-    def __init__(self, fd, policy, slots, set_slice=None, clock=time.monotonic):
+    With `set_slice`, the pump's thread has the short scheduler slice while round trips go
+    one at a time (ShortSlice says when to ask and to give it back): a woken pump then takes a
+    busy CPU at once (DEFAULT_SCHED_SLICE_US), and bulk traffic, whose wake-ups are many and
+    wait anyway, keeps the kernel's batching (measured: 7-11 % more throughput than with the
+    short slice for every thread)."""
+
+    def __init__(self, fd, policy, slots, set_slice=None, turns=None, side=None,
+                 clock=time.monotonic):
         self._poller = select.poll()
         self._poller.register(fd, select.POLLIN)
         self.policy = policy
         self._slots = slots
         self._set_slice = set_slice
         self.slice = ShortSlice()
+        self._turns = turns
+        self._side = side
         self._clock = clock
         self._blocked_at = None
+        # Whether the calls have work even after a batch of several datagrams: RoundTrips
+        # has this side lone, the slice to give back, or a backed-off wait to time.
+        self.engaged = False
 
     def before_wait(self, lone):
         self._blocked_at = None
+        one_at_a_time = lone
+        if self._turns is not None:
+            one_at_a_time = self._turns.waits(self._side, lone)
         if self._set_slice is not None:
-            short = self.slice.wants(lone)
+            short = self.slice.wants(one_at_a_time)
             if short is not None:
                 self._set_slice(short)
-        budget = self.policy.poll_for(lone, self._clock())
+        budget = self.policy.poll_for(one_at_a_time, self._clock())
         if budget and self._slots.acquire(False):
             try:
                 found = self._poll(budget)
@@ -3585,8 +3599,11 @@ class BusyPoller:
             self.policy.polled(found)
         elif self.policy.backed_off:
             self._blocked_at = self._clock()
+        self.engaged = lone or self.slice.short or self._blocked_at is not None
 
     def after_wait(self):
+        if self._turns is not None:
+            self._turns.busy(self._side)
         if self._blocked_at is not None:
             self.policy.blocked(self._clock() - self._blocked_at)
             self._blocked_at = None
@@ -4014,7 +4031,8 @@ class Tunnel:
         framing = self.framing
         cut = framing.cut
         control, answer = framing.control, framing.answer
-        poller = self._poller(self.channel.sock)
+        poller = self._poller(self.channel.sock, FROM_PEER)
+        polled = False  # whether the poller saw this wait: then it hears of its end too
         held = 0
         end = len(self.first_bytes)  # what came with the 101 is read first
         view[:end] = self.first_bytes
@@ -4043,8 +4061,9 @@ class Tunnel:
                         and not self.channel.buffered())
             if self.close_reason is not None:
                 return self.close_reason
-            if poller is not None:
-                poller.before_wait(self._turns.waits(FROM_PEER, lone))
+            polled = poller is not None and (lone or poller.engaged)
+            if polled:
+                poller.before_wait(lone)
             try:
                 received = recv_into(view[held:held + TCP_READ_SIZE])
             except OSError as exc:
@@ -4067,8 +4086,7 @@ class Tunnel:
                 continue
             if not received:
                 return "closed by peer" if self.close_reason is None else self.close_reason
-            if poller is not None:
-                self._turns.busy(FROM_PEER)
+            if polled:
                 poller.after_wait()
             end = held + received
 
@@ -4094,11 +4112,12 @@ class Tunnel:
                         self.peer, sizes[0])
         self.oversized += len(sizes)
 
-    def _poller(self, sock):
-        """The pump's BusyPoller on `sock`'s descriptor, or None without busy polling."""
+    def _poller(self, sock, side):
+        """The pump's BusyPoller on `sock`'s descriptor, reporting its `side` to the tunnel's
+        RoundTrips, or None without busy polling."""
         if self.busy_polling is None:
             return None
-        return self.busy_polling.poller(sock.fileno())
+        return self.busy_polling.poller(sock.fileno(), self._turns, side)
 
     def _send_own_frame(self, frame):
         """The reader's own frames (pong, ping) take their turn with the UDP pump's writes."""
@@ -4118,16 +4137,16 @@ class Tunnel:
         framing = self.framing
         batch = view[framing.offset:]
         limit = framing.batch_limit
-        poller = self._poller(self.endpoint)
+        poller = self._poller(self.endpoint, FROM_WIREGUARD)
         count = 0
         while self.close_reason is None:
-            if poller is not None:
-                poller.before_wait(self._turns.waits(FROM_WIREGUARD, count == 1))
+            polled = poller is not None and (count == 1 or poller.engaged)
+            if polled:  # whether the poller sees this wait: then it hears of its end too
+                poller.before_wait(count == 1)
             end, count = receive(batch, limit, framing)
             if not count:
                 continue
-            if poller is not None:
-                self._turns.busy(FROM_WIREGUARD)
+            if polled:
                 poller.after_wait()
             try:
                 data = encode(view, end)

@@ -1441,6 +1441,29 @@ def test_busy_poller_asks_for_the_short_slice_while_round_trips_go_one_at_a_time
         assert poller.policy.found == poller.policy.missed == 0
 
 
+def test_busy_poller_reports_to_round_trips_and_is_engaged_only_while_it_has_work():
+    """A pump calls its poller only while `engaged` or after a lone batch: bulk skips it."""
+    reader, writer = socket.socketpair()
+    with reader, writer:
+        turns, asked = pg.RoundTrips(), []
+        poller = pg.BusyPolling(0, set_slice=asked.append).poller(reader.fileno(), turns,
+                                                                   pg.FROM_PEER)
+        poller.before_wait(False)
+        assert not poller.engaged and turns.waiting[pg.FROM_PEER]
+        poller.after_wait()
+        assert not turns.waiting[pg.FROM_PEER]
+        poller.before_wait(True)  # the other side not lone: not one at a time yet
+        assert poller.engaged and asked == [] and turns.lone[pg.FROM_PEER]
+        turns.waits(pg.FROM_WIREGUARD, True)  # now it is, and waits
+        poller.before_wait(True)
+        assert asked == [True]
+        for _ in range(pg.SHORT_SLICE_KEPT_WAITS - 1):
+            poller.before_wait(False)
+            assert poller.engaged  # it holds the short slice: must hear of each wait
+        poller.before_wait(False)
+        assert asked == [True, False] and not poller.engaged
+
+
 def test_busy_polling_is_off_at_zero_and_a_shut_down_socket_ends_a_poll_at_once():
     assert pg.busy_polling(0, [0, 1]) is None
     polling = pg.busy_polling(1000, [0])  # at least two pumps: one tunnel's
@@ -11500,8 +11523,8 @@ class RecordingBusyPolling(pg.BusyPolling):
         super().__init__(budget)
         self.pollers = []
 
-    def poller(self, fd):
-        poller = super().poller(fd)
+    def poller(self, fd, turns=None, side=None):
+        poller = super().poller(fd, turns, side)
         self.pollers.append(poller)
         return poller
 
