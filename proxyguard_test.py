@@ -587,7 +587,7 @@ def test_pump_buffer_takes_memory_as_written_and_gives_a_burst_back():
 # equal-sized datagrams in one system call, datagrams left unsent by a dying tunnel).
 
 def pump_tunnel(endpoint_class=pg.TunnelUdpEndpoint, channel_class=pg.PlainChannel,
-                unsent=None):
+                unsent=None, busy_polling=None):
     """A Tunnel between a socketpair (its far end returned as `ours`) and a UDP socket
     standing in for WireGuard; not yet running."""
     ours, theirs = socket.socketpair()
@@ -595,7 +595,8 @@ def pump_tunnel(endpoint_class=pg.TunnelUdpEndpoint, channel_class=pg.PlainChann
     wireguard.bind((LOOPBACK, 0))
     pg.set_socket_buffers(wireguard)
     endpoint = endpoint_class.connected(wireguard.getsockname(), socket.AF_INET)
-    tunnel = pg.Tunnel(channel_class(theirs), endpoint, "test", pg.IdleClock(30), unsent=unsent)
+    tunnel = pg.Tunnel(channel_class(theirs), endpoint, "test", pg.IdleClock(30), unsent=unsent,
+                       busy_polling=busy_polling)
     return tunnel, ours, wireguard
 
 
@@ -607,10 +608,10 @@ def run_in_thread(tunnel):
 
 
 @contextlib.contextmanager
-def running_pump_tunnel(endpoint_class=pg.TunnelUdpEndpoint):
+def running_pump_tunnel(endpoint_class=pg.TunnelUdpEndpoint, busy_polling=None):
     """A pump_tunnel running in a thread: yields (tunnel, ours, wireguard). After the test's
     block our end stops sending, and the tunnel must end "closed by peer"; both sockets close."""
-    tunnel, ours, wireguard = pump_tunnel(endpoint_class)
+    tunnel, ours, wireguard = pump_tunnel(endpoint_class, busy_polling=busy_polling)
     thread, result = run_in_thread(tunnel)
     try:
         yield tunnel, ours, wireguard
@@ -11531,36 +11532,24 @@ class RecordingBusyPolling(pg.BusyPolling):
 
 def test_busy_polling_pumps_find_a_ping_floods_datagrams_by_polling_and_still_close(
         monkeypatch):
-    """A flood of lone round trips through a client's tunnel: both pumps find most of their
+    """A flood of lone round trips through a tunnel: both pumps find most of their
     next datagrams by polling (the budget, 1 ms, is far above a loopback round trip), every
     datagram arrives once and in order, and the tunnel ends at its peer's close while both
     pumps poll."""
     # A loaded test machine may keep a give-way off the CPU for a millisecond, which would
     # pause polling for a second (tested on its own above): not here.
     monkeypatch.setattr(pg, "BUSY_POLL_CROWDED_AFTER", 60.0)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as wireguard:
-        wireguard.bind((LOOPBACK, 0))
+    polling = RecordingBusyPolling(0.001)
+    roundtrips = 500
+    with running_pump_tunnel(busy_polling=polling) as (tunnel, ours, wireguard):
+        address = tunnel.endpoint.sock.getsockname()
         wireguard.settimeout(5)
-        endpoint = pg.SharedUdpEndpoint.bind(0, wireguard.getsockname()[1])
-        polling = RecordingBusyPolling(0.001)
-        ours, theirs = socket.socketpair()
-        tunnel = pg.Tunnel(pg.PlainChannel(theirs), endpoint, "test", pg.IdleClock(30),
-                           busy_polling=polling)
-        thread, result = run_in_thread(tunnel)
-        try:
-            decoder = FrameDecoder()
-            roundtrips = 500
-            for index in range(roundtrips):
-                wireguard.sendto(numbered(index, 100), endpoint.address)
-                assert read_frames(ours, decoder, 1) == [numbered(index, 100)]
-                ours.sendall(pg.encode_frames([numbered(index, 60)]))
-                assert wireguard.recv(100) == numbered(index, 60)
-            ours.shutdown(socket.SHUT_WR)
-            thread.join(5)
-            assert result == ["closed by peer"]
-        finally:
-            ours.close()
-            endpoint.close()
+        decoder = FrameDecoder()
+        for index in range(roundtrips):
+            wireguard.sendto(numbered(index, 100), address)
+            assert read_frames(ours, decoder, 1) == [numbered(index, 100)]
+            ours.sendall(pg.encode_frames([numbered(index, 60)]))
+            assert wireguard.recv(100) == numbered(index, 60)
     assert len(polling.pollers) == 2  # one a pump
     for poller in polling.pollers:
         assert poller.policy.found > roundtrips / 2, vars(poller.policy)
