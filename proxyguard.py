@@ -305,7 +305,8 @@ BUSY_POLL_CROWDED_AFTER = 0.001
 # ms x (1 + log2 CPUs)) ends, which the scheduler notices at its tick; measured 1-5 ms behind
 # two nice-19 hogs, at nice -10 too (nice weighs CPU time, not wake-up latency). A woken task
 # with a shorter slice than the running one's preempts it at once (the kernel's PREEMPT_SHORT):
-# round trips' p99 under the hogs fell from 1.5 ms to 0.18 ms. 100 us is the kernel's floor (it
+# round trips' p99 under the hogs fell from 1.5 ms to 0.18 ms on one host (on another most of
+# the delays left were the pinger's own: MEASUREMENTS.md). 100 us is the kernel's floor (it
 # clamps to SCHED_SLICE_US_RANGE). The slice does not add CPU time: nice and CPUWeight= still
 # share it out. Bulk traffic keeps the kernel's slice: given to every thread, the short one cost
 # it 7-11 % of its rate.
@@ -2117,8 +2118,9 @@ class ShortSlice:
     DEFAULT_SCHED_SLICE_US): from the first wait that RoundTrips calls one at a time until
     SHORT_SLICE_KEPT_WAITS waits in a row are not. Why the hold: a fast pinger's next request
     often comes while the other pump is still on its way back to its wait, and RoundTrips then
-    says no for that one wait (measured: 1 wait in 5 behind two CPU hogs); dropping the slice
-    there put the next wake-up back behind the hogs (p99 0.9 ms against 0.2 ms).
+    says no for that one wait; without the hold a pump changed its slice about 900 times in
+    5,000 round trips behind two CPU hogs, a system call each, and woke behind the hogs after
+    each drop.
 
     `wants(lone)` before each wait, with RoundTrips' verdict: True or False when the thread
     must ask for the short slice or give it back now, None when it keeps what it has.
@@ -3547,8 +3549,8 @@ class BusyPoller:
     """Carries out one pump's BusyPoll on the descriptor it receives from. The pump calls
     `before_wait(lone)` just before its blocking receive, in its own thread (`lone`: its last
     batch was one datagram), and then `after_wait()` once it returned with data; both only
-    while `engaged` or `lone` (a bulk pump skips them: two calls a wait cost it 3-6 % of its
-    rate). With `turns` (the tunnel's RoundTrips) the poller reports its `side` there, and
+    while `engaged` or `lone` (a bulk pump skips them: its waits are many, and nothing in
+    them is for it). With `turns` (the tunnel's RoundTrips) the poller reports its `side` there, and
     polls only when RoundTrips says round trips go one at a time; without, `lone` is taken
     for that word (tests).
 
