@@ -3550,9 +3550,9 @@ class BusyPoller:
     `before_wait(lone)` just before its blocking receive, in its own thread (`lone`: its last
     batch was one datagram), and then `after_wait()` once it returned with data; both only
     while `engaged` or `lone` (a bulk pump skips them: its waits are many, and nothing in
-    them is for it). With `turns` (the tunnel's RoundTrips) the poller reports its `side` there, and
-    polls only when RoundTrips says round trips go one at a time; without, `lone` is taken
-    for that word (tests).
+    them is for it). With `turns` (the tunnel's RoundTrips) the poller reports its `side`
+    there, and polls only when RoundTrips says round trips go one at a time; without, `lone`
+    is taken for that word (tests).
 
     A poll is poll(2) with no timeout, then sched_yield: any thread that is ready takes the CPU
     at once. The GIL is free in both calls but taken for a moment between them, which another
