@@ -335,6 +335,24 @@ def wait_until(predicate, timeout, what, interval=0.02):
         time.sleep(interval)
 
 
+def dump_until(proc, tunnels, good, what, timeout=10):
+    """Send SIGUSR1 to `proc` until its dump's `tunnels` tunnel lines satisfy `good(lines)`;
+    returns how many dumps it took. A pump counts a datagram once its send returned, so the
+    answer may reach the test before the count (seen in CI): then it asks again."""
+    dumps = []
+
+    def dump():
+        before = proc.log().count("SIGUSR1: tunnel ")
+        dumps.append(before)
+        proc.popen.send_signal(signal.SIGUSR1)
+        proc.wait_log("SIGUSR1: tunnel ", count=before + tunnels)
+        lines = [line for line in proc.log().splitlines() if "SIGUSR1: tunnel " in line]
+        return good(lines[before:before + tunnels])
+
+    wait_until(dump, timeout, what)
+    return len(dumps)
+
+
 def proc_stats(pid):
     """Threads, open fds and RSS (KiB) of process `pid`, from /proc."""
     with open("/proc/%d/status" % pid) as stream:
@@ -3080,13 +3098,12 @@ def test_sighup_adds_and_removes_routes_and_open_tunnels_keep_their_wireguard(tm
         ping(old, 2)
         assert (node1.count, node2.count) == (0, 2), "the open tunnel keeps its WireGuard"
         assert node3.count == 1 and old.log().count("tunnel up") == 1
-        server.popen.send_signal(signal.SIGUSR1)
-        for path in ("/pg/node2", "/pg/node3"):  # the lines come in no set order
-            server.wait_log("route=%s, " % path)
-        dumped = [line for line in server.log().splitlines() if "SIGUSR1: tunnel " in line]
-        assert sum(bool(re.search(r"SIGUSR1: tunnel 127\.0\.0\.1:\d+: route=/pg/node2, "
-                                  r"\d+\.\ds, 2 datagrams/", line)) for line in dumped) == 1, \
-            dumped
+        node2_line = re.compile(r"SIGUSR1: tunnel 127\.0\.0\.1:\d+: route=/pg/node2, "
+                                r"\d+\.\ds, 2 datagrams/")
+        dump_until(server, 2, lambda lines: (  # the lines come in no set order
+            sum(map(bool, map(node2_line.search, lines))) == 1
+            and sum("route=/pg/node3, " in line for line in lines) == 1),
+            "SIGUSR1 naming both tunnels' routes, /pg/node2's with its two datagrams")
 
         for bad, words in ((route("/pg/node4", node1).replace(LOOPBACK, "nonexistent.invalid"),
                             "--route /pg/node4 nonexistent.invalid:%d: cannot resolve"
@@ -3915,20 +3932,9 @@ def test_sigusr1_logs_one_line_per_open_tunnel(tmp_path, echo, procs):
         r"SIGUSR1: tunnel 127\.0\.0\.1:\d+: \d+\.\ds, 1 datagram/42 bytes to WireGuard, 1 "
         r"datagram/42 bytes from WireGuard; last data from the peer \d+\.\ds ago, to the peer "
         r"\d+\.\ds ago$")
-    dumps = []
-
-    def dump_has_both_counts():
-        # The server counts a datagram once its send returned: the reply may reach the client
-        # first (seen in CI), so a dump may come before the count; then ask for another.
-        dumps.append(1)
-        server.popen.send_signal(signal.SIGUSR1)
-        server.wait_log("SIGUSR1: tunnel", count=2 * len(dumps))
-        lines = [line for line in server.log().splitlines() if "SIGUSR1: tunnel " in line]
-        assert len(lines) == 2 * len(dumps)
-        return all(line_pattern.search(line) for line in lines[-2:])
-
-    wait_until(dump_has_both_counts, 10, "a dump with both tunnels' figures")
-    assert server.log().count("SIGUSR1: 2 tunnels open") == len(dumps)
+    dumps = dump_until(server, 2, lambda lines: all(map(line_pattern.search, lines)),
+                       "a dump with both tunnels' figures")
+    assert server.log().count("SIGUSR1: 2 tunnels open") == dumps
     clients[0].popen.send_signal(signal.SIGUSR1)
     clients[0].wait_log("SIGUSR1: tunnel")
     assert "SIGUSR1: 1 tunnel open, 0 datagrams waiting" in clients[0].log()
