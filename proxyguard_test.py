@@ -11566,9 +11566,12 @@ def thread_slices(pid):
     `se.slice` line; older kernels show none, and --sched-slice does nothing there)."""
     slices = []
     for name in os.listdir("/proc/%d/task" % pid):
-        with open("/proc/%d/task/%s/sched" % (pid, name)) as stream:
-            slices += [int(line.split(":")[1]) for line in stream if
-                       line.startswith("se.slice ")]
+        try:
+            with open("/proc/%d/task/%s/sched" % (pid, name)) as stream:
+                slices += [int(line.split(":")[1]) for line in stream if
+                           line.startswith("se.slice ")]
+        except (FileNotFoundError, ProcessLookupError):  # the thread ended meanwhile
+            continue
     return slices
 
 
