@@ -4034,7 +4034,6 @@ class Tunnel:
         cut = framing.cut
         control, answer = framing.control, framing.answer
         poller = self._poller(self.channel.sock, FROM_PEER)
-        polled = False  # whether the poller saw this wait: then it hears of its end too
         held = 0
         end = len(self.first_bytes)  # what came with the 101 is read first
         view[:end] = self.first_bytes
@@ -4064,7 +4063,7 @@ class Tunnel:
             if self.close_reason is not None:
                 return self.close_reason
             polled = poller is not None and (lone or poller.engaged)
-            if polled:
+            if polled:  # whether the poller sees this wait: then it hears of its end too
                 poller.before_wait(lone)
             try:
                 received = recv_into(view[held:held + TCP_READ_SIZE])
@@ -7335,6 +7334,7 @@ def _build_service(options, tunnels_changed=None, set_slice=None):
     """The Server, Client or ClientGroup the options describe, calling `tunnels_changed`
     when a tunnel opens or closes, its pumps taking a short slice with `set_slice`
     (own_slice_setter's, or None). Raises UsageError or FatalError."""
+    polling = busy_polling(options.busy_poll, allowed_cpus(), set_slice)  # one for all tunnels
     if options.mode == "server":
         tls_context = None
         if options.tls_cert:
@@ -7345,23 +7345,23 @@ def _build_service(options, tunnels_changed=None, set_slice=None):
                            max_clients=options.max_clients, path=options.path,
                            routes=options.route, health_path=options.health_path,
                            tunnels_changed=tunnels_changed,
-                           busy_polling=busy_polling(options.busy_poll, allowed_cpus(),
-                                                     set_slice))
+                           busy_polling=polling)
     if options.mode == "up":
-        return _build_client_group(options, tunnels_changed, set_slice)
+        return _build_client_group(options, tunnels_changed, polling)
     return Client.open(_build_dialer(options), listen_port=options.listen_port,
                        forward_port=options.forward_port, idle_timeout=options.idle_timeout,
                        keepalive=options.keepalive,
                        fallbacks=[_build_dialer(options, url) for url in options.servers[1:]],
                        tunnels_changed=tunnels_changed,
-                       busy_polling=busy_polling(options.busy_poll, allowed_cpus(), set_slice))
+                       busy_polling=polling)
 
 
-def _build_client_group(options, tunnels_changed=None, set_slice=None):
+def _build_client_group(options, tunnels_changed=None, polling=None):
     """up: check that wg-quick can run and clear what earlier ups left (WgQuick's
     clear_leftovers; neither with --write-config), then a Client per ProxyEndpoint
     peer, each on a free UDP port of 127.0.0.1, its server resolved now, before WireGuard may
-    route DNS into the VPN, and kept for every reconnect. Raises FatalError."""
+    route DNS into the VPN, and kept for every reconnect; the peers' pumps share `polling`
+    (a BusyPolling, or None). Raises FatalError."""
     profile = options.wireguard_profile
     pinning = cpu_pinning(options.cpu, len(profile.proxy_peers), allowed_cpus())
     if not options.write_config:
@@ -7369,7 +7369,6 @@ def _build_client_group(options, tunnels_changed=None, set_slice=None):
         # Before the servers' names are resolved: a killed up's WireGuard may still route
         # everything, DNS included, into its dead tunnel.
         WgQuick(options.interface).clear_leftovers()
-    polling = busy_polling(options.busy_poll, allowed_cpus(), set_slice)  # one for all peers
     clients = []
     for _, url in profile.proxy_peers:
         dialer = _build_dialer(options, url)
