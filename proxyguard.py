@@ -287,16 +287,16 @@ CPU_MOVE_MARGIN = 0.25
 DEFAULT_BUSY_POLL_US = 100
 MAX_BUSY_POLL_US = 1000
 BUSY_POLL_MISSES = 2
-# A poll whose give-way kept it off the CPU for BUSY_POLL_CROWDED_AFTER or longer found the
+# A poll whose give-way kept it off the CPU for CROWDED_AFTER or longer found the
 # CPU crowded: other work was ready (a desktop's nice-19 CPU hogs, measured), sched_yield
 # handed it the CPU, and the pump got it back only at the scheduler's next tick (4 ms at
 # HZ=250): round trips' p99 2.5 ms against 0.18 ms without polling (issue 19). The pump then
 # blocks for BUSY_POLL_CROWDED_SECONDS before it polls again: one such loss a second at most.
-# Not the budget (100 us): the round trip's own other tasks (the peer process's pump, the
-# pinger) take the CPU for that long at a give-way, and polling stopped most of the time
-# (measured: 30 polls in 10,000 round trips; then no faster than without polling).
+# Crowded is CROWDED_AFTER (below), not the budget (100 us): the round trip's own other tasks
+# (the peer process's pump, the pinger) take the CPU for that long at a give-way, and polling
+# stopped most of the time (measured: 30 polls in 10,000 round trips; then no faster than
+# without polling).
 BUSY_POLL_CROWDED_SECONDS = 1.0
-BUSY_POLL_CROWDED_AFTER = 0.001
 
 # The scheduler slice a tunnel's pump threads ask for while its round trips go one at a time
 # (--sched-slice; BusyPoller; sched_setattr(2)'s sched_runtime for SCHED_OTHER: Linux 6.12 and
@@ -313,8 +313,32 @@ BUSY_POLL_CROWDED_AFTER = 0.001
 DEFAULT_SCHED_SLICE_US = 100
 SCHED_SLICE_US_RANGE = (100, 100000)
 # A pump keeps the short slice until this many waits in a row were not one at a time
-# (ShortSlice): a ping flood's odd miss keeps it, bulk traffic gives it back within a batch.
+# (LoneSchedule): a ping flood's odd miss keeps it, bulk traffic gives it back within a batch.
 SHORT_SLICE_KEPT_WAITS = 16
+
+# Real-time priority while other work crowds the CPUs (--rt-priority; LoneSchedule,
+# OwnSchedule). Why: behind two nice-19 CPU hogs on 2 CPUs, half the runs of 5,000 round trips
+# had a p99 of 2-3.5 ms against the original's 0.2-0.4 ms. Traced (sched_switch): a pump that
+# a peer it woke took the CPU from (the other process's pump, the pinger: woken on the waker's
+# CPU) was often not the scheduler's next pick when that peer slept; EEVDF ran the hog, whose
+# nice-19 share was owed, until the next tick (up to 4 ms at HZ=250). The short slice cannot
+# help (that pump was not woken), nor could nice -10 or a cgroup's weight (the same bimodal
+# runs; 8 ms in a cgroup). A SCHED_RR thread is never preempted by SCHED_OTHER work: p99
+# 0.19-0.50 ms in every run. On idle CPUs it costs, though (a real-time wake-up goes to the
+# thread's own CPU, often halted: p50 0.23 ms against 0.17 ms), so a pump takes it only once
+# its own steps show the crowding, and keeps it REALTIME_HOLD_SECONDS after the last sign:
+# CROWDED_MIN_HELD steps, and CROWDED_SHARE of all, within CROWDED_WINDOW took CROWDED_AFTER or
+# longer from its wait's end to its next wait (the work is 20-50 us). Measured: idle, about 1
+# step in 2,000 took that long; crowded, 1 in 50 to 1 in 100. Bulk gives it back with the
+# slice, so a real-time thread only ever carries one datagram at a time. Needs root,
+# CAP_SYS_NICE or RLIMIT_RTPRIO (the unit's LimitRTPRIO=1); without, the pump keeps the slice.
+DEFAULT_RT_PRIORITY = 1
+RT_PRIORITY_RANGE = (0, 99)
+CROWDED_AFTER = 0.001
+CROWDED_WINDOW = 2.0
+CROWDED_MIN_HELD = 4
+CROWDED_SHARE = 0.005
+REALTIME_HOLD_SECONDS = 10.0
 
 # sched_setattr(2)'s number on each machine that has one (platform.machine()), from the
 # architectures' syscall tables: Python's os has no wrapper for it. mips is o32 (routers).
@@ -1777,7 +1801,9 @@ def rewrite_profile(profile, ports, listen_port, fwmark):
 #     CpuPlacement  which CPU up's threads share (--cpu), from /proc/stat's figures.
 #     BusyPoll    whether a pump polls for its next datagram before it blocks (--busy-poll);
 #     RoundTrips  whether a tunnel's datagrams go one at a time (a pump may poll only then);
-#     ShortSlice  whether a pump's thread has the short scheduler slice (--sched-slice).
+#     LoneSchedule  how a pump's thread is scheduled: the kernel's way, the short slice while its
+#                 round trips go one at a time (--sched-slice), real-time instead while its
+#                 steps show the CPUs crowded (--rt-priority).
 #     judge_leftovers  what up does with the runtime directories of earlier ups that were
 #                 killed (WireGuard still up) or still run, before its own.
 
@@ -2066,7 +2092,7 @@ class BusyPoll:
 
     def lost_cpu(self, now):
         """The poll just ended because a give-way kept it off the CPU for
-        BUSY_POLL_CROWDED_AFTER or longer: no poll for BUSY_POLL_CROWDED_SECONDS. Call it
+        CROWDED_AFTER or longer: no poll for BUSY_POLL_CROWDED_SECONDS. Call it
         before `polled(False)`."""
         self.resume_at = now + BUSY_POLL_CROWDED_SECONDS
         self.crowded += 1
@@ -2113,35 +2139,83 @@ class RoundTrips:
         self.waiting[side] = False
 
 
-class ShortSlice:
-    """Whether a pump's thread has the short scheduler slice (--sched-slice; see
-    DEFAULT_SCHED_SLICE_US): from the first wait that RoundTrips calls one at a time until
-    SHORT_SLICE_KEPT_WAITS waits in a row are not. Why the hold: a fast pinger's next request
-    often comes while the other pump is still on its way back to its wait, and RoundTrips then
-    says no for that one wait; without the hold a pump changed its slice about 900 times in
-    5,000 round trips behind two CPU hogs, a system call each, and woke behind the hogs after
-    each drop.
+# How a pump's thread is scheduled (LoneSchedule's levels, OwnSchedule carries them out).
+KERNELS, SHORT_SLICE, REALTIME = "the kernel's", "the short slice", "real-time"
 
-    `wants(lone)` before each wait, with RoundTrips' verdict: True or False when the thread
-    must ask for the short slice or give it back now, None when it keeps what it has.
-    """
+
+class Crowding:
+    """Until when a process's pumps take real-time priority (REALTIME_HOLD_SECONDS after any
+    pump's steps last showed the CPUs crowded; see DEFAULT_RT_PRIORITY): one for the process
+    (BusyPolling's), as the CPUs are, so that a pump whose own steps show little follows the
+    one that sees it (measured: one pump in four saw enough on its own)."""
 
     def __init__(self):
-        self.short = False
-        self.not_lone = 0  # waits in a row that RoundTrips did not call one at a time
+        self.until = None
+        self.found = 0  # times a pump found the CPUs crowded (for tests)
 
-    def wants(self, lone):
+    def crowded(self, now):
+        self.until = now + REALTIME_HOLD_SECONDS
+        self.found += 1
+
+    def now_crowded(self, now):
+        return self.until is not None and now < self.until
+
+
+class LoneSchedule:
+    """How a pump's thread is scheduled, from its tunnel's round trips and its own steps:
+    KERNELS (at first, and for bulk); SHORT_SLICE from the first wait that RoundTrips calls one
+    at a time (see DEFAULT_SCHED_SLICE_US) until SHORT_SLICE_KEPT_WAITS waits in a row are
+    not; and REALTIME in SHORT_SLICE's place while the process's `crowding` (a Crowding; None:
+    never real-time) says the CPUs are crowded, which its steps tell it (see
+    DEFAULT_RT_PRIORITY). Why the hold on the slice: a fast pinger's next request often comes
+    while the other pump is still on its way back to its wait, and RoundTrips then says no for
+    that one wait; without the hold a pump changed its slice about 900 times in 5,000 round
+    trips behind two CPU hogs, a system call each, and woke behind the hogs after each drop.
+
+    `wants(lone, now)` before each wait, with RoundTrips' verdict: the level the thread must
+    take now, or None when it keeps its own. `stepped(held_off, now)` after each step out of
+    KERNELS (from a wait's return to the next wait; `held_off`: it took CROWDED_AFTER or
+    longer, its thread kept off the CPU).
+    """
+
+    def __init__(self, crowding=None):
+        self.crowding = crowding
+        self.level = KERNELS
+        self.not_lone = 0  # waits in a row that RoundTrips did not call one at a time
+        self.window = None  # when the steps counted (CROWDED_WINDOW) began
+        self.steps = self.held = 0
+
+    def wants(self, lone, now):
         if lone:
             self.not_lone = 0
-            if not self.short:
-                self.short = True
-                return True
+            level = self._lone_level(now)
+        else:
+            self.not_lone += 1
+            level = self.level
+            if level != KERNELS:
+                level = (KERNELS if self.not_lone >= SHORT_SLICE_KEPT_WAITS
+                         else self._lone_level(now))
+        if level == self.level:
             return None
-        self.not_lone += 1
-        if self.short and self.not_lone >= SHORT_SLICE_KEPT_WAITS:
-            self.short = False
-            return False
-        return None
+        self.level = level
+        return level
+
+    def _lone_level(self, now):
+        if self.crowding is not None and self.crowding.now_crowded(now):
+            return REALTIME
+        return SHORT_SLICE
+
+    def stepped(self, held_off, now):
+        if self.crowding is None:
+            return
+        if self.window is None or now - self.window >= CROWDED_WINDOW:
+            self.window, self.steps, self.held = now, 0, 0
+        self.steps += 1
+        if held_off:
+            self.held += 1
+            if self.held >= CROWDED_MIN_HELD and self.held >= CROWDED_SHARE * self.steps:
+                self.crowding.crowded(now)
+                self.window = None
 
 
 def cpu_times(text, ticks):
@@ -3529,16 +3603,20 @@ class BusyPolling:
     """How a process's pumps wait while their tunnel's round trips go one at a time: busy
     polling (--busy-poll), `budget` seconds (0: off), with at most `spinners` pumps polling at
     once (the service runtime's busy_polling() gives one a CPU, and at least two: one tunnel's
-    pumps); and `set_slice` (own_slice_setter's; None: off), which asks for a short scheduler
-    slice meanwhile (--sched-slice). `poller(fd, turns, side)` gives a pump its BusyPoller."""
+    pumps); and `schedule` (own_schedule()'s OwnSchedule; None: off), which gives a pump's
+    thread the short scheduler slice meanwhile (--sched-slice), or real-time priority while
+    the CPUs are crowded (--rt-priority). `poller(fd, turns, side)` gives a pump its
+    BusyPoller."""
 
-    def __init__(self, budget, spinners=2, set_slice=None):
+    def __init__(self, budget, spinners=2, schedule=None):
         self.budget = budget
-        self.set_slice = set_slice
+        self.schedule = schedule
+        self.crowding = Crowding() if schedule is not None and schedule.realtime else None
         self._slots = threading.BoundedSemaphore(spinners)
 
     def poller(self, fd, turns=None, side=None):
-        return BusyPoller(fd, BusyPoll(self.budget), self._slots, self.set_slice, turns, side)
+        return BusyPoller(fd, BusyPoll(self.budget), self._slots, self.schedule, turns, side,
+                          crowding=self.crowding)
 
 
 # sched_yield(2) where the system has it (every Linux); elsewhere a poll just spins.
@@ -3546,13 +3624,13 @@ _give_way = getattr(os, "sched_yield", lambda: None)
 
 
 class BusyPoller:
-    """Carries out one pump's BusyPoll on the descriptor it receives from. The pump calls
-    `before_wait(lone)` just before its blocking receive, in its own thread (`lone`: its last
-    batch was one datagram), and then `after_wait()` once it returned with data; both only
-    while `engaged` or `lone` (a bulk pump skips them: its waits are many, and nothing in
-    them is for it). With `turns` (the tunnel's RoundTrips) the poller reports its `side`
-    there, and polls only when RoundTrips says round trips go one at a time; without, `lone`
-    is taken for that word (tests).
+    """Carries out one pump's BusyPoll and LoneSchedule on the descriptor it receives from.
+    The pump calls `before_wait(lone)` just before its blocking receive, in its own thread
+    (`lone`: its last batch was one datagram), and then `after_wait()` once it returned with
+    data; both only while `engaged` or `lone` (a bulk pump skips them: its waits are many, and
+    nothing in them is for it). With `turns` (the tunnel's RoundTrips) the poller reports its
+    `side` there, and polls only when RoundTrips says round trips go one at a time; without,
+    `lone` is taken for that word (tests).
 
     A poll is poll(2) with no timeout, then sched_yield: any thread that is ready takes the CPU
     at once. The GIL is free in both calls but taken for a moment between them, which another
@@ -3561,38 +3639,54 @@ class BusyPoller:
     then), and at most one pump per CPU polls. A shutdown or a wake makes the descriptor
     readable, so a poll never delays a close.
 
-    With `set_slice`, the pump's thread has the short scheduler slice while round trips go
-    one at a time (ShortSlice says when to ask and to give it back): a woken pump then takes a
-    busy CPU at once (DEFAULT_SCHED_SLICE_US), and bulk traffic, whose wake-ups are many and
-    wait anyway, keeps the kernel's batching (measured: 7-11 % more throughput than with the
-    short slice for every thread)."""
+    With `schedule` (OwnSchedule), the pump's thread takes the level its LoneSchedule names:
+    the short slice while round trips go one at a time, so that a woken pump takes a busy CPU
+    at once (DEFAULT_SCHED_SLICE_US), and bulk traffic, whose wake-ups are many and wait
+    anyway, keeps the kernel's batching (measured: 7-11 % more throughput than with the short
+    slice for every thread); real-time instead while its steps (after_wait to before_wait, and
+    polls' give-ways) show it kept off a crowded CPU (DEFAULT_RT_PRIORITY). A real-time pump
+    does not poll: its give-way would not let the SCHED_OTHER peers it serves run. A thread
+    that is not SCHED_OTHER when it would first change (a unit's CPUSchedulingPolicy=) is
+    left as it is."""
 
-    def __init__(self, fd, policy, slots, set_slice=None, turns=None, side=None,
-                 clock=time.monotonic):
+    def __init__(self, fd, policy, slots, schedule=None, turns=None, side=None,
+                 clock=time.monotonic, crowding=None):
         self._poller = select.poll()
         self._poller.register(fd, select.POLLIN)
         self.policy = policy
         self._slots = slots
-        self._set_slice = set_slice
-        self.slice = ShortSlice()
+        self._schedule = schedule
+        self.lone_schedule = LoneSchedule(crowding)
         self._turns = turns
         self._side = side
         self._clock = clock
         self._blocked_at = None
+        self._woke_at = None  # when the wait before this step returned
         # Whether the calls have work even after a batch of several datagrams: RoundTrips
-        # has this side lone, the slice to give back, or a backed-off wait to time.
+        # has this side lone, a level to give back, or a backed-off wait to time.
         self.engaged = False
 
     def before_wait(self, lone):
+        now = self._clock()
+        lone_schedule = self.lone_schedule
+        if self._woke_at is not None:
+            lone_schedule.stepped(now - self._woke_at >= CROWDED_AFTER, now)
+            self._woke_at = None
         self._blocked_at = None
         one_at_a_time = lone
         if self._turns is not None:
             one_at_a_time = self._turns.waits(self._side, lone)
-        if self._set_slice is not None:
-            short = self.slice.wants(one_at_a_time)
-            if short is not None:
-                self._set_slice(short)
-        budget = self.policy.poll_for(one_at_a_time, self._clock())
+        if self._schedule is not None:
+            was = lone_schedule.level
+            level = lone_schedule.wants(one_at_a_time, now)
+            if level is not None:
+                if was == KERNELS and not self._schedule.applies():
+                    self._schedule = None  # the unit's policy: not ours to change
+                else:
+                    self._schedule.set(level)
+        budget = 0
+        if lone_schedule.level != REALTIME:
+            budget = self.policy.poll_for(one_at_a_time, now)
         if budget and self._slots.acquire(False):
             try:
                 found = self._poll(budget)
@@ -3601,14 +3695,21 @@ class BusyPoller:
             self.policy.polled(found)
         elif self.policy.backed_off:
             self._blocked_at = self._clock()
-        self.engaged = lone or self.slice.short or self._blocked_at is not None
+        self.engaged = (lone or lone_schedule.level != KERNELS
+                        or self._blocked_at is not None)
 
     def after_wait(self):
         if self._turns is not None:
             self._turns.busy(self._side)
+        scheduled = self.lone_schedule.level != KERNELS
+        if self._blocked_at is None and not scheduled:
+            return
+        now = self._clock()
         if self._blocked_at is not None:
-            self.policy.blocked(self._clock() - self._blocked_at)
+            self.policy.blocked(now - self._blocked_at)
             self._blocked_at = None
+        if scheduled:
+            self._woke_at = now
 
     def _poll(self, budget):
         poll, clock, give_way = self._poller.poll, self._clock, _give_way
@@ -3618,8 +3719,10 @@ class BusyPoller:
             if now >= deadline:
                 return False
             give_way()
-            if clock() - now >= BUSY_POLL_CROWDED_AFTER:  # other work had the CPU
-                self.policy.lost_cpu(clock())
+            if clock() - now >= CROWDED_AFTER:  # other work had the CPU
+                now = clock()
+                self.policy.lost_cpu(now)
+                self.lone_schedule.stepped(True, now)
                 return False
         return True
 
@@ -6254,45 +6357,93 @@ def pin_threads(cpus):
             os.sched_setaffinity(int(name), cpus)
 
 
-def own_slice_setter(microseconds, machine=None):
-    """The means for a thread to ask the scheduler for a `microseconds` slice for itself (see
-    DEFAULT_SCHED_SLICE_US), and to give it back: `(set_own_slice, None)`, where
-    `set_own_slice(short)` asks for that slice (`short` true) or the kernel's own (false) for
-    the calling thread, at its own nice, and only while it runs under SCHED_OTHER (a unit's
-    Nice= and CPUSchedulingPolicy= stay); or `(None, why)` it cannot be had, for a warning:
-    not Linux, a machine without a known sched_setattr(2) number (`machine`, default
-    platform.machine()), no ctypes (a router's trimmed Python), or the call's error, found by
-    giving the calling thread the kernel's slice (which it has: a no-op)."""
-    if not (sys.platform.startswith("linux") and hasattr(os, "sched_getscheduler")):
-        return None, "needs Linux"
-    machine = machine or platform.machine()
-    number = SCHED_SETATTR_SYSCALLS.get(machine)
-    if number is None:
-        return None, "sched_setattr's number on %s is not known" % machine
-    try:
-        import ctypes  # not at import time: a trimmed Python may lack it
-    except ImportError:
-        return None, "this Python has no ctypes"
-    syscall = ctypes.CDLL(None, use_errno=True).syscall
+class OwnSchedule:
+    """How a pump's thread changes its own scheduling to a LoneSchedule level, through
+    sched_setattr(2) (`syscall`, its `number`), always at the thread's own nice: `set(level)`
+    gives the calling thread KERNELS (SCHED_OTHER, the kernel's slice), SHORT_SLICE
+    (SCHED_OTHER with a `slice_us` slice; 0: the kernel's) or REALTIME (SCHED_RR at
+    `rt_priority`; `realtime` says whether it is wanted and permitted); errors are let be (the
+    probe in own_schedule() found none). `applies()`: whether the calling thread is ours to
+    change (SCHED_OTHER: a unit's CPUSchedulingPolicy= stays)."""
 
-    def set_slice(nanoseconds):
+    def __init__(self, syscall, number, slice_us, rt_priority):
+        self._syscall, self._number = syscall, number
+        self.slice_us, self.rt_priority = slice_us, rt_priority
+        self.realtime = rt_priority > 0
+        self.refused = None  # own_schedule()'s line when real-time priority was refused
+
+    def setattr(self, policy, priority=0, slice_ns=0):
         """sched_setattr on the calling thread (tid 0): 0 or the errno."""
-        if os.sched_getscheduler(0) != os.SCHED_OTHER:
-            return 0
         nice = os.getpriority(os.PRIO_PROCESS, 0)  # the calling thread's own on Linux
         # struct sched_attr as first published (48 bytes, SCHED_ATTR_SIZE_VER0): size,
         # policy, flags, nice, priority, then runtime (the slice; 0: the kernel's), deadline,
         # period in ns.
-        attr = struct.pack("=IIQiIQQQ", 48, os.SCHED_OTHER, 0, nice, 0, nanoseconds, 0, 0)
-        return 0 if syscall(number, 0, attr, 0) == 0 else ctypes.get_errno()
+        attr = struct.pack("=IIQiIQQQ", 48, policy, 0, nice, priority, slice_ns, 0, 0)
+        if self._syscall(self._number, 0, attr, 0) == 0:
+            return 0
+        import ctypes  # own_schedule() found it
+        return ctypes.get_errno()
 
-    def set_own_slice(short):
-        set_slice(microseconds * 1000 if short else 0)  # errors: the probe below found none
+    def applies(self):
+        return os.sched_getscheduler(0) == os.SCHED_OTHER
 
-    error = set_slice(0)
-    if error:
-        return None, describe_error(OSError(error, os.strerror(error)))
-    return set_own_slice, None
+    def set(self, level):
+        if level == REALTIME and self.realtime:
+            self.setattr(os.SCHED_RR, self.rt_priority)
+        else:
+            self.setattr(os.SCHED_OTHER, slice_ns=self.slice_us * 1000 if level == SHORT_SLICE
+                         else 0)
+
+
+def _errno_text(error):
+    return describe_error(OSError(error, os.strerror(error)))
+
+
+def own_schedule(slice_us, rt_priority, machine=None):
+    """`(schedule, None)`: the OwnSchedule for --sched-slice `slice_us` and --rt-priority
+    `rt_priority` (0: off); or `(None, warning)` when neither can be had (warning None when
+    both are 0): not Linux, a machine without a known sched_setattr(2) number (`machine`,
+    default platform.machine()), no ctypes (a router's trimmed Python), or the call's error,
+    found by giving the calling thread the kernel's slice (which it has: a no-op). Real-time
+    priority is tried on a thread of its own that ends at once; refused (not root, no
+    CAP_SYS_NICE, no RLIMIT_RTPRIO), the pumps keep the slice, and the schedule's `refused`
+    says why (the caller decides how loud: a default is not a wish)."""
+    if not slice_us and not rt_priority:
+        return None, None
+    asked = " ".join(option for option in (
+        slice_us and "--sched-slice %d" % slice_us,
+        rt_priority and "--rt-priority %d" % rt_priority) if option)
+    if not (sys.platform.startswith("linux") and hasattr(os, "sched_getscheduler")):
+        return None, "%s: not set: needs Linux" % asked
+    machine = machine or platform.machine()
+    number = SCHED_SETATTR_SYSCALLS.get(machine)
+    if number is None:
+        return None, "%s: not set: sched_setattr's number on %s is not known" % (asked,
+                                                                                  machine)
+    try:
+        import ctypes  # not at import time: a trimmed Python may lack it
+    except ImportError:
+        return None, "%s: not set: this Python has no ctypes" % asked
+    schedule = OwnSchedule(ctypes.CDLL(None, use_errno=True).syscall, number, slice_us,
+                           rt_priority)
+    if os.sched_getscheduler(0) == os.SCHED_OTHER:
+        error = schedule.setattr(os.SCHED_OTHER)
+        if error:
+            return None, "%s: not set: %s" % (asked, _errno_text(error))
+    if rt_priority:
+        errors = []
+        probe = threading.Thread(target=lambda: errors.append(
+            schedule.setattr(os.SCHED_RR, rt_priority)), name="rt-probe")
+        probe.start()
+        probe.join()
+        if errors != [0]:
+            schedule.realtime = False
+            schedule.refused = (
+                "--rt-priority %d: not permitted (%s): needs root, CAP_SYS_NICE or the "
+                "unit's LimitRTPRIO=%d; round trips on crowded CPUs keep the slice"
+                % (rt_priority, _errno_text(errors[0]) if errors else "no answer",
+                   rt_priority))
+    return schedule, None
 
 
 def _read_cpu_times(path="/proc/stat"):
@@ -6368,14 +6519,14 @@ class CpuPinning:
             self.pin(set(self.placement.cpus))
 
 
-def busy_polling(microseconds, cpus, set_slice=None):
-    """--busy-poll and --sched-slice's `set_slice` (own_slice_setter's) as a BusyPolling (None
-    when neither): as many pumps may poll at once as the process may use CPUs (`cpus`, None
-    where unknown: os.cpu_count()), and at least two."""
-    if not microseconds and set_slice is None:
+def busy_polling(microseconds, cpus, schedule=None):
+    """--busy-poll, and --sched-slice and --rt-priority's `schedule` (own_schedule()'s), as a
+    BusyPolling (None when neither): as many pumps may poll at once as the process may use
+    CPUs (`cpus`, None where unknown: os.cpu_count()), and at least two."""
+    if not microseconds and schedule is None:
         return None
     return BusyPolling(microseconds / 1e6, max(2, len(cpus) if cpus else os.cpu_count() or 1),
-                       set_slice)
+                       schedule)
 
 
 def cpu_pinning(choice, peers, cpus):
@@ -6541,6 +6692,7 @@ OPTION_MODES = {
     "tls-min-version": ("client",), "keepalive": ("client",),
     "idle-timeout": ("client", "server"), "metrics-listen": ("client", "server"),
     "busy-poll": ("client", "server"), "sched-slice": ("client", "server"),
+    "rt-priority": ("client", "server"),
     "profile": ("up",), "write-config": ("up",), "cpu": ("up",),
 }
 
@@ -6600,6 +6752,7 @@ OPTION_GROUPS = {
     "write-config": "operations",
     "cpu": "limits and tuning",
     "busy-poll": "limits and tuning", "sched-slice": "limits and tuning",
+    "rt-priority": "limits and tuning",
     "route": "connection",
     "health-path": "operations",
 }
@@ -6805,9 +6958,8 @@ def build_parser(command_line_only=False, help_mode=None):
         "connection to --to and print each step; takes the client's options), or up (a VPN "
         "from a WireGuard profile, see --profile); required. "
         "'proxyguard.py client ...' is short for '--mode client ...'")
-    add("--profile", metavar="FILE", help="the WireGuard profile (the eduVPN portal's, "
-        "with ProxyEndpoint lines); 'proxyguard.py up FILE' is short for '--mode up --profile "
-        "FILE'. Its file name, without .conf, names the WireGuard interface")
+    add("--profile", metavar="FILE", help="the WireGuard profile with ProxyEndpoint lines "
+        "(eduVPN's; 'up FILE' for short); its name without .conf names the interface")
     add("--write-config", metavar="PATH", help="run only the profile's tunnels and write "
         "WireGuard's configuration to PATH (- prints it), for NetworkManager or "
         "systemd-networkd; without it, up runs wg-quick up and, at the end, wg-quick down")
@@ -6856,6 +7008,9 @@ def build_parser(command_line_only=False, help_mode=None):
              "%(default)s)")
     add("--sched-slice", type=int, default=DEFAULT_SCHED_SLICE_US, metavar="MICROSECONDS",
         help="round trips' scheduler slice (Linux 6.12+), to be woken sooner; 0 = "
+             "off (default %(default)s)")
+    add("--rt-priority", type=int, default=DEFAULT_RT_PRIORITY, metavar="N",
+        help="SCHED_RR priority of round trips on busy CPUs (root or LimitRTPRIO=); 0 = "
              "off (default %(default)s)")
     add("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS, metavar="N",
         help="open tunnels at most (up to %d); the next client gets 503 (default "
@@ -7153,6 +7308,7 @@ def parse_options(argv, environ=None, program=None):
         except UsageError as exc:
             raise UsageError(_explain_parse_error(str(exc), names, sources))
         options.sources, options.warnings = sources, warnings
+        options.given = set(vars(given))  # the dests the command line gave
         _check_program_mode(options, program)
         if options.mode is not None:
             _check_option_modes(options, parser, set(vars(given)), sources)
@@ -7184,6 +7340,10 @@ def _check_options(options):
     if options.sched_slice and not low <= options.sched_slice <= high:
         raise UsageError("--sched-slice %d: must be 0 (the kernel's) or %d to %d microseconds"
                          % (options.sched_slice, low, high), option="--sched-slice")
+    low, high = RT_PRIORITY_RANGE
+    if not low <= options.rt_priority <= high:
+        raise UsageError("--rt-priority %d: must be 0 (off) to %d (SCHED_RR's priorities)"
+                         % (options.rt_priority, high), option="--rt-priority")
     if options.metrics_listen:  # an empty host takes every interface, as --listen's does
         options.metrics_listen = parse_host_port(options.metrics_listen, "--metrics-listen",
                                                  default_host="0.0.0.0")
@@ -7330,11 +7490,11 @@ def _check_header_value(text, option):
                          % (option, text), option=option)
 
 
-def _build_service(options, tunnels_changed=None, set_slice=None):
+def _build_service(options, tunnels_changed=None, schedule=None):
     """The Server, Client or ClientGroup the options describe, calling `tunnels_changed`
-    when a tunnel opens or closes, its pumps taking a short slice with `set_slice`
-    (own_slice_setter's, or None). Raises UsageError or FatalError."""
-    polling = busy_polling(options.busy_poll, allowed_cpus(), set_slice)  # one for all tunnels
+    when a tunnel opens or closes, its pumps scheduled with `schedule` (own_schedule()'s, or
+    None). Raises UsageError or FatalError."""
+    polling = busy_polling(options.busy_poll, allowed_cpus(), schedule)  # one for all tunnels
     if options.mode == "server":
         tls_context = None
         if options.tls_cert:
@@ -7459,13 +7619,16 @@ def main(argv=None, program=None):
     _configure_logging(options.log_level)
     for warning in options.warnings:
         log.warning("%s", warning)
-    set_slice = None
+    schedule = None
     if options.mode != "check":
         limit = _raise_open_files_limit()
-        if options.sched_slice:
-            set_slice, why = own_slice_setter(options.sched_slice)
-            if why:
-                log.warning("--sched-slice %d: not set: %s", options.sched_slice, why)
+        schedule, warning = own_schedule(options.sched_slice, options.rt_priority)
+        if warning:
+            log.warning("%s", warning)
+        if schedule is not None and schedule.refused:  # a warning when asked for: a user's
+            # run by hand would otherwise say at every start that the default cannot apply
+            asked = "rt_priority" in options.given or "rt_priority" in options.sources
+            log.log(logging.WARNING if asked else logging.DEBUG, "%s", schedule.refused)
         if options.mode == "server":
             warning = open_files_warning(options.max_clients, limit)
             if warning:
@@ -7483,7 +7646,7 @@ def main(argv=None, program=None):
                 if options.metrics_listen:
                     metrics = MetricsEndpoint.open(options.metrics_listen)
                 tunnels_changed = threading.Event()  # for the systemd notifier's STATUS=
-                service = _build_service(options, tunnels_changed.set, set_slice)
+                service = _build_service(options, tunnels_changed.set, schedule)
                 if options.mode == "up":
                     wireguard = start_wireguard(options, service)
             except UsageError as exc:

@@ -208,11 +208,11 @@ class Proc:
         self.log_file.close()
 
 
-def start_server(tmp_path, wireguard_port, *extra, port=None, name="server"):
+def start_server(tmp_path, wireguard_port, *extra, port=None, name="server", prefix=()):
     port = port or free_port()
     proc = Proc(tmp_path, ["server", "--listen", "%s:%d" % (LOOPBACK, port),
                            "--to", "%s:%d" % (LOOPBACK, wireguard_port)] + list(extra),
-                name=name)
+                name=name, prefix=prefix)
     proc.port = port
     return proc
 
@@ -1397,7 +1397,7 @@ def test_busy_poller_finds_waiting_data_misses_within_its_budget_and_needs_a_slo
         poller.before_wait(lone=True)  # nothing comes: the policy's reading, the deadline's,
         # then two readings a poll (before and after its give-way) until the deadline: a miss
         assert policy.misses == 1 and poller._clock.now == pytest.approx(0.0065)
-        assert policy.crowded == 0  # each give-way took a tick, below BUSY_POLL_CROWDED_AFTER
+        assert policy.crowded == 0  # each give-way took a tick, below CROWDED_AFTER
         writer.send(b"x")
         poller.before_wait(lone=True)  # found at the first poll
         assert policy.misses == 0 and reader.recv(1) == b"x"
@@ -1434,53 +1434,137 @@ def test_busy_poller_ends_a_poll_whose_give_way_lost_the_cpu_and_pauses_polling(
         assert policy.found == 1
 
 
-def test_short_slice_is_asked_for_at_once_and_given_back_after_waits_in_a_row_not_lone():
-    policy = pg.ShortSlice()
-    assert policy.wants(False) is None  # it has the kernel's already
-    assert policy.wants(True) is True and policy.wants(True) is None
+def test_lone_schedule_takes_the_short_slice_at_once_and_gives_it_back_after_waits_not_lone():
+    policy = pg.LoneSchedule()
+    assert policy.wants(False, 0) is None  # it has the kernel's already
+    assert policy.wants(True, 0) == pg.SHORT_SLICE and policy.wants(True, 0) is None
     for _ in range(pg.SHORT_SLICE_KEPT_WAITS - 1):
-        assert policy.wants(False) is None
-    assert policy.wants(True) is None and policy.not_lone == 0  # the count starts again
+        assert policy.wants(False, 0) is None
+    assert policy.wants(True, 0) is None and policy.not_lone == 0  # the count starts again
     for _ in range(pg.SHORT_SLICE_KEPT_WAITS - 1):
-        assert policy.wants(False) is None
-    assert policy.wants(False) is False and not policy.short
-    assert policy.wants(False) is None
+        assert policy.wants(False, 0) is None
+    assert policy.wants(False, 0) == pg.KERNELS and policy.level == pg.KERNELS
+    assert policy.wants(False, 0) is None
+    for _ in range(100):  # without a Crowding, held-off steps change nothing
+        policy.stepped(True, 1.0)
+    assert policy.wants(True, 1.0) == pg.SHORT_SLICE
+
+
+def test_lone_schedule_goes_real_time_once_enough_steps_were_held_off_and_for_the_hold():
+    crowding = pg.Crowding()
+    policy = pg.LoneSchedule(crowding)
+    assert policy.wants(True, 0) == pg.SHORT_SLICE
+    now = 0.0
+    steps = int(pg.CROWDED_MIN_HELD / pg.CROWDED_SHARE)  # the share's steps for the minimum
+    for index in range(2 * steps):  # held-off steps below the share: an idle machine's
+        now += 0.0002
+        policy.stepped(index % (2 * steps) == 0, now)
+    assert crowding.found == 0 and policy.wants(True, now) is None
+    for _ in range(pg.CROWDED_MIN_HELD - 1):  # a window starts over after CROWDED_WINDOW
+        policy.stepped(True, now)
+    now += pg.CROWDED_WINDOW
+    policy.stepped(True, now)
+    assert crowding.found == 0
+    for _ in range(pg.CROWDED_MIN_HELD - 1):
+        policy.stepped(True, now)
+    assert crowding.found == 1 and crowding.until == now + pg.REALTIME_HOLD_SECONDS
+    assert policy.wants(True, now) == pg.REALTIME
+    assert policy.wants(False, now) is None  # a miss keeps it, as the slice's
+    other = pg.LoneSchedule(crowding)  # the process's other pumps follow
+    assert other.wants(True, now) == pg.REALTIME
+    later = now + pg.REALTIME_HOLD_SECONDS
+    assert policy.wants(True, later) == pg.SHORT_SLICE  # the hold is over
+    crowding.crowded(later)
+    assert policy.wants(True, later) == pg.REALTIME
+    for _ in range(pg.SHORT_SLICE_KEPT_WAITS - 1):
+        assert policy.wants(False, later) is None
+    assert policy.wants(False, later) == pg.KERNELS  # bulk: never real-time
+
+
+class RecordingSchedule:
+    """Stands in for OwnSchedule: keeps the levels a pump's thread was given."""
+
+    def __init__(self, realtime=False, applies=True):
+        self.realtime, self._applies, self.levels = realtime, applies, []
+
+    def applies(self):
+        return self._applies
+
+    def set(self, level):
+        self.levels.append(level)
 
 
 def test_busy_poller_asks_for_the_short_slice_while_round_trips_go_one_at_a_time_only():
     reader, writer = socket.socketpair()
     with reader, writer:
-        asked = []
-        poller = pg.busy_polling(0, [0, 1], asked.append).poller(reader.fileno())
+        schedule = RecordingSchedule()
+        poller = pg.busy_polling(0, [0, 1], schedule).poller(reader.fileno())
         kept = pg.SHORT_SLICE_KEPT_WAITS
         # A miss now and then keeps the slice; `kept` in a row give it back.
         for lone in [False, True, True] + [False] * (kept - 1) + [True] + [False] * kept + [True]:
             poller.before_wait(lone)  # budget 0: never polls, nor blocks the test
-        assert asked == [True, False, True]  # once a change
+        assert schedule.levels == [pg.SHORT_SLICE, pg.KERNELS, pg.SHORT_SLICE]  # once a change
         assert poller.policy.found == poller.policy.missed == 0
+        schedule = RecordingSchedule(applies=False)  # a unit's CPUSchedulingPolicy=
+        poller = pg.busy_polling(0, [0, 1], schedule).poller(reader.fileno())
+        for lone in [True] + [False] * kept + [True]:
+            poller.before_wait(lone)
+        assert schedule.levels == []
+
+
+def test_busy_poller_goes_real_time_after_held_off_steps_and_stops_polling_meanwhile():
+    """Steps (after_wait to before_wait) that took CROWDED_AFTER: the pump's thread is kept
+    off a crowded CPU. Enough of them make it real-time, and a real-time pump does not poll
+    (its give-way would not let its SCHED_OTHER peers run) until the hold is over."""
+    clock = TickingClock(0.00001)
+    reader, writer = socket.socketpair()
+    with reader, writer:
+        schedule = RecordingSchedule(realtime=True)
+        crowding = pg.BusyPolling(0.0001, schedule=schedule).crowding  # the process's
+        poller = pg.BusyPoller(reader.fileno(), pg.BusyPoll(0.0001),
+                               threading.BoundedSemaphore(1), schedule, clock=clock,
+                               crowding=crowding)
+        writer.send(b"x")  # each poll finds it at once
+        poller.before_wait(True)
+        assert schedule.levels == [pg.SHORT_SLICE] and poller.policy.found == 1
+        for _ in range(pg.CROWDED_MIN_HELD):
+            poller.after_wait()
+            clock.now += pg.CROWDED_AFTER  # the step's thread waited behind a hog
+            poller.before_wait(True)
+        assert schedule.levels == [pg.SHORT_SLICE, pg.REALTIME]
+        assert crowding.found == 1
+        found = poller.policy.found
+        poller.after_wait()
+        poller.before_wait(True)
+        assert poller.policy.found == found and poller.engaged  # real-time: no poll
+        clock.now += pg.REALTIME_HOLD_SECONDS
+        poller.after_wait()
+        poller.before_wait(True)
+        assert schedule.levels[-1] == pg.SHORT_SLICE and poller.policy.found == found + 1
+    assert pg.BusyPolling(0.0001, schedule=RecordingSchedule()).crowding is None
 
 
 def test_busy_poller_reports_to_round_trips_and_is_engaged_only_while_it_has_work():
     """A pump calls its poller only while `engaged` or after a lone batch: bulk skips it."""
     reader, writer = socket.socketpair()
     with reader, writer:
-        turns, asked = pg.RoundTrips(), []
-        poller = pg.BusyPolling(0, set_slice=asked.append).poller(reader.fileno(), turns,
-                                                                   pg.FROM_PEER)
+        turns, schedule = pg.RoundTrips(), RecordingSchedule()
+        poller = pg.BusyPolling(0, schedule=schedule).poller(reader.fileno(), turns,
+                                                              pg.FROM_PEER)
         poller.before_wait(False)
         assert not poller.engaged and turns.waiting[pg.FROM_PEER]
         poller.after_wait()
         assert not turns.waiting[pg.FROM_PEER]
         poller.before_wait(True)  # the other side not lone: not one at a time yet
-        assert poller.engaged and asked == [] and turns.lone[pg.FROM_PEER]
+        assert poller.engaged and schedule.levels == [] and turns.lone[pg.FROM_PEER]
         turns.waits(pg.FROM_WIREGUARD, True)  # now it is, and waits
         poller.before_wait(True)
-        assert asked == [True]
+        assert schedule.levels == [pg.SHORT_SLICE]
         for _ in range(pg.SHORT_SLICE_KEPT_WAITS - 1):
             poller.before_wait(False)
             assert poller.engaged  # it holds the short slice: must hear of each wait
         poller.before_wait(False)
-        assert asked == [True, False] and not poller.engaged
+        assert schedule.levels == [pg.SHORT_SLICE, pg.KERNELS] and not poller.engaged
 
 
 def test_busy_polling_is_off_at_zero_and_a_shut_down_socket_ends_a_poll_at_once():
@@ -11544,7 +11628,7 @@ def test_busy_polling_pumps_find_a_ping_floods_datagrams_by_polling_and_still_cl
     pumps poll."""
     # A loaded test machine may keep a give-way off the CPU for a millisecond, which would
     # pause polling for a second (tested on its own above): not here.
-    monkeypatch.setattr(pg, "BUSY_POLL_CROWDED_AFTER", 60.0)
+    monkeypatch.setattr(pg, "CROWDED_AFTER", 60.0)
     polling = RecordingBusyPolling(0.001)
     roundtrips = 500
     with running_pump_tunnel(busy_polling=polling) as (tunnel, ours, wireguard):
@@ -11559,6 +11643,43 @@ def test_busy_polling_pumps_find_a_ping_floods_datagrams_by_polling_and_still_cl
     assert len(polling.pollers) == 2  # one a pump
     for poller in polling.pollers:
         assert poller.policy.found > roundtrips / 2, vars(poller.policy)
+
+
+def real_time_threads():
+    """How many threads of this process run under SCHED_RR."""
+    count = 0
+    for name in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):  # the thread ended meanwhile
+            count += os.sched_getscheduler(int(name)) == os.SCHED_RR
+    return count
+
+
+def test_pumps_go_real_time_when_their_steps_show_crowded_cpus_and_no_other_thread(
+        monkeypatch):
+    """Every step counted as held off (CROWDED_AFTER 0, as behind CPU hogs): both pumps of
+    an in-process tunnel take SCHED_RR through the real sched_setattr once pings go one at a
+    time, the rest of the process stays as it was, and the tunnel still ends at its peer's
+    close."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (or CAP_SYS_NICE) for SCHED_RR")
+    monkeypatch.setattr(pg, "CROWDED_AFTER", 0.0)
+    schedule, why = pg.own_schedule(0, 1)
+    assert why is None and schedule.realtime, why
+    assert real_time_threads() == 0
+    with running_pump_tunnel(busy_polling=pg.BusyPolling(0, schedule=schedule)) as (
+            tunnel, ours, wireguard):
+        address = tunnel.endpoint.sock.getsockname()
+        wireguard.settimeout(5)
+        decoder = FrameDecoder()
+        for index in range(500):
+            wireguard.sendto(numbered(index, 100), address)
+            assert read_frames(ours, decoder, 1) == [numbered(index, 100)]
+            ours.sendall(pg.encode_frames([numbered(index, 60)]))
+            assert wireguard.recv(100) == numbered(index, 60)
+            if real_time_threads() == 2:
+                break
+        assert real_time_threads() == 2
+    assert real_time_threads() == 0 and os.sched_getscheduler(0) == os.SCHED_OTHER
 
 
 def thread_slices(pid):
@@ -11584,25 +11705,63 @@ def kernels_slice():
     return max(slices)
 
 
-def test_own_slice_setter_gives_the_calling_thread_its_slice_and_takes_it_back():
+def test_own_schedule_gives_the_calling_thread_its_level_and_takes_it_back():
+    """The slice and real-time priority, read back from /proc for that thread alone, at the
+    thread's own nice throughout."""
     kernels = kernels_slice()
-    set_own_slice, why = pg.own_slice_setter(250)
-    assert why is None
+    schedule, why = pg.own_schedule(250, 1)
+    assert why is None and schedule.refused is None and schedule.realtime, schedule.refused
     seen = []
 
     def in_a_thread():
         tid = threading.get_native_id()
-        for short in (True, False):
-            set_own_slice(short)
-            seen.append([ns for ns in thread_slices(os.getpid()) if ns != kernels])
+        os.setpriority(os.PRIO_PROCESS, tid, 3)  # this thread's nice
+        for level in (pg.SHORT_SLICE, pg.REALTIME, pg.SHORT_SLICE, pg.KERNELS):
+            schedule.set(level)
             with open("/proc/self/task/%d/sched" % tid) as stream:
-                seen.append([int(line.split(":")[1]) for line in stream
-                             if line.startswith("se.slice ")])
+                slices = [int(line.split(":")[1]) for line in stream
+                          if line.startswith("se.slice ")]
+            seen.append((os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid),
+                         [ns for ns in thread_slices(os.getpid()) if ns != kernels],
+                         slices if level != pg.REALTIME else None))
 
     thread = threading.Thread(target=in_a_thread)
     thread.start()
     thread.join(10)
-    assert seen == [[250000], [250000], [], [kernels]]  # that thread's only
+    assert seen == [(os.SCHED_OTHER, 3, [250000], [250000]),
+                    (os.SCHED_RR, 3, [], None),  # that thread's only
+                    (os.SCHED_OTHER, 3, [250000], [250000]),
+                    (os.SCHED_OTHER, 3, [], [kernels])]
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the probe's thread was its own
+
+
+def test_rt_priority_refused_keeps_the_slice_and_says_so_loudly_only_when_asked_for(
+        tmp_path):
+    """Without CAP_SYS_NICE and with RLIMIT_RTPRIO 0 (a unit without LimitRTPRIO=), the real
+    server starts anyway: a WARNING when --rt-priority was given, saying what would permit
+    it; on the default a DEBUG line only (a user's run by hand: nothing to act on)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (drops CAP_SYS_NICE)")
+    prefix = (which_or_skip("setpriv", "util-linux"), "--inh-caps=-sys_nice",
+              "--bounding-set=-sys_nice", which_or_skip("prlimit", "util-linux"),
+              "--rtprio=0")
+    echo = UdpEcho()
+    try:
+        for extra, level in ((("--log-level", "debug"), "DEBUG"), ((), None),
+                             (("--rt-priority", "1"), "WARNING")):
+            server = start_server(tmp_path, echo.port, *extra, prefix=prefix)
+            try:
+                line = [line for line in server.log().splitlines() if "--rt-priority 1" in line]
+                if level is None:
+                    assert line == [], server.log()
+                    continue
+                assert len(line) == 1 and (" %s " % level) in line[0], server.log()
+                assert "not permitted (operation not permitted)" in line[0]
+                assert "LimitRTPRIO=1" in line[0]
+            finally:
+                assert server.stop() == 0
+    finally:
+        echo.close()
 
 
 def test_sched_slice_goes_to_a_tunnels_pumps_while_its_round_trips_go_one_at_a_time(tmp_path):
@@ -11637,9 +11796,12 @@ def test_sched_slice_goes_to_a_tunnels_pumps_while_its_round_trips_go_one_at_a_t
         echo.close()
 
 
-def test_sched_slice_says_why_it_cannot_be_set_on_an_unknown_machine():
-    assert pg.own_slice_setter(100, machine="vax") == (
-        None, "sched_setattr's number on vax is not known")
+def test_own_schedule_says_why_it_cannot_be_had_on_an_unknown_machine_and_is_off_at_0():
+    assert pg.own_schedule(100, 1, machine="vax") == (
+        None, "--sched-slice 100 --rt-priority 1: not set: sched_setattr's number on vax is "
+              "not known")
+    assert pg.own_schedule(0, 3, machine="vax")[1].startswith("--rt-priority 3: not set")
+    assert pg.own_schedule(0, 0) == (None, None)
 
 
 def test_busy_poll_option_reaches_the_tunnels_and_0_turns_it_off():
