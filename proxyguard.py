@@ -326,10 +326,11 @@ SHORT_SLICE_KEPT_WAITS = 16
 # runs; 8 ms in a cgroup). A SCHED_RR thread is never preempted by SCHED_OTHER work: p99
 # 0.19-0.50 ms in every run. On idle CPUs it costs, though (a real-time wake-up goes to the
 # thread's own CPU, often halted: p50 0.23 ms against 0.17 ms), so a pump takes it only once
-# its own steps show the crowding, and keeps it REALTIME_HOLD_SECONDS after the last sign:
-# CROWDED_MIN_HELD steps, and CROWDED_SHARE of all, within CROWDED_WINDOW took CROWDED_AFTER or
-# longer from its wait's end to its next wait (the work is 20-50 us). Measured: idle, about 1
-# step in 2,000 took that long; crowded, 1 in 50 to 1 in 100. Bulk gives it back with the
+# its process's steps show the crowding, and keeps it REALTIME_HOLD_SECONDS after the last
+# sign: CROWDED_MIN_HELD steps, and CROWDED_SHARE of all, within CROWDED_WINDOW took
+# CROWDED_AFTER or longer from a wait's end to the next wait (the work is 20-50 us). Measured
+# (a process's two pumps): idle, about 1 step in 5,000 took that long; in the bad runs behind
+# the hogs 1 in 50 to 1 in 100, in the others far fewer. Bulk gives it back with the
 # slice, so a real-time thread only ever carries one datagram at a time. Needs root,
 # CAP_SYS_NICE or RLIMIT_RTPRIO (the unit's LimitRTPRIO=1); without, the pump keeps the slice.
 DEFAULT_RT_PRIORITY = 1
@@ -337,7 +338,7 @@ RT_PRIORITY_RANGE = (0, 99)
 CROWDED_AFTER = 0.001
 CROWDED_WINDOW = 2.0
 CROWDED_MIN_HELD = 4
-CROWDED_SHARE = 0.005
+CROWDED_SHARE = 0.002
 REALTIME_HOLD_SECONDS = 10.0
 
 # sched_setattr(2)'s number on each machine that has one (platform.machine()), from the
@@ -2144,18 +2145,34 @@ KERNELS, SHORT_SLICE, REALTIME = "the kernel's", "the short slice", "real-time"
 
 
 class Crowding:
-    """Until when a process's pumps take real-time priority (REALTIME_HOLD_SECONDS after any
-    pump's steps last showed the CPUs crowded; see DEFAULT_RT_PRIORITY): one for the process
-    (BusyPolling's), as the CPUs are, so that a pump whose own steps show little follows the
-    one that sees it (measured: one pump in four saw enough on its own)."""
+    """Whether other work crowds the CPUs, as one process's pumps see it in their steps (from
+    a wait's return to the next wait, while their round trips go one at a time), and so until
+    when they take real-time priority (see DEFAULT_RT_PRIORITY): from the step that makes
+    CROWDED_MIN_HELD, and CROWDED_SHARE of all, within CROWDED_WINDOW that were held off the
+    CPU (CROWDED_AFTER or longer), until REALTIME_HOLD_SECONDS after the last such. One for
+    the process (BusyPolling's), as the CPUs are: a pump whose own steps show little follows
+    the others (measured: one pump in four saw enough on its own). Pumps call it in turn, a
+    round trip's steps one after the other; two at once may lose a count, no more.
+
+    `stepped(held_off, now)` for each step; `now_crowded(now)`.
+    """
 
     def __init__(self):
         self.until = None
-        self.found = 0  # times a pump found the CPUs crowded (for tests)
+        self.window = None  # when the steps counted began
+        self.steps = self.held = 0
+        self.found = 0  # times the steps showed the CPUs crowded (for tests)
 
-    def crowded(self, now):
-        self.until = now + REALTIME_HOLD_SECONDS
-        self.found += 1
+    def stepped(self, held_off, now):
+        if self.window is None or now - self.window >= CROWDED_WINDOW:
+            self.window, self.steps, self.held = now, 0, 0
+        self.steps += 1
+        if held_off:
+            self.held += 1
+            if self.held >= CROWDED_MIN_HELD and self.held >= CROWDED_SHARE * self.steps:
+                self.until = now + REALTIME_HOLD_SECONDS
+                self.found += 1
+                self.window = None
 
     def now_crowded(self, now):
         return self.until is not None and now < self.until
@@ -2166,24 +2183,19 @@ class LoneSchedule:
     KERNELS (at first, and for bulk); SHORT_SLICE from the first wait that RoundTrips calls one
     at a time (see DEFAULT_SCHED_SLICE_US) until SHORT_SLICE_KEPT_WAITS waits in a row are
     not; and REALTIME in SHORT_SLICE's place while the process's `crowding` (a Crowding; None:
-    never real-time) says the CPUs are crowded, which its steps tell it (see
-    DEFAULT_RT_PRIORITY). Why the hold on the slice: a fast pinger's next request often comes
+    never real-time) says the CPUs are crowded (see DEFAULT_RT_PRIORITY). Why the hold on the slice: a fast pinger's next request often comes
     while the other pump is still on its way back to its wait, and RoundTrips then says no for
     that one wait; without the hold a pump changed its slice about 900 times in 5,000 round
     trips behind two CPU hogs, a system call each, and woke behind the hogs after each drop.
 
     `wants(lone, now)` before each wait, with RoundTrips' verdict: the level the thread must
-    take now, or None when it keeps its own. `stepped(held_off, now)` after each step out of
-    KERNELS (from a wait's return to the next wait; `held_off`: it took CROWDED_AFTER or
-    longer, its thread kept off the CPU).
+    take now, or None when it keeps its own.
     """
 
     def __init__(self, crowding=None):
         self.crowding = crowding
         self.level = KERNELS
         self.not_lone = 0  # waits in a row that RoundTrips did not call one at a time
-        self.window = None  # when the steps counted (CROWDED_WINDOW) began
-        self.steps = self.held = 0
 
     def wants(self, lone, now):
         if lone:
@@ -2204,18 +2216,6 @@ class LoneSchedule:
         if self.crowding is not None and self.crowding.now_crowded(now):
             return REALTIME
         return SHORT_SLICE
-
-    def stepped(self, held_off, now):
-        if self.crowding is None:
-            return
-        if self.window is None or now - self.window >= CROWDED_WINDOW:
-            self.window, self.steps, self.held = now, 0, 0
-        self.steps += 1
-        if held_off:
-            self.held += 1
-            if self.held >= CROWDED_MIN_HELD and self.held >= CROWDED_SHARE * self.steps:
-                self.crowding.crowded(now)
-                self.window = None
 
 
 def cpu_times(text, ticks):
@@ -3651,6 +3651,7 @@ class BusyPoller:
 
     def __init__(self, fd, policy, slots, schedule=None, turns=None, side=None,
                  clock=time.monotonic, crowding=None):
+        self._crowding = crowding
         self._poller = select.poll()
         self._poller.register(fd, select.POLLIN)
         self.policy = policy
@@ -3670,7 +3671,8 @@ class BusyPoller:
         now = self._clock()
         lone_schedule = self.lone_schedule
         if self._woke_at is not None:
-            lone_schedule.stepped(now - self._woke_at >= CROWDED_AFTER, now)
+            if self._crowding is not None:
+                self._crowding.stepped(now - self._woke_at >= CROWDED_AFTER, now)
             self._woke_at = None
         self._blocked_at = None
         one_at_a_time = lone
@@ -3722,7 +3724,8 @@ class BusyPoller:
             if clock() - now >= CROWDED_AFTER:  # other work had the CPU
                 now = clock()
                 self.policy.lost_cpu(now)
-                self.lone_schedule.stepped(True, now)
+                if self._crowding is not None:
+                    self._crowding.stepped(True, now)
                 return False
         return True
 

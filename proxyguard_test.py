@@ -1445,40 +1445,43 @@ def test_lone_schedule_takes_the_short_slice_at_once_and_gives_it_back_after_wai
         assert policy.wants(False, 0) is None
     assert policy.wants(False, 0) == pg.KERNELS and policy.level == pg.KERNELS
     assert policy.wants(False, 0) is None
-    for _ in range(100):  # without a Crowding, held-off steps change nothing
-        policy.stepped(True, 1.0)
-    assert policy.wants(True, 1.0) == pg.SHORT_SLICE
 
 
-def test_lone_schedule_goes_real_time_once_enough_steps_were_held_off_and_for_the_hold():
+def test_crowding_needs_enough_held_off_steps_and_their_share_within_a_window():
+    crowding = pg.Crowding()
+    now = 0.0
+    steps = int(pg.CROWDED_MIN_HELD / pg.CROWDED_SHARE)  # the share's steps for the minimum
+    for index in range(2 * steps):  # the minimum, and more, below the share: idle's
+        now += 0.0001
+        crowding.stepped(index % (steps // 2) == 0, now)
+    assert crowding.held == pg.CROWDED_MIN_HELD and crowding.found == 0
+    assert not crowding.now_crowded(now)
+    for _ in range(pg.CROWDED_MIN_HELD - 1):  # a window starts over after CROWDED_WINDOW
+        crowding.stepped(True, now)
+    now += pg.CROWDED_WINDOW
+    crowding.stepped(True, now)
+    assert crowding.found == 0
+    for _ in range(pg.CROWDED_MIN_HELD - 1):
+        crowding.stepped(True, now)
+    assert crowding.found == 1 and crowding.now_crowded(now)
+    assert not crowding.now_crowded(now + pg.REALTIME_HOLD_SECONDS)
+
+
+def test_lone_schedule_is_real_time_instead_of_the_short_slice_while_crowded_never_for_bulk():
     crowding = pg.Crowding()
     policy = pg.LoneSchedule(crowding)
     assert policy.wants(True, 0) == pg.SHORT_SLICE
-    now = 0.0
-    steps = int(pg.CROWDED_MIN_HELD / pg.CROWDED_SHARE)  # the share's steps for the minimum
-    for index in range(2 * steps):  # held-off steps below the share: an idle machine's
-        now += 0.0002
-        policy.stepped(index % (2 * steps) == 0, now)
-    assert crowding.found == 0 and policy.wants(True, now) is None
-    for _ in range(pg.CROWDED_MIN_HELD - 1):  # a window starts over after CROWDED_WINDOW
-        policy.stepped(True, now)
-    now += pg.CROWDED_WINDOW
-    policy.stepped(True, now)
-    assert crowding.found == 0
-    for _ in range(pg.CROWDED_MIN_HELD - 1):
-        policy.stepped(True, now)
-    assert crowding.found == 1 and crowding.until == now + pg.REALTIME_HOLD_SECONDS
-    assert policy.wants(True, now) == pg.REALTIME
-    assert policy.wants(False, now) is None  # a miss keeps it, as the slice's
-    other = pg.LoneSchedule(crowding)  # the process's other pumps follow
-    assert other.wants(True, now) == pg.REALTIME
-    later = now + pg.REALTIME_HOLD_SECONDS
-    assert policy.wants(True, later) == pg.SHORT_SLICE  # the hold is over
-    crowding.crowded(later)
-    assert policy.wants(True, later) == pg.REALTIME
+    crowding.until = 10.0  # a pump of the process found the CPUs crowded
+    assert policy.wants(True, 5.0) == pg.REALTIME
+    assert policy.wants(False, 5.0) is None  # a miss keeps it, as the slice's
+    assert pg.LoneSchedule(crowding).wants(True, 5.0) == pg.REALTIME  # the others follow
+    assert policy.wants(True, 10.0) == pg.SHORT_SLICE  # the hold is over
+    crowding.until = 20.0
+    assert policy.wants(True, 10.0) == pg.REALTIME
     for _ in range(pg.SHORT_SLICE_KEPT_WAITS - 1):
-        assert policy.wants(False, later) is None
-    assert policy.wants(False, later) == pg.KERNELS  # bulk: never real-time
+        assert policy.wants(False, 10.0) is None
+    assert policy.wants(False, 10.0) == pg.KERNELS  # bulk: never real-time
+    assert pg.LoneSchedule().wants(True, 5.0) == pg.SHORT_SLICE  # no Crowding: --rt-priority 0
 
 
 class RecordingSchedule:
