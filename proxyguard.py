@@ -2124,11 +2124,16 @@ class RoundTrips:
 
     `waits(side, lone)` just before `side`'s pump waits (`lone`: its last batch was one
     datagram) returns whether it may poll; `busy(side)` once its wait returned with data.
+    `quiet_mark(side)` then, and `stayed_quiet(side, mark)` at its next wait, tell whether
+    the other pump waited all along meanwhile (Crowding counts only such steps: one held off
+    beside a busy other pump may have waited for the GIL, or for a CPU that our own bulk
+    traffic keeps busy).
     """
 
     def __init__(self):
         self.lone = [False, False]
         self.waiting = [False, False]
+        self.wakes = [0, 0]
 
     def waits(self, side, lone):
         self.lone[side] = lone
@@ -2138,6 +2143,15 @@ class RoundTrips:
 
     def busy(self, side):
         self.waiting[side] = False
+        self.wakes[side] += 1
+
+    def quiet_mark(self, side):
+        other = 1 - side
+        return self.wakes[other] if self.waiting[other] else None
+
+    def stayed_quiet(self, side, mark):
+        other = 1 - side
+        return mark is not None and self.waiting[other] and self.wakes[other] == mark
 
 
 # How a pump's thread is scheduled (LoneSchedule's levels, OwnSchedule carries them out).
@@ -3643,8 +3657,9 @@ class BusyPoller:
     the short slice while round trips go one at a time, so that a woken pump takes a busy CPU
     at once (DEFAULT_SCHED_SLICE_US), and bulk traffic, whose wake-ups are many and wait
     anyway, keeps the kernel's batching (measured: 7-11 % more throughput than with the short
-    slice for every thread); real-time instead while its steps (after_wait to before_wait, and
-    polls' give-ways) show it kept off a crowded CPU (DEFAULT_RT_PRIORITY). A real-time pump
+    slice for every thread); real-time instead while the process's steps (after_wait to
+    before_wait, the other pump waiting all along) show them kept off crowded CPUs
+    (Crowding, DEFAULT_RT_PRIORITY). A real-time pump
     does not poll: its give-way would not let the SCHED_OTHER peers it serves run. A thread
     that is not SCHED_OTHER when it would first change (a unit's CPUSchedulingPolicy=) is
     left as it is."""
@@ -3662,7 +3677,8 @@ class BusyPoller:
         self._side = side
         self._clock = clock
         self._blocked_at = None
-        self._woke_at = None  # when the wait before this step returned
+        self._woke_at = None  # when the wait before this step returned (with a Crowding)
+        self._quiet_mark = None  # RoundTrips' then
         # Whether the calls have work even after a batch of several datagrams: RoundTrips
         # has this side lone, a level to give back, or a backed-off wait to time.
         self.engaged = False
@@ -3671,7 +3687,7 @@ class BusyPoller:
         now = self._clock()
         lone_schedule = self.lone_schedule
         if self._woke_at is not None:
-            if self._crowding is not None:
+            if self._turns is None or self._turns.stayed_quiet(self._side, self._quiet_mark):
                 self._crowding.stepped(now - self._woke_at >= CROWDED_AFTER, now)
             self._woke_at = None
         self._blocked_at = None
@@ -3710,8 +3726,10 @@ class BusyPoller:
         if self._blocked_at is not None:
             self.policy.blocked(now - self._blocked_at)
             self._blocked_at = None
-        if scheduled:
+        if scheduled and self._crowding is not None:
             self._woke_at = now
+            if self._turns is not None:
+                self._quiet_mark = self._turns.quiet_mark(self._side)
 
     def _poll(self, budget):
         poll, clock, give_way = self._poller.poll, self._clock, _give_way
@@ -3722,10 +3740,7 @@ class BusyPoller:
                 return False
             give_way()
             if clock() - now >= CROWDED_AFTER:  # other work had the CPU
-                now = clock()
-                self.policy.lost_cpu(now)
-                if self._crowding is not None:
-                    self._crowding.stepped(True, now)
+                self.policy.lost_cpu(clock())
                 return False
         return True
 
