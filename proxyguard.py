@@ -2124,16 +2124,11 @@ class RoundTrips:
 
     `waits(side, lone)` just before `side`'s pump waits (`lone`: its last batch was one
     datagram) returns whether it may poll; `busy(side)` once its wait returned with data.
-    `quiet_mark(side)` then, and `stayed_quiet(side, mark)` at its next wait, tell whether
-    the other pump waited all along meanwhile (Crowding counts only such steps: one held off
-    beside a busy other pump may have waited for the GIL, or for a CPU that our own bulk
-    traffic keeps busy).
     """
 
     def __init__(self):
         self.lone = [False, False]
         self.waiting = [False, False]
-        self.wakes = [0, 0]
 
     def waits(self, side, lone):
         self.lone[side] = lone
@@ -2143,15 +2138,6 @@ class RoundTrips:
 
     def busy(self, side):
         self.waiting[side] = False
-        self.wakes[side] += 1
-
-    def quiet_mark(self, side):
-        other = 1 - side
-        return self.wakes[other] if self.waiting[other] else None
-
-    def stayed_quiet(self, side, mark):
-        other = 1 - side
-        return mark is not None and self.waiting[other] and self.wakes[other] == mark
 
 
 # How a pump's thread is scheduled (LoneSchedule's levels, OwnSchedule carries them out).
@@ -2193,14 +2179,19 @@ class Crowding:
 
 
 class LoneSchedule:
-    """How a pump's thread is scheduled, from its tunnel's round trips and its own steps:
-    KERNELS (at first, and for bulk); SHORT_SLICE from the first wait that RoundTrips calls one
-    at a time (see DEFAULT_SCHED_SLICE_US) until SHORT_SLICE_KEPT_WAITS waits in a row are
-    not; and REALTIME in SHORT_SLICE's place while the process's `crowding` (a Crowding; None:
-    never real-time) says the CPUs are crowded (see DEFAULT_RT_PRIORITY). Why the hold on the slice: a fast pinger's next request often comes
-    while the other pump is still on its way back to its wait, and RoundTrips then says no for
-    that one wait; without the hold a pump changed its slice about 900 times in 5,000 round
-    trips behind two CPU hogs, a system call each, and woke behind the hogs after each drop.
+    """How a pump's thread is scheduled, from its tunnel's round trips: KERNELS (at first, and
+    for bulk); SHORT_SLICE from the first wait that RoundTrips calls one at a time (see
+    DEFAULT_SCHED_SLICE_US) until SHORT_SLICE_KEPT_WAITS waits in a row are not; and REALTIME
+    in SHORT_SLICE's place while the process's `crowding` (a Crowding; None: never real-time)
+    says the CPUs are crowded (see DEFAULT_RT_PRIORITY), and then only at waits that
+    RoundTrips calls one at a time: a miss falls back to the slice at once.
+
+    Why the hold on the slice: a fast pinger's next request often comes while the other pump
+    is still on its way back to its wait, and RoundTrips then says no for that one wait;
+    without the hold a pump changed its slice about 900 times in 5,000 round trips behind two
+    CPU hogs, a system call each, and woke behind the hogs after each drop. Why none on
+    real-time: held as the slice is, a bulk flow's lone moments (its own traffic crowding the
+    CPUs) kept the bench's loads real-time for 16 waits at a time, and cost TLS bulk 8 %.
 
     `wants(lone, now)` before each wait, with RoundTrips' verdict: the level the thread must
     take now, or None when it keeps its own.
@@ -2220,7 +2211,7 @@ class LoneSchedule:
             level = self.level
             if level != KERNELS:
                 level = (KERNELS if self.not_lone >= SHORT_SLICE_KEPT_WAITS
-                         else self._lone_level(now))
+                         else SHORT_SLICE)
         if level == self.level:
             return None
         self.level = level
@@ -3658,8 +3649,7 @@ class BusyPoller:
     at once (DEFAULT_SCHED_SLICE_US), and bulk traffic, whose wake-ups are many and wait
     anyway, keeps the kernel's batching (measured: 7-11 % more throughput than with the short
     slice for every thread); real-time instead while the process's steps (after_wait to
-    before_wait, the other pump waiting all along) show them kept off crowded CPUs
-    (Crowding, DEFAULT_RT_PRIORITY). A real-time pump
+    before_wait) show them kept off crowded CPUs (Crowding, DEFAULT_RT_PRIORITY). A real-time pump
     does not poll: its give-way would not let the SCHED_OTHER peers it serves run. A thread
     that is not SCHED_OTHER when it would first change (a unit's CPUSchedulingPolicy=) is
     left as it is."""
@@ -3678,7 +3668,6 @@ class BusyPoller:
         self._clock = clock
         self._blocked_at = None
         self._woke_at = None  # when the wait before this step returned (with a Crowding)
-        self._quiet_mark = None  # RoundTrips' then
         # Whether the calls have work even after a batch of several datagrams: RoundTrips
         # has this side lone, a level to give back, or a backed-off wait to time.
         self.engaged = False
@@ -3687,8 +3676,7 @@ class BusyPoller:
         now = self._clock()
         lone_schedule = self.lone_schedule
         if self._woke_at is not None:
-            if self._turns is None or self._turns.stayed_quiet(self._side, self._quiet_mark):
-                self._crowding.stepped(now - self._woke_at >= CROWDED_AFTER, now)
+            self._crowding.stepped(now - self._woke_at >= CROWDED_AFTER, now)
             self._woke_at = None
         self._blocked_at = None
         one_at_a_time = lone
@@ -3728,8 +3716,6 @@ class BusyPoller:
             self._blocked_at = None
         if scheduled and self._crowding is not None:
             self._woke_at = now
-            if self._turns is not None:
-                self._quiet_mark = self._turns.quiet_mark(self._side)
 
     def _poll(self, budget):
         poll, clock, give_way = self._poller.poll, self._clock, _give_way

@@ -1377,20 +1377,6 @@ def test_round_trips_let_a_pump_poll_only_while_the_other_waits_after_a_lone_dat
     assert not turns.waits(pg.FROM_WIREGUARD, lone=True)
 
 
-def test_round_trips_tell_whether_the_other_pump_waited_all_along_through_a_step():
-    turns = pg.RoundTrips()
-    turns.waits(pg.FROM_WIREGUARD, lone=True)
-    turns.busy(pg.FROM_PEER)  # a step of the peer's pump begins, the other one waiting
-    mark = turns.quiet_mark(pg.FROM_PEER)
-    assert turns.stayed_quiet(pg.FROM_PEER, mark)  # a round trip's step: the other waited
-    turns.busy(pg.FROM_WIREGUARD)  # bulk both ways: the other woke meanwhile...
-    turns.waits(pg.FROM_WIREGUARD, lone=True)  # ...and is back at its wait
-    assert not turns.stayed_quiet(pg.FROM_PEER, mark)
-    turns.busy(pg.FROM_WIREGUARD)
-    assert turns.quiet_mark(pg.FROM_PEER) is None  # it works now: no step of ours counts
-    assert not turns.stayed_quiet(pg.FROM_PEER, None)
-
-
 class TickingClock:
     """A fake clock that moves `step` seconds at every reading."""
 
@@ -1487,14 +1473,16 @@ def test_lone_schedule_is_real_time_instead_of_the_short_slice_while_crowded_nev
     assert policy.wants(True, 0) == pg.SHORT_SLICE
     crowding.until = 10.0  # a pump of the process found the CPUs crowded
     assert policy.wants(True, 5.0) == pg.REALTIME
-    assert policy.wants(False, 5.0) is None  # a miss keeps it, as the slice's
+    assert policy.wants(False, 5.0) == pg.SHORT_SLICE  # a miss: only the slice is held
+    assert policy.wants(True, 5.0) == pg.REALTIME
     assert pg.LoneSchedule(crowding).wants(True, 5.0) == pg.REALTIME  # the others follow
     assert policy.wants(True, 10.0) == pg.SHORT_SLICE  # the hold is over
     crowding.until = 20.0
     assert policy.wants(True, 10.0) == pg.REALTIME
-    for _ in range(pg.SHORT_SLICE_KEPT_WAITS - 1):
+    assert policy.wants(False, 10.0) == pg.SHORT_SLICE
+    for _ in range(pg.SHORT_SLICE_KEPT_WAITS - 2):
         assert policy.wants(False, 10.0) is None
-    assert policy.wants(False, 10.0) == pg.KERNELS  # bulk: never real-time
+    assert policy.wants(False, 10.0) == pg.KERNELS  # bulk
     assert pg.LoneSchedule().wants(True, 5.0) == pg.SHORT_SLICE  # no Crowding: --rt-priority 0
 
 
@@ -1559,32 +1547,6 @@ def test_busy_poller_goes_real_time_after_held_off_steps_and_stops_polling_meanw
         poller.before_wait(True)
         assert schedule.levels[-1] == pg.SHORT_SLICE and poller.policy.found == found + 1
     assert pg.BusyPolling(0.0001, schedule=RecordingSchedule()).crowding is None
-
-
-def test_busy_poller_counts_no_step_held_off_beside_the_tunnels_other_busy_pump():
-    """Bulk both ways: a step that took long beside the other pump's work may have waited for
-    the GIL, or for a CPU our own traffic keeps busy; real-time would not help it."""
-    clock = TickingClock(0.00001)
-    reader, writer = socket.socketpair()
-    with reader, writer:
-        turns, crowding = pg.RoundTrips(), pg.Crowding()
-        poller = pg.BusyPoller(reader.fileno(), pg.BusyPoll(0), threading.BoundedSemaphore(1),
-                               RecordingSchedule(realtime=True), turns, pg.FROM_PEER,
-                               clock=clock, crowding=crowding)
-        turns.waits(pg.FROM_WIREGUARD, True)
-        poller.before_wait(True)  # one at a time: the short slice
-        for _ in range(2 * pg.CROWDED_MIN_HELD):
-            poller.after_wait()
-            turns.busy(pg.FROM_WIREGUARD)  # the other pump works meanwhile
-            clock.now += pg.CROWDED_AFTER
-            turns.waits(pg.FROM_WIREGUARD, True)
-            poller.before_wait(True)
-        assert crowding.steps == 0 and crowding.found == 0
-        for _ in range(pg.CROWDED_MIN_HELD):  # the other waits all along: these count
-            poller.after_wait()
-            clock.now += pg.CROWDED_AFTER
-            poller.before_wait(True)
-        assert crowding.found == 1
 
 
 def test_busy_poller_reports_to_round_trips_and_is_engaged_only_while_it_has_work():
