@@ -323,16 +323,17 @@ SHORT_SLICE_KEPT_WAITS = 16
 # CPU) was often not the scheduler's next pick when that peer slept; EEVDF ran the hog, whose
 # nice-19 share was owed, until the next tick (up to 4 ms at HZ=250). The short slice cannot
 # help (that pump was not woken), nor could nice -10 or a cgroup's weight (the same bimodal
-# runs; 8 ms in a cgroup). A SCHED_RR thread is never preempted by SCHED_OTHER work: p99
-# 0.19-0.50 ms in every run. On idle CPUs it costs, though (a real-time wake-up goes to the
-# thread's own CPU, often halted: p50 0.23 ms against 0.17 ms), so a pump takes it only once
-# its process's steps show the crowding, and keeps it REALTIME_HOLD_SECONDS after the last
-# sign: CROWDED_MIN_HELD steps, and CROWDED_SHARE of all, within CROWDED_WINDOW took
-# CROWDED_AFTER or longer from a wait's end to the next wait (the work is 20-50 us). Measured
-# (a process's two pumps): idle, about 1 step in 5,000 took that long; in the bad runs behind
-# the hogs 1 in 50 to 1 in 100, in the others far fewer. Bulk gives it back with the
-# slice, so a real-time thread only ever carries one datagram at a time. Needs root,
-# CAP_SYS_NICE or RLIMIT_RTPRIO (the unit's LimitRTPRIO=1); without, the pump keeps the slice.
+# runs; 8 ms in a cgroup). A SCHED_RR thread is never preempted by SCHED_OTHER work (the
+# whole process under chrt -r 1: p99 0.18-0.50 ms in every run of 10). On idle CPUs it costs,
+# though (a real-time wake-up goes to the thread's own CPU, often halted: p50 0.22-0.25 ms
+# against a median of 0.17 ms), so a pump takes it only once its process's steps show the
+# crowding (Crowding), until REALTIME_HOLD_SECONDS after the last sign: CROWDED_MIN_HELD
+# steps, and CROWDED_SHARE of all, within CROWDED_WINDOW took CROWDED_AFTER or longer from a
+# wait's end to the next wait (the work is 20-50 us). Measured (a process's two pumps): idle,
+# about 1 step in 5,000 took that long; in the bad runs behind the hogs 1 in 50 to 1 in 100.
+# Any wait that is not one at a time gives it back at once (LoneSchedule), so a real-time
+# thread only ever carries one datagram at a time. Needs root, CAP_SYS_NICE or RLIMIT_RTPRIO
+# (the unit's LimitRTPRIO=1); without, the pump keeps the slice.
 DEFAULT_RT_PRIORITY = 1
 RT_PRIORITY_RANGE = (0, 99)
 CROWDED_AFTER = 0.001
