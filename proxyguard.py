@@ -3689,6 +3689,7 @@ class BusyPoller:
             if level is not None:
                 if was == KERNELS and not self._schedule.applies():
                     self._schedule = None  # the unit's policy: not ours to change
+                    lone_schedule.level = KERNELS  # nothing to give back later
                 else:
                     self._schedule.set(level)
         budget = 0

@@ -1514,7 +1514,9 @@ def test_busy_poller_asks_for_the_short_slice_while_round_trips_go_one_at_a_time
         poller = pg.busy_polling(0, [0, 1], schedule).poller(reader.fileno())
         for lone in [True] + [False] * kept + [True]:
             poller.before_wait(lone)
-        assert schedule.levels == []
+        assert schedule.levels == [] and poller.lone_schedule.level == pg.KERNELS
+        poller.before_wait(False)
+        assert not poller.engaged  # bulk skips the poller again
 
 
 def test_busy_poller_goes_real_time_after_held_off_steps_and_stops_polling_meanwhile():
