@@ -341,6 +341,13 @@ CROWDED_WINDOW = 2.0
 CROWDED_MIN_HELD = 4
 CROWDED_SHARE = 0.002
 REALTIME_HOLD_SECONDS = 10.0
+# When the hold runs out and the CPUs were idle less than this share of the time since it
+# began, it starts again: under real-time priority the steps no longer show the crowding, so
+# under steady load it would lapse every 10 s, and each lapse be found again by at least
+# CROWDED_MIN_HELD slow round trips. (Measured, five invocations of the bench behind the hogs:
+# 4 runs of 45 over 1 ms with it, 6 without: within the noise.) Idle share over 1 s: the
+# hogs, 0-2 %; a ping flood alone, busy polling, 9-19 %; one hog, 8-13 %.
+CROWDED_IDLE_SHARE = 0.02
 
 # sched_setattr(2)'s number on each machine that has one (platform.machine()), from the
 # architectures' syscall tables: Python's os has no wrapper for it. mips is o32 (routers).
@@ -2150,19 +2157,24 @@ class Crowding:
     a wait's return to the next wait, while their round trips go one at a time), and so until
     when they take real-time priority (see DEFAULT_RT_PRIORITY): from the step that makes
     CROWDED_MIN_HELD, and CROWDED_SHARE of all, within CROWDED_WINDOW that were held off the
-    CPU (CROWDED_AFTER or longer), until REALTIME_HOLD_SECONDS after the last such. One for
-    the process (BusyPolling's), as the CPUs are: a pump whose own steps show little follows
-    the others (measured: one pump in four saw enough on its own). Pumps call it in turn, a
-    round trip's steps one after the other; two at once may lose a count, no more.
+    CPU (CROWDED_AFTER or longer), for REALTIME_HOLD_SECONDS, and for as long again each time
+    the hold runs out while `read_cpu` (None: not asked) says the CPUs were idle less than
+    CROWDED_IDLE_SHARE of the time since it began; `read_cpu()` gives the (busy, idle) seconds
+    of all CPUs so far, or None. One for the process (BusyPolling's), as the CPUs are: a pump
+    whose own steps show little follows the others (measured: one pump in four saw enough on
+    its own). Pumps call it in turn, a round trip's steps one after the other; two at once may
+    lose a count, no more.
 
     `stepped(held_off, now)` for each step; `now_crowded(now)`.
     """
 
-    def __init__(self):
+    def __init__(self, read_cpu=None):
+        self._read_cpu = read_cpu
         self.until = None
+        self.cpu_mark = None  # read_cpu() when the hold began
         self.window = None  # when the steps counted began
         self.steps = self.held = 0
-        self.found = 0  # times the steps showed the CPUs crowded (for tests)
+        self.found = self.kept = 0  # holds begun by steps, and again by busy CPUs (for tests)
 
     def stepped(self, held_off, now):
         if self.window is None or now - self.window >= CROWDED_WINDOW:
@@ -2171,12 +2183,29 @@ class Crowding:
         if held_off:
             self.held += 1
             if self.held >= CROWDED_MIN_HELD and self.held >= CROWDED_SHARE * self.steps:
-                self.until = now + REALTIME_HOLD_SECONDS
+                self._hold(now)
                 self.found += 1
                 self.window = None
 
+    def _hold(self, now):
+        self.until = now + REALTIME_HOLD_SECONDS
+        self.cpu_mark = self._read_cpu() if self._read_cpu is not None else None
+
     def now_crowded(self, now):
-        return self.until is not None and now < self.until
+        if self.until is None:
+            return False
+        if now < self.until:
+            return True
+        mark, self.until = self.cpu_mark, None
+        if mark is not None:
+            cpu = self._read_cpu()
+            if cpu is not None:
+                busy, idle = cpu[0] - mark[0], cpu[1] - mark[1]
+                if busy + idle > 0 and idle < CROWDED_IDLE_SHARE * (busy + idle):
+                    self._hold(now)
+                    self.kept += 1
+                    return True
+        return False
 
 
 class LoneSchedule:
@@ -3611,13 +3640,15 @@ class BusyPolling:
     once (the service runtime's busy_polling() gives one a CPU, and at least two: one tunnel's
     pumps); and `schedule` (own_schedule()'s OwnSchedule; None: off), which gives a pump's
     thread the short scheduler slice meanwhile (--sched-slice), or real-time priority while
-    the CPUs are crowded (--rt-priority). `poller(fd, turns, side)` gives a pump its
-    BusyPoller."""
+    the CPUs are crowded (--rt-priority; `read_cpu`: Crowding's). `poller(fd, turns, side)`
+    gives a pump its BusyPoller."""
 
-    def __init__(self, budget, spinners=2, schedule=None):
+    def __init__(self, budget, spinners=2, schedule=None, read_cpu=None):
         self.budget = budget
         self.schedule = schedule
-        self.crowding = Crowding() if schedule is not None and schedule.realtime else None
+        self.crowding = None  # the process's Crowding, if its pumps may go real-time
+        if schedule is not None and schedule.realtime:
+            self.crowding = Crowding(read_cpu)
         self._slots = threading.BoundedSemaphore(spinners)
 
     def poller(self, fd, turns=None, side=None):
@@ -6525,14 +6556,25 @@ class CpuPinning:
             self.pin(set(self.placement.cpus))
 
 
+def all_cpu_times():
+    """The (busy, idle) seconds of all CPUs so far (cpu_times()), or None where /proc/stat
+    cannot be read."""
+    try:
+        times = _read_cpu_times().values()
+    except (OSError, ValueError):
+        return None
+    return sum(busy for busy, _ in times), sum(idle for _, idle in times)
+
+
 def busy_polling(microseconds, cpus, schedule=None):
     """--busy-poll, and --sched-slice and --rt-priority's `schedule` (own_schedule()'s), as a
     BusyPolling (None when neither): as many pumps may poll at once as the process may use
-    CPUs (`cpus`, None where unknown: os.cpu_count()), and at least two."""
+    CPUs (`cpus`, None where unknown: os.cpu_count()), and at least two; its real-time hold
+    kept while the CPUs stay busy (all_cpu_times)."""
     if not microseconds and schedule is None:
         return None
     return BusyPolling(microseconds / 1e6, max(2, len(cpus) if cpus else os.cpu_count() or 1),
-                       schedule)
+                       schedule, read_cpu=all_cpu_times)
 
 
 def cpu_pinning(choice, peers, cpus):

@@ -1467,6 +1467,31 @@ def test_crowding_needs_enough_held_off_steps_and_their_share_within_a_window():
     assert not crowding.now_crowded(now + pg.REALTIME_HOLD_SECONDS)
 
 
+def test_crowding_keeps_its_hold_while_the_cpus_stay_busy_and_ends_when_they_idle():
+    """Under real-time priority the steps no longer show the crowding: when the hold runs out,
+    the CPUs' idle share since it began decides (read_cpu: all CPUs' busy and idle seconds)."""
+    readings = [(100.0, 50.0)]
+    crowding = pg.Crowding(lambda: readings[-1])
+    for _ in range(pg.CROWDED_MIN_HELD):
+        crowding.stepped(True, 0.0)
+    assert crowding.found == 1 and crowding.cpu_mark == (100.0, 50.0)
+    hold = pg.REALTIME_HOLD_SECONDS
+    readings.append((119.9, 50.1))  # 0.5 % idle over the hold: the hogs still run
+    assert crowding.now_crowded(hold) and crowding.kept == 1 and crowding.until == 2 * hold
+    readings.append((129.9, 60.1))  # half idle: the hogs are gone
+    assert not crowding.now_crowded(2 * hold) and crowding.until is None
+    assert not crowding.now_crowded(2 * hold + 1) and crowding.kept == 1
+    for read_cpu in (None, lambda: None):  # not asked, or /proc/stat unreadable: it ends
+        crowding = pg.Crowding(read_cpu)
+        for _ in range(pg.CROWDED_MIN_HELD):
+            crowding.stepped(True, 0.0)
+        assert crowding.now_crowded(hold - 0.001) and not crowding.now_crowded(hold)
+    busy, idle = pg.all_cpu_times()  # the real /proc/stat
+    assert busy > 0 and idle >= 0
+    schedule = RecordingSchedule(realtime=True)
+    assert pg.busy_polling(0, [0, 1], schedule).crowding._read_cpu is pg.all_cpu_times
+
+
 def test_lone_schedule_is_real_time_instead_of_the_short_slice_while_crowded_never_for_bulk():
     crowding = pg.Crowding()
     policy = pg.LoneSchedule(crowding)
