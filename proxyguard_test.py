@@ -1511,6 +1511,23 @@ def test_lone_schedule_is_real_time_instead_of_the_short_slice_while_crowded_nev
     assert pg.LoneSchedule().wants(True, 5.0) == pg.SHORT_SLICE  # no Crowding: --rt-priority 0
 
 
+def test_lone_schedule_takes_a_real_time_turn_only_while_the_process_has_one_free():
+    crowding = pg.Crowding(limit=1)
+    crowding.until = 10.0
+    first, second = pg.LoneSchedule(crowding), pg.LoneSchedule(crowding)
+    assert first.wants(True, 0) == pg.REALTIME and crowding.realtime_pumps == 1
+    assert second.wants(True, 0) == pg.SHORT_SLICE  # no turn left: the slice
+    assert second.wants(True, 0) is None
+    assert first.wants(False, 0) == pg.SHORT_SLICE and crowding.realtime_pumps == 0
+    assert second.wants(True, 0) == pg.REALTIME  # asks again at its next wait
+    assert first.wants(True, 0) is None  # the first now waits for a turn
+    assert second.leave() == pg.KERNELS and crowding.realtime_pumps == 0
+    assert second.leave() is None
+    assert first.wants(True, 0) == pg.REALTIME
+    crowding.until = None  # the hold is over
+    assert first.wants(True, 1.0) == pg.SHORT_SLICE and crowding.realtime_pumps == 0
+
+
 class RecordingSchedule:
     """Stands in for OwnSchedule: keeps the levels a pump's thread was given."""
 
@@ -1573,6 +1590,8 @@ def test_busy_poller_goes_real_time_after_held_off_steps_and_stops_polling_meanw
         poller.after_wait()
         poller.before_wait(True)
         assert schedule.levels[-1] == pg.SHORT_SLICE and poller.policy.found == found + 1
+        poller.finish()  # the pump ends; its thread may serve on (a client's next tunnel)
+        assert schedule.levels[-1] == pg.KERNELS and crowding.realtime_pumps == 0
     assert pg.BusyPolling(0.0001, schedule=RecordingSchedule()).crowding is None
 
 
@@ -11698,8 +11717,8 @@ def test_pumps_go_real_time_when_their_steps_show_crowded_cpus_and_no_other_thre
     schedule, why = pg.own_schedule(0, 1)
     assert why is None and schedule.realtime, why
     assert real_time_threads() == 0
-    with running_pump_tunnel(busy_polling=pg.BusyPolling(0, schedule=schedule)) as (
-            tunnel, ours, wireguard):
+    polling = pg.BusyPolling(0, schedule=schedule)
+    with running_pump_tunnel(busy_polling=polling) as (tunnel, ours, wireguard):
         address = tunnel.endpoint.sock.getsockname()
         wireguard.settimeout(5)
         decoder = FrameDecoder()
@@ -11710,8 +11729,9 @@ def test_pumps_go_real_time_when_their_steps_show_crowded_cpus_and_no_other_thre
             assert wireguard.recv(100) == numbered(index, 60)
             if real_time_threads() == 2:
                 break
-        assert real_time_threads() == 2
+        assert real_time_threads() == 2 and polling.crowding.realtime_pumps == 2
     assert real_time_threads() == 0 and os.sched_getscheduler(0) == os.SCHED_OTHER
+    assert polling.crowding.realtime_pumps == 0 and tunnel._pollers == {}  # turns given back
 
 
 def thread_slices(pid):
