@@ -1590,8 +1590,13 @@ def test_busy_poller_goes_real_time_after_held_off_steps_and_stops_polling_meanw
         poller.after_wait()
         poller.before_wait(True)
         assert schedule.levels[-1] == pg.SHORT_SLICE and poller.policy.found == found + 1
+        crowding.until = clock.now + pg.REALTIME_HOLD_SECONDS  # crowded again
+        poller.after_wait()
+        poller.before_wait(True)
+        assert schedule.levels[-1] == pg.REALTIME and crowding.realtime_pumps == 1
         poller.finish()  # the pump ends; its thread may serve on (a client's next tunnel)
         assert schedule.levels[-1] == pg.KERNELS and crowding.realtime_pumps == 0
+        assert poller.lone_schedule.level == pg.KERNELS
     assert pg.BusyPolling(0.0001, schedule=RecordingSchedule()).crowding is None
 
 
