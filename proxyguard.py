@@ -3749,7 +3749,7 @@ class BusyPoller:
             if level is not None:
                 if was == KERNELS and not self._schedule.applies():
                     self._schedule = None  # the unit's policy: not ours to change
-                    lone_schedule.level = KERNELS  # nothing to give back later
+                    lone_schedule.leave()  # its level too, and a real-time turn it took
                 else:
                     self._schedule.set(level)
         budget = 0
@@ -7406,7 +7406,7 @@ def parse_options(argv, environ=None, program=None):
         options.given = set(vars(given))  # the dests the command line gave
         _check_program_mode(options, program)
         if options.mode is not None:
-            _check_option_modes(options, parser, set(vars(given)), sources)
+            _check_option_modes(options, parser, options.given, sources)
         try:
             _check_options(options)
         except UsageError as exc:

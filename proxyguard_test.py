@@ -1552,11 +1552,14 @@ def test_busy_poller_asks_for_the_short_slice_while_round_trips_go_one_at_a_time
             poller.before_wait(lone)  # budget 0: never polls, nor blocks the test
         assert schedule.levels == [pg.SHORT_SLICE, pg.KERNELS, pg.SHORT_SLICE]  # once a change
         assert poller.policy.found == poller.policy.missed == 0
-        schedule = RecordingSchedule(applies=False)  # a unit's CPUSchedulingPolicy=
-        poller = pg.busy_polling(0, [0, 1], schedule).poller(reader.fileno())
+        schedule = RecordingSchedule(realtime=True, applies=False)  # CPUSchedulingPolicy=
+        polling = pg.busy_polling(0, [0, 1], schedule)
+        polling.crowding.until = 1e9  # crowded: the first lone wait would take a turn
+        poller = polling.poller(reader.fileno())
         for lone in [True] + [False] * kept + [True]:
             poller.before_wait(lone)
         assert schedule.levels == [] and poller.lone_schedule.level == pg.KERNELS
+        assert polling.crowding.realtime_pumps == 0  # the turn it took went back
         poller.before_wait(False)
         assert not poller.engaged  # bulk skips the poller again
 
