@@ -11679,6 +11679,21 @@ class RecordingBusyPolling(pg.BusyPolling):
         return poller
 
 
+def ping_through(tunnel, ours, wireguard, roundtrips, until=lambda: False):
+    """Lone round trips through a running_pump_tunnel, each checked both ways, one at a time:
+    `roundtrips` of them, or fewer once `until()` says so after one."""
+    address = tunnel.endpoint.sock.getsockname()
+    wireguard.settimeout(5)
+    decoder = FrameDecoder()
+    for index in range(roundtrips):
+        wireguard.sendto(numbered(index, 100), address)
+        assert read_frames(ours, decoder, 1) == [numbered(index, 100)]
+        ours.sendall(pg.encode_frames([numbered(index, 60)]))
+        assert wireguard.recv(100) == numbered(index, 60)
+        if until():
+            return
+
+
 def test_busy_polling_pumps_find_a_ping_floods_datagrams_by_polling_and_still_close(
         monkeypatch):
     """A flood of lone round trips through a tunnel: both pumps find most of their
@@ -11691,14 +11706,7 @@ def test_busy_polling_pumps_find_a_ping_floods_datagrams_by_polling_and_still_cl
     polling = RecordingBusyPolling(0.001)
     roundtrips = 500
     with running_pump_tunnel(busy_polling=polling) as (tunnel, ours, wireguard):
-        address = tunnel.endpoint.sock.getsockname()
-        wireguard.settimeout(5)
-        decoder = FrameDecoder()
-        for index in range(roundtrips):
-            wireguard.sendto(numbered(index, 100), address)
-            assert read_frames(ours, decoder, 1) == [numbered(index, 100)]
-            ours.sendall(pg.encode_frames([numbered(index, 60)]))
-            assert wireguard.recv(100) == numbered(index, 60)
+        ping_through(tunnel, ours, wireguard, roundtrips)
     assert len(polling.pollers) == 2  # one a pump
     for poller in polling.pollers:
         assert poller.policy.found > roundtrips / 2, vars(poller.policy)
@@ -11727,16 +11735,7 @@ def test_pumps_go_real_time_when_their_steps_show_crowded_cpus_and_no_other_thre
     assert real_time_threads() == 0
     polling = pg.BusyPolling(0, schedule=schedule)
     with running_pump_tunnel(busy_polling=polling) as (tunnel, ours, wireguard):
-        address = tunnel.endpoint.sock.getsockname()
-        wireguard.settimeout(5)
-        decoder = FrameDecoder()
-        for index in range(500):
-            wireguard.sendto(numbered(index, 100), address)
-            assert read_frames(ours, decoder, 1) == [numbered(index, 100)]
-            ours.sendall(pg.encode_frames([numbered(index, 60)]))
-            assert wireguard.recv(100) == numbered(index, 60)
-            if real_time_threads() == 2:
-                break
+        ping_through(tunnel, ours, wireguard, 500, until=lambda: real_time_threads() == 2)
         assert real_time_threads() == 2 and polling.crowding.realtime_pumps == 2
     assert real_time_threads() == 0 and os.sched_getscheduler(0) == os.SCHED_OTHER
     assert polling.crowding.realtime_pumps == 0 and tunnel._pollers == {}  # turns given back
